@@ -1,0 +1,75 @@
+"""The AR baseline (TIGER/LETTER style): the backbone's LM head over the SID tokens, L steps of
+constrained beam search with a KV cache. Prefill once per user, then all beams advance as one batch."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import DynamicCache
+
+from nezha.runtime.catalog import Catalog
+from nezha.runtime.decode import items_from_sids, top_k_desc
+from nezha.runtime.encoding import encode_histories
+from nezha.runtime.verifier import Verifier
+
+from .nezha import NezhaModel
+
+
+class ArDecoder:
+    def __init__(self, model: NezhaModel, catalog: Catalog, max_history: int = 20, device: str = "cpu"):
+        catalog.check_layout(model.layout)
+        self.model, self.catalog, self.max_history = model, catalog, max_history
+        self.layout, self.device = model.layout, torch.device(device)
+        self.verifier = Verifier(self.layout, catalog.valid_prefixes(self.layout))
+        self.sid_table = catalog.sid_table(self.layout)
+
+    def _level_logp(self, hidden_last: torch.Tensor, level: int) -> np.ndarray:
+        """[N, H] -> [N, codes_level] log-probs of the level's code tokens (softmax over the full vocabulary)."""
+        logp = F.log_softmax(self.model.lm_head(hidden_last).float(), dim=-1)
+        lo = self.layout.offsets[level]
+        return logp[:, lo:lo + self.layout.codes[level]].cpu().numpy()
+
+    @torch.inference_mode()
+    def decode(self, histories: Sequence[Sequence[int]], beam: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (sid_keys [B, K] uint64, scores [B, K] float32), best first."""
+        L = self.layout.levels
+        feed = encode_histories(histories, self.catalog, self.layout, self.max_history)
+        ids = torch.from_numpy(feed["input_ids"][:, :-L]).to(self.device)          # drop the placeholders
+        mask = torch.from_numpy(feed["attention_mask"][:, :-L]).to(self.device)
+        B = ids.shape[0]
+        cache = DynamicCache(config=self.model.config)
+        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
+                               use_cache=True)                                       # prefill [B, T, H]
+        hidden_last, next_pos = out.last_hidden_state[:, -1], pos[:, -1:] + 1
+        scores = np.zeros((B, 1), dtype=np.float32)
+        keys = np.zeros(B, dtype=np.uint64)
+        for level in range(L):
+            C, K = self.layout.codes[level], scores.shape[1]
+            cand = scores[:, :, None] + self._level_logp(hidden_last, level).reshape(B, K, C)
+            cand = np.where(self.verifier.mask(level, keys).reshape(B, K, C), cand, -np.inf).reshape(B, K * C)
+            top = top_k_desc(cand, min(beam, K * C))                                  # [B, K']
+            scores = np.take_along_axis(cand, top, axis=1).astype(np.float32)
+            parent = (np.arange(B)[:, None] * K + top // C).reshape(-1)
+            code = (top % C).reshape(-1)
+            keys = keys[parent] * np.uint64(C) + code.astype(np.uint64)
+            if level == L - 1:
+                break
+            parent_t = torch.from_numpy(parent).to(self.device)
+            cache.reorder_cache(parent_t)                                            # beams follow their parents
+            mask = torch.cat([mask[parent_t], torch.ones_like(mask[parent_t, :1])], dim=1)
+            next_pos = next_pos[parent_t]
+            token = torch.from_numpy(code + self.layout.offsets[level]).to(self.device)[:, None]
+            out = self.model.model(input_ids=token, attention_mask=mask, position_ids=next_pos,
+                                   cache=cache, use_cache=True)
+            hidden_last, next_pos = out.last_hidden_state[:, -1], next_pos + 1
+        return keys.reshape(B, -1), scores
+
+    def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int = 20) -> list[list[tuple[int, float]]]:
+        if not 1 <= k <= beam:
+            raise ValueError(f"need 1 <= k <= beam, got k={k}, beam={beam}")
+        keys, scores = self.decode(histories, beam)
+        return items_from_sids(keys, scores, self.sid_table, k)

@@ -1,0 +1,8 @@
+"""nezha-deploy: export and serve NEZHA generative recommenders.
+
+The import package maps the repository's folders: ``nezha.runtime`` (runtime/),
+``nezha.export`` (export/), ``nezha.calibration`` (calibration/), ``nezha.model``
+(model/, torch) and ``nezha.bench`` (bench/).
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,61 @@
+"""``nezha recommend ARTIFACT --history 12,55,102 -k 10 [--json]`` (also ``python -m nezha.runtime.cli``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def _history(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"history {text!r} must be comma-separated integer item ids") from None
+
+
+def add_parser(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("recommend", help="next items for one or more histories",
+                       description="Recommend the next items for item-id histories with an artifact folder.")
+    p.add_argument("artifact", help="artifact folder written by python export/build.py")
+    p.add_argument("--history", type=_history, action="append", required=True,
+                   help="comma-separated item ids, oldest first; repeat for a batch")
+    p.add_argument("-k", "--k", type=int, default=10, help="items per history (default 10)")
+    p.add_argument("--beam", type=int, default=20, help="beam width (default 20, at most the artifact's max_beam)")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--precision", default=None, help="fp32, fp16, int8 ... (default: the artifact's first)")
+    p.add_argument("--unknown", default="error", choices=["error", "skip"], help="policy for unknown item ids")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(run=run)
+    return p
+
+
+def run(a) -> int:
+    from .recommender import Recommender
+    try:
+        with Recommender.load(a.artifact, backend=a.backend, device=a.device, precision=a.precision) as rec:
+            results = rec.recommend(a.history, k=a.k, beam=a.beam, unknown=a.unknown)
+    except (ValueError, ImportError, RuntimeError) as e:
+        print(f"nezha recommend: error: {e}", file=sys.stderr)
+        return 2
+    if a.json:
+        print(json.dumps([{"history": h, "items": [{"item": i, "score": round(s, 6)} for i, s in r]}
+                          for h, r in zip(a.history, results)], indent=2))
+    else:
+        for h, r in zip(a.history, results):
+            print(f"history {','.join(map(str, h))}")
+            for rank, (item, score) in enumerate(r, 1):
+                print(f"  {rank:3d}  item {item:<10d} score {score:.4f}")
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m nezha.runtime.cli")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

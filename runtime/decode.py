@@ -1,0 +1,103 @@
+"""The decode loop, written once over NumPy arrays: one backbone run, then beam search in the draft head
+with the verifier at every level. Backends (ONNX Runtime, TensorRT, the torch reference) only supply
+the two step functions."""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from typing import Protocol
+
+import numpy as np
+
+from .layout import SidLayout
+from .verifier import Verifier
+
+
+class DecodeSteps(Protocol):
+    def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        """input_ids, attention_mask [B, T] -> hidden states [B, L+1, H] float32 (root, h_0 .. h_{L-1})."""
+
+    def head_step(self, level: int, state: np.ndarray, code: np.ndarray | None,
+                  hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Level ``level``: state [N, H] (root at level 0), the previous level's chosen code [N] int64
+        (None at level 0) and the level's placeholder hidden state [N, H] -> (state [N, H] after
+        consuming ``code``, log-probs [N, codes[level]] float32)."""
+
+
+@contextmanager
+def _stage(stages: dict | None, name: str):
+    if stages is None:
+        yield
+        return
+    t0 = time.perf_counter()
+    yield
+    stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+
+
+def top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
+    """[B, M] scores -> [B, k] column indices of the k best, best first (ties: lower index first)."""
+    M = scores.shape[1]
+    if k < M:
+        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    else:
+        part = np.broadcast_to(np.arange(M), scores.shape).copy()
+    vals = np.take_along_axis(scores, part, axis=1)
+    order = np.lexsort((part, -vals), axis=1)
+    return np.take_along_axis(part, order, axis=1)
+
+
+def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayout, verifier: Verifier | None,
+                beam: int, stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Beam search of width ``beam`` over the L levels.
+
+    Returns (sid_keys [B, K] uint64, scores [B, K] float32 summed log-probs, best first). Slots that
+    found no valid SID carry score -inf. ``verifier=None`` switches the prefix check off (to measure
+    hallucination); ``stages`` (if given) accumulates seconds per stage.
+    """
+    with _stage(stages, "backbone"):
+        hidden = steps.backbone(feed)                              # [B, L+1, H]
+    B = hidden.shape[0]
+    scores = np.zeros((B, 1), dtype=np.float32)                    # [B, K]
+    keys = np.zeros(B, dtype=np.uint64)                            # [B*K] prefix keys
+    beam_user = np.arange(B)                                       # [B*K] user of each beam
+    state, code = hidden[:, 0], None                               # root [B, H]
+    for level in range(layout.levels):
+        C, K = layout.codes[level], scores.shape[1]
+        with _stage(stages, f"head_{level}"):
+            state, logp = steps.head_step(level, state, code, hidden[beam_user, level + 1])   # [B*K, H], [B*K, C]
+        with _stage(stages, "verify"):
+            cand = scores[:, :, None] + logp.reshape(B, K, C)      # [B, K, C]
+            if verifier is not None:
+                valid = verifier.mask(level, keys).reshape(B, K, C)
+                cand = np.where(valid, cand, -np.inf)
+            cand = cand.reshape(B, K * C)
+        with _stage(stages, "select"):
+            K_next = min(beam, K * C)
+            top = top_k_desc(cand, K_next)                         # [B, K']
+            scores = np.take_along_axis(cand, top, axis=1).astype(np.float32)
+            parent = (np.arange(B)[:, None] * K + top // C).reshape(-1)   # [B*K'] flat beam index
+            code = (top % C).reshape(-1).astype(np.int64)
+            keys = keys[parent] * np.uint64(C) + code.astype(np.uint64)
+            state, beam_user = state[parent], beam_user[parent]
+    return keys.reshape(B, -1), scores
+
+
+def items_from_sids(sid_keys: np.ndarray, scores: np.ndarray, table: tuple[np.ndarray, np.ndarray, np.ndarray],
+                    k: int) -> list[list[tuple[int, float]]]:
+    """Map decoded SIDs to items: per user up to k (item id, score), best first; items sharing a SID
+    share its score, ascending by id. SIDs that are no real item (verifier off) are skipped."""
+    sid_table_keys, offsets, items = table
+    out = []
+    for user_keys, user_scores in zip(sid_keys, scores):
+        recs: list[tuple[int, float]] = []
+        for key, score in zip(user_keys, user_scores):
+            if not np.isfinite(score):
+                break
+            if len(recs) >= k:
+                break
+            s = int(np.searchsorted(sid_table_keys, key))
+            if s < len(sid_table_keys) and sid_table_keys[s] == key:
+                recs.extend((int(i), float(score)) for i in items[offsets[s]:offsets[s + 1]])
+        out.append(recs[:k])
+    return out

@@ -1,0 +1,88 @@
+"""The one encoder: histories -> backbone inputs. Used by the runtime, the torch reference, export
+validation, calibration and the benchmark, so that all of them see byte-identical inputs."""
+
+from __future__ import annotations
+
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from .catalog import Catalog
+from .layout import SidLayout
+
+
+class EncodingError(ValueError):
+    """A history that cannot be encoded (unknown items under the 'error' policy, empty, wrong type)."""
+
+
+UNKNOWN_POLICIES = ("error", "skip")
+
+
+def history_codes(histories: Sequence[Sequence[int]], catalog: Catalog, unknown: str = "error") -> list[np.ndarray]:
+    """Item-id histories -> per history an [n, L] int64 code array (unknown items dropped under 'skip')."""
+    if unknown not in UNKNOWN_POLICIES:
+        raise EncodingError(f"unknown-item policy {unknown!r}; allowed: {', '.join(UNKNOWN_POLICIES)}")
+    if isinstance(histories, (str, bytes)) or not isinstance(histories, Iterable):
+        raise EncodingError(f"histories must be a list of item-id lists, got {type(histories).__name__}")
+    out = []
+    for b, history in enumerate(histories):
+        try:
+            items = np.asarray(list(history))
+        except TypeError:
+            raise EncodingError(f"history {b} must be a list of integer item ids, got {type(history).__name__}") from None
+        if items.size and not np.issubdtype(items.dtype, np.integer):
+            raise EncodingError(f"history {b} must hold integer item ids, got dtype {items.dtype}")
+        codes, known = catalog.codes_of(items.astype(np.int64).reshape(-1))
+        if not known.all():
+            if unknown == "error":
+                missing = items[~known][:5].tolist()
+                raise EncodingError(f"history {b} has item ids not in the catalog: {missing}"
+                                    f"{' ...' if (~known).sum() > 5 else ''} (pass unknown='skip' to drop them)")
+            codes = codes[known]
+        out.append(codes)
+    return out
+
+
+def encode_codes(histories: Sequence[np.ndarray], layout: SidLayout, max_history: int,
+                 pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Code histories ([n_b, L] each) -> the backbone feed.
+
+    Each history keeps its most recent ``max_history`` items, becomes
+    ``[item codes ...][<sp_0> .. <sp_{L-1}>]`` and is left padded to a common length T
+    (``pad_to`` if given, else the longest). Returns
+      input_ids       [B, T] int64
+      attention_mask  [B, T] int64 (0 on padding)
+    Position ids are ``cumsum(attention_mask) - 1`` (see position_ids); the graphs compute them.
+    """
+    if max_history < 1:
+        raise EncodingError(f"max_history must be >= 1, got {max_history}")
+    if len(histories) == 0:
+        raise EncodingError("no histories to encode: the batch is empty")
+    rows = []
+    for b, codes in enumerate(histories):
+        codes = np.asarray(codes, dtype=np.int64).reshape(-1, layout.levels)
+        if len(codes) == 0:
+            raise EncodingError(f"history {b} is empty (after dropping unknown items): NEZHA needs at least one item")
+        codes = codes[-max_history:]
+        rows.append(np.concatenate([layout.code_tokens(codes).reshape(-1), layout.placeholder_tokens()]))
+    longest = max(len(r) for r in rows)
+    T = longest if pad_to is None else pad_to
+    if T < longest:
+        raise EncodingError(f"pad_to={pad_to} is shorter than the longest encoded history ({longest} tokens)")
+    input_ids = np.full((len(rows), T), layout.pad_token_id, dtype=np.int64)
+    attention_mask = np.zeros((len(rows), T), dtype=np.int64)
+    for b, r in enumerate(rows):
+        input_ids[b, T - len(r):] = r
+        attention_mask[b, T - len(r):] = 1
+    return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+def encode_histories(histories: Sequence[Sequence[int]], catalog: Catalog, layout: SidLayout, max_history: int,
+                     unknown: str = "error", pad_to: int | None = None) -> dict[str, np.ndarray]:
+    """Item-id histories -> backbone feed (see encode_codes)."""
+    return encode_codes(history_codes(histories, catalog, unknown), layout, max_history, pad_to)
+
+
+def position_ids(attention_mask: np.ndarray) -> np.ndarray:
+    """[B, T] mask -> [B, T] int64 positions that follow the mask (0 on left padding)."""
+    return np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)

@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny NEZHA checkpoints made on the fly (a few hundred KB), one per architecture."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nezha.runtime.catalog import Catalog
+from nezha.runtime.layout import SidLayout
+
+DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "beauty"
+TINY_CODES = (8, 6, 5)
+
+
+def tiny_layout() -> SidLayout:
+    offsets = tuple(2 + sum(TINY_CODES[:i]) for i in range(len(TINY_CODES)))
+    return SidLayout(TINY_CODES, offsets, placeholder_start=offsets[-1] + TINY_CODES[-1])
+
+
+def tiny_catalog(n_items: int = 70, seed: int = 0) -> Catalog:
+    """Random 3-level SIDs; items 0 and 1 share a SID (collisions exist in real data)."""
+    rng = np.random.default_rng(seed)
+    codes = np.stack([rng.integers(0, c, n_items) for c in TINY_CODES], axis=1)
+    codes[1] = codes[0]
+    return Catalog(np.arange(100, 100 + n_items), codes)
+
+
+def tiny_model(architecture: str = "qwen3", seed: int = 0, use_mtp: bool = True):
+    import torch
+
+    from nezha.model.checkpoint import make_config
+    from nezha.model.nezha import NezhaModel
+
+    torch.manual_seed(seed)
+    model = NezhaModel(make_config(tiny_layout(), architecture, hidden_size=32, num_layers=2, num_heads=4,
+                                   num_kv_heads=2, use_mtp=use_mtp))
+    with torch.no_grad():                      # larger head weights: sharper, less tie-prone scores
+        for p in model.parameters():
+            p.mul_(3.0 if p.ndim == 2 else 1.0)
+    return model.eval()
+
+
+@pytest.fixture
+def catalog() -> Catalog:
+    return tiny_catalog()
+
+
+@pytest.fixture(params=["qwen3", "qwen2", "llama"])
+def architecture(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def make_checkpoint(tmp_path):
+    """make_checkpoint(architecture='qwen3') -> folder of a tiny checkpoint in the public format (+ ava_sid)."""
+    from nezha.model.checkpoint import save_checkpoint
+
+    def make(architecture: str = "qwen3", seed: int = 0, name: str | None = None) -> Path:
+        return save_checkpoint(tiny_model(architecture, seed), tmp_path / (name or f"ckpt-{architecture}-{seed}"),
+                               tiny_catalog())
+    return make
+
+
+def tiny_histories(catalog: Catalog, n: int = 6, seed: int = 1) -> list[list[int]]:
+    """Mixed lengths 1..9, from the catalog's items."""
+    rng = np.random.default_rng(seed)
+    return [rng.choice(catalog.item_ids, size=int(rng.integers(1, 10))).tolist() for _ in range(n)]
