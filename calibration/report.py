@@ -1,0 +1,160 @@
+"""What int8 costs on a real model: Recall@10 / NDCG@10 on the test users of fp32, static int8 and
+int8-cpu graphs decoded by the runtime's beam search over plain ONNX Runtime sessions, their top-10
+overlap with fp32, and the backbone latency of each on ONNX Runtime CPU (interleaved rounds).
+
+    python -m nezha.calibration.report --checkpoint checkpoints/demo/nezha \\
+        --index ../shared/data/beauty/Beauty.index.json --work /tmp/int8-report
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from nezha.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
+from nezha.runtime.decode import beam_search, items_from_sids
+from nezha.runtime.encoding import encode_histories
+from nezha.runtime.verifier import Verifier
+
+from .data import CalibrationReader
+from .quantize import cpu_session, int8_cpu_from_onnx, int8_from_onnx, validate_int8
+
+
+class SessionSteps:
+    """DecodeSteps over plain ONNX Runtime sessions {backbone, head_0 ..}."""
+
+    def __init__(self, paths: dict[str, Path], threads: int):
+        self.sessions = {name: cpu_session(p, threads) for name, p in paths.items()}
+
+    def backbone(self, feed):
+        return self.sessions["backbone"].run(None, feed)[0]
+
+    def head_step(self, level, state, code, hidden):
+        feed = {"state": state, "hidden": np.ascontiguousarray(hidden)}
+        if level > 0:
+            feed["code"] = code
+        return tuple(self.sessions[f"head_{level}"].run(None, feed))
+
+
+def decode_all(steps, histories, catalog, layout, verifier, sid_table, beam, max_history, batch_size, desc,
+               stages=None):
+    from nezha.model.evaluate import batches_by_length
+
+    recs = [[] for _ in histories]
+    for idx in tqdm(list(batches_by_length(histories, batch_size)), desc=desc, leave=False):
+        feed = encode_histories([histories[i] for i in idx], catalog, layout, max_history)
+        keys, scores = beam_search(steps, feed, layout, verifier, beam, stages)
+        for i, r in zip(idx, items_from_sids(keys, scores, sid_table, 10)):
+            recs[i] = [item for item, _ in r]
+    return recs
+
+
+def interleaved_latency(sessions: dict, feeds: dict[str, dict], rounds: int) -> dict:
+    """Median backbone ms per precision and feed, the precisions run in rotating order each round."""
+    names = list(sessions)
+    times = {(p, f): [] for p in names for f in feeds}
+    for p in names:                                             # warm-up
+        for feed in feeds.values():
+            sessions[p].run(None, feed)
+    for r in range(rounds):
+        for p in names[r % len(names):] + names[:r % len(names)]:
+            for f, feed in feeds.items():
+                t0 = time.perf_counter()
+                sessions[p].run(None, feed)
+                times[(p, f)].append(time.perf_counter() - t0)
+    return {f: {p: 1e3 * float(np.median(times[(p, f)])) for p in names} for f in feeds}
+
+
+def main(argv=None):
+    import torch
+
+    from nezha.export.graphs import Limits, onnx_from_model
+    from nezha.model.checkpoint import load_catalog, load_checkpoint
+    from nezha.model.evaluate import ranking_metrics
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--index", type=Path, default=None, help="LETTER *.index.json (default: the checkpoint's ava_sid)")
+    p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="dataset folder with the test users")
+    p.add_argument("--calibration-data", type=Path, default=None, help="interactions file (default: Beauty train)")
+    p.add_argument("--calibration-size", type=int, default=512)
+    p.add_argument("--calibration-method", default="entropy")
+    p.add_argument("--exclude-sensitive", type=int, default=2)
+    p.add_argument("--users", type=int, default=0, help="first N test users (0: all)")
+    p.add_argument("--beam", type=int, default=20)
+    p.add_argument("--max-history", type=int, default=20)
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds")
+    p.add_argument("--work", type=Path, default=Path("/tmp/nezha-int8-report"))
+    p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
+    a = p.parse_args(argv)
+    torch.set_num_threads(a.threads)
+
+    model = load_checkpoint(a.checkpoint)
+    layout = model.layout
+    catalog = load_catalog(a.index, a.checkpoint, layout)
+    fp32 = onnx_from_model(model, a.work / "fp32", Limits(a.max_history, a.batch_size, max(a.beam, 1)))
+    reader = CalibrationReader.from_file(a.calibration_data, catalog, layout, a.max_history, a.calibration_size)
+    report: dict = {}
+    graphs = {"fp32": fp32,
+              "int8": int8_from_onnx(fp32, a.work / "int8", reader, method=a.calibration_method,
+                                     exclude_sensitive=a.exclude_sensitive, cache_path=a.work / "calibration.json",
+                                     report=report),
+              "int8-cpu": int8_cpu_from_onnx(fp32, a.work / "int8-cpu")}
+    check = list(reader)[:4]
+    validation = {p: validate_int8(fp32["backbone"], graphs[p]["backbone"], check, min_mean_cosine=0,
+                                   min_cosine=0, max_relative_error=1e9)["hidden"] for p in ("int8", "int8-cpu")}
+
+    split = leave_one_out(read_interactions(find_pair(a.data)[1]), "test")
+    histories, targets = split.histories, split.targets
+    if a.users:
+        histories, targets = histories[:a.users], targets[:a.users]
+    verifier, sid_table = Verifier(layout, catalog.valid_prefixes(layout)), catalog.sid_table(layout)
+    recs, metrics, stages = {}, {}, {}
+    for prec, paths in graphs.items():
+        t0 = time.perf_counter()
+        stages[prec] = {}
+        recs[prec] = decode_all(SessionSteps(paths, a.threads), histories, catalog, layout, verifier, sid_table,
+                                a.beam, a.max_history, a.batch_size, prec, stages[prec])
+        metrics[prec] = {**ranking_metrics(recs[prec], targets), "seconds": round(time.perf_counter() - t0, 1)}
+        if prec != "fp32":
+            metrics[prec]["top10_overlap_with_fp32"] = float(np.mean(
+                [len(set(r) & set(f)) / max(len(f), 1) for r, f in zip(recs[prec], recs["fp32"])]))
+            metrics[prec]["identical_top10_share"] = float(np.mean([r == f for r, f in zip(recs[prec], recs["fp32"])]))
+    head_share = {p: sum(v for k, v in s.items() if k.startswith("head_")) / sum(s.values()) for p, s in stages.items()}
+
+    sessions = {p: cpu_session(g["backbone"], a.threads) for p, g in graphs.items()}
+    lengths = sorted(histories, key=len)
+    latency_feeds = {f"B=1 T={a.max_history * layout.levels + layout.levels}":
+                     encode_histories([lengths[-1]], catalog, layout, a.max_history),
+                     "B=64 (longest test users)": encode_histories(lengths[-64:], catalog, layout, a.max_history)}
+    latency = interleaved_latency(sessions, latency_feeds, a.rounds)
+
+    print(f"\nusers {len(histories)}, beam {a.beam}, calibration {a.calibration_method} on {reader.samples} "
+          f"train histories, {len(report['excluded'])} sensitive MatMuls kept float, ORT CPU threads {a.threads}")
+    print(f"{'precision':<10} {'R@10':>7} {'NDCG@10':>8} {'R@5':>7} {'overlap@10':>10} {'same top10':>10} "
+          f"{'cos(h)':>8} {'heads %':>8}")
+    for prec, m in metrics.items():
+        v = validation.get(prec, {})
+        print(f"{prec:<10} {m['recall@10']:>7.4f} {m['ndcg@10']:>8.4f} {m['recall@5']:>7.4f} "
+              f"{m.get('top10_overlap_with_fp32', 1.0):>10.4f} {m.get('identical_top10_share', 1.0):>10.4f} "
+              f"{v.get('mean_cosine', 1.0):>8.5f} {100 * head_share[prec]:>7.1f}%")
+    print("backbone latency, ms (median, interleaved):")
+    for f, row in latency.items():
+        print(f"  {f:<28} " + "  ".join(f"{p} {ms:.3f}" for p, ms in row.items())
+              + f"   int8/fp32 {row['int8'] / row['fp32']:.2f}  int8-cpu/fp32 {row['int8-cpu'] / row['fp32']:.2f}")
+    if a.out:
+        a.out.write_text(json.dumps({"metrics": metrics, "validation": validation, "latency_ms": latency,
+                                     "head_share_of_decode": head_share, "sensitivity": report["sensitivity"],
+                                     "excluded": report["excluded"], "args": {k: str(v) for k, v in vars(a).items()}},
+                                    indent=2))
+
+
+if __name__ == "__main__":
+    main()

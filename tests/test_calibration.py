@@ -1,0 +1,232 @@
+"""INT8 calibration: the reader encodes exactly as the runtime, Q/DQ sit only on MatMul/Gemm inputs, the
+int8 graphs run in ONNX Runtime with fp32's I/O, the cache is reused only when it matches, bad
+calibration input fails with CalibrationError. Tiny graphs exported once per module."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+
+from conftest import DATA, tiny_catalog, tiny_histories, tiny_layout
+from nezha.calibration import (CPU_ONLY, MIN_SAMPLES, CalibrationError, CalibrationReader, FeedList,
+                               Int8ValidationError, calibrate_ranges, int8_cpu_from_onnx, int8_from_onnx,
+                               sample_histories, validate_int8, weight_matmuls)
+from nezha.runtime.catalog import Catalog
+from nezha.runtime.encoding import encode_histories
+from nezha.runtime.layout import SidLayout
+
+MAX_HISTORY = 10
+FLOAT_ONLY = {"SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization", "Softmax", "LogSoftmax",
+              "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Add", "Tanh"}
+
+
+def write_interactions(path: Path, users: dict) -> Path:
+    path.write_text(json.dumps(users))
+    return path
+
+
+@pytest.fixture(scope="module")
+def graphs(tmp_path_factory):
+    from conftest import tiny_model
+    from nezha.export.graphs import Limits, onnx_from_model
+
+    return onnx_from_model(tiny_model(), tmp_path_factory.mktemp("fp32"), Limits(MAX_HISTORY, 8, 16))
+
+
+@pytest.fixture(scope="module")
+def reader():
+    catalog = tiny_catalog()
+    return CalibrationReader(tiny_histories(catalog, n=48, seed=3), catalog, tiny_layout(), MAX_HISTORY,
+                             batch_size=16, progress=False)
+
+
+@pytest.fixture(scope="module")
+def int8(graphs, reader, tmp_path_factory):
+    report = {}
+    paths = int8_from_onnx(graphs, tmp_path_factory.mktemp("int8"), reader, method="entropy", exclude_sensitive=2,
+                           sensitivity_batches=1, progress=False, log=None, report=report)
+    return paths, report
+
+
+# ---------------------------------------------------------------- the reader
+
+def test_reader_matches_the_runtime_encoder_byte_for_byte(tmp_path):
+    catalog, layout = tiny_catalog(), tiny_layout()
+    rng = np.random.default_rng(7)
+    users = {f"u{u}": rng.choice(catalog.item_ids, size=int(rng.integers(3, 25))).tolist() for u in range(60)}
+    users["u0"][1] = 99999                                # an unknown item: dropped, as the runtime's 'skip'
+    path = write_interactions(tmp_path / "x.inter.json", users)
+    reader = CalibrationReader.from_file(path, catalog, layout, MAX_HISTORY, size=40, seed=5, batch_size=16,
+                                         progress=False)
+    histories = sample_histories(path, size=40, seed=5)
+    assert reader.samples == 40 and len(reader) == 3
+    for b, feed in enumerate(reader):
+        expected = encode_histories(histories[16 * b:16 * (b + 1)], catalog, layout, MAX_HISTORY, unknown="skip")
+        assert sorted(feed) == ["attention_mask", "input_ids"]
+        for name in feed:
+            assert feed[name].dtype == expected[name].dtype == np.int64
+            assert feed[name].shape == expected[name].shape
+            assert feed[name].tobytes() == expected[name].tobytes()
+    # the ORT reader protocol walks the same feeds, and rewinds
+    first = [reader.get_next() for _ in range(4)]
+    assert first[3] is None and first[0] is reader.feeds()[0]
+    reader.rewind()
+    assert reader.get_next() is first[0]
+    # training split only: a history never reaches a user's last three items (train/valid/test targets)
+    train_histories = {tuple(items[:-3]) for items in users.values()}
+    assert all(tuple(h) in train_histories for h in histories)
+
+
+def test_reader_samples_are_seeded_and_sized(tmp_path):
+    catalog = tiny_catalog()
+    users = {f"u{u}": catalog.item_ids[u % 70: u % 70 + 6].tolist() for u in range(50)}
+    path = write_interactions(tmp_path / "x.inter.json", users)
+    assert sample_histories(path, 20, seed=1) == sample_histories(path, 20, seed=1)
+    assert sample_histories(path, 20, seed=1) != sample_histories(path, 20, seed=2)
+    assert len(sample_histories(path, 32, seed=1)) == 32
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="Beauty data not present")
+def test_reader_on_beauty_matches_the_runtime_encoder():
+    catalog = Catalog.from_index_json(DATA / "Beauty.index.json")
+    layout = SidLayout((256,) * 4, tuple(2 + 256 * i for i in range(4)), 2 + 256 * 4)
+    reader = CalibrationReader.from_file(None, catalog, layout, 20, size=64, seed=0, batch_size=32, progress=False)
+    histories = sample_histories(None, size=64, seed=0)
+    for b, feed in enumerate(reader):
+        expected = encode_histories(histories[32 * b:32 * (b + 1)], catalog, layout, 20)
+        assert all(feed[n].tobytes() == expected[n].tobytes() for n in expected)
+
+
+def test_bad_calibration_input_fails_clearly(tmp_path):
+    catalog, layout = tiny_catalog(), tiny_layout()
+    empty = tmp_path / "empty.inter.json"
+    empty.write_text("")
+    with pytest.raises(CalibrationError, match="not valid JSON"):
+        CalibrationReader.from_file(empty, catalog, layout, MAX_HISTORY, size=MIN_SAMPLES)
+    with pytest.raises(CalibrationError, match="non-empty"):
+        CalibrationReader.from_file(write_interactions(tmp_path / "o.json", {}), catalog, layout, MAX_HISTORY)
+    with pytest.raises(CalibrationError, match="does not exist"):
+        CalibrationReader.from_file(tmp_path / "missing.json", catalog, layout, MAX_HISTORY)
+    unknown = write_interactions(tmp_path / "u.json", {f"u{u}": [5000 + u, 6000 + u, 7000, 8000] for u in range(40)})
+    with pytest.raises(CalibrationError, match="none of the 20 calibration histories has an item of the catalog"):
+        CalibrationReader.from_file(unknown, catalog, layout, MAX_HISTORY, size=20, progress=False)
+    few = write_interactions(tmp_path / "f.json", {f"u{u}": [100, 101, 102, 103] for u in range(5)})
+    with pytest.raises(CalibrationError, match="5 usable histories .* 16 requested"):
+        CalibrationReader.from_file(few, catalog, layout, MAX_HISTORY, size=16)
+    with pytest.raises(CalibrationError, match="too small"):
+        CalibrationReader.from_file(few, catalog, layout, MAX_HISTORY, size=4)
+    with pytest.raises(CalibrationError, match="empty"):
+        FeedList([])
+
+
+# ---------------------------------------------------------------- the int8 graphs
+
+def _consumers(model: onnx.ModelProto) -> dict[str, list[onnx.NodeProto]]:
+    out: dict[str, list] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            out.setdefault(name, []).append(node)
+    return out
+
+
+def test_qdq_only_on_matmul_gemm_inputs_symmetric_per_channel(graphs, int8):
+    paths, report = int8
+    model = onnx.load(str(paths["backbone"]))
+    consumers, inits = _consumers(model), {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    qs = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert qs and dqs
+    for q in qs:                                              # Q -> DQ only
+        assert {c.op_type for c in consumers[q.output[0]]} == {"DequantizeLinear"}, q.name
+    for dq in dqs:                                            # DQ -> MatMul/Gemm only, as an input
+        users = consumers[dq.output[0]]
+        assert users and all(u.op_type in ("MatMul", "Gemm") for u in users), (dq.name, [u.op_type for u in users])
+        for zp in dq.input[2:]:                               # symmetric int8: every zero point is 0
+            assert inits[zp].data_type == onnx.TensorProto.INT8
+            assert not onnx.numpy_helper.to_array(inits[zp]).any()
+        if dq.input[0] in inits:                              # a weight: int8, per output channel
+            assert inits[dq.input[0]].data_type == onnx.TensorProto.INT8
+            assert onnx.numpy_helper.to_array(inits[dq.input[1]]).size > 1
+    for node in model.graph.node:                             # norms, softmax, adds read float tensors
+        if node.op_type in FLOAT_ONLY:
+            assert all(producers.get(i) is None or producers[i].op_type != "DequantizeLinear" for i in node.input)
+    # every weight MatMul is quantized except the excluded sensitive ones; no float weight is left behind
+    dq_fed = {u.name for dq in dqs for u in consumers[dq.output[0]]}
+    expected = {r["node"] for r in weight_matmuls(graphs["backbone"])} - set(report["excluded"])
+    assert dq_fed == expected and len(report["excluded"]) == 2
+
+
+def test_sensitivity_table_is_returned_worst_first(graphs, int8):
+    _, report = int8
+    rows = report["sensitivity"]
+    assert len(rows) == len(weight_matmuls(graphs["backbone"])) == 14
+    assert [r["mean_cosine"] for r in rows] == sorted(r["mean_cosine"] for r in rows)
+    assert report["excluded"] == [r["node"] for r in rows[:2]]
+    assert report["heads"].startswith("fp32")
+
+
+def _io(path):
+    s = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    return s, ([(a.name, a.type, a.shape) for a in s.get_inputs()], [(a.name, a.type, a.shape) for a in s.get_outputs()])
+
+
+@pytest.mark.parametrize("precision", ["int8", "int8-cpu"])
+def test_int8_graphs_run_with_fp32_io_and_pass_validation(graphs, reader, int8, tmp_path, precision):
+    paths = int8[0] if precision == "int8" else int8_cpu_from_onnx(graphs, tmp_path, log=None)
+    assert sorted(paths) == sorted(graphs)
+    for name in graphs:
+        s32, io32 = _io(graphs[name])
+        s8, io8 = _io(paths[name])
+        assert io8 == io32, name
+    s32, s8 = _io(graphs["backbone"])[0], _io(paths["backbone"])[0]
+    feed = reader.feeds()[0]
+    assert s8.run(None, feed)[0].shape == s32.run(None, feed)[0].shape
+    result = validate_int8(graphs["backbone"], paths["backbone"], reader)
+    assert result["hidden"]["ok"] and result["hidden"]["mean_cosine"] > 0.99
+    for name in graphs:                                    # heads: copied unchanged
+        if name != "backbone":
+            assert Path(paths[name]).read_bytes() == Path(graphs[name]).read_bytes()
+    ops = {n.op_type for n in onnx.load(str(paths["backbone"])).graph.node}
+    if precision == "int8-cpu":                            # run-time quantization: not a TensorRT graph
+        assert "MatMulInteger" in ops and "QuantizeLinear" not in ops and CPU_ONLY == {"execution": "cpu-only"}
+
+
+def test_validate_int8_raises_one_typed_error_listing_outputs(graphs, int8, reader):
+    with pytest.raises(Int8ValidationError, match=r"hidden: mean cosine .* FAILED"):
+        validate_int8(graphs["backbone"], int8[0]["backbone"], reader, min_mean_cosine=1.0, max_relative_error=0.0)
+    with pytest.raises(Int8ValidationError, match="inputs/outputs"):
+        validate_int8(graphs["backbone"], graphs["head_0"], reader)
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile"])
+def test_other_methods_and_the_cache(graphs, reader, tmp_path, method):
+    cache = tmp_path / "calib.json"
+    feeds = FeedList(reader)
+    ranges, hit = calibrate_ranges(graphs["backbone"], feeds, method, cache, progress=False)
+    assert not hit and cache.is_file()
+    again, hit = calibrate_ranges(graphs["backbone"], feeds, method, cache, progress=False)
+    assert hit and set(again.data) == set(ranges.data)
+    assert not calibrate_ranges(graphs["backbone"], FeedList(feeds.feeds[:1]), method, cache, progress=False)[1]
+    other = "entropy" if method == "minmax" else "minmax"
+    assert not calibrate_ranges(graphs["backbone"], feeds, other, tmp_path / "calib.json", progress=False)[1]
+    paths = int8_from_onnx(graphs, tmp_path / "out", reader, method=method, cache_path=cache, progress=False,
+                           log=None)
+    assert validate_int8(graphs["backbone"], paths["backbone"], reader)["hidden"]["ok"]
+    cache.write_text("{not json")
+    with pytest.raises(CalibrationError, match="delete it"):
+        calibrate_ranges(graphs["backbone"], feeds, method, cache, progress=False)
+    with pytest.raises(CalibrationError, match="allowed: minmax, entropy, percentile"):
+        int8_from_onnx(graphs, tmp_path / "bad", reader, method="kl", log=None)
+
+
+def test_the_build_hook_finds_int8_from_onnx():
+    from nezha.export.precision import check_precisions, int8_converter
+
+    assert int8_converter() is int8_from_onnx
+    assert check_precisions(["int8", "fp32"]) == ["fp32", "int8"]
