@@ -1,0 +1,248 @@
+"""The exported graphs: the backbone (one graph) and the draft head (one graph per level), their
+tensor specs (the manifest's ``graphs`` entries) and ``onnx_from_model``."""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from nezha.model.nezha import NezhaModel
+
+EXPORTERS = ("dynamo", "torchscript")
+EXTERNAL_DATA_BYTES = 1_800_000_000     # protobuf's hard limit is 2 GiB; stay clear of it
+
+
+class ExportError(RuntimeError):
+    """A graph that torch.onnx.export could not produce (both exporters failed)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """The largest request the artifact serves: histories of max_history items, max_batch users, max_beam beams."""
+
+    max_history: int = 20
+    max_batch: int = 64
+    max_beam: int = 512
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+@dataclass
+class GraphSpec:
+    """One graph's tensors: (name, numpy dtype name, shape with named dims or ints), and dim ranges."""
+
+    name: str
+    inputs: list[tuple[str, str, list]]
+    outputs: list[tuple[str, str, list]]
+    dynamic: dict[str, list[int]] = field(default_factory=dict)
+
+    def to_json(self, file: str) -> dict:
+        """The manifest entry of this graph stored at ``file`` (relative to the artifact)."""
+        tensor = lambda t: {"name": t[0], "dtype": t[1], "shape": list(t[2])}
+        return {"file": file, "inputs": [tensor(t) for t in self.inputs],
+                "outputs": [tensor(t) for t in self.outputs], "dynamic": dict(self.dynamic)}
+
+
+def token_range(levels: int, max_history: int) -> list[int]:
+    """[min, max] prompt length T: one history item + placeholders .. max_history items + placeholders."""
+    return [2 * levels, (max_history + 1) * levels]
+
+
+def graph_specs(model: NezhaModel, limits: Limits) -> dict[str, GraphSpec]:
+    """Specs of ``backbone`` and ``head_0`` .. ``head_{L-1}`` for this model and these limits."""
+    layout, H = model.layout, model.config.hidden_size
+    L = layout.levels
+    specs = {"backbone": GraphSpec(
+        "backbone",
+        inputs=[("input_ids", "int64", ["batch", "tokens"]), ("attention_mask", "int64", ["batch", "tokens"])],
+        outputs=[("hidden", "float32", ["batch", L + 1, H])],
+        dynamic={"batch": [1, limits.max_batch], "tokens": token_range(L, limits.max_history)})}
+    for level, codes in enumerate(layout.codes):
+        code = [("code", "int64", ["beams"])] if level > 0 else []
+        specs[f"head_{level}"] = GraphSpec(
+            f"head_{level}",
+            inputs=[("state", "float32", ["beams", H])] + code + [("hidden", "float32", ["beams", H])],
+            outputs=[("next_state", "float32", ["beams", H]), ("log_probs", "float32", ["beams", codes])],
+            dynamic={"beams": [1, limits.max_batch * limits.max_beam]})
+    return specs
+
+
+class BackboneGraph(nn.Module):
+    """input_ids, attention_mask [B, T] int64 (left padded) -> hidden [B, L+1, H] float32.
+
+    The 4-D additive mask and the position ids are built here from the 0/1 mask, so the graph
+    does not depend on transformers' mask helpers (which trace poorly under the dynamo exporter).
+    """
+
+    def __init__(self, model: NezhaModel):
+        super().__init__()
+        self.backbone, self.read = model.model, model.layout.levels + 1
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)                    # [B, T]
+        T = input_ids.shape[1]
+        causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # [T, T]
+        allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]       # [B, 1, T, T]
+        blocked = torch.zeros(allowed.shape, dtype=torch.float32, device=input_ids.device)
+        blocked = blocked.masked_fill(~allowed, torch.finfo(torch.float32).min)
+        hidden = self.backbone(input_ids=input_ids, attention_mask=blocked, position_ids=positions).last_hidden_state
+        return hidden[:, -self.read:].float()
+
+
+class HeadStepGraph(nn.Module):
+    """``DraftHead.step(level, ...)`` for level > 0: state [N, H], code [N], hidden [N, H]
+    -> (next_state [N, H], log_probs [N, codes_level])."""
+
+    def __init__(self, model: NezhaModel, level: int):
+        super().__init__()
+        self.head, self.level = model.mtp_head, level
+
+    def forward(self, state: torch.Tensor, code: torch.Tensor, hidden: torch.Tensor):
+        return self.head.step(self.level, state, code, hidden)
+
+
+class HeadRootGraph(HeadStepGraph):
+    """Level 0 (no code to consume): state [N, H] (the root), hidden [N, H] -> (next_state = state, log_probs)."""
+
+    def forward(self, state: torch.Tensor, hidden: torch.Tensor):
+        next_state, log_probs = self.head.step(0, state, None, hidden)
+        return next_state + 0.0, log_probs     # a copy: an output must not be the graph input itself
+
+
+def graph_module(model: NezhaModel, name: str) -> nn.Module:
+    """The torch module behind graph ``name`` (backbone, head_0, head_1 ...), in eval mode."""
+    if name == "backbone":
+        return BackboneGraph(model).eval()
+    level = int(name.split("_")[1])
+    return (HeadRootGraph(model, 0) if level == 0 else HeadStepGraph(model, level)).eval()
+
+
+def example_inputs(spec: GraphSpec, model: NezhaModel) -> tuple[torch.Tensor, ...]:
+    """Example tensors for tracing: sizes deliberately unlike the dims' min/max (2..3), so nothing specialises."""
+    layout, (lo, hi) = model.layout, spec.dynamic.get("tokens", [0, 0])
+    gen = torch.Generator().manual_seed(0)
+    if spec.name == "backbone":
+        T = min(hi, lo + layout.levels)                               # one row with two items, one with one
+        ids = torch.full((2, T), layout.pad_token_id, dtype=torch.int64)
+        mask = torch.zeros((2, T), dtype=torch.int64)
+        for row, n in enumerate((T, T - layout.levels)):
+            ids[row, T - n:] = torch.randint(layout.offsets[0], layout.placeholder_start, (n,), generator=gen)
+            mask[row, T - n:] = 1
+        return ids, mask
+    N, H, level = 3, model.config.hidden_size, int(spec.name.split("_")[1])
+    state, hidden = torch.randn(N, H, generator=gen), torch.randn(N, H, generator=gen)
+    if level == 0:
+        return state, hidden
+    return state, torch.randint(0, layout.codes[level - 1], (N,), generator=gen), hidden
+
+
+def _export(module: nn.Module, args: tuple, spec: GraphSpec, path: Path, opset: int, exporter: str) -> None:
+    names = [t[0] for t in spec.inputs]
+    named_dims = {t[0]: {axis: dim for axis, dim in enumerate(t[2]) if isinstance(dim, str)}
+                  for t in spec.inputs + spec.outputs}
+    if exporter == "dynamo":
+        dims = {d: torch.export.Dim(d, min=lo, max=hi) for d, (lo, hi) in spec.dynamic.items()}
+        shapes = {n: {axis: dims[d] for axis, d in named_dims[n].items()} for n in names}
+        with _quiet():
+            program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names,
+                                        output_names=[t[0] for t in spec.outputs], dynamic_shapes=shapes,
+                                        verbose=False)
+        program.save(str(path), external_data=not _fits_inline(program.model_proto))
+    else:
+        with _quiet():
+            torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=names,
+                              output_names=[t[0] for t in spec.outputs], dynamic_axes=named_dims)
+
+
+@contextmanager
+def _quiet():
+    """The exporters narrate every pass on stdout and the log; the build prints its own progress."""
+    logger = logging.getLogger("torch.onnx")
+    level, logger.level = logger.level, logging.ERROR
+    try:
+        with warnings.catch_warnings(), redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def _fits_inline(proto: onnx.ModelProto) -> bool:
+    size = sum(int(np.prod(t.dims)) * onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
+               for t in proto.graph.initializer)
+    return size < EXTERNAL_DATA_BYTES
+
+
+def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = None) -> Path:
+    """Save ``proto``; weights go to ``<name>.data`` beside it when the graph would pass 2 GB (or if asked)."""
+    if external_data is None:
+        external_data = not _fits_inline(proto)
+    if external_data:
+        onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=path.name + ".data", size_threshold=1024)
+    else:
+        onnx.save_model(proto, str(path))
+    return path
+
+
+def finish_graph(path: Path, spec: GraphSpec) -> None:
+    """Give every graph input/output the manifest's dim names and sizes (the exporter invents symbols
+    like 'Max(0, tokens - 4)'), then check the graph."""
+    proto = onnx.load(str(path), load_external_data=False)
+    for value, (_, _, shape) in zip(list(proto.graph.input) + list(proto.graph.output), spec.inputs + spec.outputs):
+        dims = value.type.tensor_type.shape.dim
+        for dim, size in zip(dims, shape):
+            if isinstance(size, str):
+                dim.dim_param = size
+            else:
+                dim.dim_value = size
+    proto.doc_string = f"nezha-deploy graph {spec.name}"
+    onnx.save_model(proto, str(path))              # external data (if any) stays in place, untouched
+    onnx.checker.check_model(str(path))
+
+
+def onnx_from_model(model: NezhaModel, out_dir: Path, limits: Limits, opset: int = 18,
+                    exporter: str = "dynamo", log=None) -> dict[str, Path]:
+    """Export the backbone and every head level to ``out_dir/<graph>.onnx`` (float32).
+
+    ``exporter`` 'dynamo' (torch.export based) falls back to 'torchscript' (dynamo=False) per graph
+    if it fails; 'torchscript' uses the legacy exporter only. Returns {graph name: path}.
+    """
+    if exporter not in EXPORTERS:
+        raise ValueError(f"exporter {exporter!r}; allowed: {', '.join(EXPORTERS)}")
+    if model.mtp_head is None:
+        raise ExportError("the checkpoint has no draft head (use_mtp=False): NEZHA graphs need mtp_head.* weights")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {}
+    for name, spec in graph_specs(model, limits).items():
+        module = graph_module(model, name)
+        path, args = out_dir / f"{name}.onnx", example_inputs(spec, model)
+        with torch.no_grad():
+            try:
+                _export(module, args, spec, path, opset, exporter)
+            except Exception as first:  # the dynamo exporter fails in many ways; the fallback is the answer
+                if exporter != "dynamo":
+                    raise ExportError(f"{name}: torch.onnx.export (dynamo=False) failed: {first}") from first
+                if log:
+                    log(f"  {name}: dynamo exporter failed ({type(first).__name__}: {str(first)[:200]}); "
+                        "falling back to dynamo=False")
+                try:
+                    _export(module, args, spec, path, opset, "torchscript")
+                except Exception as second:
+                    raise ExportError(f"{name}: both exporters failed. dynamo: {first}; dynamo=False: {second}") \
+                        from second
+        finish_graph(path, spec)
+        paths[name] = path
+    return paths

@@ -1,0 +1,167 @@
+"""Validation of exported graphs against the PyTorch model, always run by the build.
+
+Every graph runs in ONNX Runtime (CPU) on real histories; every output is compared with the torch
+model's (max |diff| vs the precision's tolerance) and the decoded top-k items are compared with the
+torch Reference. All results are collected first; one ValidationError then lists every output."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from nezha.data import read_interactions
+from nezha.model.nezha import NezhaModel
+from nezha.model.reference import Reference, TorchSteps
+from nezha.runtime.catalog import Catalog
+from nezha.runtime.decode import beam_search, items_from_sids
+from nezha.runtime.encoding import encode_histories
+
+from .graphs import Limits, token_range
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """Allowed max |diff| of every graph output (hidden states, states, log-probs) and the smallest
+    allowed mean top-k agreement (|ours & reference| / |reference| per history) with the torch Reference."""
+
+    atol: float
+    min_topk_agreement: float
+
+
+TOLERANCES = {"fp32": Tolerance(1e-3, 1.0), "fp16": Tolerance(5e-2, 0.9), "int8": Tolerance(0.5, 0.7)}
+
+
+class ValidationError(RuntimeError):
+    """Exported graphs that disagree with the torch model; ``report`` holds every comparison."""
+
+    def __init__(self, message: str, report: dict):
+        super().__init__(message)
+        self.report = report
+
+
+class OrtSteps:
+    """DecodeSteps over ONNX Runtime sessions of one precision's graphs (CPU)."""
+
+    def __init__(self, graphs: dict[str, Path]):
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        self.sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+                         for name, path in graphs.items()}
+
+    def run(self, name: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        return self.sessions[name].run(None, feed)
+
+    def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run("backbone", feed)[0]
+
+    def head_step(self, level, state, code, hidden):
+        feed = {"state": np.ascontiguousarray(state, np.float32), "hidden": np.ascontiguousarray(hidden, np.float32)}
+        if level > 0:
+            feed["code"] = np.ascontiguousarray(code, np.int64)
+        return tuple(self.run(f"head_{level}", feed))
+
+
+def histories_from_data(interactions: Path, catalog: Catalog, n: int, seed: int = 0) -> list[list[int]]:
+    """n user histories sampled from a LETTER ``*.inter.json`` (all but each user's last item, items
+    unknown to the catalog dropped)."""
+    users = read_interactions(interactions)
+    known = set(catalog.item_ids.tolist())
+    pool = [[i for i in items[:-1] if i in known] for items in users.values()]
+    pool = [h for h in pool if h]
+    rng = np.random.default_rng(seed)
+    return [pool[i] for i in rng.choice(len(pool), size=min(n, len(pool)), replace=False)]
+
+
+def synthetic_histories(catalog: Catalog, n: int, max_history: int, seed: int = 0) -> list[list[int]]:
+    """n random histories of 1 .. max_history + 2 catalog items (the longest ones get truncated)."""
+    rng = np.random.default_rng(seed)
+    lengths = np.resize([1, max_history + 2] + list(rng.integers(1, max_history + 3, n)), n)
+    return [rng.choice(catalog.item_ids, size=int(k)).tolist() for k in lengths]
+
+
+def validation_feeds(histories: Sequence[Sequence[int]], catalog: Catalog, model: NezhaModel,
+                     limits: Limits) -> dict[str, dict[str, np.ndarray]]:
+    """Backbone feeds covering the dynamic dims: one user (B=1), the batch left padded to its longest
+    history, and the batch padded to the largest T the graphs accept."""
+    encode = lambda h, pad_to=None: encode_histories(h, catalog, model.layout, limits.max_history, pad_to=pad_to)
+    batch = list(histories[:limits.max_batch])
+    return {"single": encode(batch[:1]), "batch": encode(batch),
+            "batch_max_tokens": encode(batch, token_range(model.layout.levels, limits.max_history)[1])}
+
+
+def graph_cases(model: NezhaModel, feeds: dict[str, dict[str, np.ndarray]], seed: int = 0):
+    """Yield (graph name, case name, feed, torch outputs) for every graph. Head inputs follow the
+    torch model's own trajectory: its hidden states, states and random codes."""
+    torch_steps, rng = TorchSteps(model), np.random.default_rng(seed)
+    for case, feed in feeds.items():
+        hidden = torch_steps.backbone(feed)                               # [B, L+1, H]
+        yield "backbone", case, feed, [hidden]
+        state = hidden[:, 0]
+        for level, codes in enumerate(model.layout.codes):
+            code = None if level == 0 else rng.integers(0, model.layout.codes[level - 1], len(state))
+            head_feed = {"state": state, "hidden": hidden[:, level + 1]} | ({} if code is None else {"code": code})
+            outputs = list(torch_steps.head_step(level, state, code, hidden[:, level + 1]))
+            yield f"head_{level}", case, head_feed, outputs
+            state = outputs[0]
+
+
+def topk_agreement(ours: list[list[tuple[int, float]]], reference: list[list[tuple[int, float]]]) -> float:
+    """Mean over histories of |our top-k items & reference top-k items| / |reference top-k items|."""
+    shares = [len({i for i, _ in a} & {i for i, _ in b}) / max(len(b), 1) for a, b in zip(ours, reference)]
+    return float(np.mean(shares))
+
+
+def validate_artifact(model: NezhaModel, catalog: Catalog, graphs: dict[str, dict[str, Path]],
+                      histories: Sequence[Sequence[int]], limits: Limits, out_file: Path | None = None,
+                      tolerances: dict[str, Tolerance] | None = None, k: int = 10, beam: int = 20,
+                      history_source: str = "synthetic") -> dict:
+    """Compare the graphs {precision: {graph name: path}} with ``model`` on ``histories``.
+
+    Writes the report to ``out_file`` (validation.json) if given and returns it; raises ValidationError
+    listing every output (max |diff| and tolerance) if any output or top-k agreement is out of bounds.
+    """
+    tolerances = {**TOLERANCES, **(tolerances or {})}
+    beam = min(beam, limits.max_beam)
+    k = min(k, beam)
+    feeds = validation_feeds(histories, catalog, model, limits)
+    cases = list(graph_cases(model, feeds))
+    reference = Reference(model, catalog, limits.max_history)
+    with torch.inference_mode():
+        expected_items = reference.recommend(list(histories[:limits.max_batch]), k=k, beam=beam)
+    report = {"histories": len(histories), "history_source": history_source, "k": k, "beam": beam,
+              "cases": {c: list(f["input_ids"].shape) for c, f in feeds.items()}, "precisions": {}}
+    lines, ok = [], True
+    for precision, paths in graphs.items():
+        tol, steps = tolerances[precision], OrtSteps(paths)
+        outputs = {}
+        for name, case, feed, want in cases:
+            got = steps.run(name, feed)
+            names = [o.name for o in steps.sessions[name].get_outputs()]
+            for out_name, g, w in zip(names, got, want):
+                key = f"{name}.{out_name}"
+                diff = float(np.max(np.abs(g.astype(np.float64) - w))) if g.shape == w.shape else float("inf")
+                outputs[key] = max(outputs.get(key, 0.0), diff)
+        keys, scores = beam_search(steps, feeds["batch"], model.layout, reference.verifier, beam)
+        agreement = topk_agreement(items_from_sids(keys, scores, reference.sid_table, k), expected_items)
+        entry = {"tolerance": tol.atol, "min_topk_agreement": tol.min_topk_agreement, "topk_agreement": agreement,
+                 "outputs": {key: {"max_abs_diff": d, "ok": d <= tol.atol} for key, d in outputs.items()}}
+        entry["ok"] = all(o["ok"] for o in entry["outputs"].values()) and agreement >= tol.min_topk_agreement
+        ok &= entry["ok"]
+        report["precisions"][precision] = entry
+        for key, o in entry["outputs"].items():
+            lines.append(f"  {'ok  ' if o['ok'] else 'FAIL'} {precision} {key}: max |diff| {o['max_abs_diff']:.3g} "
+                         f"(tolerance {tol.atol:g})")
+        lines.append(f"  {'ok  ' if agreement >= tol.min_topk_agreement else 'FAIL'} {precision} top-{k} items: "
+                     f"agreement {agreement:.3f} (at least {tol.min_topk_agreement:g})")
+    report["ok"] = ok
+    if out_file is not None:
+        out_file.write_text(json.dumps(report, indent=2))
+    if not ok:
+        raise ValidationError("exported graphs disagree with the PyTorch model:\n" + "\n".join(lines), report)
+    return report

@@ -1,0 +1,298 @@
+"""export/: graphs vs PyTorch for every architecture and precision, the manifest, tables, bad inputs."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from conftest import TINY_CODES, tiny_catalog, tiny_histories, tiny_model
+from nezha.export import build as build_module
+from nezha.export import graphs as graphs_module
+from nezha.export.build import BuildError, build, main
+from nezha.export.graphs import Limits, onnx_from_model, save_onnx, token_range
+from nezha.export.precision import PrecisionError
+from nezha.export.validate import TOLERANCES, ValidationError, validate_artifact
+from nezha.model.checkpoint import CheckpointError, save_checkpoint
+from nezha.runtime.catalog import Catalog, CatalogError
+from nezha.runtime.encoding import encode_histories
+from nezha.runtime.manifest import Manifest, ManifestError
+
+LIMITS = Limits(max_history=6, max_batch=8, max_beam=16)
+PRECISIONS = ["fp32", "fp16"]
+LEVELS = list(range(len(TINY_CODES)))
+# Graphs with a parity test below; test_every_graph_has_a_parity_test keeps this honest.
+PARITY_TESTED = {"backbone"} | {f"head_{level}" for level in LEVELS}
+MANIFEST_KEYS = {"format", "version", "layout", "limits", "graphs", "tables", "engines", "versions", "source",
+                 "validation", "files"}
+
+
+def _build(root: Path, architecture: str, **kw):
+    ckpt = save_checkpoint(tiny_model(architecture), root / f"ckpt-{architecture}", tiny_catalog(), overwrite=True)
+    kw = {"precision": PRECISIONS, "max_batch": LIMITS.max_batch, "max_history": LIMITS.max_history,
+          "max_beam": LIMITS.max_beam, "log": None, **kw}
+    return build(ckpt, None, root / f"art-{architecture}", **kw)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """built(architecture) -> (artifact Manifest, torch model, Summary); one build per architecture."""
+    cache = {}
+
+    def get(architecture: str):
+        if architecture not in cache:
+            # qwen3 also asks for TensorRT: absent here, so the build must record the skip and still succeed
+            backend = ("onnxruntime", "tensorrt") if architecture == "qwen3" else ("onnxruntime",)
+            summary = _build(tmp_path_factory.mktemp(architecture), architecture, backend=backend)
+            cache[architecture] = Manifest.load(summary.out), tiny_model(architecture), summary
+        return cache[architecture]
+    return get
+
+
+def _session(manifest: Manifest, precision: str, name: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(manifest.path(manifest.graph(precision, name)["file"])),
+                                providers=["CPUExecutionProvider"])
+
+
+def _feeds(model):
+    """B=1, B=5 left padded (T unlike the export example's), B=8 padded to the largest T."""
+    catalog, L = tiny_catalog(), model.layout.levels
+    encode = lambda h, pad=None: encode_histories(h, catalog, model.layout, LIMITS.max_history, pad_to=pad)
+    rng = np.random.default_rng(7)
+    many = [rng.choice(catalog.item_ids, size=n).tolist() for n in (1, 4, 2, 1, 3, 9, 5, 2)]
+    # T = 6 (one item), 15 (four items), 21 (the largest); the export example used T = 9
+    return [encode(many[:1]), encode(many[:5]), encode(many, token_range(L, LIMITS.max_history)[1])]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_backbone_parity(built, architecture, precision):
+    manifest, model, _ = built(architecture)
+    session = _session(manifest, precision, "backbone")
+    shapes = set()
+    for feed in _feeds(model):
+        assert (feed["attention_mask"][:, 0] == 0).any() or len(feed["input_ids"]) == 1
+        with torch.no_grad():
+            want = model.nezha_hidden(torch.from_numpy(feed["input_ids"]), torch.from_numpy(feed["attention_mask"]))
+        got = session.run(None, feed)[0]
+        assert got.dtype == np.float32 and got.shape == tuple(want.shape)
+        assert np.abs(got - want.numpy()).max() <= TOLERANCES[precision].atol
+        shapes.add(feed["input_ids"].shape)
+    assert {b for b, _ in shapes} == {1, 5, 8} and len({t for _, t in shapes}) == 3
+
+
+@pytest.mark.parametrize("level", LEVELS)
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_head_parity(built, architecture, precision, level):
+    manifest, model, _ = built(architecture)
+    session = _session(manifest, precision, f"head_{level}")
+    rng = np.random.default_rng(level)
+    for n in (1, 37):
+        state, hidden = (rng.standard_normal((n, 32)).astype(np.float32) for _ in range(2))
+        code = rng.integers(0, TINY_CODES[level - 1], n) if level else None
+        feed = {"state": state, "hidden": hidden} | ({"code": code} if level else {})
+        with torch.no_grad():
+            want = model.mtp_head.step(level, torch.from_numpy(state), None if code is None else torch.from_numpy(code),
+                                       torch.from_numpy(hidden))
+        got = session.run(["next_state", "log_probs"], feed)
+        assert got[1].shape == (n, TINY_CODES[level])
+        for g, w in zip(got, want):
+            assert g.dtype == np.float32 and np.abs(g - w.numpy()).max() <= TOLERANCES[precision].atol
+
+
+def test_every_graph_has_a_parity_test(built):
+    manifest, _, _ = built("qwen3")
+    for precision in manifest.precisions:
+        missing = set(manifest.raw["graphs"][precision]) - PARITY_TESTED
+        assert not missing, f"graphs without a parity test: {missing}"
+    assert set(manifest.raw["graphs"]["fp32"]) == PARITY_TESTED
+
+
+def test_manifest_contract_and_checksums(built):
+    manifest, model, summary = built("qwen3")
+    raw = manifest.raw
+    assert set(raw) == MANIFEST_KEYS
+    assert raw["limits"] == {"max_history": 6, "max_batch": 8, "max_beam": 16, "hidden_size": 32}
+    assert manifest.layout == model.layout and raw["source"]["architecture"] == "qwen3"
+    head = manifest.graph("fp16", "head_1")
+    assert [t["name"] for t in head["inputs"]] == ["state", "code", "hidden"]
+    assert head["outputs"][1] == {"name": "log_probs", "dtype": "float32", "shape": ["beams", TINY_CODES[1]]}
+    assert head["dynamic"] == {"beams": [1, 8 * 16]}
+    assert manifest.graph("fp32", "backbone")["dynamic"] == {"batch": [1, 8], "tokens": [6, 21]}
+    # the exported graph itself carries the manifest's dim names
+    proto = onnx.load(str(manifest.path(head["file"])))
+    assert [d.dim_param or d.dim_value for d in proto.graph.output[1].type.tensor_type.shape.dim] == ["beams", 6]
+    assert raw["engines"] == {} and "TensorRT" in summary.engines_skipped
+    assert raw["versions"]["tensorrt"] is None and raw["versions"]["onnx"] == onnx.__version__
+    report = json.loads(manifest.path(raw["validation"]).read_text())
+    assert report["ok"] and report["precisions"]["fp32"]["topk_agreement"] == 1.0
+    assert all(f in raw["files"] for p in raw["graphs"].values() for g in p.values() for f in [g["file"]])
+
+    tampered = manifest.path(manifest.graph("fp32", "head_0")["file"])
+    original = tampered.read_bytes()
+    try:
+        tampered.write_bytes(original + b"\0")
+        with pytest.raises(ManifestError, match="head_0.onnx: sha256 mismatch"):
+            Manifest.load(manifest.root)
+    finally:
+        tampered.write_bytes(original)
+    Manifest.load(manifest.root)
+
+
+def test_tables_rebuild_the_catalog(built):
+    manifest, model, _ = built("qwen3")
+    t = manifest.table
+    # no --index: the catalog is the checkpoint's ava_sid file, whose item ids are positions
+    assert t("item_ids").dtype == np.int64 and np.array_equal(t("item_ids"), np.arange(70))
+    assert np.array_equal(t("item_codes"), tiny_catalog().item_codes)
+    catalog = Catalog(t("item_ids"), t("item_codes"))
+    keys, offsets, items = t("sid_keys"), t("sid_offsets"), t("sid_items")
+    assert keys.dtype == np.uint64 and np.all(np.diff(keys.astype(np.float64)) > 0)
+    assert offsets[0] == 0 and offsets[-1] == len(items) == len(catalog.item_ids)
+    for s in range(len(keys)):            # every item of a SID row has that SID
+        assert np.all(model.layout.sid_keys(catalog.codes_of(items[offsets[s]:offsets[s + 1]])[0]) == keys[s])
+    assert len(keys) < len(items)         # the tiny catalog has a collision: items 0 and 1
+    for level in LEVELS:
+        want = np.unique(model.layout.prefix_keys(catalog.item_codes, level))
+        assert np.array_equal(t(f"valid_prefixes_{level}"), want)
+        entry = manifest.raw["tables"][f"valid_prefixes_{level}"]
+        assert entry["dtype"] == "uint64" and entry["shape"] == [len(want)]
+
+
+def test_dynamo_failure_falls_back_to_torchscript(tmp_path, monkeypatch):
+    model, real = tiny_model("llama"), graphs_module._export
+    messages = []
+
+    def dynamo_breaks(module, args, spec, path, opset, exporter):
+        if exporter == "dynamo":
+            raise RuntimeError("simulated dynamo failure")
+        real(module, args, spec, path, opset, exporter)
+    monkeypatch.setattr(graphs_module, "_export", dynamo_breaks)
+    paths = onnx_from_model(model, tmp_path, LIMITS, log=messages.append)
+    assert len(messages) == len(paths) == 4 and "falling back to dynamo=False" in messages[0]
+    catalog = tiny_catalog()
+    report = validate_artifact(model, catalog, {"fp32": paths}, tiny_histories(catalog, 5), LIMITS)
+    assert report["ok"] and max(o["max_abs_diff"] for o in report["precisions"]["fp32"]["outputs"].values()) < 1e-4
+
+
+def test_validation_lists_every_output_in_one_error(built):
+    manifest, _, _ = built("qwen2")
+    other = tiny_model("qwen2", seed=1)             # same shapes, other weights: everything must disagree
+    graphs = {"fp32": {n: manifest.path(g["file"]) for n, g in manifest.raw["graphs"]["fp32"].items()}}
+    catalog = tiny_catalog()
+    with pytest.raises(ValidationError) as e:
+        validate_artifact(other, catalog, graphs, tiny_histories(catalog, 5), LIMITS)
+    text = str(e.value)
+    for key in ["backbone.hidden", "head_0.log_probs", "head_2.next_state", "top-10 items"]:
+        assert key in text
+    assert "FAIL fp32 backbone.hidden" in text and "tolerance 0.001" in text
+    assert not e.value.report["ok"]
+
+
+def test_external_data_graph_runs(tmp_path):
+    paths = onnx_from_model(tiny_model("qwen3"), tmp_path / "g", LIMITS, exporter="torchscript")
+    proto = onnx.load(str(paths["head_1"]))
+    save_onnx(proto, tmp_path / "big.onnx", external_data=True)
+    assert (tmp_path / "big.onnx.data").stat().st_size > 1000
+    feed = {"state": np.ones((2, 32), np.float32), "code": np.array([0, 1]), "hidden": np.zeros((2, 32), np.float32)}
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)
+    for a, b in zip(run(tmp_path / "big.onnx"), run(paths["head_1"])):
+        assert np.array_equal(a, b)
+
+
+# ---- bad inputs: clear errors, nothing left behind ----
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if ".building-" in p.name or ".old-" in p.name)
+
+
+@pytest.fixture
+def checkpoint(tmp_path):
+    return save_checkpoint(tiny_model("qwen3"), tmp_path / "ckpt", tiny_catalog())
+
+
+def test_missing_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="does not exist"):
+        build(tmp_path / "nope", None, tmp_path / "art", log=None)
+    assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
+
+
+def test_wrong_index(tmp_path, checkpoint):
+    index = tmp_path / "two_levels.index.json"
+    index.write_text(json.dumps({"1": ["<a_1>", "<b_2>"], "2": ["<a_3>", "<b_4>"]}))
+    with pytest.raises(CatalogError, match="2-level SIDs, the model has 3 levels"):
+        build(checkpoint, index, tmp_path / "art", log=None)
+    with pytest.raises(CatalogError, match="does not exist"):
+        build(checkpoint, tmp_path / "missing.index.json", tmp_path / "art", log=None)
+    assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
+
+
+def test_unsupported_and_unavailable_precision(tmp_path, checkpoint, capsys, monkeypatch):
+    import nezha.calibration
+    monkeypatch.delattr(nezha.calibration, "int8_from_onnx")     # calibration/ without its build hook
+    with pytest.raises(PrecisionError, match="unsupported precision.*'bf16'.*allowed: fp32, fp16, int8"):
+        build(checkpoint, None, tmp_path / "art", precision=("bf16",), log=None)
+    with pytest.raises(PrecisionError, match="int8 is not available yet"):
+        build(checkpoint, None, tmp_path / "art", precision=("fp32", "int8"), log=None)
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "art"), "--precision", "bf16"])
+    assert "invalid choice: 'bf16'" in capsys.readouterr().err
+    assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
+
+
+def test_unwritable_output(tmp_path, checkpoint):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(BuildError, match="parent folder .* cannot be made"):
+        build(checkpoint, None, blocker / "art", log=None)
+    if os.geteuid() != 0:                 # root ignores permission bits
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o500)
+        with pytest.raises(BuildError, match="cannot write to"):
+            build(checkpoint, None, locked / "art", log=None)
+    assert _leftovers(tmp_path) == []
+
+
+def test_existing_output_needs_force(tmp_path, checkpoint, capsys):
+    out = tmp_path / "art"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 1
+    assert "exists; pass --force" in capsys.readouterr().err and (out / "keep.txt").read_text() == "old"
+    summary = build(checkpoint, None, out, precision=("fp32",), exporter="torchscript", max_batch=4, max_beam=8,
+                    force=True, log=None)
+    assert not (out / "keep.txt").exists() and Manifest.load(out).precisions == ["fp32"]
+    assert summary.topk_agreement["fp32"] == 1.0 and _leftovers(tmp_path) == []
+
+
+def test_failed_validation_leaves_nothing(tmp_path, checkpoint, monkeypatch):
+    from nezha.export import validate
+    monkeypatch.setitem(validate.TOLERANCES, "fp32", validate.Tolerance(0.0, 1.0))
+    monkeypatch.setattr(build_module, "engine_from_onnx", None)
+    with pytest.raises(ValidationError, match="FAIL fp32 backbone.hidden"):
+        build(checkpoint, None, tmp_path / "art", precision=("fp32",), exporter="torchscript", log=None)
+    assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
+
+
+def test_help_explains_every_option(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for option in ["--checkpoint", "--index", "--out", "--precision", "--backend", "--max-batch", "--max-history",
+                   "--max-beam", "--opset", "--exporter", "--histories", "--validation-users", "--force"]:
+        assert option in text
+
+
+def test_progress_output(tmp_path, checkpoint):
+    lines = []
+    build(checkpoint, None, tmp_path / "art", precision=("fp32",), exporter="torchscript", max_batch=4,
+          max_beam=8, log=lambda *a, **k: lines.append("".join(map(str, a))))
+    steps = [line for line in lines if line.startswith("[")]
+    assert steps[0] == "[1/5] model_from_checkpoint ..." and steps[-1] == "[5/5] write_manifest ..."
+    assert all(line.endswith(" s") for line in lines if not line.startswith("["))
