@@ -21,7 +21,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--history", type=_history, action="append", required=True,
                    help="comma-separated item ids, oldest first; repeat for a batch")
     p.add_argument("-k", "--k", type=int, default=10, help="items per history (default 10)")
-    p.add_argument("--beam", type=int, default=20, help="beam width (default 20, at most the artifact's max_beam)")
+    p.add_argument("--beam", type=int, default=None,
+                   help="beam width (default max(k, 20), at most the artifact's max_beam)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
     p.add_argument("--precision", default=None, help="fp32, fp16, int8 ... (default: the artifact's first)")

@@ -106,6 +106,9 @@ class Recommender:
         """Backbone only (the latency floor): feed -> [B, L+1, H] float32."""
         return self.steps.backbone(feed)
 
+    def _default_beam(self, k) -> int:
+        return min(max(k, 20), self.max_beam) if isinstance(k, (int, np.integer)) else self.max_beam
+
     def _check_request(self, n: int, k: int | None, beam: int) -> None:
         if not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
             raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
@@ -141,16 +144,19 @@ class Recommender:
             stages["encode"] = stages.get("encode", 0.0) + time.perf_counter() - t0
         return self.decode_codes(codes, beam, stages)
 
-    def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int = 20,
+    def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int | None = None,
                   unknown: str = "error") -> list[list[tuple[int, float]]]:
-        """Per history up to k (item id, summed log-prob) pairs, best first."""
+        """Per history up to k (item id, summed log-prob) pairs, best first. ``beam`` defaults to
+        max(k, 20) capped at the artifact's max_beam."""
+        beam = self._default_beam(k) if beam is None else beam
         self._check_request(len(histories) if hasattr(histories, "__len__") else 1, k, beam)
         keys, scores = self.decode(histories, beam, unknown=unknown)
         return items_from_sids(keys, scores, self.sid_table, k)
 
     def recommend_codes(self, code_histories: Sequence[Sequence[Sequence[int]]], k: int = 10,
-                        beam: int = 20) -> list[list[tuple[int, float]]]:
+                        beam: int | None = None) -> list[list[tuple[int, float]]]:
         """SID-level variant: histories of code tuples (each of L codes) instead of item ids."""
+        beam = self._default_beam(k) if beam is None else beam
         self._check_request(len(code_histories), k, beam)
         arrays = []
         for b, h in enumerate(code_histories):

@@ -67,3 +67,11 @@ def tiny_histories(catalog: Catalog, n: int = 6, seed: int = 1) -> list[list[int
     """Mixed lengths 1..9, from the catalog's items."""
     rng = np.random.default_rng(seed)
     return [rng.choice(catalog.item_ids, size=int(rng.integers(1, 10))).tolist() for _ in range(n)]
+
+
+def write_index(catalog: Catalog, path: Path) -> Path:
+    """The catalog as a LETTER-style *.index.json (item id -> ['<a_N>', '<b_N>', ...])."""
+    import json
+    path.write_text(json.dumps({str(i): [f"<{chr(97 + level)}_{c}>" for level, c in enumerate(codes)]
+                                for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}))
+    return path

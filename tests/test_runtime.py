@@ -1,0 +1,205 @@
+"""The runtime against a real artifact built from a tiny checkpoint: parity with the torch reference,
+bound buffers that stay put, thread safety, input policies, artifact checks, the CLI. The same contract
+runs on every backend available here (TensorRT skips with the reason)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import tiny_catalog, tiny_histories, tiny_model, write_index
+from nezha.export.build import build
+from nezha.model.checkpoint import save_checkpoint
+from nezha.model.reference import Reference
+from nezha.runtime import Recommender, RequestError
+from nezha.runtime.backends.base import RunnerError
+from nezha.runtime.encoding import EncodingError
+from nezha.runtime.manifest import ManifestError
+
+MAX_BATCH, MAX_BEAM = 4, 16
+
+
+def _tensorrt_ready() -> str | None:
+    if importlib.util.find_spec("tensorrt") is None:
+        return "TensorRT is not installed (pip install 'nezha-deploy[tensorrt]' on a CUDA machine)"
+    return None
+
+
+BACKENDS = [pytest.param("onnxruntime"),
+            pytest.param("tensorrt", marks=[pytest.mark.tensorrt,
+                                            pytest.mark.skipif(_tensorrt_ready() is not None, reason=str(_tensorrt_ready()))])]
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runtime")
+    ckpt = save_checkpoint(tiny_model(), root / "ckpt", tiny_catalog())
+    backend = ("onnxruntime", "tensorrt") if _tensorrt_ready() is None else ("onnxruntime",)
+    build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / "art", precision=("fp32", "fp16"), backend=backend, max_batch=MAX_BATCH,
+          max_beam=MAX_BEAM, log=None)
+    return root / "art"
+
+
+@pytest.fixture(scope="module")
+def reference():
+    return Reference(tiny_model(), tiny_catalog())
+
+
+def _load(artifact, backend, **kw):
+    device = "cuda" if backend == "tensorrt" else "cpu"
+    return Recommender.load(artifact, backend=backend, device=device, **kw)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_matches_the_torch_reference(artifact, reference, backend):
+    histories = tiny_histories(tiny_catalog(), 11, seed=3)           # 11 > max_batch: split into chunks
+    with _load(artifact, backend, precision="fp32") as rec:
+        got = rec.recommend(histories, k=8, beam=MAX_BEAM)
+    want = reference.recommend(histories, k=8, beam=MAX_BEAM)
+    for g, w in zip(got, want):
+        assert [i for i, _ in g] == [i for i, _ in w]
+        np.testing.assert_allclose([s for _, s in g], [s for _, s in w], atol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_fp16_mostly_agrees_with_fp32(artifact, backend):
+    histories = tiny_histories(tiny_catalog(), 8, seed=4)
+    with _load(artifact, backend, precision="fp32") as a, _load(artifact, backend, precision="fp16") as b:
+        fp32, fp16 = a.recommend(histories, k=5, beam=10), b.recommend(histories, k=5, beam=10)
+    overlap = np.mean([len({i for i, _ in x} & {i for i, _ in y}) / 5 for x, y in zip(fp32, fp16)])
+    assert overlap >= 0.8
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_steady_state_allocates_and_rebinds_nothing(artifact, backend):
+    histories = tiny_histories(tiny_catalog(), MAX_BATCH, seed=5)
+    with _load(artifact, backend) as rec:
+        first = rec.recommend(histories, k=5, beam=MAX_BEAM)
+        runners = rec.steps.runners
+        counters = {n: (r.allocations, r.rebinds) for n, r in runners.items()}
+        pointers = {n: {k: b.ctypes.data for k, b in getattr(r, "_buffers", {}).items()} for n, r in runners.items()}
+        for _ in range(3):
+            assert rec.recommend(histories, k=5, beam=MAX_BEAM) == first
+        assert {n: (r.allocations, r.rebinds) for n, r in runners.items()} == counters
+        assert {n: {k: b.ctypes.data for k, b in getattr(r, "_buffers", {}).items()} for n, r in runners.items()} == pointers
+        assert all(a > 0 for a, _ in counters.values())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_concurrent_calls_equal_serial_calls(artifact, backend):
+    catalog = tiny_catalog()
+    requests = [tiny_histories(catalog, 1 + i % MAX_BATCH, seed=10 + i) for i in range(12)]
+    with _load(artifact, backend) as rec:
+        serial = [rec.recommend(r, k=5, beam=12) for r in requests]
+        results = [None] * len(requests)
+
+        def worker(offset):
+            for i in range(offset, len(requests), 4):
+                results[i] = rec.recommend(requests[i], k=5, beam=12)
+        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert results == serial
+        assert len(rec._all_steps) >= 2                                  # threads really had their own buffers
+
+
+def test_code_level_variant_equals_item_level(artifact):
+    catalog = tiny_catalog()
+    histories = tiny_histories(catalog, 3, seed=6)
+    with Recommender.load(artifact) as rec:
+        codes = [[catalog.codes_of(np.array([i]))[0][0].tolist() for i in h] for h in histories]
+        assert rec.recommend_codes(codes, k=5, beam=10) == rec.recommend(histories, k=5, beam=10)
+        with pytest.raises(RequestError, match="codes must lie in"):
+            rec.recommend_codes([[[99, 0, 0]]], k=1, beam=2)
+
+
+def test_long_histories_keep_the_most_recent_items(artifact):
+    catalog = tiny_catalog()
+    history = tiny_histories(catalog, 1, seed=7)[0] * 10                # far longer than max_history (20)
+    with Recommender.load(artifact) as rec:
+        assert rec.recommend([history], k=5, beam=10) == rec.recommend([history[-20:]], k=5, beam=10)
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (dict(histories=[[100, 987654]]), EncodingError, "not in the catalog"),
+    (dict(histories=[[]]), EncodingError, "is empty"),
+    (dict(histories=[]), RequestError, "no histories"),
+    (dict(histories=[[100]], k=0), RequestError, "k must be an integer in 1..beam"),
+    (dict(histories=[[100]], k=6, beam=5), RequestError, "k must be an integer in 1..beam"),
+    (dict(histories=[[100]], k=1, beam=MAX_BEAM + 1), RequestError, f"1..{MAX_BEAM}"),
+    (dict(histories=[[100]], k=2.5, beam=5), RequestError, "k must be an integer"),
+    (dict(histories=[["a", "b"]]), EncodingError, "integer item ids"),
+])
+def test_bad_requests_get_clear_errors(artifact, call, error, message):
+    with Recommender.load(artifact) as rec:
+        with pytest.raises(error, match=message):
+            rec.recommend(**call)
+
+
+def test_unknown_items_can_be_skipped(artifact):
+    with Recommender.load(artifact) as rec:
+        assert rec.recommend([[100, 987654, 101]], k=3, beam=5, unknown="skip") == rec.recommend([[100, 101]], k=3, beam=5)
+
+
+def test_runner_checks_its_feed(artifact):
+    with Recommender.load(artifact) as rec:
+        runner = rec.steps.runners["head_1"]
+        with pytest.raises(RunnerError, match="dtype int32, expected int64"):
+            runner.run({"state": np.zeros((2, 32), np.float32), "code": np.zeros(2, np.int32),
+                        "hidden": np.zeros((2, 32), np.float32)})
+        with pytest.raises(RunnerError, match="outside the built range"):
+            runner.run({"state": np.zeros((MAX_BATCH * MAX_BEAM + 1, 32), np.float32),
+                        "code": np.zeros(MAX_BATCH * MAX_BEAM + 1, np.int64),
+                        "hidden": np.zeros((MAX_BATCH * MAX_BEAM + 1, 32), np.float32)})
+
+
+def test_corrupt_or_mismatched_artifacts_are_refused(artifact, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    with open(bad / "tables" / "valid_prefixes_1.npy", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x7f")
+    with pytest.raises(ManifestError, match="valid_prefixes_1.npy: sha256 mismatch"):
+        Recommender.load(bad)
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    (bad / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
+    with pytest.raises(ManifestError, match="manifest version 99"):
+        Recommender.load(bad)
+    with pytest.raises(ManifestError, match="not a nezha artifact"):
+        Recommender.load(tmp_path)
+    with pytest.raises(ManifestError, match="no 'int8' graphs"):
+        Recommender.load(artifact, precision="int8")
+    with pytest.raises(ManifestError, match="no TensorRT engines"):
+        Recommender.load(artifact, backend="tensorrt") if _tensorrt_ready() else pytest.skip("engines exist here")
+
+
+def test_fewer_valid_items_than_k_gives_fewer_results():
+    from nezha.runtime.catalog import Catalog
+    catalog = tiny_catalog()
+    small = Catalog(catalog.item_ids[:3], catalog.item_codes[:3])          # items 100 and 101 share a SID
+    recs = Reference(tiny_model(), small).recommend([[100, 102]], k=8, beam=8)[0]
+    assert sorted(i for i, _ in recs) == [100, 101, 102]
+
+
+def test_runtime_loads_no_torch_and_the_cli_answers(artifact):
+    code = (f"import sys; from nezha.runtime import Recommender; r = Recommender.load({str(artifact)!r}); "
+            "r.recommend([[100, 101]], k=3, beam=5); assert 'torch' not in sys.modules, 'torch was imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    out = subprocess.run([sys.executable, "-m", "nezha.cli", "recommend", str(artifact), "--history", "100,101,102",
+                          "--history", "103", "-k", "4", "--beam", "8", "--json"], check=True, capture_output=True,
+                         text=True).stdout
+    result = json.loads(out)
+    assert [r["history"] for r in result] == [[100, 101, 102], [103]]
+    assert all(len(r["items"]) == 4 and all(100 <= x["item"] < 170 for x in r["items"]) for r in result)
+    bad = subprocess.run([sys.executable, "-m", "nezha.cli", "recommend", str(artifact), "--history", "5"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "not in the catalog" in bad.stderr
