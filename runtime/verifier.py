@@ -62,8 +62,12 @@ class Verifier:
 
     ``mask(level, parent_keys)`` answers, for N beams whose prefix (levels < level) has key
     ``parent_keys[n]``, which of the level's codes make a prefix of some real item: [N, codes[level]] bool.
-    A level uses a dense bitmap over its whole prefix space when that costs at most
-    ``dense_budget_bytes`` (one row per parent: a gather, no hashing), else a hash set.
+
+    A level is "dense" when its table fits ``dense_budget_bytes``: one bool row of codes[level] per
+    valid parent prefix (plus an all-False row for parents that do not exist), so a lookup is a
+    ``searchsorted`` of the N parents and a row gather, no hashing of the N * codes candidates.
+    Otherwise the level is a hash set of its valid prefix keys, probed with every candidate.
+    Both give the same answers (property-tested against a Python set).
     """
 
     def __init__(self, layout: SidLayout, valid_prefixes: list[np.ndarray], dense_budget_bytes: int = 64 << 20):
@@ -72,26 +76,36 @@ class Verifier:
         self.layout = layout
         self.kinds: list[str] = []
         self._tables: list = []
-        space = 1
+        self._parents: list[np.ndarray] = []          # sorted parent keys of each level (level 0: the root, key 0)
+        budget = dense_budget_bytes
         for level, keys in enumerate(valid_prefixes):
-            space *= layout.codes[level]
             keys = np.asarray(keys, dtype=np.uint64)
-            if space <= dense_budget_bytes:
-                dense = np.zeros(space, dtype=bool)
-                dense[keys] = True
-                self._tables.append(dense.reshape(-1, layout.codes[level]))   # [parents, codes]
+            codes = layout.codes[level]
+            parents = np.asarray(valid_prefixes[level - 1], dtype=np.uint64) if level else np.zeros(1, np.uint64)
+            self._parents.append(parents)
+            size = (len(parents) + 1) * codes
+            if size <= budget:
+                rows = np.zeros((len(parents) + 1, codes), dtype=bool)             # [parents + 1, codes]
+                parent_of = keys // np.uint64(codes)
+                rows[np.searchsorted(parents, parent_of), (keys % np.uint64(codes)).astype(np.int64)] = True
+                self._tables.append(rows)
                 self.kinds.append("dense")
+                budget -= size
             else:
                 self._tables.append(PrefixHashSet(keys))
                 self.kinds.append("hash")
 
     def mask(self, level: int, parent_keys: np.ndarray) -> np.ndarray:
         """[N] uint64 parent prefix keys (zeros at level 0) -> [N, codes[level]] bool validity."""
+        parent_keys = np.asarray(parent_keys, dtype=np.uint64)
         table = self._tables[level]
         if self.kinds[level] == "dense":
-            return table[np.asarray(parent_keys, dtype=np.int64)]
+            parents = self._parents[level]
+            rank = np.minimum(np.searchsorted(parents, parent_keys), len(parents) - 1)
+            rank = np.where(parents[rank] == parent_keys, rank, len(parents))       # unknown parent: the False row
+            return table[rank]
         codes = self.layout.codes[level]
-        keys = np.asarray(parent_keys, dtype=np.uint64)[:, None] * np.uint64(codes) + np.arange(codes, dtype=np.uint64)
+        keys = parent_keys[:, None] * np.uint64(codes) + np.arange(codes, dtype=np.uint64)
         return table.contains(keys.reshape(-1)).reshape(len(parent_keys), codes)
 
     @property

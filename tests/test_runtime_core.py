@@ -98,8 +98,12 @@ def test_dense_and_hash_verifiers_agree_with_a_python_set(sids, level):
 def test_verifier_picks_dense_or_hash_by_memory_budget():
     layout = SidLayout((256,) * 4, tuple(2 + 256 * i for i in range(4)), 2 + 1024)
     codes = np.random.default_rng(0).integers(0, 256, (1000, 4))
-    v = Verifier(layout, [np.unique(layout.prefix_keys(codes, i)) for i in range(4)], dense_budget_bytes=64 << 20)
-    assert v.kinds == ["dense", "dense", "dense", "hash"]
+    prefixes = [np.unique(layout.prefix_keys(codes, i)) for i in range(4)]
+    row_bytes = [(1 + 1) * 256] + [(len(p) + 1) * 256 for p in prefixes[:3]]     # one row per parent + a False row
+    fits_three = sum(row_bytes[:3]) + row_bytes[3] - 1
+    assert Verifier(layout, prefixes, fits_three).kinds == ["dense", "dense", "dense", "hash"]
+    assert Verifier(layout, prefixes, sum(row_bytes)).kinds == ["dense"] * 4
+    assert Verifier(layout, prefixes, 0).kinds == ["hash"] * 4
 
 
 def test_top_k_desc_orders_best_first_with_index_ties():
