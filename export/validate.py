@@ -34,7 +34,10 @@ class Tolerance:
     min_topk_agreement: float
 
 
-TOLERANCES = {"fp32": Tolerance(1e-3, 1.0), "fp16": Tolerance(5e-2, 0.9), "int8": Tolerance(0.5, 0.7)}
+# int8-cpu quantizes the same weight MatMuls as int8 (dynamically, per batch): the same bounds apply. The
+# hidden-state checks against fp32 (cosine, relative error) are calibration's validate_int8, run by the build.
+TOLERANCES = {"fp32": Tolerance(1e-3, 1.0), "fp16": Tolerance(5e-2, 0.9), "int8": Tolerance(0.5, 0.7),
+              "int8-cpu": Tolerance(0.5, 0.7)}
 
 
 class ValidationError(RuntimeError):

@@ -1,7 +1,9 @@
-"""Quality of NEZHA and the AR baseline on a LETTER dataset's leave-one-out split:
-Recall@5/10, NDCG@5/10 and the share of invalid SIDs when the verifier is off.
+"""Quality of NEZHA and the AR baseline on a LETTER dataset's leave-one-out split: Recall@5/10,
+NDCG@5/10, the share of invalid SIDs when the verifier is off and, with --artifact, the same through
+the runtime with its top-10 agreement with the torch reference.
 
-    python -m nezha.model.evaluate --checkpoint cache/demo/nezha --ar-checkpoint cache/demo/ar
+    python -m nezha.model.evaluate --checkpoint checkpoints/demo/nezha --ar-checkpoint checkpoints/demo/ar \
+        --artifact artifacts/nezha
 """
 
 from __future__ import annotations
@@ -40,30 +42,46 @@ def batches_by_length(histories, batch_size: int):
         yield order[i:i + batch_size]
 
 
-def evaluate(decoder, histories, targets: np.ndarray, beam: int = 20, batch_size: int = 256,
-             invalid_share: bool = False, progress: bool = True) -> dict[str, float]:
-    """Decode every history with ``decoder`` (Reference or ArDecoder) and score against ``targets``.
-    With ``invalid_share`` (NEZHA only), also decode with the verifier off and report the share of the
-    top-10 SIDs that name no real item."""
-    recs: list[list[int]] = [[] for _ in histories]
+def decode_all(decoder, histories, beam: int = 20, k: int = max(KS), batch_size: int = 256, progress: bool = True,
+               desc: str = "decode") -> list[list[tuple[int, float]]]:
+    """Top-k (item, score) per history with any decoder that has ``decode(histories, beam)`` and
+    ``sid_table`` (Reference, ArDecoder, the runtime's Recommender)."""
+    recs: list = [None] * len(histories)
+    for idx in tqdm(list(batches_by_length(histories, batch_size)), desc=desc, disable=not progress):
+        keys, scores = decoder.decode([histories[i] for i in idx], beam)
+        for i, r in zip(idx, items_from_sids(keys, scores, decoder.sid_table, k)):
+            recs[i] = r
+    return recs
+
+
+def invalid_share(reference, histories, beam: int = 20, k: int = max(KS), batch_size: int = 256) -> float:
+    """Share of the top-k SIDs that name no real item when the verifier is off (NEZHA reference only)."""
     invalid = total = 0
+    for idx in batches_by_length(histories, batch_size):
+        keys, _ = reference.decode([histories[i] for i in idx], beam, verify=False)
+        invalid += int((~np.isin(keys[:, :k], reference.sid_table[0])).sum())
+        total += keys[:, :k].size
+    return invalid / max(total, 1)
+
+
+def agreement(recs, reference_recs) -> dict[str, float]:
+    """How a decoder's top-k lists compare to the reference's: identical lists (items and order), mean
+    item overlap, and the max score difference over items ranked at the same place."""
+    same = [[i for i, _ in a] == [i for i, _ in b] for a, b in zip(recs, reference_recs)]
+    overlap = [len({i for i, _ in a} & {i for i, _ in b}) / max(len(b), 1) for a, b in zip(recs, reference_recs)]
+    diffs = [abs(x[1] - y[1]) for a, b, s in zip(recs, reference_recs, same) if s for x, y in zip(a, b)]
+    return {"identical_topk_share": float(np.mean(same)), "topk_overlap": float(np.mean(overlap)),
+            "max_score_diff_when_identical": float(max(diffs, default=0.0))}
+
+
+def evaluate(decoder, histories, targets: np.ndarray, beam: int = 20, batch_size: int = 256,
+             progress: bool = True, desc: str = "evaluate") -> tuple[dict[str, float], list]:
+    """Decode every history and score against ``targets`` -> (metrics, the top-10 lists)."""
     t0 = time.perf_counter()
-    for idx in tqdm(list(batches_by_length(histories, batch_size)), desc="evaluate", disable=not progress):
-        batch = [histories[i] for i in idx]
-        keys, scores = decoder.decode(batch, beam)
-        for i, r in zip(idx, items_from_sids(keys, scores, decoder.sid_table, max(KS))):
-            recs[i] = [item for item, _ in r]
-        if invalid_share:
-            free_keys, _ = decoder.decode(batch, beam, verify=False)
-            top = free_keys[:, :max(KS)]
-            invalid += int((~np.isin(top, decoder.sid_table[0])).sum())
-            total += top.size
-    metrics = ranking_metrics(recs, targets)
-    metrics["users"] = len(histories)
-    metrics["seconds"] = round(time.perf_counter() - t0, 1)
-    if invalid_share:
-        metrics["invalid_sid_share_without_verifier"] = invalid / max(total, 1)
-    return metrics
+    recs = decode_all(decoder, histories, beam, max(KS), batch_size, progress, desc)
+    metrics = ranking_metrics([[i for i, _ in r] for r in recs], targets)
+    metrics.update(users=len(histories), seconds=round(time.perf_counter() - t0, 1))
+    return metrics, recs
 
 
 def main(argv=None):
@@ -72,17 +90,20 @@ def main(argv=None):
     from .reference import Reference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, help="NEZHA checkpoint folder")
+    p.add_argument("--checkpoint", type=Path, help="NEZHA checkpoint folder (the torch reference)")
     p.add_argument("--ar-checkpoint", type=Path, help="AR baseline checkpoint folder")
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="LETTER dataset folder (default: Beauty)")
     p.add_argument("--split", default="test", choices=["test", "valid"])
     p.add_argument("--beam", type=int, default=20)
     p.add_argument("--max-history", type=int, default=20)
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N users")
+    p.add_argument("--artifact", type=Path, help="also evaluate this artifact through the runtime (ONNX Runtime "
+                   "CPU) and compare its top-10 lists with the torch reference of --checkpoint")
+    p.add_argument("--precision", nargs="+", default=None, help="artifact precisions to evaluate (default: all)")
     p.add_argument("--out", type=Path, help="write the metrics as JSON here")
     a = p.parse_args(argv)
-    if not a.checkpoint and not a.ar_checkpoint:
-        p.error("give --checkpoint and/or --ar-checkpoint")
+    if not (a.checkpoint or a.ar_checkpoint or a.artifact):
+        p.error("give --checkpoint, --ar-checkpoint and/or --artifact")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     index, inter = find_pair(a.data)
     catalog = Catalog.from_index_json(index)
@@ -91,10 +112,20 @@ def main(argv=None):
     results = {"data": str(a.data), "split": a.split, "beam": a.beam}
     if a.checkpoint:
         ref = Reference(load_checkpoint(a.checkpoint), catalog, a.max_history)
-        results["nezha"] = evaluate(ref, hist, targets, a.beam, invalid_share=True)
+        results["nezha"], ref_recs = evaluate(ref, hist, targets, a.beam, desc="nezha (torch)")
+        results["nezha"]["invalid_sid_share_without_verifier"] = invalid_share(ref, hist, a.beam)
     if a.ar_checkpoint:
         ar = ArDecoder(load_checkpoint(a.ar_checkpoint), catalog, a.max_history)
-        results["ar"] = evaluate(ar, hist, targets, a.beam)
+        results["ar"], _ = evaluate(ar, hist, targets, a.beam, desc="ar (torch)")
+    if a.artifact:
+        from nezha.runtime import Recommender
+        from nezha.runtime.manifest import Manifest
+        for precision in a.precision or Manifest.load(a.artifact, verify=False).precisions:
+            with Recommender.load(a.artifact, precision=precision) as rec:
+                m, recs = evaluate(rec, hist, targets, a.beam, desc=f"runtime {precision}")
+            if a.checkpoint:
+                m.update(agreement(recs, ref_recs))
+            results[f"runtime_{precision}"] = m
     print(json.dumps(results, indent=2))
     if a.out:
         a.out.write_text(json.dumps(results, indent=2))

@@ -149,7 +149,7 @@ def train(kind: str, data_dir: Path, out: Path, steps: int = 2400, minutes: floa
         nonlocal best, best_state
         model.eval()
         decoder = (Reference if kind == "nezha" else ArDecoder)(model, catalog, max_history)
-        m = evaluate(decoder, val_hist, val_targets, beam=20, progress=False)
+        m, _ = evaluate(decoder, val_hist, val_targets, beam=20, progress=False)
         model.train()
         history.append({"step": step, "seconds": round(time.perf_counter() - t0), **m})
         if m["recall@10"] > best["recall@10"]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 
@@ -296,3 +297,173 @@ def test_progress_output(tmp_path, checkpoint):
     steps = [line for line in lines if line.startswith("[")]
     assert steps[0] == "[1/5] model_from_checkpoint ..." and steps[-1] == "[5/5] write_manifest ..."
     assert all(line.endswith(" s") for line in lines if not line.startswith("["))
+
+
+# ---- int8 (calibrated) and int8-cpu in the build ----
+
+INT8_PRECISIONS = ("fp32", "int8", "int8-cpu")
+# Built without --index, an artifact's catalog is the checkpoint's ava_sid file: item ids are positions.
+CHECKPOINT_ITEMS = np.arange(len(tiny_catalog().item_ids))
+
+
+def _interactions(path: Path, users: dict) -> Path:
+    path.write_text(json.dumps(users))
+    return path
+
+
+def _calibration_users(n: int = 24, seed: int = 5) -> dict:
+    """n users of 5..11 catalog items: each leaves a training history of 2..8 items."""
+    rng = np.random.default_rng(seed)
+    return {f"u{u}": rng.choice(CHECKPOINT_ITEMS, size=int(rng.integers(5, 12))).tolist() for u in range(n)}
+
+
+def _int8_build(checkpoint: Path, out: Path, data: Path, lines: list | None = None, **kw):
+    kw = {"precision": INT8_PRECISIONS, "exporter": "torchscript", "max_batch": LIMITS.max_batch,
+          "max_history": LIMITS.max_history, "max_beam": LIMITS.max_beam, "calibration_data": data,
+          "calibration_size": 16, "log": None if lines is None else lambda *a, **k: lines.append("".join(map(str, a))),
+          **kw}
+    return build(checkpoint, None, out, **kw)
+
+
+@pytest.fixture(scope="module")
+def int8_built(tmp_path_factory):
+    """(checkpoint, calibration data, Summary, log lines) of one fp32 + int8 + int8-cpu build (TensorRT asked for)."""
+    root = tmp_path_factory.mktemp("int8")
+    checkpoint = save_checkpoint(tiny_model("qwen3"), root / "ckpt", tiny_catalog())
+    data = _interactions(root / "calib.inter.json", _calibration_users())
+    lines = []
+    summary = _int8_build(checkpoint, root / "art", data, lines, calibration_exclude=1,
+                          backend=("onnxruntime", "tensorrt"))
+    return checkpoint, data, summary, lines
+
+
+def test_int8_build_records_calibration_and_cpu_only(int8_built):
+    _, data, summary, lines = int8_built
+    manifest = Manifest.load(summary.out)
+    raw = manifest.raw
+    assert manifest.precisions == list(INT8_PRECISIONS) and set(raw) == MANIFEST_KEYS | {"calibration"}
+    calibration = raw["calibration"]
+    assert {k: calibration[k] for k in ("precision", "method", "size", "samples", "data", "split", "seed")} == {
+        "precision": "int8", "method": "entropy", "size": 16, "samples": 16, "data": str(data), "split": "train",
+        "seed": 0}
+    assert calibration["exclude_sensitive"] == 1 and len(calibration["excluded"]) == 1
+    assert calibration["quantized_nodes"] == 13 and calibration["cache_hit"] is False
+    cache = json.loads(manifest.path(calibration["cache"]).read_text())
+    assert calibration["cache"] in raw["files"] and cache["key"]["method"] == "entropy" and cache["ranges"]
+    # int8-cpu graphs are marked cpu-only, the others are not; no TensorRT engine is attempted for them
+    assert all(g["execution"] == "cpu-only" for g in raw["graphs"]["int8-cpu"].values())
+    assert not any("execution" in g for p in ("fp32", "int8") for g in raw["graphs"][p].values())
+    assert "TensorRT" in summary.engines_skipped and "cpu-only" in summary.engines_not_built["int8-cpu"]
+    # int8 graphs carry Q/DQ; int8-cpu run-time quantization; heads stay float and identical to fp32
+    ops = lambda p: {n.op_type for n in onnx.load(str(manifest.path(manifest.graph(p, "backbone")["file"]))).graph.node}
+    assert "QuantizeLinear" in ops("int8") and "MatMulInteger" in ops("int8-cpu")
+    for p in ("int8", "int8-cpu"):
+        assert raw["files"][manifest.graph(p, "head_1")["file"]] == raw["files"][manifest.graph("fp32", "head_1")["file"]]
+    # both int8 graphs passed the hidden-state check against fp32 and the top-k check against torch
+    report = json.loads(manifest.path(raw["validation"]).read_text())
+    for p in ("int8", "int8-cpu"):
+        hidden = report["hidden_state_vs_fp32"][p]["hidden"]
+        assert hidden["ok"] and hidden["mean_cosine"] >= hidden["tolerances"]["min_mean_cosine"]
+        entry = report["precisions"][p]
+        assert entry["ok"] and entry["topk_agreement"] >= entry["min_topk_agreement"] == TOLERANCES[p].min_topk_agreement
+    table = summary.table()
+    assert re.search(r"^int8-cpu +backbone .*cpu-only", table, re.M) and "entropy on 16 histories" in table
+    steps = [line for line in lines if line.startswith("[")]
+    assert [s.split()[1] for s in steps] == [
+        "model_from_checkpoint", "calibration_feeds_from_data", "tables_from_catalog", "onnx_from_model",
+        "int8_from_onnx", "int8_cpu_from_onnx", "validate_int8", "validate_artifact", "engine_from_onnx",
+        "write_manifest"] and steps[-1].startswith("[10/10]")
+    assert any("int8-cpu: skipped" in line for line in lines) and any("kept float" in line for line in lines)
+
+
+def test_int8_artifact_loads_in_the_runtime(int8_built, monkeypatch):
+    from nezha.runtime import Recommender
+    from nezha.runtime.backends import onnxruntime as ort_backend
+
+    out = int8_built[2].out
+    items = set(CHECKPOINT_ITEMS.tolist())
+    for precision in ("int8-cpu", "int8"):
+        with Recommender.load(out, precision=precision) as rec:
+            recs = rec.recommend([[0, 5, 10], [20]], k=3, beam=5)
+        assert len(recs) == 2 and all(1 <= len(r) <= 3 and {i for i, _ in r} <= items for r in recs)
+
+    def no_sessions(*a, **k):
+        raise AssertionError("sessions opened for a cpu-only graph on cuda")
+    monkeypatch.setattr(ort_backend, "open_sessions", no_sessions)
+    with pytest.raises(ManifestError, match="(?i)cpu-only"):
+        Recommender.load(out, precision="int8-cpu", device="cuda")
+
+
+def test_rebuild_with_force_reuses_the_calibration_cache(int8_built, tmp_path):
+    import shutil
+
+    checkpoint, data, summary, _ = int8_built
+    out = tmp_path / "art"
+    shutil.copytree(summary.out, out)
+    cache = out / "calibration" / "cache.json"
+    before = cache.read_bytes()
+    lines = []
+    again = _int8_build(checkpoint, out, data, lines, precision=("fp32", "int8"), calibration_exclude=1, force=True)
+    raw = Manifest.load(out).raw
+    assert raw["calibration"]["cache_hit"] is True and cache.read_bytes() == before
+    assert any("reused (hit)" in line for line in lines) and "cache hit" in again.table()
+    assert raw["calibration"]["excluded"] == Manifest.load(summary.out).raw["calibration"]["excluded"]
+    assert _leftovers(tmp_path) == []
+
+
+def test_bad_calibration_data_fails_the_build(tmp_path, checkpoint, capsys):
+    from nezha.calibration import CalibrationError
+
+    out = tmp_path / "art"
+    empty = tmp_path / "empty.inter.json"
+    empty.write_text("")
+    unknown = _interactions(tmp_path / "unknown.inter.json",
+                            {f"u{u}": [5000 + u, 6000 + u, 7000, 8000, 9000] for u in range(24)})
+    few = _interactions(tmp_path / "few.inter.json", _calibration_users(n=10))
+    cases = [(empty, {}, "not valid JSON"),
+             (unknown, {}, "none of the 16 calibration histories has an item of the catalog"),
+             (few, {}, "10 usable histories .* 16 requested"),
+             (few, {"calibration_size": 4}, "too small: need at least 16"),
+             (tmp_path / "missing.inter.json", {}, "does not exist"),
+             (few, {"calibration_method": "kl"}, "allowed: minmax, entropy, percentile")]
+    for data, kw, message in cases:
+        with pytest.raises(CalibrationError, match=message):
+            _int8_build(checkpoint, out, data, **kw)
+        assert not out.exists() and _leftovers(tmp_path) == []
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--precision", "int8",
+                 "--calibration-data", str(unknown), "--calibration-size", "16"]) == 1
+    captured = capsys.readouterr()
+    assert "error: none of the" in captured.err and "calibration_feeds_from_data ... failed" in captured.out
+    with pytest.raises(SystemExit):
+        main(["--checkpoint", str(checkpoint), "--out", str(out), "--precision", "int8", "--calibration-method", "kl"])
+    assert "invalid choice: 'kl'" in capsys.readouterr().err
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_int8_thresholds_fail_the_build(tmp_path, checkpoint, monkeypatch):
+    from functools import partial
+
+    from nezha.calibration import Int8ValidationError
+    from nezha.export import validate
+
+    data = _interactions(tmp_path / "calib.inter.json", _calibration_users())
+    out = tmp_path / "art"
+    strict = partial(build_module.validate_int8, min_mean_cosine=1.0, max_relative_error=0.0)
+    monkeypatch.setattr(build_module, "validate_int8", strict)
+    with pytest.raises(Int8ValidationError, match=r"(?s)int8: .*hidden: mean cosine .*FAILED.*int8-cpu: .*FAILED"):
+        _int8_build(checkpoint, out, data, precision=("int8", "int8-cpu"))
+    assert not out.exists() and _leftovers(tmp_path) == []
+    monkeypatch.undo()
+    monkeypatch.setitem(validate.TOLERANCES, "int8-cpu", validate.Tolerance(0.5, 1.01))
+    with pytest.raises(ValidationError, match=r"FAIL int8-cpu top-\d+ items: agreement .* \(at least 1.01\)"):
+        _int8_build(checkpoint, out, data, precision=("int8-cpu",))
+    assert not out.exists() and _leftovers(tmp_path) == []
+
+
+def test_help_explains_the_calibration_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for option in ["--calibration-data", "--calibration-size", "--calibration-method", "--calibration-exclude",
+                   "int8-cpu", "cpu-only", "never built for TensorRT", "{minmax,entropy,percentile}"]:
+        assert option in text
