@@ -1,0 +1,59 @@
+"""A random-weight NEZHA checkpoint of a chosen backbone shape, for latency runs (scores are meaningless).
+
+    python -m nezha.bench.random_checkpoint --out cache/bench/qwen3-768x12 --hidden-size 768 --num-layers 12 \\
+        --num-heads 12 --num-kv-heads 4 --intermediate-size 3072          # the ~100M-param probe shape
+
+The SID layout is Beauty's (4 x 256, code tokens after [pad, eos], as the demo trainer's) with
+``--layout beauty``, or 3 x 512 random SIDs for the Beauty items with ``--layout 3x512``; the catalog is
+written as ``ava_sid{L}.pt`` and as a LETTER ``items.index.json`` beside the checkpoint, so that
+``export/build.py --index`` keeps the Beauty item ids."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .gpu_check import layout_and_catalog, random_model
+
+
+def random_checkpoint(out: Path, hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
+                      num_kv_heads: int = 4, head_dim: int | None = None, intermediate_size: int = 3072,
+                      vocab: int = 2, layout: str = "beauty", data: Path | None = None, seed: int = 0) -> Path:
+    """Write the checkpoint folder ``out`` (overwriting) and ``out``/../<name>.index.json; returns ``out``."""
+    from nezha.data import DEFAULT_DATA
+    from nezha.model.checkpoint import save_checkpoint
+
+    sid_layout, catalog = layout_and_catalog(layout, data or DEFAULT_DATA, vocab, seed)
+    shape = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,
+             "num_kv_heads": num_kv_heads, "head_dim": head_dim or hidden_size // num_heads,
+             "intermediate_size": intermediate_size}
+    model = random_model(sid_layout, shape, seed)
+    save_checkpoint(model, out, catalog, overwrite=True)
+    index = Path(out).with_name(Path(out).name + ".index.json")
+    index.write_text(json.dumps({str(i): [f"<{chr(97 + level)}_{c}>" for level, c in enumerate(codes)]
+                                 for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}))
+    print(f"wrote {out} ({sum(p.numel() for p in model.model.parameters()) / 1e6:.1f}M backbone params) and {index}")
+    return Path(out)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--hidden-size", type=int, default=768)
+    p.add_argument("--num-layers", type=int, default=12)
+    p.add_argument("--num-heads", type=int, default=12)
+    p.add_argument("--num-kv-heads", type=int, default=4)
+    p.add_argument("--head-dim", type=int, help="default: hidden_size / num_heads")
+    p.add_argument("--intermediate-size", type=int, default=3072)
+    p.add_argument("--vocab", type=int, default=2, help="tokens before the SID codes (Qwen3: 151669)")
+    p.add_argument("--layout", default="beauty", choices=["beauty", "3x512"])
+    p.add_argument("--data", type=Path, help="LETTER dataset folder (default: Beauty)")
+    p.add_argument("--seed", type=int, default=0)
+    random_checkpoint(**vars(p.parse_args(argv)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Human-readable outputs of a benchmark result: a Markdown summary and a PNG (matplotlib, Agg)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+STAGE_ORDER = ("encode", "backbone", "head", "verify", "select", "host")
+STAGE_COLORS = {"encode": "#9e9e9e", "backbone": "#1f77b4", "head": "#ff7f0e", "verify": "#2ca02c",
+                "select": "#d62728", "host": "#c7c7c7"}
+# line style and marker by kind (floor dashed, NEZHA solid ...), colour by contender
+KIND_STYLE = {"floor": ("--", "s"), "nezha": ("-", "o"), "reference": ("-.", "^"), "ar": (":", "D"),
+              "hf-generate": (":", "x")}
+PALETTE = ("#1f77b4", "#d62728", "#17becf", "#ff7f0e", "#7f7f7f", "#9467bd", "#2ca02c", "#8c564b", "#e377c2",
+           "#bcbd22")
+
+
+def _ms(seconds) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.2f}"
+
+
+def stage_order(stages: dict) -> list[str]:
+    """Stage names in pipeline order: encode, backbone, head_0.., verify, select, host, then any other."""
+    heads = sorted((s for s in stages if s.startswith("head_")), key=lambda s: int(s.split("_")[1]))
+    known = [s for s in ("encode", "backbone") if s in stages] + heads + \
+            [s for s in ("verify", "select", "host") if s in stages]
+    return known + sorted(set(stages) - set(known))
+
+
+def markdown(result: dict) -> str:
+    """The summary: machine, setup, per configuration latency table, ratios and stage breakdown (ms)."""
+    m, s = result["machine"], result["setup"]
+    bb = s.get("backbone") or {}
+    lines = [f"# NEZHA benchmark ({s.get('title', '')})", "",
+             f"- machine: {m['cpu']}, {m['cpu_usable']} usable of {m['cpu_count']} cores, {m['platform']}, "
+             f"Python {m['python']}" + (f", GPU {m['gpu']}" if m.get("gpu") else ""),
+             "- versions: " + ", ".join(f"{k} {v}" for k, v in m["versions"].items() if v),
+             f"- histories: {s.get('histories', len(s.get('contenders', [])))}; mean {s['mean_history_items']:.1f} "
+             f"items; {s['requests']} timed requests after {s['warmup']} warm-up, interleaved round-robin"]
+    if bb:
+        lines.append(f"- backbone: {bb['architecture']} hidden {bb['hidden_size']}, {bb['layers']} layers, "
+                     f"{bb['heads']} heads ({bb['kv_heads']} kv), intermediate {bb['intermediate_size']}, "
+                     f"{bb['backbone_params'] / 1e6:.1f}M params; SID codes {bb['sid_codes']}")
+    if s.get("ar"):
+        lines.append(f"- AR baseline: {s['ar']}")
+    if s.get("torch_side"):
+        lines.append(f"- torch side: {s['torch_side']}")
+    lines.append(f"- process peak RSS: {result['memory']['process_peak_rss_mb']} MiB")
+    for c in result["configs"]:
+        lines += ["", f"## batch {c['batch_size']}, beam {c['beam']}", "",
+                  "| contender | p50 ms | p90 ms | p99 ms | histories/s | peak RSS MiB |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        for name, r in c["contenders"].items():
+            lat = r["latency"]
+            lines.append(f"| {name} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | "
+                         f"{lat['throughput']:.1f} | {r['peak_rss_mb'] if r['peak_rss_mb'] is not None else '-'} |")
+        for name, why in c["skipped"].items():
+            lines.append(f"| {name} | skipped: {why} | | | | |")
+        if c["ratios"]:
+            lines += ["", "| ratio (median of per-request ratios) | value | p50 / p50 | better |", "|---|---:|---:|---|"]
+            for name, r in c["ratios"].items():
+                lines.append(f"| {name} | {r['value']:.2f} | {r['p50_over_p50']:.2f} | "
+                             f"{'higher' if r['higher_is_better'] else 'lower'} |")
+        staged = {n: r["stages"] for n, r in c["contenders"].items() if len(r["stages"]) > 1}
+        if staged:
+            cols = stage_order({k: 0 for st in staged.values() for k in st})
+            lines += ["", "| stage, mean ms | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
+            for name, st in staged.items():
+                lines.append(f"| {name} | " + " | ".join(_ms(st.get(k)) for k in cols) + " |")
+    if result.get("gate"):
+        g = result["gate"]
+        lines += ["", f"## gate against {g['baseline']} (tolerance {g['tolerance']:.0%})", ""]
+        lines += [f"- REGRESSED {r['message']}" for r in g["regressions"]] or ["- pass: no ratio regressed"]
+    return "\n".join(lines) + "\n"
+
+
+def _stage_group(name: str) -> str:
+    return "head" if name.startswith("head_") else name if name in STAGE_COLORS else "host"
+
+
+def plot(result: dict, path: str | Path, dpi: int = 90) -> Path:
+    """Two panels: p50 latency vs beam per contender (bars from p50 to p90, log scale; first batch size),
+    and the stage breakdown (stacked mean ms) at the largest beam of that batch size."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = result["configs"][0]["batch_size"]
+    configs = sorted((c for c in result["configs"] if c["batch_size"] == batch), key=lambda c: c["beam"])
+    names = []
+    for c in configs:
+        names += [n for n in c["contenders"] if n not in names]
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
+    for name in names:
+        pts = [(c["beam"], c["contenders"][name]["latency"]) for c in configs if name in c["contenders"]]
+        beams = [b for b, _ in pts]
+        p50 = [lat["p50"] * 1e3 for _, lat in pts]
+        p90 = [lat["p90"] * 1e3 for _, lat in pts]
+        ls, marker = KIND_STYLE.get(name.split("[", 1)[0], ("-", "o"))
+        ax1.errorbar(beams, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p90)]], label=name,
+                     color=PALETTE[names.index(name) % len(PALETTE)], linestyle=ls, marker=marker, capsize=3)
+    ax1.set_xscale("log", base=2)
+    ax1.set_yscale("log")
+    ax1.set_xticks([c["beam"] for c in configs], [str(c["beam"]) for c in configs])
+    ax1.set_xlabel("beam width")
+    ax1.set_ylabel(f"latency per request of {batch} (ms, p50; bar to p90)")
+    ax1.set_title("latency vs beam")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=7, loc="upper left")
+
+    last = configs[-1]
+    # Contenders without a stage timer (AR, generate) can be 100x slower: listed in text, not drawn, so
+    # that the NEZHA stages stay readable on a linear axis.
+    rows = [(n, r) for n, r in last["contenders"].items() if len(r["stages"]) > 1]
+    others = [f"{n}: {r['latency']['mean'] * 1e3:.1f} ms" for n, r in last["contenders"].items() if len(r["stages"]) <= 1]
+    seen = set()
+    for i, (name, r) in enumerate(rows):
+        left = 0.0
+        for st in stage_order(r["stages"]):
+            ms = r["stages"][st] * 1e3
+            group = _stage_group(st)
+            ax2.barh(i, ms, left=left, color=STAGE_COLORS[group], edgecolor="white", linewidth=0.5,
+                     label=group if group not in seen else None)
+            seen.add(group)
+            left += ms
+        ax2.text(left, i, f" {left:.2f}", va="center", fontsize=7)
+    ax2.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=7)
+    ax2.invert_yaxis()
+    ax2.set_xlabel("mean ms per request", labelpad=1)
+    ax2.set_title(f"stages at batch {batch}, beam {last['beam']}", fontsize=10)
+    handles = dict(zip(*ax2.get_legend_handles_labels()[::-1]))
+    order = [g for g in STAGE_ORDER if g in handles]
+    ax2.legend([handles[g] for g in order], order, fontsize=7, ncol=6, loc="upper center",
+               bbox_to_anchor=(0.5, -0.13), frameon=False)
+    ax2.grid(True, axis="x", alpha=0.3)
+    ax2.margins(x=0.12)
+    if others:
+        ax2.text(0.99, 0.99, "not drawn (no stage timer):\n" + "\n".join(others), transform=ax2.transAxes,
+                 ha="right", va="top", fontsize=7, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
+    bb = result["setup"].get("backbone") or {}
+    sub = (f"{bb.get('architecture', '')} {bb.get('hidden_size', '')}x{bb.get('layers', '')}, "
+           f"{bb.get('backbone_params', 0) / 1e6:.1f}M params; " if bb else "")
+    threads = result["setup"].get("threads")
+    fig.suptitle(f"NEZHA benchmark: {sub}{result['machine'].get('gpu') or result['machine']['cpu']}, "
+                 f"{result['machine']['cpu_usable']} cores" + (f", {threads} thread(s) per library" if threads else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path

@@ -1,0 +1,151 @@
+"""Statistics of a benchmark: percentiles, paired ratios and their direction, peak memory, the machine.
+NumPy and the standard library only, so the gate can run where torch is not installed."""
+
+from __future__ import annotations
+
+import os
+import platform
+import resource
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+
+import numpy as np
+
+PERCENTILES = (50, 90, 99)
+
+
+class StatsError(ValueError):
+    """Timings that cannot be summarised (empty, negative, mismatched pairs)."""
+
+
+def percentiles(seconds, qs=PERCENTILES) -> dict[str, float]:
+    """[N] seconds -> {"p50": s, "p90": s, "p99": s} (linear interpolation between order statistics)."""
+    x = np.asarray(seconds, dtype=np.float64).reshape(-1)
+    if x.size == 0:
+        raise StatsError("no timings to summarise: the contender ran no timed request")
+    if np.any(x < 0) or not np.all(np.isfinite(x)):
+        raise StatsError(f"timings must be finite and >= 0 seconds, got min {x.min()}")
+    return {f"p{q}": float(np.percentile(x, q)) for q in qs}
+
+
+def summarize(seconds, batch_size: int) -> dict[str, float]:
+    """Per-request latencies [N] seconds of requests of ``batch_size`` histories -> p50/p90/p99, mean, std,
+    min (seconds), n, and throughput (histories per second = batch_size * N / total seconds)."""
+    x = np.asarray(seconds, dtype=np.float64).reshape(-1)
+    out = percentiles(x)
+    out.update(mean=float(x.mean()), std=float(x.std()), min=float(x.min()), n=int(x.size),
+               throughput=float(batch_size * x.size / x.sum()) if x.sum() > 0 else float("inf"))
+    return out
+
+
+def paired_ratio(numerator, denominator) -> float:
+    """Median over requests of numerator[i] / denominator[i]: both contenders timed on the same request,
+    back to back, so slow drift of the machine (another job, clock changes) cancels in each pair."""
+    a = np.asarray(numerator, dtype=np.float64).reshape(-1)
+    b = np.asarray(denominator, dtype=np.float64).reshape(-1)
+    if a.size == 0 or a.size != b.size:
+        raise StatsError(f"a paired ratio needs two equally long, non-empty timing lists; got {a.size} and {b.size}")
+    if np.any(b <= 0):
+        raise StatsError("a paired ratio needs positive denominator timings")
+    return float(np.median(a / b))
+
+
+@dataclass(frozen=True)
+class RatioSpec:
+    """One reported ratio ``numerator / denominator`` of two contenders' latencies.
+
+    ``higher_is_better``: False for overhead ratios (NEZHA / floor: 1.0 is the ideal), True for speed-ups
+    (AR / NEZHA: how many times faster NEZHA is)."""
+
+    numerator: str
+    denominator: str
+    higher_is_better: bool
+
+    @property
+    def name(self) -> str:
+        return f"{self.numerator} / {self.denominator}"
+
+
+def regressed(value: float, baseline: float, higher_is_better: bool, tolerance: float) -> bool:
+    """Whether ``value`` is worse than ``baseline`` by more than ``tolerance`` (a fraction: 0.10 = 10 %)."""
+    if tolerance < 0:
+        raise StatsError(f"tolerance must be >= 0, got {tolerance}")
+    if higher_is_better:
+        return value < baseline * (1.0 - tolerance)
+    return value > baseline * (1.0 + tolerance)
+
+
+def current_rss_bytes() -> int | None:
+    """Resident set size now (Linux /proc; None elsewhere)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux >= 4.0: write 5 to clear_refs).
+    False where that is not possible; peak_rss_bytes is then the peak since the process started."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_bytes() -> int:
+    """Peak resident set size: VmHWM (since the last reset_peak_rss) on Linux, else getrusage's ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        pass
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)     # bytes on macOS, KiB on Linux
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> dict:
+    """Where the figures were measured: platform, CPU, cores usable by this process, load, Python and the
+    versions of every library that can change a timing (and the GPU, if torch sees one)."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:
+        usable = os.cpu_count()
+    out = {
+        "platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(), "cpu_usable": usable,
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
+        "python": sys.version.split()[0],
+        "versions": {d: _version(d) for d in ("nezha-deploy", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt",
+                                              "torch", "transformers", "matplotlib")},
+    }
+    torch = sys.modules.get("torch")        # described only if a contender already loaded it
+    if torch is not None:
+        out["torch_threads"] = torch.get_num_threads()
+        if torch.cuda.is_available():
+            out["gpu"] = torch.cuda.get_device_name(0)
+            out["cuda"] = torch.version.cuda
+    return out

@@ -1,0 +1,181 @@
+"""A whole benchmark as one call: choose the contenders for an artifact and/or a checkpoint, load real
+histories, measure, write JSON + Markdown + PNG, and (optionally) gate against a baseline."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+from . import gate, report
+from .contenders import (Contender, ar_contender, ar_model_from, hf_generate_contender, reference_contenders,
+                         runtime_contenders)
+from .run import BenchError, benchmark, load_histories
+
+QUICK = {"batch_sizes": (1,), "beams": (20,), "requests": 100, "warmup": 10, "histories": 500}
+
+
+def checkpoint_of(manifest) -> Path | None:
+    """The checkpoint an artifact was built from, if the manifest records it and it still exists."""
+    raw = manifest.raw
+    for entry in (raw.get("source"), raw.get("build"), raw):
+        if isinstance(entry, dict):
+            for key in ("checkpoint", "checkpoint_dir", "source_checkpoint"):
+                p = entry.get(key)
+                if isinstance(p, str):
+                    path = Path(p) if Path(p).is_absolute() else manifest.root / p
+                    if (path / "config.json").is_file():
+                        return path
+    return None
+
+
+def runtime_engines(manifest, backends: Sequence[str] | None, precisions: Sequence[str] | None) -> list[tuple[str, str]]:
+    """(backend, precision) pairs to run: the artifact's precisions x the asked backends (default:
+    onnxruntime, plus tensorrt when TensorRT imports and the artifact carries engines)."""
+    if backends is None:
+        backends = ["onnxruntime"]
+        if manifest.raw.get("engines"):
+            try:
+                import tensorrt  # noqa: F401
+                backends.append("tensorrt")
+            except ImportError:
+                pass
+    have = manifest.precisions
+    if precisions is not None:
+        missing = [p for p in precisions if p not in have]
+        if missing:
+            raise BenchError(f"precision(s) {missing} not in artifact {manifest.root}; it has {have}")
+        have = list(precisions)
+    return [(b, p) for b in backends for p in have]
+
+
+def build_contenders(artifact=None, checkpoint=None, ar_checkpoint=None, data=None, backends=None, precisions=None,
+                     device: str = "cpu", reference: bool = True, ar: bool = True, hf_generate: bool = False,
+                     max_history: int | None = None, catalog=None, threads: int | None = None
+                     ) -> tuple[list[Contender], dict]:
+    """The contenders and a description of where each came from. ``catalog`` (else the artifact's, else the
+    dataset's index when it fits the checkpoint's layout, else the checkpoint's ava_sid) feeds the torch side.
+    ``threads``: intra-op threads of ONNX Runtime and torch (None: each library's default)."""
+    contenders: list[Contender] = []
+    desc: dict = {"artifact": str(artifact) if artifact else None, "device": device, "threads": threads}
+    if artifact is not None:
+        from nezha.runtime.manifest import Manifest
+
+        manifest = Manifest.load(artifact)
+        desc.update(layout=manifest.raw.get("layout"), limits=manifest.limits)
+        max_history = max_history or manifest.limits.get("max_history")
+        for backend, precision in runtime_engines(manifest, backends, precisions):
+            contenders += runtime_contenders(artifact, backend, precision, device, threads)
+        if catalog is None:
+            from nezha.runtime.catalog import Catalog
+            catalog = Catalog(manifest.table("item_ids"), manifest.table("item_codes"))
+        checkpoint = checkpoint or checkpoint_of(manifest)
+    max_history = max_history or 20
+    desc["max_history"] = max_history
+    if (reference or ar or hf_generate) and checkpoint is None:
+        if artifact is None:
+            raise BenchError("nothing to benchmark: give an artifact and/or a checkpoint")
+        desc["torch_side"] = "skipped: no checkpoint (pass checkpoint=DIR for the reference and AR baseline)"
+        return contenders, desc
+    if checkpoint is not None:
+        import torch
+
+        from nezha.model.checkpoint import load_catalog, load_checkpoint
+
+        if threads is not None:
+            torch.set_num_threads(threads)
+        model = load_checkpoint(checkpoint)
+        desc["checkpoint"] = str(checkpoint)
+        desc["backbone"] = backbone_description(model)
+        if catalog is None:
+            catalog = catalog_for(model.layout, data, checkpoint, load_catalog)
+        if reference:
+            contenders += reference_contenders(model, catalog, device, max_history)
+        if ar or hf_generate:
+            if ar_checkpoint is not None:
+                ar_model, note = load_checkpoint(ar_checkpoint), f"AR checkpoint {ar_checkpoint}"
+            else:
+                ar_model, note = ar_model_from(model), "same backbone weights, random LM head (latency only)"
+            desc["ar"] = note
+            if ar:
+                contenders.append(ar_contender(ar_model, catalog, device, max_history, note))
+            if hf_generate:
+                contenders.append(hf_generate_contender(ar_model, catalog, device, max_history))
+    return contenders, desc
+
+
+def catalog_for(layout, data, checkpoint, load_catalog):
+    """The dataset's item index if its SIDs fit ``layout`` (so real histories encode), else ava_sid."""
+    from nezha.runtime.catalog import Catalog, CatalogError
+
+    if data is not None:
+        from nezha.data import find_pair
+        index, _ = find_pair(data)
+        cat = Catalog.from_index_json(index)
+        try:
+            cat.check_layout(layout, str(index))
+            return cat
+        except CatalogError:
+            pass
+    return load_catalog(None, checkpoint, layout)
+
+
+def backbone_description(model) -> dict:
+    c = model.config
+    return {"architecture": c.model_type, "hidden_size": c.hidden_size, "layers": c.num_hidden_layers,
+            "heads": c.num_attention_heads, "kv_heads": c.num_key_value_heads,
+            "head_dim": getattr(c, "head_dim", None), "intermediate_size": c.intermediate_size,
+            "backbone_params": sum(p.numel() for p in model.model.parameters()),
+            "sid_codes": list(model.layout.codes)}
+
+
+def run_bench(artifact=None, checkpoint=None, ar_checkpoint=None, data=None, histories=None, backends=None,
+              precisions=None, device: str = "cpu", batch_sizes: Sequence[int] = (1,), beams: Sequence[int] = (20, 512),
+              requests: int = 30, warmup: int = 3, history_limit: int = 2000, reference: bool = True,
+              ar: bool = True, hf_generate: bool = False, quick: bool = False, out: str | Path | None = None,
+              baseline: str | Path | None = None, tolerance: float = 0.10, save_baseline: str | Path | None = None,
+              catalog=None, max_history: int | None = None, threads: int | None = None, title: str | None = None,
+              progress: bool = False) -> tuple[dict, list[gate.Regression]]:
+    """Run the benchmark; write ``out``/bench.json, bench.md, bench.png if ``out``; compare with ``baseline``.
+
+    Histories: ``histories`` if given, else the leave-one-out test histories of ``data`` (default Beauty).
+    ``quick`` overrides the grid with QUICK (one small configuration, for CI). Returns (result, regressions)."""
+    if quick:
+        batch_sizes, beams = QUICK["batch_sizes"], QUICK["beams"]
+        requests, warmup, history_limit = QUICK["requests"], QUICK["warmup"], QUICK["histories"]
+    if data is None:
+        from nezha.data import DEFAULT_DATA
+        data = DEFAULT_DATA
+    contenders, desc = build_contenders(artifact, checkpoint, ar_checkpoint, data if histories is None else None,
+                                        backends, precisions, device, reference, ar, hf_generate, max_history,
+                                        catalog, threads)
+    if histories is None:
+        histories = load_histories(data, "test", history_limit)
+        desc["histories"] = f"{data} leave-one-out test users (shuffled, first {len(histories)})"
+    try:
+        result = benchmark(contenders, histories, batch_sizes, beams, requests, warmup, desc, progress)
+    finally:
+        for c in contenders:
+            c.close()
+    result["setup"]["title"] = title or ("quick" if quick else "full")
+    regressions: list[gate.Regression] = []
+    if baseline is not None:
+        regressions = gate.compare(result, gate.load_baseline(baseline), tolerance)
+        result["gate"] = {"baseline": str(baseline), "tolerance": tolerance,
+                          "regressions": [r.to_json() for r in regressions]}
+    if out is not None:
+        write_outputs(result, out)
+    if save_baseline is not None:
+        gate.save_baseline(result, save_baseline, tolerance)
+    return result, regressions
+
+
+def write_outputs(result: dict, out: str | Path) -> list[Path]:
+    """``out``/bench.json (every figure), bench.md (the summary tables), bench.png (the plot)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / "bench.json", out / "bench.md", out / "bench.png"]
+    paths[0].write_text(json.dumps(result, indent=1))
+    paths[1].write_text(report.markdown(result))
+    report.plot(result, paths[2])
+    return paths

@@ -1,0 +1,224 @@
+"""The benchmark: statistics, ratios and the gate on synthetic inputs; a small real run end to end
+(JSON, Markdown, PNG); the CLI's exit codes; the GPU check's CPU smoke mode. No test asserts a time."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from conftest import tiny_catalog, tiny_histories  # noqa: E402
+from nezha.bench import gate, stats  # noqa: E402
+from nezha.bench.run import BenchError, flat_ratios, ratio_specs, requests_of  # noqa: E402
+
+
+# --- statistics --------------------------------------------------------------------------------------------
+
+def test_percentiles_interpolate_between_order_statistics():
+    p = stats.percentiles(np.arange(1, 101, dtype=float))
+    assert p == pytest.approx({"p50": 50.5, "p90": 90.1, "p99": 99.01})
+    assert stats.percentiles([0.004]) == {"p50": 0.004, "p90": 0.004, "p99": 0.004}
+
+
+@pytest.mark.parametrize("bad", [[], [0.1, -0.2], [np.nan]])
+def test_percentiles_reject_bad_timings(bad):
+    with pytest.raises(stats.StatsError):
+        stats.percentiles(bad)
+
+
+def test_summarize_counts_histories_per_second():
+    s = stats.summarize([0.1, 0.3], batch_size=4)
+    assert s["n"] == 2 and s["mean"] == pytest.approx(0.2) and s["min"] == pytest.approx(0.1)
+    assert s["throughput"] == pytest.approx(8 / 0.4)
+
+
+def test_paired_ratio_cancels_drift():
+    drift = np.linspace(0.01, 0.05, 40)               # the machine slows down during the run
+    noise = np.random.default_rng(0).normal(1.0, 0.01, 40)
+    assert stats.paired_ratio(3 * drift * noise, drift * noise) == pytest.approx(3.0)
+    assert stats.paired_ratio([2.0, 9.0, 3.0], [1.0, 1.0, 1.0]) == 3.0          # median, not mean
+    with pytest.raises(stats.StatsError):
+        stats.paired_ratio([1.0, 2.0], [1.0])
+    with pytest.raises(stats.StatsError):
+        stats.paired_ratio([1.0], [0.0])
+
+
+def test_regressed_respects_direction_and_tolerance():
+    assert not stats.regressed(1.30, 1.20, higher_is_better=False, tolerance=0.10)     # +8.3 %
+    assert stats.regressed(1.33, 1.20, higher_is_better=False, tolerance=0.10)         # +10.8 %
+    assert not stats.regressed(4.0, 4.4, higher_is_better=True, tolerance=0.10)        # -9.1 %
+    assert stats.regressed(3.9, 4.4, higher_is_better=True, tolerance=0.10)            # -11.4 %
+    assert not stats.regressed(0.5, 1.2, higher_is_better=False, tolerance=0.0)        # better is never a regression
+    with pytest.raises(stats.StatsError):
+        stats.regressed(1.0, 1.0, False, -0.1)
+
+
+def test_peak_rss_is_positive():
+    assert stats.peak_rss_bytes() > 0
+    assert stats.machine()["cpu_count"] >= 1
+
+
+def test_ratio_specs_pair_each_engine_with_its_own_floor():
+    names = ["floor[onnxruntime-fp32-cpu]", "nezha[onnxruntime-fp32-cpu]", "floor[onnxruntime-int8-cpu]",
+             "nezha[onnxruntime-int8-cpu]", "floor[torch-fp32-cpu]", "reference[torch-fp32-cpu]", "ar[torch-fp32-cpu]"]
+    got = {s.name: s.higher_is_better for s in ratio_specs(names)}
+    assert got["nezha[onnxruntime-fp32-cpu] / floor[onnxruntime-fp32-cpu]"] is False
+    assert got["nezha[onnxruntime-int8-cpu] / floor[onnxruntime-int8-cpu]"] is False
+    assert "nezha[onnxruntime-int8-cpu] / floor[onnxruntime-fp32-cpu]" not in got
+    assert got["ar[torch-fp32-cpu] / nezha[onnxruntime-fp32-cpu]"] is True
+    assert got["reference[torch-fp32-cpu] / nezha[onnxruntime-int8-cpu]"] is True
+    assert got["reference[torch-fp32-cpu] / floor[torch-fp32-cpu]"] is False
+    assert got["ar[torch-fp32-cpu] / reference[torch-fp32-cpu]"] is True
+
+
+def test_requests_wrap_around_and_keep_batch_size():
+    reqs = requests_of([[1], [2], [3]], batch_size=2, n=3)
+    assert reqs == [[[1], [2]], [[3], [1]], [[2], [3]]]
+    with pytest.raises(BenchError):
+        requests_of([], 1, 1)
+
+
+# --- the gate on synthetic results -------------------------------------------------------------------------
+
+def synthetic_result(overhead: float, speedup: float) -> dict:
+    ratios = {"nezha[x] / floor[x]": {"value": overhead, "higher_is_better": False},
+              "ar[t] / nezha[x]": {"value": speedup, "higher_is_better": True}}
+    return {"created": "now", "machine": {}, "setup": {},
+            "configs": [{"batch_size": 1, "beam": 20, "ratios": ratios}]}
+
+
+def test_gate_passes_within_tolerance_and_names_the_regressed_figure(tmp_path):
+    path = gate.save_baseline(synthetic_result(1.21, 4.4), tmp_path / "base.json")
+    base = gate.load_baseline(path)
+    assert gate.compare(synthetic_result(1.25, 4.1), base, 0.10) == []
+    bad = gate.compare(synthetic_result(1.40, 4.1), base, 0.10)
+    assert [r.figure for r in bad] == ["batch=1 beam=20: nezha[x] / floor[x]"]
+    assert "1.400 vs baseline 1.210" in bad[0].message()
+    bad = gate.compare(synthetic_result(1.21, 3.0), base, 0.10)
+    assert [r.figure for r in bad] == ["batch=1 beam=20: ar[t] / nezha[x]"]
+
+
+def test_gate_fails_on_a_missing_figure(tmp_path):
+    base = gate.baseline_from(synthetic_result(1.21, 4.4))
+    run = synthetic_result(1.21, 4.4)
+    del run["configs"][0]["ratios"]["ar[t] / nezha[x]"]
+    bad = gate.compare(run, base, 0.10)
+    assert len(bad) == 1 and bad[0].value is None and "missing" in bad[0].message()
+
+
+def test_gate_rejects_a_file_that_is_no_baseline(tmp_path):
+    (tmp_path / "x.json").write_text(json.dumps({"format": "something-else"}))
+    with pytest.raises(gate.GateError, match="not a nezha bench baseline"):
+        gate.load_baseline(tmp_path / "x.json")
+    with pytest.raises(gate.GateError, match="does not exist"):
+        gate.load_baseline(tmp_path / "nope.json")
+
+
+# --- real runs (tiny models) -------------------------------------------------------------------------------
+
+def check_result_files(out: Path) -> dict:
+    result = json.loads((out / "bench.json").read_text())
+    assert result["format"] == "nezha-bench" and result["machine"]["python"]
+    for config in result["configs"]:
+        for name, r in config["contenders"].items():
+            lat = r["latency"]
+            assert lat["n"] == result["setup"]["requests"] == len(r["seconds"])
+            assert 0 < lat["p50"] <= lat["p90"] <= lat["p99"]
+            assert lat["throughput"] > 0
+        for name, r in config["ratios"].items():
+            assert r["value"] > 0 and isinstance(r["higher_is_better"], bool)
+    assert (out / "bench.md").read_text().startswith("# NEZHA benchmark")
+    assert (out / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return result
+
+
+def test_torch_side_run_writes_json_markdown_and_plot(make_checkpoint, tmp_path):
+    from nezha.bench.suite import run_bench
+
+    cat = tiny_catalog()
+    result, regressions = run_bench(checkpoint=make_checkpoint(), histories=tiny_histories(cat, 8), catalog=cat,
+                                    beams=(4, 16), requests=3, warmup=1, out=tmp_path / "out", hf_generate=True,
+                                    save_baseline=tmp_path / "base.json")
+    assert regressions == []
+    result = check_result_files(tmp_path / "out")
+    config = result["configs"][-1]
+    assert set(config["contenders"]) == {"floor[torch-fp32-cpu]", "reference[torch-fp32-cpu]", "ar[torch-fp32-cpu]",
+                                         "hf-generate[torch-fp32-cpu]"}
+    stages = config["contenders"]["reference[torch-fp32-cpu]"]["stages"]
+    assert {"encode", "backbone", "head_0", "head_1", "head_2", "verify", "select", "host"} <= set(stages)
+    assert set(gate.load_baseline(tmp_path / "base.json")["ratios"]) == set(flat_ratios(result))
+
+
+def write_dataset(folder: Path, catalog, histories) -> Path:
+    """A LETTER-format dataset of the tiny catalog: index + interactions (each history + a target)."""
+    folder.mkdir(parents=True)
+    index = {str(i): [f"<{chr(97 + l)}_{c}>" for l, c in enumerate(codes)]
+             for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}
+    (folder / "Tiny.index.json").write_text(json.dumps(index))
+    inter = {str(u): h + [int(catalog.item_ids[0])] for u, h in enumerate(histories)}
+    (folder / "Tiny.inter.json").write_text(json.dumps(inter))
+    return folder
+
+
+def test_cli_saves_a_baseline_and_exits_1_naming_the_regressed_ratio(make_checkpoint, tmp_path, capsys):
+    from nezha.cli import main
+
+    cat = tiny_catalog()
+    data = write_dataset(tmp_path / "data", cat, tiny_histories(cat, 10))
+    common = ["bench", "--checkpoint", str(make_checkpoint()), "--data", str(data), "--beams", "4",
+              "--requests", "3", "--warmup", "1", "--no-ar"]
+    assert main(common + ["--out", str(tmp_path / "a"), "--save-baseline", str(tmp_path / "base.json")]) == 0
+    check_result_files(tmp_path / "a")
+    base = json.loads((tmp_path / "base.json").read_text())
+    figure = "batch=1 beam=4: reference[torch-fp32-cpu] / floor[torch-fp32-cpu]"
+    assert set(base["ratios"]) == {figure}
+    base["ratios"][figure]["value"] = 0.01          # an impossible overhead: any real run regresses
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    capsys.readouterr()
+    assert main(common + ["--out", str(tmp_path / "b"), "--baseline", str(tmp_path / "base.json")]) == 1
+    assert f"REGRESSED {figure}" in capsys.readouterr().err
+    assert json.loads((tmp_path / "b" / "bench.json").read_text())["gate"]["regressions"][0]["figure"] == figure
+
+
+def test_runtime_contenders_on_an_artifact(make_checkpoint, tmp_path):
+    build = pytest.importorskip("nezha.export.build", reason="the exporter is not available").build
+    pytest.importorskip("nezha.runtime.recommender")
+    from nezha.bench.suite import run_bench
+
+    ckpt, cat = make_checkpoint(), tiny_catalog()
+    data = write_dataset(tmp_path / "data", cat, tiny_histories(cat, 10))
+    artifact = tmp_path / "artifact"
+    build(checkpoint=ckpt, index=next(data.glob("*.index.json")), out=artifact, precision=("fp32",), max_beam=16,
+          max_batch=4, log=None)
+    result, _ = run_bench(artifact, data=data, beams=(4, 32), requests=3, warmup=1, out=tmp_path / "out")
+    assert "beam 32 > the artifact's max_beam 16" in result["configs"][1]["skipped"]["nezha[onnxruntime-fp32-cpu]"]
+    ratios = check_result_files(tmp_path / "out")["configs"][0]["ratios"]
+    engine = "onnxruntime-fp32-cpu"
+    assert {f"nezha[{engine}] / floor[{engine}]", f"ar[torch-fp32-cpu] / nezha[{engine}]",
+            f"reference[torch-fp32-cpu] / nezha[{engine}]"} <= set(ratios)
+
+
+def test_gpu_check_runs_tiny_on_cpu(tmp_path):
+    from nezha.bench.gpu_check import main
+
+    assert main(["--tiny", "--device", "cpu", "--no-runtime", "--out", str(tmp_path), "--requests", "2",
+                 "--beams", "8"]) == 0
+    result = check_result_files(tmp_path)
+    assert result["setup"]["backbone"]["sid_codes"] == [512, 512, 512]
+    assert "ar[torch-fp32-cpu] / reference[torch-fp32-cpu]" in result["configs"][0]["ratios"]
+
+
+def test_random_checkpoint_has_the_asked_shape_and_beauty_layout(tmp_path):
+    from nezha.bench.random_checkpoint import main
+    from nezha.model.checkpoint import load_checkpoint
+
+    assert main(["--out", str(tmp_path / "ck"), "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",
+                 "--num-kv-heads", "1", "--intermediate-size", "64"]) == 0
+    model = load_checkpoint(tmp_path / "ck")
+    assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 1)
+    assert model.layout.codes == (256, 256, 256, 256) and model.layout.offsets[0] == 2
+    assert (tmp_path / "ck.index.json").is_file()
