@@ -3,11 +3,12 @@ NumPy only: used by the trainer, evaluation, calibration and the benchmark."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from nezha.runtime.catalog import read_json_object
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "beauty"
 
@@ -31,14 +32,7 @@ def find_pair(data_dir: str | Path) -> tuple[Path, Path]:
 def read_interactions(path: str | Path) -> dict[str, list[int]]:
     """{"<user id>": [item id, ...]} in time order."""
     path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"interactions file {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"interactions file {path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict) or not raw:
-        raise DataError(f"interactions file {path} must be a non-empty JSON object: user id -> list of item ids")
+    raw = read_json_object(path, "interactions file", "user id -> list of item ids", DataError)
     for user, items in raw.items():
         if not isinstance(items, list) or not all(isinstance(i, int) for i in items):
             raise DataError(f"interactions file {path}: user {user!r} must map to a list of integer item ids")

@@ -18,6 +18,19 @@ class CatalogError(ValueError):
     """A malformed item index or catalog table."""
 
 
+def read_json_object(path: Path, what: str, shape: str, error: type[Exception]) -> dict:
+    """A non-empty JSON object from ``path``, or ``error`` naming the file and what was expected."""
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise error(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{what} {path} is not valid JSON: {e}") from None
+    if not isinstance(raw, dict) or not raw:
+        raise error(f"{what} {path} must be a non-empty JSON object: {shape}")
+    return raw
+
+
 @dataclass
 class Catalog:
     """Items and their SIDs as flat arrays (the layout written to tables/*.npy).
@@ -50,14 +63,7 @@ class Catalog:
     def from_index_json(cls, path: str | Path) -> "Catalog":
         """Read a LETTER-style index: {"<item id>": ["<a_183>", "<b_70>", ...]} (level letter a, b, c ..., code)."""
         path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise CatalogError(f"item index {path} does not exist") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CatalogError(f"item index {path} is not valid JSON: {e}") from None
-        if not isinstance(raw, dict) or not raw:
-            raise CatalogError(f"item index {path} must be a non-empty JSON object: item id -> list of code tokens")
+        raw = read_json_object(path, "item index", "item id -> list of code tokens", CatalogError)
         ids, codes = [], []
         levels = None
         for item, tokens in raw.items():
