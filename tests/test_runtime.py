@@ -203,3 +203,22 @@ def test_runtime_loads_no_torch_and_the_cli_answers(artifact):
     bad = subprocess.run([sys.executable, "-m", "nezha.cli", "recommend", str(artifact), "--history", "5"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "not in the catalog" in bad.stderr
+
+
+@pytest.mark.parametrize("sidecar, message", [
+    ({"tensorrt": "10.9.0", "compute_capability": "9.0"}, "built with TensorRT 10.9.0, this is 10.13.0"),
+    ({"tensorrt": "10.13.0", "compute_capability": "8.6"}, "built for compute capability 8.6, this GPU is 9.0"),
+])
+def test_engines_for_another_gpu_or_tensorrt_are_refused(tmp_path, monkeypatch, sidecar, message):
+    """The sidecar check runs without TensorRT: the version and GPU it compares against are stubbed."""
+    from types import SimpleNamespace
+
+    from nezha.runtime.backends import tensorrt as trt_backend
+    monkeypatch.setattr(trt_backend, "_trt", lambda: SimpleNamespace(__version__="10.13.0"))
+    monkeypatch.setattr(trt_backend, "device_compute_capability", lambda: "9.0")
+    path = tmp_path / "backbone.json"
+    path.write_text(json.dumps(sidecar))
+    with pytest.raises(trt_backend.EngineMismatchError, match=message):
+        trt_backend.check_sidecar(path)
+    path.write_text(json.dumps({"tensorrt": "10.13.0", "compute_capability": "9.0"}))
+    assert trt_backend.check_sidecar(path)["compute_capability"] == "9.0"

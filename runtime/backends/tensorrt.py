@@ -46,8 +46,8 @@ def check_sidecar(sidecar_path: Path) -> dict:
     trt = _trt()
     sidecar = json.loads(Path(sidecar_path).read_text())
     problems = []
-    if sidecar.get("tensorrt_version") != trt.__version__:
-        problems.append(f"built with TensorRT {sidecar.get('tensorrt_version')}, this is {trt.__version__}")
+    if sidecar.get("tensorrt") != trt.__version__:
+        problems.append(f"built with TensorRT {sidecar.get('tensorrt')}, this is {trt.__version__}")
     cc = device_compute_capability()
     if sidecar.get("compute_capability") != cc:
         problems.append(f"built for compute capability {sidecar.get('compute_capability')}, this GPU is {cc}")
