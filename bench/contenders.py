@@ -1,7 +1,7 @@
 """The contenders of a benchmark, each one callable on a request (a batch of histories) at a beam width.
 
 A contender's ``run(histories, beam)`` decodes (or, for a floor, runs the backbone once) and returns the
-seconds it spent per stage: "encode", "backbone", "head_0".."head_{L-1}", "verify", "select" where the
+seconds it spent per stage: "encode", "backbone", "head_0".."head_{L-1}", "verify_0".."verify_{L-1}", "select" where the
 contender can tell them apart. The timer around the call gives the total; total minus the stages is host
 overhead (Python, copies, mapping). Torch is imported only by the torch-side contenders."""
 

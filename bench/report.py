@@ -19,10 +19,10 @@ def _ms(seconds) -> str:
 
 
 def stage_order(stages: dict) -> list[str]:
-    """Stage names in pipeline order: encode, backbone, head_0.., verify, select, host, then any other."""
-    heads = sorted((s for s in stages if s.startswith("head_")), key=lambda s: int(s.split("_")[1]))
-    known = [s for s in ("encode", "backbone") if s in stages] + heads + \
-            [s for s in ("verify", "select", "host") if s in stages]
+    """Stage names in pipeline order: encode, backbone, head_0.., verify_0.., select, host, then any other."""
+    per_level = lambda prefix: sorted((s for s in stages if s.startswith(prefix)), key=lambda s: int(s.split("_")[1]))
+    known = [s for s in ("encode", "backbone") if s in stages] + per_level("head_") + per_level("verify_") + \
+            [s for s in ("select", "host") if s in stages]
     return known + sorted(set(stages) - set(known))
 
 
@@ -74,7 +74,8 @@ def markdown(result: dict) -> str:
 
 
 def _stage_group(name: str) -> str:
-    return "head" if name.startswith("head_") else name if name in STAGE_COLORS else "host"
+    group = name.split("_")[0]
+    return group if group in ("head", "verify") else name if name in STAGE_COLORS else "host"
 
 
 def plot(result: dict, path: str | Path, dpi: int = 90) -> Path:

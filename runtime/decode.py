@@ -66,7 +66,7 @@ def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayo
         C, K = layout.codes[level], scores.shape[1]
         with _stage(stages, f"head_{level}"):
             state, logp = steps.head_step(level, state, code, hidden[beam_user, level + 1])   # [B*K, H], [B*K, C]
-        with _stage(stages, "verify"):
+        with _stage(stages, f"verify_{level}"):
             cand = scores[:, :, None] + logp.reshape(B, K, C)      # [B, K, C]
             if verifier is not None:
                 valid = verifier.mask(level, keys).reshape(B, K, C)

@@ -149,7 +149,7 @@ def test_torch_side_run_writes_json_markdown_and_plot(make_checkpoint, tmp_path)
     assert set(config["contenders"]) == {"floor[torch-fp32-cpu]", "reference[torch-fp32-cpu]", "ar[torch-fp32-cpu]",
                                          "hf-generate[torch-fp32-cpu]"}
     stages = config["contenders"]["reference[torch-fp32-cpu]"]["stages"]
-    assert {"encode", "backbone", "head_0", "head_1", "head_2", "verify", "select", "host"} <= set(stages)
+    assert {"encode", "backbone", "head_0", "head_1", "head_2", "verify_0", "verify_2", "select", "host"} <= set(stages)
     assert set(gate.load_baseline(tmp_path / "base.json")["ratios"]) == set(flat_ratios(result))
 
 
