@@ -16,17 +16,9 @@ QUICK = {"batch_sizes": (1,), "beams": (20,), "requests": 100, "warmup": 10, "hi
 
 
 def checkpoint_of(manifest) -> Path | None:
-    """The checkpoint an artifact was built from, if the manifest records it and it still exists."""
-    raw = manifest.raw
-    for entry in (raw.get("source"), raw.get("build"), raw):
-        if isinstance(entry, dict):
-            for key in ("checkpoint", "checkpoint_dir", "source_checkpoint"):
-                p = entry.get(key)
-                if isinstance(p, str):
-                    path = Path(p) if Path(p).is_absolute() else manifest.root / p
-                    if (path / "config.json").is_file():
-                        return path
-    return None
+    """The checkpoint an artifact was built from (the manifest's ``source.checkpoint``), if it still exists."""
+    p = (manifest.raw.get("source") or {}).get("checkpoint")
+    return Path(p) if p and (Path(p) / "config.json").is_file() else None
 
 
 def runtime_engines(manifest, backends: Sequence[str] | None, precisions: Sequence[str] | None) -> list[tuple[str, str]]:
