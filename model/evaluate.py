@@ -104,7 +104,6 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not (a.checkpoint or a.ar_checkpoint or a.artifact):
         p.error("give --checkpoint, --ar-checkpoint and/or --artifact")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     index, inter = find_pair(a.data)
     catalog = Catalog.from_index_json(index)
     split = leave_one_out(read_interactions(inter), a.split)
