@@ -85,10 +85,6 @@ def evaluate(decoder, histories, targets: np.ndarray, beam: int = 20, batch_size
 
 
 def main(argv=None):
-    from .ar import ArDecoder
-    from .checkpoint import load_checkpoint
-    from .reference import Reference
-
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, help="NEZHA checkpoint folder (the torch reference)")
     p.add_argument("--ar-checkpoint", type=Path, help="AR baseline checkpoint folder")
@@ -104,6 +100,20 @@ def main(argv=None):
     a = p.parse_args(argv)
     if not (a.checkpoint or a.ar_checkpoint or a.artifact):
         p.error("give --checkpoint, --ar-checkpoint and/or --artifact")
+    try:
+        results = run(a)
+    except ValueError as e:         # CheckpointError, CatalogError, DataError, ManifestError: say what, no traceback
+        p.exit(2, f"error: {e}\n")
+    print(json.dumps(results, indent=2))
+    if a.out:
+        a.out.write_text(json.dumps(results, indent=2))
+
+
+def run(a) -> dict:
+    from .ar import ArDecoder
+    from .checkpoint import load_checkpoint
+    from .reference import Reference
+
     index, inter = find_pair(a.data)
     catalog = Catalog.from_index_json(index)
     split = leave_one_out(read_interactions(inter), a.split)
@@ -125,9 +135,7 @@ def main(argv=None):
             if a.checkpoint:
                 m.update(agreement(recs, ref_recs))
             results[f"runtime_{precision}"] = m
-    print(json.dumps(results, indent=2))
-    if a.out:
-        a.out.write_text(json.dumps(results, indent=2))
+    return results
 
 
 if __name__ == "__main__":

@@ -112,7 +112,7 @@ def ar_loss(model: NezhaModel, batch) -> torch.Tensor:
         * model.layout.levels                                        # summed over levels, like NEZHA's
 
 
-def train(kind: str, data_dir: Path, out: Path, steps: int = 2400, minutes: float = 25.0, batch_size: int = 64,
+def train(kind: str, data_dir: Path, out: Path, steps: int = 2400, minutes: float = 30.0, batch_size: int = 64,
           lr: float = 2e-3,
           hidden_size: int = 128, num_layers: int = 2, num_heads: int = 4, architecture: str = "qwen3",
           max_history: int = 20, eval_every: int = 300, eval_users: int = 2000, seed: int = 0) -> dict:
@@ -196,7 +196,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=Path("checkpoints/demo"), help="writes OUT/nezha and OUT/ar")
     p.add_argument("--model", choices=["nezha", "ar", "both"], default="both")
     p.add_argument("--steps", type=int, default=2400, help="optimizer steps per model (sets the lr schedule)")
-    p.add_argument("--minutes", type=float, default=25.0, help="time cap per model: stops early when reached")
+    p.add_argument("--minutes", type=float, default=30.0, help="time cap per model: stops early when reached")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--architecture", default="qwen3", choices=["qwen3", "qwen2", "llama"])
     p.add_argument("--hidden-size", type=int, default=128)
