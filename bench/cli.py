@@ -57,7 +57,7 @@ def run(args) -> int:
     kwargs = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
     try:
         result, regressions = run_bench(**kwargs, progress=True)
-    except (BenchError, GateError) as e:
+    except (BenchError, GateError, ValueError) as e:     # manifest, data, checkpoint, request errors
         print(f"nezha bench: {e}", file=sys.stderr)
         return 2
     from .report import markdown

@@ -47,6 +47,7 @@ def runtime_contenders(artifact: str | Path, backend: str, precision: str, devic
     (``threads``: ONNX Runtime intra-op threads; None = its default)."""
     from nezha.runtime import Recommender
 
+    device = device if backend == "onnxruntime" or device.startswith("cuda") else "cuda"
     rec = Recommender.load(artifact, backend=backend, device=device, precision=precision, threads=threads)
     engine = f"{backend}-{precision}-{device}"
     limits = {k: rec.manifest.limits[k] for k in ("max_batch", "max_beam") if k in rec.manifest.limits}

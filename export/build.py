@@ -50,6 +50,7 @@ from nezha.export.validate import (ValidationError, histories_from_data, synthet
                                    validation_feeds)
 from nezha.model.checkpoint import CheckpointError, load_catalog, load_checkpoint
 from nezha.runtime.catalog import CatalogError
+from nezha.runtime.encoding import EncodingError
 from nezha.runtime.manifest import write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ class BuildError(ValueError):
     """A build that cannot start or finish: bad arguments, existing or unwritable output."""
 
 
-USER_ERRORS = (BuildError, CheckpointError, PrecisionError, CatalogError, DataError, ExportError, ValidationError,
+USER_ERRORS = (BuildError, EncodingError, CheckpointError, PrecisionError, CatalogError, DataError, ExportError, ValidationError,
                EngineBuildError, CalibrationError, Int8ValidationError)
 
 
@@ -192,6 +193,8 @@ def build(checkpoint: str | Path | None = None, index: str | Path | None = None,
         limits = Limits(max_history=max_history, max_batch=max_batch, max_beam=max_beam)
     except ValueError as e:
         raise BuildError(str(e)) from None
+    if not isinstance(validation_users, int) or validation_users < 1:
+        raise BuildError(f"validation_users must be a positive integer, got {validation_users!r}")
     _check_output(out, force)
     demo = checkpoint is None
     checkpoint = Path(checkpoint) if checkpoint is not None else DEMO_CHECKPOINT
@@ -209,9 +212,12 @@ def build(checkpoint: str | Path | None = None, index: str | Path | None = None,
     progress = Progress(total, summary, lambda *a, **k: log(*a, **k) if log else None)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
     try:
-        with progress.step("model_from_checkpoint"):
+        with progress.step("model_from_checkpoint") as notes:
             model = model_from_checkpoint(checkpoint)
             catalog = load_catalog(index, checkpoint, model.layout)
+            if index is None:   # the reference format stores SIDs only: item ids become positions in that file
+                notes.append(f"no --index: item ids are positions 0..{len(catalog.item_ids) - 1} in "
+                             f"ava_sid{model.layout.levels}.pt; pass the item index to serve real item ids")
         if "int8" in precisions:
             with progress.step("calibration_feeds_from_data") as notes:
                 reader = CalibrationReader.from_file(calibration_data, catalog, model.layout, max_history,
@@ -307,7 +313,8 @@ def build(checkpoint: str | Path | None = None, index: str | Path | None = None,
                            "hidden_size": int(model.config.hidden_size)},
                 "graphs": manifest_graphs, "tables": tables, "engines": engines, "versions": _versions(),
                 "source": {"checkpoint": str(checkpoint.resolve()), "architecture": model.config.model_type,
-                           "index": str(Path(index).resolve()) if index is not None else None},
+                           "index": str(Path(index).resolve()) if index is not None else None,
+                           "item_ids": "index" if index is not None else f"positions in ava_sid{model.layout.levels}.pt"},
                 "validation": VALIDATION,
                 **({"calibration": summary.calibration} if summary.calibration else {})})
         for p, gs in graphs.items():

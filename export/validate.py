@@ -148,7 +148,8 @@ def validate_artifact(model: NezhaModel, catalog: Catalog, graphs: dict[str, dic
             names = [o.name for o in steps.sessions[name].get_outputs()]
             for out_name, g, w in zip(names, got, want):
                 key = f"{name}.{out_name}"
-                diff = float(np.max(np.abs(g.astype(np.float64) - w))) if g.shape == w.shape else float("inf")
+                finite = g.shape == w.shape and np.isfinite(g).all()      # NaN/inf or a wrong shape never pass
+                diff = float(np.max(np.abs(g.astype(np.float64) - w))) if finite else float("inf")
                 outputs[key] = max(outputs.get(key, 0.0), diff)
         keys, scores = beam_search(steps, feeds["batch"], model.layout, reference.verifier, beam)
         agreement = topk_agreement(items_from_sids(keys, scores, reference.sid_table, k), expected_items)

@@ -101,7 +101,7 @@ def load_checkpoint(path: str | Path) -> NezhaModel:
             raise CheckpointError(f"{weights_path}: {key!r} has shape {tuple(weights[key].shape)}, expected "
                                   f"{tuple(tensor.shape)} from config.json")
     unexpected = sorted(set(weights) - set(expected))
-    if unexpected and not (unexpected and all(k.startswith("mtp_head.") for k in unexpected) and not model.use_mtp):
+    if unexpected and not (all(k.startswith("mtp_head.") for k in unexpected) and not model.use_mtp):
         raise CheckpointError(f"{weights_path}: unexpected weight(s) {unexpected[:5]} for a {config.model_type} "
                               f"model with use_mtp={model.use_mtp}")
     model.load_state_dict({k: weights[k].float() for k in expected}, strict=True)

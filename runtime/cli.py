@@ -24,7 +24,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=None,
                    help="beam width (default max(k, 20), at most the artifact's max_beam)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu; cuda with tensorrt)")
     p.add_argument("--precision", default=None, help="fp32, fp16, int8 ... (default: the artifact's first)")
     p.add_argument("--unknown", default="error", choices=["error", "skip"], help="policy for unknown item ids")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")

@@ -36,7 +36,8 @@ def _stage(stages: dict | None, name: str):
 
 
 def top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
-    """[B, M] scores -> [B, k] column indices of the k best, best first (ties: lower index first)."""
+    """[B, M] scores -> [B, k] column indices of the k best, best first. Ties inside the k are ordered by
+    index; which of several candidates tied exactly at the k-th score gets in is argpartition's choice."""
     M = scores.shape[1]
     if k < M:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]

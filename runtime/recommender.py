@@ -30,7 +30,9 @@ class Recommender:
     Policies: histories keep their most recent ``max_history`` items; unknown item ids raise unless
     ``unknown='skip'``; an empty history raises; a batch larger than the artifact's ``max_batch`` is
     split; fewer valid items than k gives fewer results, never an invalid one. Thread-safe: each
-    thread gets its own bound buffers (ONNX Runtime) or execution contexts (TensorRT).
+    thread gets its own bound buffers (ONNX Runtime) or execution contexts (TensorRT), sized once for
+    the largest request and kept until ``close()``: serve from a fixed pool of threads, and do not call
+    ``close()`` while requests are running.
     """
 
     def __init__(self, manifest: Manifest, backend: str, precision: str, make_steps, shared=None,
@@ -49,10 +51,11 @@ class Recommender:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str = "cpu",
+    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
              precision: str | None = None, threads: int | None = None, verify: bool = True,
              dense_budget_bytes: int = 64 << 20) -> "Recommender":
-        """Open an artifact. ``precision`` defaults to the artifact's first (fp32 if built); ``threads``
+        """Open an artifact. ``device``: cpu, cuda or cuda:N (default: cpu for onnxruntime, cuda for
+        tensorrt). ``precision`` defaults to the artifact's first (fp32 if built); ``threads``
         sets ONNX Runtime's intra-op threads per session (default: its own choice); ``verify`` checks
         every file's sha256 against the manifest."""
         manifest = Manifest.load(artifact_dir, verify=verify)
@@ -60,15 +63,17 @@ class Recommender:
             raise ValueError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
         graph_names = ["backbone"] + [f"head_{i}" for i in range(manifest.layout.levels)]
         if backend == "onnxruntime":
+            device = "cpu" if device is None else device
             precision = precision or manifest.precisions[0]
             entries = {g: manifest.graph(precision, g) for g in graph_names}
             if entries["backbone"].get("execution") == "cpu-only" and device != "cpu":
                 raise ManifestError(f"precision {precision} is a CPU-only graph; load it with device='cpu'")
-            from .backends.onnxruntime import OrtRunner, open_sessions
+            from .backends.onnxruntime import HostBuffers, OrtRunner, open_sessions
             sessions = open_sessions({g: manifest.path(e["file"]) for g, e in entries.items()}, device, threads)
 
             def make_steps():
-                return GraphSteps({g: OrtRunner(g, entries[g], sessions[g]) for g in graph_names})
+                buffers = HostBuffers(entries)
+                return GraphSteps({g: OrtRunner(g, entries[g], sessions[g], buffers) for g in graph_names}, buffers)
             shared = sessions
         else:
             engines_by_precision = manifest.raw.get("engines", {})
@@ -77,14 +82,18 @@ class Recommender:
             precision = precision or next(iter(engines_by_precision))
             if precision not in engines_by_precision:
                 raise ManifestError(f"artifact {manifest.root} has no {precision} engines; has {sorted(engines_by_precision)}")
-            if device != "cpu" and not device.startswith("cuda"):
+            device = "cuda" if device is None else device
+            if not device.startswith("cuda"):
                 raise ValueError(f"device {device!r}; allowed with tensorrt: cuda, cuda:N")
-            from .backends.tensorrt import Engines, TrtRunner
-            engines = Engines({g: engines_by_precision[precision][g] for g in graph_names}, manifest.root)
+            device_id = int(device.split(":")[1]) if ":" in device else 0
+            from .backends.tensorrt import DeviceBuffers, Engines, TrtRunner, use_device
+            engines = Engines({g: engines_by_precision[precision][g] for g in graph_names}, manifest.root, device_id)
             entries = {g: manifest.graph(precision, g) for g in graph_names}
 
             def make_steps():
-                return GraphSteps({g: TrtRunner(g, entries[g], engines.engines[g]) for g in graph_names})
+                use_device(device_id)                                    # CUDA's current device is per thread
+                buffers = DeviceBuffers(entries)
+                return GraphSteps({g: TrtRunner(g, entries[g], engines.engines[g], buffers) for g in graph_names}, buffers)
             shared = engines
         return cls(manifest, backend, precision, make_steps, shared, dense_budget_bytes)
 
@@ -103,7 +112,8 @@ class Recommender:
         return encode_codes(history_codes(histories, self.catalog, unknown), self.layout, self.max_history)
 
     def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        """Backbone only (the latency floor): feed -> [B, L+1, H] float32."""
+        """Backbone only (the latency floor): feed -> [B, L+1, H] float32, a view into this thread's
+        buffer that its next call overwrites (copy it to keep it)."""
         return self.steps.backbone(feed)
 
     def _default_beam(self, k) -> int:
@@ -160,7 +170,9 @@ class Recommender:
         self._check_request(len(code_histories), k, beam)
         arrays = []
         for b, h in enumerate(code_histories):
-            a = np.asarray(h, dtype=np.int64).reshape(-1, self.layout.levels) if len(h) else np.zeros((0, self.layout.levels), np.int64)
+            a = np.asarray(h, dtype=np.int64) if len(h) else np.zeros((0, self.layout.levels), np.int64)
+            if a.ndim != 2 or a.shape[1] != self.layout.levels:
+                raise RequestError(f"history {b}: each item needs {self.layout.levels} codes, got shape {a.shape}")
             if np.any(a < 0) or np.any(a >= np.asarray(self.layout.codes)):
                 raise RequestError(f"history {b}: codes must lie in 0..codes-1 per level {list(self.layout.codes)}")
             arrays.append(a)

@@ -296,7 +296,8 @@ def test_progress_output(tmp_path, checkpoint):
           max_beam=8, log=lambda *a, **k: lines.append("".join(map(str, a))))
     steps = [line for line in lines if line.startswith("[")]
     assert steps[0] == "[1/5] model_from_checkpoint ..." and steps[-1] == "[5/5] write_manifest ..."
-    assert all(line.endswith(" s") for line in lines if not line.startswith("["))
+    assert all(line.endswith(" s") or line.startswith("    ") for line in lines if not line.startswith("["))
+    assert any("no --index: item ids are positions 0..69 in ava_sid3.pt" in line for line in lines)
 
 
 # ---- int8 (calibrated) and int8-cpu in the build ----
@@ -467,3 +468,19 @@ def test_help_explains_the_calibration_options(capsys):
     for option in ["--calibration-data", "--calibration-size", "--calibration-method", "--calibration-exclude",
                    "int8-cpu", "cpu-only", "never built for TensorRT", "{minmax,entropy,percentile}"]:
         assert option in text
+
+
+def test_nan_outputs_never_pass_validation(built, monkeypatch):
+    import nezha.export.validate as validate
+    manifest, model, _ = built("qwen2")
+    graphs = {"fp32": {n: manifest.path(g["file"]) for n, g in manifest.raw["graphs"]["fp32"].items()}}
+    real_run = validate.OrtSteps.run
+
+    def nan_head(self, name, feed):
+        out = real_run(self, name, feed)
+        return [np.full_like(o, np.nan) for o in out] if name == "head_1" else out
+    monkeypatch.setattr(validate.OrtSteps, "run", nan_head)
+    catalog = tiny_catalog()
+    with pytest.raises(ValidationError) as e:
+        validate_artifact(model, catalog, graphs, tiny_histories(catalog, 5), LIMITS)
+    assert "FAIL fp32 head_1.log_probs: max |diff| inf" in str(e.value)

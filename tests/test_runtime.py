@@ -26,7 +26,7 @@ from nezha.runtime.manifest import ManifestError
 MAX_BATCH, MAX_BEAM = 4, 16
 
 
-def _tensorrt_ready() -> str | None:
+def _tensorrt_missing_reason() -> str | None:
     if importlib.util.find_spec("tensorrt") is None:
         return "TensorRT is not installed (pip install 'nezha-deploy[tensorrt]' on a CUDA machine)"
     return None
@@ -34,14 +34,14 @@ def _tensorrt_ready() -> str | None:
 
 BACKENDS = [pytest.param("onnxruntime"),
             pytest.param("tensorrt", marks=[pytest.mark.tensorrt,
-                                            pytest.mark.skipif(_tensorrt_ready() is not None, reason=str(_tensorrt_ready()))])]
+                                            pytest.mark.skipif(_tensorrt_missing_reason() is not None, reason=str(_tensorrt_missing_reason()))])]
 
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
     ckpt = save_checkpoint(tiny_model(), root / "ckpt", tiny_catalog())
-    backend = ("onnxruntime", "tensorrt") if _tensorrt_ready() is None else ("onnxruntime",)
+    backend = ("onnxruntime", "tensorrt") if _tensorrt_missing_reason() is None else ("onnxruntime",)
     build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / "art", precision=("fp32", "fp16"), backend=backend, max_batch=MAX_BATCH,
           max_beam=MAX_BEAM, log=None)
     return root / "art"
@@ -79,17 +79,24 @@ def test_fp16_mostly_agrees_with_fp32(artifact, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_steady_state_allocates_and_rebinds_nothing(artifact, backend):
-    histories = tiny_histories(tiny_catalog(), MAX_BATCH, seed=5)
+    catalog = tiny_catalog()
+    histories, small = tiny_histories(catalog, MAX_BATCH, seed=5), tiny_histories(catalog, 1, seed=6)
     with _load(artifact, backend) as rec:
         first = rec.recommend(histories, k=5, beam=MAX_BEAM)
         runners = rec.steps.runners
         counters = {n: (r.allocations, r.rebinds) for n, r in runners.items()}
-        pointers = {n: {k: b.ctypes.data for k, b in getattr(r, "_buffers", {}).items()} for n, r in runners.items()}
+        pointers = {n: r.buffer_pointers() for n, r in runners.items()}
+        assert all(a > 0 for a, _ in counters.values()) and all(pointers.values())
         for _ in range(3):
             assert rec.recommend(histories, k=5, beam=MAX_BEAM) == first
         assert {n: (r.allocations, r.rebinds) for n, r in runners.items()} == counters
-        assert {n: {k: b.ctypes.data for k, b in getattr(r, "_buffers", {}).items()} for n, r in runners.items()} == pointers
-        assert all(a > 0 for a, _ in counters.values())
+        rec.recommend(small, k=5, beam=MAX_BEAM)                 # another shape: rebind, but no new buffer
+        assert rec.recommend(histories, k=5, beam=MAX_BEAM) == first
+        assert {n: r.allocations for n, r in runners.items()} == {n: a for n, (a, _) in counters.items()}
+        assert {n: r.rebinds - counters[n][1] for n, r in runners.items()} == {n: 2 for n in runners}
+        assert {n: r.buffer_pointers() for n, r in runners.items()} == pointers
+        heads = [r.buffer_pointers() for n, r in runners.items() if n.startswith("head_")]
+        assert all(h["state"] == heads[0]["state"] for h in heads)          # the heads share one set of buffers
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -109,7 +116,7 @@ def test_concurrent_calls_equal_serial_calls(artifact, backend):
         for t in threads:
             t.join()
         assert results == serial
-        assert len(rec._all_steps) >= 2                                  # threads really had their own buffers
+        assert len(rec._all_steps) == 5                                  # the main thread and 4 workers, each its own
 
 
 def test_code_level_variant_equals_item_level(artifact):
@@ -179,7 +186,7 @@ def test_corrupt_or_mismatched_artifacts_are_refused(artifact, tmp_path):
     with pytest.raises(ManifestError, match="no 'int8' graphs"):
         Recommender.load(artifact, precision="int8")
     with pytest.raises(ManifestError, match="no TensorRT engines"):
-        Recommender.load(artifact, backend="tensorrt") if _tensorrt_ready() else pytest.skip("engines exist here")
+        Recommender.load(artifact, backend="tensorrt") if _tensorrt_missing_reason() else pytest.skip("engines exist here")
 
 
 def test_fewer_valid_items_than_k_gives_fewer_results():
@@ -215,7 +222,7 @@ def test_engines_for_another_gpu_or_tensorrt_are_refused(tmp_path, monkeypatch, 
 
     from nezha.runtime.backends import tensorrt as trt_backend
     monkeypatch.setattr(trt_backend, "_trt", lambda: SimpleNamespace(__version__="10.13.0"))
-    monkeypatch.setattr(trt_backend, "device_compute_capability", lambda: "9.0")
+    monkeypatch.setattr(trt_backend, "device_compute_capability", lambda device_id=0: "9.0")
     path = tmp_path / "backbone.json"
     path.write_text(json.dumps(sidecar))
     with pytest.raises(trt_backend.EngineMismatchError, match=message):

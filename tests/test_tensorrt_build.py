@@ -40,4 +40,4 @@ def test_engines_are_built_and_described(tmp_path):
             entry = manifest.raw["engines"][precision][name]
             sidecar = json.loads(manifest.path(entry["sidecar"]).read_text())
             assert manifest.path(entry["file"]).stat().st_size > 0
-            assert sidecar["tensorrt"].split(".")[0] >= "10" and sidecar["profiles"]
+            assert int(sidecar["tensorrt"].split(".")[0]) >= 10 and sidecar["profiles"]

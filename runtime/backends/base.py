@@ -71,6 +71,10 @@ class GraphRunner:
     def _execute(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         raise NotImplementedError
 
+    def buffer_pointers(self) -> dict[str, int]:
+        """Address of every bound buffer (the zero-allocation evidence: they never change)."""
+        raise NotImplementedError
+
     def close(self) -> None:
         pass
 
@@ -81,6 +85,24 @@ class GraphRunner:
         self.close()
 
 
+def buffer_group(graph: str) -> str:
+    """Graphs whose buffers one thread may share: the heads run one after another, and the decode loop
+    consumes a head's outputs before the next head runs. The backbone's output lives through all levels."""
+    return "head" if graph.startswith("head_") else graph
+
+
+def shared_buffer_sizes(entries: dict[str, dict]) -> dict[tuple[str, str, str], int]:
+    """(group, tensor name, dtype) -> elements of the largest shape any graph of the group needs."""
+    sizes: dict[tuple[str, str, str], int] = {}
+    for graph, entry in entries.items():
+        ranges = {k: v[1] for k, v in entry.get("dynamic", {}).items()}
+        for t in entry["inputs"] + entry["outputs"]:
+            n = int(np.prod([ranges[d] if isinstance(d, str) else int(d) for d in t["shape"]]))
+            key = (buffer_group(graph), t["name"], t["dtype"])
+            sizes[key] = max(sizes.get(key, 0), n)
+    return sizes
+
+
 def prefix_view(buffer: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """A C-contiguous view of the first prod(shape) elements of a flat buffer."""
     return buffer[:int(np.prod(shape))].reshape(shape)
@@ -89,8 +111,8 @@ def prefix_view(buffer: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 class GraphSteps:
     """DecodeSteps over one runner per graph (``backbone``, ``head_0`` ..)."""
 
-    def __init__(self, runners: dict[str, GraphRunner]):
-        self.runners = runners
+    def __init__(self, runners: dict[str, GraphRunner], buffers=None):
+        self.runners, self.buffers = runners, buffers          # buffers: the thread's pool, freed on close
 
     def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         return self.runners["backbone"].run(feed)["hidden"]
@@ -103,3 +125,5 @@ class GraphSteps:
     def close(self) -> None:
         for r in self.runners.values():
             r.close()
+        if hasattr(self.buffers, "free"):
+            self.buffers.free()

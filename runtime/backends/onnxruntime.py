@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import GraphRunner, prefix_view
+from .base import GraphRunner, buffer_group, prefix_view, shared_buffer_sizes
 
 
 def _ort():
@@ -56,27 +56,31 @@ def open_sessions(paths: dict[str, str], device: str = "cpu", threads: int | Non
     return {name: ort.InferenceSession(str(p), so, providers=providers) for name, p in paths.items()}
 
 
+class HostBuffers:
+    """One thread's flat host buffers, allocated once for the largest shapes and shared by its heads."""
+
+    def __init__(self, entries: dict[str, dict]):
+        self.buffers = {key: np.empty(n, dtype=key[2]) for key, n in shared_buffer_sizes(entries).items()}
+
+    def get(self, graph: str, tensor: dict) -> np.ndarray:
+        return self.buffers[(buffer_group(graph), tensor["name"], tensor["dtype"])]
+
+
 class OrtRunner(GraphRunner):
-    def __init__(self, name: str, entry: dict, session):
+    def __init__(self, name: str, entry: dict, session, buffers: HostBuffers):
         super().__init__(name, entry)
         self.session = session
         self.binding = session.io_binding()
-        self._buffers: dict[str, np.ndarray] = {}       # flat, largest shape
+        self._buffers = {t["name"]: buffers.get(name, t) for t in entry["inputs"] + entry["outputs"]}
+        self.allocations = len(self._buffers)          # views into the thread's pool: no buffer of its own
         self._views: dict[str, np.ndarray] = {}
-
-    def _buffer(self, tensor: dict) -> np.ndarray:
-        name = tensor["name"]
-        if name not in self._buffers:
-            self._buffers[name] = np.empty(int(np.prod(self.max_shape(tensor))), dtype=tensor["dtype"])
-            self.allocations += 1
-        return self._buffers[name]
 
     def _bind(self, dims):
         for name, t in self.inputs.items():
-            view = self._views[name] = prefix_view(self._buffer(t), self.shape(t, dims))
+            view = self._views[name] = prefix_view(self._buffers[name], self.shape(t, dims))
             self.binding.bind_input(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
         for name, t in self.outputs.items():
-            view = self._views[name] = prefix_view(self._buffer(t), self.shape(t, dims))
+            view = self._views[name] = prefix_view(self._buffers[name], self.shape(t, dims))
             self.binding.bind_output(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
 
     def _execute(self, feed):
@@ -84,3 +88,6 @@ class OrtRunner(GraphRunner):
             np.copyto(self._views[name], feed[name])
         self.session.run_with_iobinding(self.binding)
         return {name: self._views[name] for name in self.outputs}
+
+    def buffer_pointers(self) -> dict[str, int]:
+        return {name: b.ctypes.data for name, b in self._buffers.items()}

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import GraphRunner, prefix_view
+from .base import GraphRunner, buffer_group, prefix_view, shared_buffer_sizes
 
 
 class EngineMismatchError(RuntimeError):
@@ -29,26 +29,36 @@ def _trt():
     return tensorrt
 
 
-def device_compute_capability() -> str:
-    """'major.minor' of GPU 0, from the CUDA runtime."""
+def _cuda_call(name: str, *args) -> None:
     from polygraphy import cuda
+    status = getattr(cuda.wrapper().handle, name)(*args)
+    if status != 0:
+        raise RuntimeError(f"CUDA runtime call {name} failed with error {status}")
+
+
+def use_device(device_id: int) -> None:
+    """Make GPU ``device_id`` this thread's current CUDA device (contexts and buffers follow it)."""
+    _cuda_call("cudaSetDevice", device_id)
+
+
+def device_compute_capability(device_id: int = 0) -> str:
+    """'major.minor' of GPU ``device_id``, from the CUDA runtime."""
     import ctypes
     major, minor = ctypes.c_int(), ctypes.c_int()
-    lib = cuda.wrapper().handle
-    # cudaDevAttrComputeCapabilityMajor = 75, Minor = 76
-    lib.cudaDeviceGetAttribute(ctypes.byref(major), 75, 0)
-    lib.cudaDeviceGetAttribute(ctypes.byref(minor), 76, 0)
+    # cudaDevAttrComputeCapabilityMajor = 75, cudaDevAttrComputeCapabilityMinor = 76
+    _cuda_call("cudaDeviceGetAttribute", ctypes.byref(major), 75, device_id)
+    _cuda_call("cudaDeviceGetAttribute", ctypes.byref(minor), 76, device_id)
     return f"{major.value}.{minor.value}"
 
 
-def check_sidecar(sidecar_path: Path) -> dict:
+def check_sidecar(sidecar_path: Path, device_id: int = 0) -> dict:
     """Refuse an engine whose sidecar names another TensorRT version or GPU compute capability."""
     trt = _trt()
     sidecar = json.loads(Path(sidecar_path).read_text())
     problems = []
     if sidecar.get("tensorrt") != trt.__version__:
         problems.append(f"built with TensorRT {sidecar.get('tensorrt')}, this is {trt.__version__}")
-    cc = device_compute_capability()
+    cc = device_compute_capability(device_id)
     if sidecar.get("compute_capability") != cc:
         problems.append(f"built for compute capability {sidecar.get('compute_capability')}, this GPU is {cc}")
     if problems:
@@ -60,36 +70,53 @@ def check_sidecar(sidecar_path: Path) -> dict:
 class Engines:
     """Deserialized engines of one precision, shared by all threads."""
 
-    def __init__(self, engine_entries: dict[str, dict], root: Path):
+    def __init__(self, engine_entries: dict[str, dict], root: Path, device_id: int = 0):
         trt = _trt()
+        use_device(device_id)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engines = {}
         for name, e in engine_entries.items():
-            check_sidecar(root / e["sidecar"])
+            check_sidecar(root / e["sidecar"], device_id)
             engine = self.runtime.deserialize_cuda_engine((root / e["file"]).read_bytes())
             if engine is None:
                 raise EngineMismatchError(f"TensorRT could not deserialize {root / e['file']}")
             self.engines[name] = engine
 
 
+class DeviceBuffers:
+    """One thread's device buffers and pinned-free host staging buffers, allocated once for the largest
+    shapes and shared by its heads (they run one after another on one stream)."""
+
+    def __init__(self, entries: dict[str, dict]):
+        from polygraphy import cuda
+        sizes = shared_buffer_sizes(entries)
+        self.device = {key: cuda.DeviceArray(shape=(n,), dtype=np.dtype(key[2])) for key, n in sizes.items()}
+        self.host = {key: np.empty(n, dtype=key[2]) for key, n in sizes.items()}
+
+    def get(self, graph: str, tensor: dict):
+        key = (buffer_group(graph), tensor["name"], tensor["dtype"])
+        return self.device[key], self.host[key]
+
+    def free(self) -> None:
+        for buf in self.device.values():
+            buf.free()
+
+
 class TrtRunner(GraphRunner):
-    def __init__(self, name: str, entry: dict, engine):
+    def __init__(self, name: str, entry: dict, engine, buffers: DeviceBuffers):
         from polygraphy import cuda
         super().__init__(name, entry)
-        self._cuda = cuda
         self.context = engine.create_execution_context()
         self.stream = cuda.Stream()
-        self._device: dict[str, object] = {}
-        self._host: dict[str, np.ndarray] = {}
+        self._pool = buffers
+        self._device, self._host = {}, {}
         self._views: dict[str, np.ndarray] = {}
         for t in list(self.inputs.values()) + list(self.outputs.values()):
-            shape = self.max_shape(t)
-            self._device[t["name"]] = cuda.DeviceArray(shape=shape, dtype=np.dtype(t["dtype"]))
-            self._host[t["name"]] = np.empty(int(np.prod(shape)), dtype=t["dtype"])
-            self.allocations += 2
+            self._device[t["name"]], self._host[t["name"]] = buffers.get(name, t)
             # addresses never change: the buffers hold the largest shape
             self.context.set_tensor_address(t["name"], self._device[t["name"]].ptr)
+        self.allocations = len(self._device)
 
     def _bind(self, dims):
         for name, t in self.inputs.items():
@@ -103,7 +130,7 @@ class TrtRunner(GraphRunner):
         for name in self.inputs:
             view = self._views[name]
             np.copyto(view, feed[name])
-            self._device[name].resize(view.shape)          # shrinks the view; never reallocates
+            self._device[name].resize(view.shape)          # a shared buffer: set its shape; never reallocates
             self._device[name].copy_from(view, self.stream)
         if not self.context.execute_async_v3(self.stream.ptr):
             raise RuntimeError(f"TensorRT failed to run graph {self.name}")
@@ -114,7 +141,8 @@ class TrtRunner(GraphRunner):
         self.stream.synchronize()
         return {name: self._views[name] for name in self.outputs}
 
+    def buffer_pointers(self) -> dict[str, int]:
+        return {name: int(b.ptr) for name, b in self._device.items()}
+
     def close(self):
-        for buf in self._device.values():
-            buf.free()
         self.stream.free()
