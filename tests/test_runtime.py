@@ -229,3 +229,29 @@ def test_engines_for_another_gpu_or_tensorrt_are_refused(tmp_path, monkeypatch, 
         trt_backend.check_sidecar(path)
     path.write_text(json.dumps({"tensorrt": "10.13.0", "compute_capability": "9.0"}))
     assert trt_backend.check_sidecar(path)["compute_capability"] == "9.0"
+
+
+def _cuda_provider_missing() -> str | None:
+    import onnxruntime
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        return "ONNX Runtime has no CUDA execution provider here (pip install onnxruntime-gpu on a CUDA machine)"
+    return None
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(_cuda_provider_missing() is not None, reason=str(_cuda_provider_missing()))
+def test_onnxruntime_cuda_matches_cpu(artifact):
+    histories = tiny_histories(tiny_catalog(), 6, seed=8)
+    with Recommender.load(artifact, device="cpu") as cpu, Recommender.load(artifact, device="cuda") as gpu:
+        a, b = cpu.recommend(histories, k=5, beam=10), gpu.recommend(histories, k=5, beam=10)
+    assert [[i for i, _ in r] for r in a] == [[i for i, _ in r] for r in b]
+    np.testing.assert_allclose([s for r in a for _, s in r], [s for r in b for _, s in r], atol=1e-4)
+
+
+def test_cuda_without_its_provider_is_refused_with_the_fix(artifact):
+    if _cuda_provider_missing() is None:
+        pytest.skip("this ONNX Runtime has the CUDA provider")
+    with pytest.raises(RuntimeError, match="needs onnxruntime-gpu with the CUDA execution provider"):
+        Recommender.load(artifact, device="cuda")
+    with pytest.raises(ValueError, match="allowed: cpu, cuda, cuda:N"):
+        Recommender.load(artifact, device="tpu")
