@@ -21,24 +21,10 @@ from nezha.runtime.decode import beam_search, items_from_sids
 from nezha.runtime.encoding import encode_histories
 from nezha.runtime.verifier import Verifier
 
+from nezha.export.validate import OrtSteps
+
 from .data import CalibrationReader
 from .quantize import cpu_session, int8_cpu_from_onnx, int8_from_onnx, validate_int8
-
-
-class SessionSteps:
-    """DecodeSteps over plain ONNX Runtime sessions {backbone, head_0 ..}."""
-
-    def __init__(self, paths: dict[str, Path], threads: int):
-        self.sessions = {name: cpu_session(p, threads) for name, p in paths.items()}
-
-    def backbone(self, feed):
-        return self.sessions["backbone"].run(None, feed)[0]
-
-    def head_step(self, level, state, code, hidden):
-        feed = {"state": state, "hidden": np.ascontiguousarray(hidden)}
-        if level > 0:
-            feed["code"] = code
-        return tuple(self.sessions[f"head_{level}"].run(None, feed))
 
 
 def decode_all(steps, histories, catalog, layout, verifier, sid_table, beam, max_history, batch_size, desc,
@@ -120,7 +106,7 @@ def main(argv=None):
     for prec, paths in graphs.items():
         t0 = time.perf_counter()
         stages[prec] = {}
-        recs[prec] = decode_all(SessionSteps(paths, a.threads), histories, catalog, layout, verifier, sid_table,
+        recs[prec] = decode_all(OrtSteps(paths, a.threads), histories, catalog, layout, verifier, sid_table,
                                 a.beam, a.max_history, a.batch_size, prec, stages[prec])
         metrics[prec] = {**ranking_metrics(recs[prec], targets), "seconds": round(time.perf_counter() - t0, 1)}
         if prec != "fp32":

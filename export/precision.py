@@ -8,7 +8,6 @@ import importlib
 from pathlib import Path
 from typing import Callable, Iterable
 
-import numpy as np
 import onnx
 
 from .graphs import save_onnx

@@ -51,9 +51,11 @@ class ValidationError(RuntimeError):
 class OrtSteps:
     """DecodeSteps over ONNX Runtime sessions of one precision's graphs (CPU)."""
 
-    def __init__(self, graphs: dict[str, Path]):
+    def __init__(self, graphs: dict[str, Path], threads: int | None = None):
         options = ort.SessionOptions()
         options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
         self.sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
                          for name, path in graphs.items()}
 

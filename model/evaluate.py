@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from nezha.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
