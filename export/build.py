@@ -46,7 +46,7 @@ from nezha.export.precision import (CPU_ONLY_PRECISIONS, PRECISIONS, PrecisionEr
                                    fp16_from_onnx, int8_converter, int8_cpu_converter)
 from nezha.export.tables import tables_from_catalog
 from nezha.export.tensorrt import EngineBuildError, TensorRTUnavailable, engine_from_onnx
-from nezha.export.validate import (ValidationError, histories_from_data, synthetic_histories, validate_artifact,
+from nezha.export.validate import (EngineSteps, ValidationError, histories_from_data, synthetic_histories, validate_artifact,
                                    validation_feeds)
 from nezha.model.checkpoint import CheckpointError, load_catalog, load_checkpoint
 from nezha.runtime.catalog import CatalogError
@@ -300,6 +300,12 @@ def build(checkpoint: str | Path | None = None, index: str | Path | None = None,
                 except TensorRTUnavailable as e:
                     summary.engines_skipped = str(e)
                     shutil.rmtree(tmp / "engines", ignore_errors=True)
+                if engines:        # the engines, run by the runtime's TensorRT runners, against torch
+                    report["tensorrt"] = validate_engines(model, catalog, engines, specs, tmp, histories, limits,
+                                                          history_source)
+                    (tmp / VALIDATION).write_text(json.dumps(report, indent=2))
+                    notes.append("engines validated against PyTorch: top-k agreement " + ", ".join(
+                        f"{p} {e['topk_agreement']:.3f}" for p, e in report["tensorrt"]["precisions"].items()))
         if "fp32" not in precisions:
             shutil.rmtree(tmp / "graphs" / "fp32")
         with progress.step("write_manifest"):
@@ -372,6 +378,23 @@ def _validate_hidden_state(graphs: dict[str, dict[str, Path]], precisions: list[
 def _size(path: Path) -> int:
     data = path.with_name(path.name + ".data")
     return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
+
+
+def validate_engines(model, catalog, engines: dict, specs: dict, root: Path, histories, limits: Limits,
+                     history_source: str) -> dict:
+    """TensorRT engines {precision: {graph: {file, sidecar}}} vs the torch model, with the graphs' tolerances."""
+    opened = []
+
+    def steps_for(precision, _paths):
+        steps = EngineSteps(engines[precision], {g: specs[g].to_json("") for g in engines[precision]}, root)
+        opened.append(steps)
+        return steps
+    try:
+        return validate_artifact(model, catalog, {p: dict(gs) for p, gs in engines.items()}, histories, limits,
+                                 history_source=history_source, steps_for=steps_for, what="TensorRT engines")
+    finally:
+        for steps in opened:
+            steps.close()
 
 
 def _engines(graphs: dict[str, dict[str, Path]], specs: dict, root: Path) -> dict:

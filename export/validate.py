@@ -48,8 +48,27 @@ class ValidationError(RuntimeError):
         self.report = report
 
 
-class OrtSteps:
-    """DecodeSteps over ONNX Runtime sessions of one precision's graphs (CPU)."""
+class NamedSteps:
+    """DecodeSteps from ``run(graph, feed) -> [outputs]``, the form the validation compares."""
+
+    def run(self, name: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def output_names(self, name: str) -> list[str]:
+        raise NotImplementedError
+
+    def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
+        return self.run("backbone", feed)[0]
+
+    def head_step(self, level, state, code, hidden):
+        feed = {"state": np.ascontiguousarray(state, np.float32), "hidden": np.ascontiguousarray(hidden, np.float32)}
+        if level > 0:
+            feed["code"] = np.ascontiguousarray(code, np.int64)
+        return tuple(self.run(f"head_{level}", feed))
+
+
+class OrtSteps(NamedSteps):
+    """Steps over ONNX Runtime sessions of one precision's graphs (CPU)."""
 
     def __init__(self, graphs: dict[str, Path], threads: int | None = None):
         options = ort.SessionOptions()
@@ -62,14 +81,33 @@ class OrtSteps:
     def run(self, name: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
         return self.sessions[name].run(None, feed)
 
-    def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        return self.run("backbone", feed)[0]
+    def output_names(self, name: str) -> list[str]:
+        return [o.name for o in self.sessions[name].get_outputs()]
 
-    def head_step(self, level, state, code, hidden):
-        feed = {"state": np.ascontiguousarray(state, np.float32), "hidden": np.ascontiguousarray(hidden, np.float32)}
-        if level > 0:
-            feed["code"] = np.ascontiguousarray(code, np.int64)
-        return tuple(self.run(f"head_{level}", feed))
+
+class EngineSteps(NamedSteps):
+    """Steps over freshly built TensorRT engines, through the runtime's own TensorRT runners (so the
+    build validates exactly what services will run). ``engines`` {graph: {file, sidecar}} relative to
+    ``root``; ``graph_entries`` {graph: manifest entry}."""
+
+    def __init__(self, engines: dict[str, dict], graph_entries: dict[str, dict], root: Path):
+        from nezha.runtime.backends.tensorrt import DeviceBuffers, Engines, TrtRunner
+        self.entries = graph_entries
+        self.engines = Engines(engines, root)
+        self.buffers = DeviceBuffers(graph_entries)
+        self.runners = {g: TrtRunner(g, e, self.engines.engines[g], self.buffers) for g, e in graph_entries.items()}
+
+    def run(self, name: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+        out = self.runners[name].run(feed)
+        return [out[n].copy() for n in self.output_names(name)]           # runner buffers are reused
+
+    def output_names(self, name: str) -> list[str]:
+        return [t["name"] for t in self.entries[name]["outputs"]]
+
+    def close(self) -> None:
+        for r in self.runners.values():
+            r.close()
+        self.buffers.free()
 
 
 def histories_from_data(interactions: Path, catalog: Catalog, n: int, seed: int = 0) -> list[list[int]]:
@@ -125,8 +163,11 @@ def topk_agreement(ours: list[list[tuple[int, float]]], reference: list[list[tup
 def validate_artifact(model: NezhaModel, catalog: Catalog, graphs: dict[str, dict[str, Path]],
                       histories: Sequence[Sequence[int]], limits: Limits, out_file: Path | None = None,
                       tolerances: dict[str, Tolerance] | None = None, k: int = 10, beam: int = 20,
-                      history_source: str = "synthetic") -> dict:
+                      history_source: str = "synthetic", steps_for=None, what: str = "exported graphs") -> dict:
     """Compare the graphs {precision: {graph name: path}} with ``model`` on ``histories``.
+
+    ``steps_for(precision, paths)`` makes the steps that run them (default: ONNX Runtime CPU sessions;
+    the build passes TensorRT engine steps to validate engines the same way).
 
     Writes the report to ``out_file`` (validation.json) if given and returns it; raises ValidationError
     listing every output (max |diff| and tolerance) if any output or top-k agreement is out of bounds.
@@ -143,11 +184,11 @@ def validate_artifact(model: NezhaModel, catalog: Catalog, graphs: dict[str, dic
               "cases": {c: list(f["input_ids"].shape) for c, f in feeds.items()}, "precisions": {}}
     lines, ok = [], True
     for precision, paths in graphs.items():
-        tol, steps = tolerances[precision], OrtSteps(paths)
+        tol, steps = tolerances[precision], steps_for(precision, paths) if steps_for else OrtSteps(paths)
         outputs = {}
         for name, case, feed, want in cases:
             got = steps.run(name, feed)
-            names = [o.name for o in steps.sessions[name].get_outputs()]
+            names = steps.output_names(name)
             for out_name, g, w in zip(names, got, want):
                 key = f"{name}.{out_name}"
                 finite = g.shape == w.shape and np.isfinite(g).all()      # NaN/inf or a wrong shape never pass
@@ -169,5 +210,5 @@ def validate_artifact(model: NezhaModel, catalog: Catalog, graphs: dict[str, dic
     if out_file is not None:
         out_file.write_text(json.dumps(report, indent=2))
     if not ok:
-        raise ValidationError("exported graphs disagree with the PyTorch model:\n" + "\n".join(lines), report)
+        raise ValidationError(f"{what} disagree with the PyTorch model:\n" + "\n".join(lines), report)
     return report

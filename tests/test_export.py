@@ -484,3 +484,37 @@ def test_nan_outputs_never_pass_validation(built, monkeypatch):
     with pytest.raises(ValidationError) as e:
         validate_artifact(model, catalog, graphs, tiny_histories(catalog, 5), LIMITS)
     assert "FAIL fp32 head_1.log_probs: max |diff| inf" in str(e.value)
+
+
+def test_built_engines_are_validated_against_torch(tmp_path, checkpoint, monkeypatch):
+    """The engine validation wiring, with ONNX Runtime standing in for TensorRT (absent here): the build
+    validates engines through the same comparisons and fails the build when an engine disagrees."""
+    import nezha.export.build as build_module
+    from nezha.export.validate import OrtSteps
+
+    def fake_engines(graphs, specs, root):
+        return {p: {g: {"file": path.relative_to(root).as_posix(), "sidecar": "none"} for g, path in gs.items()}
+                for p, gs in graphs.items()}
+
+    class OrtAsEngines(OrtSteps):
+        def __init__(self, engines, graph_entries, root):
+            super().__init__({g: root / e["file"] for g, e in engines.items()})
+
+        def close(self):
+            self.closed = True
+
+    monkeypatch.setattr(build_module, "_engines", fake_engines)
+    monkeypatch.setattr(build_module, "EngineSteps", OrtAsEngines)
+    kw = dict(precision=("fp32",), backend=("onnxruntime", "tensorrt"), exporter="torchscript", max_batch=4,
+              max_beam=8, log=None)
+    summary = build(checkpoint, None, tmp_path / "art", **kw)
+    report = json.loads((summary.out / "validation.json").read_text())
+    assert report["tensorrt"]["ok"] and report["tensorrt"]["precisions"]["fp32"]["topk_agreement"] == 1.0
+
+    class WrongEngines(OrtAsEngines):
+        def run(self, name, feed):
+            return [o + 1.0 if o.dtype == np.float32 else o for o in super().run(name, feed)]
+    monkeypatch.setattr(build_module, "EngineSteps", WrongEngines)
+    with pytest.raises(ValidationError, match="TensorRT engines disagree"):
+        build(checkpoint, None, tmp_path / "art2", **kw)
+    assert not (tmp_path / "art2").exists()
