@@ -11,7 +11,7 @@ import pytest
 
 pytest.importorskip("matplotlib")
 
-from conftest import tiny_catalog, tiny_histories  # noqa: E402
+from conftest import needs_beauty, tiny_catalog, tiny_histories  # noqa: E402
 from nezha.bench import gate, stats  # noqa: E402
 from nezha.bench.run import BenchError, flat_ratios, ratio_specs, requests_of  # noqa: E402
 
@@ -202,6 +202,7 @@ def test_runtime_contenders_on_an_artifact(make_checkpoint, tmp_path):
             f"reference[torch-fp32-cpu] / nezha[{engine}]"} <= set(ratios)
 
 
+@needs_beauty
 def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     from nezha.bench.gpu_check import main
 
@@ -212,6 +213,7 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     assert "ar[torch-fp32-cpu] / reference[torch-fp32-cpu]" in result["configs"][0]["ratios"]
 
 
+@needs_beauty
 def test_random_checkpoint_has_the_asked_shape_and_beauty_layout(tmp_path):
     from nezha.bench.random_checkpoint import main
     from nezha.model.checkpoint import load_checkpoint

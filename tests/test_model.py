@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DATA, tiny_catalog, tiny_histories, tiny_layout, tiny_model
+from conftest import DATA, needs_beauty, tiny_catalog, tiny_histories, tiny_layout, tiny_model
 from nezha.model.ar import ArDecoder
 from nezha.model.checkpoint import (CheckpointError, catalog_from_reference_sids, load_catalog, load_checkpoint,
                                     pack_reference_sids, save_checkpoint)
@@ -92,6 +92,7 @@ def test_missing_checkpoint_folder(tmp_path):
 
 
 # ---------------------------------------------------------------- catalog
+@needs_beauty
 def test_beauty_index_keeps_every_item_of_shared_sids():
     from nezha.runtime.layout import SidLayout
     cat = Catalog.from_index_json(DATA / "Beauty.index.json")
