@@ -9,11 +9,12 @@ from pathlib import Path
 
 from .run import flat_ratios
 from .stats import regressed
+from nezha.runtime.errors import NezhaError
 
 BASELINE_FORMAT = "nezha-bench-baseline"
 
 
-class GateError(ValueError):
+class GateError(NezhaError, ValueError):
     """A baseline file that is missing or not a nezha bench baseline."""
 
 

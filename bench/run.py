@@ -16,12 +16,13 @@ import numpy as np
 
 from . import stats
 from .contenders import Contender
+from nezha.runtime.errors import NezhaError
 
 RESULT_FORMAT = "nezha-bench"
 RESULT_VERSION = 1
 
 
-class BenchError(ValueError):
+class BenchError(NezhaError, ValueError):
     """A benchmark that cannot run as asked (no contender, no histories, a bad option)."""
 
 

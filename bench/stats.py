@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import numpy as np
+from nezha.runtime.errors import NezhaError
 
 PERCENTILES = (50, 90, 99)
 
 
-class StatsError(ValueError):
+class StatsError(NezhaError, ValueError):
     """Timings that cannot be summarised (empty, negative, mismatched pairs)."""
 
 

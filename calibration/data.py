@@ -16,6 +16,7 @@ from nezha.data import DEFAULT_DATA, DataError, find_pair, leave_one_out, read_i
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.encoding import encode_codes, history_codes
 from nezha.runtime.layout import SidLayout
+from nezha.runtime.errors import NezhaError
 
 log = logging.getLogger(__name__)
 
@@ -23,7 +24,7 @@ log = logging.getLogger(__name__)
 MIN_SAMPLES = 16
 
 
-class CalibrationError(ValueError):
+class CalibrationError(NezhaError, ValueError):
     """Calibration input that cannot be used: unreadable or empty data, no known items, too few samples,
     a bad calibration method or cache."""
 

@@ -34,6 +34,7 @@ from nezha.runtime.manifest import sha256
 
 from .data import CalibrationError, FeedList
 from .sensitivity import node_sensitivity, sensitivity_table, weight_matmuls
+from nezha.runtime.errors import NezhaError
 
 INT8, INT8_CPU = "int8", "int8-cpu"
 # The manifest's graph entry for int8-cpu graphs gets this (the runtime refuses them off CPU).
@@ -46,7 +47,7 @@ CACHE_FORMAT = "nezha-calibration-cache"
 CACHE_VERSION = 1
 
 
-class Int8ValidationError(ValueError):
+class Int8ValidationError(NezhaError, ValueError):
     """An int8 graph whose outputs are too far from the fp32 graph's; lists every output and its tolerance."""
 
 

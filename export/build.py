@@ -52,6 +52,7 @@ from nezha.model.checkpoint import CheckpointError, load_catalog, load_checkpoin
 from nezha.runtime.catalog import CatalogError
 from nezha.runtime.encoding import EncodingError
 from nezha.runtime.manifest import write_manifest
+from nezha.runtime.errors import NezhaError
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "checkpoints" / "demo" / "nezha"
@@ -61,7 +62,7 @@ CALIBRATION_CACHE = "calibration/cache.json"      # inside the artifact; a --for
 CALIBRATION_SEED = 0
 
 
-class BuildError(ValueError):
+class BuildError(NezhaError, ValueError):
     """A build that cannot start or finish: bad arguments, existing or unwritable output."""
 
 

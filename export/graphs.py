@@ -16,12 +16,13 @@ import torch
 from torch import nn
 
 from nezha.model.nezha import NezhaModel
+from nezha.runtime.errors import NezhaError
 
 EXPORTERS = ("dynamo", "torchscript")
 EXTERNAL_DATA_BYTES = 1_800_000_000     # protobuf's hard limit is 2 GiB; stay clear of it
 
 
-class ExportError(RuntimeError):
+class ExportError(NezhaError, RuntimeError):
     """A graph that torch.onnx.export could not produce (both exporters failed)."""
 
 

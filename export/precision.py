@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import onnx
 
 from .graphs import save_onnx
+from nezha.runtime.errors import NezhaError
 
 # "int8" and "int8-cpu" are nezha.calibration's INT8 and INT8_CPU (spelled out: calibration/ loads lazily).
 PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
@@ -23,7 +24,7 @@ FP32_OPS = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "Div", "Softmax", "LogSof
             "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
 
 
-class PrecisionError(ValueError):
+class PrecisionError(NezhaError, ValueError):
     """A precision that is unknown or whose tooling is not available."""
 
 

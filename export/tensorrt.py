@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from nezha.runtime.errors import NezhaError
 
 MIN_MAJOR = 10
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailable(NezhaError, RuntimeError):
     """TensorRT or a CUDA GPU is missing here; the engine step is skipped, the build goes on."""
 
 
-class EngineBuildError(RuntimeError):
+class EngineBuildError(NezhaError, RuntimeError):
     """TensorRT could not parse a graph or build its engine; the message carries the parser's errors."""
 
 

@@ -23,6 +23,7 @@ from nezha.runtime.decode import beam_search, items_from_sids
 from nezha.runtime.encoding import encode_histories
 
 from .graphs import Limits, token_range
+from nezha.runtime.errors import NezhaError
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ TOLERANCES = {"fp32": Tolerance(1e-3, 1.0), "fp16": Tolerance(5e-2, 0.9), "int8"
               "int8-cpu": Tolerance(0.5, 0.7)}
 
 
-class ValidationError(RuntimeError):
+class ValidationError(NezhaError, RuntimeError):
     """Exported graphs that disagree with the torch model; ``report`` holds every comparison."""
 
     def __init__(self, message: str, report: dict):

@@ -21,12 +21,13 @@ from nezha.runtime.catalog import Catalog
 from nezha.runtime.layout import LayoutError, SidLayout
 
 from .nezha import ARCHITECTURES, NezhaModel, layout_from_config
+from nezha.runtime.errors import NezhaError
 
 REFERENCE_RADIX = 512          # hard-coded in the public training code's ava_sid packing
 SID_FIELDS = ("docid_num", "offset", "max_sid", "vocab_size")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(NezhaError, ValueError):
     """A checkpoint folder that does not follow the NEZHA format; the message names file, key and expectation."""
 
 

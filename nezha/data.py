@@ -9,11 +9,12 @@ from pathlib import Path
 import numpy as np
 
 from nezha.runtime.catalog import read_json_object
+from nezha.runtime.errors import NezhaError
 
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "beauty"
 
 
-class DataError(ValueError):
+class DataError(NezhaError, ValueError):
     """A dataset folder or interactions file that cannot be read."""
 
 

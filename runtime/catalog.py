@@ -10,11 +10,12 @@ from pathlib import Path
 import numpy as np
 
 from .layout import SidLayout
+from nezha.runtime.errors import NezhaError
 
 _TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
 
 
-class CatalogError(ValueError):
+class CatalogError(NezhaError, ValueError):
     """A malformed item index or catalog table."""
 
 

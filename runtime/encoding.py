@@ -9,9 +9,10 @@ import numpy as np
 
 from .catalog import Catalog
 from .layout import SidLayout
+from nezha.runtime.errors import NezhaError
 
 
-class EncodingError(ValueError):
+class EncodingError(NezhaError, ValueError):
     """A history that cannot be encoded (unknown items under the 'error' policy, empty, wrong type)."""
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from nezha.runtime.errors import NezhaError
 
 
-class LayoutError(ValueError):
+class LayoutError(NezhaError, ValueError):
     """A SID layout that is inconsistent (offsets, code counts, placeholder ids)."""
 
 

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 
 from .layout import SidLayout
+from nezha.runtime.errors import NezhaError
 
 FORMAT = "nezha-artifact"
 VERSION = 1
 MANIFEST = "manifest.json"
 
 
-class ManifestError(ValueError):
+class ManifestError(NezhaError, ValueError):
     """An artifact folder that is missing, corrupt or of another format version."""
 
 

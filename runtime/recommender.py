@@ -16,11 +16,12 @@ from .decode import beam_search, items_from_sids
 from .encoding import encode_codes, history_codes
 from .manifest import Manifest, ManifestError
 from .verifier import Verifier
+from nezha.runtime.errors import NezhaError
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
 
-class RequestError(ValueError):
+class RequestError(NezhaError, ValueError):
     """A request outside what the artifact allows (k, beam, types); the message says what is allowed."""
 
 

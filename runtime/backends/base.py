@@ -4,9 +4,10 @@ feed against them, runs over buffers allocated once for the largest shapes, and 
 from __future__ import annotations
 
 import numpy as np
+from nezha.runtime.errors import NezhaError
 
 
-class RunnerError(ValueError):
+class RunnerError(NezhaError, ValueError):
     """A feed that does not match the graph (names, dtypes, ranks, dims outside the built ranges)."""
 
 

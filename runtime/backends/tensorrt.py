@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 
 from .base import GraphRunner, buffer_group, prefix_view, shared_buffer_sizes
+from nezha.runtime.errors import NezhaError
 
 
-class EngineMismatchError(RuntimeError):
+class EngineMismatchError(NezhaError, RuntimeError):
     """An engine built for another GPU or TensorRT version: it must be rebuilt, not loaded."""
 
 

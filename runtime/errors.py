@@ -1,0 +1,10 @@
+"""The one root of the project's user errors.
+
+Every error that a user can cause (a bad artifact, checkpoint, request, option or data file) derives
+from ``NezhaError``; every CLI turns one into a one-line ``error: ...`` message and exit code 2.
+Anything else is a bug and keeps its traceback. Subclasses also derive from ``ValueError`` or
+``RuntimeError`` so that callers written against those keep working."""
+
+
+class NezhaError(Exception):
+    """A user error: the message names the problem and what is allowed."""
