@@ -1,0 +1,172 @@
+"""The benchmark's worker process: one loaded artifact, driven from outside. Run as a script (never imported
+as ``nezha.bench.worker`` by the measured process), so that it imports only ``nezha.runtime`` and NumPy: the
+same file drives the current tree and, in ``nezha bench --against REV``, a base revision's runtime.
+
+    python bench/worker.py count SPEC.json     # run phases once and exit (under valgrind: instruction counts)
+    python bench/worker.py serve SPEC.json     # answer JSON lines on stdin: {"contender", "request"} -> seconds
+
+Contenders: ``floor`` (encode + one backbone pass: the latency floor) and ``runtime`` (``Recommender.decode``:
+the full NEZHA decode). SPEC: {"artifact", "requests" (a JSON file: a list of requests, each a list of
+item-id histories), "beam", "threads", "warmup", "phases": [[contender, n], ...] (count only), "out" (count
+only: a JSON file for the facts below)}.
+
+Test-only slowdown hook: ``NEZHA_BENCH_INJECT=verify:x0.5`` repeats the verifier's ``mask`` on half of its
+calls (``select:x1`` repeats the top-k selection on every call): extra work that scales with the real
+work, patched in at run time (no source is edited), so that the gate's own tests can prove it fails on a
+few percent."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
+    del sys.path[0]          # run as a script: bench/'s modules (run, stats, ...) must not shadow anything
+
+INJECT_ENV = "NEZHA_BENCH_INJECT"
+INJECT_TARGETS = ("verify", "select")
+
+
+def parse_inject(spec: str) -> tuple[str, float]:
+    """``"verify:x0.5"`` -> ("verify", 0.5): the target and the extra repetitions per call (a fraction
+    repeats on that share of calls, spread evenly)."""
+    target, _, work = spec.partition(":")
+    if target not in INJECT_TARGETS or not work.startswith("x"):
+        raise ValueError(f"{INJECT_ENV}={spec!r}: expected TARGET:xF with TARGET one of {INJECT_TARGETS} and "
+                         "F extra repetitions per call (e.g. verify:x0.5)")
+    try:
+        extra = float(work[1:])
+    except ValueError:
+        raise ValueError(f"{INJECT_ENV}={spec!r}: F must be a number, got {work[1:]!r}") from None
+    if not 0 < extra <= 100:
+        raise ValueError(f"{INJECT_ENV}={spec!r}: F must lie in (0, 100], got {extra}")
+    return target, extra
+
+
+def _repeating(fn, extra: float):
+    """fn, run 1 + ``extra`` times per call on average (deterministic: a running credit, no randomness)."""
+    credit = [0.0]
+
+    def wrapped(*args, **kwargs):
+        out = fn(*args, **kwargs)
+        credit[0] += extra
+        while credit[0] >= 1.0:
+            fn(*args, **kwargs)
+            credit[0] -= 1.0
+        return out
+
+    return wrapped
+
+
+def install_inject(rec, spec: str | None) -> str | None:
+    """Apply the test-only slowdown ``spec`` (see the module docstring) to a loaded Recommender."""
+    if not spec:
+        return None
+    target, extra = parse_inject(spec)
+    if target == "verify":
+        rec.verifier.mask = _repeating(rec.verifier.mask, extra)          # this instance only
+    else:
+        from nezha.runtime import decode
+        decode.top_k_desc = _repeating(decode.top_k_desc, extra)          # beam_search looks it up per call
+    return spec
+
+
+def load(spec: dict):
+    """(Recommender, requests) from a spec; ONNX Runtime with ``spec["threads"]`` intra-op threads."""
+    from nezha.runtime import Recommender
+
+    with open(spec["requests"]) as f:
+        requests = json.load(f)
+    rec = Recommender.load(spec["artifact"], threads=spec["threads"])
+    return rec, requests
+
+
+def contender(rec, name: str, beam: int):
+    """The callable that runs one request (a list of histories) as contender ``name``; returns a small
+    integer digest of its output, so that runs can be checked to have done the same work."""
+    if name == "floor":
+        def run(histories):
+            hidden = rec.backbone(rec.encode(histories))
+            return int(hidden.shape[0] * hidden.shape[1])
+    elif name == "runtime":
+        def run(histories):
+            keys, _ = rec.decode(histories, beam)
+            return int(keys.sum() % 1000003)
+    else:
+        raise ValueError(f"contender {name!r}; allowed: floor, runtime")
+    return run
+
+
+def cpu_features() -> dict:
+    """The CPU features NumPy detected (via cpuid; under valgrind, valgrind's virtual CPU), only the true ones."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:                                                     # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__
+    return sorted(k for k, v in __cpu_features__.items() if v)
+
+
+def count(spec: dict) -> dict:
+    """Load, warm every phase's contender up on the first ``warmup`` requests, then run each phase's n
+    requests (the same requests for every contender, starting after the warm-up ones)."""
+    rec, requests = load(spec)
+    inject = install_inject(rec, os.environ.get(INJECT_ENV))
+    beam, warmup = spec["beam"], spec["warmup"]
+    runs = {name: contender(rec, name, beam) for name in ("floor", "runtime")}
+    needed = warmup + max([n for _, n in spec["phases"]] + [0])
+    if needed > len(requests):
+        raise ValueError(f"the spec asks for {needed} requests, the requests file has {len(requests)}")
+    for name in runs:
+        for req in requests[:warmup]:
+            runs[name](req)
+    digests = {}
+    for name, n in spec["phases"]:
+        d = 0
+        for req in requests[warmup:warmup + n]:
+            d = (d * 31 + runs[name](req)) % 1000003
+        digests[name] = d
+    rec.close()
+    import numpy as np
+    import onnxruntime
+    return {"digests": digests, "inject": inject, "cpu_features": cpu_features(), "numpy": np.__version__,
+            "onnxruntime": onnxruntime.__version__, "runtime_module": sys.modules["nezha.runtime"].__file__}
+
+
+def serve(spec: dict) -> None:
+    """A JSON-lines loop: {"contender": NAME, "request": I} -> {"seconds": S} (the request's wall-clock time,
+    measured here so that the pipe is not timed); {"stop": true} ends. Says {"ready": ...} once loaded."""
+    rec, requests = load(spec)
+    inject = install_inject(rec, os.environ.get(INJECT_ENV))
+    runs = {name: contender(rec, name, spec["beam"]) for name in ("floor", "runtime")}
+    print(json.dumps({"ready": True, "requests": len(requests), "inject": inject,
+                      "runtime_module": sys.modules["nezha.runtime"].__file__}), flush=True)
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg.get("stop"):
+            break
+        run, req = runs[msg["contender"]], requests[msg["request"]]
+        t0 = time.perf_counter()
+        run(req)
+        print(json.dumps({"seconds": time.perf_counter() - t0}), flush=True)
+    rec.close()
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] not in ("count", "serve"):
+        print("usage: worker.py count|serve SPEC.json", file=sys.stderr)
+        return 2
+    with open(argv[1]) as f:
+        spec = json.load(f)
+    if argv[0] == "count":
+        facts = count(spec)
+        with open(spec["out"], "w") as f:
+            json.dump(facts, f)
+    else:
+        serve(spec)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
