@@ -1,13 +1,17 @@
 """``nezha bench ARTIFACT``: a thin layer over nezha.bench.suite.run_bench (option names = its arguments).
 
     nezha bench artifacts/demo --checkpoint checkpoints/demo/nezha --out runs/bench
-    nezha bench artifacts/demo --quick --baseline bench-baseline.json --tolerance 0.10     # CI gate
+    nezha bench artifacts/demo --quick --out runs/quick                                     # wall-clock report
+    nezha bench artifacts/ci --instructions --baseline bench/baseline-instructions.json      # the CI gate
+    nezha bench artifacts/ci --instructions --save-baseline bench/baseline-instructions.json # accept a change
+    nezha bench artifacts/ci --against main                                                 # wall-clock A/B
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import shlex
 import sys
 from pathlib import Path
 
@@ -27,11 +31,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", help="runtime backends (default: onnxruntime, + tensorrt if available)")
     p.add_argument("--precisions", nargs="+", help="artifact precisions (default: all in the manifest)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (runtime and torch contenders)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", default=[1], help="histories per request")
-    p.add_argument("--beams", type=int, nargs="+", default=[20, 512], help="beam widths")
-    p.add_argument("--requests", type=int, default=30, help="timed requests per configuration")
-    p.add_argument("--warmup", type=int, default=3, help="untimed requests first")
-    p.add_argument("--history-limit", type=int, default=2000, help="histories drawn from the data")
+    p.add_argument("--batch-sizes", type=int, nargs="+", help="histories per request (default 1)")
+    p.add_argument("--beams", type=int, nargs="+", help="beam widths (default 20 512; --instructions and "
+                   "--against: one, default 20)")
+    p.add_argument("--requests", type=int, help="timed (counted) requests per configuration (default 30)")
+    p.add_argument("--warmup", type=int, help="untimed requests first (default 3)")
+    p.add_argument("--history-limit", type=int, help="histories drawn from the data (default 2000; "
+                   "--instructions and --against: 500)")
     p.add_argument("--max-history", type=int, help="items kept per history (default: the artifact's)")
     p.add_argument("--threads", type=int, help="intra-op threads of ONNX Runtime and torch (default: theirs)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
@@ -41,25 +47,114 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="also time HF generate() with prefix_allowed_tokens_fn (the naive approach; slow)")
     p.add_argument("--quick", action="store_true", help="one small configuration (batch 1, beam 20), for CI")
     p.add_argument("--out", type=Path, default=Path("runs/bench"), help="writes bench.json, bench.md, bench.png")
-    p.add_argument("--baseline", type=Path, help="baseline file: exit 1 if a ratio regressed")
+    p.add_argument("--baseline", type=Path, help="baseline file: exit 1 if a ratio (with --instructions: an "
+                   "instruction count) regressed")
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed ratio regression (fraction)")
-    p.add_argument("--save-baseline", type=Path, help="write this run's ratios as a baseline file")
+    p.add_argument("--save-baseline", type=Path, help="write this run's ratios (instruction counts) as a baseline")
     p.add_argument("--title", help="label of the run in the reports")
+    g = p.add_argument_group("instruction-count gate (Valgrind cachegrind; see nezha.bench.instructions)")
+    g.add_argument("--instructions", action="store_true", help="count instructions per request of the floor "
+                   "and the runtime under cachegrind instead of timing (the CI gate)")
+    g.add_argument("--own-tolerance", type=float, help="allowed growth of the runtime's own instructions per "
+                   "request (runtime - floor), fraction (default: the baseline's, 0.02)")
+    g.add_argument("--end-to-end-tolerance", type=float, help="allowed growth of the runtime's instructions per "
+                   "request, fraction (default: the baseline's, 0.01)")
+    g.add_argument("--jobs", type=int, default=2, help="worker processes under valgrind at once")
+    a = p.add_argument_group("wall-clock A/B against a git revision (a report, not a gate)")
+    a.add_argument("--against", metavar="REV", help="time the current tree against REV (a git worktree with its "
+                   "own artifact build), interleaved request by request; report current / base with a CI")
+    a.add_argument("--build-args", default="--precision fp32", help="export/build.py options of both sides' "
+                   "artifacts, one quoted string (default: '--precision fp32')")
     p.set_defaults(run=run)
     return p
 
 
+WALL_CLOCK_DEFAULTS = {"batch_sizes": [1], "beams": [20, 512], "requests": 30, "warmup": 3, "history_limit": 2000}
+
+
 def run(args) -> int:
-    from .gate import GateError
-    from .run import BenchError
+    from nezha.runtime.errors import NezhaError
+
+    try:
+        if args.instructions and args.against:
+            raise _OptionError("--instructions and --against are two different runs: give one")
+        if args.instructions:
+            return run_instructions(args)
+        if args.against:
+            return run_against(args)
+        return run_wall_clock(args)
+    except (NezhaError, ValueError) as e:          # manifest, data, checkpoint, request, option errors
+        print(f"nezha bench: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
+        detail = str(e).splitlines()[1:]
+        if detail:                                 # a failed worker's last lines: after the one-line error
+            print("\n".join(detail), file=sys.stderr)
+        return 2
+
+
+class _OptionError(ValueError):
+    pass
+
+
+def _one(values, name: str, default):
+    if values is None:
+        return default
+    if len(values) != 1:
+        raise _OptionError(f"{name} takes one value with --instructions or --against, got {values}")
+    return values[0]
+
+
+def _workload(args) -> dict:
+    from .instructions import DEFAULTS
+
+    return {"requests": DEFAULTS["requests"] if args.requests is None else args.requests,
+            "warmup": DEFAULTS["warmup"] if args.warmup is None else args.warmup,
+            "beam": _one(args.beams, "--beams", DEFAULTS["beam"]),
+            "batch_size": _one(args.batch_sizes, "--batch-sizes", DEFAULTS["batch_size"]),
+            "history_limit": DEFAULTS["histories"] if args.history_limit is None else args.history_limit,
+            "threads": DEFAULTS["threads"] if args.threads is None else args.threads}
+
+
+def run_instructions(args) -> int:
+    from .instructions import report, run_gate
+
+    if args.artifact is None:
+        raise _OptionError("--instructions needs an ARTIFACT folder")
+    out = args.out if args.out != Path("runs/bench") else Path("runs/instructions")
+    result = run_gate(args.artifact, data=args.data, baseline=args.baseline, save_baseline_to=args.save_baseline,
+                      own_tolerance=args.own_tolerance, end_to_end_tolerance=args.end_to_end_tolerance, out=out,
+                      jobs=args.jobs, progress=lambda msg: print(msg, file=sys.stderr), **_workload(args))
+    from .instructions import load_baseline
+    print(report(result, load_baseline(args.baseline) if args.baseline else None))
+    print(f"wrote {out}/instructions.json, instructions.md" +
+          (f"; baseline {args.save_baseline}" if args.save_baseline else ""))
+    gate = result.get("gate")
+    if gate and not gate["passed"]:
+        for msg in gate["regressions"]:
+            print(f"REGRESSED {msg}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_against(args) -> int:
+    from .ab import report, run_against as ab
+
+    w = _workload(args)
+    out = args.out if args.out != Path("runs/bench") else Path("runs/ab")
+    result = ab(args.against, artifact=args.artifact, data=args.data, requests=w["requests"], warmup=w["warmup"],
+                beam=w["beam"], batch_size=w["batch_size"], threads=w["threads"], history_limit=w["history_limit"],
+                build_args=shlex.split(args.build_args), out=out, progress=lambda msg: print(msg, file=sys.stderr))
+    print(report(result))
+    print(f"wrote {out}/ab.json, ab.md")
+    return 0
+
+
+def run_wall_clock(args) -> int:
     from .suite import run_bench
 
-    kwargs = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
-    try:
-        result, regressions = run_bench(**kwargs, progress=True)
-    except (BenchError, GateError, ValueError) as e:     # manifest, data, checkpoint, request errors
-        print(f"nezha bench: {e}", file=sys.stderr)
-        return 2
+    skip = ("run", "command", "instructions", "own_tolerance", "end_to_end_tolerance", "jobs", "against", "build_args")
+    kwargs = {k: v for k, v in vars(args).items() if k not in skip}
+    kwargs.update({k: v for k, v in WALL_CLOCK_DEFAULTS.items() if kwargs[k] is None})
+    result, regressions = run_bench(**kwargs, progress=True)
     from .report import markdown
     print(markdown(result))
     print(f"wrote {args.out}/bench.json, bench.md, bench.png" + (f"; baseline {args.save_baseline}"

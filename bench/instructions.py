@@ -133,8 +133,11 @@ def group_of(file: str, function: str) -> str:
     which names the object: the unnamed instructions of a decode are libonnxruntime's)."""
     if function == "???" or "onnxruntime" in function or "Mlas" in function or function.startswith("Ort"):
         return "onnxruntime"
-    if re.search(r"(^|/)Python-[0-9.]+/|/(Python|Objects|Modules|Parser|Include)/", file) \
-            or function.startswith(("Py", "_Py")):
+    if re.search(r"(^|/)Python-[0-9.]+/|/(Python|Objects|Modules|Parser|Include)/", file):
+        return "python"
+    if function.startswith(("PyArray", "PyUFunc", "PyDataType", "Npy", "npy")):
+        return "numpy"                 # NumPy's C API carries the Py prefix too
+    if function.startswith(("Py", "_Py")):
         return "python"
     if file.startswith("./") or "/sysdeps/" in file or "/glibc" in file:
         return "libc"

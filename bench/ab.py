@@ -1,0 +1,276 @@
+"""``nezha bench --against REV``: wall-clock A/B of the current tree against a base revision, in one run.
+
+What instruction counts miss (memory traffic, threads, a kernel choice) shows in time; on a shared machine
+time drifts, so both sides run at once and are compared request by request: the base revision is checked
+out in a git worktree in a temporary folder, its artifact is built by its own ``export/build.py``, and two
+worker processes (``bench/worker.py serve``: one imports the current ``nezha.runtime``, the other the
+base's, through a package folder of links made from the base's own package mapping) run the same requests,
+alternately: for request i, contender c, the two sides run back to back, in an order that flips with i.
+The report is the ratio current / base per contender (geometric mean of the per-request ratios) with a
+paired bootstrap confidence interval, as ``pyperf compare_to`` and ``asv continuous`` report theirs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from .instructions import WORKER, worker_env
+from nezha.runtime.errors import NezhaError
+
+ROOT = Path(__file__).resolve().parents[1]       # the current tree (an editable install's source folder)
+CONTENDERS = ("floor", "runtime")
+FORMAT = "nezha-ab"
+
+
+class AbError(NezhaError, RuntimeError):
+    """The A/B run cannot be made (unknown revision, a build or worker that fails); the message says why."""
+
+
+# --- statistics --------------------------------------------------------------------------------------------
+
+def paired_bootstrap(stat, arrays: Sequence[np.ndarray], confidence: float = 0.95, resamples: int = 4000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """(estimate, low, high): ``stat(*arrays)`` and its percentile bootstrap interval, resampling the
+    requests (the same indices in every array, so pairs stay pairs)."""
+    arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
+    n = len(arrays[0])
+    if n < 2 or any(len(a) != n for a in arrays):
+        raise AbError(f"a paired bootstrap needs >= 2 requests of equal count per side, got {[len(a) for a in arrays]}")
+    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
+    boots = np.array([stat(*(a[i] for a in arrays)) for i in idx])
+    alpha = (1.0 - confidence) / 2
+    return float(stat(*arrays)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
+
+
+def geometric_mean_ratio(current: np.ndarray, base: np.ndarray) -> float:
+    """exp(mean(log(current_i / base_i))): the typical per-request ratio, symmetric in the two sides."""
+    return float(np.exp(np.mean(np.log(current / base))))
+
+
+def own_ratio(cur_runtime, cur_floor, base_runtime, base_floor) -> float:
+    """mean(runtime - floor) of the current side over the base side's: the runtime's own time, as a ratio."""
+    return float(np.mean(cur_runtime - cur_floor) / np.mean(base_runtime - base_floor))
+
+
+def verdict(low: float, high: float) -> str:
+    if low > 1.0:
+        return "slower"
+    if high < 1.0:
+        return "faster"
+    return "no significant change"
+
+
+def compare_sides(seconds: dict, confidence: float = 0.95) -> dict:
+    """{side: {contender: [seconds per request]}} -> per contender (and the runtime's own time):
+    medians of both sides, the ratio current / base with its interval, and the verdict."""
+    cur, base = seconds["current"], seconds["base"]
+    out = {}
+    for c in CONTENDERS:
+        a, b = np.asarray(cur[c]), np.asarray(base[c])
+        est, lo, hi = paired_bootstrap(geometric_mean_ratio, [a, b], confidence)
+        out[c] = {"current_median_ms": float(np.median(a) * 1e3), "base_median_ms": float(np.median(b) * 1e3),
+                  "ratio": est, "low": lo, "high": hi, "verdict": verdict(lo, hi)}
+    arrays = [np.asarray(x) for x in (cur["runtime"], cur["floor"], base["runtime"], base["floor"])]
+    est, lo, hi = paired_bootstrap(own_ratio, arrays, confidence)
+    out["runtime_own"] = {"current_median_ms": float(np.median(arrays[0] - arrays[1]) * 1e3),
+                          "base_median_ms": float(np.median(arrays[2] - arrays[3]) * 1e3),
+                          "ratio": est, "low": lo, "high": hi, "verdict": verdict(lo, hi)}
+    return out
+
+
+# --- the two trees -------------------------------------------------------------------------------------------
+
+def _git(*args, cwd: Path = ROOT) -> str:
+    proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise AbError(f"git {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
+    return proc.stdout.strip()
+
+
+def resolve(rev: str) -> str:
+    """A revision -> its full commit sha (AbError if the current tree is no git checkout or rev unknown)."""
+    if not (ROOT / ".git").exists():
+        raise AbError(f"{ROOT} is not a git checkout: --against needs the repository's history")
+    try:
+        return _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
+    except AbError:
+        raise AbError(f"unknown revision {rev!r} (git rev-parse found no commit)") from None
+
+
+def package_folder(tree: Path, dest: Path) -> Path:
+    """A folder to put first on PYTHONPATH so that ``import nezha...`` loads ``tree``'s code: ``dest``/nezha
+    holds links to each package folder as ``tree``'s pyproject maps them (nezha.runtime -> runtime/ ...)."""
+    import tomllib
+
+    try:
+        mapping = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
+        raise AbError(f"{tree}/pyproject.toml has no [tool.setuptools.package-dir] table ({e})") from None
+    pkg = dest / "nezha"
+    pkg.mkdir(parents=True)
+    for entry in (tree / mapping.get("nezha", "nezha")).iterdir():
+        (pkg / entry.name).symlink_to(entry)
+    for name, folder in mapping.items():
+        if name.startswith("nezha."):
+            link = pkg / name.split(".", 1)[1]
+            if not link.exists():
+                link.symlink_to(tree / folder)
+    return dest
+
+
+def build_artifact(tree: Path, out: Path, build_args: Sequence[str], env: dict, log) -> Path:
+    """``tree``'s own export/build.py -> artifact folder ``out``."""
+    cmd = [sys.executable, str(tree / "export" / "build.py"), *build_args, "--out", str(out), "--force"]
+    log(f"building {out.name} with {tree}'s export/build.py")
+    proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
+        raise AbError(f"building the artifact of {tree} failed: {' '.join(cmd)}\n{tail}")
+    return out
+
+
+class Side:
+    """One worker process serving requests on one artifact with one tree's runtime."""
+
+    def __init__(self, name: str, artifact: Path, spec_dir: Path, requests_file: Path, beam: int, threads: int,
+                 env: dict, expect_module_under: Path):
+        spec = spec_dir / f"{name}.spec.json"
+        spec.write_text(json.dumps({"artifact": str(artifact), "requests": str(requests_file), "beam": beam,
+                                    "threads": threads, "warmup": 0}))
+        self.name = name
+        self.proc = subprocess.Popen([sys.executable, str(WORKER), "serve", str(spec)], env=env, text=True,
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        ready = self._read()
+        module = ready.get("runtime_module", "")
+        if not Path(module).is_relative_to(expect_module_under):
+            self.close()
+            raise AbError(f"the {name} worker imported nezha.runtime from {module}, expected it under "
+                          f"{expect_module_under}")
+        self.module = module
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            err = self.proc.stderr.read().strip().splitlines()
+            raise AbError(f"the {self.name} worker stopped: " + ("\n".join(err[-6:]) or "no message"))
+        return json.loads(line)
+
+    def run(self, contender: str, request: int) -> float:
+        self.proc.stdin.write(json.dumps({"contender": contender, "request": request}) + "\n")
+        self.proc.stdin.flush()
+        return float(self._read()["seconds"])
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.write(json.dumps({"stop": True}) + "\n")
+                self.proc.stdin.flush()
+                self.proc.wait(timeout=30)
+            except (BrokenPipeError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_against(rev: str, artifact: str | Path | None = None, data: str | Path | None = None, histories=None,
+                requests: int = 30, warmup: int = 3, beam: int = 20, batch_size: int = 1, threads: int = 1,
+                history_limit: int = 500, build_args: Sequence[str] = ("--precision", "fp32"),
+                confidence: float = 0.95, out: str | Path | None = None, progress=None) -> dict:
+    """Time the current tree against revision ``rev``, interleaved request by request.
+
+    ``artifact``: the current side's artifact (default: built here by the current export/build.py with
+    ``build_args``); the base side's is always built by the base's own export/build.py with ``build_args``.
+    Returns {"base": {"rev", "sha"}, "seconds": {side: {contender: [s]}}, "comparison": compare_sides(...)};
+    writes ``out``/ab.json and ab.md if ``out``."""
+    from .run import load_histories, requests_of
+
+    say = progress or (lambda msg: None)
+    if requests < 2 or warmup < 0:
+        raise AbError(f"need requests >= 2 and warmup >= 0, got requests={requests}, warmup={warmup}")
+    sha = resolve(rev)
+    tmp = Path(tempfile.mkdtemp(prefix="nezha-ab-"))
+    base_tree = tmp / "base"
+    sides: list[Side] = []
+    try:
+        if (ROOT.parent / "shared").is_dir():       # the trees find the demo data at ../shared
+            (tmp / "shared").symlink_to(ROOT.parent / "shared")
+        say(f"checking out {rev} ({sha[:12]}) into {base_tree}")
+        _git("worktree", "add", "--detach", str(base_tree), sha)
+        base_env = worker_env()
+        base_path = package_folder(base_tree, tmp / "base-path")
+        base_env["PYTHONPATH"] = os.pathsep.join([str(base_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        base_artifact = build_artifact(base_tree, tmp / "base-artifact", build_args, base_env, say)
+        if artifact is None:
+            artifact = build_artifact(ROOT, tmp / "current-artifact", build_args, worker_env(), say)
+        if histories is None:
+            from nezha.data import DEFAULT_DATA
+            histories = load_histories(Path(data) if data is not None else DEFAULT_DATA, "test", history_limit)
+        requests_file = tmp / "requests.json"
+        requests_file.write_text(json.dumps(requests_of(histories, batch_size, warmup + requests)))
+        cur_env = worker_env()
+        cur_env.pop("NEZHA_BENCH_INJECT", None)             # the hook is for the instruction gate's tests
+        sides.append(Side("current", Path(artifact), tmp, requests_file, beam, threads, cur_env, ROOT))
+        sides.append(Side("base", base_artifact, tmp, requests_file, beam, threads, base_env, base_path))
+        seconds = {s.name: {c: [] for c in CONTENDERS} for s in sides}
+        t0 = time.perf_counter()
+        for i in range(warmup + requests):
+            order = sides if i % 2 == 0 else sides[::-1]
+            for c in CONTENDERS:
+                for s in order:
+                    t = s.run(c, i)
+                    if i >= warmup:
+                        seconds[s.name][c].append(t)
+            if progress and (i + 1) % 10 == 0:
+                say(f"request {i + 1}/{warmup + requests}")
+        wall = time.perf_counter() - t0
+    finally:
+        for s in sides:
+            s.close()
+        if base_tree.exists():
+            subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, capture_output=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    from .stats import machine
+    result = {"format": FORMAT, "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+              "machine": machine(), "base": {"rev": rev, "sha": sha},
+              "current": {"tree": str(ROOT), "head": _git("rev-parse", "HEAD"),
+                          "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))},
+              "setup": {"requests": requests, "warmup": warmup, "beam": beam, "batch_size": batch_size,
+                        "threads": threads, "build_args": list(build_args), "confidence": confidence,
+                        "order": "per request and contender, both sides back to back; the first side alternates"},
+              "seconds": seconds, "wall_seconds": round(wall, 1),
+              "comparison": compare_sides(seconds, confidence)}
+    if out is not None:
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "ab.json").write_text(json.dumps(result, indent=1))
+        (out / "ab.md").write_text(report(result))
+    return result
+
+
+def report(result: dict) -> str:
+    """Markdown: per contender both medians and current / base with its confidence interval."""
+    s, m = result["setup"], result["machine"]
+    cur = result["current"]
+    lines = [f"# A/B: current tree vs {result['base']['rev']} ({result['base']['sha'][:12]})", "",
+             f"- current: {cur['head'][:12]}" + (" + uncommitted changes" if cur["dirty"] else ""),
+             f"- machine: {m['cpu']}, {m['cpu_usable']} usable cores, load {m.get('load_average')}",
+             f"- batch {s['batch_size']}, beam {s['beam']}, {s['requests']} timed requests after {s['warmup']} warm-up, "
+             f"ONNX Runtime {s['threads']} thread(s); {s['order']}", "",
+             f"| contender | base p50 | current p50 | current / base | {s['confidence']:.0%} CI | verdict |",
+             "|---|---:|---:|---:|---|---|"]
+    names = {"floor": "floor (encode + backbone)", "runtime": "runtime (full decode)",
+             "runtime_own": "runtime own (runtime - floor)"}
+    for key, r in result["comparison"].items():
+        lines.append(f"| {names[key]} | {r['base_median_ms']:.3f} ms | {r['current_median_ms']:.3f} ms | "
+                     f"{r['ratio']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | {r['verdict']} |")
+    lines += ["", "Ratios: geometric mean of per-request ratios (own: ratio of mean differences); intervals: "
+              "paired bootstrap over requests. A report, not a gate: the instruction count is the gate."]
+    return "\n".join(lines) + "\n"
