@@ -59,7 +59,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    "request (runtime - floor), fraction (default: the baseline's, 0.02)")
     g.add_argument("--end-to-end-tolerance", type=float, help="allowed growth of the runtime's instructions per "
                    "request, fraction (default: the baseline's, 0.01)")
-    g.add_argument("--jobs", type=int, default=2, help="worker processes under valgrind at once")
+    g.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True, help="also count the "
+                   "runtime's stages apart (head, verify, select: N more requests each)")
     a = p.add_argument_group("wall-clock A/B against a git revision (a report, not a gate)")
     a.add_argument("--against", metavar="REV", help="time the current tree against REV (a git worktree with its "
                    "own artifact build), interleaved request by request; report current / base with a CI")
@@ -122,7 +123,7 @@ def run_instructions(args) -> int:
     out = args.out if args.out != Path("runs/bench") else Path("runs/instructions")
     result = run_gate(args.artifact, data=args.data, baseline=args.baseline, save_baseline_to=args.save_baseline,
                       own_tolerance=args.own_tolerance, end_to_end_tolerance=args.end_to_end_tolerance, out=out,
-                      jobs=args.jobs, progress=lambda msg: print(msg, file=sys.stderr), **_workload(args))
+                      stages=args.stages, progress=lambda msg: print(msg, file=sys.stderr), **_workload(args))
     from .instructions import load_baseline
     print(report(result, load_baseline(args.baseline) if args.baseline else None))
     print(f"wrote {out}/instructions.json, instructions.md" +
@@ -151,7 +152,7 @@ def run_against(args) -> int:
 def run_wall_clock(args) -> int:
     from .suite import run_bench
 
-    skip = ("run", "command", "instructions", "own_tolerance", "end_to_end_tolerance", "jobs", "against", "build_args")
+    skip = ("run", "command", "instructions", "own_tolerance", "end_to_end_tolerance", "stages", "against", "build_args")
     kwargs = {k: v for k, v in vars(args).items() if k not in skip}
     kwargs.update({k: v for k, v in WALL_CLOCK_DEFAULTS.items() if kwargs[k] is None})
     result, regressions = run_bench(**kwargs, progress=True)

@@ -1,24 +1,27 @@
-"""The instruction-count regression gate: the runtime's work per request, counted by Valgrind's cachegrind.
+"""The instruction-count regression gate: the runtime's work per request, counted by Valgrind.
 
 Instructions executed do not depend on the machine's load, its neighbours or its clock, so a 2% gate holds
-on a shared 2-core CI machine where wall-clock times move by 20%. What is counted:
+on a shared 2-core CI machine where wall-clock times move by 20%. What is counted: one worker process
+(``bench/worker.py count``) under ``valgrind --tool=callgrind --instr-atstart=no``, which loads the
+artifact and warms each contender up uninstrumented (near native speed), starts the instrumentation, and
+then runs N requests per phase, switching callgrind's event collection on only while a phase's requests
+run and dumping the counts after each phase (valgrind client requests, issued through a few bytes of
+machine code called with ctypes). Phases: ``floor`` (encode + backbone), ``runtime`` (the full
+NEZHA decode), and ``runtime:head``/``runtime:verify``/``runtime:select``, the runtime again with collection
+on only inside the draft head's graph runs, the verifier's mask or the top-k selection: the stages. The
+gated figures: the runtime's **own** instructions per request (runtime minus floor: head graphs, verifier,
+selection, the decode loop) at 2%, and its **end-to-end** instructions per request at 1%.
 
-- three worker processes (``bench/worker.py count``) under ``valgrind --tool=cachegrind --cache-sim=no``,
-  identical up to how many requests they run after loading and warming up:
-  ``setup`` (none), ``floor`` (N floor requests), ``runtime`` (the same N floor requests, then N runtime
-  requests). Differences of whole-process counts give the per-request cost of each contender
-  (floor = (floor - setup) / N, runtime = (runtime - floor) / N) and cancel everything else (Python's
-  start, imports, loading the artifact, warm-up, exit), per function too;
-- the gated figures: the runtime's **own** instructions per request (runtime minus floor: head graphs,
-  verifier, selection, the decode loop) at 2%, and the runtime's **end-to-end** instructions per request
-  at 1%.
-
-Why differences of runs rather than toggling the counter around the timed loop: Debian 12's valgrind 3.19
-has no ``--instr-at-start``/client requests in cachegrind (added in 3.22), callgrind's ``--toggle-collect``
-selects C functions by name, and the timed loop is Python (every Python frame is ``_PyEval_EvalFrameDefault``).
-Differences need nothing compiled and work with any valgrind; they require a deterministic setup, which
-the worker's environment fixes (PYTHONHASHSEED, one thread everywhere, no bytecode writes, the same
-request file) and which the rerun spread measures.
+Why collection toggled around the requests, and callgrind: setup (Python's start, imports, loading the
+artifact, ONNX Runtime's session creation) is not deterministic to the instruction (ONNX Runtime's session
+setup was measured to vary by up to 10M instructions between identical processes), so counting whole
+processes and subtracting runs with N and 0 requests put that noise into the per-request figures (3.45M,
+3.72M, 3.54M own instructions per request over three identical runs of 30 requests: 8% apart). Toggling
+leaves setup out by construction. Cachegrind can toggle only from valgrind 3.22 (``--instr-at-start``
+and client requests); Debian 12 ships 3.19, whose callgrind has had ``CALLGRIND_TOGGLE_COLLECT`` and
+``CALLGRIND_DUMP_STATS_AT`` for years (``--toggle-collect=FUNCTION`` selects C functions by name, and the
+timed loop is Python: every frame is ``_PyEval_EvalFrameDefault``). Callgrind also names the object of every
+function, so ONNX Runtime's unnamed (stripped) kernels are attributed to its library.
 
 Machines: valgrind's virtual CPU offers AVX2/FMA3 but no AVX-512, so ONNX Runtime, NumPy and glibc dispatch
 to their AVX2 kernels under it on an AVX-512 host as on an AVX2-only one (the result records the CPU
@@ -38,7 +41,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Sequence
@@ -50,8 +52,8 @@ FORMAT = "nezha-instructions"
 BASELINE_FORMAT = "nezha-instructions-baseline"
 VERSION = 1
 WORKER = Path(__file__).with_name("worker.py")
-# The workload of the gate (batch 1, beam 20): 30 measured requests cost about 15 s under valgrind on
-# the demo artifact; the setup/warm-up run dominates the rest.
+# The workload of the gate (batch 1, beam 20, 30 requests per phase): about 1.6G instructions counted on
+# the demo artifact with the stages, 2-3 minutes of one core under callgrind.
 DEFAULTS = {"requests": 30, "warmup": 3, "beam": 20, "batch_size": 1, "histories": 500, "threads": 1}
 OWN_TOLERANCE = 0.02          # of the runtime's own instructions per request (runtime - floor)
 END_TO_END_TOLERANCE = 0.01   # of the runtime's instructions per request (backbone included)
@@ -64,9 +66,8 @@ WORKER_ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREA
               "NUMEXPR_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
              "avx512_bf16", "avx_vnni", "amx_tile")
-GROUPS = ("onnxruntime", "numpy", "python", "libc")
-# the three worker runs: label -> phases (contender, requests); the per-request figures are their differences
-RUNS = ("setup", "floor", "runtime")
+GROUPS = ("onnxruntime", "numpy", "python", "system", "other")
+STAGES = ("head", "verify", "select")          # the runtime's stages counted apart (see bench/worker.py)
 
 
 class InstructionsError(NezhaError, RuntimeError):
@@ -76,10 +77,11 @@ class InstructionsError(NezhaError, RuntimeError):
 
 # --- counting --------------------------------------------------------------------------------------------
 
-def phases_of(run: str, requests: int) -> list[tuple[str, int]]:
-    """The phases of one of RUNS: setup runs none, floor N floor requests, runtime N floor then N runtime."""
-    return {"setup": [], "floor": [("floor", requests)],
-            "runtime": [("floor", requests), ("runtime", requests)]}[run]
+def phases_of(requests: int, stages: bool = True) -> list[tuple[str, int]]:
+    """The worker's phases: the floor's and the runtime's N requests, then (``stages``) the runtime's
+    N requests once per stage, collecting only inside that stage."""
+    return [("floor", requests), ("runtime", requests)] + \
+        ([(f"runtime:{st}", requests) for st in STAGES] if stages else [])
 
 
 def worker_env(inject: str | None = None) -> dict:
@@ -99,81 +101,102 @@ def valgrind_version() -> str:
     return subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def read_cachegrind(path: str | Path) -> tuple[int, dict[str, int]]:
-    """A cachegrind.out file of Ir events -> (total instructions, {function label: instructions}).
-    Functions are labelled by name and library group (see function_label), summed over source files."""
-    total, per_fn, fl, fn = None, {}, "???", "???"
+def group_of(obj: str) -> str:
+    """Which library an object file (callgrind's ``ob=``) is: onnxruntime, numpy (with its OpenBLAS),
+    python (the interpreter and its extension modules), system (libc, libm, libstdc++, the loader) or other."""
+    name = obj.rsplit("/", 1)[-1]
+    if "onnxruntime" in obj:
+        return "onnxruntime"
+    if "/numpy" in obj:
+        return "numpy"
+    if re.match(r"(python3|libpython3)", name) or "/lib-dynload/" in obj:
+        return "python"
+    if re.match(r"(libc|libm|libstdc\+\+|libgcc_s|ld-linux|libpthread|libdl|libffi)[.-]", name):
+        return "system"
+    return "other"
+
+
+def function_label(obj: str, function: str) -> str:
+    """"group: name"; code without a symbol (ONNX Runtime's PyPI library is stripped) is "(unnamed)",
+    as callgrind's names for it are load addresses."""
+    function = re.sub(r"'[0-9]+$", "", function)           # callgrind's recursion depth suffix ('2)
+    if re.fullmatch(r"0x[0-9a-fA-F]+", function) or function == "???":
+        function = "(unnamed)"
+    return f"{group_of(obj)}: {function}"
+
+
+def read_callgrind(path: str | Path) -> tuple[str, int, dict[str, int]]:
+    """One callgrind dump (``--compress-strings=no --compress-pos=no``, Ir only) -> (the part's name as given
+    to DUMP_STATS_AT, total instructions, {function label: self instructions})."""
+    name, total, per_fn, ob, fn, skip = None, None, {}, "???", "???", False
     with open(path) as f:
         for line in f:
+            if skip:                                  # the line after calls= is the call's inclusive cost
+                skip = False
+                continue
             c = line[:1]
-            if c.isdigit():
-                _, ir = line.split(None, 2)[:2]
-                key = (fl, fn)
-                per_fn[key] = per_fn.get(key, 0) + int(ir)
+            if c.isdigit() or c in "+-*":
+                parts = line.split()
+                if len(parts) >= 2:
+                    key = (ob, fn)
+                    per_fn[key] = per_fn.get(key, 0) + int(parts[1])
+            elif line.startswith("calls="):
+                skip = True
             elif line.startswith("fn="):
                 fn = line[3:].rstrip("\n")
-            elif line.startswith("fl="):
-                fl = line[3:].rstrip("\n")
-            elif line.startswith("summary:"):
+            elif line.startswith("ob="):
+                ob = line[3:].rstrip("\n")
+            elif line.startswith("desc: Trigger: Client Request: "):
+                name = line.split("Client Request: ", 1)[1].strip()
+            elif line.startswith(("totals:", "summary:")):
                 total = int(line.split()[1])
             elif line.startswith("events:") and line.split()[1:2] != ["Ir"]:
                 raise InstructionsError(f"{path}: expected Ir as the first event, got {line.strip()!r}")
     if total is None:
-        raise InstructionsError(f"{path} has no summary line: not a complete cachegrind output")
+        raise InstructionsError(f"{path} has no totals line: not a complete callgrind dump")
     labels: dict[str, int] = {}
-    for (fl, fn), ir in per_fn.items():
-        label = function_label(fl, fn)
+    for (ob, fn), ir in per_fn.items():
+        label = function_label(ob, fn)
         labels[label] = labels.get(label, 0) + ir
-    return total, labels
+    return name, total, labels
 
 
-def group_of(file: str, function: str) -> str:
-    """Which library a cachegrind entry belongs to. The PyPI ONNX Runtime library is stripped: its
-    kernels carry no symbol, so unnamed code ("???") is counted as ONNX Runtime (checked with callgrind,
-    which names the object: the unnamed instructions of a decode are libonnxruntime's)."""
-    if function == "???" or "onnxruntime" in function or "Mlas" in function or function.startswith("Ort"):
-        return "onnxruntime"
-    if re.search(r"(^|/)Python-[0-9.]+/|/(Python|Objects|Modules|Parser|Include)/", file):
-        return "python"
-    if function.startswith(("PyArray", "PyUFunc", "PyDataType", "Npy", "npy")):
-        return "numpy"                 # NumPy's C API carries the Py prefix too
-    if function.startswith(("Py", "_Py")):
-        return "python"
-    if file.startswith("./") or "/sysdeps/" in file or "/glibc" in file:
-        return "libc"
-    return "numpy"                     # named native code outside those: NumPy and its SIMD sorts, mostly
-
-
-def function_label(file: str, function: str) -> str:
-    """"group: name" (source paths differ between machines and builds; names do not)."""
-    return f"{group_of(file, function)}: {function if function != '???' else '(unnamed)'}"
-
-
-def run_worker(run: str, artifact: Path, requests_file: Path, workdir: Path, *, requests: int, warmup: int,
+def run_worker(artifact: Path, requests_file: Path, workdir: Path, phases: list[tuple[str, int]], *, warmup: int,
                beam: int, threads: int, inject: str | None = None, valgrind: bool = True) -> dict:
-    """One worker process (under cachegrind if ``valgrind``): {"run", "instructions", "functions", "facts",
-    "seconds"}. Raises InstructionsError with the worker's last output lines if it fails."""
+    """The worker process (under callgrind if ``valgrind``): {"facts", "seconds", "parts": {name: (total,
+    {label: instructions})}}. Raises InstructionsError with the worker's last output lines if it fails."""
+    tag = "callgrind" if valgrind else "native"
     spec = {"artifact": str(artifact), "requests": str(requests_file), "beam": beam, "threads": threads,
-            "warmup": warmup, "phases": phases_of(run, requests), "out": str(workdir / f"{run}.facts.json")}
-    spec_file = workdir / f"{run}.spec.json"
+            "warmup": warmup, "phases": phases, "out": str(workdir / f"{tag}.facts.json")}
+    spec_file = workdir / f"{tag}.spec.json"
     spec_file.write_text(json.dumps(spec))
     cmd = [sys.executable, str(WORKER), "count", str(spec_file)]
-    out_file = workdir / f"{run}.cachegrind.out"
+    out_file = workdir / "callgrind.out"
     if valgrind:
-        cmd = ["valgrind", "--tool=cachegrind", "--cache-sim=no", f"--cachegrind-out-file={out_file}"] + cmd
+        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no", "--compress-strings=no",
+               "--compress-pos=no", f"--callgrind-out-file={out_file}"] + cmd
     env = worker_env(inject)
     if not valgrind:
-        env.pop("PYTHONDONTWRITEBYTECODE")           # the native dry run writes the .pyc files every run reads
+        env.pop("PYTHONDONTWRITEBYTECODE")           # the native dry run writes the .pyc files the count reads
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        raise InstructionsError(f"the {run} worker failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        raise InstructionsError(f"the worker failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
     facts = json.loads(Path(spec["out"]).read_text())
-    out = {"run": run, "facts": facts, "seconds": round(seconds, 2)}
+    out = {"facts": facts, "seconds": round(seconds, 2), "parts": {}}
     if valgrind:
-        out["instructions"], out["functions"] = read_cachegrind(out_file)
+        if not facts.get("client_requests"):
+            raise InstructionsError("the worker's valgrind client requests were not seen (not x86-64, or the "
+                                    "python executable is a wrapper that valgrind does not follow)")
+        for dump in sorted(workdir.glob("callgrind.out.*")):
+            name, total, fns = read_callgrind(dump)
+            if name is not None:
+                out["parts"][name] = (total, fns)
+        missing = {p for p, _ in phases} - set(out["parts"])
+        if missing:
+            raise InstructionsError(f"callgrind wrote no part for {sorted(missing)} in {workdir}")
     return out
 
 
@@ -188,7 +211,7 @@ def requests_file_of(histories: Sequence[Sequence[int]], batch_size: int, n: int
 
 def artifact_digest(artifact: Path) -> str:
     """sha256 over the artifact's files (names and bytes), to tell in a report whether two runs measured
-    the same graphs. Read no manifest key: the manifest's format is the runtime's business."""
+    the same graphs. Reads no manifest key: the manifest's format is the runtime's business."""
     h = hashlib.sha256()
     for p in sorted(q for q in Path(artifact).rglob("*") if q.is_file()):
         h.update(str(p.relative_to(artifact)).encode())
@@ -213,19 +236,18 @@ def host_isa() -> list[str]:
 
 def measure(artifact: str | Path, histories: Sequence[Sequence[int]], requests: int = DEFAULTS["requests"],
             warmup: int = DEFAULTS["warmup"], beam: int = DEFAULTS["beam"], batch_size: int = DEFAULTS["batch_size"],
-            threads: int = DEFAULTS["threads"], inject: str | None = None, jobs: int = 2,
+            threads: int = DEFAULTS["threads"], inject: str | None = None, stages: bool = True,
             workdir: str | Path | None = None, description: dict | None = None, progress=None) -> dict:
-    """Count the instructions per request of the floor and the runtime on ``artifact``.
+    """Count the instructions per request of the floor and the runtime (and its stages) on ``artifact``.
 
     ``histories``: the request histories (item ids); request i is histories[i*batch_size ...], the first
     ``warmup`` requests warm up, the next ``requests`` are counted. ``inject``: the test-only slowdown
-    hook (bench/worker.py). ``jobs``: worker processes under valgrind at once. ``workdir`` keeps the
-    cachegrind outputs (default: a temporary folder, removed). Returns the result document (see
-    result_from)."""
+    hook (bench/worker.py). ``workdir`` keeps the callgrind dumps (default: a temporary folder, removed).
+    Returns the result document (see result_from)."""
     if requests < 1 or warmup < 0 or beam < 1 or batch_size < 1:
         raise InstructionsError(f"need requests >= 1, warmup >= 0, beam >= 1, batch_size >= 1; got "
                                 f"requests={requests}, warmup={warmup}, beam={beam}, batch_size={batch_size}")
-    artifact = Path(artifact)
+    artifact = Path(artifact).resolve()
     if not artifact.is_dir():
         raise InstructionsError(f"artifact folder {artifact} does not exist")
     vg = valgrind_version()
@@ -237,16 +259,12 @@ def measure(artifact: str | Path, histories: Sequence[Sequence[int]], requests: 
     workdir.mkdir(parents=True, exist_ok=True)
     try:
         req_sha = requests_file_of(histories, batch_size, warmup + requests, workdir / "requests.json")
-        kw = dict(requests=requests, warmup=warmup, beam=beam, threads=threads, inject=inject)
+        kw = dict(warmup=warmup, beam=beam, threads=threads, inject=inject)
         say = progress or (lambda msg: None)
-        say("dry run (native): checks the artifact and writes the .pyc files every counted run reads")
-        dry = run_worker("runtime", artifact, workdir / "requests.json", workdir, valgrind=False,
-                         **{**kw, "requests": 1})
-        say(f"counting under cachegrind: runs {', '.join(RUNS)} ({jobs} at a time)")
-        t0 = time.perf_counter()
-        with ThreadPoolExecutor(max(1, jobs)) as pool:
-            runs = list(pool.map(lambda r: run_worker(r, artifact, workdir / "requests.json", workdir, **kw), RUNS))
-        seconds = time.perf_counter() - t0
+        say("dry run (native): checks the artifact and writes the .pyc files the counted run reads")
+        dry = run_worker(artifact, workdir / "requests.json", workdir, phases_of(1, stages), valgrind=False, **kw)
+        say(f"counting under callgrind: {requests} requests per phase")
+        counted = run_worker(artifact, workdir / "requests.json", workdir, phases_of(requests, stages), **kw)
     finally:
         if tmp is not None:
             tmp.cleanup()
@@ -257,35 +275,28 @@ def measure(artifact: str | Path, histories: Sequence[Sequence[int]], requests: 
     wc = wall_clock_machine()
     mach = {"cpu": wc["cpu"], "platform": wc["platform"], "isa": host_isa(),
             "cpu_features_native": dry["facts"]["cpu_features"],
-            "cpu_features_valgrind": runs[0]["facts"]["cpu_features"]}
-    return result_from({r["run"]: r for r in runs}, workload, env, mach, inject, seconds)
+            "cpu_features_valgrind": counted["facts"]["cpu_features"]}
+    return result_from(counted["parts"], workload, env, mach, inject, counted["seconds"])
 
 
-def result_from(runs: dict, workload: dict, env: dict, machine: dict, inject: str | None = None,
+def result_from(parts: dict, workload: dict, env: dict, machine: dict, inject: str | None = None,
                 seconds: float | None = None) -> dict:
-    """The result document from the three runs' totals and per-function counts.
+    """The result document from the worker's callgrind parts {name: (total, {label: instructions})}.
 
-    "per_request": {"floor", "runtime", "runtime_own"} instructions per request; "setup": instructions of
-    the setup run (start, imports, load, warm-up, exit: not gated); "groups"/"functions": {contender:
-    {label: instructions per request}} for floor, runtime and runtime_own (the top TOP_FUNCTIONS)."""
+    "per_request": {"floor", "runtime", "runtime_own"} instructions per request; "stages": the runtime's
+    own instructions per request by stage (head, verify, select, and "loop": the rest of the decode loop),
+    if measured; "groups" /
+    "functions": {contender: {label: instructions per request}} (the top TOP_FUNCTIONS functions)."""
     n = workload["requests"]
-    for a, b in (("floor", "runtime"),):
-        if runs[a]["facts"]["digests"].get("floor") != runs[b]["facts"]["digests"].get("floor"):
-            raise InstructionsError("the floor and runtime runs decoded different outputs for the same requests: "
-                                    "the workload is not deterministic")
-    totals = {r: runs[r]["instructions"] for r in RUNS}
-    per_request = {"floor": (totals["floor"] - totals["setup"]) / n,
-                   "runtime": (totals["runtime"] - totals["floor"]) / n}
+    per_request = {"floor": parts["floor"][0] / n, "runtime": parts["runtime"][0] / n}
     per_request["runtime_own"] = per_request["runtime"] - per_request["floor"]
-    fns = {r: runs[r]["functions"] for r in RUNS}
-
-    def diff(a: str, b: str) -> dict[str, float]:
-        keys = set(fns[a]) | set(fns[b])
-        return {k: (fns[b].get(k, 0) - fns[a].get(k, 0)) / n for k in keys}
-
-    functions = {"floor": diff("setup", "floor"), "runtime": diff("floor", "runtime")}
+    functions = {c: {k: v / n for k, v in parts[c][1].items()} for c in ("floor", "runtime")}
     functions["runtime_own"] = {k: functions["runtime"].get(k, 0.0) - functions["floor"].get(k, 0.0)
                                 for k in set(functions["runtime"]) | set(functions["floor"])}
+    stages = None
+    if all(f"runtime:{st}" in parts for st in STAGES):
+        stages = {st: parts[f"runtime:{st}"][0] / n for st in STAGES}
+        stages["loop"] = per_request["runtime_own"] - sum(stages.values())
     groups = {c: {g: 0.0 for g in GROUPS} for c in functions}
     for c, per_fn in functions.items():
         for label, ir in per_fn.items():
@@ -295,8 +306,8 @@ def result_from(runs: dict, workload: dict, env: dict, machine: dict, inject: st
                           key=lambda kv: -abs(kv[1]))[:TOP_FUNCTIONS]) for c, per_fn in functions.items()}
     return {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "machine": machine, "environment": env, "workload": workload, "inject": inject,
-            "runs": totals, "setup": totals["setup"],
             "per_request": {k: round(v, 1) for k, v in per_request.items()},
+            "stages": None if stages is None else {k: round(v, 1) for k, v in stages.items()},
             "groups": {c: {g: round(v, 1) for g, v in gs.items()} for c, gs in groups.items()},
             "functions": top, "seconds": None if seconds is None else round(seconds, 1)}
 
@@ -450,13 +461,14 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
     moved: per library group and the functions that moved most, per contender."""
     w, env, m = result["workload"], result["environment"], result["machine"]
     base = baseline["result"] if baseline else None
-    lines = ["# NEZHA instruction counts (cachegrind)", "",
+    lines = ["# NEZHA instruction counts (callgrind)", "",
              f"- workload: batch {w['batch_size']}, beam {w['beam']}, {w['requests']} counted requests after "
              f"{w['warmup']} warm-up, ONNX Runtime {w['threads']} thread(s)",
              f"- machine: {m['cpu']}; host ISA {' '.join(m['isa'])}; under valgrind NumPy sees "
              f"{' '.join(m['cpu_features_valgrind'])}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in env.items()),
-             f"- setup run (start, imports, load, warm-up, exit; not gated): {_m(result['setup'])} instructions"]
+             "- setup (start, imports, load, warm-up) runs uninstrumented and is not counted: it is not "
+             "deterministic to the instruction; each phase counts only its requests"]
     if result.get("inject"):
         lines.append(f"- **test-only slowdown injected**: NEZHA_BENCH_INJECT={result['inject']}")
     lines += ["", "| contender | instructions / request | baseline | change |", "|---|---:|---:|---:|"]
@@ -481,9 +493,19 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
                 cell += f" ({_delta(now.get(g, 0.0) - base['groups'][key].get(g, 0.0))})"
             cells.append(cell)
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    lines += ["", "onnxruntime: ONNX Runtime's kernels (its PyPI library carries no symbols: the unnamed code); "
-              "numpy: NumPy's functions and other named native code; python: the interpreter; libc: malloc, "
-              "memcpy and friends." + (" In brackets: the change from the baseline." if base else "")]
+    lines += ["", "By the object callgrind names: onnxruntime (its kernels; the PyPI library is stripped, so they "
+              "show as \"(unnamed)\"), numpy (with its OpenBLAS), python (the interpreter and its extension "
+              "modules), system (libc's malloc/memcpy, libm, libstdc++)." +
+              (" In brackets: the change from the baseline." if base else "")]
+    if result.get("stages"):
+        names = {"head": "head (draft-head graph runs)", "verify": "verify (verifier mask)",
+                 "select": "select (top-k)", "loop": "loop (the rest: scores, masking, gathers, Python)"}
+        bst = (base or {}).get("stages") or {}
+        lines += ["", "## What moved: the runtime's own instructions per request by stage", "",
+                  "| stage | now | baseline | change |", "|---|---:|---:|---:|"]
+        for st, v in result["stages"].items():
+            b = bst.get(st)
+            lines.append(f"| {names.get(st, st)} | {_m(v)} | {_m(b)} | {_pct(v, b)} |")
     for key, name in CONTENDERS:
         now = result["functions"][key]
         if base:
@@ -517,7 +539,7 @@ def run_gate(artifact: str | Path, data: str | Path | None = None, histories=Non
              end_to_end_tolerance: float | None = None, out: str | Path | None = None, inject: str | None = None,
              requests: int = DEFAULTS["requests"], warmup: int = DEFAULTS["warmup"], beam: int = DEFAULTS["beam"],
              batch_size: int = DEFAULTS["batch_size"], history_limit: int = DEFAULTS["histories"],
-             threads: int = DEFAULTS["threads"], jobs: int = 2, progress=None) -> dict:
+             threads: int = DEFAULTS["threads"], stages: bool = True, progress=None) -> dict:
     """Measure; judge against ``baseline`` (its own tolerances unless given); write ``out``/instructions.json
     and instructions.md; save the result as a baseline to ``save_baseline_to``. Histories: ``histories``,
     else the leave-one-out test users of ``data`` (default Beauty), shuffled with seed 0."""
@@ -530,7 +552,7 @@ def run_gate(artifact: str | Path, data: str | Path | None = None, histories=Non
         data = Path(data) if data is not None else DEFAULT_DATA
         histories = load_histories(data, "test", history_limit)
         description["histories"] = f"{data.name} leave-one-out test users (shuffled, seed 0, first {len(histories)})"
-    result = measure(artifact, histories, requests, warmup, beam, batch_size, threads, inject, jobs,
+    result = measure(artifact, histories, requests, warmup, beam, batch_size, threads, inject, stages,
                      description=description, progress=progress)
     if base is not None:
         result["gate"] = compare(result, base, own_tolerance, end_to_end_tolerance)

@@ -2,7 +2,7 @@
 as ``nezha.bench.worker`` by the measured process), so that it imports only ``nezha.runtime`` and NumPy: the
 same file drives the current tree and, in ``nezha bench --against REV``, a base revision's runtime.
 
-    python bench/worker.py count SPEC.json     # run phases once and exit (under valgrind: instruction counts)
+    python bench/worker.py count SPEC.json     # run phases once and exit (under callgrind: counts per phase)
     python bench/worker.py serve SPEC.json     # answer JSON lines on stdin: {"contender", "request"} -> seconds
 
 Contenders: ``floor`` (encode + one backbone pass: the latency floor) and ``runtime`` (``Recommender.decode``:
@@ -108,9 +108,94 @@ def cpu_features() -> dict:
     return sorted(k for k, v in __cpu_features__.items() if v)
 
 
+class Callgrind:
+    """Valgrind client requests without a compiler: the 19-byte magic sequence of valgrind.h's
+    VALGRIND_DO_CLIENT_REQUEST (amd64) in an executable page, called through ctypes. Natively it is a
+    no-op returning its default (0), so ``running`` tells whether callgrind (or any tool) runs us."""
+
+    # VG_USERREQ_TOOL_BASE('C','T') + 2, 3, 4 (callgrind.h)
+    TOGGLE_COLLECT, DUMP_STATS_AT, START_INSTRUMENTATION = 0x43540002, 0x43540003, 0x43540004
+    RUNNING_ON_VALGRIND = 0x1001
+    # mov rax,rdi; xor edx,edx; rol rdi,3; rol rdi,13; rol rdi,61; rol rdi,51; xchg rbx,rbx; mov rax,rdx; ret
+    CODE = "4889f8 31d2 48c1c703 48c1c70d 48c1c73d 48c1c733 4887db 4889d0 c3"
+
+    def __init__(self):
+        import ctypes
+        import mmap
+        import platform
+
+        self._ctypes = ctypes
+        if platform.machine() not in ("x86_64", "AMD64"):
+            self.running = False
+            return
+        self._page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                               prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+        self._page.write(bytes.fromhex(self.CODE.replace(" ", "")))
+        address = ctypes.addressof(ctypes.c_char.from_buffer(self._page))
+        self._call = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)(address)
+        self._args = (ctypes.c_uint64 * 6)()
+        self.running = self._request(self.RUNNING_ON_VALGRIND) > 0
+
+    def _request(self, code: int, arg: int = 0) -> int:
+        self._args[0], self._args[1] = code, arg
+        return self._call(self._ctypes.addressof(self._args))
+
+    def toggle(self) -> None:
+        """Switch event collection on if off, off if on (callgrind's CALLGRIND_TOGGLE_COLLECT)."""
+        if self.running:
+            self._request(self.TOGGLE_COLLECT)
+
+    def start_instrumentation(self) -> None:
+        """Begin instrumenting (with --instr-atstart=no, everything before runs at near-native speed)."""
+        if self.running:
+            self._request(self.START_INSTRUMENTATION)
+
+    def dump(self, name: str) -> None:
+        """Write the counts collected since the last dump as a part named ``name``, and zero them."""
+        if self.running:
+            label = self._ctypes.create_string_buffer(name.encode())
+            self._request(self.DUMP_STATS_AT, self._ctypes.addressof(label))
+
+
+STAGES = ("head", "verify", "select")
+
+
+def collecting_only_in(rec, stage: str, cg: Callgrind):
+    """Patch the loaded Recommender so that events are collected only inside ``stage``'s calls: the
+    draft head's graph runs, the verifier's mask, or the top-k selection. Returns the undo function."""
+    from nezha.runtime import decode
+
+    def inside(fn):
+        def wrapped(*args, **kwargs):
+            cg.toggle()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                cg.toggle()
+        return wrapped
+
+    if stage == "head":
+        steps = rec.steps
+        original = steps.head_step
+        steps.head_step = inside(original)
+        return lambda: setattr(steps, "head_step", original)
+    if stage == "verify":
+        original = rec.verifier.mask
+        rec.verifier.mask = inside(original)
+        return lambda: setattr(rec.verifier, "mask", original)
+    original = decode.top_k_desc
+    decode.top_k_desc = inside(original)
+    return lambda: setattr(decode, "top_k_desc", original)
+
+
 def count(spec: dict) -> dict:
-    """Load, warm every phase's contender up on the first ``warmup`` requests, then run each phase's n
-    requests (the same requests for every contender, starting after the warm-up ones)."""
+    """Under ``valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no``: load and warm every
+    contender up on the first ``warmup`` requests (uninstrumented: fast, and not counted), start the
+    instrumentation; then per phase (contender, n) collect only while the contender runs the next n
+    requests (the same requests for every contender) and dump a part named after the phase. A phase
+    "runtime:STAGE" runs the runtime but collects only inside STAGE's calls. Natively the same runs
+    happen and nothing is dumped."""
+    cg = Callgrind()
     rec, requests = load(spec)
     inject = install_inject(rec, os.environ.get(INJECT_ENV))
     beam, warmup = spec["beam"], spec["warmup"]
@@ -121,17 +206,28 @@ def count(spec: dict) -> dict:
     for name in runs:
         for req in requests[:warmup]:
             runs[name](req)
+    cg.start_instrumentation()
     digests = {}
-    for name, n in spec["phases"]:
+    for phase, n in spec["phases"]:
+        name, _, stage = phase.partition(":")
+        undo = collecting_only_in(rec, stage, cg) if stage else None
         d = 0
+        if not stage:
+            cg.toggle()
         for req in requests[warmup:warmup + n]:
             d = (d * 31 + runs[name](req)) % 1000003
-        digests[name] = d
+        if not stage:
+            cg.toggle()
+        if undo:
+            undo()
+        cg.dump(phase)
+        digests[phase] = d
     rec.close()
     import numpy as np
     import onnxruntime
     return {"digests": digests, "inject": inject, "cpu_features": cpu_features(), "numpy": np.__version__,
-            "onnxruntime": onnxruntime.__version__, "runtime_module": sys.modules["nezha.runtime"].__file__}
+            "onnxruntime": onnxruntime.__version__, "runtime_module": sys.modules["nezha.runtime"].__file__,
+            "client_requests": cg.running}
 
 
 def serve(spec: dict) -> None:

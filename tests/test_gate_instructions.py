@@ -16,57 +16,81 @@ import pytest
 from conftest import tiny_catalog, tiny_histories
 from nezha.bench import ab, instructions as ins
 
+INJECT_TINY = "verify:x1"        # about +5% of the tiny artifact's own instructions per request
 WORKER_DIR = Path(ins.__file__).parent
 
 
-# --- cachegrind output -------------------------------------------------------------------------------------
+# --- callgrind output -------------------------------------------------------------------------------------
 
-CG = """desc: I1 cache: 32768 B, 64 B, 8-way associative
-cmd: python worker.py count spec.json
+CG = """version: 1
+creator: callgrind-3.19.0
+pid: 42
+cmd:  python worker.py count spec.json
+part: 2
+
+desc: I1 cache: 
+desc: Timerange: Basic block 100 - 200
+desc: Trigger: Client Request: runtime:verify
+
+positions: line
 events: Ir
+summary: 799
+
+ob=/venv/lib/python3.11/site-packages/onnxruntime/capi/libonnxruntime.so.1.32.0
 fl=???
-fn=???
-0 700
+fn=0x0000000004a2b3c0
+0 600
+fn=0x0000000004a2b400
+0 100
+ob=/venv/lib/python3.11/site-packages/numpy/_core/_multiarray_umath.cpython-311-x86_64-linux-gnu.so
 fn=PyArray_Where
 0 50
+cob=/usr/lib/x86_64-linux-gnu/libc.so.6
+cfn=malloc
+calls=2 0
+0 5
+ob=/root/.pyenv/versions/3.11.7/lib/libpython3.11.so.1.0
 fl=/tmp/python-build.1/Python-3.11.7/Python/ceval.c
 fn=_PyEval_EvalFrameDefault
 120 30
+fn=_PyEval_EvalFrameDefault'2
 130 10
+ob=/usr/lib/x86_64-linux-gnu/libc.so.6
 fl=./malloc/./malloc/malloc.c
 fn=malloc
 10 5
-fl=???
-fn=void np::qsort_simd::ArgQSelect_X86_V3<float>(float*, long*, long, long)
+ob=/venv/lib/python3.11/site-packages/numpy.libs/libscipy_openblas64_-32a4b2a6.so
+fn=dgemm_kernel
 0 4
-summary: 799
+
+totals: 799
 """
 
 
-def test_read_cachegrind_sums_functions_by_library(tmp_path):
-    (tmp_path / "cg.out").write_text(CG)
-    total, fns = ins.read_cachegrind(tmp_path / "cg.out")
-    assert total == 799
+def test_read_callgrind_sums_self_costs_by_library_and_skips_inclusive_call_costs(tmp_path):
+    (tmp_path / "callgrind.out.3").write_text(CG)
+    name, total, fns = ins.read_callgrind(tmp_path / "callgrind.out.3")
+    assert (name, total) == ("runtime:verify", 799)
     assert fns == {"onnxruntime: (unnamed)": 700, "numpy: PyArray_Where": 50,
-                   "python: _PyEval_EvalFrameDefault": 40, "libc: malloc": 5,
-                   "numpy: void np::qsort_simd::ArgQSelect_X86_V3<float>(float*, long*, long, long)": 4}
+                   "python: _PyEval_EvalFrameDefault": 40, "system: malloc": 5, "numpy: dgemm_kernel": 4}
+    assert sum(fns.values()) == total
 
 
-def test_read_cachegrind_rejects_a_truncated_file(tmp_path):
-    (tmp_path / "cg.out").write_text(CG.replace("summary: 799\n", ""))
-    with pytest.raises(ins.InstructionsError, match="no summary line"):
-        ins.read_cachegrind(tmp_path / "cg.out")
+def test_read_callgrind_rejects_a_truncated_dump(tmp_path):
+    (tmp_path / "cg.out").write_text(CG.split("totals:")[0].replace("summary: 799\n", ""))
+    with pytest.raises(ins.InstructionsError, match="no totals line"):
+        ins.read_callgrind(tmp_path / "cg.out")
 
 
-def fake_runs(setup=1000.0, floor=10.0, runtime=30.0, n=10, extra_fn=0.0) -> dict:
-    """Three runs whose totals differ by n floor and n runtime requests (one function each + 'shared')."""
-    def run(label, floors, runtimes):
-        fns = {"onnxruntime: (unnamed)": setup + floors * floor + runtimes * floor,
-               "numpy: argpartition": runtimes * (runtime - floor - extra_fn),
-               "python: _PyEval_EvalFrameDefault": runtimes * extra_fn}
-        return {"run": label, "instructions": int(round(sum(fns.values()))), "functions": fns,
-                "facts": {"digests": {"floor": 7} if floors else {}}}
-    return {"setup": run("setup", 0, 0), "floor": run("floor", n, 0), "runtime": run("runtime", n, n)}
+def fake_parts(floor=10.0, runtime=30.0, n=10, extra_fn=0.0, stages=(5.0, 2.0, 3.0)) -> dict:
+    """Callgrind parts of a worker run of n requests per phase (one function per contender + 'python')."""
+    parts = {"floor": (n * floor, {"onnxruntime: (unnamed)": n * floor}),
+             "runtime": (n * runtime, {"onnxruntime: (unnamed)": n * floor,
+                                       "numpy: argpartition": n * (runtime - floor - extra_fn),
+                                       "python: _PyEval_EvalFrameDefault": n * extra_fn})}
+    for st, v in zip(ins.STAGES, stages):
+        parts[f"runtime:{st}"] = (n * v, {})
+    return parts
 
 
 def fake_result(n=10, **kw) -> dict:
@@ -74,22 +98,15 @@ def fake_result(n=10, **kw) -> dict:
                 "artifact_sha256": "def"}
     env = {"valgrind": "valgrind-3.19.0", "python": "3.11.7", "numpy": "2.4.6", "onnxruntime": "1.32.0"}
     machine = {"cpu": "AMD EPYC", "isa": ["avx2", "avx512f"], "cpu_features_valgrind": ["AVX2", "FMA3"]}
-    return ins.result_from(fake_runs(n=n, **kw), workload, env, machine)
+    return ins.result_from(fake_parts(n=n, **kw), workload, env, machine)
 
 
-def test_result_separates_setup_from_per_request_cost():
-    r = fake_result(setup=5e8, floor=1e6, runtime=4e6)
-    assert r["setup"] == 5e8
+def test_result_gives_per_request_counts_per_contender_and_stage():
+    r = fake_result(floor=1e6, runtime=4e6, stages=(1e6, 0.5e6, 0.5e6))
     assert r["per_request"] == {"floor": 1e6, "runtime": 4e6, "runtime_own": 3e6}
-    assert r["groups"]["runtime_own"] == {"onnxruntime": 0.0, "numpy": 3e6, "python": 0.0, "libc": 0.0}
+    assert r["stages"] == {"head": 1e6, "verify": 0.5e6, "select": 0.5e6, "loop": 1e6}
+    assert r["groups"]["runtime_own"]["numpy"] == 3e6 and r["groups"]["runtime_own"]["onnxruntime"] == 0.0
     assert r["functions"]["floor"] == {"onnxruntime: (unnamed)": 1e6}
-
-
-def test_result_refuses_runs_that_decoded_different_outputs():
-    runs = fake_runs()
-    runs["runtime"]["facts"]["digests"]["floor"] = 8
-    with pytest.raises(ins.InstructionsError, match="not deterministic"):
-        ins.result_from(runs, {"requests": 10}, {}, {})
 
 
 # --- the gate ----------------------------------------------------------------------------------------------
@@ -263,7 +280,7 @@ def test_gate_fails_on_an_injected_slowdown_and_passes_an_unchanged_rerun(make_c
     artifact = tmp_path / "artifact"
     build(checkpoint=make_checkpoint(), index=next(data.glob("*.index.json")), out=artifact, precision=("fp32",),
           max_beam=16, max_batch=4, log=None)
-    kw = dict(histories=histories, requests=12, warmup=2, beam=16, jobs=3)
+    kw = dict(histories=histories, requests=12, warmup=2, beam=16, stages=False)
     ins.run_gate(artifact, save_baseline_to=tmp_path / "base.json", out=tmp_path / "a", **kw)
     same = ins.run_gate(artifact, baseline=tmp_path / "base.json", out=tmp_path / "b", **kw)
     assert same["gate"]["passed"], same["gate"]["regressions"]
