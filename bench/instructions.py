@@ -58,8 +58,7 @@ DEFAULTS = {"requests": 30, "warmup": 3, "beam": 20, "batch_size": 1, "histories
 OWN_TOLERANCE = 0.02          # of the runtime's own instructions per request (runtime - floor)
 END_TO_END_TOLERANCE = 0.01   # of the runtime's instructions per request (backbone included)
 TOP_FUNCTIONS = 40            # functions kept per contender in a result (by |instructions per request|)
-SAVE_COMMAND = ("nezha bench artifacts/ci --instructions --save-baseline bench/baseline-instructions.json "
-                "(after: python export/build.py --precision fp32 --out artifacts/ci --force)")
+SAVE_COMMAND = "bench/record-instruction-baseline"
 # Thread counts of every library the runtime may load, the hash seed, and no .pyc writes (a run that
 # compiled bytecode would count it once, its sibling runs not).
 WORKER_ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",

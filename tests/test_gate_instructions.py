@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_catalog, tiny_histories
 from nezha.bench import ab, instructions as ins
 
-INJECT_TINY = "verify:x1"        # about +5% of the tiny artifact's own instructions per request
+INJECT_TINY = "verify:x0.5"      # about +5% of the tiny artifact's own instructions per request
 WORKER_DIR = Path(ins.__file__).parent
 
 
@@ -289,7 +289,7 @@ def test_gate_fails_on_an_injected_slowdown_and_passes_an_unchanged_rerun(make_c
     assert abs(spread) < 0.005                               # reruns agree far inside the 2% tolerance
     slow = ins.run_gate(artifact, baseline=tmp_path / "base.json", out=tmp_path / "c", inject=INJECT_TINY, **kw)
     own = slow["gate"]["figures"][0]
-    assert 0.03 < own["change"] < 0.10, own                  # a small slowdown of the runtime's own work ...
+    assert 0.025 < own["change"] < 0.08, own                 # a small slowdown of the runtime's own work ...
     assert not slow["gate"]["passed"] and own["regressed"]   # ... that the gate catches
     text = (tmp_path / "c" / "instructions.md").read_text()
     assert "**Gate: FAILED**" in text and "NEZHA_BENCH_INJECT" in text
