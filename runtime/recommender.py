@@ -10,13 +10,14 @@ from typing import Sequence
 
 import numpy as np
 
+from .artifact import Artifact
 from .backends.base import GraphSteps
 from .catalog import Catalog
 from .decode import beam_search, items_from_sids
 from .encoding import encode_codes, history_codes
-from .manifest import Manifest, ManifestError
+from .errors import NezhaError
+from .manifest import ManifestError, graph_names
 from .verifier import Verifier
-from nezha.runtime.errors import NezhaError
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -36,15 +37,16 @@ class Recommender:
     ``close()`` while requests are running.
     """
 
-    def __init__(self, manifest: Manifest, backend: str, precision: str, make_steps, shared=None,
+    def __init__(self, artifact: Artifact, backend: str, precision: str, make_steps, shared=None,
                  dense_budget_bytes: int = 64 << 20):
-        self.manifest, self.backend, self.precision = manifest, backend, precision
-        self.layout = manifest.layout
-        limits = manifest.limits
-        self.max_history, self.max_batch, self.max_beam = limits["max_history"], limits["max_batch"], limits["max_beam"]
-        self.catalog = Catalog(manifest.table("item_ids"), manifest.table("item_codes"))
-        self.sid_table = (manifest.table("sid_keys"), manifest.table("sid_offsets"), manifest.table("sid_items"))
-        self.verifier = Verifier(self.layout, [manifest.table(f"valid_prefixes_{i}") for i in range(self.layout.levels)],
+        self.artifact, self.manifest = artifact, artifact.manifest
+        self.backend, self.precision = backend, precision
+        self.layout, limits = self.manifest.layout, self.manifest.limits
+        self.max_history, self.max_batch, self.max_beam = limits.max_history, limits.max_batch, limits.max_beam
+        tables = artifact.tables()
+        self.catalog = Catalog(tables["item_ids"], tables["item_codes"])
+        self.sid_table = (tables["sid_keys"], tables["sid_offsets"], tables["sid_items"])
+        self.verifier = Verifier(self.layout, [tables[f"valid_prefixes_{i}"] for i in range(self.layout.levels)],
                                  dense_budget_bytes)
         self._make_steps, self._shared = make_steps, shared
         self._local = threading.local()
@@ -58,45 +60,38 @@ class Recommender:
         """Open an artifact. ``device``: cpu, cuda or cuda:N (default: cpu for onnxruntime, cuda for
         tensorrt). ``precision`` defaults to the artifact's first (fp32 if built); ``threads``
         sets ONNX Runtime's intra-op threads per session (default: its own choice); ``verify`` checks
-        every file's sha256 against the manifest."""
-        manifest = Manifest.load(artifact_dir, verify=verify)
+        every file's sha256 against the manifest (``False`` only for trusted hot reloads)."""
         if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-        graph_names = ["backbone"] + [f"head_{i}" for i in range(manifest.layout.levels)]
+            raise RequestError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        if threads is not None and (type(threads) is not int or threads < 1):
+            raise RequestError(f"threads must be a positive integer or None, got {threads!r}")
+        artifact = Artifact.open(artifact_dir, verify=verify)
+        manifest = artifact.manifest
+        names = graph_names(manifest.layout.levels)
+        available = manifest.graphs if backend == "onnxruntime" else manifest.engines
+        if not available:
+            raise ManifestError(f"artifact {artifact.root} has no TensorRT engines: build with --backend tensorrt")
+        precision = precision or next(iter(available))
+        if precision not in available:
+            raise ManifestError(f"artifact {artifact.root} has no {precision!r} {'graphs' if backend == 'onnxruntime' else 'engines'}; "
+                                f"it has {sorted(available)}")
+        entries = {g: manifest.graph(precision, g) for g in names}
+        device = device or ("cpu" if backend == "onnxruntime" else "cuda")
+        if manifest.precisions[precision].execution == "cpu-only" and device != "cpu":
+            raise ManifestError(f"precision {precision} is a CPU-only graph; load it with device='cpu'")
         if backend == "onnxruntime":
-            device = "cpu" if device is None else device
-            precision = precision or manifest.precisions[0]
-            entries = {g: manifest.graph(precision, g) for g in graph_names}
-            if entries["backbone"].get("execution") == "cpu-only" and device != "cpu":
-                raise ManifestError(f"precision {precision} is a CPU-only graph; load it with device='cpu'")
-            from .backends.onnxruntime import HostBuffers, OrtRunner, open_sessions
-            sessions = open_sessions({g: manifest.path(e["file"]) for g, e in entries.items()}, device, threads)
-
-            def make_steps():
-                buffers = HostBuffers(entries)
-                return GraphSteps({g: OrtRunner(g, entries[g], sessions[g], buffers) for g in graph_names}, buffers)
-            shared = sessions
+            from .backends.onnxruntime import open_sessions, ort_steps
+            shared = open_sessions({g: artifact.path(e.file) for g, e in entries.items()}, device, threads)
+            make_steps = lambda: ort_steps(entries, shared)
         else:
-            engines_by_precision = manifest.raw.get("engines", {})
-            if not engines_by_precision:
-                raise ManifestError(f"artifact {manifest.root} has no TensorRT engines: build with --backend tensorrt")
-            precision = precision or next(iter(engines_by_precision))
-            if precision not in engines_by_precision:
-                raise ManifestError(f"artifact {manifest.root} has no {precision} engines; has {sorted(engines_by_precision)}")
-            device = "cuda" if device is None else device
             if not device.startswith("cuda"):
-                raise ValueError(f"device {device!r}; allowed with tensorrt: cuda, cuda:N")
+                raise RequestError(f"device {device!r}; allowed with tensorrt: cuda, cuda:N")
             device_id = int(device.split(":")[1]) if ":" in device else 0
-            from .backends.tensorrt import DeviceBuffers, Engines, TrtRunner, use_device
-            engines = Engines({g: engines_by_precision[precision][g] for g in graph_names}, manifest.root, device_id)
-            entries = {g: manifest.graph(precision, g) for g in graph_names}
-
-            def make_steps():
-                use_device(device_id)                                    # CUDA's current device is per thread
-                buffers = DeviceBuffers(entries)
-                return GraphSteps({g: TrtRunner(g, entries[g], engines.engines[g], buffers) for g in graph_names}, buffers)
-            shared = engines
-        return cls(manifest, backend, precision, make_steps, shared, dense_budget_bytes)
+            from .backends.tensorrt import Engines, trt_steps
+            engine_entries = manifest.engines[precision]
+            shared = Engines(engine_entries, {g: artifact.path(e.file) for g, e in engine_entries.items()}, device_id)
+            make_steps = lambda: trt_steps(entries, shared, device_id)
+        return cls(artifact, backend, precision, make_steps, shared, dense_budget_bytes)
 
     @property
     def steps(self) -> GraphSteps:
