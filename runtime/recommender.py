@@ -11,11 +11,11 @@ from typing import Sequence
 import numpy as np
 
 from .artifact import Artifact
-from .backends.base import GraphSteps
+from .backends.base import GraphSteps, parse_device
 from .catalog import Catalog
 from .decode import beam_search, items_from_sids
-from .encoding import encode_codes, history_codes
-from .errors import NezhaError
+from .encoding import check_batch, encode_codes, history_codes, integer_array
+from .errors import NezhaError, OptionError
 from .manifest import ManifestError, graph_names
 from .verifier import Verifier
 
@@ -62,9 +62,9 @@ class Recommender:
         sets ONNX Runtime's intra-op threads per session (default: its own choice); ``verify`` checks
         every file's sha256 against the manifest (``False`` only for trusted hot reloads)."""
         if backend not in BACKENDS:
-            raise RequestError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+            raise OptionError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
         if threads is not None and (type(threads) is not int or threads < 1):
-            raise RequestError(f"threads must be a positive integer or None, got {threads!r}")
+            raise OptionError(f"threads must be a positive integer or None, got {threads!r}")
         artifact = Artifact.open(artifact_dir, verify=verify)
         manifest = artifact.manifest
         names = graph_names(manifest.layout.levels)
@@ -77,6 +77,7 @@ class Recommender:
                                 f"it has {sorted(available)}")
         entries = {g: manifest.graph(precision, g) for g in names}
         device = device or ("cpu" if backend == "onnxruntime" else "cuda")
+        parse_device(device)
         if manifest.precisions[precision].execution == "cpu-only" and device != "cpu":
             raise ManifestError(f"precision {precision} is a CPU-only graph; load it with device='cpu'")
         if backend == "onnxruntime":
@@ -84,9 +85,9 @@ class Recommender:
             shared = open_sessions({g: artifact.path(e.file) for g, e in entries.items()}, device, threads)
             make_steps = lambda: ort_steps(entries, shared)
         else:
-            if not device.startswith("cuda"):
-                raise RequestError(f"device {device!r}; allowed with tensorrt: cuda, cuda:N")
-            device_id = int(device.split(":")[1]) if ":" in device else 0
+            kind, device_id = parse_device(device)
+            if kind != "cuda":
+                raise OptionError(f"device {device!r}; allowed with tensorrt: cuda, cuda:N")
             from .backends.tensorrt import Engines, trt_steps
             engine_entries = manifest.engines[precision]
             shared = Engines(engine_entries, {g: artifact.path(e.file) for g, e in engine_entries.items()}, device_id)
@@ -112,14 +113,26 @@ class Recommender:
         buffer that its next call overwrites (copy it to keep it)."""
         return self.steps.backbone(feed)
 
-    def _default_beam(self, k) -> int:
-        return min(max(k, 20), self.max_beam) if isinstance(k, (int, np.integer)) else self.max_beam
-
-    def _check_request(self, n: int, k: int | None, beam: int) -> None:
-        if not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
-            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
-        if k is not None and (not isinstance(k, (int, np.integer)) or not 1 <= k <= beam):
+    def _beam_for(self, k, beam) -> int:
+        """Check k and beam (plain integers, never bools) before any work; beam defaults to max(k, 20)
+        capped at max_beam."""
+        integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        if beam is not None:
+            self._check_beam(beam)
+        if not integral(k) or not 1 <= k <= (self.max_beam if beam is None else beam):
+            raise RequestError(f"k must be an integer in 1..beam ({self.max_beam if beam is None else beam}), got {k!r}")
+        beam = min(max(int(k), 20), self.max_beam) if beam is None else beam
+        self._check_beam(beam)
+        if k > beam:
             raise RequestError(f"k must be an integer in 1..beam ({beam}), got {k!r}")
+        return int(beam)
+
+    def _check_beam(self, beam) -> None:
+        if isinstance(beam, (bool, np.bool_)) or not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
+            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
+
+    @staticmethod
+    def _check_count(n: int) -> None:
         if n == 0:
             raise RequestError("no histories given: pass a list of item-id lists")
 
@@ -127,7 +140,8 @@ class Recommender:
                      stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """[n_b, L] code histories -> (sid_keys [B, K] uint64, scores [B, K] float32), best first.
         Batches larger than max_batch run in chunks."""
-        self._check_request(len(code_histories), None, beam)
+        self._check_beam(beam)
+        self._check_count(len(code_histories))
         keys, scores = [], []
         for i in range(0, len(code_histories), self.max_batch):
             t0 = time.perf_counter()
@@ -154,21 +168,26 @@ class Recommender:
                   unknown: str = "error") -> list[list[tuple[int, float]]]:
         """Per history up to k (item id, summed log-prob) pairs, best first. ``beam`` defaults to
         max(k, 20) capped at the artifact's max_beam."""
-        beam = self._default_beam(k) if beam is None else beam
-        self._check_request(len(histories) if hasattr(histories, "__len__") else 1, k, beam)
+        beam = self._beam_for(k, beam)
+        check_batch(histories)
+        self._check_count(len(histories))
         keys, scores = self.decode(histories, beam, unknown=unknown)
         return items_from_sids(keys, scores, self.sid_table, k)
 
     def recommend_codes(self, code_histories: Sequence[Sequence[Sequence[int]]], k: int = 10,
                         beam: int | None = None) -> list[list[tuple[int, float]]]:
         """SID-level variant: histories of code tuples (each of L codes) instead of item ids."""
-        beam = self._default_beam(k) if beam is None else beam
-        self._check_request(len(code_histories), k, beam)
+        beam = self._beam_for(k, beam)
+        check_batch(code_histories)
+        self._check_count(len(code_histories))
         arrays = []
         for b, h in enumerate(code_histories):
-            a = np.asarray(h, dtype=np.int64) if len(h) else np.zeros((0, self.layout.levels), np.int64)
-            if a.ndim != 2 or a.shape[1] != self.layout.levels:
-                raise RequestError(f"history {b}: each item needs {self.layout.levels} codes, got shape {a.shape}")
+            check_batch(h, f"history {b}")
+            rows = [integer_array(item, f"history {b} item {i}", "codes") for i, item in enumerate(h)]
+            if any(len(r) != self.layout.levels for r in rows):
+                raise RequestError(f"history {b}: each item needs {self.layout.levels} codes, got "
+                                   f"{[len(r) for r in rows]}")
+            a = np.stack(rows) if rows else np.zeros((0, self.layout.levels), np.int64)
             if np.any(a < 0) or np.any(a >= np.asarray(self.layout.codes)):
                 raise RequestError(f"history {b}: codes must lie in 0..codes-1 per level {list(self.layout.codes)}")
             arrays.append(a)

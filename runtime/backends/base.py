@@ -3,14 +3,27 @@ feed against them, runs over buffers allocated once for the largest shapes, and 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
-from ..errors import NezhaError
+from ..errors import NezhaError, OptionError
 from ..manifest import GraphEntry, Tensor
 
 
 class RunnerError(NezhaError, ValueError):
     """A feed that does not match the graph (names, dtypes, ranks, dims outside the built ranges)."""
+
+
+_DEVICE = re.compile(r"(cpu|cuda)(?::([0-9]{1,3}))?")
+
+
+def parse_device(device) -> tuple[str, int]:
+    """'cpu', 'cuda' or 'cuda:N' -> (kind, index)."""
+    m = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    if not m or (m.group(1) == "cpu" and m.group(2)):
+        raise OptionError(f"device {device!r}; allowed: cpu, cuda, cuda:N")
+    return m.group(1), int(m.group(2) or 0)
 
 
 class GraphRunner:

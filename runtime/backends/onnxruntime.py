@@ -11,30 +11,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..errors import BackendUnavailable
 from ..manifest import GraphEntry, ManifestError
-from .base import GraphRunner, GraphSteps, buffer_key, prefix_view, shared_buffer_sizes
+from .base import GraphRunner, GraphSteps, buffer_key, parse_device, prefix_view, shared_buffer_sizes
 
 
 def _ort():
     try:
         import onnxruntime
     except ImportError as e:  # the core dependency, but give the fix
-        raise ImportError("the onnxruntime backend needs onnxruntime: pip install onnxruntime "
+        raise BackendUnavailable("the onnxruntime backend needs onnxruntime: pip install onnxruntime "
                           "(or onnxruntime-gpu for CUDA)") from e
     return onnxruntime
 
 
 def providers_for(device: str) -> list:
     ort = _ort()
-    if device == "cpu":
+    kind, device_id = parse_device(device)
+    if kind == "cpu":
         return ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError(f"device {device!r} needs onnxruntime-gpu with the CUDA execution provider; this "
-                               f"onnxruntime offers {ort.get_available_providers()}")
-        device_id = int(device.split(":")[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-    raise ValueError(f"device {device!r}; allowed: cpu, cuda, cuda:N")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailable(f"device {device!r} needs onnxruntime-gpu with the CUDA execution provider; this "
+                                 f"onnxruntime offers {ort.get_available_providers()}")
+    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
 
 def session_options(threads: int | None = None):
@@ -56,12 +55,10 @@ def session_options(threads: int | None = None):
 def open_session(path, device: str = "cpu", threads: int | None = None):
     """One InferenceSession (thread-safe) with the project's options; a file ONNX Runtime cannot open
     is a ManifestError naming it."""
-    ort = _ort()
+    ort, providers = _ort(), providers_for(device)
     try:
-        return ort.InferenceSession(str(path), session_options(threads), providers=providers_for(device))
-    except (RuntimeError, ValueError, OSError) as e:      # onnxruntime's Fail/InvalidGraph/... derive from these
-        if isinstance(e, ManifestError):
-            raise
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    except Exception as e:      # onnxruntime's InvalidProtobuf, Fail, NoSuchFile ... derive from Exception only
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
         raise ManifestError(f"{path}: ONNX Runtime cannot open this graph: {first}") from None
 

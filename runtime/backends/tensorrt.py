@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import NezhaError
+from ..errors import BackendUnavailable, NezhaError
 from ..manifest import EngineEntry, GraphEntry
 from .base import GraphRunner, GraphSteps, buffer_key, prefix_view, shared_buffer_sizes
 
@@ -26,7 +26,7 @@ def _trt():
         import tensorrt
         from polygraphy import cuda  # noqa: F401
     except ImportError as e:
-        raise ImportError("the tensorrt backend needs TensorRT 10+ and Polygraphy on a CUDA machine: "
+        raise BackendUnavailable("the tensorrt backend needs TensorRT 10+ and Polygraphy on a CUDA machine: "
                           "pip install 'nezha-deploy[tensorrt]'") from e
     return tensorrt
 
@@ -35,7 +35,7 @@ def _cuda_call(name: str, *args) -> None:
     from polygraphy import cuda
     status = getattr(cuda.wrapper().handle, name)(*args)
     if status != 0:
-        raise RuntimeError(f"CUDA runtime call {name} failed with error {status}")
+        raise BackendUnavailable(f"CUDA runtime call {name} failed with error {status}")
 
 
 def use_device(device_id: int) -> None:
