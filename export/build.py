@@ -34,6 +34,8 @@ from typing import Callable
 from nezha.calibration import METHODS, MIN_SAMPLES, CalibrationError
 from nezha.calibration.data import default_interactions
 from nezha.data import DEFAULT_DATA, find_pair
+from nezha.model.checkpoint import CheckpointError
+from nezha.runtime.catalog import CatalogError
 from nezha.runtime.errors import NezhaError
 from nezha.runtime.manifest import PRECISIONS
 
@@ -150,9 +152,10 @@ def check_options(checkpoint, index, out, precision, backend, max_batch, max_his
         index = index if index is not None else find_pair(DEFAULT_DATA)[0]
         histories = histories if histories is not None else find_pair(DEFAULT_DATA)[1]
     if not checkpoint.is_dir():
-        raise BuildError(f"checkpoint {checkpoint} is not a folder: pass a checkpoint in the public NEZHA format")
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist or is not a folder: pass a checkpoint in "
+                              "the public NEZHA format")
     if index is not None and not Path(index).is_file():
-        raise BuildError(f"item index {index} does not exist: pass a LETTER *.index.json")
+        raise CatalogError(f"item index {index} does not exist: pass a LETTER *.index.json")
     if isinstance(histories, (str, Path)):
         histories = Path(histories)
         if not histories.is_file():

@@ -187,11 +187,10 @@ def validate_against_torch(s: State, notes: list) -> State:
 
 def engines_from_onnx(s: State, notes: list) -> State:
     specs, cache = graph_specs(s.model, s.limits), s.tmp / "engines" / "timing.cache"
-    for p in s.options.precisions:
-        if p in CPU_ONLY_PRECISIONS:
-            s.engines_note[p] = "cpu-only graphs (dynamic int8, MatMulInteger): TensorRT cannot build them; use int8"
-            notes.append(f"{p}: skipped, {s.engines_note[p]}")
-            continue
+    for p in [p for p in s.options.precisions if p in CPU_ONLY_PRECISIONS]:
+        s.engines_note[p] = "cpu-only graphs (dynamic int8, MatMulInteger): TensorRT cannot build them; use int8"
+        notes.append(f"{p}: skipped, {s.engines_note[p]}")
+    for p in [p for p in s.options.precisions if p not in CPU_ONLY_PRECISIONS]:
         try:
             for name, onnx_path in s.graphs[p].items():
                 plan = s.tmp / "engines" / p / f"{name}.plan"
