@@ -30,7 +30,7 @@ TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "
 
 def layout_and_catalog(kind: str, data: Path, vocab: int, seed: int = 0):
     """("3x512" | "beauty") -> (SidLayout with code tokens after ``vocab`` tokens, Catalog of the Beauty items)."""
-    from nezha.data import find_pair
+    from nezha.runtime.data import find_pair
     from nezha.runtime.catalog import Catalog
     from nezha.runtime.layout import SidLayout
 
@@ -108,7 +108,7 @@ def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: 
 
     import torch
 
-    from nezha.data import DEFAULT_DATA
+    from nezha.runtime.data import DEFAULT_DATA
 
     from .contenders import ar_contender, ar_model_from, reference_contenders, runtime_contenders
     from .run import benchmark, load_histories

@@ -16,13 +16,14 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nezha.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
+from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 from nezha.runtime.decode import beam_search, items_from_sids
 from nezha.runtime.encoding import encode_histories
 from nezha.runtime.verifier import Verifier
 
 from nezha.calibration.data import CalibrationReader
-from nezha.calibration.quantize import cpu_session, int8_cpu_from_onnx, int8_from_onnx, validate_int8
+from nezha.calibration.quantize import int8_cpu_from_onnx, int8_from_onnx
+from nezha.calibration.validate import cpu_session, validate_int8
 from nezha.export.validate import ort_validation_steps
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nezha.calibration import INT8_CPU_SETTINGS, CalibrationReader, int8_cpu_from_onnx, int8_from_onnx, validate_int8
-from nezha.calibration.quantize import Int8ValidationError
+from nezha.calibration.validate import Int8ValidationError
 from nezha.model.checkpoint import load_catalog, load_checkpoint
 from nezha.runtime.artifact import write_manifest
 from nezha.runtime.manifest import EngineEntry, Manifest, TableEntry

@@ -6,7 +6,6 @@ torch Reference. All results are collected first; one ValidationError then lists
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nezha.data import read_interactions
+from nezha.runtime.data import read_interactions
 from nezha.model.nezha import NezhaModel
 from nezha.model.reference import Reference, TorchSteps
 from nezha.runtime.catalog import Catalog

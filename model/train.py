@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from nezha.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
+from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.layout import SidLayout
 

@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import TINY_CODES, tiny_catalog, tiny_histories, tiny_model
-from nezha.export import build as build_module
 from nezha.export import graphs as graphs_module
 from nezha.export.build import BuildError, build, main
 from nezha.export.graphs import graph_specs, onnx_from_model, save_onnx, token_range
@@ -414,7 +413,7 @@ def test_rebuild_with_force_reuses_the_calibration_cache(int8_built, tmp_path):
     cache = out / "calibration" / "cache.json"
     before = cache.read_bytes()
     lines = []
-    again = _int8_build(checkpoint, out, data, lines, precision=("fp32", "int8"), calibration_exclude=1, force=True)
+    _int8_build(checkpoint, out, data, lines, precision=("fp32", "int8"), calibration_exclude=1, force=True)
     calibration = Artifact.open(out).manifest.precisions["int8"].quantization
     assert calibration["cache_hit"] is True and cache.read_bytes() == before
     assert any("reused (hit)" in line for line in lines)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from itertools import product
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from conftest import DATA, needs_beauty, tiny_catalog, tiny_histories, tiny_layout, tiny_model
 from nezha.model.ar import ArDecoder
 from nezha.model.checkpoint import (CheckpointError, catalog_from_reference_sids, load_catalog, load_checkpoint,
-                                    pack_reference_sids, save_checkpoint)
+                                    save_checkpoint)
 from nezha.model.evaluate import ranking_metrics
 from nezha.model.reference import Reference
 from nezha.model.train import nezha_batch, windows
