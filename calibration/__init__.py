@@ -1,4 +1,4 @@
-"""INT8 calibration: real histories -> Q/DQ graphs (static int8, for ONNX Runtime and TensorRT) and the
+"""``nezha.calibration`` (folder calibration/): INT8 calibration: real histories -> Q/DQ graphs (static int8, for ONNX Runtime and TensorRT) and the
 CPU-only dynamic int8 variant, with sensitivity analysis and validation against fp32.
 
 The build (export/) calls ``int8_from_onnx`` and ``int8_cpu_from_onnx``; calibration never imports export.

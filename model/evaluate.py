@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 from nezha.runtime.catalog import Catalog
+from nezha.runtime.errors import NezhaError
 from nezha.runtime.decode import items_from_sids
 
 KS = (5, 10)
@@ -101,11 +102,26 @@ def main(argv=None):
         p.error("give --checkpoint, --ar-checkpoint and/or --artifact")
     try:
         results = run(a)
-    except ValueError as e:         # CheckpointError, CatalogError, DataError, ManifestError: say what, no traceback
+    except NezhaError as e:          # checkpoint, catalog, data, artifact: say what, no traceback
         p.exit(2, f"error: {e}\n")
     print(json.dumps(results, indent=2))
+    for kind, record in results.get("training", {}).items():
+        print(f"{kind} training: {training_line(record)}")
     if a.out:
         a.out.write_text(json.dumps(results, indent=2))
+
+
+def training_record(checkpoint: Path) -> dict:
+    """What the trainer recorded of a checkpoint (steps, whether it finished, the time), beside the figures."""
+    raw = json.loads((Path(checkpoint) / "training.json").read_text())
+    steps = raw.get("config", {}).get("steps")
+    return {"steps": raw.get("steps"), "of_steps": steps, "train_seconds": raw.get("train_seconds"),
+            "completed": raw.get("completed", raw.get("steps") == steps), "stopped_by": raw.get("stopped_by")}
+
+
+def training_line(r: dict) -> str:
+    done = "completed" if r["completed"] else f"STOPPED EARLY ({r['stopped_by'] or 'before its schedule ended'})"
+    return f"{r['steps']} of {r['of_steps']} steps, {r['train_seconds']} s, {done}"
 
 
 def run(a) -> dict:
@@ -118,6 +134,8 @@ def run(a) -> dict:
     split = leave_one_out(read_interactions(inter), a.split)
     hist, targets = split.histories[:a.limit], split.targets[:a.limit]
     results = {"data": str(a.data), "split": a.split, "beam": a.beam}
+    results["training"] = {kind: training_record(path) for kind, path in (("nezha", a.checkpoint), ("ar", a.ar_checkpoint))
+                           if path is not None and (Path(path) / "training.json").is_file()}
     if a.checkpoint:
         ref = Reference(load_checkpoint(a.checkpoint), catalog, a.max_history)
         results["nezha"], ref_recs = evaluate(ref, hist, targets, a.beam, desc="nezha (torch)")

@@ -7,6 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+try:
+    import nezha.runtime  # noqa: F401
+except ImportError as e:         # the folders import as nezha.*: only the editable install maps them
+    pytest.exit(f"nezha-deploy is not installed in this Python ({e}): run `make test`, or "
+                "pip install -e '.[export,dev]' and then python -m pytest", returncode=4)
+
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.layout import SidLayout
 
