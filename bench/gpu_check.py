@@ -15,7 +15,6 @@ Beauty item gets a random 3-level SID of 512 codes (the public training scripts'
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -89,9 +88,7 @@ def build_artifact(model, catalog, folder: Path, backends: list[str], max_beam: 
 
     ckpt = save_checkpoint(model, folder / "checkpoint", catalog, overwrite=True)
     log(f"building artifact for {backends} (max_beam {max_beam}) ...")
-    index = folder / "items.index.json"          # LETTER format, so that the artifact keeps the Beauty item ids
-    index.write_text(json.dumps({str(i): [f"<{chr(97 + level)}_{c}>" for level, c in enumerate(codes)]
-                                 for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}))
+    index = catalog.to_index_json(folder / "items.index.json")     # so that the artifact keeps the Beauty item ids
     build(checkpoint=ckpt, index=index, out=folder / "artifact", precision=("fp32",), backend=tuple(backends),
           max_beam=max_beam, force=True, log=log)
     return folder / "artifact"

@@ -11,7 +11,6 @@ written as ``ava_sid{L}.pt`` and as a LETTER ``items.index.json`` beside the che
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -31,9 +30,7 @@ def random_checkpoint(out: Path, hidden_size: int = 768, num_layers: int = 12, n
              "intermediate_size": intermediate_size}
     model = random_model(sid_layout, shape, seed)
     save_checkpoint(model, out, catalog, overwrite=True)
-    index = Path(out).with_name(Path(out).name + ".index.json")
-    index.write_text(json.dumps({str(i): [f"<{chr(97 + level)}_{c}>" for level, c in enumerate(codes)]
-                                 for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}))
+    index = catalog.to_index_json(Path(out).with_name(Path(out).name + ".index.json"))
     print(f"wrote {out} ({sum(p.numel() for p in model.model.parameters()) / 1e6:.1f}M backbone params) and {index}")
     return Path(out)
 

@@ -30,7 +30,7 @@ from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
 from onnxruntime.quantization.calibrate import CalibrationCacheEncoder, TensorsData
 from tqdm import tqdm
 
-from nezha.runtime.artifact import sha256
+from nezha.runtime.artifact import external_data_path, sha256
 
 from .data import CalibrationError, FeedList
 from .sensitivity import node_sensitivity, sensitivity_table, weight_matmuls
@@ -71,7 +71,7 @@ def _check_method(method: str) -> CalibrationMethod:
 
 def graph_sha256(path: Path) -> str:
     """sha256 of a graph file, and of its external weights file when it has one."""
-    data = Path(str(path) + ".data")
+    data = external_data_path(path)
     return sha256(path) if not data.exists() else sha256(path) + ":" + sha256(data)
 
 
@@ -114,17 +114,22 @@ def _write_cache(cache_path: Path, key: dict, ranges: TensorsData) -> None:
     tmp.replace(cache_path)
 
 
+def _not_quantizer_chatter(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or "onnxruntime/quantization" not in record.pathname.replace("\\", "/")
+
+
 @contextmanager
 def _quiet_ort():
-    """The quantizer logs a 'please pre-process' warning per call: we quantize the exported graph as it
-    is on purpose (ORT's pre-processing fuses norms into contrib ops that TensorRT cannot parse)."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The quantizer logs a 'please pre-process' warning per call on the root logger: we quantize the
+    exported graph as it is on purpose (ORT's pre-processing fuses norms into contrib ops that TensorRT
+    cannot parse). Only the quantizer's own records below ERROR are dropped, and only while it runs; the
+    root logger's level and everything else logged meanwhile are left alone."""
+    root = logging.getLogger()
+    root.addFilter(_not_quantizer_chatter)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        root.removeFilter(_not_quantizer_chatter)
 
 
 def calibrate_ranges(fp32_path: Path, feeds: FeedList, method: str = "entropy", cache_path: Path | None = None,
@@ -181,7 +186,7 @@ def qdq_from_ranges(fp32_path: Path, out_path: Path, ranges: TensorsData, nodes_
                         nodes_to_quantize=list(nodes_to_quantize), nodes_to_exclude=list(nodes_to_exclude),
                         calibrate_method=ranges.calibration_method, extra_options=qdq_options(),
                         calibration_cache_path=ort_cache,
-                        use_external_data_format=Path(str(fp32_path) + ".data").exists())
+                        use_external_data_format=external_data_path(fp32_path).exists())
     onnx.checker.check_model(str(out_path))
     return out_path
 
@@ -190,8 +195,8 @@ def _copy_graph(src: Path, dst_dir: Path) -> Path:
     dst = Path(dst_dir) / Path(src).name
     if Path(src).resolve() != dst.resolve():
         shutil.copyfile(src, dst)
-        if Path(str(src) + ".data").exists():
-            shutil.copyfile(str(src) + ".data", str(dst) + ".data")
+        if external_data_path(src).exists():
+            shutil.copyfile(external_data_path(src), external_data_path(dst))
     return dst
 
 
@@ -258,7 +263,7 @@ def int8_cpu_from_onnx(fp32_graphs: dict[str, Path], out_dir: Path, *,
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=INT8_CPU_SETTINGS["op_types"], per_channel=True,
                          reduce_range=INT8_CPU_SETTINGS["reduce_range"], weight_type=QuantType.QInt8,
                          extra_options={"MatMulConstBOnly": True},
-                         use_external_data_format=Path(str(src) + ".data").exists())
+                         use_external_data_format=external_data_path(src).exists())
     onnx.checker.check_model(str(dst))
     if log:
         log(f"  int8-cpu backbone: {len(weight_matmuls(src))} MatMul weights int8 (dynamic; ONNX Runtime CPU only)")

@@ -43,12 +43,14 @@ def batches_by_length(histories, batch_size: int):
 
 
 def decode_all(decoder, histories, beam: int = 20, k: int = max(KS), batch_size: int = 256, progress: bool = True,
-               desc: str = "decode") -> list[list[tuple[int, float]]]:
+               desc: str = "decode", stages: dict | None = None) -> list[list[tuple[int, float]]]:
     """Top-k (item, score) per history with any decoder that has ``decode(histories, beam)`` and
-    ``sid_table`` (Reference, ArDecoder, the runtime's Recommender)."""
+    ``sid_table`` (Reference, ArDecoder, the runtime's Recommender); ``stages`` collects seconds per stage
+    from decoders that report them."""
     recs: list = [None] * len(histories)
     for idx in tqdm(list(batches_by_length(histories, batch_size)), desc=desc, disable=not progress):
-        keys, scores = decoder.decode([histories[i] for i in idx], beam)
+        batch = [histories[i] for i in idx]
+        keys, scores = decoder.decode(batch, beam) if stages is None else decoder.decode(batch, beam, stages=stages)
         for i, r in zip(idx, items_from_sids(keys, scores, decoder.sid_table, k)):
             recs[i] = r
     return recs
@@ -64,11 +66,16 @@ def invalid_share(reference, histories, beam: int = 20, k: int = max(KS), batch_
     return invalid / max(total, 1)
 
 
+def overlap_shares(ours: list[list[int]], reference: list[list[int]]) -> list[float]:
+    """Per history, |our top-k items & the reference's| / |the reference's| (1.0 when both are empty)."""
+    return [len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(ours, reference)]
+
+
 def agreement(recs, reference_recs) -> dict[str, float]:
     """How a decoder's top-k lists compare to the reference's: identical lists (items and order), mean
     item overlap, and the max score difference over items ranked at the same place."""
     same = [[i for i, _ in a] == [i for i, _ in b] for a, b in zip(recs, reference_recs)]
-    overlap = [len({i for i, _ in a} & {i for i, _ in b}) / max(len(b), 1) for a, b in zip(recs, reference_recs)]
+    overlap = overlap_shares([[i for i, _ in r] for r in recs], [[i for i, _ in r] for r in reference_recs])
     diffs = [abs(x[1] - y[1]) for a, b, s in zip(recs, reference_recs, same) if s for x, y in zip(a, b)]
     return {"identical_topk_share": float(np.mean(same)), "topk_overlap": float(np.mean(overlap)),
             "max_score_diff_when_identical": float(max(diffs, default=0.0))}

@@ -53,6 +53,11 @@ def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def external_data_path(graph: str | Path) -> Path:
+    """Where an ONNX graph's external weights live, if it has them: ``<graph>.onnx.data`` beside it."""
+    return Path(str(graph) + ".data")
+
+
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:

@@ -79,7 +79,4 @@ def tiny_histories(catalog: Catalog, n: int = 6, seed: int = 1) -> list[list[int
 
 def write_index(catalog: Catalog, path: Path) -> Path:
     """The catalog as a LETTER-style *.index.json (item id -> ['<a_N>', '<b_N>', ...])."""
-    import json
-    path.write_text(json.dumps({str(i): [f"<{chr(97 + level)}_{c}>" for level, c in enumerate(codes)]
-                                for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}))
-    return path
+    return catalog.to_index_json(path)

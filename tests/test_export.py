@@ -139,6 +139,8 @@ def test_manifest_contract_and_checksums(built):
     # the exported graph itself carries the manifest's dim names
     proto = onnx.load(str(artifact.path(head.file)))
     assert [d.dim_param or d.dim_value for d in proto.graph.output[1].type.tensor_type.shape.dim] == ["beams", 6]
+    # no exporter stack traces (they hold this checkout's paths): a graph depends only on the model
+    assert not [n.name for n in proto.graph.node if n.metadata_props]
     assert manifest.engines == {} and "TensorRT" in summary.engines_skipped
     assert manifest.versions["tensorrt"] is None and manifest.versions["onnx"] == onnx.__version__
     report = json.loads(artifact.path(manifest.validation).read_text())

@@ -285,3 +285,9 @@ def test_training_stops_on_steps_and_a_time_cap_is_said_and_recorded(tiny_datase
     record = training_record(tmp_path / "capped")
     assert record["completed"] is False and "STOPPED EARLY (time cap" in training_line(record)
     assert "3 of 3 steps" in training_line(training_record(tmp_path / "full"))
+
+
+def test_positions_follow_the_left_padded_mask():
+    from nezha.model.nezha import positions_from_mask
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
