@@ -133,8 +133,8 @@ def build_artifact(tree: Path, out: Path, build_args: Sequence[str], env: dict, 
     log(f"building {out.name} with {tree}'s export/build.py")
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-6:])
-        raise AbError(f"building the artifact of {tree} failed: {' '.join(cmd)}\n{tail}")
+        print("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:]), file=sys.stderr)
+        raise AbError(f"building the artifact of {tree} failed (its last lines above): {' '.join(cmd)}")
     return out
 
 
@@ -160,8 +160,8 @@ class Side:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            err = self.proc.stderr.read().strip().splitlines()
-            raise AbError(f"the {self.name} worker stopped: " + ("\n".join(err[-6:]) or "no message"))
+            print("\n".join(self.proc.stderr.read().strip().splitlines()[-12:]), file=sys.stderr)
+            raise AbError(f"the {self.name} worker stopped (its last lines above)")
         return json.loads(line)
 
     def run(self, contender: str, request: int) -> float:

@@ -15,6 +15,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from nezha.runtime.errors import NezhaError
+
 if importlib.util.find_spec("matplotlib") is None:      # nezha.cli leaves 'bench' out without the extra
     raise ImportError("nezha bench needs matplotlib: pip install 'nezha-deploy[bench]'")
 
@@ -74,26 +76,17 @@ WALL_CLOCK_DEFAULTS = {"batch_sizes": [1], "beams": [20, 512], "requests": 30, "
 
 
 def run(args) -> int:
-    from nezha.runtime.errors import NezhaError
-
-    try:
-        if args.instructions and args.against:
-            raise _OptionError("--instructions and --against are two different runs: give one")
-        if args.instructions:
-            return run_instructions(args)
-        if args.against:
-            return run_against(args)
-        return run_wall_clock(args)
-    except (NezhaError, ValueError) as e:          # manifest, data, checkpoint, request, option errors
-        print(f"nezha bench: error: {str(e).splitlines()[0] if str(e) else type(e).__name__}", file=sys.stderr)
-        detail = str(e).splitlines()[1:]
-        if detail:                                 # a failed worker's last lines: after the one-line error
-            print("\n".join(detail), file=sys.stderr)
-        return 2
+    if args.instructions and args.against:
+        raise _OptionError("--instructions and --against are two different runs: give one")
+    if args.instructions:
+        return run_instructions(args)
+    if args.against:
+        return run_against(args)
+    return run_wall_clock(args)
 
 
-class _OptionError(ValueError):
-    pass
+class _OptionError(NezhaError, ValueError):
+    """Options that do not go together (nezha.cli prints it as one line, exit 2)."""
 
 
 def _one(values, name: str, default):

@@ -181,8 +181,8 @@ def run_worker(artifact: Path, requests_file: Path, workdir: Path, phases: list[
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-8:])
-        raise InstructionsError(f"the worker failed (exit {proc.returncode}): {' '.join(cmd)}\n{tail}")
+        print("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:]), file=sys.stderr)
+        raise InstructionsError(f"the worker failed (exit {proc.returncode}; its last lines above): {' '.join(cmd)}")
     facts = json.loads(Path(spec["out"]).read_text())
     out = {"facts": facts, "seconds": round(seconds, 2), "parts": {}}
     if valgrind:
