@@ -6,7 +6,7 @@ out in a git worktree in a temporary folder, its artifact is built by its own ``
 worker processes (``bench/worker.py serve``: one imports the current ``nezha.runtime``, the other the
 base's, through a package folder of links made from the base's own package mapping) run the same requests,
 alternately: for request i, contender c, the two sides run back to back, in an order that flips with i.
-The report is the ratio current / base per contender (geometric mean of the per-request ratios) with a
+The report is the ratio current / base per contender (the median of the per-request ratios) with a
 paired bootstrap confidence interval, as ``pyperf compare_to`` and ``asv continuous`` report theirs."""
 
 from __future__ import annotations
@@ -51,14 +51,15 @@ def paired_bootstrap(stat, arrays: Sequence[np.ndarray], confidence: float = 0.9
     return float(stat(*arrays)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
 
 
-def geometric_mean_ratio(current: np.ndarray, base: np.ndarray) -> float:
-    """exp(mean(log(current_i / base_i))): the typical per-request ratio, symmetric in the two sides."""
-    return float(np.exp(np.mean(np.log(current / base))))
+def median_ratio(current: np.ndarray, base: np.ndarray) -> float:
+    """median(current_i / base_i): the typical per-request ratio; a request that a neighbour's job
+    preempted on one side moves it by one rank, not by its size."""
+    return float(np.median(current / base))
 
 
 def own_ratio(cur_runtime, cur_floor, base_runtime, base_floor) -> float:
-    """mean(runtime - floor) of the current side over the base side's: the runtime's own time, as a ratio."""
-    return float(np.mean(cur_runtime - cur_floor) / np.mean(base_runtime - base_floor))
+    """median(runtime - floor) of the current side over the base side's: the runtime's own time, as a ratio."""
+    return float(np.median(cur_runtime - cur_floor) / np.median(base_runtime - base_floor))
 
 
 def verdict(low: float, high: float) -> str:
@@ -76,7 +77,7 @@ def compare_sides(seconds: dict, confidence: float = 0.95) -> dict:
     out = {}
     for c in CONTENDERS:
         a, b = np.asarray(cur[c]), np.asarray(base[c])
-        est, lo, hi = paired_bootstrap(geometric_mean_ratio, [a, b], confidence)
+        est, lo, hi = paired_bootstrap(median_ratio, [a, b], confidence)
         out[c] = {"current_median_ms": float(np.median(a) * 1e3), "base_median_ms": float(np.median(b) * 1e3),
                   "ratio": est, "low": lo, "high": hi, "verdict": verdict(lo, hi)}
     arrays = [np.asarray(x) for x in (cur["runtime"], cur["floor"], base["runtime"], base["floor"])]
@@ -271,6 +272,6 @@ def report(result: dict) -> str:
     for key, r in result["comparison"].items():
         lines.append(f"| {names[key]} | {r['base_median_ms']:.3f} ms | {r['current_median_ms']:.3f} ms | "
                      f"{r['ratio']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | {r['verdict']} |")
-    lines += ["", "Ratios: geometric mean of per-request ratios (own: ratio of mean differences); intervals: "
+    lines += ["", "Ratios: median of per-request ratios (own: ratio of the sides' median runtime - floor); intervals: "
               "paired bootstrap over requests. A report, not a gate: the instruction count is the gate."]
     return "\n".join(lines) + "\n"
