@@ -273,6 +273,7 @@ def measure(artifact: str | Path, histories: Sequence[Sequence[int]], requests: 
            "onnxruntime": dry["facts"]["onnxruntime"], "glibc": "-".join(platform.libc_ver())}
     wc = wall_clock_machine()
     mach = {"cpu": wc["cpu"], "platform": wc["platform"], "isa": host_isa(),
+            "cpuid_native": dry["facts"].get("cpuid"), "cpuid_valgrind": counted["facts"].get("cpuid"),
             "cpu_features_native": dry["facts"]["cpu_features"],
             "cpu_features_valgrind": counted["facts"]["cpu_features"]}
     return result_from(counted["parts"], workload, env, mach, inject, counted["seconds"])
@@ -424,6 +425,9 @@ def compare(result: dict, baseline: dict, own_tolerance: float | None = None,
         a, b = base["environment"].get(k), result["environment"].get(k)
         if a != b:
             notes.append(f"{k} differs from the baseline's ({a!r} -> {b!r}): counts may move with it")
+    if base["machine"].get("cpuid_valgrind") != result["machine"].get("cpuid_valgrind"):
+        notes.append(f"valgrind's virtual CPU identifies otherwise than at the baseline "
+                     f"({base['machine'].get('cpuid_valgrind')!r} -> {result['machine'].get('cpuid_valgrind')!r})")
     if base["machine"].get("cpu_features_valgrind") != result["machine"].get("cpu_features_valgrind"):
         notes.append(f"valgrind's virtual CPU offers other features than at the baseline "
                      f"({base['machine'].get('cpu_features_valgrind')} -> "
@@ -463,8 +467,8 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
     lines = ["# NEZHA instruction counts (callgrind)", "",
              f"- workload: batch {w['batch_size']}, beam {w['beam']}, {w['requests']} counted requests after "
              f"{w['warmup']} warm-up, ONNX Runtime {w['threads']} thread(s)",
-             f"- machine: {m['cpu']}; host ISA {' '.join(m['isa'])}; under valgrind NumPy sees "
-             f"{' '.join(m['cpu_features_valgrind'])}",
+             f"- machine: {m['cpu']}; host ISA {' '.join(m['isa'])}; under valgrind cpuid says "
+             f"{m.get('cpuid_valgrind')!r} and NumPy sees {' '.join(m['cpu_features_valgrind'])}",
              "- versions: " + ", ".join(f"{k} {v}" for k, v in env.items()),
              "- setup (start, imports, load, warm-up) runs uninstrumented and is not counted: it is not "
              "deterministic to the instruction; each phase counts only its requests"]

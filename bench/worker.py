@@ -188,6 +188,36 @@ def collecting_only_in(rec, stage: str, cg: Callgrind):
     return lambda: setattr(decode, "top_k_desc", original)
 
 
+def cpu_identity() -> str | None:
+    """The CPU's vendor and brand string as the ``cpuid`` instruction reports them to this process (under
+    valgrind: valgrind's virtual CPU, whatever the host), via a few bytes of machine code; None off x86-64."""
+    import ctypes
+    import mmap
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        return None
+    # push rbx; mov eax,edi; mov r8,rsi; xor ecx,ecx; cpuid; mov [r8],eax; mov [r8+4],ebx; mov [r8+8],ecx;
+    # mov [r8+12],edx; pop rbx; ret
+    code = bytes.fromhex("53 89f8 4989f0 31c9 0fa2 418900 41895804 41894808 4189500c 5b c3".replace(" ", ""))
+    page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    cpuid = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_void_p)(
+        ctypes.addressof(ctypes.c_char.from_buffer(page)))
+    regs = (ctypes.c_uint32 * 4)()
+
+    def leaf(n: int) -> bytes:
+        cpuid(n, ctypes.addressof(regs))
+        return bytes(regs)                                               # eax, ebx, ecx, edx
+
+    r = leaf(0)
+    vendor = (r[4:8] + r[12:16] + r[8:12]).decode(errors="replace")      # ebx, edx, ecx
+    brand = b"".join(leaf(0x80000002 + i) for i in range(3)).split(b"\0")[0].decode(errors="replace").strip()
+    del cpuid
+    return f"{vendor} {brand}"
+
+
 def count(spec: dict) -> dict:
     """Under ``valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no``: load and warm every
     contender up on the first ``warmup`` requests (uninstrumented: fast, and not counted), start the
@@ -227,7 +257,7 @@ def count(spec: dict) -> dict:
     import onnxruntime
     return {"digests": digests, "inject": inject, "cpu_features": cpu_features(), "numpy": np.__version__,
             "onnxruntime": onnxruntime.__version__, "runtime_module": sys.modules["nezha.runtime"].__file__,
-            "client_requests": cg.running}
+            "client_requests": cg.running, "cpuid": cpu_identity()}
 
 
 def serve(spec: dict) -> None:

@@ -199,7 +199,7 @@ def test_the_committed_baseline_parses_and_records_the_machine():
 
 # --- the slowdown hook ----------------------------------------------------------------------------------------
 
-def test_inject_spec_grammar():
+def test_inject_spec_grammar_and_cpuid():
     import importlib.util
     spec = importlib.util.spec_from_file_location("bench_worker", WORKER_DIR / "worker.py")
     worker = importlib.util.module_from_spec(spec)
@@ -209,6 +209,9 @@ def test_inject_spec_grammar():
     for bad in ("verify", "verify:0.5", "head:x1", "verify:xabc", "verify:x0"):
         with pytest.raises(ValueError, match="NEZHA_BENCH_INJECT"):
             worker.parse_inject(bad)
+    import platform
+    if platform.machine() == "x86_64":                         # cpuid through a few bytes of machine code
+        assert worker.cpu_identity().split()[0] in ("GenuineIntel", "AuthenticAMD", "HygonGenuine")
     calls = []
     slow = worker._repeating(lambda: calls.append(1) or len(calls), 0.25)
     assert [slow() for _ in range(8)] == [1, 2, 3, 4, 6, 7, 8, 9]        # one extra call per four, in place
