@@ -320,3 +320,9 @@ def test_against_head_builds_both_sides_and_reports_a_ratio_with_an_interval(mak
     assert (tmp_path / "ab" / "ab.md").read_text().startswith("# A/B: current tree vs HEAD")
     worktrees = subprocess.run(["git", "worktree", "list"], cwd=ab.ROOT, capture_output=True, text=True).stdout
     assert "nezha-ab-" not in worktrees                       # the base checkout is removed again
+
+
+def test_missing_valgrind_is_a_user_error_that_says_how_to_install(monkeypatch):
+    monkeypatch.setattr(ins.shutil, "which", lambda name: None)
+    with pytest.raises(ins.InstructionsError, match="apt-get install -y valgrind"):
+        ins.valgrind_version()
