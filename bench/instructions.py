@@ -53,14 +53,14 @@ BASELINE_FORMAT = "nezha-instructions-baseline"
 VERSION = 1
 WORKER = Path(__file__).with_name("worker.py")
 # The workload of the gate (batch 1, beam 20, 30 requests per phase): about 1.6G instructions counted on
-# the demo artifact with the stages, 2-3 minutes of one core under callgrind.
+# the demo artifact with the stages, about 4 minutes of one core under callgrind (1.5 without stages).
 DEFAULTS = {"requests": 30, "warmup": 3, "beam": 20, "batch_size": 1, "histories": 500, "threads": 1}
 OWN_TOLERANCE = 0.02          # of the runtime's own instructions per request (runtime - floor)
 END_TO_END_TOLERANCE = 0.01   # of the runtime's instructions per request (backbone included)
 TOP_FUNCTIONS = 40            # functions kept per contender in a result (by |instructions per request|)
 SAVE_COMMAND = "bench/record-instruction-baseline"
-# Thread counts of every library the runtime may load, the hash seed, and no .pyc writes (a run that
-# compiled bytecode would count it once, its sibling runs not).
+# Thread counts of every library the runtime may load, the hash seed, and no .pyc writes (the native dry
+# run writes them once, so that no counted run depends on a cache being warm).
 WORKER_ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "NUMEXPR_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
 ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
