@@ -1,4 +1,4 @@
-"""The ``nezha`` command: ``nezha recommend ARTIFACT ...`` and ``nezha bench ARTIFACT ...``.
+"""The ``nezha`` command: ``nezha recommend``, ``nezha bench``, ``nezha serve`` and ``nezha loadtest``.
 A thin layer: each subcommand's options are its library function's argument names."""
 
 from __future__ import annotations
@@ -18,6 +18,12 @@ def main(argv=None) -> int:
         bench_cli = None
     if bench_cli is not None:
         bench_cli.add_parser(sub)
+    try:
+        from nezha.serve import cli as serve_cli
+    except ImportError:          # serve and loadtest need the 'serve' extra
+        serve_cli = None
+    if serve_cli is not None:
+        serve_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     return int(args.run(args) or 0)
 
