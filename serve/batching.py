@@ -10,7 +10,8 @@ histories of very different lengths stay apart. By induction a batch never costs
 histories run one by one.
 
 The cost model is measured on the loaded model at start (``measure_cost``): seconds of
-``decode_codes`` for B histories of T tokens, fitted as ``fixed + per_history * B + per_token * B * T``.
+``decode_codes`` for one and for B histories at three lengths, i.e. the solo cost and the marginal cost
+of one more history per token length (interpolated between them).
 """
 
 from __future__ import annotations
@@ -33,14 +34,17 @@ log = logging.getLogger("nezha.serve")
 
 @dataclass(frozen=True)
 class CostModel:
-    """Seconds to decode B histories left-padded to T tokens: fixed + per_history*B + per_token*B*T."""
+    """Measured seconds to decode a batch, per probe token length T_j: ``solo[j]`` for one history and
+    ``marginal[j]`` for each further one. cost(B, T) = solo(T) + (B - 1) * marginal(T), interpolated
+    linearly in T between the probes (and held flat beyond them)."""
 
-    fixed: float
-    per_history: float
-    per_token: float
+    tokens: tuple[int, ...]
+    solo: tuple[float, ...]
+    marginal: tuple[float, ...]
 
     def cost(self, batch: int, tokens: int) -> float:
-        return self.fixed + self.per_history * batch + self.per_token * batch * tokens
+        solo = float(np.interp(tokens, self.tokens, self.solo))
+        return solo + (batch - 1) * float(np.interp(tokens, self.tokens, self.marginal))
 
     def worth_adding(self, batch: int, longest: int, tokens: int) -> bool:
         """Is a batch of ``batch`` histories (longest ``longest`` tokens) plus one of ``tokens`` tokens
@@ -49,8 +53,8 @@ class CostModel:
         return grown < self.cost(batch, longest) + self.cost(1, tokens)
 
     def as_dict(self) -> dict:
-        return {"fixed_ms": self.fixed * 1e3, "per_history_ms": self.per_history * 1e3,
-                "per_token_us": self.per_token * 1e6}
+        return {"tokens": list(self.tokens), "solo_ms": [round(x * 1e3, 4) for x in self.solo],
+                "marginal_ms": [round(x * 1e3, 4) for x in self.marginal]}
 
 
 def tokens_of(codes: np.ndarray, max_history: int, levels: int) -> int:
@@ -58,29 +62,34 @@ def tokens_of(codes: np.ndarray, max_history: int, levels: int) -> int:
     return (min(len(codes), max_history) + 1) * levels
 
 
-def measure_cost(rec, beam: int = 20, repeats: int = 3, max_probe_batch: int = 16) -> CostModel:
-    """Time ``rec.decode_codes`` at the corners (1 or B histories, 1 or max_history items), best of
-    ``repeats`` after a warm-up, and fit the CostModel by least squares (coefficients clipped at 0)."""
+def measure_cost(rec, beam: int = 20, repeats: int = 5, max_probe_batch: int = 8, budget_s: float = 0.5,
+                 clock=time.perf_counter) -> CostModel:
+    """Time ``rec.decode_codes`` for 1 and B histories at three lengths (1, max_history/2, max_history
+    items), best of at least ``repeats`` (more while under ``budget_s`` per length: on a busy machine the
+    minimum needs more tries) after a warm-up, interleaved so that machine drift hits both alike.
+    ``clock=time.thread_time`` measures this thread's CPU time, immune to preemption on a shared machine:
+    right when ONNX Runtime runs in the calling thread (one intra-op thread)."""
     codes = rec.catalog.item_codes
     B = max(2, min(rec.max_batch, max_probe_batch))
     beam = min(beam, rec.max_beam)
-    rows, times = [], []
-    for n_items in (1, rec.max_history):
+    lengths = sorted({1, max(1, rec.max_history // 2), rec.max_history})
+    tokens, solo, marginal = [], [], []
+    for n_items in lengths:
         history = codes[np.arange(n_items) % len(codes)]
-        for batch in (1, B):
-            batch_codes = [history] * batch
-            rec.decode_codes(batch_codes, beam)                           # warm-up: binds buffers
-            best = float("inf")
-            for _ in range(repeats):
-                t0 = time.perf_counter()
-                rec.decode_codes(batch_codes, beam)
-                best = min(best, time.perf_counter() - t0)
-            T = tokens_of(history, rec.max_history, rec.layout.levels)
-            rows.append([1.0, batch, batch * T])
-            times.append(best)
-    coef, *_ = np.linalg.lstsq(np.asarray(rows), np.asarray(times), rcond=None)
-    fixed, per_history, per_token = (max(float(c), 0.0) for c in coef)
-    return CostModel(fixed, per_history, per_token)
+        best = {1: float("inf"), B: float("inf")}
+        for batch in best:
+            rec.decode_codes([history] * batch, beam)                   # warm-up: binds buffers for the shape
+        started, tries = time.perf_counter(), 0
+        while tries < repeats or (time.perf_counter() - started < budget_s and tries < 50):
+            tries += 1
+            for batch in best:
+                t0 = clock()
+                rec.decode_codes([history] * batch, beam)
+                best[batch] = min(best[batch], clock() - t0)
+        tokens.append(tokens_of(history, rec.max_history, rec.layout.levels))
+        solo.append(best[1])
+        marginal.append(max(best[B] - best[1], 0.0) / (B - 1))
+    return CostModel(tuple(tokens), tuple(solo), tuple(marginal))
 
 
 class Pending:
@@ -153,8 +162,22 @@ def plan_batch(queue: list[Item], max_batch: int, cost: CostModel | None, allow_
     return chosen
 
 
+def pick_seed(queue: list[Item], now: float, max_delay: float) -> int:
+    """The item the next batch is built around: the oldest if it has waited ``max_delay`` seconds,
+    else the oldest of the largest group of equal (model, beam, tokens), so that batches grow."""
+    if now - queue[0].arrived >= max_delay:
+        return 0
+    groups: dict = {}
+    for i, it in enumerate(queue):
+        groups.setdefault((id(it.model), it.beam, it.tokens), []).append(i)
+    return max(groups.values(), key=len)[0]
+
+
 class Batcher:
     """A bounded queue of Items and ``workers`` threads that decode them in batches.
+
+    A batch is built around the largest group of equal length waiting, unless the oldest history has
+    waited ``max_delay`` seconds: then around it (bounded unfairness, larger batches).
 
     Each submitted item must hold its model (``item.model.acquire()``); the batcher releases it once
     the item is decoded or dropped, so that a reloaded-away model closes only when nothing uses it.
@@ -166,9 +189,9 @@ class Batcher:
     """
 
     def __init__(self, workers: int, max_batch: int, max_queue: int, max_wait: float = 0.0,
-                 observe: Callable | None = None, allow_padding: bool = False):
+                 observe: Callable | None = None, allow_padding: bool = False, max_delay: float = 0.01):
         self.max_batch, self.max_queue, self.max_wait = max_batch, max_queue, max_wait
-        self.allow_padding = allow_padding
+        self.allow_padding, self.max_delay = allow_padding, max_delay
         self.observe = observe or (lambda **kw: None)       # metrics hook: batch sizes, padding, queue depth
         self._queue: deque[Item] = deque()
         self._cond = threading.Condition()
@@ -225,6 +248,9 @@ class Batcher:
                 if not self._queue:
                     continue
                 queue = list(self._queue)
+                seed = pick_seed(queue, now, self.max_delay)
+                if seed:                                      # seed first, the rest in arrival order
+                    queue.insert(0, queue.pop(seed))
                 first = queue[0]
                 chosen = plan_batch(queue, self.max_batch, first.model.cost, self.allow_padding)
                 wait_left = first.arrived + self.max_wait - now

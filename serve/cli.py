@@ -37,6 +37,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-wait-ms", type=float, default=0.0,
                    help="how long a partial batch may wait for more arrivals, only while they are frequent "
                         "(default 0: batches form from what queues while the workers are busy)")
+    p.add_argument("--max-delay-ms", type=float, default=10.0,
+                   help="batches grow around the largest group of equal-length histories waiting, except "
+                        "that a history waiting this long is served first (bounded unfairness)")
     p.add_argument("--allow-padding", action="store_true",
                    help="also batch histories of different lengths when the measured cost model says it pays "
                         "(answers then equal solo ones to ~1e-6, not bit for bit)")
@@ -92,7 +95,7 @@ def run_serve(a) -> int:
         return _fail("serve", ValueError(f"{a.artifact} is not an artifact folder (no manifest.json)"))
     options = ServeOptions(name=a.name, workers=a.workers, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
                            max_queue=a.max_queue, timeout_ms=a.timeout_ms, max_body_bytes=a.max_body_bytes,
-                           allow_padding=a.allow_padding)
+                           allow_padding=a.allow_padding, max_delay_ms=a.max_delay_ms)
     load = LoadOptions(backend=a.backend, device=a.device, precision=a.precision, threads=a.threads,
                        batching=a.max_batch != 1)
     try:

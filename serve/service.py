@@ -50,6 +50,7 @@ class ServeOptions:
     max_queue: int = 256                # histories waiting; beyond it 429 at once
     timeout_ms: float = 2000.0          # per-request deadline (queue + decode); beyond it 504
     max_body_bytes: int = 1 << 20
+    max_delay_ms: float = 10.0          # the oldest history is served first once it waited this long
     allow_padding: bool = False         # batch histories of different lengths when the cost model says it pays
 
 
@@ -76,7 +77,7 @@ class Service:
         o = self.options
         max_batch = self.model.rec.max_batch if o.max_batch is None else min(o.max_batch, self.model.rec.max_batch)
         self.batcher = Batcher(o.workers, max_batch, o.max_queue, o.max_wait_ms / 1e3, self.metrics.observe,
-                               o.allow_padding)
+                               o.allow_padding, o.max_delay_ms / 1e3)
 
     async def stop(self) -> None:
         """Drain: refuse new work (503), decode what is queued, close the model."""

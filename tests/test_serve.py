@@ -101,8 +101,10 @@ def _slow(service: Service, seconds: float, fail: Exception | None = None):
     """Make the served model's decode take ``seconds`` (or raise ``fail``): overload, deadline and drain tests."""
     rec = service.model.rec
     real = rec.decode_codes
+    service.decode_threads = []
 
     def decode_codes(codes, beam, stages=None):
+        service.decode_threads.append(threading.current_thread().name)
         time.sleep(seconds)
         if fail is not None:
             raise fail
@@ -172,6 +174,7 @@ def test_batches_form_under_concurrency_and_each_answer_equals_its_solo_answer(s
     for body, r in zip(requests, replies):
         solo = library.recommend(body["histories"], k=body["k"], beam=body["beam"])
         assert _pairs(r.json()["results"]) == solo
+    assert {name.rsplit("-", 1)[0] for name in s.service.decode_threads} == {"nezha-worker"}   # never the loop
     metrics = s.client.get("/metrics").text
     batches, histories = _metric(metrics, "nezha_batch_size_count"), _metric(metrics, "nezha_batch_size_sum")
     assert histories >= 48 and batches < histories * 0.75, metrics     # batches larger than 1 formed
@@ -182,8 +185,15 @@ def _item(tokens, beam=20, model="m"):
     return Item(np.zeros((1, 1)), tokens, beam, 10, model, None, 0)
 
 
+def _linear(fixed, per_history, per_token):
+    """A CostModel of fixed + B * (per_history + per_token * T), probed at 4..200 tokens."""
+    tokens = (4, 100, 200)
+    return CostModel(tokens, tuple(fixed + per_history + per_token * t for t in tokens),
+                     tuple(per_history + per_token * t for t in tokens))
+
+
 def test_a_batch_never_costs_more_than_its_histories_alone():
-    padding_bound = CostModel(fixed=1e-3, per_history=1e-4, per_token=2e-5)      # padding 50 tokens = fixed cost
+    padding_bound = _linear(fixed=1e-3, per_history=1e-4, per_token=2e-5)   # padding 50 tokens = fixed cost
     # equal lengths batch; with padding allowed 90 joins 95 and 70 (<= 50 padding tokens each) but not 10
     assert len(plan_batch([_item(30) for _ in range(5)], 16, padding_bound)) == 5
     assert plan_batch([_item(90), _item(10), _item(70), _item(95)], 16, padding_bound, allow_padding=True) == [0, 3, 2]
@@ -191,14 +201,18 @@ def test_a_batch_never_costs_more_than_its_histories_alone():
     assert plan_batch([_item(30), _item(30, beam=8), _item(30, model="n")], 16, padding_bound) == [0]
     assert len(plan_batch([_item(30) for _ in range(20)], 16, padding_bound)) == 16
     assert plan_batch([_item(30), _item(30)], 16, None) == [0]                    # batching off
+    no_gain = CostModel((4, 100), (1e-3, 2e-3), (1e-3, 2e-3))                 # a batch costs its parts: none
+    assert plan_batch([_item(30) for _ in range(5)], 16, no_gain) == [0]
     rng = np.random.default_rng(0)
     for _ in range(300):
-        cost = CostModel(*(rng.uniform(0, 1e-3, 3) * [1, 1, 0.05]))
+        tokens = (4, 50, 100)
+        solo = rng.uniform(1e-4, 2e-3, 3)
+        cost = CostModel(tokens, tuple(solo), tuple(solo * rng.uniform(0.2, 1.3, 3)))
         queue = [_item(int(t)) for t in rng.integers(4, 100, rng.integers(1, 30))]
         chosen = plan_batch(queue, 64, cost, allow_padding=True)
-        tokens = [queue[i].tokens for i in chosen]
+        picked = [queue[i].tokens for i in chosen]
         assert chosen[0] == 0 and len(set(chosen)) == len(chosen)
-        assert cost.cost(len(tokens), max(tokens)) <= sum(cost.cost(1, t) for t in tokens) + 1e-12
+        assert cost.cost(len(picked), max(picked)) <= sum(cost.cost(1, t) for t in picked) + 1e-12
 
 
 def test_overload_answers_429_at_once_and_the_server_stays_healthy(serve, library):
