@@ -28,7 +28,7 @@ class LoadTestError(NezhaError, ValueError):
 
 def request_bodies(data: Path | None, history_limit: int, k: int, beam: int, per_request: int) -> list[bytes]:
     """Real test histories (leave-one-out, all but each user's last item) as /v1/recommend bodies."""
-    from nezha.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
+    from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 
     split = leave_one_out(read_interactions(find_pair(data or DEFAULT_DATA)[1]), "test")
     rng = np.random.default_rng(0)

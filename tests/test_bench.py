@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
-
-from conftest import needs_beauty, tiny_catalog, tiny_histories  # noqa: E402
-from nezha.bench import gate, stats  # noqa: E402
-from nezha.bench.run import BenchError, flat_ratios, ratio_specs, requests_of  # noqa: E402
+from conftest import needs_beauty, tiny_catalog, tiny_histories
+from nezha.bench import gate, stats
+from nezha.bench.run import BenchError, flat_ratios, ratio_specs, requests_of
 
 
 # --- statistics --------------------------------------------------------------------------------------------
@@ -156,9 +154,7 @@ def test_torch_side_run_writes_json_markdown_and_plot(make_checkpoint, tmp_path)
 def write_dataset(folder: Path, catalog, histories) -> Path:
     """A LETTER-format dataset of the tiny catalog: index + interactions (each history + a target)."""
     folder.mkdir(parents=True)
-    index = {str(i): [f"<{chr(97 + l)}_{c}>" for l, c in enumerate(codes)]
-             for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}
-    (folder / "Tiny.index.json").write_text(json.dumps(index))
+    catalog.to_index_json(folder / "Tiny.index.json")
     inter = {str(u): h + [int(catalog.item_ids[0])] for u, h in enumerate(histories)}
     (folder / "Tiny.inter.json").write_text(json.dumps(inter))
     return folder
@@ -185,8 +181,7 @@ def test_cli_saves_a_baseline_and_exits_1_naming_the_regressed_ratio(make_checkp
 
 
 def test_runtime_contenders_on_an_artifact(make_checkpoint, tmp_path):
-    build = pytest.importorskip("nezha.export.build", reason="the exporter is not available").build
-    pytest.importorskip("nezha.runtime.recommender")
+    from nezha.export.build import build
     from nezha.bench.suite import run_bench
 
     ckpt, cat = make_checkpoint(), tiny_catalog()

@@ -2,7 +2,7 @@
 int8-cpu graphs decoded by the runtime's beam search over plain ONNX Runtime sessions, their top-10
 overlap with fp32, and the backbone latency of each on ONNX Runtime CPU (interleaved rounds).
 
-    python -m nezha.calibration.report --checkpoint checkpoints/demo/nezha \\
+    python -m nezha.bench.int8_report --checkpoint checkpoints/demo/nezha \\
         --index ../shared/data/beauty/Beauty.index.json --work /tmp/int8-report
 """
 
@@ -14,30 +14,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from nezha.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
-from nezha.runtime.decode import beam_search, items_from_sids
+from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 from nezha.runtime.encoding import encode_histories
-from nezha.runtime.verifier import Verifier
 
-from nezha.export.validate import OrtSteps
-
-from .data import CalibrationReader
-from .quantize import cpu_session, int8_cpu_from_onnx, int8_from_onnx, validate_int8
-
-
-def decode_all(steps, histories, catalog, layout, verifier, sid_table, beam, max_history, batch_size, desc,
-               stages=None):
-    from nezha.model.evaluate import batches_by_length
-
-    recs = [[] for _ in histories]
-    for idx in tqdm(list(batches_by_length(histories, batch_size)), desc=desc, leave=False):
-        feed = encode_histories([histories[i] for i in idx], catalog, layout, max_history)
-        keys, scores = beam_search(steps, feed, layout, verifier, beam, stages)
-        for i, r in zip(idx, items_from_sids(keys, scores, sid_table, 10)):
-            recs[i] = [item for item, _ in r]
-    return recs
+from nezha.calibration.data import CalibrationReader
+from nezha.calibration.quantize import int8_cpu_from_onnx, int8_from_onnx
+from nezha.calibration.validate import cpu_session, validate_int8
+from nezha.export.validate import ort_validation_steps
 
 
 def interleaved_latency(sessions: dict, feeds: dict[str, dict], rounds: int) -> dict:
@@ -59,9 +43,10 @@ def interleaved_latency(sessions: dict, feeds: dict[str, dict], rounds: int) -> 
 def main(argv=None):
     import torch
 
-    from nezha.export.graphs import Limits, onnx_from_model
+    from nezha.export.graphs import graph_specs, model_limits, onnx_from_model
     from nezha.model.checkpoint import load_catalog, load_checkpoint
-    from nezha.model.evaluate import ranking_metrics
+    from nezha.model.evaluate import decode_all, overlap_shares, ranking_metrics
+    from nezha.model.reference import Reference
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True)
@@ -85,7 +70,8 @@ def main(argv=None):
     model = load_checkpoint(a.checkpoint)
     layout = model.layout
     catalog = load_catalog(a.index, a.checkpoint, layout)
-    fp32 = onnx_from_model(model, a.work / "fp32", Limits(a.max_history, a.batch_size, max(a.beam, 1)))
+    limits = model_limits(model, a.max_history, a.batch_size, max(a.beam, 1))
+    fp32 = onnx_from_model(model, a.work / "fp32", limits)
     reader = CalibrationReader.from_file(a.calibration_data, catalog, layout, a.max_history, a.calibration_size)
     report: dict = {}
     graphs = {"fp32": fp32,
@@ -101,17 +87,16 @@ def main(argv=None):
     histories, targets = split.histories, split.targets
     if a.users:
         histories, targets = histories[:a.users], targets[:a.users]
-    verifier, sid_table = Verifier(layout, catalog.valid_prefixes(layout)), catalog.sid_table(layout)
     recs, metrics, stages = {}, {}, {}
     for prec, paths in graphs.items():
         t0 = time.perf_counter()
         stages[prec] = {}
-        recs[prec] = decode_all(OrtSteps(paths, a.threads), histories, catalog, layout, verifier, sid_table,
-                                a.beam, a.max_history, a.batch_size, prec, stages[prec])
+        decoder = Reference(model, catalog, a.max_history, steps=ort_validation_steps(graph_specs(model, limits), paths))
+        recs[prec] = [[i for i, _ in r] for r in decode_all(decoder, histories, a.beam, 10, a.batch_size, True, prec,
+                                                             stages[prec])]
         metrics[prec] = {**ranking_metrics(recs[prec], targets), "seconds": round(time.perf_counter() - t0, 1)}
         if prec != "fp32":
-            metrics[prec]["top10_overlap_with_fp32"] = float(np.mean(
-                [len(set(r) & set(f)) / max(len(f), 1) for r, f in zip(recs[prec], recs["fp32"])]))
+            metrics[prec]["top10_overlap_with_fp32"] = float(np.mean(overlap_shares(recs[prec], recs["fp32"])))
             metrics[prec]["identical_top10_share"] = float(np.mean([r == f for r, f in zip(recs[prec], recs["fp32"])]))
     head_share = {p: sum(v for k, v in s.items() if k.startswith("head_")) / sum(s.values()) for p, s in stages.items()}
 
