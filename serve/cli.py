@@ -16,7 +16,7 @@ import os
 import sys
 from pathlib import Path
 
-if importlib.util.find_spec("uvicorn") is None or importlib.util.find_spec("starlette") is None:
+if any(importlib.util.find_spec(m) is None for m in ("uvicorn", "starlette", "prometheus_client")):
     raise ImportError("nezha serve needs the 'serve' extra: pip install 'nezha-deploy[serve]'")
 
 
