@@ -139,7 +139,6 @@ def train(kind: str, data_dir: Path, out: Path, steps: int = 2400, minutes: floa
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.05)
     t0, step, stopped_by = time.perf_counter(), 0, None
     bar = tqdm(desc=f"train {kind}", total=steps, unit="step", mininterval=2.0)
-    model.train()
     while step < steps and stopped_by is None:
         order = rng.permutation(len(samples))
         for i in range(0, len(order) - batch_size + 1, batch_size):
@@ -149,13 +148,8 @@ def train(kind: str, data_dir: Path, out: Path, steps: int = 2400, minutes: floa
                 stopped_by = (f"time cap of {minutes:g} min at step {step} of {steps}: the cosine schedule did not "
                               "finish, so this model is not comparable with a full run")
                 break
-            for g in opt.param_groups:               # warmup then cosine decay
-                g["lr"] = lr * min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
-            loss = loss_fn(model, make_batch([samples[j] for j in order[i:i + batch_size]], catalog, layout))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
+            batch = make_batch([samples[j] for j in order[i:i + batch_size]], catalog, layout)
+            loss = optimizer_step(model, opt, loss_fn(model, batch), lr * schedule(step, steps))
             step += 1
             bar.update(1)
             bar.set_description(f"train {kind} loss {loss.item():.3f}", refresh=False)
@@ -174,6 +168,21 @@ def train(kind: str, data_dir: Path, out: Path, steps: int = 2400, minutes: floa
                           "max_history": max_history, "seed": seed, "data": str(data_dir)}}
     (out / "training.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def schedule(step: int, steps: int) -> float:
+    """The learning-rate factor: 100 warm-up steps, then cosine decay to 0 at ``steps``."""
+    return min(1.0, (step + 1) / 100) * 0.5 * (1 + math.cos(math.pi * step / steps))
+
+
+def optimizer_step(model, opt, loss, lr: float):
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return loss
 
 
 class BestOnValidation:
