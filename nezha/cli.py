@@ -5,7 +5,6 @@ A thin layer: each subcommand's options are its library function's argument name
 
 from __future__ import annotations
 
-import argparse
 import sys
 
 from nezha.runtime.errors import NezhaError
@@ -24,7 +23,8 @@ def main(argv=None) -> int:
         import importlib
         module = importlib.import_module(FORWARDED[argv[0]][0])
         return _guarded(argv[0], lambda: module.main(argv[1:]))
-    parser = argparse.ArgumentParser(prog="nezha", description="Build, serve and benchmark NEZHA artifacts.")
+    from nezha.runtime.cli import Parser
+    parser = Parser(prog="nezha", description="Build, serve and benchmark NEZHA artifacts.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, text) in FORWARDED.items():
         sub.add_parser(name, help=text, add_help=False)
