@@ -287,16 +287,16 @@ def load_with_runtime(s: State, notes: list) -> State:
 
 
 def _versions() -> dict:
+    from importlib.metadata import version
+
     import onnx
     import onnxruntime
     import torch
     import transformers
-
-    import nezha
     try:
         import tensorrt
         trt_version = tensorrt.__version__
     except ImportError:
         trt_version = None
     return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "tensorrt": trt_version, "nezha-deploy": nezha.__version__}
+            "onnxruntime": onnxruntime.__version__, "tensorrt": trt_version, "nezha-deploy": version("nezha-deploy")}

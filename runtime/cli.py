@@ -7,6 +7,8 @@ import json
 import re
 import sys
 
+from .errors import NezhaError
+
 _DIGITS = re.compile(r"[0-9]+")
 _INTEGER = re.compile(r"-?[0-9]+")
 
@@ -68,6 +70,17 @@ def run(a) -> int:
     return 0
 
 
+def guarded(command: str, run) -> int:
+    """Run a CLI command: a user error (NezhaError) becomes one line on stderr and exit code 2."""
+    try:
+        return int(run() or 0)
+    except NezhaError as e:
+        print(f"nezha {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    from nezha.cli import main
-    sys.exit(main(["recommend"] + sys.argv[1:]))
+    parser = Parser(prog="python -m nezha.runtime.cli")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args()
+    sys.exit(guarded(args.command, lambda: args.run(args)))
