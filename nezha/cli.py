@@ -1,14 +1,13 @@
-"""The ``nezha`` command: ``build``, ``recommend``, ``bench``, ``train`` and ``evaluate``.
+"""The ``nezha`` command: ``build``, ``recommend``, ``bench``, ``train``, ``evaluate``, ``serve`` and ``loadtest``.
 
 A thin layer: each subcommand's options are its library function's argument names. Every user error
 (a ``NezhaError``) becomes one line ``nezha <command>: error: ...`` and exit code 2; a traceback means a bug."""
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.cli import Parser, guarded
 
 # Subcommands whose module parses its own options (they import torch, so they load only when used).
 FORWARDED = {
@@ -23,8 +22,8 @@ def main(argv=None) -> int:
     if argv and argv[0] in FORWARDED:
         import importlib
         module = importlib.import_module(FORWARDED[argv[0]][0])
-        return _guarded(argv[0], lambda: module.main(argv[1:]))
-    parser = argparse.ArgumentParser(prog="nezha", description="Build, serve and benchmark NEZHA artifacts.")
+        return guarded(argv[0], lambda: module.main(argv[1:]))
+    parser = Parser(prog="nezha", description="Build, serve and benchmark NEZHA artifacts.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, text) in FORWARDED.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -37,16 +36,14 @@ def main(argv=None) -> int:
         sub.add_parser("bench", help=f"unavailable: {e} (pip install 'nezha-deploy[bench]')")
     if bench_cli is not None:
         bench_cli.add_parser(sub)
-    args = parser.parse_args(argv)
-    return _guarded(args.command, lambda: args.run(args))
-
-
-def _guarded(command: str, run) -> int:
     try:
-        return int(run() or 0)
-    except NezhaError as e:
-        print(f"nezha {command}: error: {e}", file=sys.stderr)
-        return 2
+        from nezha.serve import cli as serve_cli
+    except ImportError:          # serve and loadtest need the 'serve' extra
+        serve_cli = None
+    if serve_cli is not None:
+        serve_cli.add_parsers(sub)
+    args = parser.parse_args(argv)
+    return guarded(args.command, lambda: args.run(args))
 
 
 if __name__ == "__main__":
