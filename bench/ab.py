@@ -156,7 +156,7 @@ class Side:
             self.close()
             raise AbError(f"the {name} worker imported nezha.runtime from {module}, expected it under "
                           f"{expect_module_under}")
-        self.module = module
+        self.module, self.inject = module, ready.get("inject")
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -206,6 +206,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
         say(f"checking out {rev} ({sha[:12]}) into {base_tree}")
         _git("worktree", "add", "--detach", str(base_tree), sha)
         base_env = worker_env()
+        base_env.pop("NEZHA_BENCH_INJECT", None)
         base_path = package_folder(base_tree, tmp / "base-path")
         base_env["PYTHONPATH"] = os.pathsep.join([str(base_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         base_artifact = build_artifact(base_tree, tmp / "base-artifact", build_args, base_env, say)
@@ -216,8 +217,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
             histories = load_histories(Path(data) if data is not None else DEFAULT_DATA, "test", history_limit)
         requests_file = tmp / "requests.json"
         requests_file.write_text(json.dumps(requests_of(histories, batch_size, warmup + requests)))
-        cur_env = worker_env()
-        cur_env.pop("NEZHA_BENCH_INJECT", None)             # the hook is for the instruction gate's tests
+        cur_env = worker_env()                  # the test-only slowdown hook, if set, slows this side only
         sides.append(Side("current", Path(artifact), tmp, requests_file, beam, threads, cur_env, ROOT))
         sides.append(Side("base", base_artifact, tmp, requests_file, beam, threads, base_env, base_path))
         seconds = {s.name: {c: [] for c in CONTENDERS} for s in sides}
@@ -232,6 +232,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
             if progress and (i + 1) % 10 == 0:
                 say(f"request {i + 1}/{warmup + requests}")
         wall = time.perf_counter() - t0
+        inject = sides[0].inject
     finally:
         for s in sides:
             s.close()
@@ -241,7 +242,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
     from .stats import machine
     result = {"format": FORMAT, "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine(), "base": {"rev": rev, "sha": sha},
-              "current": {"tree": str(ROOT), "head": _git("rev-parse", "HEAD"),
+              "current": {"tree": str(ROOT), "head": _git("rev-parse", "HEAD"), "inject": inject,
                           "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))},
               "setup": {"requests": requests, "warmup": warmup, "beam": beam, "batch_size": batch_size,
                         "threads": threads, "build_args": list(build_args), "confidence": confidence,
@@ -261,7 +262,8 @@ def report(result: dict) -> str:
     s, m = result["setup"], result["machine"]
     cur = result["current"]
     lines = [f"# A/B: current tree vs {result['base']['rev']} ({result['base']['sha'][:12]})", "",
-             f"- current: {cur['head'][:12]}" + (" + uncommitted changes" if cur["dirty"] else ""),
+             f"- current: {cur['head'][:12]}" + (" + uncommitted changes" if cur["dirty"] else "") +
+             (f"; **test-only slowdown injected: NEZHA_BENCH_INJECT={cur['inject']}**" if cur.get("inject") else ""),
              f"- machine: {m['cpu']}, {m['cpu_usable']} usable cores, load {m.get('load_average')}",
              f"- batch {s['batch_size']}, beam {s['beam']}, {s['requests']} timed requests after {s['warmup']} warm-up, "
              f"ONNX Runtime {s['threads']} thread(s); {s['order']}", "",
