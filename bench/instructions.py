@@ -57,7 +57,7 @@ WORKER = Path(__file__).with_name("worker.py")
 DEFAULTS = {"requests": 30, "warmup": 3, "beam": 20, "batch_size": 1, "histories": 500, "threads": 1}
 OWN_TOLERANCE = 0.02          # of the runtime's own instructions per request (runtime - floor)
 END_TO_END_TOLERANCE = 0.01   # of the runtime's instructions per request (backbone included)
-TOP_FUNCTIONS = 40            # functions kept per contender in a result (by |instructions per request|)
+TOP_FUNCTIONS = 150           # functions kept per contender in a result (by |instructions per request|)
 SAVE_COMMAND = "bench/record-instruction-baseline"
 # Thread counts of every library the runtime may load, the hash seed, and no .pyc writes (the native dry
 # run writes them once, so that no counted run depends on a cache being warm).
@@ -513,7 +513,11 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
         now = result["functions"][key]
         if base:
             was = base["functions"][key]
-            moved = sorted(set(now) | set(was), key=lambda k: -abs(now.get(k, 0.0) - was.get(k, 0.0)))[:top]
+            # a function kept on one side only may lie just below the other side's cut: not a move
+            cut_now, cut_was = _cut(now), _cut(was)
+            known = [k for k in set(now) | set(was) if (k in now and k in was) or
+                     (k in now and abs(now[k]) > 2 * cut_was) or (k in was and abs(was[k]) > 2 * cut_now)]
+            moved = sorted(known, key=lambda k: -abs(now.get(k, 0.0) - was.get(k, 0.0)))[:top]
             lines += ["", f"### {name}: functions that moved most (instructions per request)", "",
                       "| function | now | baseline | change |", "|---|---:|---:|---:|"]
             for k in moved:
@@ -525,6 +529,11 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
             for k in list(now)[:top]:
                 lines.append(f"| `{_short(k)}` | {_m(now[k])} |")
     return "\n".join(lines) + "\n"
+
+
+def _cut(functions: dict) -> float:
+    """The smallest |instructions per request| a result kept (0 if it kept every function)."""
+    return min((abs(v) for v in functions.values()), default=0.0) if len(functions) >= TOP_FUNCTIONS else 0.0
 
 
 def _delta(x: float) -> str:
