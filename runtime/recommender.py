@@ -59,6 +59,9 @@ class Recommender:
         tensorrt). ``precision`` defaults to the artifact's first (fp32 if built); ``threads``
         sets ONNX Runtime's intra-op threads per session (default: its own choice); ``verify`` checks
         every file's sha256 against the manifest."""
+        if backend == "cpp":                   # the C++ runtime (runtime/cpp): same API, its own loop and loader
+            from .backends.cpp import CppRecommender
+            return CppRecommender.load(artifact_dir, precision, threads, verify, dense_budget_bytes, device)
         manifest = Manifest.load(artifact_dir, verify=verify)
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")

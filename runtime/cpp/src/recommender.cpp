@@ -328,9 +328,13 @@ std::int64_t Recommender::Impl::decode(Workspace& ws, std::size_t B, std::int64_
         const float* lp = logp + std::size_t(n * C);
         const std::int32_t base = std::int32_t(p * C);
         if (verifier->dense(level)) {
-          const std::uint8_t* valid = verifier->row(level, ws.keys[n]);
-          for (std::int64_t c = 0; c < C; ++c)
-            if (valid[c]) cand[m++] = Candidate{parent_score + lp[c], base + std::int32_t(c)};
+          const std::uint64_t* valid = verifier->row(level, ws.keys[n]);
+          for (std::int64_t w = 0; w * 64 < C; ++w) {
+            for (std::uint64_t bits = valid[w]; bits; bits &= bits - 1) {     // the set bits: valid codes
+              const std::int64_t c = w * 64 + __builtin_ctzll(bits);
+              cand[m++] = Candidate{parent_score + lp[c], base + std::int32_t(c)};
+            }
+          }
         } else {
           const std::uint64_t key0 = ws.keys[n] * std::uint64_t(C);
           for (std::int64_t c = 0; c < C; ++c)
@@ -341,8 +345,8 @@ std::int64_t Recommender::Impl::decode(Workspace& ws, std::size_t B, std::int64_
       if (ws.timing) verify_seconds += std::chrono::duration<double>(t1 - t0).count();
       // select: the K_next best (score desc, index asc); slots without a valid child stay -inf
       const std::int64_t take = std::min(m, K_next);
-      if (m > K_next) std::nth_element(cand, cand + K_next, cand + m, better);
-      std::sort(cand, cand + take, better);
+      // a heap of the best `take` seen, worst on top: most candidates cost one comparison with the top
+      std::partial_sort(cand, cand + take, cand + m, better);
       for (std::int64_t j = 0; j < K_next; ++j) {
         const std::size_t out = b * std::size_t(K_next) + std::size_t(j);
         const Candidate c = j < take ? cand[j] : Candidate{minus_inf, 0};

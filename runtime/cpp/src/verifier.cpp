@@ -40,11 +40,13 @@ Verifier::Verifier(const Layout& layout, const std::vector<std::vector<std::uint
     parents_.push_back(level ? valid_prefixes[std::size_t(level - 1)] : std::vector<std::uint64_t>{0});
     const auto& parents = parents_.back();
     const std::size_t size = (parents.size() + 1) * C;       // the same budget rule as runtime/verifier.py
+    const std::size_t words = std::size_t((C + 63) / 64);
+    words_.push_back(words);
     if (size <= budget) {
-      std::vector<std::uint8_t> rows(size, 0);
+      std::vector<std::uint64_t> rows((parents.size() + 1) * words, 0);
       for (std::uint64_t k : keys) {
         const std::size_t rank = std::size_t(std::lower_bound(parents.begin(), parents.end(), k / C) - parents.begin());
-        rows[rank * C + k % C] = 1;                          // tables.cpp checked every key has its parent
+        rows[rank * words + (k % C) / 64] |= std::uint64_t{1} << (k % C % 64);   // tables.cpp checked the parent exists
       }
       rows_.push_back(std::move(rows));
       sets_.emplace_back(std::vector<std::uint64_t>{});
@@ -60,11 +62,11 @@ Verifier::Verifier(const Layout& layout, const std::vector<std::vector<std::uint
   }
 }
 
-const std::uint8_t* Verifier::row(int level, std::uint64_t parent_key) const {
+const std::uint64_t* Verifier::row(int level, std::uint64_t parent_key) const {
   const auto& parents = parents_[std::size_t(level)];
   std::size_t rank = std::size_t(std::lower_bound(parents.begin(), parents.end(), parent_key) - parents.begin());
   if (rank == parents.size() || parents[rank] != parent_key) rank = parents.size();   // the all-zero row
-  return rows_[std::size_t(level)].data() + rank * std::size_t(codes_[std::size_t(level)]);
+  return rows_[std::size_t(level)].data() + rank * words_[std::size_t(level)];
 }
 
 }  // namespace nezha

@@ -30,9 +30,9 @@ class Verifier {
   Verifier(const Layout& layout, const std::vector<std::vector<std::uint64_t>>& valid_prefixes, std::size_t dense_budget_bytes);
 
   bool dense(int level) const { return dense_[std::size_t(level)]; }
-  // Dense level: the [codes[level]] validity row of a parent prefix key (all zero if the parent is no
-  // valid prefix). Level 0's only parent is the root, key 0.
-  const std::uint8_t* row(int level, std::uint64_t parent_key) const;
+  // Dense level: the validity bitmap of a parent prefix key's codes (bit c of word c / 64; all zero if
+  // the parent is no valid prefix). Level 0's only parent is the root, key 0.
+  const std::uint64_t* row(int level, std::uint64_t parent_key) const;
   // Hash level: is `key` (a prefix of level+1 codes) valid?
   bool contains(int level, std::uint64_t key) const { return sets_[std::size_t(level)].contains(key); }
   const std::vector<std::string>& kinds() const { return kinds_; }
@@ -42,7 +42,8 @@ class Verifier {
   std::vector<bool> dense_;
   std::vector<std::string> kinds_;
   std::vector<std::vector<std::uint64_t>> parents_;        // sorted parent keys per level
-  std::vector<std::vector<std::uint8_t>> rows_;            // dense: [(parents + 1) * codes]
+  std::vector<std::size_t> words_;                         // 64-bit words per row
+  std::vector<std::vector<std::uint64_t>> rows_;           // dense: [(parents + 1) * words] bitmaps
   std::vector<PrefixHashSet> sets_;                        // hash: the level's keys (empty set when dense)
 };
 
