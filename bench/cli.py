@@ -50,16 +50,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from .gate import GateError
-    from .run import BenchError
     from .suite import run_bench
 
     kwargs = {k: v for k, v in vars(args).items() if k not in ("run", "command")}
-    try:
-        result, regressions = run_bench(**kwargs, progress=True)
-    except (BenchError, GateError, ValueError) as e:     # manifest, data, checkpoint, request errors
-        print(f"nezha bench: {e}", file=sys.stderr)
-        return 2
+    result, regressions = run_bench(**kwargs, progress=True)
     from .report import markdown
     print(markdown(result))
     print(f"wrote {args.out}/bench.json, bench.md, bench.png" + (f"; baseline {args.save_baseline}"

@@ -52,7 +52,7 @@ def runtime_contenders(artifact: str | Path, backend: str, precision: str, devic
     device = device if backend == "onnxruntime" or device.startswith("cuda") else "cuda"
     rec = Recommender.load(artifact, backend=backend, device=device, precision=precision, threads=threads)
     engine = f"{backend}-{precision}-{device}"
-    limits = {k: rec.manifest.limits[k] for k in ("max_batch", "max_beam") if k in rec.manifest.limits}
+    limits = {"max_batch": rec.max_batch, "max_beam": rec.max_beam}
 
     def floor(histories, beam):
         import time

@@ -17,7 +17,7 @@ QUICK = {"batch_sizes": (1,), "beams": (20,), "requests": 100, "warmup": 10, "hi
 
 def checkpoint_of(manifest) -> Path | None:
     """The checkpoint an artifact was built from (the manifest's ``source.checkpoint``), if it still exists."""
-    p = (manifest.raw.get("source") or {}).get("checkpoint")
+    p = manifest.source["checkpoint"]
     return Path(p) if p and (Path(p) / "config.json").is_file() else None
 
 
@@ -26,17 +26,17 @@ def runtime_engines(manifest, backends: Sequence[str] | None, precisions: Sequen
     onnxruntime, plus tensorrt when TensorRT imports and the artifact carries engines)."""
     if backends is None:
         backends = ["onnxruntime"]
-        if manifest.raw.get("engines"):
+        if manifest.engines:
             try:
                 import tensorrt  # noqa: F401
                 backends.append("tensorrt")
             except ImportError:
                 pass
-    have = manifest.precisions
+    have = list(manifest.precisions)
     if precisions is not None:
         missing = [p for p in precisions if p not in have]
         if missing:
-            raise BenchError(f"precision(s) {missing} not in artifact {manifest.root}; it has {have}")
+            raise BenchError(f"precision(s) {missing} not in the artifact; it has {have}")
         have = list(precisions)
     return [(b, p) for b in backends for p in have]
 
@@ -51,16 +51,18 @@ def build_contenders(artifact=None, checkpoint=None, ar_checkpoint=None, data=No
     contenders: list[Contender] = []
     desc: dict = {"artifact": str(artifact) if artifact else None, "device": device, "threads": threads}
     if artifact is not None:
-        from nezha.runtime.manifest import Manifest
+        from nezha.runtime.artifact import Artifact
 
-        manifest = Manifest.load(artifact)
-        desc.update(layout=manifest.raw.get("layout"), limits=manifest.limits)
-        max_history = max_history or manifest.limits.get("max_history")
+        opened = Artifact.open(artifact)
+        manifest = opened.manifest
+        desc.update(layout=manifest.layout.to_json(), limits=manifest.limits.to_json())
+        max_history = max_history or manifest.limits.max_history
         for backend, precision in runtime_engines(manifest, backends, precisions):
             contenders += runtime_contenders(artifact, backend, precision, device, threads)
         if catalog is None:
             from nezha.runtime.catalog import Catalog
-            catalog = Catalog(manifest.table("item_ids"), manifest.table("item_codes"))
+            tables = opened.tables()
+            catalog = Catalog(tables["item_ids"], tables["item_codes"])
         checkpoint = checkpoint or checkpoint_of(manifest)
     max_history = max_history or 20
     desc["max_history"] = max_history

@@ -1,9 +1,14 @@
 """Build a NEZHA artifact: checkpoint -> validated ONNX graphs (fp32, fp16, int8, int8-cpu), optional
-TensorRT engines, verifier tables and manifest.json.
+TensorRT engines, verifier tables and manifest.json (the format: docs/artifact.md).
 
     python export/build.py --checkpoint DIR --index FILE --out DIR [--precision fp32 fp16] [--backend tensorrt]
     python export/build.py ... --precision fp32 int8 int8-cpu [--calibration-data FILE --calibration-size N
         --calibration-method entropy --calibration-exclude N]
+    nezha build ...                       (the same command)
+
+The build is the list STEPS below: each step (export/steps.py) turns the build state into the next,
+enabled or not by the options; the progress lines, timings and summary come from that list. The last
+step loads the finished artifact with the runtime and decodes a few histories.
 
 int8 calibrates activation ranges on real histories (the training split of --calibration-data), checks
 the int8 backbone's hidden states against fp32 (cosine, relative error) and keeps the ranges in
@@ -11,63 +16,61 @@ calibration/cache.json, reused by a --force rebuild when graph, data and setting
 int8-cpu (dynamic int8) needs no calibration data and runs on ONNX Runtime CPU only: the manifest marks
 it cpu-only and no TensorRT engine is built for it.
 
-Everything is built in a temporary folder beside --out and renamed into place at the end: a failed
-build leaves nothing behind. ``build(...)`` is the same thing as a function; the CLI only parses.
+Everything is built in a staging folder beside --out and swapped into place at the end (export/staging.py):
+a failed or killed build leaves the old artifact, or nothing. ``build(...)`` is the same thing as a
+function; the CLI only parses.
 """
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
-if __name__ == "__main__":
-    # Run as a script, this folder would shadow real packages (export/tensorrt.py vs tensorrt).
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-
 import argparse
-import json
-import os
-import shutil
-import tempfile
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
 
-import numpy as np
-
-import nezha
-from nezha.calibration import (CPU_ONLY, METHODS, MIN_SAMPLES, CalibrationError, CalibrationReader,
-                               Int8ValidationError, validate_int8)
+from nezha.calibration import METHODS, MIN_SAMPLES, CalibrationError
 from nezha.calibration.data import default_interactions
-from nezha.data import DEFAULT_DATA, DataError, find_pair
-from nezha.export.graphs import EXPORTERS, ExportError, Limits, graph_specs, onnx_from_model
-from nezha.export.precision import (CPU_ONLY_PRECISIONS, PRECISIONS, PrecisionError, check_precisions,
-                                   fp16_from_onnx, int8_converter, int8_cpu_converter)
-from nezha.export.tables import tables_from_catalog
-from nezha.export.tensorrt import EngineBuildError, TensorRTUnavailable, engine_from_onnx
-from nezha.export.validate import (EngineSteps, ValidationError, histories_from_data, synthetic_histories, validate_artifact,
-                                   validation_feeds)
-from nezha.model.checkpoint import CheckpointError, load_catalog, load_checkpoint
+from nezha.data import DEFAULT_DATA, find_pair
+from nezha.model.checkpoint import CheckpointError
 from nezha.runtime.catalog import CatalogError
-from nezha.runtime.encoding import EncodingError
-from nezha.runtime.manifest import write_manifest
 from nezha.runtime.errors import NezhaError
+from nezha.runtime.manifest import PRECISIONS
+
+from nezha.export import steps as S
+from nezha.export.graphs import EXPORTERS
+from nezha.export.precision import check_precisions
+from nezha.export.staging import BuildError, check_output, staging
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "checkpoints" / "demo" / "nezha"
 BACKENDS = ("onnxruntime", "tensorrt")
-VALIDATION = "validation.json"
-CALIBRATION_CACHE = "calibration/cache.json"      # inside the artifact; a --force rebuild starts from it
-CALIBRATION_SEED = 0
+QUANTIZED = ("int8", "int8-cpu")
 
 
-class BuildError(NezhaError, ValueError):
-    """A build that cannot start or finish: bad arguments, existing or unwritable output."""
+@dataclass(frozen=True)
+class Step:
+    name: str
+    run: Callable[[S.State, list], S.State]
+    enabled: Callable[[S.Options], bool] = lambda o: True
 
 
-USER_ERRORS = (BuildError, EncodingError, CheckpointError, PrecisionError, CatalogError, DataError, ExportError, ValidationError,
-               EngineBuildError, CalibrationError, Int8ValidationError)
+STEPS = (
+    Step("model_from_checkpoint", S.model_from_checkpoint),
+    Step("calibration_feeds_from_data", S.calibration_feeds_from_data, lambda o: "int8" in o.precisions),
+    Step("tables_from_catalog", S.tables_from_catalog_step),
+    Step("onnx_from_model", S.onnx_from_checkpoint_model),
+    Step("fp16_from_onnx", S.fp16_from_fp32, lambda o: "fp16" in o.precisions),
+    Step("int8_from_onnx", S.int8_from_fp32, lambda o: "int8" in o.precisions),
+    Step("int8_cpu_from_onnx", S.int8_cpu_from_fp32, lambda o: "int8-cpu" in o.precisions),
+    Step("validate_int8", S.validate_int8_hidden_states, lambda o: any(p in QUANTIZED for p in o.precisions)),
+    Step("validate_artifact", S.validate_against_torch),
+    Step("engine_from_onnx", S.engines_from_onnx, lambda o: "tensorrt" in o.backends),
+    Step("write_manifest", S.write_manifest_step),
+    Step("load_with_runtime", S.load_with_runtime),
+)
 
 
 @dataclass
@@ -82,7 +85,6 @@ class Summary:
     engines_skipped: str | None = None
     engines_not_built: dict[str, str] = field(default_factory=dict)      # precision -> why it has no engines
     notes: dict[str, str] = field(default_factory=dict)                  # precision -> calibration, cpu-only, ...
-    calibration: dict | None = None                                      # the manifest's "calibration" entry
     steps: dict[str, float] = field(default_factory=dict)
 
     def table(self) -> str:
@@ -130,37 +132,45 @@ class Progress:
                 self.log("    " + line.lstrip())
 
 
-def _versions() -> dict:
-    import onnx
-    import onnxruntime
-    import torch
-    import transformers
-    try:
-        import tensorrt
-        trt_version = tensorrt.__version__
-    except ImportError:
-        trt_version = None
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "tensorrt": trt_version, "nezha-deploy": nezha.__version__}
-
-
-def _check_output(out: Path, force: bool) -> None:
-    if out.exists() and not force:
-        raise BuildError(f"output {out} exists; pass --force (force=True) to replace it")
-    if out.exists() and not out.is_dir():
-        raise BuildError(f"output {out} exists and is not a folder")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise BuildError(f"cannot create {out}: its parent folder {parent} cannot be made ({e})") from None
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise BuildError(f"cannot write to {parent}: the artifact is built beside --out and renamed into place")
-
-
-def model_from_checkpoint(checkpoint: Path):
-    """Checkpoint folder (public NEZHA format) -> NezhaModel, float32, eval mode."""
-    return load_checkpoint(checkpoint)
+def check_options(checkpoint, index, out, precision, backend, max_batch, max_history, max_beam, opset, exporter,
+                  histories, validation_users, calibration_data, calibration_size, calibration_method,
+                  calibration_exclude, force) -> S.Options:
+    """Every option checked before the slow steps start (inputs exist, --out is safe to write)."""
+    precisions = check_precisions(precision)
+    bad = [b for b in backend if b not in BACKENDS]
+    if bad or not backend:
+        raise BuildError(f"unsupported backend(s) {bad or '(none)'}; allowed: {', '.join(BACKENDS)}")
+    if exporter not in EXPORTERS:
+        raise BuildError(f"exporter {exporter!r}; allowed: {', '.join(EXPORTERS)}")
+    for name, value in (("max_batch", max_batch), ("max_history", max_history), ("max_beam", max_beam),
+                        ("validation_users", validation_users), ("opset", opset)):
+        if type(value) is not int or value < 1:
+            raise BuildError(f"{name} must be a positive integer, got {value!r}")
+    demo = checkpoint is None
+    checkpoint = Path(checkpoint) if checkpoint is not None else DEMO_CHECKPOINT
+    if demo:
+        index = index if index is not None else find_pair(DEFAULT_DATA)[0]
+        histories = histories if histories is not None else find_pair(DEFAULT_DATA)[1]
+    if not checkpoint.is_dir():
+        raise CheckpointError(f"checkpoint {checkpoint} does not exist or is not a folder: pass a checkpoint in "
+                              "the public NEZHA format")
+    if index is not None and not Path(index).is_file():
+        raise CatalogError(f"item index {index} does not exist: pass a LETTER *.index.json")
+    if isinstance(histories, (str, Path)):
+        histories = Path(histories)
+        if not histories.is_file():
+            raise BuildError(f"validation histories {histories} do not exist: pass a LETTER *.inter.json")
+    if "int8" in precisions:
+        calibration_data = _check_calibration(calibration_data, calibration_size, calibration_method,
+                                              calibration_exclude)
+    out = Path(out).absolute()
+    check_output(out, force, {"checkpoint": checkpoint, "item index": index, "validation histories":
+                              histories if isinstance(histories, Path) else None,
+                              "calibration data": calibration_data if "int8" in precisions else None,
+                              "demo data folder": DEFAULT_DATA if demo else None})
+    return S.Options(checkpoint, Path(index) if index is not None else None, out, precisions, tuple(backend),
+                     max_history, max_batch, max_beam, opset, exporter, histories, validation_users,
+                     calibration_data, calibration_size, calibration_method, calibration_exclude, force)
 
 
 def build(checkpoint: str | Path | None = None, index: str | Path | None = None, out: str | Path = "artifacts/nezha",
@@ -178,171 +188,39 @@ def build(checkpoint: str | Path | None = None, index: str | Path | None = None,
     int8 only: ``calibration_size`` histories (seeded) from the training split of ``calibration_data``
     (LETTER *.inter.json; default: Beauty's), activation ranges by ``calibration_method`` ('entropy',
     'minmax', 'percentile'), the ``calibration_exclude`` most sensitive weight MatMuls kept float.
-    Returns a Summary; raises one of USER_ERRORS with a clear message, leaving nothing at ``out``.
+    Returns a Summary; raises a NezhaError with a clear message, leaving ``out`` as it was.
     """
-    out = Path(out).absolute()
-    precisions = check_precisions(precision)
-    if "int8" in precisions:
-        calibration_data = _check_calibration(calibration_data, calibration_size, calibration_method,
-                                              calibration_exclude)
-    bad = [b for b in backend if b not in BACKENDS]
-    if bad:
-        raise BuildError(f"unsupported backend(s) {bad}; allowed: {', '.join(BACKENDS)}")
-    if exporter not in EXPORTERS:
-        raise BuildError(f"exporter {exporter!r}; allowed: {', '.join(EXPORTERS)}")
-    try:
-        limits = Limits(max_history=max_history, max_batch=max_batch, max_beam=max_beam)
-    except ValueError as e:
-        raise BuildError(str(e)) from None
-    if not isinstance(validation_users, int) or validation_users < 1:
-        raise BuildError(f"validation_users must be a positive integer, got {validation_users!r}")
-    _check_output(out, force)
-    demo = checkpoint is None
-    checkpoint = Path(checkpoint) if checkpoint is not None else DEMO_CHECKPOINT
-    if demo:
-        index = index if index is not None else find_pair(DEFAULT_DATA)[0]
-        histories = histories if histories is not None else find_pair(DEFAULT_DATA)[1]
-
-    tensorrt = "tensorrt" in backend
-    quantized = [p for p in precisions if p in ("int8", "int8-cpu")]
-    # --force over an artifact with int8: its tensor ranges are reused if graph, data and settings match
-    previous_cache = out / CALIBRATION_CACHE if force and "int8" in precisions else None
-    # int8 adds two steps: its calibration feeds (read early: bad data fails before the export) and the graphs
-    total = 5 + ("fp16" in precisions) + len(quantized) + ("int8" in precisions) + bool(quantized) + tensorrt
-    summary = Summary(out)
-    progress = Progress(total, summary, lambda *a, **k: log(*a, **k) if log else None)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-", dir=out.parent))
-    try:
-        with progress.step("model_from_checkpoint") as notes:
-            model = model_from_checkpoint(checkpoint)
-            catalog = load_catalog(index, checkpoint, model.layout)
-            if index is None:   # the reference format stores SIDs only: item ids become positions in that file
-                notes.append(f"no --index: item ids are positions 0..{len(catalog.item_ids) - 1} in "
-                             f"ava_sid{model.layout.levels}.pt; pass the item index to serve real item ids")
-        if "int8" in precisions:
-            with progress.step("calibration_feeds_from_data") as notes:
-                reader = CalibrationReader.from_file(calibration_data, catalog, model.layout, max_history,
-                                                     calibration_size, seed=CALIBRATION_SEED, progress=False)
-                notes.append(f"{reader.samples} histories from {calibration_data} (train split, seed "
-                             f"{CALIBRATION_SEED}), {len(reader)} batches")
-        with progress.step("tables_from_catalog"):
-            tables = tables_from_catalog(catalog, model.layout, tmp)
-        specs = graph_specs(model, limits)
-        graphs = {}
-        with progress.step("onnx_from_model") as notes:
-            graphs["fp32"] = onnx_from_model(model, tmp / "graphs" / "fp32", limits, opset, exporter, log=notes.append)
-        if "fp16" in precisions:
-            with progress.step("fp16_from_onnx"):
-                graphs["fp16"] = {n: fp16_from_onnx(p, tmp / "graphs" / "fp16" / p.name) for n, p in graphs["fp32"].items()}
-        if isinstance(histories, (str, Path)):
-            history_source, histories = f"data:{Path(histories).name}", histories_from_data(
-                Path(histories), catalog, validation_users)
-        elif histories is None:
-            history_source, histories = "synthetic", synthetic_histories(catalog, validation_users, max_history)
-        else:
-            history_source = "given"
-        if "int8" in precisions:
-            with progress.step("int8_from_onnx") as notes:
-                cache = tmp / CALIBRATION_CACHE
-                reused = previous_cache is not None and previous_cache.is_file()
-                if reused:
-                    cache.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(previous_cache, cache)
-                done: dict = {}
-                graphs["int8"] = int8_converter()(
-                    graphs["fp32"], tmp / "graphs" / "int8", reader, method=calibration_method,
-                    exclude_sensitive=calibration_exclude, cache_path=cache, progress=False,
-                    log=lambda m: notes.append(m.replace(str(tmp) + os.sep, "")), report=done)
-                if reused:
-                    notes.append(f"calibration cache of {out.name}: reused (hit)" if done["cache_hit"] else
-                                 f"calibration cache of {out.name}: stale (graph, data or settings changed), "
-                                 "recalibrated")
-                summary.calibration = {
-                    "precision": "int8", "method": calibration_method, "size": calibration_size,
-                    "samples": reader.samples, "data": str(calibration_data), "split": "train",
-                    "seed": CALIBRATION_SEED, "batch_size": reader.batch_size,
-                    "exclude_sensitive": calibration_exclude, "excluded": done["excluded"],
-                    "quantized_nodes": done["quantized_nodes"], "heads": done["heads"],
-                    "cache": CALIBRATION_CACHE, "cache_hit": done["cache_hit"]}
-                summary.notes["int8"] = (f"{calibration_method} on {reader.samples} histories, "
-                                         f"cache {'hit' if done['cache_hit'] else 'written'}")
-        if "int8-cpu" in precisions:
-            with progress.step("int8_cpu_from_onnx") as notes:
-                graphs["int8-cpu"] = int8_cpu_converter()(graphs["fp32"], tmp / "graphs" / "int8-cpu",
-                                                          log=notes.append)
-                summary.notes["int8-cpu"] = "cpu-only (ONNX Runtime CPU; not for TensorRT)"
-        hidden_state = {}
-        if quantized:
-            with progress.step("validate_int8") as notes:
-                hidden_state = _validate_hidden_state(graphs, quantized, validation_feeds(histories, catalog, model,
-                                                                                          limits))
-                for p in quantized:
-                    h = hidden_state[p]["hidden"]
-                    notes.append(f"{p} vs fp32 hidden states: mean cosine {h['mean_cosine']:.5f} "
-                                 f"(>= {h['tolerances']['min_mean_cosine']}), worst {h['min_cosine']:.5f} "
-                                 f"(>= {h['tolerances']['min_cosine']})")
-                    summary.notes[p] += f"; hidden cos vs fp32 {h['mean_cosine']:.4f}"
-        graphs = {p: graphs[p] for p in precisions}       # fp32 is exported always; kept only if asked for
-        with progress.step("validate_artifact"):
-            report = validate_artifact(model, catalog, graphs, histories, limits, history_source=history_source)
-            if hidden_state:
-                report["hidden_state_vs_fp32"] = hidden_state
-            (tmp / VALIDATION).write_text(json.dumps(report, indent=2))
-        engines = {}
-        if tensorrt:
-            with progress.step("engine_from_onnx") as notes:
-                for p in precisions:
-                    if p in CPU_ONLY_PRECISIONS:
-                        summary.engines_not_built[p] = "cpu-only graphs (dynamic int8, MatMulInteger): TensorRT " \
-                                                       "cannot build them; use int8 for TensorRT"
-                        notes.append(f"{p}: skipped, {summary.engines_not_built[p]}")
-                try:
-                    engines = _engines({p: gs for p, gs in graphs.items() if p not in CPU_ONLY_PRECISIONS}, specs, tmp)
-                except TensorRTUnavailable as e:
-                    summary.engines_skipped = str(e)
-                    shutil.rmtree(tmp / "engines", ignore_errors=True)
-                if engines:        # the engines, run by the runtime's TensorRT runners, against torch
-                    report["tensorrt"] = validate_engines(model, catalog, engines, specs, tmp, histories, limits,
-                                                          history_source)
-                    (tmp / VALIDATION).write_text(json.dumps(report, indent=2))
-                    notes.append("engines validated against PyTorch: top-k agreement " + ", ".join(
-                        f"{p} {e['topk_agreement']:.3f}" for p, e in report["tensorrt"]["precisions"].items()))
-        if "fp32" not in precisions:
-            shutil.rmtree(tmp / "graphs" / "fp32")
-        with progress.step("write_manifest"):
-            manifest_graphs = {p: {n: {**specs[n].to_json(path.relative_to(tmp).as_posix()),
-                                       **(CPU_ONLY if p in CPU_ONLY_PRECISIONS else {})}
-                                   for n, path in gs.items()}
-                               for p, gs in graphs.items()}
-            write_manifest(tmp, {
-                "layout": model.layout.to_json(),
-                "limits": {"max_history": max_history, "max_batch": max_batch, "max_beam": max_beam,
-                           "hidden_size": int(model.config.hidden_size)},
-                "graphs": manifest_graphs, "tables": tables, "engines": engines, "versions": _versions(),
-                "source": {"checkpoint": str(checkpoint.resolve()), "architecture": model.config.model_type,
-                           "index": str(Path(index).resolve()) if index is not None else None,
-                           "item_ids": "index" if index is not None else f"positions in ava_sid{model.layout.levels}.pt"},
-                "validation": VALIDATION,
-                **({"calibration": summary.calibration} if summary.calibration else {})})
-        for p, gs in graphs.items():
-            entry = report["precisions"][p]
-            summary.topk_agreement[p] = entry["topk_agreement"]
-            summary.graphs[p] = {n: {"file": manifest_graphs[p][n]["file"], "bytes": _size(path),
-                                     "max_abs_diff": max(o["max_abs_diff"] for k, o in entry["outputs"].items()
-                                                         if k.startswith(n + "."))}
-                                 for n, path in gs.items()}
-        summary.engines = engines
-        if out.exists():                   # --force: swap, then drop the old artifact
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    options = check_options(checkpoint, index, out, precision, backend, max_batch, max_history, max_beam, opset,
+                            exporter, histories, validation_users, calibration_data, calibration_size,
+                            calibration_method, calibration_exclude, force)
+    steps = [step for step in STEPS if step.enabled(options)]
+    summary = Summary(options.out)
+    progress = Progress(len(steps), summary, lambda *a, **k: log(*a, **k) if log else None)
+    with staging(options.out, log) as tmp:
+        state = S.State(options, tmp)
+        for step in steps:
+            with progress.step(step.name) as notes:
+                state = step.run(state, notes)
+        summarize(state, summary)
     return summary
+
+
+def summarize(s: S.State, summary: Summary) -> None:
+    """Sizes, max differences and top-k agreement per precision and graph, from the manifest and report."""
+    for p, graphs in s.manifest.graphs.items():
+        entry = s.report["precisions"][p]
+        summary.topk_agreement[p] = entry["topk_agreement"]
+        summary.graphs[p] = {n: {"file": g.file, "bytes": sum((s.tmp / f).stat().st_size for f in g.paths),
+                                 "max_abs_diff": max(o["max_abs_diff"] for k, o in entry["outputs"].items()
+                                                     if k.startswith(n + "."))}
+                             for n, g in graphs.items()}
+        if p in s.hidden_state:
+            summary.notes[p] = f"hidden cos vs fp32 {s.hidden_state[p]['hidden']['mean_cosine']:.4f}"
+        if s.manifest.precisions[p].execution == "cpu-only":
+            summary.notes[p] = "cpu-only (ONNX Runtime CPU; not for TensorRT); " + summary.notes.get(p, "")
+    summary.engines = {p: list(es) for p, es in s.engines.items()}
+    summary.engines_skipped = s.engines_note.get("all")
+    summary.engines_not_built = {p: why for p, why in s.engines_note.items() if p != "all"}
 
 
 def _check_calibration(data: str | Path | None, size: int, method: str, exclude: int) -> Path:
@@ -350,65 +228,15 @@ def _check_calibration(data: str | Path | None, size: int, method: str, exclude:
     (``data``, or the default dataset's)."""
     if method not in METHODS:
         raise CalibrationError(f"calibration method {method!r}; allowed: {', '.join(METHODS)}")
-    if not isinstance(size, int) or size < MIN_SAMPLES:
+    if type(size) is not int or size < MIN_SAMPLES:
         raise CalibrationError(f"calibration size {size!r} is too small: need at least {MIN_SAMPLES} histories")
-    if not isinstance(exclude, int) or exclude < 0:
+    if type(exclude) is not int or exclude < 0:
         raise CalibrationError(f"calibration exclude must be a non-negative integer (weight MatMuls kept float), "
                                f"got {exclude!r}")
     path = Path(data).absolute() if data is not None else default_interactions().resolve()
     if not path.is_file():
         raise CalibrationError(f"calibration data {path} does not exist: pass a LETTER *.inter.json")
     return path
-
-
-def _validate_hidden_state(graphs: dict[str, dict[str, Path]], precisions: list[str],
-                           feeds: dict[str, dict[str, np.ndarray]]) -> dict:
-    """Each int8 backbone against the fp32 one on the validation feeds (held out from calibration):
-    {precision: validate_int8's result}. Checks every precision, then raises one Int8ValidationError."""
-    results, failures = {}, []
-    for p in precisions:
-        try:
-            results[p] = validate_int8(graphs["fp32"]["backbone"], graphs[p]["backbone"], list(feeds.values()))
-        except Int8ValidationError as e:
-            failures.append(f"{p}: {e}")
-    if failures:
-        raise Int8ValidationError("\n".join(failures))
-    return results
-
-
-def _size(path: Path) -> int:
-    data = path.with_name(path.name + ".data")
-    return path.stat().st_size + (data.stat().st_size if data.exists() else 0)
-
-
-def validate_engines(model, catalog, engines: dict, specs: dict, root: Path, histories, limits: Limits,
-                     history_source: str) -> dict:
-    """TensorRT engines {precision: {graph: {file, sidecar}}} vs the torch model, with the graphs' tolerances."""
-    opened = []
-
-    def steps_for(precision, _paths):
-        steps = EngineSteps(engines[precision], {g: specs[g].to_json("") for g in engines[precision]}, root)
-        opened.append(steps)
-        return steps
-    try:
-        return validate_artifact(model, catalog, {p: dict(gs) for p, gs in engines.items()}, histories, limits,
-                                 history_source=history_source, steps_for=steps_for, what="TensorRT engines")
-    finally:
-        for steps in opened:
-            steps.close()
-
-
-def _engines(graphs: dict[str, dict[str, Path]], specs: dict, root: Path) -> dict:
-    """engines/<precision>/<graph>.plan + .json for every graph; the timing cache is shared by all."""
-    cache = root / "engines" / "timing.cache"
-    entries = {}
-    for precision, paths in graphs.items():
-        for name, onnx_path in paths.items():
-            plan = root / "engines" / precision / f"{name}.plan"
-            engine_from_onnx(onnx_path, plan, specs[name].to_json(""), timing_cache=cache)
-            entries.setdefault(precision, {})[name] = {"file": plan.relative_to(root).as_posix(),
-                                                       "sidecar": plan.with_suffix(".json").relative_to(root).as_posix()}
-    return entries
 
 
 def parser() -> argparse.ArgumentParser:
@@ -456,9 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         summary = build(**vars(args))
-    except USER_ERRORS as e:
+    except NezhaError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2
     print(summary.table())
     return 0
 

@@ -7,7 +7,6 @@ import io
 import logging
 import warnings
 from contextlib import contextmanager, redirect_stdout
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from nezha.model.nezha import NezhaModel
+from nezha.runtime.manifest import GraphEntry, Limits, expected_graphs, token_range  # noqa: F401 (token_range: re-export)
 from nezha.runtime.errors import NezhaError
 
 EXPORTERS = ("dynamo", "torchscript")
@@ -26,58 +26,16 @@ class ExportError(NezhaError, RuntimeError):
     """A graph that torch.onnx.export could not produce (both exporters failed)."""
 
 
-@dataclass(frozen=True)
-class Limits:
-    """The largest request the artifact serves: histories of max_history items, max_batch users, max_beam beams."""
-
-    max_history: int = 20
-    max_batch: int = 64
-    max_beam: int = 512
-
-    def __post_init__(self):
-        for name, value in vars(self).items():
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+def model_limits(model: NezhaModel, max_history: int = 20, max_batch: int = 64, max_beam: int = 512) -> Limits:
+    """The manifest's limits for this model: the request bounds plus its hidden size."""
+    return Limits(max_history, max_batch, max_beam, int(model.config.hidden_size))
 
 
-@dataclass
-class GraphSpec:
-    """One graph's tensors: (name, numpy dtype name, shape with named dims or ints), and dim ranges."""
-
-    name: str
-    inputs: list[tuple[str, str, list]]
-    outputs: list[tuple[str, str, list]]
-    dynamic: dict[str, list[int]] = field(default_factory=dict)
-
-    def to_json(self, file: str) -> dict:
-        """The manifest entry of this graph stored at ``file`` (relative to the artifact)."""
-        tensor = lambda t: {"name": t[0], "dtype": t[1], "shape": list(t[2])}
-        return {"file": file, "inputs": [tensor(t) for t in self.inputs],
-                "outputs": [tensor(t) for t in self.outputs], "dynamic": dict(self.dynamic)}
-
-
-def token_range(levels: int, max_history: int) -> list[int]:
-    """[min, max] prompt length T: one history item + placeholders .. max_history items + placeholders."""
-    return [2 * levels, (max_history + 1) * levels]
-
-
-def graph_specs(model: NezhaModel, limits: Limits) -> dict[str, GraphSpec]:
-    """Specs of ``backbone`` and ``head_0`` .. ``head_{L-1}`` for this model and these limits."""
-    layout, H = model.layout, model.config.hidden_size
-    L = layout.levels
-    specs = {"backbone": GraphSpec(
-        "backbone",
-        inputs=[("input_ids", "int64", ["batch", "tokens"]), ("attention_mask", "int64", ["batch", "tokens"])],
-        outputs=[("hidden", "float32", ["batch", L + 1, H])],
-        dynamic={"batch": [1, limits.max_batch], "tokens": token_range(L, limits.max_history)})}
-    for level, codes in enumerate(layout.codes):
-        code = [("code", "int64", ["beams"])] if level > 0 else []
-        specs[f"head_{level}"] = GraphSpec(
-            f"head_{level}",
-            inputs=[("state", "float32", ["beams", H])] + code + [("hidden", "float32", ["beams", H])],
-            outputs=[("next_state", "float32", ["beams", H]), ("log_probs", "float32", ["beams", codes])],
-            dynamic={"beams": [1, limits.max_batch * limits.max_beam]})
-    return specs
+def graph_specs(model: NezhaModel, limits: Limits) -> dict[str, GraphEntry]:
+    """The manifest entries of ``backbone`` and ``head_0`` .. ``head_{L-1}`` (file still unset): the
+    runtime's own ``expected_graphs``, so the build writes exactly what the loader checks."""
+    return {name: GraphEntry("", None, inputs, outputs, dynamic)
+            for name, (inputs, outputs, dynamic) in expected_graphs(model.layout, limits).items()}
 
 
 class BackboneGraph(nn.Module):
@@ -145,11 +103,11 @@ def graph_module(model: NezhaModel, name: str) -> nn.Module:
     return (HeadRootGraph(model, 0) if level == 0 else HeadStepGraph(model, level)).eval()
 
 
-def example_inputs(spec: GraphSpec, model: NezhaModel) -> tuple[torch.Tensor, ...]:
+def example_inputs(name: str, spec: GraphEntry, model: NezhaModel) -> tuple[torch.Tensor, ...]:
     """Example tensors for tracing: sizes deliberately unlike the dims' min/max (2..3), so nothing specialises."""
     layout, (lo, hi) = model.layout, spec.dynamic.get("tokens", [0, 0])
     gen = torch.Generator().manual_seed(0)
-    if spec.name == "backbone":
+    if name == "backbone":
         T = min(hi, lo + layout.levels)                               # one row with two items, one with one
         ids = torch.full((2, T), layout.pad_token_id, dtype=torch.int64)
         mask = torch.zeros((2, T), dtype=torch.int64)
@@ -157,29 +115,29 @@ def example_inputs(spec: GraphSpec, model: NezhaModel) -> tuple[torch.Tensor, ..
             ids[row, T - n:] = torch.randint(layout.offsets[0], layout.placeholder_start, (n,), generator=gen)
             mask[row, T - n:] = 1
         return ids, mask
-    N, H, level = 3, model.config.hidden_size, int(spec.name.split("_")[1])
+    N, H, level = 3, model.config.hidden_size, int(name.split("_")[1])
     state, hidden = torch.randn(N, H, generator=gen), torch.randn(N, H, generator=gen)
     if level == 0:
         return state, hidden
     return state, torch.randint(0, layout.codes[level - 1], (N,), generator=gen), hidden
 
 
-def _export(module: nn.Module, args: tuple, spec: GraphSpec, path: Path, opset: int, exporter: str) -> None:
-    names = [t[0] for t in spec.inputs]
-    named_dims = {t[0]: {axis: dim for axis, dim in enumerate(t[2]) if isinstance(dim, str)}
+def _export(module: nn.Module, args: tuple, spec: GraphEntry, path: Path, opset: int, exporter: str) -> None:
+    names, output_names = [t.name for t in spec.inputs], [t.name for t in spec.outputs]
+    named_dims = {t.name: {axis: dim for axis, dim in enumerate(t.shape) if isinstance(dim, str)}
                   for t in spec.inputs + spec.outputs}
     if exporter == "dynamo":
         dims = {d: torch.export.Dim(d, min=lo, max=hi) for d, (lo, hi) in spec.dynamic.items()}
         shapes = {n: {axis: dims[d] for axis, d in named_dims[n].items()} for n in names}
         with _quiet():
             program = torch.onnx.export(module, args, dynamo=True, opset_version=opset, input_names=names,
-                                        output_names=[t[0] for t in spec.outputs], dynamic_shapes=shapes,
+                                        output_names=output_names, dynamic_shapes=shapes,
                                         verbose=False)
         program.save(str(path), external_data=not _fits_inline(program.model_proto))
     else:
         with _quiet():
             torch.onnx.export(module, args, str(path), dynamo=False, opset_version=opset, input_names=names,
-                              output_names=[t[0] for t in spec.outputs], dynamic_axes=named_dims)
+                              output_names=output_names, dynamic_axes=named_dims)
 
 
 @contextmanager
@@ -213,18 +171,18 @@ def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = N
     return path
 
 
-def finish_graph(path: Path, spec: GraphSpec) -> None:
+def finish_graph(path: Path, name: str, spec: GraphEntry) -> None:
     """Give every graph input/output the manifest's dim names and sizes (the exporter invents symbols
     like 'Max(0, tokens - 4)'), then check the graph."""
     proto = onnx.load(str(path), load_external_data=False)
-    for value, (_, _, shape) in zip(list(proto.graph.input) + list(proto.graph.output), spec.inputs + spec.outputs):
+    for value, tensor in zip(list(proto.graph.input) + list(proto.graph.output), spec.inputs + spec.outputs):
         dims = value.type.tensor_type.shape.dim
-        for dim, size in zip(dims, shape):
+        for dim, size in zip(dims, tensor.shape):
             if isinstance(size, str):
                 dim.dim_param = size
             else:
                 dim.dim_value = size
-    proto.doc_string = f"nezha-deploy graph {spec.name}"
+    proto.doc_string = f"nezha-deploy graph {name}"
     onnx.save_model(proto, str(path))              # external data (if any) stays in place, untouched
     onnx.checker.check_model(str(path))
 
@@ -244,7 +202,7 @@ def onnx_from_model(model: NezhaModel, out_dir: Path, limits: Limits, opset: int
     paths = {}
     for name, spec in graph_specs(model, limits).items():
         module = graph_module(model, name)
-        path, args = out_dir / f"{name}.onnx", example_inputs(spec, model)
+        path, args = out_dir / f"{name}.onnx", example_inputs(name, spec, model)
         with torch.no_grad():
             try:
                 _export(module, args, spec, path, opset, exporter)
@@ -259,6 +217,6 @@ def onnx_from_model(model: NezhaModel, out_dir: Path, limits: Limits, opset: int
                 except Exception as second:
                     raise ExportError(f"{name}: both exporters failed. dynamo: {first}; dynamo=False: {second}") \
                         from second
-        finish_graph(path, spec)
+        finish_graph(path, name, spec)
         paths[name] = path
     return paths

@@ -4,17 +4,16 @@ int8-cpu (dynamic int8, MatMulInteger) is ONNX Runtime CPU only: never a TensorR
 
 from __future__ import annotations
 
-import importlib
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 import onnx
 
-from .graphs import save_onnx
 from nezha.runtime.errors import NezhaError
+from nezha.runtime.manifest import PRECISIONS, PrecisionEntry
 
-# "int8" and "int8-cpu" are nezha.calibration's INT8 and INT8_CPU (spelled out: calibration/ loads lazily).
-PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
+from .graphs import save_onnx
+
 # Precisions whose graphs only ONNX Runtime on CPU runs: no TensorRT engine, "execution": "cpu-only" in the manifest.
 CPU_ONLY_PRECISIONS = ("int8-cpu",)
 
@@ -34,11 +33,12 @@ def check_precisions(precisions: Iterable[str]) -> list[str]:
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
         raise PrecisionError(f"unsupported precision(s) {unknown or '(none)'}; allowed: {', '.join(PRECISIONS)}")
-    if "int8" in precisions:
-        int8_converter()          # fail before any work if calibration/ cannot provide it
-    if "int8-cpu" in precisions:
-        int8_cpu_converter()
     return [p for p in PRECISIONS if p in precisions]
+
+
+def precision_entry(precision: str, quantization: dict | None = None) -> PrecisionEntry:
+    """The manifest's entry of a built precision."""
+    return PrecisionEntry("cpu-only" if precision in CPU_ONLY_PRECISIONS else "any", quantization)
 
 
 def fp16_from_onnx(src: Path, dst: Path) -> Path:
@@ -74,34 +74,3 @@ def topological_sort(graph: onnx.GraphProto) -> None:
         pending = still
     del graph.node[:]
     graph.node.extend(ordered)
-
-
-Int8Converter = Callable[..., dict[str, Path]]
-
-
-def _calibration_step(name: str, signature: str) -> Int8Converter:
-    try:
-        calibration = importlib.import_module("nezha.calibration")
-    except ImportError as e:
-        raise PrecisionError(f"int8 is not available yet: nezha.calibration cannot be imported ({e})") from None
-    convert = getattr(calibration, name, None)
-    if not callable(convert):
-        raise PrecisionError(f"int8 is not available yet: nezha.calibration has no {name}({signature}); "
-                             "build fp32 and/or fp16 for now")
-    return convert
-
-
-def int8_converter() -> Int8Converter:
-    """The int8 step from calibration/: ``nezha.calibration.int8_from_onnx(fp32_graphs, out_dir, feeds, *,
-    method, exclude_sensitive, cache_path, report, ...)`` with fp32_graphs {graph name: fp32 .onnx path},
-    out_dir the folder for the Q/DQ graphs and feeds an iterable of backbone feeds (input_ids,
-    attention_mask [B, T] int64 from runtime.encoding), returning {graph name: int8 .onnx path}.
-    Raises PrecisionError when calibration/ does not provide it."""
-    return _calibration_step("int8_from_onnx", "fp32_graphs, out_dir, feeds")
-
-
-def int8_cpu_converter() -> Int8Converter:
-    """The int8-cpu step from calibration/: ``nezha.calibration.int8_cpu_from_onnx(fp32_graphs, out_dir)``
-    -> {graph name: .onnx path} (dynamic int8 MatMul weights, no calibration data; ONNX Runtime CPU only).
-    Raises PrecisionError when calibration/ does not provide it."""
-    return _calibration_step("int8_cpu_from_onnx", "fp32_graphs, out_dir")

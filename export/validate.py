@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import onnxruntime as ort
 import torch
 
 from nezha.data import read_interactions
@@ -20,10 +19,11 @@ from nezha.model.nezha import NezhaModel
 from nezha.model.reference import Reference, TorchSteps
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.decode import beam_search, items_from_sids
+from nezha.runtime.backends.base import GraphSteps
+from nezha.runtime.backends.onnxruntime import open_sessions, ort_steps
 from nezha.runtime.encoding import encode_histories
-
-from .graphs import Limits, token_range
 from nezha.runtime.errors import NezhaError
+from nezha.runtime.manifest import EngineEntry, GraphEntry, Limits, token_range
 
 
 @dataclass(frozen=True)
@@ -49,66 +49,24 @@ class ValidationError(NezhaError, RuntimeError):
         self.report = report
 
 
-class NamedSteps:
-    """DecodeSteps from ``run(graph, feed) -> [outputs]``, the form the validation compares."""
-
-    def run(self, name: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        raise NotImplementedError
-
-    def output_names(self, name: str) -> list[str]:
-        raise NotImplementedError
-
-    def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        return self.run("backbone", feed)[0]
-
-    def head_step(self, level, state, code, hidden):
-        feed = {"state": np.ascontiguousarray(state, np.float32), "hidden": np.ascontiguousarray(hidden, np.float32)}
-        if level > 0:
-            feed["code"] = np.ascontiguousarray(code, np.int64)
-        return tuple(self.run(f"head_{level}", feed))
+def ort_validation_steps(entries: dict[str, GraphEntry], paths: dict[str, Path]) -> GraphSteps:
+    """The runtime's own ONNX Runtime runners (CPU) over one precision's graphs: the build validates
+    exactly what services run."""
+    return ort_steps(entries, open_sessions(paths))
 
 
-class OrtSteps(NamedSteps):
-    """Steps over ONNX Runtime sessions of one precision's graphs (CPU)."""
-
-    def __init__(self, graphs: dict[str, Path], threads: int | None = None):
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-        self.sessions = {name: ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-                         for name, path in graphs.items()}
-
-    def run(self, name: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        return self.sessions[name].run(None, feed)
-
-    def output_names(self, name: str) -> list[str]:
-        return [o.name for o in self.sessions[name].get_outputs()]
+def trt_validation_steps(entries: dict[str, GraphEntry], engines: dict[str, EngineEntry],
+                         paths: dict[str, Path]) -> GraphSteps:
+    """The runtime's own TensorRT runners over freshly built engines (``paths``: graph -> plan file)."""
+    from nezha.runtime.backends.tensorrt import Engines, trt_steps
+    return trt_steps(entries, Engines(engines, paths))
 
 
-class EngineSteps(NamedSteps):
-    """Steps over freshly built TensorRT engines, through the runtime's own TensorRT runners (so the
-    build validates exactly what services will run). ``engines`` {graph: {file, sidecar}} relative to
-    ``root``; ``graph_entries`` {graph: manifest entry}."""
-
-    def __init__(self, engines: dict[str, dict], graph_entries: dict[str, dict], root: Path):
-        from nezha.runtime.backends.tensorrt import DeviceBuffers, Engines, TrtRunner
-        self.entries = graph_entries
-        self.engines = Engines(engines, root)
-        self.buffers = DeviceBuffers(graph_entries)
-        self.runners = {g: TrtRunner(g, e, self.engines.engines[g], self.buffers) for g, e in graph_entries.items()}
-
-    def run(self, name: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
-        out = self.runners[name].run(feed)
-        return [out[n].copy() for n in self.output_names(name)]           # runner buffers are reused
-
-    def output_names(self, name: str) -> list[str]:
-        return [t["name"] for t in self.entries[name]["outputs"]]
-
-    def close(self) -> None:
-        for r in self.runners.values():
-            r.close()
-        self.buffers.free()
+def run_graph(steps: GraphSteps, name: str, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """One graph's outputs, in manifest order, copied out of the runner's reused buffers."""
+    runner = steps.runners[name]
+    out = runner.run({k: np.ascontiguousarray(v) for k, v in feed.items()})
+    return [out[t.name].copy() for t in runner.entry.outputs]
 
 
 def histories_from_data(interactions: Path, catalog: Catalog, n: int, seed: int = 0) -> list[list[int]]:
@@ -161,17 +119,15 @@ def topk_agreement(ours: list[list[tuple[int, float]]], reference: list[list[tup
     return float(np.mean(shares))
 
 
-def validate_artifact(model: NezhaModel, catalog: Catalog, graphs: dict[str, dict[str, Path]],
-                      histories: Sequence[Sequence[int]], limits: Limits, out_file: Path | None = None,
+def validate_artifact(model: NezhaModel, catalog: Catalog, steps: dict[str, GraphSteps],
+                      histories: Sequence[Sequence[int]], limits: Limits,
                       tolerances: dict[str, Tolerance] | None = None, k: int = 10, beam: int = 20,
-                      history_source: str = "synthetic", steps_for=None, what: str = "exported graphs") -> dict:
-    """Compare the graphs {precision: {graph name: path}} with ``model`` on ``histories``.
+                      history_source: str = "synthetic", what: str = "exported graphs") -> dict:
+    """Compare each precision's runners {precision: GraphSteps} with ``model`` on ``histories``
+    (``ort_validation_steps`` for ONNX graphs, ``trt_validation_steps`` for TensorRT engines).
 
-    ``steps_for(precision, paths)`` makes the steps that run them (default: ONNX Runtime CPU sessions;
-    the build passes TensorRT engine steps to validate engines the same way).
-
-    Writes the report to ``out_file`` (validation.json) if given and returns it; raises ValidationError
-    listing every output (max |diff| and tolerance) if any output or top-k agreement is out of bounds.
+    Returns the report (validation.json); raises ValidationError listing every output (max |diff| and
+    tolerance) if any output or top-k agreement is out of bounds.
     """
     tolerances = {**TOLERANCES, **(tolerances or {})}
     beam = min(beam, limits.max_beam)
@@ -184,18 +140,17 @@ def validate_artifact(model: NezhaModel, catalog: Catalog, graphs: dict[str, dic
     report = {"histories": len(histories), "history_source": history_source, "k": k, "beam": beam,
               "cases": {c: list(f["input_ids"].shape) for c, f in feeds.items()}, "precisions": {}}
     lines, ok = [], True
-    for precision, paths in graphs.items():
-        tol, steps = tolerances[precision], steps_for(precision, paths) if steps_for else OrtSteps(paths)
-        outputs = {}
+    for precision, precision_steps in steps.items():
+        tol, outputs = tolerances[precision], {}
         for name, case, feed, want in cases:
-            got = steps.run(name, feed)
-            names = steps.output_names(name)
+            got = run_graph(precision_steps, name, feed)
+            names = [t.name for t in precision_steps.runners[name].entry.outputs]
             for out_name, g, w in zip(names, got, want):
                 key = f"{name}.{out_name}"
                 finite = g.shape == w.shape and np.isfinite(g).all()      # NaN/inf or a wrong shape never pass
                 diff = float(np.max(np.abs(g.astype(np.float64) - w))) if finite else float("inf")
                 outputs[key] = max(outputs.get(key, 0.0), diff)
-        keys, scores = beam_search(steps, feeds["batch"], model.layout, reference.verifier, beam)
+        keys, scores = beam_search(precision_steps, feeds["batch"], model.layout, reference.verifier, beam)
         agreement = topk_agreement(items_from_sids(keys, scores, reference.sid_table, k), expected_items)
         entry = {"tolerance": tol.atol, "min_topk_agreement": tol.min_topk_agreement, "topk_agreement": agreement,
                  "outputs": {key: {"max_abs_diff": d, "ok": d <= tol.atol} for key, d in outputs.items()}}
@@ -208,8 +163,6 @@ def validate_artifact(model: NezhaModel, catalog: Catalog, graphs: dict[str, dic
         lines.append(f"  {'ok  ' if agreement >= tol.min_topk_agreement else 'FAIL'} {precision} top-{k} items: "
                      f"agreement {agreement:.3f} (at least {tol.min_topk_agreement:g})")
     report["ok"] = ok
-    if out_file is not None:
-        out_file.write_text(json.dumps(report, indent=2))
     if not ok:
         raise ValidationError(f"{what} disagree with the PyTorch model:\n" + "\n".join(lines), report)
     return report

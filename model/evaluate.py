@@ -127,8 +127,8 @@ def run(a) -> dict:
         results["ar"], _ = evaluate(ar, hist, targets, a.beam, desc="ar (torch)")
     if a.artifact:
         from nezha.runtime import Recommender
-        from nezha.runtime.manifest import Manifest
-        for precision in a.precision or Manifest.load(a.artifact, verify=False).precisions:
+        from nezha.runtime.artifact import Artifact
+        for precision in a.precision or list(Artifact.open(a.artifact).manifest.precisions):
             with Recommender.load(a.artifact, precision=precision) as rec:
                 m, recs = evaluate(rec, hist, targets, a.beam, desc=f"runtime {precision}")
             if a.checkpoint:

@@ -1,25 +1,52 @@
-"""The ``nezha`` command: ``nezha recommend ARTIFACT ...`` and ``nezha bench ARTIFACT ...``.
-A thin layer: each subcommand's options are its library function's argument names."""
+"""The ``nezha`` command: ``build``, ``recommend``, ``bench``, ``train`` and ``evaluate``.
+
+A thin layer: each subcommand's options are its library function's argument names. Every user error
+(a ``NezhaError``) becomes one line ``nezha <command>: error: ...`` and exit code 2; a traceback means a bug."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
+from nezha.runtime.errors import NezhaError
+
+# Subcommands whose module parses its own options (they import torch, so they load only when used).
+FORWARDED = {
+    "build": ("nezha.export.build", "build an artifact from a checkpoint (same as python export/build.py)"),
+    "train": ("nezha.model.train", "train the demo NEZHA and AR checkpoints on a LETTER dataset"),
+    "evaluate": ("nezha.model.evaluate", "Recall/NDCG of checkpoints and artifacts on the test users"),
+}
+
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="nezha", description="Serve and benchmark NEZHA artifacts.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in FORWARDED:
+        import importlib
+        module = importlib.import_module(FORWARDED[argv[0]][0])
+        return _guarded(argv[0], lambda: module.main(argv[1:]))
+    parser = argparse.ArgumentParser(prog="nezha", description="Build, serve and benchmark NEZHA artifacts.")
     sub = parser.add_subparsers(dest="command", required=True)
+    for name, (_, text) in FORWARDED.items():
+        sub.add_parser(name, help=text, add_help=False)
     from nezha.runtime import cli as runtime_cli
     runtime_cli.add_parser(sub)
     try:
         from nezha.bench import cli as bench_cli
-    except ImportError:          # the bench needs matplotlib (the 'bench' extra)
+    except ImportError as e:          # the bench needs matplotlib (the 'bench' extra)
         bench_cli = None
+        sub.add_parser("bench", help=f"unavailable: {e} (pip install 'nezha-deploy[bench]')")
     if bench_cli is not None:
         bench_cli.add_parser(sub)
     args = parser.parse_args(argv)
-    return int(args.run(args) or 0)
+    return _guarded(args.command, lambda: args.run(args))
+
+
+def _guarded(command: str, run) -> int:
+    try:
+        return int(run() or 0)
+    except NezhaError as e:
+        print(f"nezha {command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

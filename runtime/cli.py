@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 
 
+_DIGITS = re.compile(r"[0-9]+")
+
+
 def _history(text: str) -> list[int]:
-    try:
-        return [int(x) for x in text.split(",") if x.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"history {text!r} must be comma-separated integer item ids") from None
+    """Comma-separated item ids in plain ASCII digits (Python's int() would also take '1_2' and other
+    scripts' digits)."""
+    ids = [x.strip() for x in text.split(",")]
+    if not ids or not all(_DIGITS.fullmatch(x) for x in ids):
+        raise argparse.ArgumentTypeError(f"history {text!r} must be comma-separated item ids in ASCII digits "
+                                         "(e.g. 12,55,102)")
+    return [int(x) for x in ids]
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -34,12 +41,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 def run(a) -> int:
     from .recommender import Recommender
-    try:
-        with Recommender.load(a.artifact, backend=a.backend, device=a.device, precision=a.precision) as rec:
-            results = rec.recommend(a.history, k=a.k, beam=a.beam, unknown=a.unknown)
-    except (ValueError, ImportError, RuntimeError) as e:
-        print(f"nezha recommend: error: {e}", file=sys.stderr)
-        return 2
+    with Recommender.load(a.artifact, backend=a.backend, device=a.device, precision=a.precision) as rec:
+        results = rec.recommend(a.history, k=a.k, beam=a.beam, unknown=a.unknown)
     if a.json:
         print(json.dumps([{"history": h, "items": [{"item": i, "score": round(s, 6)} for i, s in r]}
                           for h, r in zip(a.history, results)], indent=2))
@@ -51,12 +54,6 @@ def run(a) -> int:
     return 0
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m nezha.runtime.cli")
-    add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    return args.run(args)
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    from nezha.cli import main
+    sys.exit(main(["recommend"] + sys.argv[1:]))

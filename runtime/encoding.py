@@ -3,7 +3,7 @@ validation, calibration and the benchmark, so that all of them see byte-identica
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -19,21 +19,44 @@ class EncodingError(NezhaError, ValueError):
 UNKNOWN_POLICIES = ("error", "skip")
 
 
+def check_batch(histories, what: str = "histories") -> None:
+    """A batch is a list, tuple or array of histories: never a set or dict (no order), str or bytes."""
+    if not isinstance(histories, (list, tuple, np.ndarray)) or (isinstance(histories, np.ndarray) and histories.ndim == 0):
+        raise EncodingError(f"{what} must be a list of item-id lists, got {type(histories).__name__}")
+
+
+def integer_array(values, where: str, what: str = "item ids") -> np.ndarray:
+    """A 1-D int64 array from a list, tuple or 1-D integer array. Refused with a message naming ``where``:
+    bools, floats, strings, nested lists, sets, dicts, bytes, 0-d arrays, non-integer dtypes (timedelta64
+    is an integer dtype to NumPy), values outside int64."""
+    if isinstance(values, np.ndarray):
+        if values.ndim != 1 or values.dtype.kind not in "iu":
+            raise EncodingError(f"{where} must be a 1-D array of integer {what}, got dtype {values.dtype} and "
+                                f"shape {values.shape}")
+        if values.dtype.kind == "u" and values.size and int(values.max()) > np.iinfo(np.int64).max:
+            raise EncodingError(f"{where}: {what} must fit int64")
+        return values.astype(np.int64)
+    if not isinstance(values, (list, tuple)):
+        raise EncodingError(f"{where} must be a list of integer {what}, got {type(values).__name__}")
+    for x in values:
+        if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
+            raise EncodingError(f"{where} holds {x!r} ({type(x).__name__}); {what} are integers "
+                                "(not bools, floats, strings or nested lists)")
+    try:
+        return np.array(values, dtype=np.int64)
+    except OverflowError:
+        raise EncodingError(f"{where}: {what} must fit int64") from None
+
+
 def history_codes(histories: Sequence[Sequence[int]], catalog: Catalog, unknown: str = "error") -> list[np.ndarray]:
     """Item-id histories -> per history an [n, L] int64 code array (unknown items dropped under 'skip')."""
     if unknown not in UNKNOWN_POLICIES:
         raise EncodingError(f"unknown-item policy {unknown!r}; allowed: {', '.join(UNKNOWN_POLICIES)}")
-    if isinstance(histories, (str, bytes)) or not isinstance(histories, Iterable):
-        raise EncodingError(f"histories must be a list of item-id lists, got {type(histories).__name__}")
+    check_batch(histories)
     out = []
     for b, history in enumerate(histories):
-        try:
-            items = np.asarray(list(history))
-        except TypeError:
-            raise EncodingError(f"history {b} must be a list of integer item ids, got {type(history).__name__}") from None
-        if items.size and not np.issubdtype(items.dtype, np.integer):
-            raise EncodingError(f"history {b} must hold integer item ids, got dtype {items.dtype}")
-        codes, known = catalog.codes_of(items.astype(np.int64).reshape(-1))
+        items = integer_array(history, f"history {b}")
+        codes, known = catalog.codes_of(items)
         if not known.all():
             if unknown == "error":
                 missing = items[~known][:5].tolist()

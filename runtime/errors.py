@@ -8,3 +8,11 @@ Anything else is a bug and keeps its traceback. Subclasses also derive from ``Va
 
 class NezhaError(Exception):
     """A user error: the message names the problem and what is allowed."""
+
+
+class BackendUnavailable(NezhaError, RuntimeError):
+    """A backend or device this machine cannot provide (no CUDA provider, no TensorRT); says how to get it."""
+
+
+class OptionError(NezhaError, ValueError):
+    """An option outside what is allowed (device names, backends); the message lists the allowed values."""

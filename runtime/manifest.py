@@ -1,120 +1,324 @@
-"""The artifact manifest (``manifest.json``): the only contract between the build and the runtime.
-
-It names every graph, engine and table file with its tensors, dtypes and dynamic ranges, the SID
-layout, the limits (max history, batch, beam), precisions, tool versions and the sha256 of every file.
-The runtime never parses file names."""
+"""The artifact manifest (``manifest.json``), typed: the only contract between the build (writer) and
+every runtime (reader). ``Manifest.from_json`` parses strictly (a missing or unknown key, a wrong type
+or a contradiction between limits, layout and graphs is a ManifestError naming the key's path);
+``to_json`` writes exactly what ``from_json`` reads. The format is documented in docs/artifact.md."""
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
-from dataclasses import dataclass
-from pathlib import Path
+import re
+from dataclasses import dataclass, field, fields
 
-import numpy as np
-
-from .layout import SidLayout
-from nezha.runtime.errors import NezhaError
+from .layout import LayoutError, SidLayout
+from .strict import ManifestError, array, exact_keys, fail, integer, obj, relpath, string, typed
 
 FORMAT = "nezha-artifact"
-VERSION = 1
-MANIFEST = "manifest.json"
+VERSION = 2
+PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
+EXECUTIONS = ("any", "cpu-only")
+MAX_TENSOR_BYTES = 16 << 30          # one buffer of the largest shapes; above this a manifest is refused
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_DTYPE_BYTES = {"int64": 8, "uint64": 8, "float32": 4}
 
 
-class ManifestError(NezhaError, ValueError):
-    """An artifact folder that is missing, corrupt or of another format version."""
+def graph_names(levels: int) -> list[str]:
+    return ["backbone"] + [f"head_{i}" for i in range(levels)]
 
 
-def sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def table_names(levels: int) -> list[str]:
+    return ["item_ids", "item_codes", "sid_keys", "sid_offsets", "sid_items"] + [
+        f"valid_prefixes_{i}" for i in range(levels)]
 
 
-def write_manifest(artifact_dir: str | Path, manifest: dict) -> Path:
-    """Write ``manifest`` with format/version and the sha256 of every other file under the folder, atomically."""
-    artifact_dir = Path(artifact_dir)
-    files = sorted(p for p in artifact_dir.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {"format": FORMAT, "version": VERSION, **manifest,
-                "files": {p.relative_to(artifact_dir).as_posix(): sha256(p) for p in files}}
-    fd, tmp = tempfile.mkstemp(dir=artifact_dir, prefix=".manifest.")
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(tmp, artifact_dir / MANIFEST)
-    return artifact_dir / MANIFEST
+# -- the types ---------------------------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Limits:
+    """The largest request the artifact serves and the model's hidden width H."""
 
-@dataclass
-class Manifest:
-    """A loaded, verified manifest. ``raw`` is the JSON; accessors give typed views."""
-
-    root: Path
-    raw: dict
+    max_history: int
+    max_batch: int
+    max_beam: int
+    hidden_size: int
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, verify: bool = True) -> "Manifest":
-        """Read ``artifact_dir/manifest.json``; with ``verify``, check every file's sha256."""
-        root = Path(artifact_dir)
-        path = root / MANIFEST
+    def from_json(cls, value, path: str = "limits") -> "Limits":
+        return typed(cls, value, path, **{f.name: lambda v, p: integer(v, p, 1) for f in fields(cls)})
+
+    def to_json(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class Tensor:
+    name: str
+    dtype: str
+    shape: tuple                        # ints and named dynamic dims
+
+    @classmethod
+    def from_json(cls, value, path: str) -> "Tensor":
+        dim = lambda v, p: v if isinstance(v, str) and v else integer(v, p, 1)
+        return typed(cls, value, path, name=string, dtype=lambda v, p: string(v, p, tuple(_DTYPE_BYTES)),
+                     shape=lambda v, p: tuple(dim(d, f"{p}[{i}]") for i, d in enumerate(array(v, p))))
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class GraphEntry:
+    """One ONNX graph: its file, tensors (in order) and the [lo, hi] range of each named dim."""
+
+    file: str
+    external_data: str | None
+    inputs: tuple[Tensor, ...]
+    outputs: tuple[Tensor, ...]
+    dynamic: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, value, path: str) -> "GraphEntry":
+        tensors = lambda v, p: tuple(Tensor.from_json(t, f"{p}[{i}]") for i, t in enumerate(array(v, p)))
+
+        def ranges(v, p):
+            out = {}
+            for dim, r in obj(v, p).items():
+                r = array(r, f"{p}.{dim}")
+                if len(r) != 2 or integer(r[0], f"{p}.{dim}[0]", 1) > integer(r[1], f"{p}.{dim}[1]", 1):
+                    fail(f"{p}.{dim}", f"expected [lo, hi] with 1 <= lo <= hi, got {r!r}")
+                out[dim] = (r[0], r[1])
+            return out
+        return typed(cls, value, path, file=relpath, inputs=tensors, outputs=tensors, dynamic=ranges,
+                     external_data=lambda v, p: None if v is None else relpath(v, p))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "external_data": self.external_data,
+                "inputs": [t.to_json() for t in self.inputs], "outputs": [t.to_json() for t in self.outputs],
+                "dynamic": {k: list(v) for k, v in self.dynamic.items()}}
+
+    def max_shape(self, tensor: Tensor) -> tuple[int, ...]:
+        return tuple(self.dynamic[d][1] if isinstance(d, str) else d for d in tensor.shape)
+
+    @property
+    def paths(self) -> list[str]:
+        return [self.file] + ([self.external_data] if self.external_data else [])
+
+
+def token_range(levels: int, max_history: int) -> tuple[int, int]:
+    """[min, max] prompt length T: one history item + placeholders .. max_history items + placeholders."""
+    return (2 * levels, (max_history + 1) * levels)
+
+
+def expected_graphs(layout: SidLayout, limits: Limits) -> dict[str, tuple[tuple, tuple, dict]]:
+    """The graphs every artifact of this layout and these limits has: name -> (inputs, outputs, dynamic).
+    The export builds its graphs from this, and the loader checks the manifest against it."""
+    L, H = layout.levels, limits.hidden_size
+    graphs = {"backbone": (
+        (Tensor("input_ids", "int64", ("batch", "tokens")), Tensor("attention_mask", "int64", ("batch", "tokens"))),
+        (Tensor("hidden", "float32", ("batch", L + 1, H)),),
+        {"batch": (1, limits.max_batch), "tokens": token_range(L, limits.max_history)})}
+    for level, codes in enumerate(layout.codes):
+        code = (Tensor("code", "int64", ("beams",)),) if level else ()
+        graphs[f"head_{level}"] = (
+            (Tensor("state", "float32", ("beams", H)),) + code + (Tensor("hidden", "float32", ("beams", H)),),
+            (Tensor("next_state", "float32", ("beams", H)), Tensor("log_probs", "float32", ("beams", codes))),
+            {"beams": (1, limits.max_batch * limits.max_beam)})
+    return graphs
+
+
+@dataclass(frozen=True)
+class EngineEntry:
+    """A TensorRT engine and what it needs of the machine that runs it."""
+
+    file: str
+    compute_capability: str
+    tensorrt: str
+    strongly_typed: bool
+    profiles: tuple[dict, ...]          # per profile: input name -> {"min", "opt", "max"} shapes
+
+    @classmethod
+    def from_json(cls, value, path: str) -> "EngineEntry":
+        def flag(v, p):
+            if not isinstance(v, bool):
+                fail(p, f"expected true or false, got {v!r}")
+            return v
+        return typed(cls, value, path, file=relpath, compute_capability=string, tensorrt=string, strongly_typed=flag,
+                     profiles=lambda v, p: tuple(obj(x, f"{p}[{i}]") for i, x in enumerate(array(v, p))))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "compute_capability": self.compute_capability, "tensorrt": self.tensorrt,
+                "strongly_typed": self.strongly_typed, "profiles": list(self.profiles)}
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    file: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    @classmethod
+    def from_json(cls, value, path: str) -> "TableEntry":
+        return typed(cls, value, path, file=relpath, dtype=lambda v, p: string(v, p, ("int64", "uint64")),
+                     shape=lambda v, p: tuple(integer(d, f"{p}[{i}]") for i, d in enumerate(array(v, p))))
+
+    def to_json(self) -> dict:
+        return {"file": self.file, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class PrecisionEntry:
+    """``execution``: 'any', or 'cpu-only' (ONNX Runtime CPU only: no CUDA, no TensorRT engine).
+    ``quantization``: how int8 graphs were made (informational), None for float precisions."""
+
+    execution: str = "any"
+    quantization: dict | None = None
+
+    @classmethod
+    def from_json(cls, value, path: str) -> "PrecisionEntry":
+        return typed(cls, value, path, execution=lambda v, p: string(v, p, EXECUTIONS),
+                     quantization=lambda v, p: None if v is None else obj(v, p))
+
+    def to_json(self) -> dict:
+        return {"execution": self.execution, "quantization": self.quantization}
+
+
+SOURCE_KEYS = ("checkpoint", "architecture", "index", "item_ids")
+MACHINE_KEYS = ("system", "arch", "cpu", "isa")
+TOP_KEYS = ("format", "version", "layout", "limits", "precisions", "graphs", "engines", "tables", "versions",
+            "source", "machine", "validation", "files")
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The whole contract. Build one with the typed entries and ``to_json()``; read one with ``from_json``."""
+
+    layout: SidLayout
+    limits: Limits
+    precisions: dict[str, PrecisionEntry]
+    graphs: dict[str, dict[str, GraphEntry]]
+    engines: dict[str, dict[str, EngineEntry]]
+    tables: dict[str, TableEntry]
+    versions: dict[str, str | None]
+    source: dict
+    machine: dict
+    validation: str
+    files: dict[str, str]               # path -> sha256 of every file but manifest.json
+
+    @classmethod
+    def from_json(cls, raw) -> "Manifest":
+        raw = exact_keys(raw, "", TOP_KEYS)
+        if raw["format"] != FORMAT:
+            fail("format", f"{raw['format']!r}, expected {FORMAT!r}: not a nezha artifact")
+        if raw["version"] != VERSION:
+            fail("version", f"{raw['version']!r}; this runtime reads version {VERSION}: rebuild the artifact "
+                             "with the matching nezha-deploy")
+        lay = exact_keys(raw["layout"], "layout", ("codes", "offsets", "placeholder_start", "pad_token_id"))
         try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ManifestError(f"{path} not found: {root} is not a nezha artifact folder "
-                                "(build one with python export/build.py)") from None
-        except json.JSONDecodeError as e:
-            raise ManifestError(f"{path} is not valid JSON: {e}") from None
-        if raw.get("format") != FORMAT:
-            raise ManifestError(f"{path}: format {raw.get('format')!r}, expected {FORMAT!r}")
-        if raw.get("version") != VERSION:
-            raise ManifestError(f"{path}: manifest version {raw.get('version')!r}; this runtime reads version "
-                                f"{VERSION}: rebuild the artifact with the matching nezha-deploy")
-        m = cls(root, raw)
-        if verify:
-            m.verify()
+            layout = SidLayout(tuple(integer(c, f"layout.codes[{i}]", 1) for i, c in enumerate(array(lay["codes"], "layout.codes"))),
+                               tuple(integer(c, f"layout.offsets[{i}]") for i, c in enumerate(array(lay["offsets"], "layout.offsets"))),
+                               integer(lay["placeholder_start"], "layout.placeholder_start"),
+                               integer(lay["pad_token_id"], "layout.pad_token_id"))
+        except LayoutError as e:
+            fail("layout", str(e))
+        precisions = {p: PrecisionEntry.from_json(v, f"precisions.{p}") for p, v in obj(raw["precisions"], "precisions").items()}
+        for p in precisions:
+            string(p, "precisions", PRECISIONS)
+        if not precisions:
+            fail("precisions", "no precision: the artifact has no graphs")
+        each = lambda v, p, parse: {k: parse(x, f"{p}.{k}") for k, x in obj(v, p).items()}
+        graphs = {p: each(g, f"graphs.{p}", GraphEntry.from_json) for p, g in obj(raw["graphs"], "graphs").items()}
+        engines = {p: each(g, f"engines.{p}", EngineEntry.from_json) for p, g in obj(raw["engines"], "engines").items()}
+        files = obj(raw["files"], "files")
+        for path, digest in files.items():
+            relpath(path, f"files[{path!r}]")
+            if not isinstance(digest, str) or not _SHA256.match(digest):
+                fail(f"files[{path!r}]", f"expected a lower-case hex sha256, got {digest!r}")
+        versions = obj(raw["versions"], "versions")
+        for k, v in versions.items():
+            if v is not None:
+                string(v, f"versions.{k}")
+        source = exact_keys(raw["source"], "source", SOURCE_KEYS)
+        for k in ("checkpoint", "architecture"):
+            string(source[k], f"source.{k}")
+        if source["index"] is not None:
+            string(source["index"], "source.index")
+        string(source["item_ids"], "source.item_ids", ("index", "positions"))
+        machine = exact_keys(raw["machine"], "machine", MACHINE_KEYS)
+        for k in ("system", "arch", "cpu"):
+            string(machine[k], f"machine.{k}")
+        [string(x, "machine.isa") for x in array(machine["isa"], "machine.isa")]
+        m = cls(layout, Limits.from_json(raw["limits"]), precisions, graphs, engines,
+                {n: TableEntry.from_json(t, f"tables.{n}") for n, t in obj(raw["tables"], "tables").items()},
+                versions, source, machine, relpath(raw["validation"], "validation"), files)
+        m.check()
         return m
 
-    def verify(self) -> None:
-        """Raise ManifestError naming every missing or modified file."""
-        problems = []
-        for rel, digest in self.raw.get("files", {}).items():
-            p = self.root / rel
-            if not p.is_file():
-                problems.append(f"{rel}: missing")
-            elif sha256(p) != digest:
-                problems.append(f"{rel}: sha256 mismatch (file modified or corrupt)")
-        if problems:
-            raise ManifestError(f"artifact {self.root} failed verification:\n  " + "\n  ".join(problems))
+    def to_json(self) -> dict:
+        nested = lambda d: {p: {n: e.to_json() for n, e in g.items()} for p, g in d.items()}
+        return {"format": FORMAT, "version": VERSION, "layout": self.layout.to_json(), "limits": self.limits.to_json(),
+                "precisions": {p: e.to_json() for p, e in self.precisions.items()}, "graphs": nested(self.graphs),
+                "engines": nested(self.engines), "tables": {n: t.to_json() for n, t in self.tables.items()},
+                "versions": self.versions, "source": self.source, "machine": self.machine,
+                "validation": self.validation, "files": self.files}
 
-    @property
-    def layout(self) -> SidLayout:
-        return SidLayout.from_json(self.raw["layout"])
+    def check(self) -> None:
+        """The invariants between sections (docs/artifact.md): graphs vs limits and layout, tables, engines,
+        buffers of sane size, and a checksum for every file the manifest uses."""
+        names, L = graph_names(self.layout.levels), self.layout.levels
+        if set(self.graphs) != set(self.precisions):
+            fail("graphs", f"precisions {sorted(self.graphs)} differ from the 'precisions' section {sorted(self.precisions)}")
+        expected = expected_graphs(self.layout, self.limits)
+        for p, graphs in self.graphs.items():
+            if sorted(graphs) != sorted(names):
+                fail(f"graphs.{p}", f"graphs {sorted(graphs)}; expected exactly {names}")
+            for n, g in graphs.items():
+                inputs, outputs, dynamic = expected[n]
+                for what, want, have in (("inputs", inputs, g.inputs), ("outputs", outputs, g.outputs),
+                                         ("dynamic", dynamic, g.dynamic)):
+                    if have != want:
+                        fail(f"graphs.{p}.{n}.{what}", f"{_show(have)} contradicts limits {self.limits.to_json()} "
+                                                         f"and layout codes {list(self.layout.codes)}: expected {_show(want)}")
+                for t in g.inputs + g.outputs:
+                    size = _DTYPE_BYTES[t.dtype]
+                    for d in g.max_shape(t):
+                        size *= d
+                    if size > MAX_TENSOR_BYTES:
+                        fail(f"graphs.{p}.{n}", f"tensor {t.name} needs {size / 2**30:.1f} GiB at its largest "
+                                                 f"shape (limit {MAX_TENSOR_BYTES >> 30} GiB): lower max_batch/max_beam")
+        for p, engines in self.engines.items():
+            if p not in self.precisions or self.precisions[p].execution != "any":
+                fail(f"engines.{p}", "engines exist only for built precisions that may run on GPUs")
+            if sorted(engines) != sorted(names):
+                fail(f"engines.{p}", f"engines {sorted(engines)}; expected exactly {names}")
+        self._check_tables()
+        used = [self.validation] + [t.file for t in self.tables.values()] + [
+            path for gs in self.graphs.values() for g in gs.values() for path in g.paths] + [
+            e.file for es in self.engines.values() for e in es.values()]
+        unlisted = [u for u in used if u not in self.files]
+        if unlisted:
+            fail("files", f"{unlisted[0]!r} is used but has no sha256 entry: integrity is not optional")
 
-    @property
-    def limits(self) -> dict:
-        """max_history, max_batch, max_beam, hidden_size."""
-        return self.raw["limits"]
+    def _check_tables(self) -> None:
+        L, names = self.layout.levels, table_names(self.layout.levels)
+        if sorted(self.tables) != sorted(names):
+            fail("tables", f"tables {sorted(self.tables)}; expected exactly {names}")
+        I, S = (self.tables["item_ids"].shape or (0,))[0], (self.tables["sid_keys"].shape or (0,))[0]
+        want = {"item_ids": ("int64", (I,)), "item_codes": ("int64", (I, L)), "sid_keys": ("uint64", (S,)),
+                "sid_offsets": ("int64", (S + 1,)), "sid_items": ("int64", (I,))}
+        for i in range(L):
+            shape = self.tables[f"valid_prefixes_{i}"].shape
+            want[f"valid_prefixes_{i}"] = ("uint64", (S,) if i == L - 1 else shape[:1] if len(shape) == 1 else (-1,))
+        for name, (dtype, shape) in want.items():
+            t = self.tables[name]
+            if (t.dtype, t.shape) != (dtype, shape) or I < 1 or S < 1:
+                fail(f"tables.{name}", f"{t.dtype} {list(t.shape)}; expected {dtype} {list(shape)} "
+                                        f"for {I} items, {S} SIDs and {L} levels")
 
-    @property
-    def precisions(self) -> list[str]:
-        return list(self.raw["graphs"])
+    def graph(self, precision: str, name: str) -> GraphEntry:
+        if precision not in self.graphs:
+            raise ManifestError(f"the artifact has no {precision!r} graphs; it has {sorted(self.graphs)}")
+        return self.graphs[precision][name]
 
-    def graph(self, precision: str, name: str) -> dict:
-        """The entry of one graph: file, inputs, outputs (each name, dtype, shape with named dims), dynamic ranges."""
-        graphs = self.raw["graphs"]
-        if precision not in graphs:
-            raise ManifestError(f"artifact {self.root} has no {precision!r} graphs; it has {sorted(graphs)}")
-        if name not in graphs[precision]:
-            raise ManifestError(f"artifact {self.root}: no graph {name!r} in {precision}; has {sorted(graphs[precision])}")
-        return graphs[precision][name]
 
-    def path(self, rel: str) -> Path:
-        return self.root / rel
-
-    def table(self, name: str) -> np.ndarray:
-        """A verifier/catalog table by manifest name (see export/tables.py for the layout)."""
-        entry = self.raw["tables"][name]
-        return np.load(self.root / entry["file"], allow_pickle=False)
+def _show(value) -> str:
+    if isinstance(value, tuple) and value and isinstance(value[0], Tensor):
+        return str([f"{t.name} {t.dtype} {list(t.shape)}" for t in value])
+    return str({k: list(v) for k, v in value.items()} if isinstance(value, dict) else value)

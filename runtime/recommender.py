@@ -10,13 +10,14 @@ from typing import Sequence
 
 import numpy as np
 
-from .backends.base import GraphSteps
+from .artifact import Artifact
+from .backends.base import GraphSteps, parse_device
 from .catalog import Catalog
 from .decode import beam_search, items_from_sids
-from .encoding import encode_codes, history_codes
-from .manifest import Manifest, ManifestError
+from .encoding import check_batch, encode_codes, history_codes, integer_array
+from .errors import NezhaError, OptionError
+from .manifest import ManifestError, graph_names
 from .verifier import Verifier
-from nezha.runtime.errors import NezhaError
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -36,15 +37,16 @@ class Recommender:
     ``close()`` while requests are running.
     """
 
-    def __init__(self, manifest: Manifest, backend: str, precision: str, make_steps, shared=None,
+    def __init__(self, artifact: Artifact, backend: str, precision: str, make_steps, shared=None,
                  dense_budget_bytes: int = 64 << 20):
-        self.manifest, self.backend, self.precision = manifest, backend, precision
-        self.layout = manifest.layout
-        limits = manifest.limits
-        self.max_history, self.max_batch, self.max_beam = limits["max_history"], limits["max_batch"], limits["max_beam"]
-        self.catalog = Catalog(manifest.table("item_ids"), manifest.table("item_codes"))
-        self.sid_table = (manifest.table("sid_keys"), manifest.table("sid_offsets"), manifest.table("sid_items"))
-        self.verifier = Verifier(self.layout, [manifest.table(f"valid_prefixes_{i}") for i in range(self.layout.levels)],
+        self.artifact, self.manifest = artifact, artifact.manifest
+        self.backend, self.precision = backend, precision
+        self.layout, limits = self.manifest.layout, self.manifest.limits
+        self.max_history, self.max_batch, self.max_beam = limits.max_history, limits.max_batch, limits.max_beam
+        tables = artifact.tables()
+        self.catalog = Catalog(tables["item_ids"], tables["item_codes"])
+        self.sid_table = (tables["sid_keys"], tables["sid_offsets"], tables["sid_items"])
+        self.verifier = Verifier(self.layout, [tables[f"valid_prefixes_{i}"] for i in range(self.layout.levels)],
                                  dense_budget_bytes)
         self._make_steps, self._shared = make_steps, shared
         self._local = threading.local()
@@ -58,48 +60,42 @@ class Recommender:
         """Open an artifact. ``device``: cpu, cuda or cuda:N (default: cpu for onnxruntime, cuda for
         tensorrt). ``precision`` defaults to the artifact's first (fp32 if built); ``threads``
         sets ONNX Runtime's intra-op threads per session (default: its own choice); ``verify`` checks
-        every file's sha256 against the manifest."""
+        every file's sha256 against the manifest (``False`` only for trusted hot reloads)."""
         if backend == "cpp":                   # the C++ runtime (runtime/cpp): same API, its own loop and loader
             from .backends.cpp import CppRecommender
             return CppRecommender.load(artifact_dir, precision, threads, verify, dense_budget_bytes, device)
-        manifest = Manifest.load(artifact_dir, verify=verify)
         if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-        graph_names = ["backbone"] + [f"head_{i}" for i in range(manifest.layout.levels)]
+            raise OptionError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
+        if threads is not None and (type(threads) is not int or threads < 1):
+            raise OptionError(f"threads must be a positive integer or None, got {threads!r}")
+        artifact = Artifact.open(artifact_dir, verify=verify)
+        manifest = artifact.manifest
+        names = graph_names(manifest.layout.levels)
+        available = manifest.graphs if backend == "onnxruntime" else manifest.engines
+        if not available:
+            raise ManifestError(f"artifact {artifact.root} has no TensorRT engines: build with --backend tensorrt")
+        precision = precision or next(iter(available))
+        if precision not in available:
+            raise ManifestError(f"artifact {artifact.root} has no {precision!r} {'graphs' if backend == 'onnxruntime' else 'engines'}; "
+                                f"it has {sorted(available)}")
+        entries = {g: manifest.graph(precision, g) for g in names}
+        device = device or ("cpu" if backend == "onnxruntime" else "cuda")
+        parse_device(device)
+        if manifest.precisions[precision].execution == "cpu-only" and device != "cpu":
+            raise ManifestError(f"precision {precision} is a CPU-only graph; load it with device='cpu'")
         if backend == "onnxruntime":
-            device = "cpu" if device is None else device
-            precision = precision or manifest.precisions[0]
-            entries = {g: manifest.graph(precision, g) for g in graph_names}
-            if entries["backbone"].get("execution") == "cpu-only" and device != "cpu":
-                raise ManifestError(f"precision {precision} is a CPU-only graph; load it with device='cpu'")
-            from .backends.onnxruntime import HostBuffers, OrtRunner, open_sessions
-            sessions = open_sessions({g: manifest.path(e["file"]) for g, e in entries.items()}, device, threads)
-
-            def make_steps():
-                buffers = HostBuffers(entries)
-                return GraphSteps({g: OrtRunner(g, entries[g], sessions[g], buffers) for g in graph_names}, buffers)
-            shared = sessions
+            from .backends.onnxruntime import open_sessions, ort_steps
+            shared = open_sessions({g: artifact.path(e.file) for g, e in entries.items()}, device, threads)
+            make_steps = lambda: ort_steps(entries, shared)
         else:
-            engines_by_precision = manifest.raw.get("engines", {})
-            if not engines_by_precision:
-                raise ManifestError(f"artifact {manifest.root} has no TensorRT engines: build with --backend tensorrt")
-            precision = precision or next(iter(engines_by_precision))
-            if precision not in engines_by_precision:
-                raise ManifestError(f"artifact {manifest.root} has no {precision} engines; has {sorted(engines_by_precision)}")
-            device = "cuda" if device is None else device
-            if not device.startswith("cuda"):
-                raise ValueError(f"device {device!r}; allowed with tensorrt: cuda, cuda:N")
-            device_id = int(device.split(":")[1]) if ":" in device else 0
-            from .backends.tensorrt import DeviceBuffers, Engines, TrtRunner, use_device
-            engines = Engines({g: engines_by_precision[precision][g] for g in graph_names}, manifest.root, device_id)
-            entries = {g: manifest.graph(precision, g) for g in graph_names}
-
-            def make_steps():
-                use_device(device_id)                                    # CUDA's current device is per thread
-                buffers = DeviceBuffers(entries)
-                return GraphSteps({g: TrtRunner(g, entries[g], engines.engines[g], buffers) for g in graph_names}, buffers)
-            shared = engines
-        return cls(manifest, backend, precision, make_steps, shared, dense_budget_bytes)
+            kind, device_id = parse_device(device)
+            if kind != "cuda":
+                raise OptionError(f"device {device!r}; allowed with tensorrt: cuda, cuda:N")
+            from .backends.tensorrt import Engines, trt_steps
+            engine_entries = manifest.engines[precision]
+            shared = Engines(engine_entries, {g: artifact.path(e.file) for g, e in engine_entries.items()}, device_id)
+            make_steps = lambda: trt_steps(entries, shared, device_id)
+        return cls(artifact, backend, precision, make_steps, shared, dense_budget_bytes)
 
     @property
     def steps(self) -> GraphSteps:
@@ -120,14 +116,26 @@ class Recommender:
         buffer that its next call overwrites (copy it to keep it)."""
         return self.steps.backbone(feed)
 
-    def _default_beam(self, k) -> int:
-        return min(max(k, 20), self.max_beam) if isinstance(k, (int, np.integer)) else self.max_beam
-
-    def _check_request(self, n: int, k: int | None, beam: int) -> None:
-        if not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
-            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
-        if k is not None and (not isinstance(k, (int, np.integer)) or not 1 <= k <= beam):
+    def _beam_for(self, k, beam) -> int:
+        """Check k and beam (plain integers, never bools) before any work; beam defaults to max(k, 20)
+        capped at max_beam."""
+        integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        if beam is not None:
+            self._check_beam(beam)
+        if not integral(k) or not 1 <= k <= (self.max_beam if beam is None else beam):
+            raise RequestError(f"k must be an integer in 1..beam ({self.max_beam if beam is None else beam}), got {k!r}")
+        beam = min(max(int(k), 20), self.max_beam) if beam is None else beam
+        self._check_beam(beam)
+        if k > beam:
             raise RequestError(f"k must be an integer in 1..beam ({beam}), got {k!r}")
+        return int(beam)
+
+    def _check_beam(self, beam) -> None:
+        if isinstance(beam, (bool, np.bool_)) or not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
+            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
+
+    @staticmethod
+    def _check_count(n: int) -> None:
         if n == 0:
             raise RequestError("no histories given: pass a list of item-id lists")
 
@@ -135,7 +143,8 @@ class Recommender:
                      stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """[n_b, L] code histories -> (sid_keys [B, K] uint64, scores [B, K] float32), best first.
         Batches larger than max_batch run in chunks."""
-        self._check_request(len(code_histories), None, beam)
+        self._check_beam(beam)
+        self._check_count(len(code_histories))
         keys, scores = [], []
         for i in range(0, len(code_histories), self.max_batch):
             t0 = time.perf_counter()
@@ -162,21 +171,26 @@ class Recommender:
                   unknown: str = "error") -> list[list[tuple[int, float]]]:
         """Per history up to k (item id, summed log-prob) pairs, best first. ``beam`` defaults to
         max(k, 20) capped at the artifact's max_beam."""
-        beam = self._default_beam(k) if beam is None else beam
-        self._check_request(len(histories) if hasattr(histories, "__len__") else 1, k, beam)
+        beam = self._beam_for(k, beam)
+        check_batch(histories)
+        self._check_count(len(histories))
         keys, scores = self.decode(histories, beam, unknown=unknown)
         return items_from_sids(keys, scores, self.sid_table, k)
 
     def recommend_codes(self, code_histories: Sequence[Sequence[Sequence[int]]], k: int = 10,
                         beam: int | None = None) -> list[list[tuple[int, float]]]:
         """SID-level variant: histories of code tuples (each of L codes) instead of item ids."""
-        beam = self._default_beam(k) if beam is None else beam
-        self._check_request(len(code_histories), k, beam)
+        beam = self._beam_for(k, beam)
+        check_batch(code_histories)
+        self._check_count(len(code_histories))
         arrays = []
         for b, h in enumerate(code_histories):
-            a = np.asarray(h, dtype=np.int64) if len(h) else np.zeros((0, self.layout.levels), np.int64)
-            if a.ndim != 2 or a.shape[1] != self.layout.levels:
-                raise RequestError(f"history {b}: each item needs {self.layout.levels} codes, got shape {a.shape}")
+            check_batch(h, f"history {b}")
+            rows = [integer_array(item, f"history {b} item {i}", "codes") for i, item in enumerate(h)]
+            if any(len(r) != self.layout.levels for r in rows):
+                raise RequestError(f"history {b}: each item needs {self.layout.levels} codes, got "
+                                   f"{[len(r) for r in rows]}")
+            a = np.stack(rows) if rows else np.zeros((0, self.layout.levels), np.int64)
             if np.any(a < 0) or np.any(a >= np.asarray(self.layout.codes)):
                 raise RequestError(f"history {b}: codes must lie in 0..codes-1 per level {list(self.layout.codes)}")
             arrays.append(a)

@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("matplotlib")
-
-from conftest import needs_beauty, tiny_catalog, tiny_histories  # noqa: E402
-from nezha.bench import gate, stats  # noqa: E402
-from nezha.bench.run import BenchError, flat_ratios, ratio_specs, requests_of  # noqa: E402
+from conftest import needs_beauty, tiny_catalog, tiny_histories
+from nezha.bench import gate, stats
+from nezha.bench.run import BenchError, flat_ratios, ratio_specs, requests_of
 
 
 # --- statistics --------------------------------------------------------------------------------------------
@@ -185,8 +183,7 @@ def test_cli_saves_a_baseline_and_exits_1_naming_the_regressed_ratio(make_checkp
 
 
 def test_runtime_contenders_on_an_artifact(make_checkpoint, tmp_path):
-    build = pytest.importorskip("nezha.export.build", reason="the exporter is not available").build
-    pytest.importorskip("nezha.runtime.recommender")
+    from nezha.export.build import build
     from nezha.bench.suite import run_bench
 
     ckpt, cat = make_checkpoint(), tiny_catalog()

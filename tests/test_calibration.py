@@ -13,7 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from conftest import DATA, needs_beauty, tiny_catalog, tiny_histories, tiny_layout
-from nezha.calibration import (CPU_ONLY, MIN_SAMPLES, CalibrationError, CalibrationReader, FeedList,
+from nezha.calibration import (INT8_CPU_SETTINGS, MIN_SAMPLES, CalibrationError, CalibrationReader, FeedList,
                                Int8ValidationError, calibrate_ranges, int8_cpu_from_onnx, int8_from_onnx,
                                sample_histories, validate_int8, weight_matmuls)
 from nezha.runtime.catalog import Catalog
@@ -33,9 +33,10 @@ def write_interactions(path: Path, users: dict) -> Path:
 @pytest.fixture(scope="module")
 def graphs(tmp_path_factory):
     from conftest import tiny_model
-    from nezha.export.graphs import Limits, onnx_from_model
+    from nezha.export.graphs import model_limits, onnx_from_model
 
-    return onnx_from_model(tiny_model(), tmp_path_factory.mktemp("fp32"), Limits(MAX_HISTORY, 8, 16))
+    model = tiny_model()
+    return onnx_from_model(model, tmp_path_factory.mktemp("fp32"), model_limits(model, MAX_HISTORY, 8, 16))
 
 
 @pytest.fixture(scope="module")
@@ -194,7 +195,7 @@ def test_int8_graphs_run_with_fp32_io_and_pass_validation(graphs, reader, int8, 
             assert Path(paths[name]).read_bytes() == Path(graphs[name]).read_bytes()
     ops = {n.op_type for n in onnx.load(str(paths["backbone"])).graph.node}
     if precision == "int8-cpu":                            # run-time quantization: not a TensorRT graph
-        assert "MatMulInteger" in ops and "QuantizeLinear" not in ops and CPU_ONLY == {"execution": "cpu-only"}
+        assert "MatMulInteger" in ops and "QuantizeLinear" not in ops and INT8_CPU_SETTINGS["reduce_range"] is True
 
 
 def test_validate_int8_raises_one_typed_error_listing_outputs(graphs, int8, reader):
@@ -223,10 +224,3 @@ def test_other_methods_and_the_cache(graphs, reader, tmp_path, method):
         calibrate_ranges(graphs["backbone"], feeds, method, cache, progress=False)
     with pytest.raises(CalibrationError, match="allowed: minmax, entropy, percentile"):
         int8_from_onnx(graphs, tmp_path / "bad", reader, method="kl", log=None)
-
-
-def test_the_build_hook_finds_int8_from_onnx():
-    from nezha.export.precision import check_precisions, int8_converter
-
-    assert int8_converter() is int8_from_onnx
-    assert check_precisions(["int8", "fp32"]) == ["fp32", "int8"]

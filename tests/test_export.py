@@ -17,21 +17,20 @@ from conftest import TINY_CODES, tiny_catalog, tiny_histories, tiny_model
 from nezha.export import build as build_module
 from nezha.export import graphs as graphs_module
 from nezha.export.build import BuildError, build, main
-from nezha.export.graphs import Limits, onnx_from_model, save_onnx, token_range
+from nezha.export.graphs import graph_specs, onnx_from_model, save_onnx, token_range
 from nezha.export.precision import PrecisionError
-from nezha.export.validate import TOLERANCES, ValidationError, validate_artifact
+from nezha.export.validate import TOLERANCES, ValidationError, ort_validation_steps, validate_artifact
 from nezha.model.checkpoint import CheckpointError, save_checkpoint
+from nezha.runtime.artifact import Artifact
 from nezha.runtime.catalog import Catalog, CatalogError
 from nezha.runtime.encoding import encode_histories
-from nezha.runtime.manifest import Manifest, ManifestError
+from nezha.runtime.manifest import Limits, ManifestError
 
-LIMITS = Limits(max_history=6, max_batch=8, max_beam=16)
+LIMITS = Limits(max_history=6, max_batch=8, max_beam=16, hidden_size=32)
 PRECISIONS = ["fp32", "fp16"]
 LEVELS = list(range(len(TINY_CODES)))
 # Graphs with a parity test below; test_every_graph_has_a_parity_test keeps this honest.
 PARITY_TESTED = {"backbone"} | {f"head_{level}" for level in LEVELS}
-MANIFEST_KEYS = {"format", "version", "layout", "limits", "graphs", "tables", "engines", "versions", "source",
-                 "validation", "files"}
 
 
 def _build(root: Path, architecture: str, **kw):
@@ -43,7 +42,7 @@ def _build(root: Path, architecture: str, **kw):
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """built(architecture) -> (artifact Manifest, torch model, Summary); one build per architecture."""
+    """built(architecture) -> (Artifact, torch model, Summary); one build per architecture."""
     cache = {}
 
     def get(architecture: str):
@@ -51,14 +50,21 @@ def built(tmp_path_factory):
             # qwen3 also asks for TensorRT: absent here, so the build must record the skip and still succeed
             backend = ("onnxruntime", "tensorrt") if architecture == "qwen3" else ("onnxruntime",)
             summary = _build(tmp_path_factory.mktemp(architecture), architecture, backend=backend)
-            cache[architecture] = Manifest.load(summary.out), tiny_model(architecture), summary
+            cache[architecture] = Artifact.open(summary.out), tiny_model(architecture), summary
         return cache[architecture]
     return get
 
 
-def _session(manifest: Manifest, precision: str, name: str) -> ort.InferenceSession:
-    return ort.InferenceSession(str(manifest.path(manifest.graph(precision, name)["file"])),
+def _session(artifact: Artifact, precision: str, name: str) -> ort.InferenceSession:
+    return ort.InferenceSession(str(artifact.path(artifact.manifest.graph(precision, name).file)),
                                 providers=["CPUExecutionProvider"])
+
+
+def _validate(model, paths: dict, histories, limits=LIMITS):
+    """validate_artifact over the runtime's ONNX Runtime runners of {precision: {graph: path}}."""
+    specs = graph_specs(model, limits)
+    return validate_artifact(model, tiny_catalog(), {p: ort_validation_steps(specs, g) for p, g in paths.items()},
+                             histories, limits)
 
 
 def _feeds(model):
@@ -73,8 +79,8 @@ def _feeds(model):
 
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_backbone_parity(built, architecture, precision):
-    manifest, model, _ = built(architecture)
-    session = _session(manifest, precision, "backbone")
+    artifact, model, _ = built(architecture)
+    session = _session(artifact, precision, "backbone")
     shapes = set()
     for feed in _feeds(model):
         assert (feed["attention_mask"][:, 0] == 0).any() or len(feed["input_ids"]) == 1
@@ -90,8 +96,8 @@ def test_backbone_parity(built, architecture, precision):
 @pytest.mark.parametrize("level", LEVELS)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_head_parity(built, architecture, precision, level):
-    manifest, model, _ = built(architecture)
-    session = _session(manifest, precision, f"head_{level}")
+    artifact, model, _ = built(architecture)
+    session = _session(artifact, precision, f"head_{level}")
     rng = np.random.default_rng(level)
     for n in (1, 37):
         state, hidden = (rng.standard_normal((n, 32)).astype(np.float32) for _ in range(2))
@@ -107,47 +113,54 @@ def test_head_parity(built, architecture, precision, level):
 
 
 def test_every_graph_has_a_parity_test(built):
-    manifest, _, _ = built("qwen3")
-    for precision in manifest.precisions:
-        missing = set(manifest.raw["graphs"][precision]) - PARITY_TESTED
-        assert not missing, f"graphs without a parity test: {missing}"
-    assert set(manifest.raw["graphs"]["fp32"]) == PARITY_TESTED
+    """The graphs the build exports (read from a built artifact) against the graphs the parity tests are
+    parametrized over (read from their marks): a new graph without a parity test fails here."""
+    artifact, _, _ = built("qwen3")
+    levels = next(m.args[1] for m in test_head_parity.pytestmark if m.args[0] == "level")
+    precisions = {p for m in test_head_parity.pytestmark + test_backbone_parity.pytestmark
+                  if m.args[0] == "precision" for p in m.args[1]}
+    covered = {"backbone"} | {f"head_{level}" for level in levels}
+    for precision, graphs in artifact.manifest.graphs.items():
+        assert precision in precisions, f"precision {precision} has no parity test"
+        assert not set(graphs) - covered, f"graphs without a parity test: {set(graphs) - covered}"
 
 
 def test_manifest_contract_and_checksums(built):
-    manifest, model, summary = built("qwen3")
-    raw = manifest.raw
-    assert set(raw) == MANIFEST_KEYS
-    assert raw["limits"] == {"max_history": 6, "max_batch": 8, "max_beam": 16, "hidden_size": 32}
-    assert manifest.layout == model.layout and raw["source"]["architecture"] == "qwen3"
+    artifact, model, summary = built("qwen3")
+    manifest, root = artifact.manifest, artifact.root
+    assert manifest.limits == LIMITS
+    assert manifest.layout == model.layout and manifest.source["architecture"] == "qwen3"
     head = manifest.graph("fp16", "head_1")
-    assert [t["name"] for t in head["inputs"]] == ["state", "code", "hidden"]
-    assert head["outputs"][1] == {"name": "log_probs", "dtype": "float32", "shape": ["beams", TINY_CODES[1]]}
-    assert head["dynamic"] == {"beams": [1, 8 * 16]}
-    assert manifest.graph("fp32", "backbone")["dynamic"] == {"batch": [1, 8], "tokens": [6, 21]}
+    assert [t.name for t in head.inputs] == ["state", "code", "hidden"]
+    assert head.outputs[1].to_json() == {"name": "log_probs", "dtype": "float32", "shape": ["beams", TINY_CODES[1]]}
+    assert head.dynamic == {"beams": (1, 8 * 16)} and head.external_data is None
+    assert manifest.graph("fp32", "backbone").dynamic == {"batch": (1, 8), "tokens": (6, 21)}
+    assert {p: e.execution for p, e in manifest.precisions.items()} == {"fp32": "any", "fp16": "any"}
+    assert manifest.machine["arch"] and isinstance(manifest.machine["isa"], list)
     # the exported graph itself carries the manifest's dim names
-    proto = onnx.load(str(manifest.path(head["file"])))
+    proto = onnx.load(str(artifact.path(head.file)))
     assert [d.dim_param or d.dim_value for d in proto.graph.output[1].type.tensor_type.shape.dim] == ["beams", 6]
-    assert raw["engines"] == {} and "TensorRT" in summary.engines_skipped
-    assert raw["versions"]["tensorrt"] is None and raw["versions"]["onnx"] == onnx.__version__
-    report = json.loads(manifest.path(raw["validation"]).read_text())
+    assert manifest.engines == {} and "TensorRT" in summary.engines_skipped
+    assert manifest.versions["tensorrt"] is None and manifest.versions["onnx"] == onnx.__version__
+    report = json.loads(artifact.path(manifest.validation).read_text())
     assert report["ok"] and report["precisions"]["fp32"]["topk_agreement"] == 1.0
-    assert all(f in raw["files"] for p in raw["graphs"].values() for g in p.values() for f in [g["file"]])
+    on_disk = {p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file() and p.name != "manifest.json"}
+    assert set(manifest.files) == on_disk
 
-    tampered = manifest.path(manifest.graph("fp32", "head_0")["file"])
+    tampered = artifact.path(manifest.graph("fp32", "head_0").file)
     original = tampered.read_bytes()
     try:
         tampered.write_bytes(original + b"\0")
         with pytest.raises(ManifestError, match="head_0.onnx: sha256 mismatch"):
-            Manifest.load(manifest.root)
+            Artifact.open(root)
     finally:
         tampered.write_bytes(original)
-    Manifest.load(manifest.root)
+    Artifact.open(root)
 
 
 def test_tables_rebuild_the_catalog(built):
-    manifest, model, _ = built("qwen3")
-    t = manifest.table
+    artifact, model, _ = built("qwen3")
+    manifest, t = artifact.manifest, artifact.table
     # no --index: the catalog is the checkpoint's ava_sid file, whose item ids are positions
     assert t("item_ids").dtype == np.int64 and np.array_equal(t("item_ids"), np.arange(70))
     assert np.array_equal(t("item_codes"), tiny_catalog().item_codes)
@@ -161,8 +174,8 @@ def test_tables_rebuild_the_catalog(built):
     for level in LEVELS:
         want = np.unique(model.layout.prefix_keys(catalog.item_codes, level))
         assert np.array_equal(t(f"valid_prefixes_{level}"), want)
-        entry = manifest.raw["tables"][f"valid_prefixes_{level}"]
-        assert entry["dtype"] == "uint64" and entry["shape"] == [len(want)]
+        entry = manifest.tables[f"valid_prefixes_{level}"]
+        assert entry.dtype == "uint64" and entry.shape == (len(want),)
 
 
 def test_dynamo_failure_falls_back_to_torchscript(tmp_path, monkeypatch):
@@ -177,17 +190,17 @@ def test_dynamo_failure_falls_back_to_torchscript(tmp_path, monkeypatch):
     paths = onnx_from_model(model, tmp_path, LIMITS, log=messages.append)
     assert len(messages) == len(paths) == 4 and "falling back to dynamo=False" in messages[0]
     catalog = tiny_catalog()
-    report = validate_artifact(model, catalog, {"fp32": paths}, tiny_histories(catalog, 5), LIMITS)
+    report = _validate(model, {"fp32": paths}, tiny_histories(catalog, 5))
     assert report["ok"] and max(o["max_abs_diff"] for o in report["precisions"]["fp32"]["outputs"].values()) < 1e-4
 
 
 def test_validation_lists_every_output_in_one_error(built):
-    manifest, _, _ = built("qwen2")
+    artifact, _, _ = built("qwen2")
     other = tiny_model("qwen2", seed=1)             # same shapes, other weights: everything must disagree
-    graphs = {"fp32": {n: manifest.path(g["file"]) for n, g in manifest.raw["graphs"]["fp32"].items()}}
+    graphs = {"fp32": {n: artifact.path(g.file) for n, g in artifact.manifest.graphs["fp32"].items()}}
     catalog = tiny_catalog()
     with pytest.raises(ValidationError) as e:
-        validate_artifact(other, catalog, graphs, tiny_histories(catalog, 5), LIMITS)
+        _validate(other, graphs, tiny_histories(catalog, 5))
     text = str(e.value)
     for key in ["backbone.hidden", "head_0.log_probs", "head_2.next_state", "top-10 items"]:
         assert key in text
@@ -233,13 +246,9 @@ def test_wrong_index(tmp_path, checkpoint):
     assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
 
 
-def test_unsupported_and_unavailable_precision(tmp_path, checkpoint, capsys, monkeypatch):
-    import nezha.calibration
-    monkeypatch.delattr(nezha.calibration, "int8_from_onnx")     # calibration/ without its build hook
+def test_unsupported_precision(tmp_path, checkpoint, capsys):
     with pytest.raises(PrecisionError, match="unsupported precision.*'bf16'.*allowed: fp32, fp16, int8"):
         build(checkpoint, None, tmp_path / "art", precision=("bf16",), log=None)
-    with pytest.raises(PrecisionError, match="int8 is not available yet"):
-        build(checkpoint, None, tmp_path / "art", precision=("fp32", "int8"), log=None)
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "art"), "--precision", "bf16"])
     assert "invalid choice: 'bf16'" in capsys.readouterr().err
@@ -249,12 +258,12 @@ def test_unsupported_and_unavailable_precision(tmp_path, checkpoint, capsys, mon
 def test_unwritable_output(tmp_path, checkpoint):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(BuildError, match="parent folder .* cannot be made"):
+    with pytest.raises(BuildError, match="cannot write the artifact beside"):
         build(checkpoint, None, blocker / "art", log=None)
     if os.geteuid() != 0:                 # root ignores permission bits
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        with pytest.raises(BuildError, match="cannot write to"):
+        with pytest.raises(BuildError, match="cannot write the artifact beside"):
             build(checkpoint, None, locked / "art", log=None)
     assert _leftovers(tmp_path) == []
 
@@ -262,19 +271,19 @@ def test_unwritable_output(tmp_path, checkpoint):
 def test_existing_output_needs_force(tmp_path, checkpoint, capsys):
     out = tmp_path / "art"
     out.mkdir()
+    (out / "manifest.json").write_text("{}")                    # an old (broken) artifact
     (out / "keep.txt").write_text("old")
-    assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 1
+    assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err and (out / "keep.txt").read_text() == "old"
     summary = build(checkpoint, None, out, precision=("fp32",), exporter="torchscript", max_batch=4, max_beam=8,
                     force=True, log=None)
-    assert not (out / "keep.txt").exists() and Manifest.load(out).precisions == ["fp32"]
+    assert not (out / "keep.txt").exists() and list(Artifact.open(out).manifest.precisions) == ["fp32"]
     assert summary.topk_agreement["fp32"] == 1.0 and _leftovers(tmp_path) == []
 
 
 def test_failed_validation_leaves_nothing(tmp_path, checkpoint, monkeypatch):
     from nezha.export import validate
     monkeypatch.setitem(validate.TOLERANCES, "fp32", validate.Tolerance(0.0, 1.0))
-    monkeypatch.setattr(build_module, "engine_from_onnx", None)
     with pytest.raises(ValidationError, match="FAIL fp32 backbone.hidden"):
         build(checkpoint, None, tmp_path / "art", precision=("fp32",), exporter="torchscript", log=None)
     assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
@@ -295,7 +304,7 @@ def test_progress_output(tmp_path, checkpoint):
     build(checkpoint, None, tmp_path / "art", precision=("fp32",), exporter="torchscript", max_batch=4,
           max_beam=8, log=lambda *a, **k: lines.append("".join(map(str, a))))
     steps = [line for line in lines if line.startswith("[")]
-    assert steps[0] == "[1/5] model_from_checkpoint ..." and steps[-1] == "[5/5] write_manifest ..."
+    assert steps[0] == "[1/6] model_from_checkpoint ..." and steps[-1] == "[6/6] load_with_runtime ..."
     assert all(line.endswith(" s") or line.startswith("    ") for line in lines if not line.startswith("["))
     assert any("no --index: item ids are positions 0..69 in ava_sid3.pt" in line for line in lines)
 
@@ -340,40 +349,41 @@ def int8_built(tmp_path_factory):
 
 def test_int8_build_records_calibration_and_cpu_only(int8_built):
     _, data, summary, lines = int8_built
-    manifest = Manifest.load(summary.out)
-    raw = manifest.raw
-    assert manifest.precisions == list(INT8_PRECISIONS) and set(raw) == MANIFEST_KEYS | {"calibration"}
-    calibration = raw["calibration"]
-    assert {k: calibration[k] for k in ("precision", "method", "size", "samples", "data", "split", "seed")} == {
-        "precision": "int8", "method": "entropy", "size": 16, "samples": 16, "data": str(data), "split": "train",
+    artifact = Artifact.open(summary.out)
+    manifest = artifact.manifest
+    assert list(manifest.precisions) == list(INT8_PRECISIONS)
+    calibration = manifest.precisions["int8"].quantization
+    assert {k: calibration[k] for k in ("kind", "method", "size", "samples", "data", "split", "seed")} == {
+        "kind": "static-qdq", "method": "entropy", "size": 16, "samples": 16, "data": str(data), "split": "train",
         "seed": 0}
     assert calibration["exclude_sensitive"] == 1 and len(calibration["excluded"]) == 1
     assert calibration["quantized_nodes"] == 13 and calibration["cache_hit"] is False
-    cache = json.loads(manifest.path(calibration["cache"]).read_text())
-    assert calibration["cache"] in raw["files"] and cache["key"]["method"] == "entropy" and cache["ranges"]
-    # int8-cpu graphs are marked cpu-only, the others are not; no TensorRT engine is attempted for them
-    assert all(g["execution"] == "cpu-only" for g in raw["graphs"]["int8-cpu"].values())
-    assert not any("execution" in g for p in ("fp32", "int8") for g in raw["graphs"][p].values())
+    cache = json.loads(artifact.path(calibration["cache"]).read_text())
+    assert calibration["cache"] in manifest.files and cache["key"]["method"] == "entropy" and cache["ranges"]
+    # int8-cpu is marked cpu-only with its settings (reduce_range: the same answers on every x86 CPU)
+    assert manifest.precisions["int8-cpu"].execution == "cpu-only"
+    assert manifest.precisions["int8-cpu"].quantization["reduce_range"] is True
+    assert {p: manifest.precisions[p].execution for p in ("fp32", "int8")} == {"fp32": "any", "int8": "any"}
     assert "TensorRT" in summary.engines_skipped and "cpu-only" in summary.engines_not_built["int8-cpu"]
     # int8 graphs carry Q/DQ; int8-cpu run-time quantization; heads stay float and identical to fp32
-    ops = lambda p: {n.op_type for n in onnx.load(str(manifest.path(manifest.graph(p, "backbone")["file"]))).graph.node}
+    ops = lambda p: {n.op_type for n in onnx.load(str(artifact.path(manifest.graph(p, "backbone").file))).graph.node}
     assert "QuantizeLinear" in ops("int8") and "MatMulInteger" in ops("int8-cpu")
     for p in ("int8", "int8-cpu"):
-        assert raw["files"][manifest.graph(p, "head_1")["file"]] == raw["files"][manifest.graph("fp32", "head_1")["file"]]
+        assert manifest.files[manifest.graph(p, "head_1").file] == manifest.files[manifest.graph("fp32", "head_1").file]
     # both int8 graphs passed the hidden-state check against fp32 and the top-k check against torch
-    report = json.loads(manifest.path(raw["validation"]).read_text())
+    report = json.loads(artifact.path(manifest.validation).read_text())
     for p in ("int8", "int8-cpu"):
         hidden = report["hidden_state_vs_fp32"][p]["hidden"]
         assert hidden["ok"] and hidden["mean_cosine"] >= hidden["tolerances"]["min_mean_cosine"]
         entry = report["precisions"][p]
         assert entry["ok"] and entry["topk_agreement"] >= entry["min_topk_agreement"] == TOLERANCES[p].min_topk_agreement
     table = summary.table()
-    assert re.search(r"^int8-cpu +backbone .*cpu-only", table, re.M) and "entropy on 16 histories" in table
+    assert re.search(r"^int8-cpu +backbone .*cpu-only", table, re.M) and "hidden cos vs fp32" in table
     steps = [line for line in lines if line.startswith("[")]
     assert [s.split()[1] for s in steps] == [
         "model_from_checkpoint", "calibration_feeds_from_data", "tables_from_catalog", "onnx_from_model",
         "int8_from_onnx", "int8_cpu_from_onnx", "validate_int8", "validate_artifact", "engine_from_onnx",
-        "write_manifest"] and steps[-1].startswith("[10/10]")
+        "write_manifest", "load_with_runtime"] and steps[-1].startswith("[11/11]")
     assert any("int8-cpu: skipped" in line for line in lines) and any("kept float" in line for line in lines)
 
 
@@ -405,10 +415,10 @@ def test_rebuild_with_force_reuses_the_calibration_cache(int8_built, tmp_path):
     before = cache.read_bytes()
     lines = []
     again = _int8_build(checkpoint, out, data, lines, precision=("fp32", "int8"), calibration_exclude=1, force=True)
-    raw = Manifest.load(out).raw
-    assert raw["calibration"]["cache_hit"] is True and cache.read_bytes() == before
-    assert any("reused (hit)" in line for line in lines) and "cache hit" in again.table()
-    assert raw["calibration"]["excluded"] == Manifest.load(summary.out).raw["calibration"]["excluded"]
+    calibration = Artifact.open(out).manifest.precisions["int8"].quantization
+    assert calibration["cache_hit"] is True and cache.read_bytes() == before
+    assert any("reused (hit)" in line for line in lines)
+    assert calibration["excluded"] == Artifact.open(summary.out).manifest.precisions["int8"].quantization["excluded"]
     assert _leftovers(tmp_path) == []
 
 
@@ -432,7 +442,7 @@ def test_bad_calibration_data_fails_the_build(tmp_path, checkpoint, capsys):
             _int8_build(checkpoint, out, data, **kw)
         assert not out.exists() and _leftovers(tmp_path) == []
     assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--precision", "int8",
-                 "--calibration-data", str(unknown), "--calibration-size", "16"]) == 1
+                 "--calibration-data", str(unknown), "--calibration-size", "16"]) == 2
     captured = capsys.readouterr()
     assert "error: none of the" in captured.err and "calibration_feeds_from_data ... failed" in captured.out
     with pytest.raises(SystemExit):
@@ -449,8 +459,9 @@ def test_int8_thresholds_fail_the_build(tmp_path, checkpoint, monkeypatch):
 
     data = _interactions(tmp_path / "calib.inter.json", _calibration_users())
     out = tmp_path / "art"
-    strict = partial(build_module.validate_int8, min_mean_cosine=1.0, max_relative_error=0.0)
-    monkeypatch.setattr(build_module, "validate_int8", strict)
+    from nezha.export import steps as steps_module
+    strict = partial(steps_module.validate_int8, min_mean_cosine=1.0, max_relative_error=0.0)
+    monkeypatch.setattr(steps_module, "validate_int8", strict)
     with pytest.raises(Int8ValidationError, match=r"(?s)int8: .*hidden: mean cosine .*FAILED.*int8-cpu: .*FAILED"):
         _int8_build(checkpoint, out, data, precision=("int8", "int8-cpu"))
     assert not out.exists() and _leftovers(tmp_path) == []
@@ -471,50 +482,50 @@ def test_help_explains_the_calibration_options(capsys):
 
 
 def test_nan_outputs_never_pass_validation(built, monkeypatch):
-    import nezha.export.validate as validate
-    manifest, model, _ = built("qwen2")
-    graphs = {"fp32": {n: manifest.path(g["file"]) for n, g in manifest.raw["graphs"]["fp32"].items()}}
-    real_run = validate.OrtSteps.run
+    from nezha.export import validate
+    artifact, model, _ = built("qwen2")
+    graphs = {"fp32": {n: artifact.path(g.file) for n, g in artifact.manifest.graphs["fp32"].items()}}
+    real_run = validate.run_graph
 
-    def nan_head(self, name, feed):
-        out = real_run(self, name, feed)
+    def nan_head(steps, name, feed):
+        out = real_run(steps, name, feed)
         return [np.full_like(o, np.nan) for o in out] if name == "head_1" else out
-    monkeypatch.setattr(validate.OrtSteps, "run", nan_head)
-    catalog = tiny_catalog()
+    monkeypatch.setattr(validate, "run_graph", nan_head)
     with pytest.raises(ValidationError) as e:
-        validate_artifact(model, catalog, graphs, tiny_histories(catalog, 5), LIMITS)
+        _validate(model, graphs, tiny_histories(tiny_catalog(), 5))
     assert "FAIL fp32 head_1.log_probs: max |diff| inf" in str(e.value)
 
 
 def test_built_engines_are_validated_against_torch(tmp_path, checkpoint, monkeypatch):
     """The engine validation wiring, with ONNX Runtime standing in for TensorRT (absent here): the build
     validates engines through the same comparisons and fails the build when an engine disagrees."""
-    import nezha.export.build as build_module
-    from nezha.export.validate import OrtSteps
+    from nezha.export import steps as steps_module
+    from nezha.runtime.manifest import EngineEntry
 
-    def fake_engines(graphs, specs, root):
-        return {p: {g: {"file": path.relative_to(root).as_posix(), "sidecar": "none"} for g, path in gs.items()}
-                for p, gs in graphs.items()}
+    def fake_engine(onnx_path, plan, spec, file, timing_cache=None):
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        plan.write_bytes(onnx_path.read_bytes())                 # the "engine" is the ONNX graph itself
+        return EngineEntry(file, "0.0", "0.0", True, ())
 
-    class OrtAsEngines(OrtSteps):
-        def __init__(self, engines, graph_entries, root):
-            super().__init__({g: root / e["file"] for g, e in engines.items()})
+    shift = {"by": 0.0}
 
-        def close(self):
-            self.closed = True
+    def ort_as_engines(entries, engines, paths):
+        steps = ort_validation_steps(entries, paths)
+        for runner in steps.runners.values():
+            real = runner.run
+            runner.run = lambda feed, _real=real: {k: v + shift["by"] if v.dtype == np.float32 else v
+                                                   for k, v in _real(feed).items()}
+        return steps
 
-    monkeypatch.setattr(build_module, "_engines", fake_engines)
-    monkeypatch.setattr(build_module, "EngineSteps", OrtAsEngines)
+    monkeypatch.setattr(steps_module, "engine_from_onnx", fake_engine)
+    monkeypatch.setattr(steps_module, "trt_validation_steps", ort_as_engines)
     kw = dict(precision=("fp32",), backend=("onnxruntime", "tensorrt"), exporter="torchscript", max_batch=4,
               max_beam=8, log=None)
     summary = build(checkpoint, None, tmp_path / "art", **kw)
     report = json.loads((summary.out / "validation.json").read_text())
     assert report["tensorrt"]["ok"] and report["tensorrt"]["precisions"]["fp32"]["topk_agreement"] == 1.0
-
-    class WrongEngines(OrtAsEngines):
-        def run(self, name, feed):
-            return [o + 1.0 if o.dtype == np.float32 else o for o in super().run(name, feed)]
-    monkeypatch.setattr(build_module, "EngineSteps", WrongEngines)
+    assert set(Artifact.open(summary.out).manifest.engines["fp32"]) == {"backbone", "head_0", "head_1", "head_2"}
+    shift["by"] = 1.0
     with pytest.raises(ValidationError, match="TensorRT engines disagree"):
         build(checkpoint, None, tmp_path / "art2", **kw)
     assert not (tmp_path / "art2").exists()

@@ -50,7 +50,7 @@ def test_encoder_truncates_left_pads_and_appends_placeholders():
     ([[]], {}, "history 0 is empty"),
     ([[99999]], {"unknown": "skip"}, "empty"),
     ([], {}, "batch is empty"),
-    ([[1.5]], {}, "integer item ids"),
+    ([[1.5]], {}, "item ids are integers"),
     ("100", {}, "list of item-id lists"),
     ([[100]], {"unknown": "ignore"}, "allowed: error, skip"),
 ])

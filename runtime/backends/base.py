@@ -3,36 +3,47 @@ feed against them, runs over buffers allocated once for the largest shapes, and 
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
-from nezha.runtime.errors import NezhaError
+
+from ..errors import NezhaError, OptionError
+from ..manifest import GraphEntry, Tensor
 
 
 class RunnerError(NezhaError, ValueError):
     """A feed that does not match the graph (names, dtypes, ranks, dims outside the built ranges)."""
 
 
+_DEVICE = re.compile(r"(cpu|cuda)(?::([0-9]{1,3}))?")
+
+
+def parse_device(device) -> tuple[str, int]:
+    """'cpu', 'cuda' or 'cuda:N' -> (kind, index)."""
+    m = _DEVICE.fullmatch(device) if isinstance(device, str) else None
+    if not m or (m.group(1) == "cpu" and m.group(2)):
+        raise OptionError(f"device {device!r}; allowed: cpu, cuda, cuda:N")
+    return m.group(1), int(m.group(2) or 0)
+
+
 class GraphRunner:
     """One graph of an artifact on one thread. Subclasses implement ``_bind`` and ``_execute``.
 
-    ``run(feed)`` returns output arrays that are views into this runner's buffers: valid until the next
-    ``run`` of the same runner (copy what must outlive it). Counters for the zero-allocation evidence:
-    ``allocations`` (buffers created) and ``rebinds`` (shape changes).
+    ``run(feed)`` returns output arrays that are views into this thread's buffers (allocated once by
+    the backend's buffer pool): valid until the next ``run`` of a graph of the same buffer group (copy
+    what must outlive it). ``rebinds`` counts shape changes (the only time bindings are touched).
     """
 
-    def __init__(self, name: str, entry: dict):
+    def __init__(self, name: str, entry: GraphEntry):
         self.name, self.entry = name, entry
-        self.inputs = {t["name"]: t for t in entry["inputs"]}
-        self.outputs = {t["name"]: t for t in entry["outputs"]}
-        self.dynamic = {k: tuple(v) for k, v in entry.get("dynamic", {}).items()}
-        self.allocations = 0
+        self.inputs = {t.name: t for t in entry.inputs}
+        self.outputs = {t.name: t for t in entry.outputs}
+        self.dynamic = entry.dynamic
         self.rebinds = 0
         self._bound_dims: dict | None = None
 
-    def max_shape(self, tensor: dict) -> tuple[int, ...]:
-        return tuple(self.dynamic[d][1] if isinstance(d, str) else int(d) for d in tensor["shape"])
-
-    def shape(self, tensor: dict, dims: dict[str, int]) -> tuple[int, ...]:
-        return tuple(dims[d] if isinstance(d, str) else int(d) for d in tensor["shape"])
+    def shape(self, tensor: Tensor, dims: dict[str, int]) -> tuple[int, ...]:
+        return tuple(dims[d] if isinstance(d, str) else d for d in tensor.shape)
 
     def check(self, feed: dict[str, np.ndarray]) -> dict[str, int]:
         """Validate ``feed``; return the values of the named dynamic dims."""
@@ -42,11 +53,11 @@ class GraphRunner:
         dims: dict[str, int] = {}
         for name, spec in self.inputs.items():
             a = feed[name]
-            if a.dtype != np.dtype(spec["dtype"]):
-                raise RunnerError(f"graph {self.name}: input {name} has dtype {a.dtype}, expected {spec['dtype']}")
-            if a.ndim != len(spec["shape"]):
-                raise RunnerError(f"graph {self.name}: input {name} has shape {a.shape}, expected {spec['shape']}")
-            for size, d in zip(a.shape, spec["shape"]):
+            if a.dtype != np.dtype(spec.dtype):
+                raise RunnerError(f"graph {self.name}: input {name} has dtype {a.dtype}, expected {spec.dtype}")
+            if a.ndim != len(spec.shape):
+                raise RunnerError(f"graph {self.name}: input {name} has shape {a.shape}, expected {list(spec.shape)}")
+            for size, d in zip(a.shape, spec.shape):
                 if isinstance(d, str):
                     if dims.setdefault(d, size) != size:
                         raise RunnerError(f"graph {self.name}: dim {d} is {dims[d]} in one input, {size} in {name}")
@@ -55,7 +66,7 @@ class GraphRunner:
                         raise RunnerError(f"graph {self.name}: input {name} dim {d} = {size} is outside the "
                                           f"built range [{lo}, {hi}]")
                 elif size != d:
-                    raise RunnerError(f"graph {self.name}: input {name} has shape {a.shape}, expected {spec['shape']}")
+                    raise RunnerError(f"graph {self.name}: input {name} has shape {a.shape}, expected {list(spec.shape)}")
         return dims
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -70,10 +81,6 @@ class GraphRunner:
         raise NotImplementedError
 
     def _execute(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        raise NotImplementedError
-
-    def buffer_pointers(self) -> dict[str, int]:
-        """Address of every bound buffer (the zero-allocation evidence: they never change)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -92,15 +99,17 @@ def buffer_group(graph: str) -> str:
     return "head" if graph.startswith("head_") else graph
 
 
-def shared_buffer_sizes(entries: dict[str, dict]) -> dict[tuple[str, str, str], int]:
+def buffer_key(graph: str, tensor: Tensor) -> tuple[str, str, str]:
+    return buffer_group(graph), tensor.name, tensor.dtype
+
+
+def shared_buffer_sizes(entries: dict[str, GraphEntry]) -> dict[tuple[str, str, str], int]:
     """(group, tensor name, dtype) -> elements of the largest shape any graph of the group needs."""
     sizes: dict[tuple[str, str, str], int] = {}
     for graph, entry in entries.items():
-        ranges = {k: v[1] for k, v in entry.get("dynamic", {}).items()}
-        for t in entry["inputs"] + entry["outputs"]:
-            n = int(np.prod([ranges[d] if isinstance(d, str) else int(d) for d in t["shape"]]))
-            key = (buffer_group(graph), t["name"], t["dtype"])
-            sizes[key] = max(sizes.get(key, 0), n)
+        for t in entry.inputs + entry.outputs:
+            key = buffer_key(graph, t)
+            sizes[key] = max(sizes.get(key, 0), int(np.prod(entry.max_shape(t))))
     return sizes
 
 
@@ -126,5 +135,5 @@ class GraphSteps:
     def close(self) -> None:
         for r in self.runners.values():
             r.close()
-        if hasattr(self.buffers, "free"):
+        if self.buffers is not None:
             self.buffers.free()

@@ -11,34 +11,37 @@ from __future__ import annotations
 
 import numpy as np
 
-from .base import GraphRunner, buffer_group, prefix_view, shared_buffer_sizes
+from ..errors import BackendUnavailable
+from ..manifest import GraphEntry, ManifestError
+from .base import GraphRunner, GraphSteps, buffer_key, parse_device, prefix_view, shared_buffer_sizes
 
 
 def _ort():
     try:
         import onnxruntime
     except ImportError as e:  # the core dependency, but give the fix
-        raise ImportError("the onnxruntime backend needs onnxruntime: pip install onnxruntime "
+        raise BackendUnavailable("the onnxruntime backend needs onnxruntime: pip install onnxruntime "
                           "(or onnxruntime-gpu for CUDA)") from e
     return onnxruntime
 
 
 def providers_for(device: str) -> list:
     ort = _ort()
-    if device == "cpu":
+    kind, device_id = parse_device(device)
+    if kind == "cpu":
         return ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError(f"device {device!r} needs onnxruntime-gpu with the CUDA execution provider; this "
-                               f"onnxruntime offers {ort.get_available_providers()}")
-        device_id = int(device.split(":")[1]) if ":" in device else 0
-        return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
-    raise ValueError(f"device {device!r}; allowed: cpu, cuda, cuda:N")
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendUnavailable(f"device {device!r} needs onnxruntime-gpu with the CUDA execution provider; this "
+                                 f"onnxruntime offers {ort.get_available_providers()}")
+    return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
 
-def session_options(threads: int | None):
+def session_options(threads: int | None = None):
+    """The one set of session options every ONNX Runtime session of the project uses (runtime, build
+    validation, calibration, benchmark)."""
     ort = _ort()
     so = ort.SessionOptions()
+    so.log_severity_level = 3                      # errors only: the build and CLI print their own progress
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.inter_op_num_threads = 1
@@ -49,30 +52,44 @@ def session_options(threads: int | None):
     return so
 
 
-def open_sessions(paths: dict[str, str], device: str = "cpu", threads: int | None = None) -> dict:
-    """Graph name -> InferenceSession (thread-safe; shared by all runners)."""
-    ort = _ort()
-    so, providers = session_options(threads), providers_for(device)
-    return {name: ort.InferenceSession(str(p), so, providers=providers) for name, p in paths.items()}
+def open_session(path, device: str = "cpu", threads: int | None = None):
+    """One InferenceSession (thread-safe) with the project's options; a file ONNX Runtime cannot open
+    is a ManifestError naming it."""
+    ort, providers = _ort(), providers_for(device)
+    try:
+        return ort.InferenceSession(str(path), session_options(threads), providers=providers)
+    except Exception as e:      # onnxruntime's InvalidProtobuf, Fail, NoSuchFile ... derive from Exception only
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ManifestError(f"{path}: ONNX Runtime cannot open this graph: {first}") from None
+
+
+def open_sessions(paths: dict, device: str = "cpu", threads: int | None = None) -> dict:
+    """Graph name -> InferenceSession (shared by all runners)."""
+    return {name: open_session(p, device, threads) for name, p in paths.items()}
 
 
 class HostBuffers:
     """One thread's flat host buffers, allocated once for the largest shapes and shared by its heads."""
 
-    def __init__(self, entries: dict[str, dict]):
+    def __init__(self, entries: dict[str, GraphEntry]):
         self.buffers = {key: np.empty(n, dtype=key[2]) for key, n in shared_buffer_sizes(entries).items()}
 
-    def get(self, graph: str, tensor: dict) -> np.ndarray:
-        return self.buffers[(buffer_group(graph), tensor["name"], tensor["dtype"])]
+    def get(self, graph: str, tensor) -> np.ndarray:
+        return self.buffers[buffer_key(graph, tensor)]
+
+    def free(self) -> None:
+        self.buffers = {}
 
 
 class OrtRunner(GraphRunner):
-    def __init__(self, name: str, entry: dict, session, buffers: HostBuffers):
+    """One graph on one thread: its IOBinding points ONNX Runtime at views of the thread's buffers, so
+    inputs are copied in place and outputs are written in place (no output is allocated per run)."""
+
+    def __init__(self, name: str, entry: GraphEntry, session, buffers: HostBuffers):
         super().__init__(name, entry)
         self.session = session
         self.binding = session.io_binding()
-        self._buffers = {t["name"]: buffers.get(name, t) for t in entry["inputs"] + entry["outputs"]}
-        self.allocations = len(self._buffers)          # views into the thread's pool: no buffer of its own
+        self._buffers = {t.name: buffers.get(name, t) for t in entry.inputs + entry.outputs}
         self._views: dict[str, np.ndarray] = {}
 
     def _bind(self, dims):
@@ -89,5 +106,8 @@ class OrtRunner(GraphRunner):
         self.session.run_with_iobinding(self.binding)
         return {name: self._views[name] for name in self.outputs}
 
-    def buffer_pointers(self) -> dict[str, int]:
-        return {name: b.ctypes.data for name, b in self._buffers.items()}
+
+def ort_steps(entries: dict[str, GraphEntry], sessions: dict) -> GraphSteps:
+    """One thread's runners over shared ``sessions``: the graphs of ``entries`` bound to one buffer set."""
+    buffers = HostBuffers(entries)
+    return GraphSteps({g: OrtRunner(g, e, sessions[g], buffers) for g, e in entries.items()}, buffers)

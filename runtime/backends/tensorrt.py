@@ -1,19 +1,20 @@
 """TensorRT backend (TensorRT 10+, engines built by export/tensorrt.py): each engine is deserialized
-once; every thread gets its own execution context, device buffers allocated once for the largest
-shapes, tensor addresses set once, input shapes set only when they change, and one CUDA stream.
+once; every thread gets its own execution contexts (one per graph, each with its stream), device
+buffers allocated once for the largest shapes, tensor addresses set once, input shapes set only when
+they change.
 
 Device memory and copies go through Polygraphy's thin CUDA wrapper (``polygraphy.cuda``), so the
 runtime needs neither torch nor pycuda. Imports are lazy: this module loads without TensorRT."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .base import GraphRunner, buffer_group, prefix_view, shared_buffer_sizes
-from nezha.runtime.errors import NezhaError
+from ..errors import BackendUnavailable, NezhaError
+from ..manifest import EngineEntry, GraphEntry
+from .base import GraphRunner, GraphSteps, buffer_key, prefix_view, shared_buffer_sizes
 
 
 class EngineMismatchError(NezhaError, RuntimeError):
@@ -25,7 +26,7 @@ def _trt():
         import tensorrt
         from polygraphy import cuda  # noqa: F401
     except ImportError as e:
-        raise ImportError("the tensorrt backend needs TensorRT 10+ and Polygraphy on a CUDA machine: "
+        raise BackendUnavailable("the tensorrt backend needs TensorRT 10+ and Polygraphy on a CUDA machine: "
                           "pip install 'nezha-deploy[tensorrt]'") from e
     return tensorrt
 
@@ -34,7 +35,7 @@ def _cuda_call(name: str, *args) -> None:
     from polygraphy import cuda
     status = getattr(cuda.wrapper().handle, name)(*args)
     if status != 0:
-        raise RuntimeError(f"CUDA runtime call {name} failed with error {status}")
+        raise BackendUnavailable(f"CUDA runtime call {name} failed with error {status}")
 
 
 def use_device(device_id: int) -> None:
@@ -52,36 +53,34 @@ def device_compute_capability(device_id: int = 0) -> str:
     return f"{major.value}.{minor.value}"
 
 
-def check_sidecar(sidecar_path: Path, device_id: int = 0) -> dict:
-    """Refuse an engine whose sidecar names another TensorRT version or GPU compute capability."""
+def check_engine(entry: EngineEntry, device_id: int = 0) -> None:
+    """Refuse an engine built with another TensorRT version or for another GPU compute capability."""
     trt = _trt()
-    sidecar = json.loads(Path(sidecar_path).read_text())
     problems = []
-    if sidecar.get("tensorrt") != trt.__version__:
-        problems.append(f"built with TensorRT {sidecar.get('tensorrt')}, this is {trt.__version__}")
+    if entry.tensorrt != trt.__version__:
+        problems.append(f"built with TensorRT {entry.tensorrt}, this is {trt.__version__}")
     cc = device_compute_capability(device_id)
-    if sidecar.get("compute_capability") != cc:
-        problems.append(f"built for compute capability {sidecar.get('compute_capability')}, this GPU is {cc}")
+    if entry.compute_capability != cc:
+        problems.append(f"built for compute capability {entry.compute_capability}, this GPU is {cc}")
     if problems:
-        raise EngineMismatchError(f"engine {sidecar_path}: " + "; ".join(problems) +
+        raise EngineMismatchError(f"engine {entry.file}: " + "; ".join(problems) +
                                   ": rebuild it with python export/build.py --backend tensorrt on this machine")
-    return sidecar
 
 
 class Engines:
-    """Deserialized engines of one precision, shared by all threads."""
+    """Deserialized engines of one precision, shared by all threads. ``paths``: graph -> engine file."""
 
-    def __init__(self, engine_entries: dict[str, dict], root: Path, device_id: int = 0):
+    def __init__(self, entries: dict[str, EngineEntry], paths: dict[str, Path], device_id: int = 0):
         trt = _trt()
         use_device(device_id)
         self.logger = trt.Logger(trt.Logger.WARNING)
         self.runtime = trt.Runtime(self.logger)
         self.engines = {}
-        for name, e in engine_entries.items():
-            check_sidecar(root / e["sidecar"], device_id)
-            engine = self.runtime.deserialize_cuda_engine((root / e["file"]).read_bytes())
+        for name, entry in entries.items():
+            check_engine(entry, device_id)
+            engine = self.runtime.deserialize_cuda_engine(Path(paths[name]).read_bytes())
             if engine is None:
-                raise EngineMismatchError(f"TensorRT could not deserialize {root / e['file']}")
+                raise EngineMismatchError(f"TensorRT could not deserialize {entry.file}")
             self.engines[name] = engine
 
 
@@ -89,14 +88,14 @@ class DeviceBuffers:
     """One thread's device buffers and pinned-free host staging buffers, allocated once for the largest
     shapes and shared by its heads (they run one after another on one stream)."""
 
-    def __init__(self, entries: dict[str, dict]):
+    def __init__(self, entries: dict[str, GraphEntry]):
         from polygraphy import cuda
         sizes = shared_buffer_sizes(entries)
         self.device = {key: cuda.DeviceArray(shape=(n,), dtype=np.dtype(key[2])) for key, n in sizes.items()}
         self.host = {key: np.empty(n, dtype=key[2]) for key, n in sizes.items()}
 
-    def get(self, graph: str, tensor: dict):
-        key = (buffer_group(graph), tensor["name"], tensor["dtype"])
+    def get(self, graph: str, tensor):
+        key = buffer_key(graph, tensor)
         return self.device[key], self.host[key]
 
     def free(self) -> None:
@@ -105,19 +104,20 @@ class DeviceBuffers:
 
 
 class TrtRunner(GraphRunner):
-    def __init__(self, name: str, entry: dict, engine, buffers: DeviceBuffers):
+    """One engine on one thread: its own execution context and stream (each runner of a thread has
+    one; they run one after another), addresses of the thread's device buffers set once."""
+
+    def __init__(self, name: str, entry: GraphEntry, engine, buffers: DeviceBuffers):
         from polygraphy import cuda
         super().__init__(name, entry)
         self.context = engine.create_execution_context()
         self.stream = cuda.Stream()
-        self._pool = buffers
         self._device, self._host = {}, {}
         self._views: dict[str, np.ndarray] = {}
-        for t in list(self.inputs.values()) + list(self.outputs.values()):
-            self._device[t["name"]], self._host[t["name"]] = buffers.get(name, t)
+        for t in entry.inputs + entry.outputs:
+            self._device[t.name], self._host[t.name] = buffers.get(name, t)
             # addresses never change: the buffers hold the largest shape
-            self.context.set_tensor_address(t["name"], self._device[t["name"]].ptr)
-        self.allocations = len(self._device)
+            self.context.set_tensor_address(t.name, self._device[t.name].ptr)
 
     def _bind(self, dims):
         for name, t in self.inputs.items():
@@ -142,8 +142,12 @@ class TrtRunner(GraphRunner):
         self.stream.synchronize()
         return {name: self._views[name] for name in self.outputs}
 
-    def buffer_pointers(self) -> dict[str, int]:
-        return {name: int(b.ptr) for name, b in self._device.items()}
-
     def close(self):
         self.stream.free()
+
+
+def trt_steps(entries: dict[str, GraphEntry], engines: Engines, device_id: int = 0) -> GraphSteps:
+    """One thread's runners over shared ``engines``: the graphs of ``entries`` bound to one buffer set."""
+    use_device(device_id)                                    # CUDA's current device is per thread
+    buffers = DeviceBuffers(entries)
+    return GraphSteps({g: TrtRunner(g, e, engines.engines[g], buffers) for g, e in entries.items()}, buffers)

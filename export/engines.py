@@ -7,9 +7,10 @@ no builder precision flag is set. TensorRT is imported lazily: the rest of the b
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
 from nezha.runtime.errors import NezhaError
+from nezha.runtime.manifest import EngineEntry, GraphEntry
 
 MIN_MAJOR = 10
 
@@ -42,22 +43,21 @@ def load_tensorrt():
     return trt, f"{cc[0]}.{cc[1]}"
 
 
-def profile_shapes(graph: dict) -> dict[str, list[list[int]]]:
+def profile_shapes(graph: GraphEntry) -> dict[str, list[list[int]]]:
     """Manifest graph entry -> {input name: [min, opt, max] shapes}. opt is max: one profile tuned
     for the largest request is the safe default for a latency-bound service with dynamic batches."""
-    ranges = graph["dynamic"]
     shapes = {}
-    for t in graph["inputs"]:
-        dims = [[ranges[d][0], ranges[d][1], ranges[d][1]] if isinstance(d, str) else [d, d, d] for d in t["shape"]]
-        shapes[t["name"]] = [[d[k] for d in dims] for k in range(3)]
+    for t in graph.inputs:
+        dims = [[*graph.dynamic[d], graph.dynamic[d][1]] if isinstance(d, str) else [d, d, d] for d in t.shape]
+        shapes[t.name] = [[d[k] for d in dims] for k in range(3)]
     return shapes
 
 
-def engine_from_onnx(onnx_path: Path, plan_path: Path, graph: dict, timing_cache: Path | None = None,
-                     workspace_bytes: int | None = None) -> dict:
+def engine_from_onnx(onnx_path: Path, plan_path: Path, graph: GraphEntry, file: str, timing_cache: Path | None = None,
+                     workspace_bytes: int | None = None) -> EngineEntry:
     """Parse ``onnx_path`` into a strongly typed network, build an engine for the input ranges of the
-    manifest ``graph`` entry and write ``plan_path`` plus ``<plan>.json`` (sidecar: compute capability,
-    TensorRT version, profiles). ``timing_cache`` is read if present and written back. Returns the sidecar."""
+    manifest ``graph`` entry and write ``plan_path``. ``timing_cache`` is read if present and written
+    back. Returns the manifest's engine entry (``file``: the plan's path in the artifact)."""
     trt, compute_capability = load_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -84,7 +84,5 @@ def engine_from_onnx(onnx_path: Path, plan_path: Path, graph: dict, timing_cache
     plan_path.write_bytes(bytes(serialized))
     if timing_cache:
         timing_cache.write_bytes(bytes(cache.serialize()))
-    sidecar = {"compute_capability": compute_capability, "tensorrt": trt.__version__, "strongly_typed": True,
-               "profiles": [{name: {"min": lo, "opt": opt, "max": hi} for name, (lo, opt, hi) in shapes.items()}]}
-    plan_path.with_suffix(".json").write_text(json.dumps(sidecar, indent=2))
-    return sidecar
+    return EngineEntry(file, compute_capability, trt.__version__, True,
+                       ({name: {"min": lo, "opt": opt, "max": hi} for name, (lo, opt, hi) in shapes.items()},))

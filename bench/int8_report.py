@@ -2,7 +2,7 @@
 int8-cpu graphs decoded by the runtime's beam search over plain ONNX Runtime sessions, their top-10
 overlap with fp32, and the backbone latency of each on ONNX Runtime CPU (interleaved rounds).
 
-    python -m nezha.calibration.report --checkpoint checkpoints/demo/nezha \\
+    python -m nezha.bench.int8_report --checkpoint checkpoints/demo/nezha \\
         --index ../shared/data/beauty/Beauty.index.json --work /tmp/int8-report
 """
 
@@ -21,10 +21,9 @@ from nezha.runtime.decode import beam_search, items_from_sids
 from nezha.runtime.encoding import encode_histories
 from nezha.runtime.verifier import Verifier
 
-from nezha.export.validate import OrtSteps
-
-from .data import CalibrationReader
-from .quantize import cpu_session, int8_cpu_from_onnx, int8_from_onnx, validate_int8
+from nezha.calibration.data import CalibrationReader
+from nezha.calibration.quantize import cpu_session, int8_cpu_from_onnx, int8_from_onnx, validate_int8
+from nezha.export.validate import ort_validation_steps
 
 
 def decode_all(steps, histories, catalog, layout, verifier, sid_table, beam, max_history, batch_size, desc,
@@ -59,7 +58,7 @@ def interleaved_latency(sessions: dict, feeds: dict[str, dict], rounds: int) -> 
 def main(argv=None):
     import torch
 
-    from nezha.export.graphs import Limits, onnx_from_model
+    from nezha.export.graphs import graph_specs, model_limits, onnx_from_model
     from nezha.model.checkpoint import load_catalog, load_checkpoint
     from nezha.model.evaluate import ranking_metrics
 
@@ -85,7 +84,8 @@ def main(argv=None):
     model = load_checkpoint(a.checkpoint)
     layout = model.layout
     catalog = load_catalog(a.index, a.checkpoint, layout)
-    fp32 = onnx_from_model(model, a.work / "fp32", Limits(a.max_history, a.batch_size, max(a.beam, 1)))
+    limits = model_limits(model, a.max_history, a.batch_size, max(a.beam, 1))
+    fp32 = onnx_from_model(model, a.work / "fp32", limits)
     reader = CalibrationReader.from_file(a.calibration_data, catalog, layout, a.max_history, a.calibration_size)
     report: dict = {}
     graphs = {"fp32": fp32,
@@ -106,7 +106,7 @@ def main(argv=None):
     for prec, paths in graphs.items():
         t0 = time.perf_counter()
         stages[prec] = {}
-        recs[prec] = decode_all(OrtSteps(paths, a.threads), histories, catalog, layout, verifier, sid_table,
+        recs[prec] = decode_all(ort_validation_steps(graph_specs(model, limits), paths), histories, catalog, layout, verifier, sid_table,
                                 a.beam, a.max_history, a.batch_size, prec, stages[prec])
         metrics[prec] = {**ranking_metrics(recs[prec], targets), "seconds": round(time.perf_counter() - t0, 1)}
         if prec != "fp32":

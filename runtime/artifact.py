@@ -1,0 +1,202 @@
+"""An artifact folder on disk: the manifest read strictly, every path kept inside the folder, every file
+checked against its sha256, tables checked against their entries and invariants before use.
+
+Threat model: the folder may be hostile. Nothing outside it is opened, hashed or stat-ed: paths are
+resolved one component at a time, and a symbolic link whose target leaves the folder is refused before
+anything at the target is touched."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import stat
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .manifest import Manifest, ManifestError, table_names
+
+MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
+_MAX_LINKS = 40
+
+
+def resolve_inside(root: str, rel: str) -> str:
+    """The real path of ``root/rel`` (``root`` already real), refusing any step that leaves ``root``."""
+    parts, cur, links = [p for p in rel.split("/") if p not in ("", ".")], root, 0
+    while parts:
+        part = parts.pop(0)
+        nxt = os.path.dirname(cur) if part == ".." else os.path.join(cur, part)
+        if not _inside(root, nxt):
+            raise ManifestError(f"{rel}: leaves the artifact folder {root}")
+        try:
+            st = os.lstat(nxt)
+        except FileNotFoundError:
+            return nxt                                  # the caller reports it missing
+        if stat.S_ISLNK(st.st_mode):
+            links += 1
+            target = os.path.normpath(os.path.join(cur, os.readlink(nxt)))
+            if links > _MAX_LINKS or not _inside(root, target):
+                raise ManifestError(f"{rel}: symbolic link {os.path.relpath(nxt, root)} points outside the "
+                                    f"artifact folder {root}")
+            parts = [p for p in os.path.relpath(target, root).split("/") if p not in ("", ".")] + parts
+            cur = root
+        else:
+            cur = nxt
+    return cur
+
+
+def _inside(root: str, path: str) -> bool:
+    return path == root or path.startswith(root.rstrip("/") + "/")
+
+
+def sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _no_duplicates(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        raise ManifestError(f"manifest.json: key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+    return dict(pairs)
+
+
+def _bad_constant(name):
+    raise ManifestError(f"manifest.json: {name} is not valid JSON")
+
+
+class Artifact:
+    """``Artifact.open(folder)``: the typed manifest plus safe access to the folder's files."""
+
+    def __init__(self, root: Path, manifest: Manifest):
+        self.root, self.manifest = root, manifest
+
+    @classmethod
+    def open(cls, folder: str | Path, verify: bool = True) -> "Artifact":
+        """Read and check ``folder/manifest.json``; with ``verify`` (the default) hash every listed file.
+        ``verify=False`` is an explicit opt-out for trusted hot reloads: paths, keys and tables are still checked."""
+        folder = Path(folder)
+        if not folder.is_dir():
+            raise ManifestError(f"{folder} is not an artifact folder ({'not a folder' if folder.exists() else 'does not exist'}); "
+                                "build one with python export/build.py")
+        root = os.path.realpath(folder)
+        path = resolve_inside(root, MANIFEST)
+        try:
+            st = os.stat(path)
+            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
+                raise ManifestError(f"{folder / MANIFEST} is not a regular file under {MAX_MANIFEST_BYTES >> 20} MB")
+            raw = json.loads(Path(path).read_bytes(), object_pairs_hook=_no_duplicates, parse_constant=_bad_constant)
+        except FileNotFoundError:
+            raise ManifestError(f"{folder / MANIFEST} not found: {folder} is not a nezha artifact folder "
+                                "(build one with python export/build.py)") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise ManifestError(f"{folder / MANIFEST} is not valid JSON: {e}") from None
+        try:
+            manifest = Manifest.from_json(raw)
+        except ManifestError as e:
+            raise ManifestError(f"artifact {folder}: {e}") from None
+        artifact = cls(Path(root), manifest)
+        for rel in manifest.files:
+            artifact.path(rel)                          # every listed path stays inside, before any hashing
+        if verify:
+            artifact.verify()
+        return artifact
+
+    def path(self, rel: str) -> Path:
+        """The real path of a manifest path, inside the folder (ManifestError otherwise)."""
+        return Path(resolve_inside(str(self.root), rel))
+
+    def verify(self) -> None:
+        """Raise ManifestError naming every missing, non-regular or modified file."""
+        problems = []
+        for rel, digest in self.manifest.files.items():
+            p = self.path(rel)
+            if not p.is_file():
+                problems.append(f"{rel}: missing or not a regular file")
+            elif sha256(p) != digest:
+                problems.append(f"{rel}: sha256 mismatch (file modified or corrupt)")
+        if problems:
+            raise ManifestError(f"artifact {self.root} failed verification:\n  " + "\n  ".join(problems))
+
+    def table(self, name: str) -> np.ndarray:
+        """One table, its .npy header checked against the manifest entry (dtype, shape, C order)."""
+        entry = self.manifest.tables[name]
+        path = self.path(entry.file)
+        try:
+            with open(path, "rb") as f:
+                version = np.lib.format.read_magic(f)
+                if version not in ((1, 0), (2, 0)):
+                    raise ValueError(f".npy format {version}; 1.0 and 2.0 are read")
+                read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+                shape, fortran, dtype = read(f)
+                if fortran or dtype != np.dtype(entry.dtype).newbyteorder("<") or shape != entry.shape:
+                    raise ValueError(f"holds {dtype.str} {list(shape)}{' Fortran order' if fortran else ''}; the "
+                                     f"manifest says {entry.dtype} {list(entry.shape)} little-endian C order")
+                array = np.fromfile(f, dtype=dtype, count=int(np.prod(shape)))
+                if array.size != int(np.prod(shape)) or f.read(1):
+                    raise ValueError("data size does not match its header (truncated or padded)")
+        except (OSError, ValueError) as e:
+            raise ManifestError(f"table {name} ({entry.file}): {e}") from None
+        return array.reshape(shape).astype(entry.dtype, copy=False)
+
+    def tables(self) -> dict[str, np.ndarray]:
+        """Every table, checked against the invariants of docs/artifact.md."""
+        tables = {name: self.table(name) for name in table_names(self.manifest.layout.levels)}
+        problem = table_problem(tables, self.manifest.layout)
+        if problem:
+            raise ManifestError(f"artifact {self.root}: {problem}")
+        return tables
+
+
+def table_problem(t: dict[str, np.ndarray], layout) -> str | None:
+    """The first broken table invariant, or None (vectorised: cheap at load)."""
+    ascending = lambda a: len(a) < 2 or bool(np.all(a[1:] > a[:-1]))
+    codes = np.asarray(layout.codes)
+    if not ascending(t["item_ids"]):
+        return "item_ids are not strictly ascending"
+    if np.any(t["item_codes"] < 0) or np.any(t["item_codes"] >= codes):
+        return f"item_codes hold a code outside 0..codes-1 per level {list(layout.codes)}"
+    if not ascending(t["sid_keys"]) or (len(t["sid_keys"]) and int(t["sid_keys"][-1]) >= int(np.prod(codes, dtype=object))):
+        return "sid_keys are not strictly ascending keys of the SID space"
+    off = t["sid_offsets"]
+    if off[0] != 0 or off[-1] != len(t["item_ids"]) or not ascending(off):
+        return f"sid_offsets must rise strictly from 0 to the item count {len(t['item_ids'])}"
+    pos = np.searchsorted(t["item_ids"], t["sid_items"])
+    if np.any(pos >= len(t["item_ids"])) or np.any(t["item_ids"][np.minimum(pos, len(pos) - 1)] != t["sid_items"]):
+        return "sid_items name item ids that are not in item_ids"
+    for i in range(layout.levels):
+        keys = t[f"valid_prefixes_{i}"]
+        if not ascending(keys) or (len(keys) and int(keys[-1]) >= int(np.prod(codes[:i + 1], dtype=object))):
+            return f"valid_prefixes_{i} are not strictly ascending keys of {i + 1}-code prefixes"
+    if not np.array_equal(t[f"valid_prefixes_{layout.levels - 1}"], t["sid_keys"]):
+        return f"valid_prefixes_{layout.levels - 1} differ from sid_keys"
+    return None
+
+
+def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
+    """Write ``manifest`` with the sha256 of every other file under ``folder`` (atomically, mode 0644
+    less the umask); the result is checked by the same strict parse the runtime uses."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
+    manifest = dataclasses.replace(manifest, files={p.relative_to(folder).as_posix(): sha256(p) for p in files})
+    text = json.dumps(manifest.to_json(), indent=2)
+    Manifest.from_json(json.loads(text))                  # the writer never writes what the reader refuses
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o666 & ~_umask())
+    os.replace(tmp, folder / MANIFEST)
+    return folder / MANIFEST
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

@@ -1,0 +1,216 @@
+"""A hostile artifact folder gets one clear ManifestError naming the file and the problem, never a raw
+KeyError or NumPy / ONNX Runtime exception, and nothing outside the folder is opened.
+
+Each case copies a real artifact, changes one thing (re-hashing what it changed, so that the check under
+test is the one that must catch it) and loads it."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import tiny_catalog, tiny_model, write_index
+from nezha.export.build import build
+from nezha.model.checkpoint import save_checkpoint
+from nezha.runtime import Recommender
+from nezha.runtime.artifact import Artifact
+from nezha.runtime.manifest import ManifestError, Manifest
+
+_OPENED: list[str] | None = None
+
+
+def _audit(event, args):
+    if _OPENED is not None and event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.fsdecode(args[0]))
+
+
+sys.addaudithook(_audit)
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    ckpt = save_checkpoint(tiny_model(), root / "ckpt", tiny_catalog())
+    return build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / "art", precision=("fp32",),
+                 max_batch=4, max_beam=16, log=None).out
+
+
+def _npy(array, fortran=False) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.asfortranarray(array) if fortran else array, allow_pickle=True)
+    return buf.getvalue()
+
+
+def tampered(artifact, tmp_path, edit=None, files=None, rehash=True):
+    """A copy of ``artifact`` with ``files`` {path: bytes} replaced (re-hashed if ``rehash``) and the
+    manifest JSON passed through ``edit``."""
+    out = tmp_path / "art"
+    shutil.copytree(artifact, out, symlinks=True)
+    raw = json.loads((out / "manifest.json").read_text())
+    for rel, data in (files or {}).items():
+        (out / rel).write_bytes(data)
+        if rehash:
+            raw["files"][rel] = hashlib.sha256(data).hexdigest()
+    if edit:
+        edit(raw)
+    (out / "manifest.json").write_text(json.dumps(raw))
+    return out
+
+
+def _table(artifact, name):
+    return np.load(artifact / "tables" / f"{name}.npy")
+
+
+def _set(path, value):
+    def edit(raw):
+        node = raw
+        for key in path[:-1]:
+            node = node[key]
+        if value is KeyError:
+            del node[path[-1]]
+        else:
+            node[path[-1]] = value
+    return edit
+
+
+MANIFEST_CASES = {
+    "absolute path": (_set(["tables", "item_ids", "file"], "/etc/passwd"), "not a plain relative path"),
+    "parent path": (_set(["tables", "item_ids", "file"], "../outside.npy"), "not a plain relative path"),
+    "dot segment": (_set(["validation"], "./validation.json"), "not a plain relative path"),
+    "backslash": (_set(["graphs", "fp32", "backbone", "file"], "graphs\\fp32\\backbone.onnx"), "not a plain relative"),
+    "unlisted file": (lambda raw: raw["files"].pop("tables/sid_items.npy"), "has no sha256 entry"),
+    "no checksum list": (_set(["files"], KeyError), "files: missing"),
+    "bad checksum value": (lambda raw: raw["files"].update({"validation.json": "xyz"}), "lower-case hex sha256"),
+    "unknown top-level key": (_set(["extra"], 1), "extra: unknown key"),
+    "missing nested key": (_set(["graphs", "fp32", "head_1", "dynamic"], KeyError), "graphs.fp32.head_1.dynamic: missing"),
+    "string for an int": (_set(["limits", "max_batch"], "4"), "limits.max_batch: expected an integer"),
+    "bool for an int": (_set(["limits", "max_beam"], True), "limits.max_beam: expected an integer"),
+    "float for an int": (_set(["layout", "pad_token_id"], 0.0), "layout.pad_token_id: expected an integer"),
+    "list for an object": (_set(["tables"], []), "tables: expected an object"),
+    "max_batch vs graphs": (_set(["limits", "max_batch"], 9999), "contradicts limits"),
+    "hidden size vs graphs": (_set(["limits", "hidden_size"], 64), "contradicts limits"),
+    "codes vs graphs": (lambda raw: raw["layout"].update(codes=[9, 8, 8], offsets=[2, 11, 19], placeholder_start=27), "contradicts"),
+    "broken layout": (_set(["layout", "offsets"], [2, 3, 4]), "code tokens must be contiguous"),
+    "absurd buffers": (lambda raw: (raw["limits"].update(max_batch=10 ** 6, max_beam=10 ** 6),
+                                   [g["dynamic"].update(beams=[1, 10 ** 12]) for n, g in raw["graphs"]["fp32"].items()
+                                    if n.startswith("head")],
+                                   raw["graphs"]["fp32"]["backbone"]["dynamic"].update(batch=[1, 10 ** 6])),
+                       "GiB at its largest shape"),
+    "table shape vs manifest": (_set(["tables", "sid_items", "shape"], [3]), "tables.sid_items"),
+    "missing table": (lambda raw: raw["tables"].pop("valid_prefixes_1"), "expected exactly"),
+    "unknown precision": (lambda raw: (raw["precisions"].update(fp8=raw["precisions"]["fp32"]),
+                                       raw["graphs"].update(fp8=raw["graphs"]["fp32"])), "fp8"),
+    "cpu-only engine": (lambda raw: raw["precisions"]["fp32"].update(execution="gpu"), "one of any, cpu-only"),
+    "other version": (_set(["version"], 1), "reads version 2"),
+}
+
+
+@pytest.mark.parametrize("case", MANIFEST_CASES)
+def test_hostile_manifests_are_refused_with_the_key_path(artifact, tmp_path, case):
+    edit, message = MANIFEST_CASES[case]
+    bad = tampered(artifact, tmp_path, edit)
+    with pytest.raises(ManifestError, match=message):
+        Recommender.load(bad)
+    with pytest.raises(ManifestError, match=message):           # verify=False skips hashing, not the contract
+        Recommender.load(bad, verify=False)
+
+
+def test_json_that_is_not_strict_json_is_refused(artifact, tmp_path):
+    bad = tampered(artifact, tmp_path)
+    text = (bad / "manifest.json").read_text()
+    (bad / "manifest.json").write_text(text.replace('"format":', '"version": 2, "format":', 1))
+    with pytest.raises(ManifestError, match="'version' appears twice"):
+        Artifact.open(bad)
+    (bad / "manifest.json").write_text(text.replace('"max_batch": 4', '"max_batch": NaN'))
+    with pytest.raises(ManifestError, match="NaN is not valid JSON"):
+        Artifact.open(bad)
+    (bad / "manifest.json").write_text("[" * 100000 + "]" * 100000)
+    with pytest.raises(ManifestError, match="not valid JSON|expected an object"):
+        Artifact.open(bad)
+
+
+def test_symlinks_out_of_the_folder_are_refused_before_anything_outside_is_opened(artifact, tmp_path):
+    global _OPENED
+    secret = tmp_path / "secret"
+    secret.mkdir()
+    np.save(secret / "item_ids.npy", _table(artifact, "item_ids"))
+    bad = tampered(artifact, tmp_path)
+    (bad / "tables" / "item_ids.npy").unlink()
+    (bad / "tables" / "item_ids.npy").symlink_to(secret / "item_ids.npy")
+    linked_dir = tampered(artifact, tmp_path / "b")
+    shutil.rmtree(linked_dir / "graphs")
+    (linked_dir / "graphs").symlink_to(secret)
+    for folder, message in ((bad, "tables/item_ids.npy: symbolic link"), (linked_dir, "symbolic link graphs")):
+        _OPENED = []
+        try:
+            with pytest.raises(ManifestError, match=message):
+                Recommender.load(folder)
+            assert not [p for p in _OPENED if str(secret) in p], _OPENED
+        finally:
+            _OPENED = None
+    inside = tampered(artifact, tmp_path / "c")                    # a link that stays inside is fine
+    (inside / "tables" / "copy.npy").write_bytes((inside / "tables" / "item_ids.npy").read_bytes())
+    (inside / "tables" / "item_ids.npy").unlink()
+    (inside / "tables" / "item_ids.npy").symlink_to("copy.npy")
+    Recommender.load(inside).close()
+
+
+def _rows(artifact, name, change):
+    a = _table(artifact, name).copy()
+    change(a)
+    return {f"tables/{name}.npy": _npy(a)}
+
+
+TABLE_CASES = {
+    "dtype": (lambda art: {"tables/item_ids.npy": _npy(_table(art, "item_ids").astype(np.int32))}, "holds <i4"),
+    "big-endian": (lambda art: {"tables/sid_keys.npy": _npy(_table(art, "sid_keys").astype(">u8"))}, "holds >u8"),
+    "fortran order": (lambda art: {"tables/item_codes.npy": _npy(_table(art, "item_codes"), fortran=True)}, "Fortran"),
+    "object array": (lambda art: {"tables/item_ids.npy": _npy(np.array([1, "a"], dtype=object))}, "holds \\|O"),
+    "truncated": (lambda art: {"tables/sid_items.npy": _npy(_table(art, "sid_items"))[:-8]}, "truncated or padded"),
+    "not npy": (lambda art: {"tables/sid_items.npy": b"hello"}, "table sid_items"),
+    "ids not ascending": (lambda art: _rows(art, "item_ids", lambda a: a.__setitem__(slice(0, 2), a[1::-1])),
+                          "item_ids are not strictly ascending"),
+    "code out of range": (lambda art: _rows(art, "item_codes", lambda a: a.__setitem__((0, 0), 99)),
+                          "item_codes hold a code outside"),
+    "offsets": (lambda art: _rows(art, "sid_offsets", lambda a: a.__setitem__(-1, a[-1] - 1)), "sid_offsets must rise"),
+    "keys not ascending": (lambda art: _rows(art, "valid_prefixes_1", lambda a: a.__setitem__(slice(0, 2), a[1::-1])),
+                           "valid_prefixes_1 are not strictly ascending"),
+    "unknown sid item": (lambda art: _rows(art, "sid_items", lambda a: a.__setitem__(0, 10 ** 9)),
+                         "not in item_ids"),
+}
+
+
+@pytest.mark.parametrize("case", TABLE_CASES)
+def test_tables_that_break_their_entry_or_invariants_are_refused(artifact, tmp_path, case):
+    make, message = TABLE_CASES[case]
+    bad = tampered(artifact, tmp_path, files=make(artifact))
+    with pytest.raises(ManifestError, match=message):
+        Recommender.load(bad)
+
+
+def test_an_onnx_file_onnx_runtime_cannot_open_is_a_clear_error(artifact, tmp_path):
+    bad = tampered(artifact, tmp_path, files={"graphs/fp32/head_1.onnx": b"\x08\x07garbage"})
+    with pytest.raises(ManifestError, match="head_1.onnx: ONNX Runtime cannot open this graph"):
+        Recommender.load(bad)
+
+
+def test_modified_or_missing_files_fail_verification_but_not_with_verify_off(artifact, tmp_path):
+    bad = tampered(artifact, tmp_path, files={"validation.json": b"{}"}, rehash=False)
+    with pytest.raises(ManifestError, match="validation.json: sha256 mismatch"):
+        Recommender.load(bad)
+    Recommender.load(bad, verify=False).close()                  # the trusted hot-reload opt-out
+    (bad / "validation.json").unlink()
+    with pytest.raises(ManifestError, match="validation.json: missing"):
+        Recommender.load(bad)
+
+
+def test_the_manifest_round_trips_through_its_types(artifact):
+    raw = json.loads((artifact / "manifest.json").read_text())
+    assert Manifest.from_json(raw).to_json() == raw
