@@ -24,6 +24,7 @@ from typing import Sequence
 
 import numpy as np
 
+from nezha.runtime.encoding import EncodingError, check_batch, integer_array
 from nezha.runtime.errors import NezhaError
 
 _LIBRARY_NAME = "libnezha_runtime.so"
@@ -98,29 +99,22 @@ def _ptr(a: np.ndarray, ctype=None) -> int:
 
 
 def _flat_histories(histories) -> tuple[np.ndarray, np.ndarray]:
-    """Histories (lists of int item ids) -> (items [N] int64, offsets [B+1] int64)."""
-    if isinstance(histories, (str, bytes)) or not hasattr(histories, "__iter__"):
-        raise CppRuntimeError(f"histories must be a list of item-id lists, got {type(histories).__name__}")
+    """Histories -> (items [N] int64, offsets [B+1] int64), checked as the Python runtime checks them."""
+    check_batch(histories)
     if isinstance(histories, list) and all(type(h) is list and all(type(x) is int for x in h) for h in histories):
-        offsets = np.cumsum([0] + [len(h) for h in histories], dtype=np.int64)     # the common case, fast
-        items = [x for h in histories for x in h]
-        try:
-            return np.array(items, dtype=np.int64), offsets
-        except OverflowError:
-            raise CppRuntimeError("item ids must fit 64-bit integers") from None
-    parts, offsets = [], [0]
-    for b, history in enumerate(histories):
-        try:
-            items = np.asarray(list(history))
-        except TypeError:
-            raise CppRuntimeError(f"history {b} must be a list of integer item ids, got {type(history).__name__}") from None
-        if items.size and not np.issubdtype(items.dtype, np.integer):
-            raise CppRuntimeError(f"history {b} must hold integer item ids, got dtype {items.dtype}")
-        items = items.astype(np.int64).reshape(-1)
-        parts.append(items)
-        offsets.append(offsets[-1] + len(items))
-    flat = np.concatenate(parts) if parts else np.zeros(0, np.int64)
-    return np.ascontiguousarray(flat, dtype=np.int64), np.asarray(offsets, dtype=np.int64)
+        arrays = histories                                         # the common case: skip the per-item checks
+    else:
+        arrays = [integer_array(h, f"history {b}") for b, h in enumerate(histories)]
+    offsets = np.cumsum([0] + [len(h) for h in arrays], dtype=np.int64)
+    try:
+        items = np.array([x for h in arrays for x in h], dtype=np.int64) if offsets[-1] else np.zeros(0, np.int64)
+    except OverflowError:
+        raise EncodingError("item ids must fit int64") from None
+    return items, offsets
+
+
+def _raise(error: Exception):
+    raise error
 
 
 class CppRecommender:
@@ -158,20 +152,27 @@ class CppRecommender:
         if rc != 0:
             raise CppRuntimeError(self._lib.nezha_last_error().decode())
 
-    def _default_beam(self, k) -> int:
-        return min(max(k, 20), self.max_beam) if isinstance(k, (int, np.integer)) else self.max_beam
+    def _beam_for(self, k, beam) -> int:
+        """k and beam checked as Recommender checks them (plain integers, never bools); beam defaults to
+        max(k, 20) capped at max_beam."""
+        integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+        check_beam = lambda b: None if integral(b) and 1 <= b <= self.max_beam else _raise(
+            CppRuntimeError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {b!r}"))
+        if beam is not None:
+            check_beam(beam)
+        if not integral(k) or not 1 <= k <= (self.max_beam if beam is None else beam):
+            raise CppRuntimeError(f"k must be an integer in 1..beam ({self.max_beam if beam is None else beam}), got {k!r}")
+        beam = min(max(int(k), 20), self.max_beam) if beam is None else beam
+        check_beam(beam)
+        return int(beam)
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int | None = None,
                   unknown: str = "error", stages: dict | None = None) -> list[list[tuple[int, float]]]:
         """Per history up to k (item id, summed log-prob) pairs, best first (as ``Recommender.recommend``).
         ``stages`` (if given) accumulates this thread's seconds per stage of the C++ loop."""
-        beam = self._default_beam(k) if beam is None else beam
-        if not isinstance(beam, (int, np.integer)) or isinstance(beam, bool) or not 1 <= beam <= self.max_beam:
-            raise CppRuntimeError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
-        if not isinstance(k, (int, np.integer)) or isinstance(k, bool) or not 1 <= k <= beam:
-            raise CppRuntimeError(f"k must be an integer in 1..beam ({beam}), got {k!r}")
+        beam = self._beam_for(k, beam)
         if unknown not in ("error", "skip"):
-            raise CppRuntimeError(f"unknown-item policy {unknown!r}; allowed: error, skip")
+            raise EncodingError(f"unknown-item policy {unknown!r}; allowed: error, skip")
         items, offsets = _flat_histories(histories)
         n = len(offsets) - 1
         out_items = np.empty((max(n, 1), k), np.int64)

@@ -372,7 +372,11 @@ std::int64_t Recommender::Impl::decode(Workspace& ws, std::size_t B, std::int64_
 
 void Recommender::recommend_into(const HistoryBatch& h, int k, int beam, Unknown unknown, const ResultArrays& out) {
   Impl& im = *impl_;
-  if (beam == 0) beam = default_beam(k);
+  if (beam == 0) {                                  // the default; k is checked against max_beam first
+    if (k < 1 || k > max_beam())
+      throw Error("k must be an integer in 1..beam (" + std::to_string(max_beam()) + "), got " + std::to_string(k));
+    beam = default_beam(k);
+  }
   im.check_request(h.count, k, beam);
   Workspace& ws = im.workspace();
   Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};

@@ -34,32 +34,17 @@ struct UsageError {
   std::string message;
 };
 
-// Python's int() on one comma-separated field: surrounding whitespace, an optional sign, digits with
-// single underscores between them.
-bool parse_int(std::string s, long long& out) {
+// Like runtime/cli.py: every comma-separated field, stripped of whitespace, is plain ASCII digits.
+bool parse_digits(std::string s, long long& out) {
   const auto space = " \t\n\r\f\v";
   const std::size_t a = s.find_first_not_of(space), b = s.find_last_not_of(space);
   if (a == std::string::npos) return false;
   s = s.substr(a, b - a + 1);
-  std::string digits;
-  std::size_t i = 0;
-  if (s[0] == '+' || s[0] == '-') digits += s[i++];
-  bool last_digit = false;
-  for (; i < s.size(); ++i) {
-    if (s[i] >= '0' && s[i] <= '9') {
-      digits += s[i];
-      last_digit = true;
-    } else if (s[i] == '_' && last_digit && i + 1 < s.size() && s[i + 1] >= '0' && s[i + 1] <= '9') {
-      last_digit = false;
-    } else {
-      return false;
-    }
-  }
-  if (!last_digit) return false;
+  for (char c : s)
+    if (c < '0' || c > '9') return false;
   errno = 0;
-  char* end = nullptr;
-  out = std::strtoll(digits.c_str(), &end, 10);
-  return errno == 0 && *end == '\0';
+  out = std::strtoll(s.c_str(), nullptr, 10);
+  return errno == 0;
 }
 
 std::vector<std::int64_t> parse_history(const std::string& text) {
@@ -67,16 +52,29 @@ std::vector<std::int64_t> parse_history(const std::string& text) {
   std::size_t start = 0;
   while (true) {
     const std::size_t end = text.find(',', start);
-    const std::string field = text.substr(start, end == std::string::npos ? std::string::npos : end - start);
-    if (field.find_first_not_of(" \t\n\r\f\v") != std::string::npos) {
-      long long v;
-      if (!parse_int(field, v)) throw UsageError{"argument --history: history '" + text + "' must be comma-separated integer item ids"};
-      items.push_back(v);
-    }
+    long long v;
+    if (!parse_digits(text.substr(start, end == std::string::npos ? std::string::npos : end - start), v))
+      throw UsageError{"argument --history: history '" + text + "' must be comma-separated item ids in ASCII digits (e.g. 12,55,102)"};
+    items.push_back(v);
     if (end == std::string::npos) break;
     start = end + 1;
   }
   return items;
+}
+
+// An option's integer value (argparse's type=int: optional sign, surrounding whitespace).
+bool parse_int(std::string s, long long& out) {
+  const auto space = " \t\n\r\f\v";
+  const std::size_t a = s.find_first_not_of(space), b = s.find_last_not_of(space);
+  if (a == std::string::npos) return false;
+  s = s.substr(a, b - a + 1);
+  const std::size_t digits = (s[0] == '+' || s[0] == '-') ? 1 : 0;
+  if (digits == s.size()) return false;
+  for (std::size_t i = digits; i < s.size(); ++i)
+    if (s[i] < '0' || s[i] > '9') return false;
+  errno = 0;
+  out = std::strtoll(s.c_str(), nullptr, 10);
+  return errno == 0;
 }
 
 int parse_count(const std::string& option, const std::string& text) {
