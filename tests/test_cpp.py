@@ -279,10 +279,12 @@ def test_beauty_users_get_the_python_items(cpp_build, demo_artifact, precision):
 
 
 @pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NEZHA_FULL_PARITY"), reason="all 22,363 Beauty users take minutes: "
+                    "NEZHA_FULL_PARITY=1 python -m pytest -s -k all_beauty tests/test_cpp.py")
 @needs_beauty
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_all_beauty_users_get_the_python_items(cpp_build, demo_artifact, precision):
-    """All 22,363 test users (minutes): python -m pytest -m slow -s tests/test_cpp.py prints the figures."""
+    """All 22,363 test users, both runtimes (about 2 minutes per precision on 2 cores); prints the figures."""
     figures = beauty_parity(demo_artifact, precision, users=None)
     print(f"\n{precision}: {json.dumps({k: v for k, v in figures.items() if k != 'first_diff'})}")
     assert figures["users"] == 22363
