@@ -52,8 +52,8 @@ std::string load_onnxruntime(const std::string& requested) {
   void* handle = dlopen(path.c_str(), RTLD_NOW | RTLD_LOCAL);
   if (!handle)
     throw Error("cannot open ONNX Runtime's library " + path + ": " + dlerror() +
-                " (pip install onnxruntime and pass its capi/libonnxruntime.so.1.* as onnxruntime_library, or set "
-                "NEZHA_ONNXRUNTIME_LIBRARY)");
+                " (pip install onnxruntime, then pass its capi/libonnxruntime.so.1.* as Options::onnxruntime_library or "
+                "--onnxruntime-library, or set NEZHA_ONNXRUNTIME_LIBRARY)");
   using GetApiBase = const OrtApiBase* (*)();
   auto get_base = reinterpret_cast<GetApiBase>(dlsym(handle, "OrtGetApiBase"));
   if (!get_base) throw Error(path + " is not ONNX Runtime: it has no OrtGetApiBase");

@@ -31,10 +31,13 @@ struct Candidate {
   std::int32_t index;                       // parent * codes + code, within the user's beams
 };
 
-// Best first: higher score, then lower flat index (the Python loop's tie order).
-inline bool better(const Candidate& a, const Candidate& b) {
-  return a.score > b.score || (a.score == b.score && a.index < b.index);
-}
+// Best first: higher score, then lower flat index (the Python loop's tie order). A function object, so
+// that the sort inlines it.
+struct Better {
+  bool operator()(const Candidate& a, const Candidate& b) const {
+    return a.score > b.score || (a.score == b.score && a.index < b.index);
+  }
+};
 
 template <typename T>
 std::unique_ptr<T[]> buffer(std::size_t n) {
@@ -346,7 +349,7 @@ std::int64_t Recommender::Impl::decode(Workspace& ws, std::size_t B, std::int64_
       // select: the K_next best (score desc, index asc); slots without a valid child stay -inf
       const std::int64_t take = std::min(m, K_next);
       // a heap of the best `take` seen, worst on top: most candidates cost one comparison with the top
-      std::partial_sort(cand, cand + take, cand + m, better);
+      std::partial_sort(cand, cand + take, cand + m, Better{});
       for (std::int64_t j = 0; j < K_next; ++j) {
         const std::size_t out = b * std::size_t(K_next) + std::size_t(j);
         const Candidate c = j < take ? cand[j] : Candidate{minus_inf, 0};
