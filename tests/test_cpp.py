@@ -146,7 +146,7 @@ def test_requests_are_checked_as_in_python(cpp_build, artifact):
                 py.recommend([[item]], **kwargs)
             with pytest.raises(NezhaError) as got:
                 cc.recommend([[item]], **kwargs)
-            assert str(got.value) == str(want.value), kwargs
+            assert (type(got.value), str(got.value)) == (type(want.value), str(want.value)), kwargs
         for histories, kwargs in (([], {}), ([[item], []], {}), ([[item, 999999]], {}), ([[999999]], {"unknown": "skip"}),
                                   ({item}, {}), ([[1.5]], {}), ([[True]], {}), ("12", {}), ([[item]], {"unknown": "drop"})):
             with pytest.raises(NezhaError) as want:

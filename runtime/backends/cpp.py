@@ -25,7 +25,8 @@ from typing import Sequence
 import numpy as np
 
 from nezha.runtime.encoding import EncodingError, check_batch, integer_array
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import NezhaError, OptionError
+from nezha.runtime.recommender import RequestError
 
 _LIBRARY_NAME = "libnezha_runtime.so"
 _DEFAULT_BUILD = Path(__file__).resolve().parents[1] / "cpp" / "build"
@@ -139,7 +140,9 @@ class CppRecommender:
         """Open an artifact (see ``Recommender.load``; CPU only). ``onnxruntime_library`` defaults to the
         installed onnxruntime wheel's library."""
         if device not in (None, "cpu"):
-            raise CppRuntimeError(f"device {device!r}; the C++ runtime runs on cpu only")
+            raise OptionError(f"device {device!r}; the C++ runtime runs on cpu only")
+        if threads is not None and (type(threads) is not int or threads < 1):
+            raise OptionError(f"threads must be a positive integer or None, got {threads!r}")
         lib = _load_library()
         ort = onnxruntime_library or os.environ.get("NEZHA_ONNXRUNTIME_LIBRARY") or wheel_onnxruntime_library()
         handle = lib.nezha_load(str(artifact_dir).encode(), (precision or "").encode(), int(threads or 0), int(bool(verify)),
@@ -157,11 +160,11 @@ class CppRecommender:
         max(k, 20) capped at max_beam."""
         integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
         check_beam = lambda b: None if integral(b) and 1 <= b <= self.max_beam else _raise(
-            CppRuntimeError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {b!r}"))
+            RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {b!r}"))
         if beam is not None:
             check_beam(beam)
         if not integral(k) or not 1 <= k <= (self.max_beam if beam is None else beam):
-            raise CppRuntimeError(f"k must be an integer in 1..beam ({self.max_beam if beam is None else beam}), got {k!r}")
+            raise RequestError(f"k must be an integer in 1..beam ({self.max_beam if beam is None else beam}), got {k!r}")
         beam = min(max(int(k), 20), self.max_beam) if beam is None else beam
         check_beam(beam)
         return int(beam)

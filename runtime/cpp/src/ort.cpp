@@ -69,7 +69,7 @@ std::string load_onnxruntime(const std::string& requested) {
 }
 
 Sessions::Sessions(const std::string& root, const std::string& precision, const Manifest& manifest, int intra_op_threads)
-    : env(ORT_LOGGING_LEVEL_WARNING, "nezha") {
+    : env(ORT_LOGGING_LEVEL_ERROR, "nezha") {        // errors only, as runtime/backends/onnxruntime.py
   Ort::SessionOptions so;
   so.SetGraphOptimizationLevel(GraphOptimizationLevel::ORT_ENABLE_ALL);
   so.SetExecutionMode(ExecutionMode::ORT_SEQUENTIAL);
