@@ -358,8 +358,11 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
   r.object(root["engines"], "engines");
   for (const auto& prec : root["engines"].items()) {
     const std::string pp = "engines." + prec.key();
-    if (!m.precisions.count(prec.key())) r.fail(pp, "precision not listed in precisions");
+    if (!m.precisions.count(prec.key()) || m.precisions[prec.key()].execution != "any")
+      r.fail(pp, "engines exist only for listed precisions that may run on GPUs (execution \"any\")");
     r.object(prec.value(), pp);
+    for (const std::string& name : names)
+      if (!prec.value().contains(name)) r.fail(pp + "." + name, "missing key (engines come for every graph)");
     for (const auto& item : prec.value().items()) {
       const std::string ep = pp + "." + item.key();
       if (std::find(names.begin(), names.end(), item.key()) == names.end()) r.fail(ep, "unknown graph");

@@ -396,6 +396,18 @@ void test_refuses_unknown_missing_and_mistyped_keys() {
   const fs::path u = copy_artifact("unlisted");
   edit(u, [](json& m) { m["files"].erase(m["tables"]["sid_keys"]["file"].get<std::string>()); });
   EXPECT_ERROR(load(u), "has no entry in files");
+  const fs::path g = copy_artifact("engines-cpu-only");
+  edit(g, [](json& m) {
+    json entry = {{"file", m["validation"]}, {"compute_capability", "9.0"}, {"tensorrt", "10.8"}, {"strongly_typed", true},
+                  {"profiles", json::array()}};
+    for (const auto& [name, graph] : m["graphs"]["fp32"].items()) m["engines"]["int8-cpu"][name] = entry;
+  });
+  EXPECT_ERROR(load(g), "engines.int8-cpu: engines exist only");
+  edit(g, [](json& m) {                            // TensorRT engines of a GPU precision: hashed, not used here
+    m["engines"]["fp32"] = m["engines"]["int8-cpu"];
+    m["engines"].erase("int8-cpu");
+  });
+  CHECK(load(g) != nullptr);
   const fs::path j = copy_artifact("not-json");
   std::ofstream(j / "manifest.json") << "{\"format\": ";
   EXPECT_ERROR(load(j), "is not valid JSON");
