@@ -85,8 +85,11 @@ struct Recommender::Impl {
   std::unique_ptr<Workspace> make_workspace();
   void check_request(std::size_t count, int k, int beam) const;
   void check_histories(const HistoryBatch& h, Unknown unknown) const;
-  void encode(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count, Unknown unknown, std::int64_t& T) const;
+  void encode(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count, std::int64_t& T) const;
   std::int64_t decode(Workspace& ws, std::size_t B, std::int64_t T, int beam) const;   // -> beams per user
+  void expand(Workspace& ws, int level, std::size_t B, std::int64_t K) const;
+  std::int64_t verify(Workspace& ws, int level, std::size_t b, std::int64_t K) const;
+  void select(Workspace& ws, int level, std::size_t b, std::int64_t K, std::int64_t K_next, std::int64_t m) const;
   void stage(Workspace& ws, std::size_t index, Clock::time_point& t0) const {
     if (!ws.timing) return;
     const Clock::time_point t1 = Clock::now();
@@ -255,8 +258,9 @@ void Recommender::Impl::check_histories(const HistoryBatch& h, Unknown unknown) 
 }
 
 // Histories [first, first + count) -> input_ids, attention_mask [count, T]: the most recent max_history
-// known items as code tokens, then the L placeholders, left padded to the longest row.
-void Recommender::Impl::encode(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count, Unknown,
+// known items as code tokens, then the L placeholders, left padded to the longest row. Unknown items are
+// skipped here: check_histories refused them already under the "error" policy.
+void Recommender::Impl::encode(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count,
                                std::int64_t& T) const {
   const std::int64_t max_history = manifest.limits.max_history;
   const Layout& layout = manifest.layout;
@@ -289,83 +293,89 @@ void Recommender::Impl::encode(Workspace& ws, const HistoryBatch& h, std::size_t
   }
 }
 
-// Beam search of width `beam` for the B encoded rows. Leaves per user K (returned) beams: ws.keys [B, K]
-// SID keys and ws.scores [B, K] summed log-probs, best first, -inf where no valid SID was found.
+// expand: level `level`'s head on every beam. Gathers state [N, H] (level 0: the root hidden[:, 0]; else
+// the parent's next_state) and hidden [N, H] (hidden[user, 1 + level]); the code [N] was written by select.
+// Runs the head -> next_state [N, H], log_probs [N, C].
+void Recommender::Impl::expand(Workspace& ws, int level, std::size_t B, std::int64_t K) const {
+  const std::int64_t N = std::int64_t(B) * K;
+  const std::size_t row = std::size_t(H) * sizeof(float), stride = std::size_t(L + 1) * std::size_t(H);
+  const float* hidden_all = ws.hidden_all.get();
+  for (std::int64_t n = 0; n < N; ++n) {
+    const std::size_t user = std::size_t(n / K);
+    const float* state = level == 0 ? hidden_all + user * stride : ws.next_state.get() + std::size_t(ws.parent[n]) * std::size_t(H);
+    std::memcpy(ws.state.get() + std::size_t(n * H), state, row);
+    std::memcpy(ws.hidden.get() + std::size_t(n * H), hidden_all + user * stride + std::size_t(1 + level) * std::size_t(H), row);
+  }
+  ws.runners[std::size_t(1 + level)]->run(&N);
+}
+
+// verify: user b's candidates [m] (summed score, flat index parent * C + code) over its K beams, only the
+// children whose prefix exists (dense bitmap row or hash set). Returns m.
+std::int64_t Recommender::Impl::verify(Workspace& ws, int level, std::size_t b, std::int64_t K) const {
+  const std::int64_t C = manifest.layout.codes[std::size_t(level)];
+  Candidate* cand = ws.candidates.get();
+  std::int64_t m = 0;
+  for (std::int64_t p = 0; p < K; ++p) {
+    const std::int64_t n = std::int64_t(b) * K + p;
+    const float parent_score = ws.scores[n];
+    if (parent_score == -std::numeric_limits<float>::infinity()) continue;   // -inf children: never results
+    const float* lp = ws.log_probs.get() + std::size_t(n * C);
+    const std::int32_t base = std::int32_t(p * C);
+    if (verifier->dense(level)) {
+      const std::uint64_t* valid = verifier->row(level, ws.keys[n]);
+      for (std::int64_t w = 0; w * 64 < C; ++w)
+        for (std::uint64_t bits = valid[w]; bits; bits &= bits - 1) {        // the set bits: valid codes
+          const std::int64_t c = w * 64 + __builtin_ctzll(bits);
+          cand[m++] = Candidate{parent_score + lp[c], base + std::int32_t(c)};
+        }
+    } else {
+      const std::uint64_t key0 = ws.keys[n] * std::uint64_t(C);
+      for (std::int64_t c = 0; c < C; ++c)
+        if (verifier->contains(level, key0 + std::uint64_t(c))) cand[m++] = Candidate{parent_score + lp[c], base + std::int32_t(c)};
+    }
+  }
+  return m;
+}
+
+// select: user b's K_next best of its m candidates (score desc, flat index asc; slots beyond m are -inf)
+// -> next_scores, next_keys, parent [B * K_next] and code, the next head's input.
+void Recommender::Impl::select(Workspace& ws, int level, std::size_t b, std::int64_t K, std::int64_t K_next, std::int64_t m) const {
+  const std::int64_t C = manifest.layout.codes[std::size_t(level)];
+  Candidate* cand = ws.candidates.get();
+  const std::int64_t take = std::min(m, K_next);
+  std::partial_sort(cand, cand + take, cand + m, Better{});          // a heap of the best: one compare per candidate, mostly
+  for (std::int64_t j = 0; j < K_next; ++j) {
+    const std::size_t out = b * std::size_t(K_next) + std::size_t(j);
+    const Candidate c = j < take ? cand[j] : Candidate{-std::numeric_limits<float>::infinity(), 0};
+    const std::int64_t parent = std::int64_t(b) * K + c.index / C, code = c.index % C;
+    ws.next_scores[out] = c.score;
+    ws.next_keys[out] = ws.keys[parent] * std::uint64_t(C) + std::uint64_t(code);
+    ws.parent[out] = std::int32_t(parent);
+    ws.code[out] = code;
+  }
+}
+
+// Beam search of width `beam` for the B encoded rows (runtime/decode.py, beam_search): backbone, then per
+// level expand, verify, select. Leaves per user K (returned) beams: ws.keys [B, K] SID keys and ws.scores
+// [B, K] summed log-probs, best first, -inf where no valid SID was found.
 std::int64_t Recommender::Impl::decode(Workspace& ws, std::size_t B, std::int64_t T, int beam) const {
   Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};
   const std::int64_t backbone_dims[2] = {std::int64_t(B), T};      // dim names sorted: batch, tokens
   ws.runners[0]->run(backbone_dims);                                // hidden_all [B, L+1, H]
   stage(ws, s_backbone(), t0);
-  const std::size_t row = std::size_t(H) * sizeof(float);
-  const float* hidden_all = ws.hidden_all.get();
   std::int64_t K = 1;                                               // beams per user
-  for (std::size_t b = 0; b < B; ++b) {
-    ws.scores[b] = 0.0f;
-    ws.keys[b] = 0;
-  }
+  std::fill(ws.scores.get(), ws.scores.get() + B, 0.0f);
+  std::fill(ws.keys.get(), ws.keys.get() + B, 0);
   for (int level = 0; level < L; ++level) {
-    const std::int64_t C = manifest.layout.codes[std::size_t(level)];
-    const std::int64_t N = std::int64_t(B) * K;
-    // expand: the level's head on every beam: state [N, H], code [N], hidden [N, H] -> next_state, log_probs
-    for (std::int64_t n = 0; n < N; ++n) {
-      const std::size_t user = std::size_t(n / K);
-      const float* state = level == 0 ? hidden_all + user * std::size_t((L + 1) * H)
-                                      : ws.next_state.get() + std::size_t(ws.parent[n]) * std::size_t(H);
-      std::memcpy(ws.state.get() + std::size_t(n * H), state, row);
-      std::memcpy(ws.hidden.get() + std::size_t(n * H), hidden_all + (user * std::size_t(L + 1) + std::size_t(1 + level)) * std::size_t(H), row);
-    }
-    ws.runners[std::size_t(1 + level)]->run(&N);
+    expand(ws, level, B, K);
     stage(ws, s_head(level), t0);
-    const std::int64_t K_next = std::min<std::int64_t>(beam, K * C);
-    const float* logp = ws.log_probs.get();
-    const float minus_inf = -std::numeric_limits<float>::infinity();
-    double verify_seconds = 0;
+    const std::int64_t K_next = std::min<std::int64_t>(beam, K * manifest.layout.codes[std::size_t(level)]);
     for (std::size_t b = 0; b < B; ++b) {
-      // verify: the valid children of the user's beams with their summed scores
-      Candidate* cand = ws.candidates.get();
-      std::int64_t m = 0;
-      for (std::int64_t p = 0; p < K; ++p) {
-        const std::int64_t n = std::int64_t(b) * K + p;
-        const float parent_score = ws.scores[n];
-        if (parent_score == minus_inf) continue;                   // its children are -inf: never valid results
-        const float* lp = logp + std::size_t(n * C);
-        const std::int32_t base = std::int32_t(p * C);
-        if (verifier->dense(level)) {
-          const std::uint64_t* valid = verifier->row(level, ws.keys[n]);
-          for (std::int64_t w = 0; w * 64 < C; ++w) {
-            for (std::uint64_t bits = valid[w]; bits; bits &= bits - 1) {     // the set bits: valid codes
-              const std::int64_t c = w * 64 + __builtin_ctzll(bits);
-              cand[m++] = Candidate{parent_score + lp[c], base + std::int32_t(c)};
-            }
-          }
-        } else {
-          const std::uint64_t key0 = ws.keys[n] * std::uint64_t(C);
-          for (std::int64_t c = 0; c < C; ++c)
-            if (verifier->contains(level, key0 + std::uint64_t(c))) cand[m++] = Candidate{parent_score + lp[c], base + std::int32_t(c)};
-        }
-      }
-      Clock::time_point t1 = ws.timing ? Clock::now() : Clock::time_point{};
-      if (ws.timing) verify_seconds += std::chrono::duration<double>(t1 - t0).count();
-      // select: the K_next best (score desc, index asc); slots without a valid child stay -inf
-      const std::int64_t take = std::min(m, K_next);
-      // a heap of the best `take` seen, worst on top: most candidates cost one comparison with the top
-      std::partial_sort(cand, cand + take, cand + m, Better{});
-      for (std::int64_t j = 0; j < K_next; ++j) {
-        const std::size_t out = b * std::size_t(K_next) + std::size_t(j);
-        const Candidate c = j < take ? cand[j] : Candidate{minus_inf, 0};
-        const std::int64_t parent = std::int64_t(b) * K + c.index / C;
-        const std::int64_t code = c.index % C;
-        ws.next_scores[out] = c.score;
-        ws.next_keys[out] = ws.keys[parent] * std::uint64_t(C) + std::uint64_t(code);
-        ws.parent[out] = std::int32_t(parent);
-        ws.code[out] = code;                                        // the next head's input
-      }
-      if (ws.timing) {
-        t0 = Clock::now();
-        ws.stage_seconds[s_select()] += std::chrono::duration<double>(t0 - t1).count();
-      }
+      const std::int64_t m = verify(ws, level, b, K);
+      stage(ws, s_verify(level), t0);
+      select(ws, level, b, K, K_next, m);
+      stage(ws, s_select(), t0);
     }
-    if (ws.timing) ws.stage_seconds[s_verify(level)] += verify_seconds;
     std::swap(ws.scores, ws.next_scores);
     std::swap(ws.keys, ws.next_keys);
     K = K_next;
@@ -388,7 +398,7 @@ void Recommender::recommend_into(const HistoryBatch& h, int k, int beam, Unknown
   for (std::size_t first = 0; first < h.count; first += std::size_t(im.manifest.limits.max_batch)) {
     const std::size_t B = std::min(h.count - first, std::size_t(im.manifest.limits.max_batch));
     std::int64_t T = 0;
-    im.encode(ws, h, first, B, unknown, T);
+    im.encode(ws, h, first, B, T);
     im.stage(ws, im.s_encode(), t0);
     const std::int64_t K = im.decode(ws, B, T, beam);
     if (ws.timing) t0 = Clock::now();
@@ -423,7 +433,7 @@ void Recommender::backbone_only(const HistoryBatch& h, Unknown unknown) {
   for (std::size_t first = 0; first < h.count; first += std::size_t(im.manifest.limits.max_batch)) {
     const std::size_t B = std::min(h.count - first, std::size_t(im.manifest.limits.max_batch));
     std::int64_t T = 0;
-    im.encode(ws, h, first, B, unknown, T);
+    im.encode(ws, h, first, B, T);
     im.stage(ws, im.s_encode(), t0);
     const std::int64_t dims[2] = {std::int64_t(B), T};
     ws.runners[0]->run(dims);
