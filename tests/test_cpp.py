@@ -135,6 +135,22 @@ def test_same_items_as_the_python_runtime(cpp_build, artifact, precision):
     py.close()
 
 
+def test_fewer_valid_items_than_k_gives_fewer_results(cpp_build, tmp_path):
+    """A 3-item catalog (items 100 and 101 share a SID): k=8 gives those 3 items, as in Python."""
+    from nezha.export.build import build
+    from nezha.model.checkpoint import save_checkpoint
+    from nezha.runtime.catalog import Catalog
+    full = tiny_catalog()
+    small = Catalog(full.item_ids[:3], full.item_codes[:3])
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "ckpt", full)
+    build(ckpt, write_index(small, tmp_path / "small.index.json"), tmp_path / "art", precision=("fp32",),
+          backend=("onnxruntime",), max_batch=MAX_BATCH, max_beam=MAX_BEAM, log=None)
+    with cpp(tmp_path / "art") as cc, Recommender.load(tmp_path / "art", threads=1) as py:
+        got = cc.recommend([[100, 102], [101]], k=8, beam=8)
+        assert sorted(i for i, _ in got[0]) == [100, 101, 102]
+        assert_same(py.recommend([[100, 102], [101]], k=8, beam=8), got, tolerance=0)
+
+
 def test_requests_are_checked_as_in_python(cpp_build, artifact):
     cat = tiny_catalog()
     item = int(cat.item_ids[0])
