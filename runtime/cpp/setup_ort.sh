@@ -16,7 +16,9 @@ dest="$here/third_party/onnxruntime"
 package="libonnxruntime-dev"
 version="1.21.0"                       # pinned: C API version 21; the wheel's 1.2x/1.3x libraries serve it
 
-if [ -f "$dest/include/onnxruntime_cxx_api.h" ] && [ "$(cat "$dest/VERSION" 2>/dev/null)" = "$version" ]; then
+if [ -n "${ONNXRUNTIME_ROOT:-}" ]; then
+    echo "setup_ort: ONNXRUNTIME_ROOT=$ONNXRUNTIME_ROOT: CMake uses that SDK's headers; nothing to fetch"
+elif [ -f "$dest/include/onnxruntime_cxx_api.h" ] && [ "$(cat "$dest/VERSION" 2>/dev/null)" = "$version" ]; then
     echo "setup_ort: headers present in $dest (ONNX Runtime $version)"
 else
     work="$(mktemp -d)"
