@@ -417,6 +417,40 @@ void test_refuses_unknown_missing_and_mistyped_keys() {
   EXPECT_ERROR(load(g_artifact, o), "has no 'fp16x' graphs");
 }
 
+// Random damage to manifest.json and to a table (unverified, so the parsers see it): every load either
+// succeeds or throws nezha::Error; no other exception, no crash (the sanitizer build runs this too).
+void test_damaged_inputs_never_crash() {
+  const fs::path d = copy_artifact("fuzz");
+  const std::string manifest = nezha::read_file((d / "manifest.json").string());
+  const std::string table_rel = read_manifest(d)["tables"]["item_codes"]["file"];
+  const std::string table = nezha::read_file((d / table_rel).string());
+  unsigned x = 12345;
+  auto next = [&] { return x = x * 1664525u + 1013904223u; };
+  nezha::Options o;
+  o.verify = false;
+  o.intra_op_threads = 1;
+  int refused = 0, loaded = 0;
+  for (int i = 0; i < 300; ++i) {
+    const bool damage_table = i % 3 == 2;
+    std::string bytes = damage_table ? table : manifest;
+    const unsigned kind = next() % 3;
+    if (kind == 0) bytes.resize(next() % bytes.size());                        // truncated
+    else if (damage_table) bytes[next() % 128 % bytes.size()] = char(next());  // header bytes
+    else
+      for (int j = 0; j < 1 + int(next() % 3); ++j) bytes[next() % bytes.size()] = "{}[]\",:0123456789-.etfn \\"[next() % 26];
+    std::ofstream(d / (damage_table ? table_rel : "manifest.json"), std::ios::binary | std::ios::trunc) << bytes;
+    try {
+      nezha::Recommender::load(d.string(), o);
+      ++loaded;
+    } catch (const nezha::Error&) {
+      ++refused;
+    }
+    std::ofstream(d / (damage_table ? table_rel : "manifest.json"), std::ios::binary | std::ios::trunc) << (damage_table ? table : manifest);
+  }
+  std::cout << "  300 damaged inputs: " << refused << " refused with nezha::Error, " << loaded << " still valid\n";
+  CHECK(refused > 200);
+}
+
 void test_request_policies() {
   auto rec = load(g_artifact);
   const auto items = catalog_items(g_artifact);
@@ -551,6 +585,7 @@ int main(int argc, char** argv) {
       {"refuses_broken_table_invariants", test_refuses_broken_table_invariants},
       {"refuses_limits_that_disagree_with_the_graphs", test_refuses_limits_that_disagree_with_the_graphs},
       {"refuses_unknown_missing_and_mistyped_keys", test_refuses_unknown_missing_and_mistyped_keys},
+      {"damaged_inputs_never_crash", test_damaged_inputs_never_crash},
       {"request_policies", test_request_policies},
       {"threads_equal_serial", test_threads_equal_serial},
       {"c_abi_reports_errors", test_c_abi_reports_errors},
