@@ -1,4 +1,4 @@
-"""The benchmark and latency-regression gate (``nezha bench``).
+"""``nezha.bench`` (folder bench/): the benchmark and latency-regression gate (``nezha bench``).
 
 stats (percentiles, paired ratios, peak RSS, machine) -> contenders (floor, NEZHA runtime, torch reference,
 AR baseline, HF generate) -> run (interleaved round-robin measurement) -> report (Markdown, PNG) and gate

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from .run import flat_ratios
 from .stats import regressed
+from nezha.runtime.catalog import read_json_object
 from nezha.runtime.errors import NezhaError
 
 BASELINE_FORMAT = "nezha-bench-baseline"
@@ -58,13 +59,8 @@ def save_baseline(result: dict, path: str | Path, tolerance: float = 0.10) -> Pa
 
 
 def load_baseline(path: str | Path) -> dict:
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise GateError(f"baseline {path} does not exist (write one with --save-baseline)") from None
-    except json.JSONDecodeError as e:
-        raise GateError(f"baseline {path} is not valid JSON: {e}") from None
+    raw = read_json_object(Path(path), "baseline (write one with --save-baseline)", "a nezha bench baseline",
+                           GateError)
     if raw.get("format") != BASELINE_FORMAT or not isinstance(raw.get("ratios"), dict):
         raise GateError(f"{path} is not a nezha bench baseline (format {raw.get('format')!r}, "
                         f"expected {BASELINE_FORMAT!r} with a 'ratios' object)")

@@ -15,7 +15,6 @@ Beauty item gets a random 3-level SID of 512 codes (the public training scripts'
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "
 
 def layout_and_catalog(kind: str, data: Path, vocab: int, seed: int = 0):
     """("3x512" | "beauty") -> (SidLayout with code tokens after ``vocab`` tokens, Catalog of the Beauty items)."""
-    from nezha.data import find_pair
+    from nezha.runtime.data import find_pair
     from nezha.runtime.catalog import Catalog
     from nezha.runtime.layout import SidLayout
 
@@ -89,9 +88,7 @@ def build_artifact(model, catalog, folder: Path, backends: list[str], max_beam: 
 
     ckpt = save_checkpoint(model, folder / "checkpoint", catalog, overwrite=True)
     log(f"building artifact for {backends} (max_beam {max_beam}) ...")
-    index = folder / "items.index.json"          # LETTER format, so that the artifact keeps the Beauty item ids
-    index.write_text(json.dumps({str(i): [f"<{chr(97 + level)}_{c}>" for level, c in enumerate(codes)]
-                                 for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}))
+    index = catalog.to_index_json(folder / "items.index.json")     # so that the artifact keeps the Beauty item ids
     build(checkpoint=ckpt, index=index, out=folder / "artifact", precision=("fp32",), backend=tuple(backends),
           max_beam=max_beam, force=True, log=log)
     return folder / "artifact"
@@ -108,7 +105,7 @@ def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: 
 
     import torch
 
-    from nezha.data import DEFAULT_DATA
+    from nezha.runtime.data import DEFAULT_DATA
 
     from .contenders import ar_contender, ar_model_from, reference_contenders, runtime_contenders
     from .run import benchmark, load_histories

@@ -14,29 +14,14 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from nezha.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
-from nezha.runtime.decode import beam_search, items_from_sids
+from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 from nezha.runtime.encoding import encode_histories
-from nezha.runtime.verifier import Verifier
 
 from nezha.calibration.data import CalibrationReader
-from nezha.calibration.quantize import cpu_session, int8_cpu_from_onnx, int8_from_onnx, validate_int8
+from nezha.calibration.quantize import int8_cpu_from_onnx, int8_from_onnx
+from nezha.calibration.validate import cpu_session, validate_int8
 from nezha.export.validate import ort_validation_steps
-
-
-def decode_all(steps, histories, catalog, layout, verifier, sid_table, beam, max_history, batch_size, desc,
-               stages=None):
-    from nezha.model.evaluate import batches_by_length
-
-    recs = [[] for _ in histories]
-    for idx in tqdm(list(batches_by_length(histories, batch_size)), desc=desc, leave=False):
-        feed = encode_histories([histories[i] for i in idx], catalog, layout, max_history)
-        keys, scores = beam_search(steps, feed, layout, verifier, beam, stages)
-        for i, r in zip(idx, items_from_sids(keys, scores, sid_table, 10)):
-            recs[i] = [item for item, _ in r]
-    return recs
 
 
 def interleaved_latency(sessions: dict, feeds: dict[str, dict], rounds: int) -> dict:
@@ -55,13 +40,7 @@ def interleaved_latency(sessions: dict, feeds: dict[str, dict], rounds: int) -> 
     return {f: {p: 1e3 * float(np.median(times[(p, f)])) for p in names} for f in feeds}
 
 
-def main(argv=None):
-    import torch
-
-    from nezha.export.graphs import graph_specs, model_limits, onnx_from_model
-    from nezha.model.checkpoint import load_catalog, load_checkpoint
-    from nezha.model.evaluate import ranking_metrics
-
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--index", type=Path, default=None, help="LETTER *.index.json (default: the checkpoint's ava_sid)")
@@ -78,15 +57,15 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=30, help="interleaved latency rounds")
     p.add_argument("--work", type=Path, default=Path("/tmp/nezha-int8-report"))
     p.add_argument("--out", type=Path, default=None, help="write the figures as JSON here")
-    a = p.parse_args(argv)
-    torch.set_num_threads(a.threads)
+    return p
 
-    model = load_checkpoint(a.checkpoint)
-    layout = model.layout
-    catalog = load_catalog(a.index, a.checkpoint, layout)
-    limits = model_limits(model, a.max_history, a.batch_size, max(a.beam, 1))
+
+def int8_graphs(a, model, catalog, limits) -> tuple[dict, dict, dict, CalibrationReader]:
+    """fp32, int8 and int8-cpu graphs of ``model`` -> (graphs, calibration report, hidden-state cosines, reader)."""
+    from nezha.export.graphs import onnx_from_model
+
     fp32 = onnx_from_model(model, a.work / "fp32", limits)
-    reader = CalibrationReader.from_file(a.calibration_data, catalog, layout, a.max_history, a.calibration_size)
+    reader = CalibrationReader.from_file(a.calibration_data, catalog, model.layout, a.max_history, a.calibration_size)
     report: dict = {}
     graphs = {"fp32": fp32,
               "int8": int8_from_onnx(fp32, a.work / "int8", reader, method=a.calibration_method,
@@ -96,31 +75,51 @@ def main(argv=None):
     check = list(reader)[:4]
     validation = {p: validate_int8(fp32["backbone"], graphs[p]["backbone"], check, min_mean_cosine=0,
                                    min_cosine=0, max_relative_error=1e9)["hidden"] for p in ("int8", "int8-cpu")}
+    return graphs, report, validation, reader
 
+
+def quality(a, model, catalog, limits, graphs, histories, targets) -> tuple[dict, dict]:
+    """Recall/NDCG per precision, top-10 overlap with fp32 -> (metrics, the heads' share of decode time)."""
+    from nezha.export.graphs import graph_specs
+    from nezha.model.evaluate import decode_all, overlap_shares, ranking_metrics
+    from nezha.model.reference import Reference
+
+    recs, metrics, stages = {}, {}, {}
+    for prec, paths in graphs.items():
+        t0, stages[prec] = time.perf_counter(), {}
+        decoder = Reference(model, catalog, a.max_history, steps=ort_validation_steps(graph_specs(model, limits), paths))
+        recs[prec] = [[i for i, _ in r] for r in decode_all(decoder, histories, a.beam, 10, a.batch_size, True, prec,
+                                                             stages[prec])]
+        metrics[prec] = {**ranking_metrics(recs[prec], targets), "seconds": round(time.perf_counter() - t0, 1)}
+        if prec != "fp32":
+            metrics[prec]["top10_overlap_with_fp32"] = float(np.mean(overlap_shares(recs[prec], recs["fp32"])))
+            metrics[prec]["identical_top10_share"] = float(np.mean([r == f for r, f in zip(recs[prec], recs["fp32"])]))
+    return metrics, {p: sum(v for k, v in s.items() if k.startswith("head_")) / sum(s.values()) for p, s in stages.items()}
+
+
+def main(argv=None):
+    import torch
+
+    from nezha.export.graphs import model_limits
+    from nezha.model.checkpoint import load_catalog, load_checkpoint
+
+    a = parser().parse_args(argv)
+    torch.set_num_threads(a.threads)
+    model = load_checkpoint(a.checkpoint)
+    layout = model.layout
+    catalog = load_catalog(a.index, a.checkpoint, layout)
+    limits = model_limits(model, a.max_history, a.batch_size, max(a.beam, 1))
+    graphs, report, validation, reader = int8_graphs(a, model, catalog, limits)
     split = leave_one_out(read_interactions(find_pair(a.data)[1]), "test")
     histories, targets = split.histories, split.targets
     if a.users:
         histories, targets = histories[:a.users], targets[:a.users]
-    verifier, sid_table = Verifier(layout, catalog.valid_prefixes(layout)), catalog.sid_table(layout)
-    recs, metrics, stages = {}, {}, {}
-    for prec, paths in graphs.items():
-        t0 = time.perf_counter()
-        stages[prec] = {}
-        recs[prec] = decode_all(ort_validation_steps(graph_specs(model, limits), paths), histories, catalog, layout, verifier, sid_table,
-                                a.beam, a.max_history, a.batch_size, prec, stages[prec])
-        metrics[prec] = {**ranking_metrics(recs[prec], targets), "seconds": round(time.perf_counter() - t0, 1)}
-        if prec != "fp32":
-            metrics[prec]["top10_overlap_with_fp32"] = float(np.mean(
-                [len(set(r) & set(f)) / max(len(f), 1) for r, f in zip(recs[prec], recs["fp32"])]))
-            metrics[prec]["identical_top10_share"] = float(np.mean([r == f for r, f in zip(recs[prec], recs["fp32"])]))
-    head_share = {p: sum(v for k, v in s.items() if k.startswith("head_")) / sum(s.values()) for p, s in stages.items()}
-
+    metrics, head_share = quality(a, model, catalog, limits, graphs, histories, targets)
     sessions = {p: cpu_session(g["backbone"], a.threads) for p, g in graphs.items()}
     lengths = sorted(histories, key=len)
-    latency_feeds = {f"B=1 T={a.max_history * layout.levels + layout.levels}":
-                     encode_histories([lengths[-1]], catalog, layout, a.max_history),
-                     "B=64 (longest test users)": encode_histories(lengths[-64:], catalog, layout, a.max_history)}
-    latency = interleaved_latency(sessions, latency_feeds, a.rounds)
+    latency = interleaved_latency(sessions, {
+        f"B=1 T={a.max_history * layout.levels + layout.levels}": encode_histories([lengths[-1]], catalog, layout, a.max_history),
+        "B=64 (longest test users)": encode_histories(lengths[-64:], catalog, layout, a.max_history)}, a.rounds)
 
     print(f"\nusers {len(histories)}, beam {a.beam}, calibration {a.calibration_method} on {reader.samples} "
           f"train histories, {len(report['excluded'])} sensitive MatMuls kept float, ORT CPU threads {a.threads}")

@@ -11,7 +11,6 @@ written as ``ava_sid{L}.pt`` and as a LETTER ``items.index.json`` beside the che
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ def random_checkpoint(out: Path, hidden_size: int = 768, num_layers: int = 12, n
                       num_kv_heads: int = 4, head_dim: int | None = None, intermediate_size: int = 3072,
                       vocab: int = 2, layout: str = "beauty", data: Path | None = None, seed: int = 0) -> Path:
     """Write the checkpoint folder ``out`` (overwriting) and ``out``/../<name>.index.json; returns ``out``."""
-    from nezha.data import DEFAULT_DATA
+    from nezha.runtime.data import DEFAULT_DATA
     from nezha.model.checkpoint import save_checkpoint
 
     sid_layout, catalog = layout_and_catalog(layout, data or DEFAULT_DATA, vocab, seed)
@@ -31,9 +30,7 @@ def random_checkpoint(out: Path, hidden_size: int = 768, num_layers: int = 12, n
              "intermediate_size": intermediate_size}
     model = random_model(sid_layout, shape, seed)
     save_checkpoint(model, out, catalog, overwrite=True)
-    index = Path(out).with_name(Path(out).name + ".index.json")
-    index.write_text(json.dumps({str(i): [f"<{chr(97 + level)}_{c}>" for level, c in enumerate(codes)]
-                                 for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}))
+    index = catalog.to_index_json(Path(out).with_name(Path(out).name + ".index.json"))
     print(f"wrote {out} ({sum(p.numel() for p in model.model.parameters()) / 1e6:.1f}M backbone params) and {index}")
     return Path(out)
 

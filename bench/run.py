@@ -29,7 +29,7 @@ class BenchError(NezhaError, ValueError):
 def load_histories(data: str | Path, part: str = "test", limit: int | None = None, seed: int = 0) -> list[list[int]]:
     """Real request histories: the leave-one-out ``part`` histories of a LETTER dataset, shuffled with
     ``seed`` (so that a request mixes users of all lengths), the first ``limit`` of them."""
-    from nezha.data import find_pair, leave_one_out, read_interactions
+    from nezha.runtime.data import find_pair, leave_one_out, read_interactions
 
     _, inter = find_pair(data)
     hist = leave_one_out(read_interactions(inter), part).histories

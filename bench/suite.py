@@ -103,7 +103,7 @@ def catalog_for(layout, data, checkpoint, load_catalog):
     from nezha.runtime.catalog import Catalog, CatalogError
 
     if data is not None:
-        from nezha.data import find_pair
+        from nezha.runtime.data import find_pair
         index, _ = find_pair(data)
         cat = Catalog.from_index_json(index)
         try:
@@ -138,7 +138,7 @@ def run_bench(artifact=None, checkpoint=None, ar_checkpoint=None, data=None, his
         batch_sizes, beams = QUICK["batch_sizes"], QUICK["beams"]
         requests, warmup, history_limit = QUICK["requests"], QUICK["warmup"], QUICK["histories"]
     if data is None:
-        from nezha.data import DEFAULT_DATA
+        from nezha.runtime.data import DEFAULT_DATA
         data = DEFAULT_DATA
     contenders, desc = build_contenders(artifact, checkpoint, ar_checkpoint, data if histories is None else None,
                                         backends, precisions, device, reference, ar, hf_generate, max_history,

@@ -1,12 +1,12 @@
-"""INT8 calibration: real histories -> Q/DQ graphs (static int8, for ONNX Runtime and TensorRT) and the
+"""``nezha.calibration`` (folder calibration/): INT8 calibration: real histories -> Q/DQ graphs (static int8, for ONNX Runtime and TensorRT) and the
 CPU-only dynamic int8 variant, with sensitivity analysis and validation against fp32.
 
 The build (export/) calls ``int8_from_onnx`` and ``int8_cpu_from_onnx``; calibration never imports export.
 """
 
 from .data import MIN_SAMPLES, CalibrationError, CalibrationReader, FeedList, sample_histories
-from .quantize import (INT8_CPU_SETTINGS, METHODS, Int8ValidationError, calibrate_ranges, int8_cpu_from_onnx,
-                       int8_from_onnx, qdq_from_ranges, validate_int8)
+from .quantize import INT8_CPU_SETTINGS, METHODS, calibrate_ranges, int8_cpu_from_onnx, int8_from_onnx, qdq_from_ranges
+from .validate import Int8ValidationError, validate_int8
 from .sensitivity import node_sensitivity, sensitivity_table, weight_matmuls
 
 __all__ = ["INT8_CPU_SETTINGS", "METHODS", "MIN_SAMPLES", "CalibrationError", "CalibrationReader",

@@ -12,7 +12,7 @@ import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 
-from nezha.data import DEFAULT_DATA, DataError, find_pair, leave_one_out, read_interactions
+from nezha.runtime.data import DEFAULT_DATA, DataError, find_pair, leave_one_out, read_interactions
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.encoding import encode_codes, history_codes
 from nezha.runtime.layout import SidLayout

@@ -30,9 +30,7 @@ from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType,
 from onnxruntime.quantization.calibrate import CalibrationCacheEncoder, TensorsData
 from tqdm import tqdm
 
-from nezha.runtime.artifact import sha256
-from nezha.runtime.backends.onnxruntime import open_session
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.artifact import external_data_path, sha256
 
 from .data import CalibrationError, FeedList
 from .sensitivity import node_sensitivity, sensitivity_table, weight_matmuls
@@ -50,10 +48,6 @@ METHODS = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entr
 PERCENTILE = 99.999
 CACHE_FORMAT = "nezha-calibration-cache"
 CACHE_VERSION = 1
-
-
-class Int8ValidationError(NezhaError, ValueError):
-    """An int8 graph whose outputs are too far from the fp32 graph's; lists every output and its tolerance."""
 
 
 def qdq_options() -> dict:
@@ -77,7 +71,7 @@ def _check_method(method: str) -> CalibrationMethod:
 
 def graph_sha256(path: Path) -> str:
     """sha256 of a graph file, and of its external weights file when it has one."""
-    data = Path(str(path) + ".data")
+    data = external_data_path(path)
     return sha256(path) if not data.exists() else sha256(path) + ":" + sha256(data)
 
 
@@ -120,17 +114,22 @@ def _write_cache(cache_path: Path, key: dict, ranges: TensorsData) -> None:
     tmp.replace(cache_path)
 
 
+def _not_quantizer_chatter(record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.ERROR or "onnxruntime/quantization" not in record.pathname.replace("\\", "/")
+
+
 @contextmanager
 def _quiet_ort():
-    """The quantizer logs a 'please pre-process' warning per call: we quantize the exported graph as it
-    is on purpose (ORT's pre-processing fuses norms into contrib ops that TensorRT cannot parse)."""
-    logger = logging.getLogger()
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    """The quantizer logs a 'please pre-process' warning per call on the root logger: we quantize the
+    exported graph as it is on purpose (ORT's pre-processing fuses norms into contrib ops that TensorRT
+    cannot parse). Only the quantizer's own records below ERROR are dropped, and only while it runs; the
+    root logger's level and everything else logged meanwhile are left alone."""
+    root = logging.getLogger()
+    root.addFilter(_not_quantizer_chatter)
     try:
         yield
     finally:
-        logger.setLevel(level)
+        root.removeFilter(_not_quantizer_chatter)
 
 
 def calibrate_ranges(fp32_path: Path, feeds: FeedList, method: str = "entropy", cache_path: Path | None = None,
@@ -187,7 +186,7 @@ def qdq_from_ranges(fp32_path: Path, out_path: Path, ranges: TensorsData, nodes_
                         nodes_to_quantize=list(nodes_to_quantize), nodes_to_exclude=list(nodes_to_exclude),
                         calibrate_method=ranges.calibration_method, extra_options=qdq_options(),
                         calibration_cache_path=ort_cache,
-                        use_external_data_format=Path(str(fp32_path) + ".data").exists())
+                        use_external_data_format=external_data_path(fp32_path).exists())
     onnx.checker.check_model(str(out_path))
     return out_path
 
@@ -196,8 +195,8 @@ def _copy_graph(src: Path, dst_dir: Path) -> Path:
     dst = Path(dst_dir) / Path(src).name
     if Path(src).resolve() != dst.resolve():
         shutil.copyfile(src, dst)
-        if Path(str(src) + ".data").exists():
-            shutil.copyfile(str(src) + ".data", str(dst) + ".data")
+        if external_data_path(src).exists():
+            shutil.copyfile(external_data_path(src), external_data_path(dst))
     return dst
 
 
@@ -264,7 +263,7 @@ def int8_cpu_from_onnx(fp32_graphs: dict[str, Path], out_dir: Path, *,
         quantize_dynamic(str(src), str(dst), op_types_to_quantize=INT8_CPU_SETTINGS["op_types"], per_channel=True,
                          reduce_range=INT8_CPU_SETTINGS["reduce_range"], weight_type=QuantType.QInt8,
                          extra_options={"MatMulConstBOnly": True},
-                         use_external_data_format=Path(str(src) + ".data").exists())
+                         use_external_data_format=external_data_path(src).exists())
     onnx.checker.check_model(str(dst))
     if log:
         log(f"  int8-cpu backbone: {len(weight_matmuls(src))} MatMul weights int8 (dynamic; ONNX Runtime CPU only)")
@@ -273,65 +272,3 @@ def int8_cpu_from_onnx(fp32_graphs: dict[str, Path], out_dir: Path, *,
         if name != "backbone":
             paths[name] = _copy_graph(Path(path), out_dir)
     return paths
-
-
-# ---------------------------------------------------------------- validation
-
-def cpu_session(path: Path, threads: int | None = None) -> ort.InferenceSession:
-    return open_session(path, "cpu", threads)
-
-
-def output_errors(reference: list[np.ndarray], candidate: list[np.ndarray]) -> dict:
-    """Per-vector cosine (over the last axis) and absolute error of candidate vs reference outputs."""
-    ref = np.concatenate([r.reshape(-1, r.shape[-1]) for r in reference]).astype(np.float64)
-    cand = np.concatenate([c.reshape(-1, c.shape[-1]) for c in candidate]).astype(np.float64)
-    cos = (ref * cand).sum(-1) / np.maximum(np.linalg.norm(ref, axis=-1) * np.linalg.norm(cand, axis=-1), 1e-30)
-    err = np.abs(ref - cand)
-    return {"mean_cosine": float(cos.mean()), "min_cosine": float(cos.min()), "max_abs_error": float(err.max()),
-            "mean_abs_error": float(err.mean()), "max_abs_reference": float(np.abs(ref).max())}
-
-
-def validate_int8(fp32_path: Path, int8_path: Path, feeds: Iterable[dict[str, np.ndarray]], *,
-                  min_mean_cosine: float = 0.99, min_cosine: float = 0.95, max_relative_error: float = 0.25,
-                  threads: int | None = None) -> dict:
-    """Run both graphs on ``feeds`` and compare every output, vector by vector (last axis: the hidden
-    size H for the backbone's hidden [B, L+1, H]). Checks, per output: mean cosine >= min_mean_cosine,
-    worst cosine >= min_cosine, max |int8 - fp32| <= max_relative_error * max |fp32|.
-
-    Returns {output name: {mean_cosine, min_cosine, max_abs_error, mean_abs_error, max_abs_reference,
-    tolerances, ok}}; raises Int8ValidationError listing every output when one fails. The inputs and
-    outputs of the two graphs must match (names, dtypes, ranks)."""
-    fp32, int8 = cpu_session(fp32_path, threads), cpu_session(int8_path, threads)
-    io = lambda s: ([(a.name, a.type, len(a.shape)) for a in s.get_inputs()],
-                    [(a.name, a.type, len(a.shape)) for a in s.get_outputs()])
-    if io(fp32) != io(int8):
-        raise Int8ValidationError(f"{int8_path} has inputs/outputs {io(int8)}, the fp32 graph {io(fp32)}")
-    names = [o.name for o in fp32.get_outputs()]
-    outs32, outs8 = {n: [] for n in names}, {n: [] for n in names}
-    count = 0
-    for feed in feeds:
-        for n, a, b in zip(names, fp32.run(names, feed), int8.run(names, feed)):
-            outs32[n].append(a)
-            outs8[n].append(b)
-        count += 1
-    if not count:
-        raise CalibrationError("validate_int8: no feeds to compare on")
-    result, failures = {}, []
-    for n in names:
-        e = output_errors(outs32[n], outs8[n])
-        tol = {"min_mean_cosine": min_mean_cosine, "min_cosine": min_cosine,
-               "max_abs_error": max_relative_error * e["max_abs_reference"]}
-        e["tolerances"] = tol
-        e["ok"] = (e["mean_cosine"] >= min_mean_cosine and e["min_cosine"] >= min_cosine
-                   and e["max_abs_error"] <= tol["max_abs_error"])
-        result[n] = e
-        if not e["ok"]:
-            failures.append(n)
-    if failures:
-        lines = [f"  {n}: mean cosine {r['mean_cosine']:.5f} (>= {min_mean_cosine}), worst cosine "
-                 f"{r['min_cosine']:.5f} (>= {min_cosine}), max abs error {r['max_abs_error']:.4g} "
-                 f"(<= {r['tolerances']['max_abs_error']:.4g} = {max_relative_error} x max |fp32| "
-                 f"{r['max_abs_reference']:.4g}){'' if r['ok'] else '  FAILED'}" for n, r in result.items()]
-        raise Int8ValidationError(f"int8 graph {int8_path} differs from {fp32_path} beyond tolerance:\n"
-                                  + "\n".join(lines))
-    return result

@@ -35,7 +35,8 @@ def node_sensitivity(fp32_path: Path, ranges, feeds: FeedList, progress: bool = 
 
     Returns rows {node, op, weight, shape, mean_cosine, min_cosine, max_abs_error}, worst (lowest mean
     cosine) first. ``ranges`` are the calibrated activation ranges (quantize.calibrate_ranges)."""
-    from .quantize import cpu_session, output_errors, qdq_from_ranges
+    from .quantize import qdq_from_ranges
+    from .validate import cpu_session, output_errors
 
     reference = _run_all(cpu_session(fp32_path), feeds)
     rows = []

@@ -33,7 +33,7 @@ from typing import Callable
 
 from nezha.calibration import METHODS, MIN_SAMPLES, CalibrationError
 from nezha.calibration.data import default_interactions
-from nezha.data import DEFAULT_DATA, find_pair
+from nezha.runtime.data import DEFAULT_DATA, find_pair
 from nezha.model.checkpoint import CheckpointError
 from nezha.runtime.catalog import CatalogError
 from nezha.runtime.errors import NezhaError

@@ -14,7 +14,8 @@ import onnx
 import torch
 from torch import nn
 
-from nezha.model.nezha import NezhaModel
+from nezha.model.nezha import NezhaModel, positions_from_mask
+from nezha.runtime.artifact import external_data_path
 from nezha.runtime.manifest import GraphEntry, Limits, expected_graphs, token_range  # noqa: F401 (token_range: re-export)
 from nezha.runtime.errors import NezhaError
 
@@ -50,7 +51,7 @@ class BackboneGraph(nn.Module):
         self.backbone, self.read = model.model, model.layout.levels + 1
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        positions = (attention_mask.cumsum(-1) - 1).clamp(min=0)                    # [B, T]
+        positions = positions_from_mask(attention_mask)                             # [B, T]
         T = input_ids.shape[1]
         causal = torch.ones(T, T, dtype=torch.bool, device=input_ids.device).tril()  # [T, T]
         allowed = causal[None, None] & attention_mask.bool()[:, None, None, :]       # [B, 1, T, T]
@@ -165,7 +166,7 @@ def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = N
         external_data = not _fits_inline(proto)
     if external_data:
         onnx.save_model(proto, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=path.name + ".data", size_threshold=1024)
+                        location=external_data_path(path).name, size_threshold=1024)
     else:
         onnx.save_model(proto, str(path))
     return path
@@ -173,7 +174,7 @@ def save_onnx(proto: onnx.ModelProto, path: Path, external_data: bool | None = N
 
 def finish_graph(path: Path, name: str, spec: GraphEntry) -> None:
     """Give every graph input/output the manifest's dim names and sizes (the exporter invents symbols
-    like 'Max(0, tokens - 4)'), then check the graph."""
+    like 'Max(0, tokens - 4)'), drop the exporter's per-node debug metadata, then check the graph."""
     proto = onnx.load(str(path), load_external_data=False)
     for value, tensor in zip(list(proto.graph.input) + list(proto.graph.output), spec.inputs + spec.outputs):
         dims = value.type.tensor_type.shape.dim
@@ -183,6 +184,8 @@ def finish_graph(path: Path, name: str, spec: GraphEntry) -> None:
             else:
                 dim.dim_value = size
     proto.doc_string = f"nezha-deploy graph {name}"
+    for node in proto.graph.node:           # the exporter's stack traces name this checkout's paths and lines:
+        del node.metadata_props[:]          # dropped, so a graph depends only on the model, not on where it was built
     onnx.save_model(proto, str(path))              # external data (if any) stays in place, untouched
     onnx.checker.check_model(str(path))
 

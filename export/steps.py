@@ -12,9 +12,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nezha.calibration import INT8_CPU_SETTINGS, CalibrationReader, int8_cpu_from_onnx, int8_from_onnx, validate_int8
-from nezha.calibration.quantize import Int8ValidationError
+from nezha.calibration.validate import Int8ValidationError
 from nezha.model.checkpoint import load_catalog, load_checkpoint
-from nezha.runtime.artifact import write_manifest
+from nezha.runtime.artifact import external_data_path, write_manifest
 from nezha.runtime.manifest import EngineEntry, Manifest, TableEntry
 from nezha.runtime.recommender import Recommender
 
@@ -234,8 +234,9 @@ def write_manifest_step(s: State, notes: list) -> State:
     if "fp32" not in o.precisions:                         # exported always; kept only if asked for
         shutil.rmtree(s.tmp / "graphs" / "fp32")
     (s.tmp / VALIDATION).write_text(json.dumps(s.report, indent=2))
-    graphs = {p: {n: dataclasses.replace(specs[n], file=path.relative_to(s.tmp).as_posix(), external_data=(
-        path.relative_to(s.tmp).as_posix() + ".data" if Path(str(path) + ".data").exists() else None))
+    rel = lambda path: path.relative_to(s.tmp).as_posix()
+    graphs = {p: {n: dataclasses.replace(specs[n], file=rel(path), external_data=(
+        rel(external_data_path(path)) if external_data_path(path).exists() else None))
         for n, path in s.graphs[p].items()} for p in o.precisions}
     s.manifest = Manifest(
         layout=s.model.layout, limits=s.limits,

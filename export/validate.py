@@ -6,7 +6,6 @@ torch Reference. All results are collected first; one ValidationError then lists
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -14,7 +13,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from nezha.data import read_interactions
+from nezha.runtime.data import read_interactions
+from nezha.model.evaluate import overlap_shares
 from nezha.model.nezha import NezhaModel
 from nezha.model.reference import Reference, TorchSteps
 from nezha.runtime.catalog import Catalog
@@ -115,8 +115,7 @@ def graph_cases(model: NezhaModel, feeds: dict[str, dict[str, np.ndarray]], seed
 
 def topk_agreement(ours: list[list[tuple[int, float]]], reference: list[list[tuple[int, float]]]) -> float:
     """Mean over histories of |our top-k items & reference top-k items| / |reference top-k items|."""
-    shares = [len({i for i, _ in a} & {i for i, _ in b}) / max(len(b), 1) for a, b in zip(ours, reference)]
-    return float(np.mean(shares))
+    return float(np.mean(overlap_shares([[i for i, _ in r] for r in ours], [[i for i, _ in r] for r in reference])))
 
 
 def validate_artifact(model: NezhaModel, catalog: Catalog, steps: dict[str, GraphSteps],

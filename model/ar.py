@@ -11,11 +11,11 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 
 from nezha.runtime.catalog import Catalog
-from nezha.runtime.decode import items_from_sids, top_k_desc
+from nezha.runtime.decode import expand, items_from_sids, select
 from nezha.runtime.encoding import encode_histories
 from nezha.runtime.verifier import Verifier
 
-from .nezha import NezhaModel
+from .nezha import NezhaModel, positions_from_mask
 
 
 class ArDecoder:
@@ -41,21 +41,15 @@ class ArDecoder:
         mask = torch.from_numpy(feed["attention_mask"][:, :-L]).to(self.device)
         B = ids.shape[0]
         cache = DynamicCache(config=self.model.config)
-        pos = (mask.cumsum(-1) - 1).clamp(min=0)
+        pos = positions_from_mask(mask)
         out = self.model.model(input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache,
                                use_cache=True)                                       # prefill [B, T, H]
         hidden_last, next_pos = out.last_hidden_state[:, -1], pos[:, -1:] + 1
         scores = np.zeros((B, 1), dtype=np.float32)
         keys = np.zeros(B, dtype=np.uint64)
         for level in range(L):
-            C, K = self.layout.codes[level], scores.shape[1]
-            cand = scores[:, :, None] + self._level_logp(hidden_last, level).reshape(B, K, C)
-            cand = np.where(self.verifier.mask(level, keys).reshape(B, K, C), cand, -np.inf).reshape(B, K * C)
-            top = top_k_desc(cand, min(beam, K * C))                                  # [B, K']
-            scores = np.take_along_axis(cand, top, axis=1).astype(np.float32)
-            parent = (np.arange(B)[:, None] * K + top // C).reshape(-1)
-            code = (top % C).reshape(-1)
-            keys = keys[parent] * np.uint64(C) + code.astype(np.uint64)
+            cand = expand(scores, self._level_logp(hidden_last, level), keys, level, self.verifier)   # [B, K*C]
+            scores, parent, code, keys = select(cand, beam, self.layout.codes[level], keys)
             if level == L - 1:
                 break
             parent_t = torch.from_numpy(parent).to(self.device)

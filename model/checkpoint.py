@@ -6,7 +6,6 @@ A folder holds ``config.json`` (backbone config + ``docid_num``, ``offset``, ``m
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -17,7 +16,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nezha.runtime.catalog import Catalog
+from nezha.runtime.catalog import Catalog, read_json_object
 from nezha.runtime.layout import LayoutError, SidLayout
 
 from .nezha import ARCHITECTURES, NezhaModel, layout_from_config
@@ -51,12 +50,8 @@ def _read_config(path: Path):
     cfg_path = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
-    try:
-        raw = json.loads(cfg_path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{cfg_path} is missing: a NEZHA checkpoint folder needs config.json") from None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path} is not valid JSON: {e}") from None
+    raw = read_json_object(cfg_path, "checkpoint config (a NEZHA checkpoint folder needs config.json)",
+                           "the backbone config plus docid_num, offset, max_sid", CheckpointError)
     arch = raw.get("model_type")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{cfg_path}: model_type {arch!r} is not supported; expected one of "

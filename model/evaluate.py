@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from nezha.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
+from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 from nezha.runtime.catalog import Catalog
+from nezha.runtime.errors import NezhaError
 from nezha.runtime.decode import items_from_sids
 
 KS = (5, 10)
@@ -42,12 +43,14 @@ def batches_by_length(histories, batch_size: int):
 
 
 def decode_all(decoder, histories, beam: int = 20, k: int = max(KS), batch_size: int = 256, progress: bool = True,
-               desc: str = "decode") -> list[list[tuple[int, float]]]:
+               desc: str = "decode", stages: dict | None = None) -> list[list[tuple[int, float]]]:
     """Top-k (item, score) per history with any decoder that has ``decode(histories, beam)`` and
-    ``sid_table`` (Reference, ArDecoder, the runtime's Recommender)."""
+    ``sid_table`` (Reference, ArDecoder, the runtime's Recommender); ``stages`` collects seconds per stage
+    from decoders that report them."""
     recs: list = [None] * len(histories)
     for idx in tqdm(list(batches_by_length(histories, batch_size)), desc=desc, disable=not progress):
-        keys, scores = decoder.decode([histories[i] for i in idx], beam)
+        batch = [histories[i] for i in idx]
+        keys, scores = decoder.decode(batch, beam) if stages is None else decoder.decode(batch, beam, stages=stages)
         for i, r in zip(idx, items_from_sids(keys, scores, decoder.sid_table, k)):
             recs[i] = r
     return recs
@@ -63,11 +66,16 @@ def invalid_share(reference, histories, beam: int = 20, k: int = max(KS), batch_
     return invalid / max(total, 1)
 
 
+def overlap_shares(ours: list[list[int]], reference: list[list[int]]) -> list[float]:
+    """Per history, |our top-k items & the reference's| / |the reference's| (1.0 when both are empty)."""
+    return [len(set(a) & set(b)) / max(len(b), 1) for a, b in zip(ours, reference)]
+
+
 def agreement(recs, reference_recs) -> dict[str, float]:
     """How a decoder's top-k lists compare to the reference's: identical lists (items and order), mean
     item overlap, and the max score difference over items ranked at the same place."""
     same = [[i for i, _ in a] == [i for i, _ in b] for a, b in zip(recs, reference_recs)]
-    overlap = [len({i for i, _ in a} & {i for i, _ in b}) / max(len(b), 1) for a, b in zip(recs, reference_recs)]
+    overlap = overlap_shares([[i for i, _ in r] for r in recs], [[i for i, _ in r] for r in reference_recs])
     diffs = [abs(x[1] - y[1]) for a, b, s in zip(recs, reference_recs, same) if s for x, y in zip(a, b)]
     return {"identical_topk_share": float(np.mean(same)), "topk_overlap": float(np.mean(overlap)),
             "max_score_diff_when_identical": float(max(diffs, default=0.0))}
@@ -101,11 +109,26 @@ def main(argv=None):
         p.error("give --checkpoint, --ar-checkpoint and/or --artifact")
     try:
         results = run(a)
-    except ValueError as e:         # CheckpointError, CatalogError, DataError, ManifestError: say what, no traceback
+    except NezhaError as e:          # checkpoint, catalog, data, artifact: say what, no traceback
         p.exit(2, f"error: {e}\n")
     print(json.dumps(results, indent=2))
+    for kind, record in results.get("training", {}).items():
+        print(f"{kind} training: {training_line(record)}")
     if a.out:
         a.out.write_text(json.dumps(results, indent=2))
+
+
+def training_record(checkpoint: Path) -> dict:
+    """What the trainer recorded of a checkpoint (steps, whether it finished, the time), beside the figures."""
+    raw = json.loads((Path(checkpoint) / "training.json").read_text())
+    steps = raw.get("config", {}).get("steps")
+    return {"steps": raw.get("steps"), "of_steps": steps, "train_seconds": raw.get("train_seconds"),
+            "completed": raw.get("completed", raw.get("steps") == steps), "stopped_by": raw.get("stopped_by")}
+
+
+def training_line(r: dict) -> str:
+    done = "completed" if r["completed"] else f"STOPPED EARLY ({r['stopped_by'] or 'before its schedule ended'})"
+    return f"{r['steps']} of {r['of_steps']} steps, {r['train_seconds']} s, {done}"
 
 
 def run(a) -> dict:
@@ -118,6 +141,8 @@ def run(a) -> dict:
     split = leave_one_out(read_interactions(inter), a.split)
     hist, targets = split.histories[:a.limit], split.targets[:a.limit]
     results = {"data": str(a.data), "split": a.split, "beam": a.beam}
+    results["training"] = {kind: training_record(path) for kind, path in (("nezha", a.checkpoint), ("ar", a.ar_checkpoint))
+                           if path is not None and (Path(path) / "training.json").is_file()}
     if a.checkpoint:
         ref = Reference(load_checkpoint(a.checkpoint), catalog, a.max_history)
         results["nezha"], ref_recs = evaluate(ref, hist, targets, a.beam, desc="nezha (torch)")

@@ -22,6 +22,12 @@ ARCHITECTURES = {
 }
 
 
+def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B, T] 0/1 mask of left-padded rows -> [B, T] int64 positions: 0 on padding, then 0, 1, 2 ... (the
+    formula every graph and decoder uses; runtime/encoding.py writes the mask it reads)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def layout_from_config(config: PretrainedConfig) -> SidLayout:
     """SID layout from the checkpoint config's ``docid_num`` (int or per-level list), ``offset`` and ``max_sid``."""
     levels = len(config.offset)
@@ -80,7 +86,7 @@ class NezhaModel(nn.Module):
                     position_ids: torch.Tensor | None = None) -> torch.Tensor:
         """[B, T] left-padded ids and 0/1 mask (or a 4-D boolean mask with explicit positions) -> [B, T, H]."""
         if position_ids is None:
-            position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+            position_ids = positions_from_mask(attention_mask)
         return self.model(input_ids=input_ids, attention_mask=attention_mask,
                           position_ids=position_ids).last_hidden_state
 

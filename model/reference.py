@@ -38,20 +38,22 @@ class TorchSteps:
 
 
 class Reference:
-    """recommend() with the torch model: one backbone pass, beam search in the head, the verifier."""
+    """recommend() with the torch model: one backbone pass, beam search in the head, the verifier.
+    ``steps`` replaces the torch steps (e.g. an artifact's graphs) to decode the same way with them."""
 
-    def __init__(self, model: NezhaModel, catalog: Catalog, max_history: int = 20, device: str = "cpu"):
+    def __init__(self, model: NezhaModel, catalog: Catalog, max_history: int = 20, device: str = "cpu",
+                 steps=None):
         catalog.check_layout(model.layout)
         self.model, self.catalog, self.max_history = model, catalog, max_history
         self.layout = model.layout
-        self.steps = TorchSteps(model, device)
+        self.steps = steps or TorchSteps(model, device)
         self.verifier = Verifier(self.layout, catalog.valid_prefixes(self.layout))
         self.sid_table = catalog.sid_table(self.layout)
 
-    def decode(self, histories: Sequence[Sequence[int]], beam: int, verify: bool = True):
-        """-> (sid_keys [B, K] uint64, scores [B, K] float32), best first."""
+    def decode(self, histories: Sequence[Sequence[int]], beam: int, verify: bool = True, stages: dict | None = None):
+        """-> (sid_keys [B, K] uint64, scores [B, K] float32), best first (``stages``: seconds per stage)."""
         feed = encode_histories(histories, self.catalog, self.layout, self.max_history)
-        return beam_search(self.steps, feed, self.layout, self.verifier if verify else None, beam)
+        return beam_search(self.steps, feed, self.layout, self.verifier if verify else None, beam, stages)
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int = 20) -> list[list[tuple[int, float]]]:
         """Per history up to k (item id, summed log-prob) pairs, best first."""

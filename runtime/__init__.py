@@ -1,4 +1,6 @@
-"""The light runtime: numpy and one inference library (imported lazily), never torch."""
+"""``nezha.runtime`` (folder runtime/): the light runtime. NumPy and one inference library (imported
+lazily), never torch. Import it as ``nezha.runtime`` after ``pip install -e .``: the folder name is not the
+import name."""
 
 from .recommender import Recommender, RequestError
 

@@ -53,6 +53,11 @@ def _inside(root: str, path: str) -> bool:
     return path == root or path.startswith(root.rstrip("/") + "/")
 
 
+def external_data_path(graph: str | Path) -> Path:
+    """Where an ONNX graph's external weights live, if it has them: ``<graph>.onnx.data`` beside it."""
+    return Path(str(graph) + ".data")
+
+
 def sha256(path: str | Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -103,11 +108,27 @@ class Artifact:
         except ManifestError as e:
             raise ManifestError(f"artifact {folder}: {e}") from None
         artifact = cls(Path(root), manifest)
+        artifact.check_tree()
         for rel in manifest.files:
             artifact.path(rel)                          # every listed path stays inside, before any hashing
         if verify:
             artifact.verify()
         return artifact
+
+    def check_tree(self) -> None:
+        """Every entry of the folder is a folder, a regular file or a link that stays inside: ONNX Runtime
+        opens files the manifest does not name (a graph's external data), so no link may lead out and no
+        FIFO or device may stand in for a file. Links are read, never followed, to check this."""
+        root = str(self.root)
+        for folder, dirs, files in os.walk(root):
+            for name in dirs + files:
+                path = os.path.join(folder, name)
+                mode = os.lstat(path).st_mode
+                if stat.S_ISLNK(mode):
+                    resolve_inside(root, os.path.relpath(path, root))
+                elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    raise ManifestError(f"{os.path.relpath(path, root)}: not a regular file or folder (a FIFO, "
+                                        "socket or device has no place in an artifact)")
 
     def path(self, rel: str) -> Path:
         """The real path of a manifest path, inside the folder (ManifestError otherwise)."""

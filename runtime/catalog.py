@@ -86,6 +86,13 @@ class Catalog:
             codes.append(row)
         return cls(np.array(ids), np.array(codes))
 
+    def to_index_json(self, path: str | Path) -> Path:
+        """Write the catalog as a LETTER-style index (the inverse of from_index_json); returns ``path``."""
+        path = Path(path)
+        path.write_text(json.dumps({str(i): [f"<{chr(ord('a') + level)}_{c}>" for level, c in enumerate(codes)]
+                                    for i, codes in zip(self.item_ids.tolist(), self.item_codes.tolist())}))
+        return path
+
     def check_layout(self, layout: SidLayout, source: str = "catalog") -> None:
         """Raise CatalogError if these codes do not fit the layout's levels and code counts."""
         if self.levels != layout.levels:

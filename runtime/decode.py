@@ -26,7 +26,8 @@ class DecodeSteps(Protocol):
 
 
 @contextmanager
-def _stage(stages: dict | None, name: str):
+def stage(stages: dict | None, name: str):
+    """Add the seconds of the ``with`` body to ``stages[name]`` (nothing when ``stages`` is None)."""
     if stages is None:
         yield
         return
@@ -48,15 +49,38 @@ def top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
+def expand(scores: np.ndarray, logp: np.ndarray, keys: np.ndarray, level: int, verifier: Verifier | None) -> np.ndarray:
+    """Children of every beam: [B, K] beam scores + [B*K, C] log-probs -> [B, K*C] candidate scores, -inf
+    where the verifier says the child's prefix (parent ``keys`` [B*K] extended by the code) names no item."""
+    B, K = scores.shape
+    C = logp.shape[1]
+    cand = scores[:, :, None] + logp.reshape(B, K, C)                             # [B, K, C]
+    if verifier is not None:
+        cand = np.where(verifier.mask(level, keys).reshape(B, K, C), cand, -np.inf)
+    return cand.reshape(B, K * C)
+
+
+def select(cand: np.ndarray, beam: int, codes: int, keys: np.ndarray):
+    """Keep the ``beam`` best children per user: [B, K*C] candidates -> (scores [B, K'] float32, parent [B*K']
+    flat beam index, code [B*K'] int64, keys [B*K'] uint64 of the kept prefixes)."""
+    B, KC = cand.shape
+    top = top_k_desc(cand, min(beam, KC))                                         # [B, K']
+    scores = np.take_along_axis(cand, top, axis=1).astype(np.float32)
+    parent = (np.arange(B)[:, None] * (KC // codes) + top // codes).reshape(-1)
+    code = (top % codes).reshape(-1).astype(np.int64)
+    return scores, parent, code, keys[parent] * np.uint64(codes) + code.astype(np.uint64)
+
+
 def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayout, verifier: Verifier | None,
                 beam: int, stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Beam search of width ``beam`` over the L levels.
+    """Beam search of width ``beam`` over the L levels: prefill (one backbone run), then per level a head
+    step, expand + verify, select.
 
     Returns (sid_keys [B, K] uint64, scores [B, K] float32 summed log-probs, best first). Slots that
     found no valid SID carry score -inf. ``verifier=None`` switches the prefix check off (to measure
     hallucination); ``stages`` (if given) accumulates seconds per stage.
     """
-    with _stage(stages, "backbone"):
+    with stage(stages, "backbone"):
         hidden = steps.backbone(feed)                              # [B, L+1, H]
     B = hidden.shape[0]
     scores = np.zeros((B, 1), dtype=np.float32)                    # [B, K]
@@ -64,22 +88,12 @@ def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayo
     beam_user = np.arange(B)                                       # [B*K] user of each beam
     state, code = hidden[:, 0], None                               # root [B, H]
     for level in range(layout.levels):
-        C, K = layout.codes[level], scores.shape[1]
-        with _stage(stages, f"head_{level}"):
+        with stage(stages, f"head_{level}"):
             state, logp = steps.head_step(level, state, code, hidden[beam_user, level + 1])   # [B*K, H], [B*K, C]
-        with _stage(stages, f"verify_{level}"):
-            cand = scores[:, :, None] + logp.reshape(B, K, C)      # [B, K, C]
-            if verifier is not None:
-                valid = verifier.mask(level, keys).reshape(B, K, C)
-                cand = np.where(valid, cand, -np.inf)
-            cand = cand.reshape(B, K * C)
-        with _stage(stages, "select"):
-            K_next = min(beam, K * C)
-            top = top_k_desc(cand, K_next)                         # [B, K']
-            scores = np.take_along_axis(cand, top, axis=1).astype(np.float32)
-            parent = (np.arange(B)[:, None] * K + top // C).reshape(-1)   # [B*K'] flat beam index
-            code = (top % C).reshape(-1).astype(np.int64)
-            keys = keys[parent] * np.uint64(C) + code.astype(np.uint64)
+        with stage(stages, f"verify_{level}"):
+            cand = expand(scores, logp, keys, level, verifier)     # [B, K*C]
+        with stage(stages, "select"):
+            scores, parent, code, keys = select(cand, beam, layout.codes[level], keys)
             state, beam_user = state[parent], beam_user[parent]
     return keys.reshape(B, -1), scores
 

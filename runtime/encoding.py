@@ -76,7 +76,7 @@ def encode_codes(histories: Sequence[np.ndarray], layout: SidLayout, max_history
     (``pad_to`` if given, else the longest). Returns
       input_ids       [B, T] int64
       attention_mask  [B, T] int64 (0 on padding)
-    Position ids are ``cumsum(attention_mask) - 1`` (see position_ids); the graphs compute them.
+    Position ids are ``cumsum(attention_mask) - 1`` on the real tokens; the graphs compute them from the mask.
     """
     if max_history < 1:
         raise EncodingError(f"max_history must be >= 1, got {max_history}")
@@ -105,8 +105,3 @@ def encode_histories(histories: Sequence[Sequence[int]], catalog: Catalog, layou
                      unknown: str = "error", pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Item-id histories -> backbone feed (see encode_codes)."""
     return encode_codes(history_codes(histories, catalog, unknown), layout, max_history, pad_to)
-
-
-def position_ids(attention_mask: np.ndarray) -> np.ndarray:
-    """[B, T] mask -> [B, T] int64 positions that follow the mask (0 on left padding)."""
-    return np.maximum(np.cumsum(attention_mask, axis=1) - 1, 0).astype(np.int64)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+
+from .strict import array, exact_keys, fail, integer
 from nezha.runtime.errors import NezhaError
 
 
@@ -85,6 +87,12 @@ class SidLayout:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
 
     @classmethod
-    def from_json(cls, d: dict) -> "SidLayout":
-        return cls(codes=tuple(d["codes"]), offsets=tuple(d["offsets"]),
-                   placeholder_start=int(d["placeholder_start"]), pad_token_id=int(d.get("pad_token_id", 0)))
+    def from_json(cls, value, path: str = "layout") -> "SidLayout":
+        """Strict: exactly the four keys, integers only (ManifestError naming the key otherwise)."""
+        raw = exact_keys(value, path, ("codes", "offsets", "placeholder_start", "pad_token_id"))
+        ints = lambda key, lo: tuple(integer(c, f"{path}.{key}[{i}]", lo) for i, c in enumerate(array(raw[key], f"{path}.{key}")))
+        try:
+            return cls(ints("codes", 1), ints("offsets", 0), integer(raw["placeholder_start"], f"{path}.placeholder_start"),
+                       integer(raw["pad_token_id"], f"{path}.pad_token_id"))
+        except LayoutError as e:
+            fail(path, str(e))

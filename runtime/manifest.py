@@ -8,8 +8,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field, fields
 
-from .layout import LayoutError, SidLayout
-from .strict import ManifestError, array, exact_keys, fail, integer, obj, relpath, string, typed
+from .layout import SidLayout
+from .strict import ManifestError, array, exact_keys, fail, integer, obj, relpath, show, string, strings, typed
 
 FORMAT = "nezha-artifact"
 VERSION = 2
@@ -28,8 +28,6 @@ def table_names(levels: int) -> list[str]:
     return ["item_ids", "item_codes", "sid_keys", "sid_offsets", "sid_items"] + [
         f"valid_prefixes_{i}" for i in range(levels)]
 
-
-# -- the types ---------------------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Limits:
@@ -181,7 +179,6 @@ class PrecisionEntry:
 
 
 SOURCE_KEYS = ("checkpoint", "architecture", "index", "item_ids")
-MACHINE_KEYS = ("system", "arch", "cpu", "isa")
 TOP_KEYS = ("format", "version", "layout", "limits", "precisions", "graphs", "engines", "tables", "versions",
             "source", "machine", "validation", "files")
 
@@ -210,14 +207,7 @@ class Manifest:
         if raw["version"] != VERSION:
             fail("version", f"{raw['version']!r}; this runtime reads version {VERSION}: rebuild the artifact "
                              "with the matching nezha-deploy")
-        lay = exact_keys(raw["layout"], "layout", ("codes", "offsets", "placeholder_start", "pad_token_id"))
-        try:
-            layout = SidLayout(tuple(integer(c, f"layout.codes[{i}]", 1) for i, c in enumerate(array(lay["codes"], "layout.codes"))),
-                               tuple(integer(c, f"layout.offsets[{i}]") for i, c in enumerate(array(lay["offsets"], "layout.offsets"))),
-                               integer(lay["placeholder_start"], "layout.placeholder_start"),
-                               integer(lay["pad_token_id"], "layout.pad_token_id"))
-        except LayoutError as e:
-            fail("layout", str(e))
+        layout = SidLayout.from_json(raw["layout"])
         precisions = {p: PrecisionEntry.from_json(v, f"precisions.{p}") for p, v in obj(raw["precisions"], "precisions").items()}
         for p in precisions:
             string(p, "precisions", PRECISIONS)
@@ -232,18 +222,10 @@ class Manifest:
             if not isinstance(digest, str) or not _SHA256.match(digest):
                 fail(f"files[{path!r}]", f"expected a lower-case hex sha256, got {digest!r}")
         versions = obj(raw["versions"], "versions")
-        for k, v in versions.items():
-            if v is not None:
-                string(v, f"versions.{k}")
-        source = exact_keys(raw["source"], "source", SOURCE_KEYS)
-        for k in ("checkpoint", "architecture"):
-            string(source[k], f"source.{k}")
-        if source["index"] is not None:
-            string(source["index"], "source.index")
+        strings(versions, "versions", tuple(versions), nullable=tuple(versions))
+        source = strings(raw["source"], "source", SOURCE_KEYS, nullable=("index",))
         string(source["item_ids"], "source.item_ids", ("index", "positions"))
-        machine = exact_keys(raw["machine"], "machine", MACHINE_KEYS)
-        for k in ("system", "arch", "cpu"):
-            string(machine[k], f"machine.{k}")
+        machine = strings(raw["machine"], "machine", ("system", "arch", "cpu"), extra=("isa",))
         [string(x, "machine.isa") for x in array(machine["isa"], "machine.isa")]
         m = cls(layout, Limits.from_json(raw["limits"]), precisions, graphs, engines,
                 {n: TableEntry.from_json(t, f"tables.{n}") for n, t in obj(raw["tables"], "tables").items()},
@@ -262,7 +244,7 @@ class Manifest:
     def check(self) -> None:
         """The invariants between sections (docs/artifact.md): graphs vs limits and layout, tables, engines,
         buffers of sane size, and a checksum for every file the manifest uses."""
-        names, L = graph_names(self.layout.levels), self.layout.levels
+        names = graph_names(self.layout.levels)
         if set(self.graphs) != set(self.precisions):
             fail("graphs", f"precisions {sorted(self.graphs)} differ from the 'precisions' section {sorted(self.precisions)}")
         expected = expected_graphs(self.layout, self.limits)
@@ -274,8 +256,8 @@ class Manifest:
                 for what, want, have in (("inputs", inputs, g.inputs), ("outputs", outputs, g.outputs),
                                          ("dynamic", dynamic, g.dynamic)):
                     if have != want:
-                        fail(f"graphs.{p}.{n}.{what}", f"{_show(have)} contradicts limits {self.limits.to_json()} "
-                                                         f"and layout codes {list(self.layout.codes)}: expected {_show(want)}")
+                        fail(f"graphs.{p}.{n}.{what}", f"{show(have)} contradicts limits {self.limits.to_json()} "
+                                                         f"and layout codes {list(self.layout.codes)}: expected {show(want)}")
                 for t in g.inputs + g.outputs:
                     size = _DTYPE_BYTES[t.dtype]
                     for d in g.max_shape(t):
@@ -316,9 +298,3 @@ class Manifest:
         if precision not in self.graphs:
             raise ManifestError(f"the artifact has no {precision!r} graphs; it has {sorted(self.graphs)}")
         return self.graphs[precision][name]
-
-
-def _show(value) -> str:
-    if isinstance(value, tuple) and value and isinstance(value[0], Tensor):
-        return str([f"{t.name} {t.dtype} {list(t.shape)}" for t in value])
-    return str({k: list(v) for k, v in value.items()} if isinstance(value, dict) else value)

@@ -4,7 +4,6 @@ histories". NumPy plus one inference library, imported lazily; never torch."""
 from __future__ import annotations
 
 import threading
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -13,7 +12,7 @@ import numpy as np
 from .artifact import Artifact
 from .backends.base import GraphSteps, parse_device
 from .catalog import Catalog
-from .decode import beam_search, items_from_sids
+from .decode import beam_search, items_from_sids, stage
 from .encoding import check_batch, encode_codes, history_codes, integer_array
 from .errors import NezhaError, OptionError
 from .manifest import ManifestError, graph_names
@@ -147,10 +146,8 @@ class Recommender:
         self._check_count(len(code_histories))
         keys, scores = [], []
         for i in range(0, len(code_histories), self.max_batch):
-            t0 = time.perf_counter()
-            feed = encode_codes(code_histories[i:i + self.max_batch], self.layout, self.max_history)
-            if stages is not None:
-                stages["encode"] = stages.get("encode", 0.0) + time.perf_counter() - t0
+            with stage(stages, "encode"):
+                feed = encode_codes(code_histories[i:i + self.max_batch], self.layout, self.max_history)
             k, s = beam_search(self.steps, feed, self.layout, self.verifier, beam, stages)
             keys.append(k)
             scores.append(s)
@@ -161,10 +158,8 @@ class Recommender:
     def decode(self, histories: Sequence[Sequence[int]], beam: int, stages: dict | None = None,
                unknown: str = "error") -> tuple[np.ndarray, np.ndarray]:
         """Item-id histories -> (sid_keys [B, K] uint64, scores [B, K] float32), best first."""
-        t0 = time.perf_counter()
-        codes = history_codes(histories, self.catalog, unknown)
-        if stages is not None:
-            stages["encode"] = stages.get("encode", 0.0) + time.perf_counter() - t0
+        with stage(stages, "encode"):
+            codes = history_codes(histories, self.catalog, unknown)
         return self.decode_codes(codes, beam, stages)
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int | None = None,

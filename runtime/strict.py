@@ -64,3 +64,20 @@ def typed(cls, value, path: str, **parsers):
     names = tuple(f.name for f in fields(cls))
     raw = exact_keys(value, path, names)
     return cls(**{n: parsers[n](raw[n], f"{path}.{n}" if path else n) for n in names})
+
+
+def strings(value, path: str, keys: tuple[str, ...], nullable: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> dict:
+    """An object of exactly ``keys`` + ``extra`` whose ``keys`` are strings (or null if ``nullable``);
+    the ``extra`` keys are the caller's to check."""
+    raw = exact_keys(value, path, keys + extra)
+    for k in keys:
+        if not (raw[k] is None and k in nullable):
+            string(raw[k], f"{path}.{k}")
+    return raw
+
+
+def show(value) -> str:
+    """A tuple of tensors or a dict of ranges as it reads in the JSON, for error messages."""
+    if isinstance(value, tuple) and value and hasattr(value[0], "dtype"):
+        return str([f"{t.name} {t.dtype} {list(t.shape)}" for t in value])
+    return str({k: list(v) for k, v in value.items()} if isinstance(value, dict) else value)

@@ -7,6 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+try:
+    import nezha.runtime  # noqa: F401
+except ImportError as e:         # the folders import as nezha.*: only the editable install maps them
+    pytest.exit(f"nezha-deploy is not installed in this Python ({e}): run `make test`, or "
+                "pip install -e '.[export,dev]' and then python -m pytest", returncode=4)
+
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.layout import SidLayout
 
@@ -73,7 +79,4 @@ def tiny_histories(catalog: Catalog, n: int = 6, seed: int = 1) -> list[list[int
 
 def write_index(catalog: Catalog, path: Path) -> Path:
     """The catalog as a LETTER-style *.index.json (item id -> ['<a_N>', '<b_N>', ...])."""
-    import json
-    path.write_text(json.dumps({str(i): [f"<{chr(97 + level)}_{c}>" for level, c in enumerate(codes)]
-                                for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}))
-    return path
+    return catalog.to_index_json(path)

@@ -155,6 +155,14 @@ def test_symlinks_out_of_the_folder_are_refused_before_anything_outside_is_opene
             assert not [p for p in _OPENED if str(secret) in p], _OPENED
         finally:
             _OPENED = None
+    unlisted = tampered(artifact, tmp_path / "d")                  # a link the manifest does not name (ONNX
+    (unlisted / "graphs" / "fp32" / "weights.bin").symlink_to(secret / "item_ids.npy")   # external data could use it)
+    with pytest.raises(ManifestError, match="symbolic link graphs/fp32/weights.bin points outside"):
+        Recommender.load(unlisted)
+    fifo = tampered(artifact, tmp_path / "e")
+    os.mkfifo(fifo / "tables" / "extra")
+    with pytest.raises(ManifestError, match="tables/extra: not a regular file or folder"):
+        Recommender.load(fifo)
     inside = tampered(artifact, tmp_path / "c")                    # a link that stays inside is fine
     (inside / "tables" / "copy.npy").write_bytes((inside / "tables" / "item_ids.npy").read_bytes())
     (inside / "tables" / "item_ids.npy").unlink()

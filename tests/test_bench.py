@@ -154,9 +154,7 @@ def test_torch_side_run_writes_json_markdown_and_plot(make_checkpoint, tmp_path)
 def write_dataset(folder: Path, catalog, histories) -> Path:
     """A LETTER-format dataset of the tiny catalog: index + interactions (each history + a target)."""
     folder.mkdir(parents=True)
-    index = {str(i): [f"<{chr(97 + l)}_{c}>" for l, c in enumerate(codes)]
-             for i, codes in zip(catalog.item_ids.tolist(), catalog.item_codes.tolist())}
-    (folder / "Tiny.index.json").write_text(json.dumps(index))
+    catalog.to_index_json(folder / "Tiny.index.json")
     inter = {str(u): h + [int(catalog.item_ids[0])] for u, h in enumerate(histories)}
     (folder / "Tiny.inter.json").write_text(json.dumps(inter))
     return folder

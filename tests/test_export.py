@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from conftest import TINY_CODES, tiny_catalog, tiny_histories, tiny_model
-from nezha.export import build as build_module
 from nezha.export import graphs as graphs_module
 from nezha.export.build import BuildError, build, main
 from nezha.export.graphs import graph_specs, onnx_from_model, save_onnx, token_range
@@ -140,6 +139,8 @@ def test_manifest_contract_and_checksums(built):
     # the exported graph itself carries the manifest's dim names
     proto = onnx.load(str(artifact.path(head.file)))
     assert [d.dim_param or d.dim_value for d in proto.graph.output[1].type.tensor_type.shape.dim] == ["beams", 6]
+    # no exporter stack traces (they hold this checkout's paths): a graph depends only on the model
+    assert not [n.name for n in proto.graph.node if n.metadata_props]
     assert manifest.engines == {} and "TensorRT" in summary.engines_skipped
     assert manifest.versions["tensorrt"] is None and manifest.versions["onnx"] == onnx.__version__
     report = json.loads(artifact.path(manifest.validation).read_text())
@@ -414,7 +415,7 @@ def test_rebuild_with_force_reuses_the_calibration_cache(int8_built, tmp_path):
     cache = out / "calibration" / "cache.json"
     before = cache.read_bytes()
     lines = []
-    again = _int8_build(checkpoint, out, data, lines, precision=("fp32", "int8"), calibration_exclude=1, force=True)
+    _int8_build(checkpoint, out, data, lines, precision=("fp32", "int8"), calibration_exclude=1, force=True)
     calibration = Artifact.open(out).manifest.precisions["int8"].quantization
     assert calibration["cache_hit"] is True and cache.read_bytes() == before
     assert any("reused (hit)" in line for line in lines)

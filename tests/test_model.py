@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from itertools import product
 
 import numpy as np
 import pytest
@@ -13,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from conftest import DATA, needs_beauty, tiny_catalog, tiny_histories, tiny_layout, tiny_model
 from nezha.model.ar import ArDecoder
 from nezha.model.checkpoint import (CheckpointError, catalog_from_reference_sids, load_catalog, load_checkpoint,
-                                    pack_reference_sids, save_checkpoint)
+                                    save_checkpoint)
 from nezha.model.evaluate import ranking_metrics
 from nezha.model.reference import Reference
 from nezha.model.train import nezha_batch, windows
@@ -255,3 +254,40 @@ def test_ranking_metrics():
     m = ranking_metrics([[1, 2, 3], [4, 5, 6], [7, 8, 9]], np.array([1, 6, 0]), ks=(1, 3))
     assert m["recall@1"] == pytest.approx(1 / 3) and m["recall@3"] == pytest.approx(2 / 3)
     assert m["ndcg@3"] == pytest.approx((1 + 1 / np.log2(4)) / 3)
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """A LETTER dataset folder of the tiny catalog: 30 users of 6..10 items."""
+    from conftest import write_index
+    catalog, rng = tiny_catalog(), np.random.default_rng(1)
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    write_index(catalog, folder / "tiny.index.json")
+    users = {f"u{u}": rng.choice(catalog.item_ids, size=int(rng.integers(6, 11))).tolist() for u in range(30)}
+    (folder / "tiny.inter.json").write_text(json.dumps(users))
+    return folder
+
+
+def test_training_stops_on_steps_and_a_time_cap_is_said_and_recorded(tiny_dataset, tmp_path):
+    from nezha.model.evaluate import training_line, training_record
+    from nezha.model.train import train
+
+    kw = dict(steps=3, batch_size=4, hidden_size=16, num_layers=1, num_heads=2, max_history=5, eval_every=2,
+              eval_users=5)
+    full = train("nezha", tiny_dataset, tmp_path / "full", **kw, log=None)
+    assert full["steps"] == 3 and full["completed"] and full["stopped_by"] is None
+    assert [h["step"] for h in full["history"]] == [2, 3]
+    lines = []
+    capped = train("nezha", tiny_dataset, tmp_path / "capped", minutes=0, **kw, log=lines.append)
+    assert capped["steps"] == 0 and not capped["completed"] and "time cap of 0 min at step 0 of 3" in capped["stopped_by"]
+    assert lines and lines[0].startswith("WARNING: nezha stopped early by the time cap")
+    record = training_record(tmp_path / "capped")
+    assert record["completed"] is False and "STOPPED EARLY (time cap" in training_line(record)
+    assert "3 of 3 steps" in training_line(training_record(tmp_path / "full"))
+
+
+def test_positions_follow_the_left_padded_mask():
+    from nezha.model.nezha import positions_from_mask
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert positions_from_mask(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]

@@ -262,9 +262,19 @@ def test_runtime_loads_no_torch_and_the_cli_answers(artifact):
     result = json.loads(out)
     assert [r["history"] for r in result] == [[100, 101, 102], [103]]
     assert all(len(r["items"]) == 4 and all(100 <= x["item"] < 170 for x in r["items"]) for r in result)
-    bad = subprocess.run([sys.executable, "-m", "nezha.cli", "recommend", str(artifact), "--history", "5"],
-                         capture_output=True, text=True)
-    assert bad.returncode == 2 and "not in the catalog" in bad.stderr
+    for args, message in ((["--history", "5"], "not in the catalog"),
+                          (["--history", "1_00"], "ASCII digits"),
+                          (["--history", "\u0661\u0660\u0660"], "ASCII digits"),            # Arabic-Indic 100
+                          (["--history", "100,,101"], "ASCII digits"),
+                          (["--history", "100", "-k", "0"], "k must be an integer"),
+                          (["--history", "100", "--device", "cuda:x"], "allowed: cpu, cuda, cuda:N")):
+        bad = subprocess.run([sys.executable, "-m", "nezha.cli", "recommend", str(artifact)] + args,
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
+    for folder in (artifact / "manifest.json", artifact / "missing"):
+        bad = subprocess.run([sys.executable, "-m", "nezha.cli", "recommend", str(folder), "--history", "100"],
+                             capture_output=True, text=True)
+        assert bad.returncode == 2 and "is not an artifact folder" in bad.stderr and bad.stderr.count("\n") == 1
 
 
 @pytest.mark.parametrize("versions, message", [

@@ -1,0 +1,67 @@
+"""LETTER-format datasets (an ``*.index.json`` + ``*.inter.json`` pair) and the leave-one-out split.
+NumPy only: used by the trainer, evaluation, calibration, the benchmark and the load generator."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .catalog import read_json_object
+from .errors import NezhaError
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "beauty"
+
+
+class DataError(NezhaError, ValueError):
+    """A dataset folder or interactions file that cannot be read."""
+
+
+def find_pair(data_dir: str | Path) -> tuple[Path, Path]:
+    """A dataset folder -> (index file, interactions file)."""
+    data_dir = Path(data_dir)
+    if not data_dir.is_dir():
+        raise DataError(f"dataset folder {data_dir} does not exist")
+    index, inter = sorted(data_dir.glob("*.index.json")), sorted(data_dir.glob("*.inter.json"))
+    if len(index) != 1 or len(inter) != 1:
+        raise DataError(f"dataset folder {data_dir} must hold exactly one *.index.json and one *.inter.json, "
+                        f"found {[p.name for p in index + inter]}")
+    return index[0], inter[0]
+
+
+def read_interactions(path: str | Path) -> dict[str, list[int]]:
+    """{"<user id>": [item id, ...]} in time order."""
+    path = Path(path)
+    raw = read_json_object(path, "interactions file", "user id -> list of item ids", DataError)
+    for user, items in raw.items():
+        if not isinstance(items, list) or not all(type(i) is int for i in items):
+            raise DataError(f"interactions file {path}: user {user!r} must map to a list of integer item ids")
+    return raw
+
+
+@dataclass
+class Split:
+    """Leave-one-out: per user, histories and the target that follows each."""
+
+    users: list[str]
+    histories: list[list[int]]
+    targets: np.ndarray            # [U] int64
+
+
+def leave_one_out(interactions: dict[str, list[int]], part: str) -> Split:
+    """part 'test': history = all but the last item, target = the last; 'valid': one item earlier;
+    'train': the training prefixes (all but the last two), target = their last item. Users with too
+    few items for the part are left out."""
+    drop = {"test": 0, "valid": 1, "train": 2}
+    if part not in drop:
+        raise DataError(f"split part {part!r}; allowed: test, valid, train")
+    users, hist, targets = [], [], []
+    for user, items in interactions.items():
+        seq = items[:len(items) - drop[part]] if drop[part] else items
+        if len(seq) < 2:
+            continue
+        users.append(user)
+        hist.append(seq[:-1])
+        targets.append(seq[-1])
+    return Split(users, hist, np.asarray(targets, dtype=np.int64))
