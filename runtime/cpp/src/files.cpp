@@ -10,6 +10,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <deque>
+#include <filesystem>
 #include <fstream>
 #include <memory>
 #include <sstream>
@@ -143,6 +144,36 @@ void verify_files(const std::string& root, const Manifest& manifest, bool hash) 
     for (const auto& p : problems) msg += "\n  " + p;
     throw Error(msg);
   }
+}
+
+}  // namespace nezha
+
+namespace nezha {
+
+void check_tree(const std::string& root) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  for (fs::recursive_directory_iterator it(root, fs::directory_options::none, ec), end; !ec && it != end; it.increment(ec)) {
+    const std::string path = it->path().string();
+    const std::string rel = path.substr(root.size() + 1);
+    struct stat st {};
+    if (lstat(path.c_str(), &st) != 0) throw Error(rel + ": cannot stat: " + std::strerror(errno));
+    if (S_ISLNK(st.st_mode)) resolve_inside(root, rel);          // throws if it leads outside
+    else if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode))
+      throw Error(rel + ": not a regular file or folder (a FIFO, socket or device has no place in an artifact)");
+  }
+  if (ec) throw Error("cannot list the artifact folder " + root + ": " + ec.message());
+}
+
+std::string read_manifest_text(const std::string& root, const std::string& shown_dir) {
+  constexpr std::size_t kMaxManifestBytes = 64u << 20;
+  const std::string path = resolve_inside(root, "manifest.json");
+  struct stat st {};
+  if (stat(path.c_str(), &st) != 0)
+    throw Error(shown_dir + "/manifest.json not found: " + shown_dir + " is not a nezha artifact folder (build one with python export/build.py)");
+  if (!S_ISREG(st.st_mode) || std::size_t(st.st_size) > kMaxManifestBytes)
+    throw Error(shown_dir + "/manifest.json is not a regular file under 64 MB");
+  return read_file(path);
 }
 
 }  // namespace nezha

@@ -26,4 +26,12 @@ std::string read_file(const std::string& path);
 // matches. Reports every problem in one nezha::Error.
 void verify_files(const std::string& root, const Manifest& manifest, bool hash);
 
+// Every entry under `root` is a folder, a regular file or a symbolic link that stays inside: ONNX Runtime
+// opens files the manifest does not name (a graph's external data), so no link may lead out and no FIFO
+// or device may stand in for a file. Links are read, never followed, to check this. Throws nezha::Error.
+void check_tree(const std::string& root);
+
+// manifest.json of the folder `root`: inside it, a regular file of at most 64 MiB. Throws nezha::Error.
+std::string read_manifest_text(const std::string& root, const std::string& shown_dir);
+
 }  // namespace nezha

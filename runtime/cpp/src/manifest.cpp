@@ -301,11 +301,22 @@ void check_relative_path(const std::string& path, const std::string& where) {
 Manifest parse_manifest(const std::string& text, const std::string& source) {
   Reader r(source);
   json root;
+  std::vector<std::set<std::string>> keys;      // the keys of each open object: a repeated key is an error
+  std::string problem;
+  const json::parser_callback_t check = [&](int depth, json::parse_event_t event, json& parsed) {
+    if (depth > 32 && problem.empty()) problem = "nested deeper than 32 levels";
+    if (event == json::parse_event_t::object_start) keys.emplace_back();
+    else if (event == json::parse_event_t::object_end && !keys.empty()) keys.pop_back();
+    else if (event == json::parse_event_t::key && !keys.back().insert(parsed.get<std::string>()).second && problem.empty())
+      problem = "key '" + parsed.get<std::string>() + "' appears twice";
+    return problem.empty();
+  };
   try {
-    root = json::parse(text);
-  } catch (const json::parse_error& e) {
+    root = json::parse(text, check);
+  } catch (const json::exception& e) {
     throw Error(source + " is not valid JSON: " + e.what());
   }
+  if (!problem.empty()) throw Error(source + ": " + problem);
   r.object(root, "");
   // Format and version first, so that another version gets this message rather than a key error.
   if (!root.contains("format") || !root["format"].is_string() || root["format"].get<std::string>() != kFormat)

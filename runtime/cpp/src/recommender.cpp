@@ -163,15 +163,9 @@ Workspace& Recommender::Impl::workspace() {
 std::unique_ptr<Recommender> Recommender::load(const std::string& artifact_dir, const Options& options) {
   auto impl = std::make_unique<Impl>();
   impl->root = artifact_root(artifact_dir);
-  const std::string manifest_path = impl->root + "/manifest.json";
-  std::string text;
-  try {
-    text = read_file(manifest_path);
-  } catch (const Error&) {
-    throw Error(manifest_path + " not found: " + artifact_dir + " is not a nezha artifact folder (build one with python export/build.py)");
-  }
-  impl->manifest = parse_manifest(text, manifest_path);
+  impl->manifest = parse_manifest(read_manifest_text(impl->root, artifact_dir), artifact_dir + "/manifest.json");
   const Manifest& m = impl->manifest;
+  check_tree(impl->root);
   verify_files(impl->root, m, options.verify);
   impl->precision = options.precision.empty() ? m.precision_order.front() : options.precision;
   if (!m.graphs.count(impl->precision)) {

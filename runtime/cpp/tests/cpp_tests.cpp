@@ -4,6 +4,7 @@
 // .npy reader, sha256, request policies, N threads == serial, and zero allocation in the steady state
 // (a malloc hook counting this thread's allocations outside ONNX Runtime's own calls).
 #include <nlohmann/json.hpp>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -256,6 +257,19 @@ void test_refuses_paths_outside_the_folder() {
   EXPECT_ERROR(load(b), "backslash");
 }
 
+void test_refuses_links_out_and_fifos_anywhere_in_the_folder() {
+  const fs::path d = copy_artifact("stray-link");
+  fs::create_symlink("/etc/passwd", d / "graphs" / "stray.onnx.data");      // not in the manifest: still refused
+  EXPECT_ERROR(load(d), "outside the artifact folder");
+  const fs::path f = copy_artifact("fifo");
+  CHECK(mkfifo((f / "graphs" / "weights.data").c_str(), 0600) == 0);
+  EXPECT_ERROR(load(f), "graphs/weights.data: not a regular file or folder");
+  const fs::path m = copy_artifact("manifest-link");
+  fs::rename(m / "manifest.json", g_tmp / "outside-manifest.json");
+  fs::create_symlink(g_tmp / "outside-manifest.json", m / "manifest.json");
+  EXPECT_ERROR(load(m), "outside the artifact folder");
+}
+
 void test_refuses_a_symlink_outside_but_follows_one_inside() {
   const fs::path d = copy_artifact("symlink-outside");
   const std::string rel = read_manifest(d)["tables"]["item_codes"]["file"];
@@ -408,6 +422,20 @@ void test_refuses_unknown_missing_and_mistyped_keys() {
     m["engines"].erase("int8-cpu");
   });
   CHECK(load(g) != nullptr);
+  const fs::path dup = copy_artifact("duplicate-key");
+  {
+    std::string text = nezha::read_file((dup / "manifest.json").string());
+    text.insert(text.find('{') + 1, "\"version\": 2, ");
+    std::ofstream(dup / "manifest.json") << text;
+  }
+  EXPECT_ERROR(load(dup), "key 'version' appears twice");
+  const fs::path deep = copy_artifact("deep");
+  edit(deep, [](json& m) {
+    json nested = 1;
+    for (int i = 0; i < 100; ++i) nested = json::array({nested});
+    m["precisions"]["fp32"]["quantization"] = {{"x", nested}};
+  });
+  EXPECT_ERROR(load(deep), "nested deeper than 32 levels");
   const fs::path j = copy_artifact("not-json");
   std::ofstream(j / "manifest.json") << "{\"format\": ";
   EXPECT_ERROR(load(j), "is not valid JSON");
@@ -580,6 +608,7 @@ int main(int argc, char** argv) {
       {"refuses_a_missing_file", test_refuses_a_missing_file},
       {"refuses_paths_outside_the_folder", test_refuses_paths_outside_the_folder},
       {"refuses_a_symlink_outside_but_follows_one_inside", test_refuses_a_symlink_outside_but_follows_one_inside},
+      {"refuses_links_out_and_fifos_anywhere_in_the_folder", test_refuses_links_out_and_fifos_anywhere_in_the_folder},
       {"refuses_wrong_table_dtype_and_shape", test_refuses_wrong_table_dtype_and_shape},
       {"npy_reader_is_strict", test_npy_reader_is_strict},
       {"refuses_broken_table_invariants", test_refuses_broken_table_invariants},
