@@ -138,7 +138,6 @@ def ar_model_from(model, seed: int = 0):
     import copy
 
     import torch
-
     from nezha.model.nezha import NezhaModel
 
     config = copy.deepcopy(model.config)
@@ -167,10 +166,9 @@ def hf_generate_contender(ar_model, catalog, device: str = "cpu", max_history: i
     valid SID prefixes (one Python callback per beam per step). Same model as the AR baseline."""
     import numpy as np
     import torch
-    from transformers import GenerationConfig
-
     from nezha.model.nezha import ARCHITECTURES
     from nezha.runtime.encoding import encode_histories
+    from transformers import GenerationConfig
 
     layout = ar_model.layout
     causal = ARCHITECTURES[ar_model.config.model_type][1](ar_model.config)

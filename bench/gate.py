@@ -7,10 +7,11 @@ import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .run import flat_ratios
-from .stats import regressed
 from nezha.runtime.catalog import read_json_object
 from nezha.runtime.errors import NezhaError
+
+from .run import flat_ratios
+from .stats import regressed
 
 BASELINE_FORMAT = "nezha-bench-baseline"
 

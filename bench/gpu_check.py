@@ -29,8 +29,8 @@ TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "
 
 def layout_and_catalog(kind: str, data: Path, vocab: int, seed: int = 0):
     """("3x512" | "beauty") -> (SidLayout with code tokens after ``vocab`` tokens, Catalog of the Beauty items)."""
-    from nezha.runtime.data import find_pair
     from nezha.runtime.catalog import Catalog
+    from nezha.runtime.data import find_pair
     from nezha.runtime.layout import SidLayout
 
     index, _ = find_pair(data)
@@ -51,7 +51,6 @@ def layout_and_catalog(kind: str, data: Path, vocab: int, seed: int = 0):
 def random_model(layout, shape: dict, seed: int = 0):
     """A random-weight NEZHA model (float32, eval) of the given backbone shape."""
     import torch
-
     from nezha.model.checkpoint import make_config
     from nezha.model.nezha import NezhaModel
 
@@ -104,10 +103,14 @@ def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: 
     import tempfile
 
     import torch
-
     from nezha.runtime.data import DEFAULT_DATA
 
-    from .contenders import ar_contender, ar_model_from, reference_contenders, runtime_contenders
+    from .contenders import (
+        ar_contender,
+        ar_model_from,
+        reference_contenders,
+        runtime_contenders,
+    )
     from .run import benchmark, load_histories
     from .suite import backbone_description, write_outputs
 

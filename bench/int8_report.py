@@ -14,14 +14,12 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
-from nezha.runtime.encoding import encode_histories
-
 from nezha.calibration.data import CalibrationReader
 from nezha.calibration.quantize import int8_cpu_from_onnx, int8_from_onnx
 from nezha.calibration.validate import cpu_session, validate_int8
 from nezha.export.validate import ort_validation_steps
+from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
+from nezha.runtime.encoding import encode_histories
 
 
 def interleaved_latency(sessions: dict, feeds: dict[str, dict], rounds: int) -> dict:
@@ -99,7 +97,6 @@ def quality(a, model, catalog, limits, graphs, histories, targets) -> tuple[dict
 
 def main(argv=None):
     import torch
-
     from nezha.export.graphs import model_limits
     from nezha.model.checkpoint import load_catalog, load_checkpoint
 

@@ -21,8 +21,8 @@ def random_checkpoint(out: Path, hidden_size: int = 768, num_layers: int = 12, n
                       num_kv_heads: int = 4, head_dim: int | None = None, intermediate_size: int = 3072,
                       vocab: int = 2, layout: str = "beauty", data: Path | None = None, seed: int = 0) -> Path:
     """Write the checkpoint folder ``out`` (overwriting) and ``out``/../<name>.index.json; returns ``out``."""
-    from nezha.runtime.data import DEFAULT_DATA
     from nezha.model.checkpoint import save_checkpoint
+    from nezha.runtime.data import DEFAULT_DATA
 
     sid_layout, catalog = layout_and_catalog(layout, data or DEFAULT_DATA, vocab, seed)
     shape = {"hidden_size": hidden_size, "num_layers": num_layers, "num_heads": num_heads,

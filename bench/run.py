@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from nezha.runtime.errors import NezhaError
 
 from . import stats
 from .contenders import Contender
-from nezha.runtime.errors import NezhaError
 
 RESULT_FORMAT = "nezha-bench"
 RESULT_VERSION = 1

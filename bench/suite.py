@@ -8,8 +8,14 @@ from pathlib import Path
 from typing import Sequence
 
 from . import gate, report
-from .contenders import (Contender, ar_contender, ar_model_from, hf_generate_contender, reference_contenders,
-                         runtime_contenders)
+from .contenders import (
+    Contender,
+    ar_contender,
+    ar_model_from,
+    hf_generate_contender,
+    reference_contenders,
+    runtime_contenders,
+)
 from .run import BenchError, benchmark, load_histories
 
 QUICK = {"batch_sizes": (1,), "beams": (20,), "requests": 100, "warmup": 10, "histories": 500}
@@ -73,7 +79,6 @@ def build_contenders(artifact=None, checkpoint=None, ar_checkpoint=None, data=No
         return contenders, desc
     if checkpoint is not None:
         import torch
-
         from nezha.model.checkpoint import load_catalog, load_checkpoint
 
         if threads is not None:

@@ -4,10 +4,23 @@ CPU-only dynamic int8 variant, with sensitivity analysis and validation against 
 The build (export/) calls ``int8_from_onnx`` and ``int8_cpu_from_onnx``; calibration never imports export.
 """
 
-from .data import MIN_SAMPLES, CalibrationError, CalibrationReader, FeedList, sample_histories
-from .quantize import INT8_CPU_SETTINGS, METHODS, calibrate_ranges, int8_cpu_from_onnx, int8_from_onnx, qdq_from_ranges
-from .validate import Int8ValidationError, validate_int8
+from .data import (
+           MIN_SAMPLES,
+           CalibrationError,
+           CalibrationReader,
+           FeedList,
+           sample_histories,
+)
+from .quantize import (
+           INT8_CPU_SETTINGS,
+           METHODS,
+           calibrate_ranges,
+           int8_cpu_from_onnx,
+           int8_from_onnx,
+           qdq_from_ranges,
+)
 from .sensitivity import node_sensitivity, sensitivity_table, weight_matmuls
+from .validate import Int8ValidationError, validate_int8
 
 __all__ = ["INT8_CPU_SETTINGS", "METHODS", "MIN_SAMPLES", "CalibrationError", "CalibrationReader",
            "FeedList", "Int8ValidationError", "calibrate_ranges", "int8_cpu_from_onnx", "int8_from_onnx",

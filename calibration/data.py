@@ -9,14 +9,19 @@ from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
+from nezha.runtime.catalog import Catalog
+from nezha.runtime.data import (
+    DEFAULT_DATA,
+    DataError,
+    find_pair,
+    leave_one_out,
+    read_interactions,
+)
+from nezha.runtime.encoding import encode_codes, history_codes
+from nezha.runtime.errors import NezhaError
+from nezha.runtime.layout import SidLayout
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
-
-from nezha.runtime.data import DEFAULT_DATA, DataError, find_pair, leave_one_out, read_interactions
-from nezha.runtime.catalog import Catalog
-from nezha.runtime.encoding import encode_codes, history_codes
-from nezha.runtime.layout import SidLayout
-from nezha.runtime.errors import NezhaError
 
 log = logging.getLogger(__name__)
 

@@ -25,12 +25,17 @@ from typing import Callable, Iterable
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnxruntime.quantization import (CalibrationMethod, QuantFormat, QuantType, create_calibrator,
-                                      quantize_dynamic, quantize_static)
+from nezha.runtime.artifact import external_data_path, sha256
+from onnxruntime.quantization import (
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    create_calibrator,
+    quantize_dynamic,
+    quantize_static,
+)
 from onnxruntime.quantization.calibrate import CalibrationCacheEncoder, TensorsData
 from tqdm import tqdm
-
-from nezha.runtime.artifact import external_data_path, sha256
 
 from .data import CalibrationError, FeedList
 from .sensitivity import node_sensitivity, sensitivity_table, weight_matmuls

@@ -8,7 +8,6 @@ from typing import Iterable
 
 import numpy as np
 import onnxruntime as ort
-
 from nezha.runtime.backends.onnxruntime import open_session
 from nezha.runtime.errors import NezhaError
 

@@ -31,23 +31,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import onnx
 from nezha.calibration import METHODS, MIN_SAMPLES, CalibrationError
 from nezha.calibration.data import default_interactions
-from nezha.runtime.data import DEFAULT_DATA, find_pair
-from nezha.model.checkpoint import CheckpointError
-from nezha.runtime.catalog import CatalogError
-from nezha.runtime.errors import NezhaError
-from nezha.runtime.manifest import PRECISIONS
-
 from nezha.export import steps as S
 from nezha.export.graphs import EXPORTERS
 from nezha.export.precision import check_precisions
 from nezha.export.staging import BuildError, check_output, staging
+from nezha.model.checkpoint import CheckpointError
+from nezha.runtime.catalog import CatalogError
+from nezha.runtime.cli import Parser, ascii_int
+from nezha.runtime.data import DEFAULT_DATA, find_pair
+from nezha.runtime.errors import NezhaError
+from nezha.runtime.manifest import PRECISIONS
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "checkpoints" / "demo" / "nezha"
 BACKENDS = ("onnxruntime", "tensorrt")
 QUANTIZED = ("int8", "int8-cpu")
+OPSETS = (18, onnx.defs.onnx_opset_version())     # the dynamo exporter writes opset 18 and up
 
 
 @dataclass(frozen=True)
@@ -143,9 +145,11 @@ def check_options(checkpoint, index, out, precision, backend, max_batch, max_his
     if exporter not in EXPORTERS:
         raise BuildError(f"exporter {exporter!r}; allowed: {', '.join(EXPORTERS)}")
     for name, value in (("max_batch", max_batch), ("max_history", max_history), ("max_beam", max_beam),
-                        ("validation_users", validation_users), ("opset", opset)):
+                        ("validation_users", validation_users)):
         if type(value) is not int or value < 1:
             raise BuildError(f"{name} must be a positive integer, got {value!r}")
+    if type(opset) is not int or not OPSETS[0] <= opset <= OPSETS[1]:
+        raise BuildError(f"opset must be an integer in {OPSETS[0]}..{OPSETS[1]} (this onnx package's newest), got {opset!r}")
     demo = checkpoint is None
     checkpoint = Path(checkpoint) if checkpoint is not None else DEMO_CHECKPOINT
     if demo:
@@ -155,11 +159,13 @@ def check_options(checkpoint, index, out, precision, backend, max_batch, max_his
         raise CheckpointError(f"checkpoint {checkpoint} does not exist or is not a folder: pass a checkpoint in "
                               "the public NEZHA format")
     if index is not None and not Path(index).is_file():
-        raise CatalogError(f"item index {index} does not exist: pass a LETTER *.index.json")
+        raise CatalogError(f"item index {index} {'is not a file' if Path(index).exists() else 'does not exist'}: "
+                           "pass a LETTER *.index.json")
     if isinstance(histories, (str, Path)):
         histories = Path(histories)
         if not histories.is_file():
-            raise BuildError(f"validation histories {histories} do not exist: pass a LETTER *.inter.json")
+            raise BuildError(f"validation histories {histories} {'are not a file' if histories.exists() else 'do not exist'}"
+                             ": pass a LETTER *.inter.json")
     if "int8" in precisions:
         calibration_data = _check_calibration(calibration_data, calibration_size, calibration_method,
                                               calibration_exclude)
@@ -196,7 +202,7 @@ def build(checkpoint: str | Path | None = None, index: str | Path | None = None,
     steps = [step for step in STEPS if step.enabled(options)]
     summary = Summary(options.out)
     progress = Progress(len(steps), summary, lambda *a, **k: log(*a, **k) if log else None)
-    with staging(options.out, log) as tmp:
+    with staging(options.out, options.force, log) as tmp:
         state = S.State(options, tmp)
         for step in steps:
             with progress.step(step.name) as notes:
@@ -240,8 +246,8 @@ def _check_calibration(data: str | Path | None, size: int, method: str, exclude:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python export/build.py", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = Parser(prog="python export/build.py", description=__doc__.split("\n\n")[0],
+               formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--checkpoint", type=Path, default=None,
                    help=f"checkpoint folder in the public NEZHA format (default: the demo checkpoint {DEMO_CHECKPOINT}, "
                         "validated on the Beauty interactions)")
@@ -255,25 +261,25 @@ def parser() -> argparse.ArgumentParser:
                         "cpu-only in the manifest, never built for TensorRT")
     p.add_argument("--backend", nargs="+", default=["onnxruntime"], choices=BACKENDS,
                    help="tensorrt also builds engines (needs TensorRT 10+ and a GPU; skipped with a message otherwise)")
-    p.add_argument("--max-batch", type=int, default=64, help="largest batch of users per request")
-    p.add_argument("--max-history", type=int, default=20, help="most recent items kept per history")
-    p.add_argument("--max-beam", type=int, default=512, help="largest beam width (head graphs accept max-batch * max-beam rows)")
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset of the exported graphs")
+    p.add_argument("--max-batch", type=ascii_int, default=64, help="largest batch of users per request")
+    p.add_argument("--max-history", type=ascii_int, default=20, help="most recent items kept per history")
+    p.add_argument("--max-beam", type=ascii_int, default=512, help="largest beam width (head graphs accept max-batch * max-beam rows)")
+    p.add_argument("--opset", type=ascii_int, default=18, help="ONNX opset of the exported graphs")
     p.add_argument("--exporter", default="dynamo", choices=EXPORTERS,
                    help="torch.onnx exporter; dynamo falls back to torchscript (dynamo=False) per graph on failure")
     p.add_argument("--histories", type=Path, default=None,
                    help="LETTER *.inter.json to sample validation histories from (default: the demo data with the "
                         "demo checkpoint, synthetic histories otherwise)")
-    p.add_argument("--validation-users", type=int, default=16, help="histories used for validation")
+    p.add_argument("--validation-users", type=ascii_int, default=16, help="histories used for validation")
     p.add_argument("--calibration-data", type=Path, default=None,
                    metavar="FILE", help="int8: LETTER *.inter.json whose training split (all but each user's "
                    "last two items) gives the calibration histories; none: the Beauty interactions")
-    p.add_argument("--calibration-size", type=int, default=512,
+    p.add_argument("--calibration-size", type=ascii_int, default=512,
                    help=f"int8: calibration histories, sampled with a fixed seed (at least {MIN_SAMPLES})")
     p.add_argument("--calibration-method", default="entropy", choices=list(METHODS),
                    help="int8: how activation ranges are chosen from the calibration histograms "
                         "(percentile: the 99.999th)")
-    p.add_argument("--calibration-exclude", type=int, default=0,
+    p.add_argument("--calibration-exclude", type=ascii_int, default=0,
                    help="int8: keep this many weight MatMuls float, the ones whose quantization alone costs the "
                         "most hidden-state cosine (a sensitivity pass: one quantized graph per MatMul)")
     p.add_argument("--force", action="store_true", help="replace --out if it exists")

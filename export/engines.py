@@ -34,7 +34,7 @@ def load_tensorrt():
     if major < MIN_MAJOR:
         raise TensorRTUnavailable(f"TensorRT {trt.__version__} found; nezha-deploy needs {MIN_MAJOR}+ "
                                   "(strongly typed networks)")
-    import torch          # the build already depends on torch; it is the simplest way to ask about the GPU
+    import torch  # the build already depends on torch; it is the simplest way to ask about the GPU
 
     if not torch.cuda.is_available():
         raise TensorRTUnavailable("no CUDA GPU visible (torch.cuda.is_available() is False): engines must be "

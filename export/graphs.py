@@ -12,12 +12,11 @@ from pathlib import Path
 import numpy as np
 import onnx
 import torch
-from torch import nn
-
 from nezha.model.nezha import NezhaModel, positions_from_mask
 from nezha.runtime.artifact import external_data_path
-from nezha.runtime.manifest import GraphEntry, Limits, expected_graphs, token_range  # noqa: F401 (token_range: re-export)
 from nezha.runtime.errors import NezhaError
+from nezha.runtime.manifest import GraphEntry, Limits, expected_graphs, token_range  # noqa: F401 (token_range: re-export)
+from torch import nn
 
 EXPORTERS = ("dynamo", "torchscript")
 EXTERNAL_DATA_BYTES = 1_800_000_000     # protobuf's hard limit is 2 GiB; stay clear of it

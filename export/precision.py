@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Iterable
 
 import onnx
-
 from nezha.runtime.errors import NezhaError
 from nezha.runtime.manifest import PRECISIONS, PrecisionEntry
 

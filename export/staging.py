@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import json
 import os
 import shutil
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 
 from nezha.runtime.errors import NezhaError
 
-_RENAME_EXCHANGE = 2
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
 
 
@@ -43,15 +44,27 @@ def check_output(out: Path, force: bool, inputs: dict[str, Path | None]) -> None
         if real == other or real in other.parents or other in real.parents:
             raise BuildError(f"--out {out} overlaps the {what} {path}: the build would replace its own input; "
                              "choose an output folder outside the inputs")
+    if out.is_symlink():
+        raise BuildError(f"--out {out} is a symbolic link: name the real folder (the artifact is swapped into place)")
     if not out.exists():
         return
     if not force:
         raise BuildError(f"output {out} exists; pass --force (force=True) to replace it")
     if not out.is_dir():
         raise BuildError(f"output {out} exists and is not a folder")
-    if not (out / "manifest.json").is_file() and any(out.iterdir()):
-        raise BuildError(f"output {out} is a non-empty folder that is not a nezha artifact (no manifest.json): "
-                         "refusing to replace it")
+    if any(out.iterdir()) and not _is_artifact(out):
+        raise BuildError(f"output {out} is a non-empty folder that is not a nezha artifact (no manifest.json of "
+                         "format nezha-artifact): refusing to replace it")
+
+
+def _is_artifact(folder: Path) -> bool:
+    """A folder whose manifest.json says it is a nezha artifact (of any version: old ones may be rebuilt)."""
+    try:
+        with open(folder / "manifest.json", "rb") as f:
+            head = json.loads(f.read(64 << 20))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(head, dict) and head.get("format") == "nezha-artifact"
 
 
 def _alive(pid: int) -> bool:
@@ -76,20 +89,41 @@ def clean_stale(out: Path) -> list[Path]:
     return removed
 
 
-def exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is not available."""
+def _renameat2(a: Path, b: Path, flags: int) -> bool:
+    """Linux renameat2; False where the call or the flag is not available, OSError for other failures."""
     try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        renameat2 = libc.renameat2
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
     renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
         return False                          # EINVAL / ENOSYS / EOPNOTSUPP: the file system cannot exchange
-    raise OSError(err, os.strerror(err), str(a))
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (RENAME_EXCHANGE); False where that is not available."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def rename_new(a: Path, b: Path, force: bool) -> None:
+    """Put ``a`` at ``b``, which did not exist when the build started: RENAME_NOREPLACE, so a ``b`` that
+    another build made meanwhile is never replaced without ``force``."""
+    try:
+        done = _renameat2(a, b, _RENAME_NOREPLACE)
+    except FileExistsError:
+        done = False
+        if not force:
+            raise BuildError(f"output {b} appeared while this build ran (another build?); pass --force to "
+                             "replace it") from None
+    if not done:
+        if b.exists() and not force:
+            raise BuildError(f"output {b} appeared while this build ran (another build?); pass --force to replace it")
+        if not b.exists() or not exchange(a, b):
+            os.rename(a, b)
 
 
 def _umask() -> int:
@@ -110,7 +144,7 @@ def publishable(folder: Path) -> None:
 
 
 @contextmanager
-def staging(out: Path, log=None):
+def staging(out: Path, force: bool = False, log=None):
     """Yield an empty staging folder beside ``out``; on success put it at ``out`` (atomically replacing
     an old artifact), on any failure remove it. Fails early if ``out``'s folder is not writable."""
     try:
@@ -125,7 +159,7 @@ def staging(out: Path, log=None):
         yield tmp
         publishable(tmp)
         if not out.exists():
-            os.rename(tmp, out)
+            rename_new(tmp, out, force)
         elif exchange(tmp, out):
             shutil.rmtree(tmp, ignore_errors=True)              # tmp now holds the old artifact
         else:

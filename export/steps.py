@@ -11,19 +11,38 @@ import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from nezha.calibration import INT8_CPU_SETTINGS, CalibrationReader, int8_cpu_from_onnx, int8_from_onnx, validate_int8
+from nezha.calibration import (
+    INT8_CPU_SETTINGS,
+    CalibrationReader,
+    int8_cpu_from_onnx,
+    int8_from_onnx,
+    validate_int8,
+)
 from nezha.calibration.validate import Int8ValidationError
 from nezha.model.checkpoint import load_catalog, load_checkpoint
 from nezha.runtime.artifact import external_data_path, write_manifest
-from nezha.runtime.manifest import EngineEntry, Manifest, TableEntry
+from nezha.runtime.manifest import (
+    MAX_TENSOR_BYTES,
+    EngineEntry,
+    Manifest,
+    TableEntry,
+    largest_tensor,
+)
 from nezha.runtime.recommender import Recommender
 
 from .engines import TensorRTUnavailable, engine_from_onnx
 from .graphs import graph_specs, model_limits, onnx_from_model
 from .precision import CPU_ONLY_PRECISIONS, fp16_from_onnx, precision_entry
+from .staging import BuildError
 from .tables import tables_from_catalog
-from .validate import (histories_from_data, ort_validation_steps, synthetic_histories, trt_validation_steps,
-                       validate_artifact, validation_feeds)
+from .validate import (
+    histories_from_data,
+    ort_validation_steps,
+    synthetic_histories,
+    trt_validation_steps,
+    validate_artifact,
+    validation_feeds,
+)
 
 VALIDATION = "validation.json"
 CALIBRATION_CACHE = "calibration/cache.json"      # inside the artifact; a --force rebuild starts from it
@@ -82,6 +101,10 @@ def model_from_checkpoint(s: State, notes: list) -> State:
     s.model = load_checkpoint(o.checkpoint)
     s.catalog = load_catalog(o.index, o.checkpoint, s.model.layout)
     s.limits = model_limits(s.model, o.max_history, o.max_batch, o.max_beam)
+    tensor, size = largest_tensor(s.model.layout, s.limits)
+    if size > MAX_TENSOR_BYTES:                # say so before the export, not when validation allocates
+        raise BuildError(f"--max-batch {o.max_batch} x --max-beam {o.max_beam}: {tensor} would need "
+                         f"{size / 2**30:.1f} GiB at its largest shape (limit {MAX_TENSOR_BYTES >> 30} GiB)")
     if o.index is None:          # the reference format stores SIDs only: item ids become positions in that file
         notes.append(f"no --index: item ids are positions 0..{len(s.catalog.item_ids) - 1} in "
                      f"ava_sid{s.model.layout.levels}.pt; pass the item index to serve real item ids")
@@ -264,16 +287,16 @@ def load_with_runtime(s: State, notes: list) -> State:
 
 
 def _versions() -> dict:
+    from importlib.metadata import version
+
     import onnx
     import onnxruntime
     import torch
     import transformers
-
-    import nezha
     try:
         import tensorrt
         trt_version = tensorrt.__version__
     except ImportError:
         trt_version = None
     return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "tensorrt": trt_version, "nezha-deploy": nezha.__version__}
+            "onnxruntime": onnxruntime.__version__, "tensorrt": trt_version, "nezha-deploy": version("nezha-deploy")}

@@ -18,7 +18,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.layout import SidLayout
 

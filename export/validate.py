@@ -12,15 +12,14 @@ from typing import Sequence
 
 import numpy as np
 import torch
-
-from nezha.runtime.data import read_interactions
 from nezha.model.evaluate import overlap_shares
 from nezha.model.nezha import NezhaModel
 from nezha.model.reference import Reference, TorchSteps
-from nezha.runtime.catalog import Catalog
-from nezha.runtime.decode import beam_search, items_from_sids
 from nezha.runtime.backends.base import GraphSteps
 from nezha.runtime.backends.onnxruntime import open_sessions, ort_steps
+from nezha.runtime.catalog import Catalog
+from nezha.runtime.data import read_interactions
+from nezha.runtime.decode import beam_search, items_from_sids
 from nezha.runtime.encoding import encode_histories
 from nezha.runtime.errors import NezhaError
 from nezha.runtime.manifest import EngineEntry, GraphEntry, Limits, token_range

@@ -8,12 +8,11 @@ from typing import Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache
-
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.decode import expand, items_from_sids, select
 from nezha.runtime.encoding import encode_histories
 from nezha.runtime.verifier import Verifier
+from transformers import DynamicCache
 
 from .nezha import NezhaModel, positions_from_mask
 

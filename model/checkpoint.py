@@ -13,14 +13,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from nezha.runtime.catalog import Catalog, read_json_object
+from nezha.runtime.errors import NezhaError
+from nezha.runtime.layout import LayoutError, SidLayout
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from nezha.runtime.catalog import Catalog, read_json_object
-from nezha.runtime.layout import LayoutError, SidLayout
-
 from .nezha import ARCHITECTURES, NezhaModel, layout_from_config
-from nezha.runtime.errors import NezhaError
 
 REFERENCE_RADIX = 512          # hard-coded in the public training code's ava_sid packing
 SID_FIELDS = ("docid_num", "offset", "max_sid", "vocab_size")

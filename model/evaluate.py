@@ -14,12 +14,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
-
-from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 from nezha.runtime.catalog import Catalog
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 from nezha.runtime.decode import items_from_sids
+from nezha.runtime.errors import NezhaError
+from tqdm import tqdm
 
 KS = (5, 10)
 

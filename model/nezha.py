@@ -8,11 +8,17 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-from transformers import (LlamaConfig, LlamaForCausalLM, PretrainedConfig, Qwen2Config, Qwen2ForCausalLM,
-                          Qwen3Config, Qwen3ForCausalLM)
-
 from nezha.runtime.layout import SidLayout
+from torch import nn
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PretrainedConfig,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 # model_type -> (config class, causal LM class). Adding an architecture = one line here + a parity test.
 ARCHITECTURES = {

@@ -7,7 +7,6 @@ from typing import Sequence
 
 import numpy as np
 import torch
-
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.decode import beam_search, items_from_sids
 from nezha.runtime.encoding import encode_histories

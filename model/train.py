@@ -18,11 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
-
-from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 from nezha.runtime.catalog import Catalog
+from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 from nezha.runtime.layout import SidLayout
+from tqdm import tqdm
 
 from .checkpoint import make_config, save_checkpoint
 from .evaluate import evaluate

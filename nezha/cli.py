@@ -5,10 +5,9 @@ A thin layer: each subcommand's options are its library function's argument name
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.cli import Parser, guarded
 
 # Subcommands whose module parses its own options (they import torch, so they load only when used).
 FORWARDED = {
@@ -23,8 +22,8 @@ def main(argv=None) -> int:
     if argv and argv[0] in FORWARDED:
         import importlib
         module = importlib.import_module(FORWARDED[argv[0]][0])
-        return _guarded(argv[0], lambda: module.main(argv[1:]))
-    parser = argparse.ArgumentParser(prog="nezha", description="Build, serve and benchmark NEZHA artifacts.")
+        return guarded(argv[0], lambda: module.main(argv[1:]))
+    parser = Parser(prog="nezha", description="Build, serve and benchmark NEZHA artifacts.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (_, text) in FORWARDED.items():
         sub.add_parser(name, help=text, add_help=False)
@@ -38,15 +37,7 @@ def main(argv=None) -> int:
     if bench_cli is not None:
         bench_cli.add_parser(sub)
     args = parser.parse_args(argv)
-    return _guarded(args.command, lambda: args.run(args))
-
-
-def _guarded(command: str, run) -> int:
-    try:
-        return int(run() or 0)
-    except NezhaError as e:
-        print(f"nezha {command}: error: {e}", file=sys.stderr)
-        return 2
+    return guarded(args.command, lambda: args.run(args))
 
 
 if __name__ == "__main__":

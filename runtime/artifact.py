@@ -36,10 +36,14 @@ def resolve_inside(root: str, rel: str) -> str:
             st = os.lstat(nxt)
         except FileNotFoundError:
             return nxt                                  # the caller reports it missing
+        except OSError as e:                            # a file used as a folder, a name too long ...
+            raise ManifestError(f"{rel}: {e.strerror}") from None
         if stat.S_ISLNK(st.st_mode):
             links += 1
             target = os.path.normpath(os.path.join(cur, os.readlink(nxt)))
-            if links > _MAX_LINKS or not _inside(root, target):
+            if links > _MAX_LINKS:
+                raise ManifestError(f"{rel}: too many levels of symbolic links (a loop?)")
+            if not _inside(root, target):
                 raise ManifestError(f"{rel}: symbolic link {os.path.relpath(nxt, root)} points outside the "
                                     f"artifact folder {root}")
             parts = [p for p in os.path.relpath(target, root).split("/") if p not in ("", ".")] + parts
@@ -87,6 +91,8 @@ class Artifact:
     def open(cls, folder: str | Path, verify: bool = True) -> "Artifact":
         """Read and check ``folder/manifest.json``; with ``verify`` (the default) hash every listed file.
         ``verify=False`` is an explicit opt-out for trusted hot reloads: paths, keys and tables are still checked."""
+        if not isinstance(folder, (str, os.PathLike)) or isinstance(folder, bytes):
+            raise ManifestError(f"an artifact folder is a path (str or pathlib.Path), got {type(folder).__name__}")
         folder = Path(folder)
         if not folder.is_dir():
             raise ManifestError(f"{folder} is not an artifact folder ({'not a folder' if folder.exists() else 'does not exist'}); "
@@ -101,7 +107,7 @@ class Artifact:
         except FileNotFoundError:
             raise ManifestError(f"{folder / MANIFEST} not found: {folder} is not a nezha artifact folder "
                                 "(build one with python export/build.py)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        except (ValueError, RecursionError) as e:          # JSON, UTF-8, numbers past Python's digit limit
             raise ManifestError(f"{folder / MANIFEST} is not valid JSON: {e}") from None
         try:
             manifest = Manifest.from_json(raw)
@@ -116,19 +122,26 @@ class Artifact:
         return artifact
 
     def check_tree(self) -> None:
-        """Every entry of the folder is a folder, a regular file or a link that stays inside: ONNX Runtime
-        opens files the manifest does not name (a graph's external data), so no link may lead out and no
-        FIFO or device may stand in for a file. Links are read, never followed, to check this."""
+        """Every entry of the folder is a folder, a regular file or a link that stays inside, and every file
+        is listed in the manifest's ``files`` (so it is hashed): ONNX Runtime opens files the manifest does
+        not name (a graph's external data), so no unlisted file, no link leading out and no FIFO or device
+        may stand in the folder. Links are read, never followed, to check this."""
         root = str(self.root)
         for folder, dirs, files in os.walk(root):
             for name in dirs + files:
                 path = os.path.join(folder, name)
-                mode = os.lstat(path).st_mode
+                rel, mode = os.path.relpath(path, root), os.lstat(path).st_mode
                 if stat.S_ISLNK(mode):
-                    resolve_inside(root, os.path.relpath(path, root))
-                elif not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                    raise ManifestError(f"{os.path.relpath(path, root)}: not a regular file or folder (a FIFO, "
-                                        "socket or device has no place in an artifact)")
+                    if os.path.isdir(resolve_inside(root, rel)):
+                        continue
+                elif stat.S_ISDIR(mode):
+                    continue
+                elif not stat.S_ISREG(mode):
+                    raise ManifestError(f"{rel}: not a regular file or folder (a FIFO, socket or device has no "
+                                        "place in an artifact)")
+                if rel != MANIFEST and rel not in self.manifest.files:
+                    raise ManifestError(f"{rel}: a file the manifest does not list (every file of an artifact "
+                                        "has a sha256 entry)")
 
     def path(self, rel: str) -> Path:
         """The real path of a manifest path, inside the folder (ManifestError otherwise)."""
@@ -144,7 +157,7 @@ class Artifact:
             elif sha256(p) != digest:
                 problems.append(f"{rel}: sha256 mismatch (file modified or corrupt)")
         if problems:
-            raise ManifestError(f"artifact {self.root} failed verification:\n  " + "\n  ".join(problems))
+            raise ManifestError(f"artifact {self.root} failed verification: " + "; ".join(problems))
 
     def table(self, name: str) -> np.ndarray:
         """One table, its .npy header checked against the manifest entry (dtype, shape, C order)."""
@@ -160,9 +173,10 @@ class Artifact:
                 if fortran or dtype != np.dtype(entry.dtype).newbyteorder("<") or shape != entry.shape:
                     raise ValueError(f"holds {dtype.str} {list(shape)}{' Fortran order' if fortran else ''}; the "
                                      f"manifest says {entry.dtype} {list(entry.shape)} little-endian C order")
-                array = np.fromfile(f, dtype=dtype, count=int(np.prod(shape)))
-                if array.size != int(np.prod(shape)) or f.read(1):
+                count = int(np.prod(shape, dtype=object))
+                if os.fstat(f.fileno()).st_size - f.tell() != count * dtype.itemsize:
                     raise ValueError("data size does not match its header (truncated or padded)")
+                array = np.fromfile(f, dtype=dtype, count=count)
         except (OSError, ValueError) as e:
             raise ManifestError(f"table {name} ({entry.file}): {e}") from None
         return array.reshape(shape).astype(entry.dtype, copy=False)
@@ -189,15 +203,19 @@ def table_problem(t: dict[str, np.ndarray], layout) -> str | None:
     off = t["sid_offsets"]
     if off[0] != 0 or off[-1] != len(t["item_ids"]) or not ascending(off):
         return f"sid_offsets must rise strictly from 0 to the item count {len(t['item_ids'])}"
-    pos = np.searchsorted(t["item_ids"], t["sid_items"])
-    if np.any(pos >= len(t["item_ids"])) or np.any(t["item_ids"][np.minimum(pos, len(pos) - 1)] != t["sid_items"]):
-        return "sid_items name item ids that are not in item_ids"
+    items = t["sid_items"]
+    if not np.array_equal(np.sort(items), t["item_ids"]):
+        return "sid_items are not the item ids, each once"
+    row_start = np.zeros(len(items), dtype=bool)
+    row_start[off[:-1]] = True
+    if np.any(np.diff(items)[~row_start[1:]] <= 0):
+        return "sid_items are not ascending within each SID"
+    codes_of_items = t["item_codes"][np.searchsorted(t["item_ids"], items)]
+    if not np.array_equal(layout.sid_keys(codes_of_items), np.repeat(t["sid_keys"], np.diff(off))):
+        return "sid_items name items whose item_codes are another SID than their row's key"
     for i in range(layout.levels):
-        keys = t[f"valid_prefixes_{i}"]
-        if not ascending(keys) or (len(keys) and int(keys[-1]) >= int(np.prod(codes[:i + 1], dtype=object))):
-            return f"valid_prefixes_{i} are not strictly ascending keys of {i + 1}-code prefixes"
-    if not np.array_equal(t[f"valid_prefixes_{layout.levels - 1}"], t["sid_keys"]):
-        return f"valid_prefixes_{layout.levels - 1} differ from sid_keys"
+        if not np.array_equal(t[f"valid_prefixes_{i}"], np.unique(layout.prefix_keys(t["item_codes"], i))):
+            return f"valid_prefixes_{i} are not the sorted keys of every item's first {i + 1} codes"
     return None
 
 

@@ -8,9 +8,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nezha.runtime.errors import NezhaError
 
 from .layout import SidLayout
-from nezha.runtime.errors import NezhaError
 
 _TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
 

@@ -7,8 +7,24 @@ import json
 import re
 import sys
 
+from .errors import NezhaError
 
 _DIGITS = re.compile(r"[0-9]+")
+_INTEGER = re.compile(r"-?[0-9]+")
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line (``prog: error: ...``) and exit code 2, like every user error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def ascii_int(text: str) -> int:
+    """An integer option in ASCII digits (int() would also take '1_0' and other scripts' digits)."""
+    if not _INTEGER.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer in ASCII digits")
+    return int(text)
 
 
 def _history(text: str) -> list[int]:
@@ -27,8 +43,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("artifact", help="artifact folder written by python export/build.py")
     p.add_argument("--history", type=_history, action="append", required=True,
                    help="comma-separated item ids, oldest first; repeat for a batch")
-    p.add_argument("-k", "--k", type=int, default=10, help="items per history (default 10)")
-    p.add_argument("--beam", type=int, default=None,
+    p.add_argument("-k", "--k", type=ascii_int, default=10, help="items per history (default 10)")
+    p.add_argument("--beam", type=ascii_int, default=None,
                    help="beam width (default max(k, 20), at most the artifact's max_beam)")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu; cuda with tensorrt)")
@@ -54,6 +70,17 @@ def run(a) -> int:
     return 0
 
 
+def guarded(command: str, run) -> int:
+    """Run a CLI command: a user error (NezhaError) becomes one line on stderr and exit code 2."""
+    try:
+        return int(run() or 0)
+    except NezhaError as e:
+        print(f"nezha {command}: error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    from nezha.cli import main
-    sys.exit(main(["recommend"] + sys.argv[1:]))
+    parser = Parser(prog="python -m nezha.runtime.cli")
+    add_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args()
+    sys.exit(guarded(args.command, lambda: args.run(args)))

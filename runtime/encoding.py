@@ -6,10 +6,10 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
+from nezha.runtime.errors import NezhaError
 
 from .catalog import Catalog
 from .layout import SidLayout
-from nezha.runtime.errors import NezhaError
 
 
 class EncodingError(NezhaError, ValueError):
@@ -29,6 +29,8 @@ def integer_array(values, where: str, what: str = "item ids") -> np.ndarray:
     """A 1-D int64 array from a list, tuple or 1-D integer array. Refused with a message naming ``where``:
     bools, floats, strings, nested lists, sets, dicts, bytes, 0-d arrays, non-integer dtypes (timedelta64
     is an integer dtype to NumPy), values outside int64."""
+    if isinstance(values, np.ma.MaskedArray):
+        raise EncodingError(f"{where} is a masked array: pass the ids to use (the mask would be ignored)")
     if isinstance(values, np.ndarray):
         if values.ndim != 1 or values.dtype.kind not in "iu":
             raise EncodingError(f"{where} must be a 1-D array of integer {what}, got dtype {values.dtype} and "
@@ -50,7 +52,7 @@ def integer_array(values, where: str, what: str = "item ids") -> np.ndarray:
 
 def history_codes(histories: Sequence[Sequence[int]], catalog: Catalog, unknown: str = "error") -> list[np.ndarray]:
     """Item-id histories -> per history an [n, L] int64 code array (unknown items dropped under 'skip')."""
-    if unknown not in UNKNOWN_POLICIES:
+    if not isinstance(unknown, str) or unknown not in UNKNOWN_POLICIES:
         raise EncodingError(f"unknown-item policy {unknown!r}; allowed: {', '.join(UNKNOWN_POLICIES)}")
     check_batch(histories)
     out = []

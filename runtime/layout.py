@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+from nezha.runtime.errors import NezhaError
 
 from .strict import array, exact_keys, fail, integer
-from nezha.runtime.errors import NezhaError
 
 
 class LayoutError(NezhaError, ValueError):

@@ -5,11 +5,34 @@ or a contradiction between limits, layout and graphs is a ManifestError naming t
 
 from __future__ import annotations
 
+import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 from .layout import SidLayout
-from .strict import ManifestError, array, exact_keys, fail, integer, obj, relpath, show, string, strings, typed
+from .shapes import (  # noqa: F401
+    DTYPE_BYTES,
+    Limits,
+    Tensor,
+    expected_graphs,
+    graph_names,
+    largest_tensor,
+    table_names,
+    token_range,
+)
+from .strict import (
+    ManifestError,
+    array,
+    exact_keys,
+    fail,
+    integer,
+    obj,
+    relpath,
+    show,
+    string,
+    strings,
+    typed,
+)
 
 FORMAT = "nezha-artifact"
 VERSION = 2
@@ -17,49 +40,6 @@ PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
 EXECUTIONS = ("any", "cpu-only")
 MAX_TENSOR_BYTES = 16 << 30          # one buffer of the largest shapes; above this a manifest is refused
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
-_DTYPE_BYTES = {"int64": 8, "uint64": 8, "float32": 4}
-
-
-def graph_names(levels: int) -> list[str]:
-    return ["backbone"] + [f"head_{i}" for i in range(levels)]
-
-
-def table_names(levels: int) -> list[str]:
-    return ["item_ids", "item_codes", "sid_keys", "sid_offsets", "sid_items"] + [
-        f"valid_prefixes_{i}" for i in range(levels)]
-
-
-@dataclass(frozen=True)
-class Limits:
-    """The largest request the artifact serves and the model's hidden width H."""
-
-    max_history: int
-    max_batch: int
-    max_beam: int
-    hidden_size: int
-
-    @classmethod
-    def from_json(cls, value, path: str = "limits") -> "Limits":
-        return typed(cls, value, path, **{f.name: lambda v, p: integer(v, p, 1) for f in fields(cls)})
-
-    def to_json(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(frozen=True)
-class Tensor:
-    name: str
-    dtype: str
-    shape: tuple                        # ints and named dynamic dims
-
-    @classmethod
-    def from_json(cls, value, path: str) -> "Tensor":
-        dim = lambda v, p: v if isinstance(v, str) and v else integer(v, p, 1)
-        return typed(cls, value, path, name=string, dtype=lambda v, p: string(v, p, tuple(_DTYPE_BYTES)),
-                     shape=lambda v, p: tuple(dim(d, f"{p}[{i}]") for i, d in enumerate(array(v, p))))
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
 @dataclass(frozen=True)
@@ -98,28 +78,6 @@ class GraphEntry:
     @property
     def paths(self) -> list[str]:
         return [self.file] + ([self.external_data] if self.external_data else [])
-
-
-def token_range(levels: int, max_history: int) -> tuple[int, int]:
-    """[min, max] prompt length T: one history item + placeholders .. max_history items + placeholders."""
-    return (2 * levels, (max_history + 1) * levels)
-
-
-def expected_graphs(layout: SidLayout, limits: Limits) -> dict[str, tuple[tuple, tuple, dict]]:
-    """The graphs every artifact of this layout and these limits has: name -> (inputs, outputs, dynamic).
-    The export builds its graphs from this, and the loader checks the manifest against it."""
-    L, H = layout.levels, limits.hidden_size
-    graphs = {"backbone": (
-        (Tensor("input_ids", "int64", ("batch", "tokens")), Tensor("attention_mask", "int64", ("batch", "tokens"))),
-        (Tensor("hidden", "float32", ("batch", L + 1, H)),),
-        {"batch": (1, limits.max_batch), "tokens": token_range(L, limits.max_history)})}
-    for level, codes in enumerate(layout.codes):
-        code = (Tensor("code", "int64", ("beams",)),) if level else ()
-        graphs[f"head_{level}"] = (
-            (Tensor("state", "float32", ("beams", H)),) + code + (Tensor("hidden", "float32", ("beams", H)),),
-            (Tensor("next_state", "float32", ("beams", H)), Tensor("log_probs", "float32", ("beams", codes))),
-            {"beams": (1, limits.max_batch * limits.max_beam)})
-    return graphs
 
 
 @dataclass(frozen=True)
@@ -202,9 +160,9 @@ class Manifest:
     @classmethod
     def from_json(cls, raw) -> "Manifest":
         raw = exact_keys(raw, "", TOP_KEYS)
-        if raw["format"] != FORMAT:
+        if type(raw["format"]) is not str or raw["format"] != FORMAT:
             fail("format", f"{raw['format']!r}, expected {FORMAT!r}: not a nezha artifact")
-        if raw["version"] != VERSION:
+        if type(raw["version"]) is not int or raw["version"] != VERSION:
             fail("version", f"{raw['version']!r}; this runtime reads version {VERSION}: rebuild the artifact "
                              "with the matching nezha-deploy")
         layout = SidLayout.from_json(raw["layout"])
@@ -258,13 +216,10 @@ class Manifest:
                     if have != want:
                         fail(f"graphs.{p}.{n}.{what}", f"{show(have)} contradicts limits {self.limits.to_json()} "
                                                          f"and layout codes {list(self.layout.codes)}: expected {show(want)}")
-                for t in g.inputs + g.outputs:
-                    size = _DTYPE_BYTES[t.dtype]
-                    for d in g.max_shape(t):
-                        size *= d
-                    if size > MAX_TENSOR_BYTES:
-                        fail(f"graphs.{p}.{n}", f"tensor {t.name} needs {size / 2**30:.1f} GiB at its largest "
-                                                 f"shape (limit {MAX_TENSOR_BYTES >> 30} GiB): lower max_batch/max_beam")
+        tensor, size = largest_tensor(self.layout, self.limits)
+        if size > MAX_TENSOR_BYTES:
+            fail("limits", f"{tensor} needs {size / 2**30:.1f} GiB at its largest shape (limit "
+                           f"{MAX_TENSOR_BYTES >> 30} GiB): lower max_batch/max_beam")
         for p, engines in self.engines.items():
             if p not in self.precisions or self.precisions[p].execution != "any":
                 fail(f"engines.{p}", "engines exist only for built precisions that may run on GPUs")
@@ -290,6 +245,8 @@ class Manifest:
             want[f"valid_prefixes_{i}"] = ("uint64", (S,) if i == L - 1 else shape[:1] if len(shape) == 1 else (-1,))
         for name, (dtype, shape) in want.items():
             t = self.tables[name]
+            if 8 * math.prod(t.shape) > MAX_TENSOR_BYTES:
+                fail(f"tables.{name}", f"shape {list(t.shape)} needs more than {MAX_TENSOR_BYTES >> 30} GiB")
             if (t.dtype, t.shape) != (dtype, shape) or I < 1 or S < 1:
                 fail(f"tables.{name}", f"{t.dtype} {list(t.shape)}; expected {dtype} {list(shape)} "
                                         f"for {I} items, {S} SIDs and {L} levels")

@@ -15,10 +15,11 @@ from .catalog import Catalog
 from .decode import beam_search, items_from_sids, stage
 from .encoding import check_batch, encode_codes, history_codes, integer_array
 from .errors import NezhaError, OptionError
-from .manifest import ManifestError, graph_names
+from .manifest import PRECISIONS, ManifestError, graph_names
 from .verifier import Verifier
 
 BACKENDS = ("onnxruntime", "tensorrt")
+MAX_THREADS = 256               # intra-op threads per session; far beyond any machine's useful count
 
 
 class RequestError(NezhaError, ValueError):
@@ -65,8 +66,12 @@ class Recommender:
             return CppRecommender.load(artifact_dir, precision, threads, verify, dense_budget_bytes, device)
         if backend not in BACKENDS:
             raise OptionError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-        if threads is not None and (type(threads) is not int or threads < 1):
-            raise OptionError(f"threads must be a positive integer or None, got {threads!r}")
+        if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
+            raise OptionError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {threads!r}")
+        if precision is not None and precision not in PRECISIONS:
+            raise OptionError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)} (or None: the artifact's first)")
+        if type(dense_budget_bytes) is not int or dense_budget_bytes < 0:
+            raise OptionError(f"dense_budget_bytes must be a non-negative integer, got {dense_budget_bytes!r}")
         artifact = Artifact.open(artifact_dir, verify=verify)
         manifest = artifact.manifest
         names = graph_names(manifest.layout.levels)
@@ -84,7 +89,7 @@ class Recommender:
             raise ManifestError(f"precision {precision} is a CPU-only graph; load it with device='cpu'")
         if backend == "onnxruntime":
             from .backends.onnxruntime import open_sessions, ort_steps
-            shared = open_sessions({g: artifact.path(e.file) for g, e in entries.items()}, device, threads)
+            shared = open_sessions({g: artifact.path(e.file) for g, e in entries.items()}, device, threads, entries)
             make_steps = lambda: ort_steps(entries, shared)
         else:
             kind, device_id = parse_device(device)

@@ -109,6 +109,11 @@ MANIFEST_CASES = {
                                        raw["graphs"].update(fp8=raw["graphs"]["fp32"])), "fp8"),
     "cpu-only engine": (lambda raw: raw["precisions"]["fp32"].update(execution="gpu"), "one of any, cpu-only"),
     "other version": (_set(["version"], 1), "reads version 2"),
+    "float version": (_set(["version"], 2.0), "reads version 2"),
+    "path through a file": (lambda raw: raw["files"].update({"validation.json/x": "0" * 64}), "Not a directory"),
+    "name too long": (lambda raw: raw["files"].update({"a" * 300: "0" * 64}), "too long"),
+    "huge table": (lambda raw: [raw["tables"][t].update(shape=[2 ** 40] + raw["tables"][t]["shape"][1:])
+                                for t in ("item_ids", "item_codes", "sid_items")], "needs more than 16 GiB"),
 }
 
 
@@ -122,6 +127,17 @@ def test_hostile_manifests_are_refused_with_the_key_path(artifact, tmp_path, cas
         Recommender.load(bad, verify=False)
 
 
+def test_a_manifest_that_lies_about_its_graphs_is_refused_at_load(artifact, tmp_path):
+    """hidden_size 64 everywhere in the manifest, consistent with itself, but the ONNX graphs say 32."""
+    def edit(raw):
+        raw["limits"]["hidden_size"] = 64
+        for g in raw["graphs"]["fp32"].values():
+            for t in g["inputs"] + g["outputs"]:
+                t["shape"] = [64 if d == 32 else d for d in t["shape"]]
+    with pytest.raises(ManifestError, match="the graph's (inputs|outputs) .* differ from the manifest's"):
+        Recommender.load(tampered(artifact, tmp_path, edit))
+
+
 def test_json_that_is_not_strict_json_is_refused(artifact, tmp_path):
     bad = tampered(artifact, tmp_path)
     text = (bad / "manifest.json").read_text()
@@ -130,6 +146,9 @@ def test_json_that_is_not_strict_json_is_refused(artifact, tmp_path):
         Artifact.open(bad)
     (bad / "manifest.json").write_text(text.replace('"max_batch": 4', '"max_batch": NaN'))
     with pytest.raises(ManifestError, match="NaN is not valid JSON"):
+        Artifact.open(bad)
+    (bad / "manifest.json").write_text(text.replace('"max_batch": 4', '"max_batch": ' + "9" * 5000))
+    with pytest.raises(ManifestError, match="not valid JSON"):                 # past Python's digit limit
         Artifact.open(bad)
     (bad / "manifest.json").write_text("[" * 100000 + "]" * 100000)
     with pytest.raises(ManifestError, match="not valid JSON|expected an object"):
@@ -163,8 +182,8 @@ def test_symlinks_out_of_the_folder_are_refused_before_anything_outside_is_opene
     os.mkfifo(fifo / "tables" / "extra")
     with pytest.raises(ManifestError, match="tables/extra: not a regular file or folder"):
         Recommender.load(fifo)
-    inside = tampered(artifact, tmp_path / "c")                    # a link that stays inside is fine
-    (inside / "tables" / "copy.npy").write_bytes((inside / "tables" / "item_ids.npy").read_bytes())
+    copy = (artifact / "tables" / "item_ids.npy").read_bytes()      # a link that stays inside is fine
+    inside = tampered(artifact, tmp_path / "c", files={"tables/copy.npy": copy})
     (inside / "tables" / "item_ids.npy").unlink()
     (inside / "tables" / "item_ids.npy").symlink_to("copy.npy")
     Recommender.load(inside).close()
@@ -182,6 +201,7 @@ TABLE_CASES = {
     "fortran order": (lambda art: {"tables/item_codes.npy": _npy(_table(art, "item_codes"), fortran=True)}, "Fortran"),
     "object array": (lambda art: {"tables/item_ids.npy": _npy(np.array([1, "a"], dtype=object))}, "holds \\|O"),
     "truncated": (lambda art: {"tables/sid_items.npy": _npy(_table(art, "sid_items"))[:-8]}, "truncated or padded"),
+    "padded": (lambda art: {"tables/sid_items.npy": _npy(_table(art, "sid_items")) + b"\0" * 8}, "truncated or padded"),
     "not npy": (lambda art: {"tables/sid_items.npy": b"hello"}, "table sid_items"),
     "ids not ascending": (lambda art: _rows(art, "item_ids", lambda a: a.__setitem__(slice(0, 2), a[1::-1])),
                           "item_ids are not strictly ascending"),
@@ -189,9 +209,16 @@ TABLE_CASES = {
                           "item_codes hold a code outside"),
     "offsets": (lambda art: _rows(art, "sid_offsets", lambda a: a.__setitem__(-1, a[-1] - 1)), "sid_offsets must rise"),
     "keys not ascending": (lambda art: _rows(art, "valid_prefixes_1", lambda a: a.__setitem__(slice(0, 2), a[1::-1])),
-                           "valid_prefixes_1 are not strictly ascending"),
+                           "valid_prefixes_1 are not the sorted keys"),
+    "prefix missing": (lambda art: _rows(art, "valid_prefixes_1", lambda a: a.__setitem__(-1, a[-1] + 1)),
+                       "valid_prefixes_1 are not the sorted keys"),
     "unknown sid item": (lambda art: _rows(art, "sid_items", lambda a: a.__setitem__(0, 10 ** 9)),
-                         "not in item_ids"),
+                         "not the item ids, each once"),
+    "duplicate sid item": (lambda art: _rows(art, "sid_items", lambda a: a.__setitem__(0, a[1])), "each once"),
+    "items of two SIDs swapped": (lambda art: _rows(art, "sid_items", lambda a: a.__setitem__([0, -1], a[[-1, 0]])),
+                                  "another SID than their row's key"),
+    "codes of an item changed": (lambda art: _rows(art, "item_codes", lambda a: a.__setitem__((5, 2), (a[5, 2] + 1) % 5)),
+                                 "another SID"),
 }
 
 
@@ -207,6 +234,15 @@ def test_an_onnx_file_onnx_runtime_cannot_open_is_a_clear_error(artifact, tmp_pa
     bad = tampered(artifact, tmp_path, files={"graphs/fp32/head_1.onnx": b"\x08\x07garbage"})
     with pytest.raises(ManifestError, match="head_1.onnx: ONNX Runtime cannot open this graph"):
         Recommender.load(bad)
+
+
+def test_files_the_manifest_does_not_list_are_refused(artifact, tmp_path):
+    """ONNX Runtime would read a graph's external data from any file beside it: every file must be hashed."""
+    bad = tampered(artifact, tmp_path)
+    (bad / "graphs" / "fp32" / "weights.bin").write_bytes(b"\0" * 64)
+    for verify in (True, False):
+        with pytest.raises(ManifestError, match="graphs/fp32/weights.bin: a file the manifest does not list"):
+            Recommender.load(bad, verify=verify)
 
 
 def test_modified_or_missing_files_fail_verification_but_not_with_verify_off(artifact, tmp_path):

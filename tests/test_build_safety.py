@@ -122,3 +122,41 @@ def test_a_live_builds_staging_folder_is_left_alone(inputs, tmp_path):
     live.mkdir()
     build(ckpt, index, tmp_path / "art", **QUICK)
     assert live.is_dir()
+
+
+def test_force_needs_a_real_artifact_and_out_is_no_link(inputs, tmp_path):
+    ckpt, index = inputs
+    webapp = tmp_path / "webapp"
+    webapp.mkdir()
+    (webapp / "manifest.json").write_text('{"name": "my web app"}')       # a manifest, but not ours
+    (webapp / "index.html").write_text("<html>")
+    with pytest.raises(BuildError, match="not a nezha artifact"):
+        build(ckpt, index, webapp, force=True, **QUICK)
+    assert (webapp / "index.html").read_text() == "<html>"
+    (tmp_path / "link").symlink_to(tmp_path / "missing")
+    with pytest.raises(BuildError, match="is a symbolic link"):
+        build(ckpt, index, tmp_path / "link", force=True, **QUICK)
+
+
+def test_absurd_limits_and_opsets_fail_before_the_export(inputs, tmp_path):
+    ckpt, index = inputs
+    lines = []
+    with pytest.raises(BuildError, match="would need .* GiB at its largest shape"):
+        build(ckpt, index, tmp_path / "art", **{**QUICK, "max_beam": 10 ** 11, "log": lambda *a, **k: lines.append(a[0])})
+    assert [line for line in lines if line.startswith("[")] == ["[1/6] model_from_checkpoint ..."]
+    with pytest.raises(BuildError, match="opset must be an integer in 18.."):
+        build(ckpt, index, tmp_path / "art", **{**QUICK, "opset": 1})
+
+
+def test_a_build_never_replaces_an_out_that_appeared_meanwhile_without_force(tmp_path):
+    from nezha.export.staging import rename_new
+    new, out = tmp_path / "new", tmp_path / "out"
+    new.mkdir()
+    (new / "a").write_text("new")
+    out.mkdir()
+    (out / "b").write_text("someone else's")
+    with pytest.raises(BuildError, match="appeared while this build ran"):
+        rename_new(new, out, force=False)
+    assert (out / "b").read_text() == "someone else's"
+    rename_new(new, out, force=True)
+    assert (out / "a").read_text() == "new"

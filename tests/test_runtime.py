@@ -198,11 +198,24 @@ def test_long_histories_keep_the_most_recent_items(artifact):
     (dict(histories=[[100]], k=True), RequestError, "k must be an integer"),
     (dict(histories=[[100]], k=2, beam=True), RequestError, "beam must be an integer"),
     (dict(histories=[[100]], k=2, beam=4.0), RequestError, "beam must be an integer"),
+    (dict(histories=[np.ma.array([100, 101], mask=[0, 1])]), EncodingError, "masked array"),
+    (dict(histories=[[100]], unknown=np.array(["skip"])), EncodingError, "unknown-item policy"),
 ])
 def test_bad_requests_get_clear_errors(artifact, call, error, message):
     with Recommender.load(artifact) as rec:
         with pytest.raises(error, match=message):
             rec.recommend(**call)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(threads=10 ** 6), "threads must be an integer in 1..256"), (dict(threads=0), "threads must be"),
+    (dict(precision=["fp32"]), "precision \\['fp32'\\]; allowed"), (dict(precision=""), "precision ''; allowed"),
+    (dict(dense_budget_bytes="x"), "dense_budget_bytes"), (dict(backend="tvm"), "backend 'tvm'; allowed"),
+])
+def test_bad_load_options_get_clear_errors(artifact, options, message):
+    from nezha.runtime.errors import OptionError
+    with pytest.raises(OptionError, match=message):
+        Recommender.load(artifact, **options)
 
 
 def test_unknown_items_can_be_skipped(artifact):

@@ -13,7 +13,14 @@ import numpy as np
 
 from ..errors import BackendUnavailable
 from ..manifest import GraphEntry, ManifestError
-from .base import GraphRunner, GraphSteps, buffer_key, parse_device, prefix_view, shared_buffer_sizes
+from .base import (
+    GraphRunner,
+    GraphSteps,
+    buffer_key,
+    parse_device,
+    prefix_view,
+    shared_buffer_sizes,
+)
 
 
 def _ort():
@@ -63,9 +70,28 @@ def open_session(path, device: str = "cpu", threads: int | None = None):
         raise ManifestError(f"{path}: ONNX Runtime cannot open this graph: {first}") from None
 
 
-def open_sessions(paths: dict, device: str = "cpu", threads: int | None = None) -> dict:
-    """Graph name -> InferenceSession (shared by all runners)."""
-    return {name: open_session(p, device, threads) for name, p in paths.items()}
+def open_sessions(paths: dict, device: str = "cpu", threads: int | None = None,
+                  entries: dict[str, GraphEntry] | None = None) -> dict:
+    """Graph name -> InferenceSession (shared by all runners); with ``entries``, each graph's inputs and
+    outputs must be the manifest's (names in order, dtypes, fixed dims), else ManifestError."""
+    sessions = {name: open_session(p, device, threads) for name, p in paths.items()}
+    for name, entry in (entries or {}).items():
+        check_io(sessions[name], entry, paths[name])
+    return sessions
+
+
+_ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)", "uint64": "tensor(uint64)"}
+
+
+def check_io(session, entry: GraphEntry, path) -> None:
+    """The graph ONNX Runtime opened against its manifest entry: a manifest that lies about a graph is
+    refused at load, not at the first request."""
+    for what, have, want in (("inputs", session.get_inputs(), entry.inputs), ("outputs", session.get_outputs(), entry.outputs)):
+        got = [(a.name, a.type, [d if isinstance(d, int) else None for d in a.shape]) for a in have]
+        expected = [(t.name, _ORT_TYPES[t.dtype], [d if isinstance(d, int) else None for d in t.shape]) for t in want]
+        if got != expected:
+            raise ManifestError(f"{path}: the graph's {what} {got} differ from the manifest's {expected} "
+                                "(name, type, fixed dims)")
 
 
 class HostBuffers:
