@@ -150,7 +150,7 @@ void verify_files(const std::string& root, const Manifest& manifest, bool hash) 
 
 namespace nezha {
 
-void check_tree(const std::string& root) {
+void check_tree(const std::string& root, const Manifest& manifest) {
   namespace fs = std::filesystem;
   std::error_code ec;
   for (fs::recursive_directory_iterator it(root, fs::directory_options::none, ec), end; !ec && it != end; it.increment(ec)) {
@@ -158,9 +158,16 @@ void check_tree(const std::string& root) {
     const std::string rel = path.substr(root.size() + 1);
     struct stat st {};
     if (lstat(path.c_str(), &st) != 0) throw Error(rel + ": cannot stat: " + std::strerror(errno));
-    if (S_ISLNK(st.st_mode)) resolve_inside(root, rel);          // throws if it leads outside
-    else if (!S_ISREG(st.st_mode) && !S_ISDIR(st.st_mode))
+    if (S_ISLNK(st.st_mode)) {
+      struct stat target {};
+      if (stat(resolve_inside(root, rel).c_str(), &target) == 0 && S_ISDIR(target.st_mode)) continue;   // throws if it leads outside
+    } else if (S_ISDIR(st.st_mode)) {
+      continue;
+    } else if (!S_ISREG(st.st_mode)) {
       throw Error(rel + ": not a regular file or folder (a FIFO, socket or device has no place in an artifact)");
+    }
+    if (rel != "manifest.json" && !manifest.files.count(rel))
+      throw Error(rel + ": a file the manifest does not list (every file of an artifact has a sha256 entry)");
   }
   if (ec) throw Error("cannot list the artifact folder " + root + ": " + ec.message());
 }

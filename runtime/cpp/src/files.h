@@ -26,10 +26,11 @@ std::string read_file(const std::string& path);
 // matches. Reports every problem in one nezha::Error.
 void verify_files(const std::string& root, const Manifest& manifest, bool hash);
 
-// Every entry under `root` is a folder, a regular file or a symbolic link that stays inside: ONNX Runtime
-// opens files the manifest does not name (a graph's external data), so no link may lead out and no FIFO
-// or device may stand in for a file. Links are read, never followed, to check this. Throws nezha::Error.
-void check_tree(const std::string& root);
+// Every entry under `root` is a folder, a regular file or a symbolic link that stays inside, and every file
+// but manifest.json is listed in the manifest's `files` (so it is hashed): ONNX Runtime opens files the
+// manifest does not name (a graph's external data), so no unlisted file, no link leading out and no FIFO
+// or device may stand in the folder. Links are read, never followed, to check this. Throws nezha::Error.
+void check_tree(const std::string& root, const Manifest& manifest);
 
 // manifest.json of the folder `root`: inside it, a regular file of at most 64 MiB. Throws nezha::Error.
 std::string read_manifest_text(const std::string& root, const std::string& shown_dir);

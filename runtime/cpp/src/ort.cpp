@@ -86,18 +86,32 @@ Sessions::Sessions(const std::string& root, const std::string& precision, const 
     } catch (const Ort::Exception& e) {
       throw Error("ONNX Runtime cannot open graph " + precision + "/" + name + " (" + g.file + "): " + e.what());
     }
-    // The graph file must have the tensors the manifest names, in order.
+    // The graph ONNX Runtime opened must have the manifest's tensors: names in order, dtypes, fixed dims
+    // (a dynamic dim of the manifest is a symbolic one in the graph). A lying manifest fails here, not later.
     Ort::Session& s = *by_graph.back();
     Ort::AllocatorWithDefaultOptions alloc;
     auto check = [&](const std::vector<TensorSpec>& specs, std::size_t count, bool inputs) {
+      const std::string what = "graph " + precision + "/" + name + " (" + g.file + ")" + (inputs ? " input " : " output ");
       if (count != specs.size())
-        throw Error("graph " + precision + "/" + name + " has " + std::to_string(count) + (inputs ? " inputs" : " outputs") +
-                    ", the manifest lists " + std::to_string(specs.size()));
+        throw Error(what.substr(0, what.size() - 1) + "s: " + std::to_string(count) + ", the manifest lists " + std::to_string(specs.size()));
       for (std::size_t i = 0; i < count; ++i) {
         auto n = inputs ? s.GetInputNameAllocated(i, alloc) : s.GetOutputNameAllocated(i, alloc);
         if (specs[i].name != n.get())
-          throw Error("graph " + precision + "/" + name + (inputs ? " input " : " output ") + std::to_string(i) + " is " +
-                      n.get() + ", the manifest says " + specs[i].name);
+          throw Error(what + std::to_string(i) + " is " + n.get() + ", the manifest says " + specs[i].name);
+        const Ort::TypeInfo type = inputs ? s.GetInputTypeInfo(i) : s.GetOutputTypeInfo(i);
+        if (type.GetONNXType() != ONNX_TYPE_TENSOR) throw Error(what + specs[i].name + " is not a tensor");
+        const auto info = type.GetTensorTypeAndShapeInfo();
+        if (info.GetElementType() != element_type(specs[i].dtype))
+          throw Error(what + specs[i].name + " has another element type than the manifest's " + specs[i].dtype);
+        const std::vector<std::int64_t> dims = info.GetShape();
+        bool same = dims.size() == specs[i].shape.size();
+        for (std::size_t d = 0; same && d < dims.size(); ++d)
+          same = specs[i].shape[d].name.empty() ? dims[d] == specs[i].shape[d].size : dims[d] < 0;
+        if (!same) {
+          std::string have;
+          for (std::int64_t d : dims) have += (have.empty() ? "" : ", ") + (d < 0 ? std::string("?") : std::to_string(d));
+          throw Error(what + specs[i].name + " has shape [" + have + "], the manifest's fixed dims differ");
+        }
       }
     };
     check(g.inputs, s.GetInputCount(), true);

@@ -161,11 +161,16 @@ Workspace& Recommender::Impl::workspace() {
 }
 
 std::unique_ptr<Recommender> Recommender::load(const std::string& artifact_dir, const Options& options) {
+  if (options.intra_op_threads < 0 || options.intra_op_threads > 256)
+    throw Error("intra_op_threads must be in 1..256, or 0 for ONNX Runtime's default; got " + std::to_string(options.intra_op_threads));
+  if (!options.precision.empty() && options.precision != "fp32" && options.precision != "fp16" && options.precision != "int8" &&
+      options.precision != "int8-cpu")
+    throw Error("precision '" + options.precision + "'; allowed: fp32, fp16, int8, int8-cpu (or empty: the artifact's first)");
   auto impl = std::make_unique<Impl>();
   impl->root = artifact_root(artifact_dir);
   impl->manifest = parse_manifest(read_manifest_text(impl->root, artifact_dir), artifact_dir + "/manifest.json");
   const Manifest& m = impl->manifest;
-  check_tree(impl->root);
+  check_tree(impl->root, m);
   verify_files(impl->root, m, options.verify);
   impl->precision = options.precision.empty() ? m.precision_order.front() : options.precision;
   if (!m.graphs.count(impl->precision)) {

@@ -79,8 +79,7 @@ Tables load_tables(const std::string& root, const Manifest& m) {
                     " code " + std::to_string(c) + ", outside 0.." + std::to_string(layout.codes[l] - 1));
     }
   std::uint64_t space = 1;                                  // fits: the manifest checked the product < 2^63
-  std::vector<std::uint64_t> level_space;
-  for (std::int64_t c : layout.codes) level_space.push_back(space *= std::uint64_t(c));
+  for (std::int64_t c : layout.codes) space *= std::uint64_t(c);
   strictly_ascending(t.sid_keys, "sid_keys");
   if (S && t.sid_keys.back() >= space)
     throw Error("table sid_keys: key " + std::to_string(t.sid_keys.back()) + " is not below the SID space " + std::to_string(space));
@@ -101,21 +100,20 @@ Tables load_tables(const std::string& root, const Manifest& m) {
         throw Error("table sid_items: item " + std::to_string(item) + " is listed under SID " + std::to_string(t.sid_keys[std::size_t(s)]) +
                     " but its codes make SID " + std::to_string(key));
     }
+  std::vector<std::uint64_t> prefix(std::size_t(I), 0);     // every item's key of its first i+1 codes
   for (int i = 0; i < L; ++i) {
-    const std::string name = "valid_prefixes_" + std::to_string(i);
-    const auto& keys = t.valid_prefixes[std::size_t(i)];
-    strictly_ascending(keys, name);
-    if (!keys.empty() && keys.back() >= level_space[std::size_t(i)])
-      throw Error("table " + name + ": key " + std::to_string(keys.back()) + " is not below " + std::to_string(level_space[std::size_t(i)]));
-    if (i > 0) {                                           // every prefix extends a valid parent prefix
-      const auto& parents = t.valid_prefixes[std::size_t(i - 1)];
-      for (std::uint64_t k : keys)
-        if (!std::binary_search(parents.begin(), parents.end(), k / std::uint64_t(layout.codes[i])))
-          throw Error("table " + name + ": key " + std::to_string(k) + " has no parent in valid_prefixes_" + std::to_string(i - 1));
-    }
+    for (std::int64_t r = 0; r < I; ++r)
+      prefix[std::size_t(r)] = prefix[std::size_t(r)] * std::uint64_t(layout.codes[std::size_t(i)]) +
+                               std::uint64_t(t.item_codes[std::size_t(r * L + i)]);
+    std::vector<std::uint64_t> unique = prefix;
+    std::sort(unique.begin(), unique.end());
+    unique.erase(std::unique(unique.begin(), unique.end()), unique.end());
+    if (t.valid_prefixes[std::size_t(i)] != unique)
+      throw Error("table valid_prefixes_" + std::to_string(i) + ": not the sorted keys of every item's first " +
+                  std::to_string(i + 1) + " codes");
   }
   if (t.valid_prefixes.back() != t.sid_keys)
-    throw Error("table valid_prefixes_" + std::to_string(L - 1) + " must equal sid_keys");
+    throw Error("table sid_keys: not the sorted keys of the items' SIDs (valid_prefixes_" + std::to_string(L - 1) + ")");
   return t;
 }
 

@@ -344,7 +344,8 @@ void test_refuses_broken_table_invariants() {
       {"sid_keys", [](auto& v) { std::swap(v[0], v[1]); }, "sid_keys is not strictly ascending"},
       {"sid_offsets", [](auto& v) { v.back() -= 1; }, "sid_offsets must start at 0 and end at"},
       {"sid_items", [](auto& v) { v[0] = std::uint64_t(-5); }, "sid_items"},
-      {"valid_prefixes_0", [](auto& v) { std::swap(v[0], v[1]); }, "valid_prefixes_0 is not strictly ascending"},
+      {"valid_prefixes_0", [](auto& v) { std::swap(v[0], v[1]); }, "valid_prefixes_0: not the sorted keys of every item's first 1 codes"},
+      {"valid_prefixes_1", [](auto& v) { v.pop_back(); }, "valid_prefixes_1"},
   };
   for (const Case& c : cases) {
     const fs::path d = copy_artifact(std::string("invariant-") + c.table);
@@ -375,6 +376,11 @@ void test_refuses_limits_that_disagree_with_the_graphs() {
     m["layout"]["placeholder_start"] = m["layout"]["placeholder_start"].get<int>() + 1;
   });
   EXPECT_ERROR(load(c), "graphs.fp32.head_0.outputs");
+  const fs::path io = copy_artifact("graph-io-lie");             // the manifest names another head's file
+  edit(io, [](json& m) { m["graphs"]["fp32"]["head_1"]["file"] = m["graphs"]["fp32"]["head_2"]["file"]; });
+  EXPECT_ERROR(load(io), "output log_probs has shape [?, ");
+  edit(io, [](json& m) { m["graphs"]["fp32"]["head_0"]["file"] = m["graphs"]["fp32"]["head_1"]["file"]; });
+  EXPECT_ERROR(load(io), "head_0");
   const fs::path t = copy_artifact("huge-tensor");
   edit(t, [](json& m) {
     m["limits"]["max_batch"] = 1 << 20;
@@ -442,7 +448,12 @@ void test_refuses_unknown_missing_and_mistyped_keys() {
   EXPECT_ERROR(load(g_tmp / "no-such-folder"), "does not exist");
   nezha::Options o;
   o.precision = "fp16x";
-  EXPECT_ERROR(load(g_artifact, o), "has no 'fp16x' graphs");
+  EXPECT_ERROR(load(g_artifact, o), "precision 'fp16x'; allowed: fp32, fp16, int8, int8-cpu");
+  o.precision = "fp16";
+  EXPECT_ERROR(load(g_artifact, o), "has no 'fp16' graphs");
+  const fs::path extra = copy_artifact("unlisted-file");
+  std::ofstream(extra / "graphs" / "fp32" / "backbone.onnx.data") << "weights nobody hashed";
+  EXPECT_ERROR(load(extra), "graphs/fp32/backbone.onnx.data: a file the manifest does not list");
 }
 
 // Random damage to manifest.json and to a table (unverified, so the parsers see it): every load either

@@ -62,13 +62,9 @@ std::vector<std::int64_t> parse_history(const std::string& text) {
   return items;
 }
 
-// An option's integer value (argparse's type=int: optional sign, surrounding whitespace).
-bool parse_int(std::string s, long long& out) {
-  const auto space = " \t\n\r\f\v";
-  const std::size_t a = s.find_first_not_of(space), b = s.find_last_not_of(space);
-  if (a == std::string::npos) return false;
-  s = s.substr(a, b - a + 1);
-  const std::size_t digits = (s[0] == '+' || s[0] == '-') ? 1 : 0;
+// An integer option in ASCII digits, as runtime/cli.py's ascii_int: an optional '-', then digits.
+bool parse_int(const std::string& s, long long& out) {
+  const std::size_t digits = !s.empty() && s[0] == '-' ? 1 : 0;
   if (digits == s.size()) return false;
   for (std::size_t i = digits; i < s.size(); ++i)
     if (s[i] < '0' || s[i] > '9') return false;
@@ -80,7 +76,7 @@ bool parse_int(std::string s, long long& out) {
 int parse_count(const std::string& option, const std::string& text) {
   long long v;
   if (!parse_int(text, v) || v < -2147483647LL || v > 2147483647LL)
-    throw UsageError{"argument " + option + ": invalid int value: '" + text + "'"};
+    throw UsageError{"argument " + option + ": '" + text + "' is not an integer in ASCII digits"};
   return int(v);
 }
 
@@ -211,7 +207,7 @@ int main(int argc, char** argv) {
     if (artifact.empty()) throw UsageError{"the following arguments are required: artifact"};
     if (histories.empty()) throw UsageError{"the following arguments are required: --history"};
   } catch (const UsageError& e) {
-    std::cerr << kUsage << "nezha-recommend: error: " << e.message << "\n";
+    std::cerr << "nezha-recommend: error: " << e.message << " (see --help)\n";
     return 2;
   }
   try {
