@@ -1,4 +1,4 @@
-"""The ``nezha`` command: ``build``, ``recommend``, ``bench``, ``train`` and ``evaluate``.
+"""The ``nezha`` command: ``build``, ``recommend``, ``bench``, ``train``, ``evaluate``, ``serve`` and ``loadtest``.
 
 A thin layer: each subcommand's options are its library function's argument names. Every user error
 (a ``NezhaError``) becomes one line ``nezha <command>: error: ...`` and exit code 2; a traceback means a bug."""
@@ -36,6 +36,12 @@ def main(argv=None) -> int:
         sub.add_parser("bench", help=f"unavailable: {e} (pip install 'nezha-deploy[bench]')")
     if bench_cli is not None:
         bench_cli.add_parser(sub)
+    try:
+        from nezha.serve import cli as serve_cli
+    except ImportError:          # serve and loadtest need the 'serve' extra
+        serve_cli = None
+    if serve_cli is not None:
+        serve_cli.add_parsers(sub)
     args = parser.parse_args(argv)
     return guarded(args.command, lambda: args.run(args))
 

@@ -272,7 +272,7 @@ def test_unwritable_output(tmp_path, checkpoint):
 def test_existing_output_needs_force(tmp_path, checkpoint, capsys):
     out = tmp_path / "art"
     out.mkdir()
-    (out / "manifest.json").write_text("{}")                    # an old (broken) artifact
+    (out / "manifest.json").write_text('{"format": "nezha-artifact", "version": 1}')   # an old artifact
     (out / "keep.txt").write_text("old")
     assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err and (out / "keep.txt").read_text() == "old"

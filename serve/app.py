@@ -1,0 +1,91 @@
+"""The single-machine engine: a Starlette app on uvicorn around ``Service``.
+
+Why Starlette (not FastAPI): the server validates bodies itself, strictly and in one place, so that a bad
+request gets the library's message; FastAPI's pydantic layer would add a second validator with other
+messages (and 422 instead of 400) for no gain. Starlette is the ASGI core FastAPI is built on, and its
+``Request`` is what Ray Serve hands to a deployment, so one handler serves both engines. uvicorn is the
+reference ASGI server: HTTP/1.1 keep-alive, graceful shutdown that lets in-flight requests finish."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .protocol import PayloadTooLarge
+from .service import Reply, Service
+
+log = logging.getLogger("nezha.serve")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused (413) past ``limit`` bytes without reading the rest."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body is {declared} bytes; at most {limit} allowed (--max-body-bytes)")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body is over {limit} bytes (--max-body-bytes)")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def to_response(reply: Reply) -> Response:
+    if isinstance(reply.body, bytes):
+        return Response(reply.body, reply.status, reply.headers, media_type=reply.content_type)
+    return JSONResponse(reply.body, reply.status, reply.headers)
+
+
+async def dispatch(service: Service, request: Request) -> Response:
+    reply = await service.handle(request.method, request.url.path, lambda limit: read_body(request, limit),
+                                 dict(request.headers))
+    return to_response(reply)
+
+
+def create_app(service: Service, reload_on_sighup: bool = False) -> Starlette:
+    """The ASGI app: every path goes to ``service.handle``; startup loads the model, shutdown drains."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        await service.start()
+        loop = asyncio.get_running_loop()
+        if reload_on_sighup:
+            loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_sighup_reload(service)))
+        try:
+            yield
+        finally:
+            if reload_on_sighup:
+                loop.remove_signal_handler(signal.SIGHUP)
+            await service.stop()
+
+    async def endpoint(request: Request) -> Response:
+        return await dispatch(service, request)
+
+    methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)], lifespan=lifespan)
+
+
+async def _sighup_reload(service: Service) -> None:
+    try:
+        model = await service.reload()
+        log.info("SIGHUP: now serving version %s", model.version)
+    except Exception as e:                                       # logged: a signal has nobody to answer to
+        log.error("SIGHUP: %s", e)
+
+
+def run(service: Service, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
+        log_level: str = "info") -> None:
+    """Serve until SIGINT/SIGTERM (then drain: in-flight requests finish, new ones get 503); SIGHUP reloads."""
+    import uvicorn
+
+    config = uvicorn.Config(create_app(service, reload_on_sighup=True), host=host, port=port, log_level=log_level,
+                            timeout_graceful_shutdown=drain_timeout, access_log=False, lifespan="on")
+    uvicorn.Server(config).run()

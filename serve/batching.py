@@ -1,0 +1,310 @@
+"""Dynamic batching that never pays for padding.
+
+Every history of every request becomes one ``Item``; worker threads (never the event loop) pull items
+from one bounded queue and run them as one backbone batch through ``Recommender.decode_codes``. A batch
+holds items of one model and one beam only (beam changes the search) and, by default, of one token
+length only (length buckets of width 0: no padding, answers bit-identical to solo ones). A history joins
+a batch only if the cost model says the grown batch costs less than the batch plus that history alone;
+with ``allow_padding`` the left padding to the longest history is paid for in that comparison, so
+histories of very different lengths stay apart. By induction a batch never costs more than its
+histories run one by one.
+
+The cost model is measured on the loaded model at start (``measure_cost``): seconds of
+``decode_codes`` for one and for B histories at three lengths, i.e. the solo cost and the marginal cost
+of one more history per token length (interpolated between them).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from nezha.runtime.decode import items_from_sids
+
+from .protocol import DeadlineExceeded, Overloaded, Unavailable
+
+log = logging.getLogger("nezha.serve")
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Measured seconds to decode a batch, per probe token length T_j: ``solo[j]`` for one history and
+    ``marginal[j]`` for each further one. cost(B, T) = solo(T) + (B - 1) * marginal(T), interpolated
+    linearly in T between the probes (and held flat beyond them)."""
+
+    tokens: tuple[int, ...]
+    solo: tuple[float, ...]
+    marginal: tuple[float, ...]
+
+    def cost(self, batch: int, tokens: int) -> float:
+        solo = float(np.interp(tokens, self.tokens, self.solo))
+        return solo + (batch - 1) * float(np.interp(tokens, self.tokens, self.marginal))
+
+    def worth_adding(self, batch: int, longest: int, tokens: int) -> bool:
+        """Is a batch of ``batch`` histories (longest ``longest`` tokens) plus one of ``tokens`` tokens
+        cheaper than the batch and that history run alone?"""
+        grown = self.cost(batch + 1, max(longest, tokens))
+        return grown < self.cost(batch, longest) + self.cost(1, tokens)
+
+    def as_dict(self) -> dict:
+        return {"tokens": list(self.tokens), "solo_ms": [round(x * 1e3, 4) for x in self.solo],
+                "marginal_ms": [round(x * 1e3, 4) for x in self.marginal]}
+
+
+def tokens_of(codes: np.ndarray, max_history: int, levels: int) -> int:
+    """Backbone tokens of one encoded history: its kept items' codes plus L placeholders."""
+    return (min(len(codes), max_history) + 1) * levels
+
+
+def measure_cost(rec, beam: int = 20, repeats: int = 5, max_probe_batch: int = 8, budget_s: float = 0.5,
+                 clock=time.perf_counter) -> CostModel:
+    """Time ``rec.decode_codes`` for 1 and B histories at three lengths (1, max_history/2, max_history
+    items), best of at least ``repeats`` (more while under ``budget_s`` per length: on a busy machine the
+    minimum needs more tries) after a warm-up, interleaved so that machine drift hits both alike.
+    ``clock=time.thread_time`` measures this thread's CPU time, immune to preemption on a shared machine:
+    right when ONNX Runtime runs in the calling thread (one intra-op thread)."""
+    codes = rec.catalog.item_codes
+    B = max(2, min(rec.max_batch, max_probe_batch))
+    beam = min(beam, rec.max_beam)
+    lengths = sorted({1, max(1, rec.max_history // 2), rec.max_history})
+    tokens, solo, marginal = [], [], []
+    for n_items in lengths:
+        history = codes[np.arange(n_items) % len(codes)]
+        best = {1: float("inf"), B: float("inf")}
+        for batch in best:
+            rec.decode_codes([history] * batch, beam)                   # warm-up: binds buffers for the shape
+        started, tries = time.perf_counter(), 0
+        while tries < repeats or (time.perf_counter() - started < budget_s and tries < 50):
+            tries += 1
+            for batch in best:
+                t0 = clock()
+                rec.decode_codes([history] * batch, beam)
+                best[batch] = min(best[batch], clock() - t0)
+        tokens.append(tokens_of(history, rec.max_history, rec.layout.levels))
+        solo.append(best[1])
+        marginal.append(max(best[B] - best[1], 0.0) / (B - 1))
+    return CostModel(tuple(tokens), tuple(solo), tuple(marginal))
+
+
+class Pending:
+    """One request's histories in flight: results arrive per history from worker threads; ``on_done``
+    is called once, from a worker thread, with (results, None) or (None, exception)."""
+
+    def __init__(self, n: int, deadline: float, on_done: Callable):
+        self.results: list = [None] * n
+        self.remaining = n
+        self.deadline = deadline
+        self.on_done = on_done
+        self.finished = False
+        self._lock = threading.Lock()
+
+    def set_result(self, index: int, result) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.results[index] = result
+            self.remaining -= 1
+            if self.remaining:
+                return
+            self.finished = True
+        self.on_done(self.results, None)
+
+    def fail(self, error: BaseException) -> None:
+        with self._lock:
+            if self.finished:
+                return
+            self.finished = True
+        self.on_done(None, error)
+
+
+@dataclass
+class Item:
+    """One history to decode: its codes [n, L] int64, backbone tokens, beam, k, model, owner and index."""
+
+    codes: np.ndarray
+    tokens: int
+    beam: int
+    k: int
+    model: object                    # serve.model.LoadedModel
+    pending: Pending
+    index: int
+    arrived: float = field(default_factory=time.perf_counter)
+
+
+def plan_batch(queue: list[Item], max_batch: int, cost: CostModel | None, allow_padding: bool = False) -> list[int]:
+    """Positions in ``queue`` of the next batch: the oldest item, then the items of the same model and
+    beam that the cost model says are worth adding, nearest in length first. ``cost=None``: batch 1.
+
+    Without ``allow_padding`` only histories of exactly the oldest one's token length join: no padding at
+    all, and each answer is bit-identical to the history decoded alone (left padding changes the
+    backbone's floating-point rounding in the last bits, so padded batches are equal only to ~1e-6)."""
+    first = queue[0]
+    if cost is None or max_batch <= 1:
+        return [0]
+    same = [i for i, it in enumerate(queue) if it.model is first.model and it.beam == first.beam
+            and (allow_padding or it.tokens == first.tokens)]
+    same.sort(key=lambda i: (abs(queue[i].tokens - first.tokens), i))      # nearest length, then oldest
+    chosen, longest = [0], first.tokens
+    for i in same:
+        if i == 0:
+            continue
+        if len(chosen) >= max_batch:
+            break
+        if cost.worth_adding(len(chosen), longest, queue[i].tokens):
+            chosen.append(i)
+            longest = max(longest, queue[i].tokens)
+    return chosen
+
+
+def pick_seed(queue: list[Item], now: float, max_delay: float) -> int:
+    """The item the next batch is built around: the oldest if it has waited ``max_delay`` seconds,
+    else the oldest of the largest group of equal (model, beam, tokens), so that batches grow."""
+    if now - queue[0].arrived >= max_delay:
+        return 0
+    groups: dict = {}
+    for i, it in enumerate(queue):
+        groups.setdefault((id(it.model), it.beam, it.tokens), []).append(i)
+    return max(groups.values(), key=len)[0]
+
+
+class Batcher:
+    """A bounded queue of Items and ``workers`` threads that decode them in batches.
+
+    A batch is built around the largest group of equal length waiting, unless the oldest history has
+    waited ``max_delay`` seconds: then around it (bounded unfairness, larger batches).
+
+    Each submitted item must hold its model (``item.model.acquire()``); the batcher releases it once
+    the item is decoded or dropped, so that a reloaded-away model closes only when nothing uses it.
+
+    ``submit`` raises Overloaded at once when the queue would exceed ``max_queue`` histories and
+    Unavailable once closing. ``max_wait`` (seconds) lets a worker hold a partial batch for more
+    arrivals, but only while arrivals are frequent enough to fill it (so a lone client never waits).
+    ``close()`` drains: queued items are still decoded, then the threads end.
+    """
+
+    def __init__(self, workers: int, max_batch: int, max_queue: int, max_wait: float = 0.0,
+                 observe: Callable | None = None, allow_padding: bool = False, max_delay: float = 0.01):
+        self.max_batch, self.max_queue, self.max_wait = max_batch, max_queue, max_wait
+        self.allow_padding, self.max_delay = allow_padding, max_delay
+        self.observe = observe or (lambda **kw: None)       # metrics hook: batch sizes, padding, queue depth
+        self._queue: deque[Item] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._busy = 0
+        self._rate = 0.0                                     # EWMA of arrivals per second
+        self._last_arrival = time.perf_counter()
+        self._threads = [threading.Thread(target=self._work, name=f"nezha-worker-{i}", daemon=True)
+                         for i in range(workers)]
+        for t in self._threads:
+            t.start()
+
+    @property
+    def depth(self) -> int:
+        return len(self._queue)
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def submit(self, items: list[Item]) -> None:
+        with self._cond:
+            if self._closing:
+                raise Unavailable("the server is shutting down")
+            if len(self._queue) + len(items) > self.max_queue:
+                raise Overloaded(f"queue full: {len(self._queue)} histories waiting, at most {self.max_queue} "
+                                 f"(--max-queue); retry later")
+            now = time.perf_counter()
+            gap = max(now - self._last_arrival, 1e-6)
+            self._rate = 0.8 * self._rate + 0.2 * (len(items) / gap)
+            self._last_arrival = now
+            self._queue.extend(items)
+            self.observe(queue_depth=len(self._queue))
+            self._cond.notify(len(items))
+
+    def _take(self) -> list[Item] | None:
+        """Block until a batch is ready (or closing with an empty queue: None)."""
+        with self._cond:
+            while True:
+                if not self._queue:
+                    if self._closing:
+                        return None
+                    self._cond.wait()
+                    continue
+                now = time.perf_counter()
+                for it in self._queue:
+                    if now > it.pending.deadline:
+                        it.pending.fail(DeadlineExceeded("deadline passed while queued"))
+                if any(it.pending.finished for it in self._queue):     # failed or timed out: drop them
+                    for it in self._queue:
+                        if it.pending.finished:
+                            it.model.release()
+                    self._queue = deque(it for it in self._queue if not it.pending.finished)
+                if not self._queue:
+                    continue
+                queue = list(self._queue)
+                seed = pick_seed(queue, now, self.max_delay)
+                if seed:                                      # seed first, the rest in arrival order
+                    queue.insert(0, queue.pop(seed))
+                first = queue[0]
+                chosen = plan_batch(queue, self.max_batch, first.model.cost, self.allow_padding)
+                wait_left = first.arrived + self.max_wait - now
+                # Hold a partial batch only while enough arrivals are expected within the wait.
+                if (len(chosen) < self.max_batch and wait_left > 0 and not self._closing
+                        and self._rate * wait_left >= 1.0):
+                    self._cond.wait(wait_left)
+                    continue
+                picked = set(chosen)
+                batch = [queue[i] for i in chosen]
+                self._queue = deque(it for i, it in enumerate(queue) if i not in picked)
+                self._busy += 1
+                self.observe(queue_depth=len(self._queue))
+                return batch
+
+    def _work(self) -> None:
+        while True:
+            batch = self._take()
+            if batch is None:
+                return
+            try:
+                self._run(batch)
+            finally:
+                with self._cond:
+                    self._busy -= 1
+                    self._cond.notify_all()
+
+    def _run(self, batch: list[Item]) -> None:
+        try:
+            self._decode(batch)
+        finally:
+            for it in batch:                                 # each queued item holds its model open
+                it.model.release()
+
+    def _decode(self, batch: list[Item]) -> None:
+        model = batch[0].model
+        t0 = time.perf_counter()
+        try:
+            keys, scores = model.rec.decode_codes([it.codes for it in batch], batch[0].beam)
+        except Exception as e:                               # a bug or a backend failure: 500 for these requests
+            log.exception("batch of %d failed", len(batch))
+            for it in batch:
+                it.pending.fail(e)
+            return
+        longest = max(it.tokens for it in batch)
+        self.observe(batch_size=len(batch), seconds=time.perf_counter() - t0,
+                     padding=sum(longest - it.tokens for it in batch), tokens=sum(it.tokens for it in batch))
+        for j, it in enumerate(batch):               # SIDs -> items here, not on the event loop
+            it.pending.set_result(it.index, items_from_sids(keys[j:j + 1], scores[j:j + 1], model.rec.sid_table, it.k)[0])
+
+    def close(self, timeout: float | None = None) -> None:
+        """Stop taking requests, decode what is queued, join the threads."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        for t in self._threads:
+            t.join(timeout)

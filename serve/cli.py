@@ -1,0 +1,128 @@
+"""``nezha serve ARTIFACT`` and ``nezha loadtest URL``: thin layers over nezha.serve (option names are the
+library's argument names).
+
+    nezha serve artifacts/demo --port 8000                        # dynamic batching, one worker per core
+    nezha serve artifacts/demo --max-batch 1 --workers 1          # batching off: the unbatched baseline
+    nezha serve artifacts/demo --engine ray --replicas 2          # the same routes on Ray Serve
+    nezha loadtest http://127.0.0.1:8000 --concurrency 1 4 16 64 --duration 30 --out runs/loadtest
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import logging
+import os
+import sys
+from pathlib import Path
+
+if any(importlib.util.find_spec(m) is None for m in ("uvicorn", "starlette", "prometheus_client")):
+    raise ImportError("nezha serve needs the 'serve' extra: pip install 'nezha-deploy[serve]'")
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("serve", help="serve an artifact over HTTP (dynamic batching; Ray Serve with --engine ray)",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("artifact", type=Path, help="artifact folder written by python export/build.py")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; put TLS and auth in a gateway)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--name", default="nezha", help="model name in the /v2/models/{name} routes")
+    p.add_argument("--engine", default="uvicorn", choices=["uvicorn", "ray"])
+    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (--engine ray)")
+    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="decode threads (default: one per core); with --engine ray: per replica")
+    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per decode thread")
+    p.add_argument("--max-batch", type=int, default=None,
+                   help="histories per backbone batch (default: the artifact's max_batch; 1 switches batching off)")
+    p.add_argument("--max-wait-ms", type=float, default=0.0,
+                   help="how long a partial batch may wait for more arrivals, only while they are frequent "
+                        "(default 0: batches form from what queues while the workers are busy)")
+    p.add_argument("--max-delay-ms", type=float, default=10.0,
+                   help="batches grow around the largest group of equal-length histories waiting, except "
+                        "that a history waiting this long is served first (bounded unfairness)")
+    p.add_argument("--allow-padding", action="store_true",
+                   help="also batch histories of different lengths when the measured cost model says it pays "
+                        "(answers then equal solo ones to ~1e-6, not bit for bit)")
+    p.add_argument("--max-queue", type=int, default=256, help="histories waiting at most; beyond it 429 at once")
+    p.add_argument("--timeout-ms", type=float, default=2000.0, help="per-request deadline; beyond it 504")
+    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let in-flight requests finish on shutdown")
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
+    p.add_argument("--precision", default=None, help="fp32, fp16, int8, int8-cpu (default: the artifact's first)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(run=run_serve)
+
+    q = sub.add_parser("loadtest", help="closed-loop load test of a running server on real Beauty histories",
+                       description="Closed loop: C clients each send a request, wait for the answer, send the next, "
+                                   "for --duration seconds per concurrency; several URLs are measured side by side.")
+    q.add_argument("urls", nargs="+", metavar="URL", help="server base URL(s), e.g. http://127.0.0.1:8000")
+    q.add_argument("--labels", nargs="+", help="one label per URL (default: the URLs)")
+    q.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    q.add_argument("--duration", type=float, default=30.0, help="seconds per URL and concurrency")
+    q.add_argument("--rounds", type=int, default=1,
+                   help="split each duration into this many slices alternating the URLs (machine drift cancels)")
+    q.add_argument("--warmup", type=float, default=1.0, help="untimed seconds before each measurement")
+    q.add_argument("--k", type=int, default=10)
+    q.add_argument("--beam", type=int, default=20)
+    q.add_argument("--histories-per-request", type=int, default=1)
+    q.add_argument("--data", type=Path, help="LETTER dataset folder (default: Beauty, test split)")
+    q.add_argument("--history-limit", type=int, default=5000, help="test histories drawn from the data")
+    q.add_argument("--title", default="", help="label of the run in the reports")
+    q.add_argument("--out", type=Path, default=Path("runs/loadtest"), help="writes loadtest.json, .md and .png")
+    q.set_defaults(run=run_loadtest)
+
+
+def _fail(command: str, e: BaseException) -> int:
+    print(f"nezha {command}: error: {e}", file=sys.stderr)
+    return 2
+
+
+def run_serve(a) -> int:
+    from nezha.runtime.errors import NezhaError
+
+    from .model import LoadOptions
+    from .service import ServeOptions
+
+    logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for name, value, low in (("--workers", a.workers, 1), ("--threads", a.threads, 1), ("--replicas", a.replicas, 1),
+                             ("--max-queue", a.max_queue, 1), ("--max-body-bytes", a.max_body_bytes, 1024)):
+        if value < low:
+            return _fail("serve", ValueError(f"{name} must be >= {low}, got {value}"))
+    if a.max_batch is not None and a.max_batch < 1:
+        return _fail("serve", ValueError(f"--max-batch must be >= 1, got {a.max_batch}"))
+    if not (a.artifact / "manifest.json").is_file():
+        return _fail("serve", ValueError(f"{a.artifact} is not an artifact folder (no manifest.json)"))
+    options = ServeOptions(name=a.name, workers=a.workers, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
+                           max_queue=a.max_queue, timeout_ms=a.timeout_ms, max_body_bytes=a.max_body_bytes,
+                           allow_padding=a.allow_padding, max_delay_ms=a.max_delay_ms)
+    load = LoadOptions(backend=a.backend, device=a.device, precision=a.precision, threads=a.threads,
+                       batching=a.max_batch != 1)
+    try:
+        if a.engine == "ray":
+            from .ray_engine import serve_blocking
+            serve_blocking(a.artifact, options, load, replicas=a.replicas, host=a.host, port=a.port)
+            return 0
+        from .app import run
+        from .model import load_model
+        from .service import Service
+        model = load_model(a.artifact, load)            # before uvicorn starts: a bad artifact is one line, exit 2
+        run(Service(a.artifact, options, load, model=model), host=a.host, port=a.port,
+            drain_timeout=a.drain_timeout, log_level=a.log_level)
+    except (NezhaError, ImportError, OSError) as e:
+        return _fail("serve", e)
+    return 0
+
+
+def run_loadtest(a) -> int:
+    from .loadtest import LoadTestError, run_loadtest as run
+
+    kwargs = {k: v for k, v in vars(a).items() if k not in ("run", "command")}
+    try:
+        result = run(**kwargs, progress=True)
+    except (LoadTestError, OSError) as e:
+        return _fail("loadtest", e)
+    from .loadtest import markdown
+    print(markdown(result))
+    print(f"wrote {a.out}/loadtest.json, loadtest.md, loadtest.png")
+    return 0

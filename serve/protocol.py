@@ -1,0 +1,243 @@
+"""Request parsing and response shapes, shared by both engines (uvicorn and Ray Serve).
+
+Parsing is strict and happens in one place: a body is bounded in size, must be UTF-8 JSON without
+NaN/Infinity, and every field is checked for its exact JSON type (``true`` is not an item id, ``5.0``
+is not an integer: the library's own strict checks of item ids, with their messages) and answered with
+HTTP 400 and the library's message (``RequestError``, ``EncodingError``). All errors here derive from
+``NezhaError``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from nezha.runtime.encoding import history_codes
+from nezha.runtime.errors import NezhaError
+
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+class ServeError(NezhaError):
+    """A request the server refuses; ``status`` is its HTTP status and ``kind`` its metrics label."""
+
+    status, kind = 500, "internal"
+
+
+class BadRequest(ServeError, ValueError):
+    status, kind = 400, "bad_request"
+
+
+class PayloadTooLarge(ServeError, ValueError):
+    status, kind = 413, "too_large"
+
+
+class NotFound(ServeError, LookupError):
+    status, kind = 404, "not_found"
+
+
+class Overloaded(ServeError, RuntimeError):
+    """The bounded queue is full: answered at once so that latency stays bounded (clients retry)."""
+
+    status, kind = 429, "overloaded"
+
+
+class Unavailable(ServeError, RuntimeError):
+    """Not ready: starting, draining for shutdown, or without a model."""
+
+    status, kind = 503, "unavailable"
+
+
+class DeadlineExceeded(ServeError, TimeoutError):
+    status, kind = 504, "deadline"
+
+
+class Conflict(ServeError, RuntimeError):
+    status, kind = 409, "conflict"
+
+
+def parse_json(body: bytes, limit: int) -> object:
+    """Bytes -> a JSON value. Bodies over ``limit`` bytes, invalid UTF-8, invalid JSON, NaN/Infinity
+    and nesting too deep for the parser are refused with a BadRequest naming the problem."""
+    if len(body) > limit:
+        raise PayloadTooLarge(f"request body is {len(body)} bytes; at most {limit} allowed (--max-body-bytes)")
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise BadRequest(f"request body is not UTF-8: {e}") from None
+
+    def no_constant(name):
+        raise BadRequest(f"request body is not valid JSON: {name} is not a JSON number")
+    try:
+        return json.loads(text, parse_constant=no_constant)
+    except json.JSONDecodeError as e:
+        raise BadRequest(f"request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise BadRequest("request body is nested too deeply to be a request") from None
+
+
+def _is_int(x) -> bool:
+    return type(x) is int and INT64_MIN <= x <= INT64_MAX          # bool is a subclass of int: refused
+
+
+def _describe(x) -> str:
+    if isinstance(x, bool):
+        return f"{json.dumps(x)} (a boolean)"
+    if isinstance(x, float):
+        return f"{x!r} (a float)"
+    if isinstance(x, int):
+        return f"{x} (outside int64)"
+    return f"{json.dumps(x)[:40]} (a {type(x).__name__})"
+
+
+def check_k_beam(k, beam, max_beam: int) -> tuple[int, int]:
+    """k and beam checked as ``Recommender.recommend`` checks them, in the same order and with the same
+    messages (plain integers, never bools; beam defaults to max(k, 20) capped at max_beam)."""
+    if beam is not None and not (_is_int(beam) and 1 <= beam <= max_beam):
+        raise BadRequest(f"beam must be an integer in 1..{max_beam} (the artifact's max_beam), got {beam!r}")
+    bound = max_beam if beam is None else beam
+    if not _is_int(k) or not 1 <= k <= bound:
+        raise BadRequest(f"k must be an integer in 1..beam ({bound}), got {k!r}")
+    beam = min(max(k, 20), max_beam) if beam is None else beam
+    if k > beam:
+        raise BadRequest(f"k must be an integer in 1..beam ({beam}), got {k!r}")
+    return k, beam
+
+
+@dataclass
+class Query:
+    """A validated request: per history its [n, L] int64 codes, and k, beam for all of them."""
+
+    codes: list[np.ndarray]
+    k: int
+    beam: int
+    id: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def codes_of(histories: list[list[int]], rec, unknown: str) -> list[np.ndarray]:
+    """Item ids -> codes with the library's encoder (its messages for unknown items); empty histories
+    are refused with the library's message and the request's own history index."""
+    if not histories:
+        raise BadRequest("no histories given: pass a list of item-id lists")
+    try:
+        codes = history_codes(histories, rec.catalog, unknown)
+    except NezhaError as e:
+        raise BadRequest(str(e)) from None
+    for b, c in enumerate(codes):
+        if len(c) == 0:
+            raise BadRequest(f"history {b} is empty (after dropping unknown items): NEZHA needs at least one item")
+    return codes
+
+
+def _check_fields(obj, allowed: tuple[str, ...], what: str) -> dict:
+    if not isinstance(obj, dict):
+        raise BadRequest(f"{what} must be a JSON object with {', '.join(allowed)}; got {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(allowed))
+    if unknown:
+        raise BadRequest(f"{what}: unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    return obj
+
+
+def parse_recommend(obj, rec, max_histories: int) -> Query:
+    """``{"histories": [[item, ...], ...], "k": 10, "beam": 20, "unknown": "error"}`` -> Query."""
+    obj = _check_fields(obj, ("histories", "k", "beam", "unknown"), "/v1/recommend body")
+    if "histories" not in obj:
+        raise BadRequest("/v1/recommend body: missing field 'histories' (a list of item-id lists)")
+    histories = obj["histories"]
+    if not isinstance(histories, list):
+        raise BadRequest(f"histories must be a list of item-id lists, got {type(histories).__name__}")
+    if len(histories) > max_histories:
+        raise BadRequest(f"{len(histories)} histories in one request; at most {max_histories} allowed")
+    k, beam = check_k_beam(obj.get("k", 10), obj.get("beam"), rec.max_beam)
+    # item ids (bools, floats, strings, nesting, int64 range, unknown items): the library's checks and messages
+    return Query(codes_of(histories, rec, obj.get("unknown", "error")), k, beam)
+
+
+def recommend_response(results: list[list[tuple[int, float]]]) -> dict:
+    return {"results": [[{"item": i, "score": s} for i, s in r] for r in results]}
+
+
+# --- Open Inference Protocol (KServe v2) ---------------------------------------------------------------
+# Inputs: "histories" INT64 [B, T], row b's items are its first lengths[b] entries (oldest first; the rest
+# is padding and ignored), and "lengths" INT64 [B]. Parameters (request level): k, beam, unknown.
+# Outputs: "items" INT64 [B, k] (-1 where fewer than k), "scores" FP32 [B, k] (0 where fewer), "counts" INT64 [B].
+
+V2_INPUTS = [{"name": "histories", "datatype": "INT64", "shape": [-1, -1]},
+             {"name": "lengths", "datatype": "INT64", "shape": [-1]}]
+V2_OUTPUTS = [{"name": "items", "datatype": "INT64", "shape": [-1, -1]},
+              {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
+              {"name": "counts", "datatype": "INT64", "shape": [-1]}]
+
+
+def _flatten(data, shape: list[int], name: str) -> list:
+    """v2 tensor data: flat row-major, or nested to the tensor's shape."""
+    if not isinstance(data, list):
+        raise BadRequest(f"input {name!r}: data must be a list, got {type(data).__name__}")
+    if data and isinstance(data[0], list) and len(shape) == 2:
+        if len(data) != shape[0] or any(not isinstance(r, list) or len(r) != shape[1] for r in data):
+            raise BadRequest(f"input {name!r}: nested data does not match shape {shape}")
+        data = [x for r in data for x in r]
+    if len(data) != int(np.prod(shape)):
+        raise BadRequest(f"input {name!r}: {len(data)} values for shape {shape} ({int(np.prod(shape))} expected)")
+    for pos, x in enumerate(data):
+        if not _is_int(x):
+            raise BadRequest(f"input {name!r} must hold INT64 values, got {_describe(x)} at position {pos}")
+    return data
+
+
+def parse_v2_infer(obj, rec, max_histories: int) -> Query:
+    """A v2 inference request (see V2_INPUTS) -> Query."""
+    obj = _check_fields(obj, ("id", "inputs", "outputs", "parameters"), "v2 inference request")
+    rid = obj.get("id")
+    if rid is not None and not isinstance(rid, str):
+        raise BadRequest(f"v2 inference request: id must be a string, got {type(rid).__name__}")
+    params = obj.get("parameters") or {}
+    params = _check_fields(params, ("k", "beam", "unknown"), "v2 inference request parameters")
+    inputs = obj.get("inputs")
+    if not isinstance(inputs, list):
+        raise BadRequest("v2 inference request: 'inputs' must be a list of tensors 'histories' and 'lengths'")
+    tensors = {}
+    for t in inputs:
+        t = _check_fields(t, ("name", "shape", "datatype", "data", "parameters"), "v2 input tensor")
+        name = t.get("name")
+        if name not in ("histories", "lengths") or name in tensors:
+            raise BadRequest(f"v2 input {name!r}: expected the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B], once each")
+        if t.get("datatype") != "INT64":
+            raise BadRequest(f"input {name!r}: datatype must be INT64, got {t.get('datatype')!r}")
+        shape, rank = t.get("shape"), 2 if name == "histories" else 1
+        if not isinstance(shape, list) or len(shape) != rank or not all(_is_int(s) and s >= 0 for s in shape):
+            raise BadRequest(f"input {name!r}: shape must be {rank} non-negative integers, got {shape!r}")
+        tensors[name] = (shape, _flatten(t.get("data"), shape, name))
+    if set(tensors) != {"histories", "lengths"}:
+        raise BadRequest("v2 inference request: needs the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B]")
+    (hshape, hdata), (lshape, lengths) = tensors["histories"], tensors["lengths"]
+    B, T = hshape
+    if lshape[0] != B:
+        raise BadRequest(f"input 'lengths' has {lshape[0]} values for {B} histories")
+    if B > max_histories:
+        raise BadRequest(f"{B} histories in one request; at most {max_histories} allowed")
+    histories = []
+    for b, n in enumerate(lengths):
+        if not 0 <= n <= T:
+            raise BadRequest(f"lengths[{b}] = {n}; must lie in 0..{T} (the histories tensor's second dimension)")
+        histories.append(hdata[b * T:b * T + n])
+    k, beam = check_k_beam(params.get("k", 10), params.get("beam"), rec.max_beam)
+    return Query(codes_of(histories, rec, params.get("unknown", "error")), k, beam, id=rid)
+
+
+def v2_response(model_name: str, version: str, rid: str | None, results, k: int) -> dict:
+    B = len(results)
+    items = np.full((B, k), -1, dtype=np.int64)
+    scores = np.zeros((B, k), dtype=np.float64)
+    for b, r in enumerate(results):
+        for j, (i, s) in enumerate(r):
+            items[b, j], scores[b, j] = i, s
+    out = {"model_name": model_name, "model_version": version,
+           "outputs": [{"name": "items", "datatype": "INT64", "shape": [B, k], "data": items.reshape(-1).tolist()},
+                       {"name": "scores", "datatype": "FP32", "shape": [B, k], "data": scores.reshape(-1).tolist()},
+                       {"name": "counts", "datatype": "INT64", "shape": [B], "data": [len(r) for r in results]}]}
+    if rid is not None:
+        out["id"] = rid
+    return out

@@ -1,0 +1,160 @@
+"""The same model and routes on Ray Serve (``nezha serve ARTIFACT --engine ray --replicas N``).
+
+Each replica is one ``NezhaDeployment`` actor holding a ``Service`` whose decoding goes through Ray's own
+request batching (``@serve.batch``) instead of the local Batcher: Ray collects the histories of concurrent
+requests, and the batch handler splits them with the same ``plan_batch`` (one model, one beam, one token
+length unless padding pays) and decodes each group in a worker thread (``asyncio.to_thread``), never on
+the replica's event loop. Ray's HTTP proxy routes every path to the deployment (``route_prefix="/"``),
+so ``/v1/recommend``, the v2 routes and ``/metrics`` (per replica) answer as with uvicorn. On a Ray
+cluster the same deployment spreads its replicas across machines with no code change (install this
+package on every node). Reload is a redeploy (Ray rolls replicas over); ``/admin/reload`` answers 501."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import threading
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from ray import serve                                       # noqa: E402  (after the environment)
+from starlette.requests import Request                      # noqa: E402
+
+from . import protocol as P                                 # noqa: E402
+from .app import read_body, to_response                     # noqa: E402
+from .batching import Item, Pending, plan_batch, tokens_of  # noqa: E402
+from .model import LoadOptions, load_model                  # noqa: E402
+from .service import ServeOptions, Service                  # noqa: E402
+
+from nezha.runtime.decode import items_from_sids            # noqa: E402
+
+
+class NotImplementedOnRay(P.ServeError):
+    status, kind = 501, "not_implemented"
+
+
+class RayService(Service):
+    """Service whose ``decode`` hands each history to the deployment's ``@serve.batch`` method."""
+
+    def __init__(self, artifact, options: ServeOptions, load: LoadOptions, submit):
+        super().__init__(artifact, options, load)
+        self.submit = submit
+        self.outstanding = 0                                     # histories admitted, not yet answered
+
+    def start_engine(self) -> None:
+        self.batcher = True                                      # Ray batches; marks the service ready
+
+    async def stop(self) -> None:
+        self.draining = True
+        if self.model is not None:
+            self.model.retire()
+
+    async def reload(self, artifact=None):
+        raise NotImplementedOnRay("under Ray Serve, redeploy to reload: run `nezha serve ARTIFACT --engine ray` "
+                                  "again (or serve.run with the new artifact) and Ray rolls the replicas over")
+
+    async def decode(self, model, query: P.Query, deadline: float) -> list:
+        n = len(query.codes)
+        if self.outstanding + n > self.options.max_queue:
+            raise P.Overloaded(f"queue full: {self.outstanding} histories waiting, at most {self.options.max_queue} "
+                               f"(--max-queue); retry later")
+        rec = model.rec
+        pending = Pending(n, deadline, lambda results, error: None)
+        items = [Item(c, tokens_of(c, rec.max_history, rec.layout.levels), query.beam, query.k, model, pending, i)
+                 for i, c in enumerate(query.codes)]
+        self.outstanding += n
+        for _ in items:
+            model.acquire()
+        try:
+            return await asyncio.wait_for(asyncio.gather(*(self.submit(it) for it in items)),
+                                          max(deadline - time.perf_counter(), 0.0))
+        except asyncio.TimeoutError:
+            pending.fail(P.DeadlineExceeded("deadline"))
+            raise P.DeadlineExceeded("no answer within the request's deadline (--timeout-ms or x-nezha-timeout-ms)") from None
+        finally:
+            self.outstanding -= n
+
+
+def decode_items(items: list[Item], max_batch: int, allow_padding: bool, observe) -> list:
+    """Ray's batch -> per item its (item id, score) list, decoding groups that plan_batch forms. Runs
+    in a worker thread. Items whose request already failed (deadline) are skipped (None)."""
+    results: list = [None] * len(items)
+    live = [i for i, it in enumerate(items) if not it.pending.finished]
+    try:
+        while live:
+            queue = [items[i] for i in live]
+            chosen = plan_batch(queue, max_batch, queue[0].model.cost, allow_padding)
+            group = [live[j] for j in chosen]
+            batch = [items[i] for i in group]
+            t0 = time.perf_counter()
+            rec = batch[0].model.rec
+            keys, scores = rec.decode_codes([it.codes for it in batch], batch[0].beam)
+            longest = max(it.tokens for it in batch)
+            observe(batch_size=len(batch), seconds=time.perf_counter() - t0,
+                    padding=sum(longest - it.tokens for it in batch), tokens=sum(it.tokens for it in batch))
+            for j, i in enumerate(group):
+                results[i] = items_from_sids(keys[j:j + 1], scores[j:j + 1], rec.sid_table, items[i].k)[0]
+            chosen_set = set(group)
+            live = [i for i in live if i not in chosen_set]
+    finally:
+        for it in items:
+            it.model.release()
+    return results
+
+
+@serve.deployment(name="nezha", max_ongoing_requests=256)
+class NezhaDeployment:
+    """One replica: loads the artifact (verified), measures its cost model, answers every route."""
+
+    def __init__(self, artifact: str, options: dict, load: dict):
+        self.options, load_options = ServeOptions(**options), LoadOptions(**load)
+        self.service = RayService(artifact, self.options, load_options, self.decode_one)
+        self.service.model = load_model(artifact, load_options)
+        self.service.start_engine()
+        max_batch = self.service.model.rec.max_batch if self.options.max_batch is None else \
+            min(self.options.max_batch, self.service.model.rec.max_batch)
+        self.max_batch = max_batch
+        self.decode_one.set_max_batch_size(max(4 * max_batch, 1))   # Ray's batch is split into model batches
+        self.decode_one.set_batch_wait_timeout_s(max(self.options.max_wait_ms, 0.5) / 1e3)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=2)
+    async def decode_one(self, items: list[Item]) -> list:
+        return await asyncio.to_thread(decode_items, items, self.max_batch, self.options.allow_padding,
+                                       self.service.metrics.observe)
+
+    async def __call__(self, request: Request):
+        reply = await self.service.handle(request.method, request.url.path, lambda limit: read_body(request, limit),
+                                          dict(request.headers))
+        return to_response(reply)
+
+
+def deployment(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
+               cpus_per_replica: float = 1.0):
+    """The bound Ray Serve application (``serve.run(deployment(...), route_prefix="/")``)."""
+    return NezhaDeployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
+                                   max_queued_requests=options.max_queue).bind(
+        str(Path(artifact).resolve()), asdict(options), asdict(load))
+
+
+def serve_blocking(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
+                   host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
+    """Start (or join, with ``address``) Ray, deploy, and serve until SIGINT/SIGTERM; then shut down."""
+    import ray
+
+    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
+             **({} if address else {"num_cpus": max(os.cpu_count() or 1, replicas)}))
+    try:
+        serve.start(http_options={"host": host, "port": port})
+        serve.run(deployment(artifact, options, load, replicas), name="nezha", route_prefix="/")
+        print(f"nezha serve (Ray Serve, {replicas} replica(s)) on http://{host}:{port}", flush=True)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        stop.wait()
+    finally:
+        serve.shutdown()
+        ray.shutdown()

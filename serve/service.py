@@ -1,0 +1,259 @@
+"""The server's logic without a web framework: routes, parsing, deadlines, reload, drain. The uvicorn
+app (``serve.app``) and the Ray Serve deployment (``serve.ray_engine``) both call ``Service.handle``, so
+that both engines answer the same routes with the same bodies and errors.
+
+Routes:
+  POST /v1/recommend                  {"histories": [[item, ...]], "k": 10, "beam": 20} -> {"results": ...}
+  GET  /v2/health/live | /v2/health/ready | /v2 | /v2/models/{name} | /v2/models/{name}/ready
+  POST /v2/models/{name}/infer        Open Inference Protocol (see serve.protocol: INT64 histories + lengths)
+  GET  /metrics                       Prometheus text format
+  POST /admin/reload                  {"artifact": "path"} optional: load, verify, swap atomically
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from nezha.runtime.errors import NezhaError
+
+from . import protocol as P
+from .batching import Batcher, Item, Pending, tokens_of
+from .metrics import Metrics
+from .model import LoadedModel, LoadOptions, load_model
+
+log = logging.getLogger("nezha.serve")
+_MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+
+
+@dataclass
+class Reply:
+    status: int
+    body: dict | bytes
+    content_type: str = "application/json"
+    headers: dict = field(default_factory=dict)
+
+
+@dataclass
+class ServeOptions:
+    """Server knobs (the CLI's option names)."""
+
+    name: str = "nezha"
+    workers: int = 2                    # decode threads; each runs ONNX Runtime with --threads intra-op threads
+    max_batch: int | None = None        # histories per batch (default: the artifact's max_batch; 1 = off)
+    max_wait_ms: float = 0.0            # how long a partial batch may wait for arrivals (only while frequent)
+    max_queue: int = 256                # histories waiting; beyond it 429 at once
+    timeout_ms: float = 2000.0          # per-request deadline (queue + decode); beyond it 504
+    max_body_bytes: int = 1 << 20
+    max_delay_ms: float = 10.0          # the oldest history is served first once it waited this long
+    allow_padding: bool = False         # batch histories of different lengths when the cost model says it pays
+
+
+class Service:
+    def __init__(self, artifact: str | Path, options: ServeOptions | None = None, load: LoadOptions | None = None,
+                 model: LoadedModel | None = None):
+        self.artifact = Path(artifact)
+        self.options = options or ServeOptions()
+        self.load_options = load or LoadOptions(batching=self.options.max_batch != 1)
+        self.metrics = Metrics()
+        self.model: LoadedModel | None = model          # preloaded (the CLI), else loaded by start()
+        self.batcher: Batcher | None = None
+        self.draining = False
+        self._reload_lock = asyncio.Lock()
+
+    # --- lifecycle --------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        if self.model is None:
+            self.model = await asyncio.to_thread(load_model, self.artifact, self.load_options)
+        self.start_engine()
+        self.metrics.ready.set(1)
+
+    def start_engine(self) -> None:
+        o = self.options
+        max_batch = self.model.rec.max_batch if o.max_batch is None else min(o.max_batch, self.model.rec.max_batch)
+        self.batcher = Batcher(o.workers, max_batch, o.max_queue, o.max_wait_ms / 1e3, self.metrics.observe,
+                               o.allow_padding, o.max_delay_ms / 1e3)
+
+    async def stop(self) -> None:
+        """Drain: refuse new work (503), decode what is queued, close the model."""
+        self.draining = True
+        self.metrics.ready.set(0)
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.close)
+        if self.model is not None:
+            self.model.retire()
+
+    @property
+    def ready(self) -> bool:
+        return self.model is not None and self.batcher is not None and not self.draining
+
+    async def reload(self, artifact: str | Path | None = None) -> LoadedModel:
+        """Load ``artifact`` (default: the current one again), verify it and swap. Requests already
+        admitted finish on the model they started with; a bad artifact raises and the old model stays."""
+        if self._reload_lock.locked():
+            raise P.Conflict("a reload is already in progress")
+        async with self._reload_lock:
+            path = Path(artifact) if artifact is not None else self.artifact
+            try:
+                new = await asyncio.to_thread(load_model, path, self.load_options)
+            except NezhaError as e:
+                self.metrics.reloads.labels("refused").inc()
+                raise P.BadRequest(f"reload refused, still serving version {self.model.version}: {e}") from None
+            old, self.model, self.artifact = self.model, new, path
+            self.metrics.reloads.labels("swapped").inc()
+            log.info("reloaded: version %s -> %s", old.version if old else None, new.version)
+            if old is not None:
+                old.retire()
+            return new
+
+    # --- decoding -------------------------------------------------------------------------------------
+    async def decode(self, model: LoadedModel, query: P.Query, deadline: float) -> list:
+        """Query -> per history up to k (item id, score) pairs, best first, through the batcher."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def on_done(results, error):
+            def settle():
+                if not future.done():
+                    future.set_exception(error) if error is not None else future.set_result(results)
+            loop.call_soon_threadsafe(settle)
+        pending = Pending(len(query.codes), deadline, on_done)
+        rec = model.rec
+        items = [Item(c, tokens_of(c, rec.max_history, rec.layout.levels), query.beam, query.k, model, pending, i)
+                 for i, c in enumerate(query.codes)]
+        for _ in items:
+            model.acquire()
+        try:
+            self.batcher.submit(items)
+        except BaseException:
+            for _ in items:
+                model.release()
+            raise
+        try:
+            return await asyncio.wait_for(future, max(deadline - time.perf_counter(), 0.0))
+        except asyncio.TimeoutError:
+            pending.fail(P.DeadlineExceeded("deadline"))       # its queued histories are dropped
+            raise P.DeadlineExceeded("no answer within the request's deadline (--timeout-ms or x-nezha-timeout-ms)") from None
+        except asyncio.CancelledError:
+            pending.fail(P.DeadlineExceeded("client went away"))
+            raise
+
+    async def answer(self, parse: Callable, body: bytes, timeout_ms: float | None = None):
+        """Parse a body against the current model, decode, and map SIDs to items with each request's k."""
+        if not self.ready:
+            raise P.Unavailable("not ready: " + ("draining for shutdown" if self.draining else "no model loaded"))
+        timeout_ms = self.options.timeout_ms if timeout_ms is None else min(timeout_ms, self.options.timeout_ms)
+        deadline = time.perf_counter() + timeout_ms / 1e3
+        model = self.model                                       # one model for the whole request
+        model.acquire()
+        try:
+            query = parse(P.parse_json(body, self.options.max_body_bytes), model.rec, self.options.max_queue)
+            return model, query, await self.decode(model, query, deadline)
+        finally:
+            model.release()
+
+    # --- routes ---------------------------------------------------------------------------------------
+    async def handle(self, method: str, path: str, read_body: Callable[[int], Awaitable[bytes]],
+                     headers: dict | None = None) -> Reply:
+        """One HTTP request -> Reply. ``read_body(limit)`` returns the body or raises PayloadTooLarge."""
+        t0 = time.perf_counter()
+        route = path
+        try:
+            route, reply = await self._route(method, path, read_body, headers or {})
+        except P.ServeError as e:
+            reply = self._error(e.status, e.kind, str(e))
+        except NezhaError as e:                                  # a library user error not caught in parsing
+            reply = self._error(400, "bad_request", str(e))
+        except Exception:
+            log.exception("internal error on %s %s", method, path)
+            reply = self._error(500, "internal", "internal error; the server log has the details")
+        if route in ("/v1/recommend", "/v2/models/{name}/infer"):
+            self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
+        self.metrics.requests.labels(route if route.startswith(("/v", "/metrics", "/admin")) else "other",
+                                     str(reply.status)).inc()
+        return reply
+
+    def _error(self, status: int, kind: str, message: str) -> Reply:
+        self.metrics.errors.labels(kind).inc()
+        headers = {"Retry-After": "1"} if status in (429, 503) else {}
+        return Reply(status, {"error": message, "kind": kind}, headers=headers)
+
+    async def _route(self, method, path, read_body, headers) -> tuple[str, Reply]:
+        timeout_ms = _header_ms(headers.get("x-nezha-timeout-ms"))
+        if path == "/v1/recommend":
+            _allow(method, "POST")
+            _, _, results = await self.answer(P.parse_recommend, await read_body(self.options.max_body_bytes), timeout_ms)
+            return path, Reply(200, P.recommend_response(results))
+        if path == "/metrics":
+            _allow(method, "GET")
+            return path, Reply(200, self.metrics.exposition(), self.metrics.content_type)
+        if path == "/v2/health/live":
+            _allow(method, "GET")
+            return path, Reply(200, {"live": True})
+        if path == "/v2/health/ready":
+            _allow(method, "GET")
+            return path, Reply(200 if self.ready else 503, {"ready": self.ready})
+        if path == "/v2":
+            _allow(method, "GET")
+            return path, Reply(200, {"name": "nezha-serve", "version": _version(), "extensions": []})
+        if path == "/admin/reload":
+            _allow(method, "POST")
+            body = await read_body(self.options.max_body_bytes)
+            obj = P.parse_json(body, self.options.max_body_bytes) if body.strip() else {}
+            obj = P._check_fields(obj, ("artifact",), "/admin/reload body")
+            if "artifact" in obj and not isinstance(obj["artifact"], str):
+                raise P.BadRequest("/admin/reload body: 'artifact' must be a path string")
+            model = await self.reload(obj.get("artifact"))
+            return path, Reply(200, {"reloaded": True, "model": model.info()})
+        m = _MODEL_ROUTE.match(path)
+        if m:
+            name, version, tail = m.groups()
+            model = self.model
+            if name != self.options.name or model is None or (version is not None and version != model.version):
+                raise P.NotFound(f"model {name!r}" + (f" version {version!r}" if version else "") +
+                                 f" is not served here; serving {self.options.name!r}" +
+                                 (f" version {model.version!r}" if model else ""))
+            if tail is None:
+                _allow(method, "GET")
+                return "/v2/models/{name}", Reply(200, {"name": name, "versions": [model.version], "platform": "nezha",
+                                                        "inputs": P.V2_INPUTS, "outputs": P.V2_OUTPUTS,
+                                                        "parameters": model.info()})
+            if tail == "/ready":
+                _allow(method, "GET")
+                return "/v2/models/{name}/ready", Reply(200 if self.ready else 503, {"name": name, "ready": self.ready})
+            _allow(method, "POST")
+            model, query, results = await self.answer(P.parse_v2_infer, await read_body(self.options.max_body_bytes),
+                                                      timeout_ms)
+            return "/v2/models/{name}/infer", Reply(200, P.v2_response(name, model.version, query.id, results, query.k))
+        raise P.NotFound(f"no route {method} {path}; see /v2/models/{self.options.name} and /v1/recommend")
+
+
+class MethodNotAllowed(P.ServeError):
+    status, kind = 405, "method"
+
+
+def _allow(method: str, allowed: str) -> None:
+    if method != allowed:
+        raise MethodNotAllowed(f"method {method} not allowed here; use {allowed}")
+
+
+def _header_ms(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        raise P.BadRequest(f"x-nezha-timeout-ms must be a number of milliseconds, got {value!r}") from None
+    if not 0 < ms <= 600_000:
+        raise P.BadRequest(f"x-nezha-timeout-ms must lie in (0, 600000], got {value!r}")
+    return ms
+
+
+def _version() -> str:
+    from nezha import __version__
+    return __version__

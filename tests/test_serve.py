@@ -1,0 +1,493 @@
+"""nezha serve on 127.0.0.1 against artifacts built from tiny checkpoints: served answers equal the
+library's, batches form under concurrency and each answer equals its solo answer, overload and
+deadlines answer at once, bad requests get the library's messages, reload swaps or refuses, shutdown
+drains, the load generator reports. Every network call is local and bounded by a timeout."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+
+from conftest import tiny_catalog, tiny_histories, tiny_model, write_index
+from nezha.export.build import build
+from nezha.model.checkpoint import save_checkpoint
+from nezha.runtime import Recommender
+from nezha.serve import CostModel, LoadOptions, ServeOptions, Service
+from nezha.serve.app import create_app
+from nezha.serve.batching import Item, plan_batch
+
+MAX_BATCH, MAX_BEAM = 8, 16
+HTTP_TIMEOUT = 20.0
+
+
+def _build(root, seed):
+    ckpt = save_checkpoint(tiny_model(seed=seed), root / f"ckpt{seed}", tiny_catalog())
+    build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / f"art{seed}", precision=("fp32",),
+          max_batch=MAX_BATCH, max_beam=MAX_BEAM, log=None)
+    return root / f"art{seed}"
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    return _build(root, 0), _build(root, 1)
+
+
+@pytest.fixture(scope="module")
+def library(artifacts):
+    with Recommender.load(artifacts[0], threads=1) as rec:
+        yield rec
+
+
+class Server:
+    """uvicorn in a thread on a free 127.0.0.1 port; ``stop()`` is its graceful shutdown."""
+
+    def __init__(self, service: Service):
+        import uvicorn
+
+        self.service = service
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="on",
+                                                    timeout_graceful_shutdown=10))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 60
+        while not self.server.started:
+            if time.time() > deadline or not self.thread.is_alive():
+                raise RuntimeError("server did not start")
+            time.sleep(0.02)
+        self.client = httpx.Client(base_url=self.url, timeout=HTTP_TIMEOUT)
+
+    def post(self, path, body, **kw):
+        data = body if isinstance(body, (bytes, str)) else json.dumps(body)
+        return self.client.post(path, content=data, **kw)
+
+    def stop(self):
+        self.server.should_exit = True
+        self.thread.join(30)
+        self.client.close()
+        assert not self.thread.is_alive()
+
+
+@pytest.fixture
+def serve(artifacts):
+    servers = []
+
+    def start(artifact=None, **options) -> Server:
+        load = LoadOptions(threads=1, batching=options.get("max_batch") != 1)
+        s = Server(Service(artifact or artifacts[0], ServeOptions(**{"workers": 2, **options}), load))
+        servers.append(s)
+        return s
+    yield start
+    for s in servers:
+        if s.thread.is_alive():
+            s.stop()
+
+
+def _slow(service: Service, seconds: float, fail: Exception | None = None):
+    """Make the served model's decode take ``seconds`` (or raise ``fail``): overload, deadline and drain tests."""
+    rec = service.model.rec
+    real = rec.decode_codes
+    service.decode_threads = []
+
+    def decode_codes(codes, beam, stages=None):
+        service.decode_threads.append(threading.current_thread().name)
+        time.sleep(seconds)
+        if fail is not None:
+            raise fail
+        return real(codes, beam, stages)
+    rec.decode_codes = decode_codes
+
+
+def _pairs(results):
+    return [[(r["item"], r["score"]) for r in per_history] for per_history in results]
+
+
+def _metric(text: str, name: str) -> float:
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def test_served_results_equal_the_library(serve, library):
+    s = serve()
+    histories = tiny_histories(tiny_catalog(), n=6)
+    for k, beam in ((5, None), (3, 7), (10, 16)):
+        # The server never pads (default), so its answers are the library's for each history alone, bit
+        # for bit; the library's own padded batch agrees to float rounding.
+        expected = [library.recommend([h], k=k, beam=beam)[0] for h in histories]
+        r = s.post("/v1/recommend", {"histories": histories, "k": k, **({"beam": beam} if beam else {})})
+        assert r.status_code == 200, r.text
+        assert _pairs(r.json()["results"]) == expected
+        padded = library.recommend(histories, k=k, beam=beam)
+        assert [[i for i, _ in r] for r in padded] == [[i for i, _ in r] for r in expected]
+        np.testing.assert_allclose([s for r in padded for _, s in r], [s for r in expected for _, s in r], atol=1e-5)
+
+    T = max(len(h) for h in histories)
+    flat = [x for h in histories for x in h + [0] * (T - len(h))]
+    body = {"id": "q1", "parameters": {"k": 5},
+            "inputs": [{"name": "histories", "datatype": "INT64", "shape": [len(histories), T], "data": flat},
+                       {"name": "lengths", "datatype": "INT64", "shape": [len(histories)],
+                        "data": [len(h) for h in histories]}]}
+    r = s.post("/v2/models/nezha/infer", body)
+    assert r.status_code == 200, r.text
+    out = {o["name"]: o for o in r.json()["outputs"]}
+    assert r.json()["id"] == "q1" and out["items"]["shape"] == [len(histories), 5]
+    expected = [library.recommend([h], k=5)[0] for h in histories]
+    for b, recs in enumerate(expected):
+        n = out["counts"]["data"][b]
+        assert n == len(recs)
+        assert list(zip(out["items"]["data"][b * 5:b * 5 + n], out["scores"]["data"][b * 5:b * 5 + n])) == recs
+
+    assert s.client.get("/v2/health/live").json() == {"live": True}
+    assert s.client.get("/v2/health/ready").status_code == 200
+    assert s.client.get("/v2/models/nezha/ready").status_code == 200
+    meta = s.client.get("/v2/models/nezha").json()
+    assert meta["name"] == "nezha" and [i["name"] for i in meta["inputs"]] == ["histories", "lengths"]
+    assert s.client.get("/v2/models/other").status_code == 404
+    assert s.client.get("/v1/recommend").status_code == 405
+
+
+def test_batches_form_under_concurrency_and_each_answer_equals_its_solo_answer(serve, library):
+    s = serve(workers=1, max_wait_ms=50)
+    _slow(s.service, 0.02)            # one slow worker: requests queue behind it and must be batched
+    rng = np.random.default_rng(3)
+    ids = tiny_catalog().item_ids
+    # equal and mixed lengths, two beams: batches group by beam and by what the cost model allows
+    requests = [{"histories": [rng.choice(ids, size=int(rng.integers(1, 12))).tolist()], "k": 4,
+                 "beam": int(rng.choice([8, 16]))} for _ in range(48)]
+    with ThreadPoolExecutor(16) as pool:
+        replies = list(pool.map(lambda body: s.post("/v1/recommend", body), requests))
+    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
+    for body, r in zip(requests, replies):
+        solo = library.recommend(body["histories"], k=body["k"], beam=body["beam"])
+        assert _pairs(r.json()["results"]) == solo
+    assert {name.rsplit("-", 1)[0] for name in s.service.decode_threads} == {"nezha-worker"}   # never the loop
+    metrics = s.client.get("/metrics").text
+    batches, histories = _metric(metrics, "nezha_batch_size_count"), _metric(metrics, "nezha_batch_size_sum")
+    assert histories >= 48 and batches < histories * 0.75, metrics     # batches larger than 1 formed
+    assert "nezha_request_seconds_bucket" in metrics and "nezha_queue_depth" in metrics
+
+
+def _item(tokens, beam=20, model="m"):
+    return Item(np.zeros((1, 1)), tokens, beam, 10, model, None, 0)
+
+
+def _linear(fixed, per_history, per_token):
+    """A CostModel of fixed + B * (per_history + per_token * T), probed at 4..200 tokens."""
+    tokens = (4, 100, 200)
+    return CostModel(tokens, tuple(fixed + per_history + per_token * t for t in tokens),
+                     tuple(per_history + per_token * t for t in tokens))
+
+
+def test_a_batch_never_costs_more_than_its_histories_alone():
+    padding_bound = _linear(fixed=1e-3, per_history=1e-4, per_token=2e-5)   # padding 50 tokens = fixed cost
+    # equal lengths batch; with padding allowed 90 joins 95 and 70 (<= 50 padding tokens each) but not 10
+    assert len(plan_batch([_item(30) for _ in range(5)], 16, padding_bound)) == 5
+    assert plan_batch([_item(90), _item(10), _item(70), _item(95)], 16, padding_bound, allow_padding=True) == [0, 3, 2]
+    assert plan_batch([_item(90), _item(10), _item(90), _item(95)], 16, padding_bound) == [0, 2]   # exact lengths
+    assert plan_batch([_item(30), _item(30, beam=8), _item(30, model="n")], 16, padding_bound) == [0]
+    assert len(plan_batch([_item(30) for _ in range(20)], 16, padding_bound)) == 16
+    assert plan_batch([_item(30), _item(30)], 16, None) == [0]                    # batching off
+    no_gain = CostModel((4, 100), (1e-3, 2e-3), (1e-3, 2e-3))                 # a batch costs its parts: none
+    assert plan_batch([_item(30) for _ in range(5)], 16, no_gain) == [0]
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        tokens = (4, 50, 100)
+        solo = rng.uniform(1e-4, 2e-3, 3)
+        cost = CostModel(tokens, tuple(solo), tuple(solo * rng.uniform(0.2, 1.3, 3)))
+        queue = [_item(int(t)) for t in rng.integers(4, 100, rng.integers(1, 30))]
+        chosen = plan_batch(queue, 64, cost, allow_padding=True)
+        picked = [queue[i].tokens for i in chosen]
+        assert chosen[0] == 0 and len(set(chosen)) == len(chosen)
+        assert cost.cost(len(picked), max(picked)) <= sum(cost.cost(1, t) for t in picked) + 1e-12
+
+
+def test_overload_answers_429_at_once_and_the_server_stays_healthy(serve, library):
+    s = serve(workers=1, max_queue=4)
+    _slow(s.service, 0.3)
+    histories = tiny_histories(tiny_catalog(), n=2)
+
+    def call(_):
+        t0 = time.perf_counter()
+        r = s.post("/v1/recommend", {"histories": histories, "k": 3})
+        return r.status_code, time.perf_counter() - t0, r
+    with ThreadPoolExecutor(12) as pool:
+        got = list(pool.map(call, range(12)))
+    refused = [(t, r) for code, t, r in got if code == 429]
+    assert refused and all(code in (200, 429) for code, _, _ in got)
+    assert min(t for t, _ in refused) < 0.25                              # refused at once, not after waiting
+    assert refused[0][1].headers["retry-after"] == "1" and "queue full" in refused[0][1].json()["error"]
+    assert s.client.get("/v2/health/ready").status_code == 200
+    r = s.post("/v1/recommend", {"histories": histories, "k": 3})
+    assert r.status_code == 200 and _pairs(r.json()["results"]) == [library.recommend([h], k=3)[0] for h in histories]
+    assert 'nezha_errors_total{kind="overloaded"}' in s.client.get("/metrics").text
+
+
+def test_a_request_past_its_deadline_gets_504_and_is_dropped(serve):
+    s = serve(workers=1, timeout_ms=150)
+    _slow(s.service, 0.4)
+    t0 = time.perf_counter()
+    r = s.post("/v1/recommend", {"histories": [[100, 101]], "k": 3})
+    assert r.status_code == 504 and time.perf_counter() - t0 < 0.35, r.text
+    r = s.post("/v1/recommend", {"histories": [[100, 101]], "k": 3}, headers={"x-nezha-timeout-ms": "50"})
+    assert r.status_code == 504
+    r = s.post("/v1/recommend", {"histories": [[100]]}, headers={"x-nezha-timeout-ms": "soon"})
+    assert r.status_code == 400 and "x-nezha-timeout-ms" in r.json()["error"]
+
+
+def _library_message(library, call) -> str:
+    with pytest.raises(ValueError) as e:
+        call(library)
+    return str(e.value)
+
+
+LIBRARY_CASES = [   # (body, the same call on the library): the server must answer with the library's message
+    ({"histories": [[100, 99999]], "k": 3}, lambda r: r.recommend([[100, 99999]], k=3)),
+    ({"histories": [[100]], "k": 0}, lambda r: r.recommend([[100]], k=0)),
+    ({"histories": [[100]], "k": 9, "beam": 5}, lambda r: r.recommend([[100]], k=9, beam=5)),
+    ({"histories": [[100]], "beam": 10 ** 6}, lambda r: r.recommend([[100]], beam=10 ** 6)),
+    ({"histories": [[100]], "k": 3, "beam": 0}, lambda r: r.recommend([[100]], k=3, beam=0)),
+    ({"histories": []}, lambda r: r.recommend([])),
+    ({"histories": [[100], []]}, lambda r: r.recommend([[100], []])),
+    ({"histories": [[100], 5]}, lambda r: r.recommend([[100], 5])),
+    ({"histories": [[99999]], "unknown": "skip"}, lambda r: r.recommend([[99999]], unknown="skip")),
+    ({"histories": [[100]], "unknown": "drop"}, lambda r: r.recommend([[100]], unknown="drop")),
+    ({"histories": [[100, True]]}, lambda r: r.recommend([[100, True]])),                  # bools are not ids
+    ({"histories": [[100, 101.0]]}, lambda r: r.recommend([[100, 101.0]])),                # nor floats
+    ({"histories": [[100, "101"]]}, lambda r: r.recommend([[100, "101"]])),
+    ({"histories": [[100, 2 ** 70]]}, lambda r: r.recommend([[100, 2 ** 70]])),            # beyond int64
+    ({"histories": [[[100]]]}, lambda r: r.recommend([[[100]]])),
+    ({"histories": [[100]], "k": True}, lambda r: r.recommend([[100]], k=True)),
+    ({"histories": [[100]], "k": 2.0}, lambda r: r.recommend([[100]], k=2.0)),
+    ({"histories": [[100]], "beam": "8"}, lambda r: r.recommend([[100]], beam="8")),
+    ({"histories": [[100]], "k": 17}, lambda r: r.recommend([[100]], k=17)),                # k > max_beam
+]
+
+
+@pytest.mark.parametrize("body,call", LIBRARY_CASES)
+def test_bad_requests_get_400_with_the_library_message(serve, library, body, call):
+    s = serve()
+    r = s.post("/v1/recommend", body)
+    assert r.status_code == 400 and r.json() == {"error": _library_message(library, call), "kind": "bad_request"}
+
+
+HOSTILE = [   # (raw body, a phrase the 400 must contain)
+    (b"{not json", "not valid JSON"),
+    (b"\xff\xfe", "not UTF-8"),
+    (b'{"histories": [[100, NaN]]}', "NaN is not a JSON number"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
+    (b'{"histories": [[100, true]]}', "history 0 holds True (bool)"),
+    (b'{"histories": [[100, 99999999999999999999999]]}', "must fit int64"),
+    (b'{"histories": [[100]], "user": 7}', "unknown field 'user'"),
+    (b'{"k": 3}', "missing field 'histories'"),
+    (b'[[100]]', "must be a JSON object"),
+    (b'{"histories": "100,101"}', "histories must be a list"),
+    (json.dumps({"histories": [[100]] * 300}).encode(), "at most 256 allowed"),
+]
+
+
+@pytest.mark.parametrize("body,message", HOSTILE, ids=[f"hostile{i}" for i in range(len(HOSTILE))])
+def test_hostile_bodies_get_400_with_a_clear_message(serve, body, message):
+    s = serve()
+    r = s.post("/v1/recommend", body)
+    assert r.status_code == 400 and message in r.json()["error"], r.text
+    assert s.client.get("/v2/health/ready").status_code == 200
+
+
+def test_huge_bodies_get_413_without_being_read(serve):
+    s = serve(max_body_bytes=4096)
+    r = s.post("/v1/recommend", b'{"histories": [[' + b"100," * 5000 + b"100]]}")
+    assert r.status_code == 413 and "at most 4096" in r.json()["error"]
+
+
+def test_v2_infer_checks_its_tensors(serve):
+    s = serve()
+    base = {"inputs": [{"name": "histories", "datatype": "INT64", "shape": [1, 2], "data": [100, 101]},
+                       {"name": "lengths", "datatype": "INT64", "shape": [1], "data": [2]}]}
+
+    def with_(i, **change):
+        body = json.loads(json.dumps(base))
+        body["inputs"][i].update(change)
+        return body
+    assert s.post("/v2/models/nezha/infer", base).status_code == 200
+    nested = with_(0, data=[[100, 101]])
+    assert s.post("/v2/models/nezha/infer", nested).status_code == 200
+    for body, message in ((with_(0, datatype="FP32"), "datatype must be INT64"),
+                          (with_(0, shape=[1, 3]), "3 expected"),
+                          (with_(0, data=[100, True]), "got true (a boolean)"),
+                          (with_(1, data=[3]), "lengths[0] = 3"),
+                          (with_(1, name="histories"), "once each"),
+                          ({**base, "parameters": {"k": 99}}, "k must be an integer in 1..beam")):
+        r = s.post("/v2/models/nezha/infer", body)
+        assert r.status_code == 400 and message in r.json()["error"], (message, r.text)
+
+
+def test_an_internal_error_is_500_without_a_traceback(serve):
+    s = serve()
+    _slow(s.service, 0.0, fail=RuntimeError("secret internal detail"))
+    r = s.post("/v1/recommend", {"histories": [[100, 101]], "k": 3})
+    assert r.status_code == 500
+    assert r.json() == {"error": "internal error; the server log has the details", "kind": "internal"}
+    assert "Traceback" not in r.text and "secret" not in r.text
+    assert s.client.get("/v2/health/live").status_code == 200
+
+
+def test_reload_swaps_atomically_and_refuses_a_corrupt_artifact(serve, artifacts, tmp_path):
+    first, second = artifacts
+    s = serve(artifact=first)
+    histories = tiny_histories(tiny_catalog(), n=3)
+    with Recommender.load(first) as a, Recommender.load(second) as b:
+        solo = lambda rec: json.dumps([rec.recommend([h], k=5)[0] for h in histories])
+        answers = {solo(a): "first", solo(b): "second"}
+    assert len(answers) == 2                                            # the two models answer differently
+    stop, seen, codes = threading.Event(), [[], [], []], []
+
+    def traffic(mine):
+        while not stop.is_set():
+            r = s.post("/v1/recommend", {"histories": histories, "k": 5})
+            codes.append(r.status_code)
+            if r.status_code == 200:
+                mine.append(answers.get(json.dumps(_pairs(r.json()["results"])), "mixed"))
+    threads = [threading.Thread(target=traffic, args=(mine,)) for mine in seen]
+    for t in threads:
+        t.start()
+    time.sleep(0.3)
+    old_version = s.client.get("/v2/models/nezha").json()["versions"][0]
+    r = s.post("/admin/reload", {"artifact": str(second)})
+    assert r.status_code == 200 and r.json()["model"]["version"] != old_version, r.text
+    time.sleep(0.3)
+    stop.set()
+    for t in threads:
+        t.join(HTTP_TIMEOUT)
+    assert set(codes) == {200}                                           # nothing dropped
+    for mine in seen:                                                    # per client, in order:
+        assert "mixed" not in mine and mine[0] == "first" and mine[-1] == "second"
+        assert mine.index("second") == len(mine) - mine[::-1].index("first")   # one switch, never back
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(first, corrupt)
+    graph = next(corrupt.glob("graphs/fp32/backbone*.onnx"))
+    graph.write_bytes(graph.read_bytes()[:-16] + b"\0" * 16)
+    r = s.post("/admin/reload", {"artifact": str(corrupt)})
+    assert r.status_code == 400 and "reload refused" in r.json()["error"] and "sha256" in r.json()["error"], r.text
+    r = s.post("/admin/reload", {"artifact": str(tmp_path / "missing")})
+    assert r.status_code == 400 and "reload refused" in r.json()["error"]
+    r = s.post("/v1/recommend", {"histories": histories, "k": 5})
+    assert answers[json.dumps(_pairs(r.json()["results"]))] == "second"  # the old model stays
+    assert 'nezha_reloads_total{result="refused"} 2.0' in s.client.get("/metrics").text
+
+
+def test_shutdown_drains_in_flight_requests(serve):
+    s = serve(workers=1)
+    _slow(s.service, 0.2)
+    with ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(s.post, "/v1/recommend", {"histories": [[100, 101]], "k": 3}) for _ in range(4)]
+        time.sleep(0.1)                                                   # all four admitted, one decoding
+        t0 = time.perf_counter()
+        s.stop()
+        assert [f.result().status_code for f in futures] == [200] * 4
+    assert time.perf_counter() - t0 >= 0.3                                # it waited for them
+    assert s.service.draining and not any(t.is_alive() for t in s.service.batcher._threads)
+
+
+def _tiny_data(root, histories):
+    root.mkdir()
+    write_index(tiny_catalog(), root / "tiny.index.json")
+    (root / "tiny.inter.json").write_text(json.dumps({str(u): h + [h[0], h[0]] for u, h in enumerate(histories)}))
+    return root
+
+
+def test_loadtest_reports_side_by_side(serve, tmp_path):
+    from nezha.serve.loadtest import run_loadtest
+    batched, unbatched = serve(), serve(max_batch=1, workers=1)
+    data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=40))
+    result = run_loadtest([batched.url, unbatched.url], concurrency=[1, 4], duration=0.6, rounds=2, warmup=0.1,
+                          k=5, beam=8, data=data, labels=["on", "off"], out=tmp_path / "lt")
+    for point in result["points"]:
+        for r in point["servers"].values():
+            assert r["errors"] == 0 and r["requests"] > 0 and r["p50_ms"] <= r["p99_ms"]
+    assert [r["concurrency"] for r in result["ratios"]] == [1, 4]
+    assert {p.name for p in (tmp_path / "lt").iterdir()} == {"loadtest.json", "loadtest.md", "loadtest.png"}
+    assert "| 4 | on / off |" in (tmp_path / "lt" / "loadtest.md").read_text()
+
+
+def _cli(*args, timeout=60):
+    return subprocess.run([sys.executable, "-m", "nezha.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_errors_are_one_line(tmp_path):
+    r = _cli("serve", str(tmp_path / "missing"))
+    assert r.returncode == 2 and r.stderr.strip().startswith("nezha serve: error:") and "Traceback" not in r.stderr
+    r = _cli("loadtest", "http://127.0.0.1:9", "--duration", "1")
+    assert r.returncode == 2 and "not reachable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_the_server_process_reloads_on_sighup_and_drains_on_sigterm(artifacts):
+    import signal
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "nezha.cli", "serve", str(artifacts[0]), "--port", str(port)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.time() + 60
+        while True:
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
+            time.sleep(0.2)
+        before = httpx.get(url + "/v2/models/nezha", timeout=5).json()["parameters"]["loaded_at"]
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.time() + 30
+        while httpx.get(url + "/v2/models/nezha", timeout=5).json()["parameters"]["loaded_at"] == before:
+            assert time.time() < deadline, "SIGHUP did not reload"
+            time.sleep(0.1)
+        assert httpx.post(url + "/v1/recommend", json={"histories": [[100]]}, timeout=5).status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    # uvicorn drains, runs the app's shutdown (the batcher drains), then re-raises SIGTERM: exit status -15
+    assert proc.returncode in (0, -signal.SIGTERM), err
+    assert "Application shutdown complete" in err and "Traceback" not in err, err
+
+
+def test_serving_loads_no_torch(artifacts):
+    code = f"""
+import asyncio, sys
+from nezha.serve import Service
+
+async def main():
+    service = Service({str(artifacts[0])!r})
+    await service.start()
+    body = b'{{"histories": [[100, 101]], "k": 3}}'
+
+    async def read(limit):
+        return body
+    reply = await service.handle("POST", "/v1/recommend", read)
+    await service.stop()
+    print(reply.status, "torch" in sys.modules)
+asyncio.run(main())
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.stdout.split() == ["200", "False"], r.stderr

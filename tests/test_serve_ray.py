@@ -1,0 +1,95 @@
+"""The same model and routes on Ray Serve: one small local Ray (2 CPUs, no dashboard, no usage stats),
+one replica on 127.0.0.1, shut down at the end. About a minute on 2 cores."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+ray = pytest.importorskip("ray")
+pytest.importorskip("ray.serve")
+httpx = pytest.importorskip("httpx")
+
+from conftest import tiny_catalog, tiny_histories, tiny_model, write_index   # noqa: E402
+from nezha.export.build import build                                          # noqa: E402
+from nezha.model.checkpoint import save_checkpoint                            # noqa: E402
+from nezha.runtime import Recommender                                         # noqa: E402
+from nezha.serve import LoadOptions, ServeOptions                             # noqa: E402
+
+pytestmark = pytest.mark.ray
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve-ray")
+    ckpt = save_checkpoint(tiny_model(seed=0), root / "ckpt", tiny_catalog())
+    build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / "art", precision=("fp32",),
+          max_batch=8, max_beam=16, log=None)
+    return root / "art"
+
+
+@pytest.fixture(scope="module")
+def ray_url(artifact):
+    from ray import serve
+
+    from nezha.serve.ray_engine import deployment
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        serve.run(deployment(artifact, ServeOptions(max_wait_ms=20, workers=2), LoadOptions(threads=1), replicas=1),
+                  name="nezha", route_prefix="/")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def _pairs(results):
+    return [[(r["item"], r["score"]) for r in per_history] for per_history in results]
+
+
+def test_ray_serve_answers_the_same_routes_as_the_library(ray_url, artifact):
+    histories = tiny_histories(tiny_catalog(), n=6)
+    with httpx.Client(base_url=ray_url, timeout=30) as client, Recommender.load(artifact, threads=1) as rec:
+        r = client.post("/v1/recommend", json={"histories": histories, "k": 5})
+        assert r.status_code == 200, r.text
+        assert _pairs(r.json()["results"]) == [rec.recommend([h], k=5)[0] for h in histories]
+
+        assert client.get("/v2/health/ready").status_code == 200
+        T = max(len(h) for h in histories)
+        body = {"inputs": [{"name": "histories", "datatype": "INT64", "shape": [len(histories), T],
+                            "data": [x for h in histories for x in h + [0] * (T - len(h))]},
+                           {"name": "lengths", "datatype": "INT64", "shape": [len(histories)],
+                            "data": [len(h) for h in histories]}], "parameters": {"k": 5}}
+        out = {o["name"]: o["data"] for o in client.post("/v2/models/nezha/infer", json=body).json()["outputs"]}
+        assert out["items"][:len(_pairs(r.json()["results"])[0])] == [i for i, _ in _pairs(r.json()["results"])[0]]
+
+        bad = client.post("/v1/recommend", json={"histories": [[100, 99999]], "k": 3})
+        with pytest.raises(ValueError) as e:
+            rec.recommend([[100, 99999]], k=3)
+        assert bad.status_code == 400 and bad.json()["error"] == str(e.value)
+        assert client.post("/admin/reload", json={}).status_code == 501
+
+        # concurrent requests: Ray's @serve.batch merges them, each answer still equals its solo answer
+        rng = np.random.default_rng(5)
+        requests = [[rng.choice(tiny_catalog().item_ids, size=int(rng.choice([2, 3]))).tolist()] for _ in range(40)]
+        with ThreadPoolExecutor(16) as pool:
+            replies = list(pool.map(lambda h: client.post("/v1/recommend", json={"histories": h, "k": 4}), requests))
+        for h, reply in zip(requests, replies):
+            assert reply.status_code == 200 and _pairs(reply.json()["results"]) == rec.recommend(h, k=4)
+        metrics = client.get("/metrics").text
+        count = float(re.search(r"^nezha_batch_size_count (\S+)$", metrics, re.M).group(1))
+        total = float(re.search(r"^nezha_batch_size_sum (\S+)$", metrics, re.M).group(1))
+        assert total >= 40 and count < total, metrics                      # batches larger than 1 formed
