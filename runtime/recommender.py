@@ -120,9 +120,9 @@ class Recommender:
         buffer that its next call overwrites (copy it to keep it)."""
         return self.steps.backbone(feed)
 
-    def _beam_for(self, k, beam) -> int:
-        """Check k and beam (plain integers, never bools) before any work; beam defaults to max(k, 20)
-        capped at max_beam."""
+    def beam_for(self, k, beam) -> int:
+        """Check k and beam (plain integers, never bools) before any work and return the beam to use:
+        ``beam`` defaults to max(k, 20) capped at max_beam. RequestError names what is allowed."""
         integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
         if beam is not None:
             self._check_beam(beam)
@@ -171,7 +171,7 @@ class Recommender:
                   unknown: str = "error") -> list[list[tuple[int, float]]]:
         """Per history up to k (item id, summed log-prob) pairs, best first. ``beam`` defaults to
         max(k, 20) capped at the artifact's max_beam."""
-        beam = self._beam_for(k, beam)
+        beam = self.beam_for(k, beam)
         check_batch(histories)
         self._check_count(len(histories))
         keys, scores = self.decode(histories, beam, unknown=unknown)
@@ -180,7 +180,7 @@ class Recommender:
     def recommend_codes(self, code_histories: Sequence[Sequence[Sequence[int]]], k: int = 10,
                         beam: int | None = None) -> list[list[tuple[int, float]]]:
         """SID-level variant: histories of code tuples (each of L codes) instead of item ids."""
-        beam = self._beam_for(k, beam)
+        beam = self.beam_for(k, beam)
         check_batch(code_histories)
         self._check_count(len(code_histories))
         arrays = []

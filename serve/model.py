@@ -12,7 +12,7 @@ from pathlib import Path
 
 from nezha.runtime import Recommender
 
-from .batching import CostModel, measure_cost
+from .cost import CostModel, measure_cost
 
 log = logging.getLogger("nezha.serve")
 

@@ -26,7 +26,8 @@ from starlette.requests import Request                      # noqa: E402
 
 from . import protocol as P                                 # noqa: E402
 from .app import read_body, to_response                     # noqa: E402
-from .batching import Item, Pending, plan_batch, tokens_of  # noqa: E402
+from .batching import Item, Pending, plan_batch  # noqa: E402
+from .cost import tokens_of  # noqa: E402
 from .model import LoadOptions, load_model                  # noqa: E402
 from .service import ServeOptions, Service                  # noqa: E402
 

@@ -23,7 +23,8 @@ from typing import Awaitable, Callable
 from nezha.runtime.errors import NezhaError
 
 from . import protocol as P
-from .batching import Batcher, Item, Pending, tokens_of
+from .batching import Batcher, Item, Pending
+from .cost import tokens_of
 from .metrics import Metrics
 from .model import LoadedModel, LoadOptions, load_model
 
