@@ -163,7 +163,7 @@ class CppRecommender:
         if rc != 0:
             raise CppRuntimeError(self._lib.nezha_last_error().decode())
 
-    def _beam_for(self, k, beam) -> int:
+    def beam_for(self, k, beam) -> int:
         """k and beam checked as Recommender checks them (plain integers, never bools); beam defaults to
         max(k, 20) capped at max_beam."""
         integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
@@ -181,7 +181,7 @@ class CppRecommender:
                   unknown: str = "error", stages: dict | None = None) -> list[list[tuple[int, float]]]:
         """Per history up to k (item id, summed log-prob) pairs, best first (as ``Recommender.recommend``).
         ``stages`` (if given) accumulates this thread's seconds per stage of the C++ loop."""
-        beam = self._beam_for(k, beam)
+        beam = self.beam_for(k, beam)
         if unknown not in ("error", "skip"):
             raise EncodingError(f"unknown-item policy {unknown!r}; allowed: error, skip")
         items, offsets = _flat_histories(histories)
