@@ -58,7 +58,7 @@ class Recommender:
              precision: str | None = None, threads: int | None = None, verify: bool = True,
              dense_budget_bytes: int = 64 << 20) -> "Recommender":
         """Open an artifact. ``device``: cpu, cuda or cuda:N (default: cpu for onnxruntime, cuda for
-        tensorrt). ``precision`` defaults to the artifact's first (fp32 if built); ``threads``
+        tensorrt). ``precision`` defaults to the first built of fp32, fp16, int8, int8-cpu; ``threads``
         sets ONNX Runtime's intra-op threads per session (default: its own choice); ``verify`` checks
         every file's sha256 against the manifest (``False`` only for trusted hot reloads)."""
         if backend == "cpp":                   # the C++ runtime (runtime/cpp): same API, its own loop and loader
@@ -78,7 +78,7 @@ class Recommender:
         available = manifest.graphs if backend == "onnxruntime" else manifest.engines
         if not available:
             raise ManifestError(f"artifact {artifact.root} has no TensorRT engines: build with --backend tensorrt")
-        precision = precision or next(iter(available))
+        precision = precision or next(p for p in PRECISIONS if p in available)    # fp32 first if built
         if precision not in available:
             raise ManifestError(f"artifact {artifact.root} has no {precision!r} {'graphs' if backend == 'onnxruntime' else 'engines'}; "
                                 f"it has {sorted(available)}")

@@ -217,6 +217,20 @@ def test_recommender_load_offers_the_cpp_backend(cpp_build, artifact):
         assert len(rec.recommend([[int(tiny_catalog().item_ids[0])]], k=3)[0]) == 3
 
 
+def test_default_precision_is_the_same_in_both_runtimes_whatever_the_json_order(cpp_build, artifact, tmp_path):
+    """fp32 first if built, by rule: not the manifest's key order (Python) nor a sorted map's (C++)."""
+    import json
+    import shutil
+    moved = tmp_path / "art"
+    shutil.copytree(artifact, moved)
+    raw = json.loads((moved / "manifest.json").read_text())
+    for section in ("precisions", "graphs"):                  # int8-cpu's graphs named fp16: sorted keys put it
+        raw[section] = {"fp16": raw[section]["int8-cpu"], "fp32": raw[section]["fp32"]}    # first, and so does JSON
+    (moved / "manifest.json").write_text(json.dumps(raw))
+    with Recommender.load(moved, threads=1) as py, Recommender.load(moved, backend="cpp", threads=1) as cc:
+        assert py.precision == cc.precision == "fp32"
+
+
 def test_cli_prints_what_nezha_recommend_prints(cpp_build, artifact):
     items = tiny_catalog().item_ids
     history = f"{items[0]},{items[4]}, {items[9]}"

@@ -172,7 +172,10 @@ std::unique_ptr<Recommender> Recommender::load(const std::string& artifact_dir, 
   const Manifest& m = impl->manifest;
   check_tree(impl->root, m);
   verify_files(impl->root, m, options.verify);
-  impl->precision = options.precision.empty() ? m.precision_order.front() : options.precision;
+  impl->precision = options.precision;
+  if (impl->precision.empty())  // the first built of fp32, fp16, int8, int8-cpu: the same rule as Python, whatever the JSON order
+    for (const char* p : {"fp32", "fp16", "int8", "int8-cpu"})
+      if (m.graphs.count(p)) { impl->precision = p; break; }
   if (!m.graphs.count(impl->precision)) {
     std::string have;
     for (const auto& p : m.precision_order) have += (have.empty() ? "" : ", ") + p;
