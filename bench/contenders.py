@@ -47,6 +47,8 @@ def runtime_contenders(artifact: str | Path, backend: str, precision: str, devic
     (``threads``: ONNX Runtime intra-op threads; None = its default)."""
     from nezha.runtime import Recommender
 
+    if backend == "cpp":
+        return cpp_contenders(artifact, precision, threads)
     device = device if backend == "onnxruntime" or device.startswith("cuda") else "cuda"
     rec = Recommender.load(artifact, backend=backend, device=device, precision=precision, threads=threads)
     engine = f"{backend}-{precision}-{device}"
@@ -67,6 +69,26 @@ def runtime_contenders(artifact: str | Path, backend: str, precision: str, devic
 
     return [Contender("floor", engine, floor, limits),
             Contender("nezha", engine, nezha, limits, close=rec.close)]
+
+
+def cpp_contenders(artifact: str | Path, precision: str, threads: int | None = None) -> list[Contender]:
+    """The floor (encode + backbone) and NEZHA through the C++ runtime (runtime/cpp), stages timed inside it."""
+    from nezha.runtime.backends.cpp import CppRecommender
+
+    rec = CppRecommender.load(artifact, precision=precision, threads=threads)
+    engine, limits = f"cpp-{precision}-cpu", {"max_batch": rec.max_batch, "max_beam": rec.max_beam}
+
+    def floor(histories, beam):
+        stages: dict = {}
+        rec.backbone(histories, stages=stages)
+        return stages
+
+    def nezha(histories, beam):
+        stages: dict = {}
+        rec.recommend(histories, k=min(10, beam), beam=beam, stages=stages)
+        return stages
+
+    return [Contender("floor", engine, floor, limits), Contender("nezha", engine, nezha, limits, close=rec.close)]
 
 
 # --- the torch side (a checkpoint) ------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
     p.add_argument("-k", "--k", type=ascii_int, default=10, help="items per history (default 10)")
     p.add_argument("--beam", type=ascii_int, default=None,
                    help="beam width (default max(k, 20), at most the artifact's max_beam)")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt", "cpp"],
+                   help="cpp: the C++ runtime's loop (runtime/cpp, built by make test or make cpp), CPU only")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cpu; cuda with tensorrt)")
     p.add_argument("--precision", default=None, help="fp32, fp16, int8 ... (default: the artifact's first)")
     p.add_argument("--unknown", default="error", choices=["error", "skip"], help="policy for unknown item ids")

@@ -58,9 +58,12 @@ class Recommender:
              precision: str | None = None, threads: int | None = None, verify: bool = True,
              dense_budget_bytes: int = 64 << 20) -> "Recommender":
         """Open an artifact. ``device``: cpu, cuda or cuda:N (default: cpu for onnxruntime, cuda for
-        tensorrt). ``precision`` defaults to the artifact's first (fp32 if built); ``threads``
+        tensorrt). ``precision`` defaults to the first built of fp32, fp16, int8, int8-cpu; ``threads``
         sets ONNX Runtime's intra-op threads per session (default: its own choice); ``verify`` checks
         every file's sha256 against the manifest (``False`` only for trusted hot reloads)."""
+        if backend == "cpp":                   # the C++ runtime (runtime/cpp): same API, its own loop and loader
+            from .backends.cpp import CppRecommender
+            return CppRecommender.load(artifact_dir, precision, threads, verify, dense_budget_bytes, device)
         if backend not in BACKENDS:
             raise OptionError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
         if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
@@ -75,7 +78,7 @@ class Recommender:
         available = manifest.graphs if backend == "onnxruntime" else manifest.engines
         if not available:
             raise ManifestError(f"artifact {artifact.root} has no TensorRT engines: build with --backend tensorrt")
-        precision = precision or next(iter(available))
+        precision = precision or next(p for p in PRECISIONS if p in available)    # fp32 first if built
         if precision not in available:
             raise ManifestError(f"artifact {artifact.root} has no {precision!r} {'graphs' if backend == 'onnxruntime' else 'engines'}; "
                                 f"it has {sorted(available)}")
@@ -117,9 +120,9 @@ class Recommender:
         buffer that its next call overwrites (copy it to keep it)."""
         return self.steps.backbone(feed)
 
-    def _beam_for(self, k, beam) -> int:
-        """Check k and beam (plain integers, never bools) before any work; beam defaults to max(k, 20)
-        capped at max_beam."""
+    def beam_for(self, k, beam) -> int:
+        """Check k and beam (plain integers, never bools) before any work and return the beam to use:
+        ``beam`` defaults to max(k, 20) capped at max_beam. RequestError names what is allowed."""
         integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
         if beam is not None:
             self._check_beam(beam)
@@ -168,7 +171,7 @@ class Recommender:
                   unknown: str = "error") -> list[list[tuple[int, float]]]:
         """Per history up to k (item id, summed log-prob) pairs, best first. ``beam`` defaults to
         max(k, 20) capped at the artifact's max_beam."""
-        beam = self._beam_for(k, beam)
+        beam = self.beam_for(k, beam)
         check_batch(histories)
         self._check_count(len(histories))
         keys, scores = self.decode(histories, beam, unknown=unknown)
@@ -177,7 +180,7 @@ class Recommender:
     def recommend_codes(self, code_histories: Sequence[Sequence[Sequence[int]]], k: int = 10,
                         beam: int | None = None) -> list[list[tuple[int, float]]]:
         """SID-level variant: histories of code tuples (each of L codes) instead of item ids."""
-        beam = self._beam_for(k, beam)
+        beam = self.beam_for(k, beam)
         check_batch(code_histories)
         self._check_count(len(code_histories))
         arrays = []

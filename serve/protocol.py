@@ -91,18 +91,13 @@ def _describe(x) -> str:
     return f"{json.dumps(x)[:40]} (a {type(x).__name__})"
 
 
-def check_k_beam(k, beam, max_beam: int) -> tuple[int, int]:
-    """k and beam checked as ``Recommender.recommend`` checks them, in the same order and with the same
-    messages (plain integers, never bools; beam defaults to max(k, 20) capped at max_beam)."""
-    if beam is not None and not (_is_int(beam) and 1 <= beam <= max_beam):
-        raise BadRequest(f"beam must be an integer in 1..{max_beam} (the artifact's max_beam), got {beam!r}")
-    bound = max_beam if beam is None else beam
-    if not _is_int(k) or not 1 <= k <= bound:
-        raise BadRequest(f"k must be an integer in 1..beam ({bound}), got {k!r}")
-    beam = min(max(k, 20), max_beam) if beam is None else beam
-    if k > beam:
-        raise BadRequest(f"k must be an integer in 1..beam ({beam}), got {k!r}")
-    return k, beam
+def check_k_beam(k, beam, rec) -> tuple[int, int]:
+    """k and beam checked by the library itself (``Recommender.beam_for``): the same rules, order and
+    messages as ``recommend``; beam defaults to max(k, 20) capped at max_beam."""
+    try:
+        return k, rec.beam_for(k, beam)
+    except NezhaError as e:
+        raise BadRequest(str(e)) from None
 
 
 @dataclass
@@ -150,7 +145,7 @@ def parse_recommend(obj, rec, max_histories: int) -> Query:
         raise BadRequest(f"histories must be a list of item-id lists, got {type(histories).__name__}")
     if len(histories) > max_histories:
         raise BadRequest(f"{len(histories)} histories in one request; at most {max_histories} allowed")
-    k, beam = check_k_beam(obj.get("k", 10), obj.get("beam"), rec.max_beam)
+    k, beam = check_k_beam(obj.get("k", 10), obj.get("beam"), rec)
     # item ids (bools, floats, strings, nesting, int64 range, unknown items): the library's checks and messages
     return Query(codes_of(histories, rec, obj.get("unknown", "error")), k, beam)
 
@@ -223,7 +218,7 @@ def parse_v2_infer(obj, rec, max_histories: int) -> Query:
         if not 0 <= n <= T:
             raise BadRequest(f"lengths[{b}] = {n}; must lie in 0..{T} (the histories tensor's second dimension)")
         histories.append(hdata[b * T:b * T + n])
-    k, beam = check_k_beam(params.get("k", 10), params.get("beam"), rec.max_beam)
+    k, beam = check_k_beam(params.get("k", 10), params.get("beam"), rec)
     return Query(codes_of(histories, rec, params.get("unknown", "error")), k, beam, id=rid)
 
 

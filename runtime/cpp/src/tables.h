@@ -1,0 +1,28 @@
+// The verifier and catalog tables (tables/*.npy), read strictly and checked against their invariants.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "manifest.h"
+
+namespace nezha {
+
+struct Tables {
+  std::vector<std::int64_t> item_ids;                      // [I] strictly ascending
+  std::vector<std::int64_t> item_codes;                    // [I, L] row-major, code of item i at level l
+  std::vector<std::uint64_t> sid_keys;                     // [S] strictly ascending SID keys
+  std::vector<std::int64_t> sid_offsets;                   // [S+1] CSR offsets into sid_items
+  std::vector<std::int64_t> sid_items;                     // [I] items of each SID, ascending
+  std::vector<std::vector<std::uint64_t>> valid_prefixes;  // per level i: [P_i] keys of first i+1 codes
+
+  // Index of `item` in item_ids, or -1.
+  std::int64_t find_item(std::int64_t item) const;
+};
+
+// Reads every table of `manifest` from the folder `root` (see files.h) and checks dtypes, shapes and the
+// invariants of docs/artifact.md. Throws nezha::Error naming the table and the broken invariant.
+Tables load_tables(const std::string& root, const Manifest& manifest);
+
+}  // namespace nezha

@@ -1,0 +1,322 @@
+"""The C++ runtime (runtime/cpp) against the Python runtime on the same artifacts: the same items in the same
+order and scores within 1e-5 (tiny public-format checkpoints built with --index, and real Beauty users on
+the demo checkpoint, fp32 and int8-cpu), the same CLI output, the same request policies, threads; and the C++
+test binary (refusals, zero allocation, N threads == serial), also under ASan + UBSan when that build exists.
+
+The C++ build is (re)made here with CMake when the toolchain and ONNX Runtime's headers are present
+(runtime/cpp/setup_ort.sh); otherwise these tests skip with the reason. CI runs the setup script first."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import DATA, needs_beauty, tiny_catalog, tiny_histories, tiny_model, write_index
+from nezha.runtime import Recommender
+from nezha.runtime.errors import NezhaError
+
+ROOT = Path(__file__).resolve().parents[1]
+CPP = ROOT / "runtime" / "cpp"
+BUILD = Path(os.environ.get("NEZHA_CPP_BUILD", CPP / "build"))
+ASAN_BUILD = Path(os.environ.get("NEZHA_CPP_ASAN_BUILD", CPP / "build-asan"))
+MAX_BATCH, MAX_BEAM = 4, 16
+PRECISIONS = ("fp32", "int8-cpu")
+
+
+def toolchain_missing() -> str | None:
+    """Why the C++ runtime cannot be built here, or None."""
+    for tool in ("cmake", "c++"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (apt-get install cmake g++)"
+    ort_root = os.environ.get("ONNXRUNTIME_ROOT")
+    if not ort_root and not (CPP / "third_party" / "onnxruntime" / "include" / "onnxruntime_cxx_api.h").is_file():
+        return "ONNX Runtime's C++ headers are missing: run runtime/cpp/setup_ort.sh (or set ONNXRUNTIME_ROOT)"
+    for header, package in (("/usr/include/nlohmann/json.hpp", "nlohmann-json3-dev"), ("/usr/include/openssl/evp.h", "libssl-dev")):
+        if not Path(header).is_file():
+            return f"{header} is missing (apt-get install {package})"
+    return None
+
+
+def cmake_build(build: Path, *flags: str) -> None:
+    if not (build / "CMakeCache.txt").is_file():
+        generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+        subprocess.run(["cmake", "-S", str(CPP), "-B", str(build), *generator, *flags], check=True,
+                       capture_output=True, text=True)
+    done = subprocess.run(["cmake", "--build", str(build), "-j", "2"], capture_output=True, text=True)
+    if done.returncode:
+        pytest.fail(f"the C++ build failed:\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}")
+
+
+@pytest.fixture(scope="session")
+def cpp_build() -> Path:
+    """runtime/cpp/build, brought up to date (or as it is when it cannot be rebuilt here)."""
+    reason = toolchain_missing()
+    if reason is None:
+        cmake_build(BUILD, "-DCMAKE_BUILD_TYPE=Release")
+    elif not (BUILD / "libnezha_runtime.so").is_file():
+        pytest.skip(f"the C++ runtime is not built ({BUILD}) and cannot be built here: {reason}")
+    os.environ.setdefault("NEZHA_CPP_LIBRARY", str(BUILD / "libnezha_runtime.so"))
+    return BUILD
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory) -> Path:
+    """A tiny public-format checkpoint built with --index, fp32 and int8-cpu."""
+    from nezha.export.build import build
+    from nezha.model.checkpoint import save_checkpoint
+
+    root = tmp_path_factory.mktemp("cpp")
+    ckpt = save_checkpoint(tiny_model(), root / "ckpt", tiny_catalog())
+    build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / "art", precision=PRECISIONS,
+          backend=("onnxruntime",), max_batch=MAX_BATCH, max_beam=MAX_BEAM, log=None)
+    return root / "art"
+
+
+def cpp(artifact, precision="fp32", **kw):
+    from nezha.runtime.backends.cpp import CppRecommender
+    return CppRecommender.load(artifact, precision=precision, threads=1, **kw)
+
+
+def assert_same(expected, got, tolerance=1e-5, label=""):
+    """Same items in the same order per history; scores within ``tolerance``."""
+    assert len(expected) == len(got), label
+    for b, (e, g) in enumerate(zip(expected, got)):
+        assert [i for i, _ in e] == [i for i, _ in g], f"{label} history {b}: {e} != {g}"
+        assert np.allclose([s for _, s in e], [s for _, s in g], rtol=0, atol=tolerance), f"{label} history {b}"
+
+
+def test_cpp_test_binary(cpp_build, artifact):
+    """Refusals, .npy reader, request policies, threads, zero allocation in the steady state (C++)."""
+    done = subprocess.run([str(cpp_build / "nezha_cpp_tests"), str(artifact)], capture_output=True, text=True, timeout=600)
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "0 allocations by the runtime" in done.stdout
+
+
+def test_cpp_test_binary_under_sanitizers(artifact):
+    """The same tests built with -fsanitize=address,undefined (CI builds runtime/cpp/build-asan)."""
+    binary = ASAN_BUILD / "nezha_cpp_tests"
+    if not binary.is_file():
+        pytest.skip(f"no sanitizer build at {ASAN_BUILD} (.ci/run makes it: cmake -DNEZHA_SANITIZE=ON)")
+    if toolchain_missing() is None:
+        cmake_build(ASAN_BUILD, "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DNEZHA_SANITIZE=ON")
+    env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+    done = subprocess.run([str(binary), str(artifact)], capture_output=True, text=True, timeout=900, env=env)
+    print(done.stdout)
+    assert done.returncode == 0, done.stdout + done.stderr[-6000:]
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_same_items_as_the_python_runtime(cpp_build, artifact, precision):
+    """Mixed lengths, histories longer than max_history, batches above max_batch, unknown items skipped,
+    beams 1..max_beam."""
+    cat = tiny_catalog()
+    histories = tiny_histories(cat, n=11, seed=3) + [list(cat.item_ids[:30])] * 2 + [[int(cat.item_ids[5])]]
+    py = Recommender.load(artifact, precision=precision, threads=1)
+    with cpp(artifact, precision) as cc:
+        for k, beam in ((1, 1), (3, 3), (5, 8), (10, MAX_BEAM), (MAX_BEAM, MAX_BEAM)):
+            assert_same(py.recommend(histories, k=k, beam=beam), cc.recommend(histories, k=k, beam=beam), label=f"k={k} beam={beam}")
+        assert_same(py.recommend(histories[:3], k=7), cc.recommend(histories[:3], k=7), label="default beam")
+        with_unknown = [[-1, *h, 10**12] for h in histories]
+        assert_same(py.recommend(with_unknown, k=5, beam=8, unknown="skip"), cc.recommend(with_unknown, k=5, beam=8, unknown="skip"))
+        assert cc.verifier_kinds == py.verifier.kinds
+        # the dense/hash choice follows the budget as in Python: a zero budget makes every level hashed
+        with cpp(artifact, precision, dense_budget_bytes=0) as hashed:
+            assert hashed.verifier_kinds == ["hash"] * 3
+            assert_same(cc.recommend(histories, k=5, beam=8), hashed.recommend(histories, k=5, beam=8), tolerance=0)
+    py.close()
+
+
+def test_fewer_valid_items_than_k_gives_fewer_results(cpp_build, tmp_path):
+    """A 3-item catalog (items 100 and 101 share a SID): k=8 gives those 3 items, as in Python."""
+    from nezha.export.build import build
+    from nezha.model.checkpoint import save_checkpoint
+    from nezha.runtime.catalog import Catalog
+    full = tiny_catalog()
+    small = Catalog(full.item_ids[:3], full.item_codes[:3])
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "ckpt", full)
+    build(ckpt, write_index(small, tmp_path / "small.index.json"), tmp_path / "art", precision=("fp32",),
+          backend=("onnxruntime",), max_batch=MAX_BATCH, max_beam=MAX_BEAM, log=None)
+    with cpp(tmp_path / "art") as cc, Recommender.load(tmp_path / "art", threads=1) as py:
+        got = cc.recommend([[100, 102], [101]], k=8, beam=8)
+        assert sorted(i for i, _ in got[0]) == [100, 101, 102]
+        assert_same(py.recommend([[100, 102], [101]], k=8, beam=8), got, tolerance=0)
+
+
+def test_requests_are_checked_as_in_python(cpp_build, artifact):
+    cat = tiny_catalog()
+    item = int(cat.item_ids[0])
+    py = Recommender.load(artifact, threads=1)
+    with cpp(artifact) as cc:
+        for kwargs in ({"k": 0}, {"k": 5, "beam": 4}, {"k": True}, {"k": 2, "beam": MAX_BEAM + 1}, {"k": 2, "beam": 0},
+                       {"k": MAX_BEAM + 1}, {"k": 2, "beam": 2.0}):
+            with pytest.raises(NezhaError) as want:
+                py.recommend([[item]], **kwargs)
+            with pytest.raises(NezhaError) as got:
+                cc.recommend([[item]], **kwargs)
+            assert (type(got.value), str(got.value)) == (type(want.value), str(want.value)), kwargs
+        for histories, kwargs in (([], {}), ([[item], []], {}), ([[item, 999999]], {}), ([[999999]], {"unknown": "skip"}),
+                                  ({item}, {}), ([[1.5]], {}), ([[True]], {}), ("12", {}), ([[item]], {"unknown": "drop"})):
+            with pytest.raises(NezhaError) as want:
+                py.recommend(histories, k=2, **kwargs)
+            with pytest.raises(NezhaError) as got:
+                cc.recommend(histories, k=2, **kwargs)
+            assert str(got.value) == str(want.value), (histories, kwargs)
+    py.close()
+
+
+def test_threads_give_the_serial_answers(cpp_build, artifact):
+    histories = tiny_histories(tiny_catalog(), n=9, seed=5)
+    with cpp(artifact) as cc:
+        serial = {beam: cc.recommend(histories, k=4, beam=beam) for beam in (4, 16)}
+        results, errors = [], []
+
+        def work(beam):
+            try:
+                for _ in range(5):
+                    results.append((beam, cc.recommend(histories, k=4, beam=beam)))
+            except Exception as e:  # surfaced by the assert below
+                errors.append(e)
+        threads = [threading.Thread(target=work, args=(beam,)) for beam in (4, 16, 4, 16)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert not errors and len(results) == 20
+    for beam, got in results:
+        assert got == serial[beam]
+
+
+def test_corrupt_artifacts_are_refused_with_the_reason(cpp_build, artifact, tmp_path):
+    from nezha.runtime.backends.cpp import CppRuntimeError
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    with open(bad / "tables" / "sid_keys.npy", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x7f")
+    with pytest.raises(CppRuntimeError, match="sid_keys.npy: sha256 mismatch"):
+        cpp(bad)
+    with pytest.raises(NezhaError, match="does not exist"):
+        cpp(tmp_path / "missing")
+    with pytest.raises(NezhaError, match="has no 'fp16' graphs"):
+        cpp(artifact, "fp16")
+
+
+def test_recommender_load_offers_the_cpp_backend(cpp_build, artifact):
+    from nezha.runtime.backends.cpp import CppRecommender
+    with Recommender.load(artifact, backend="cpp", threads=1) as rec:
+        assert isinstance(rec, CppRecommender) and rec.precision == "fp32"
+        assert len(rec.recommend([[int(tiny_catalog().item_ids[0])]], k=3)[0]) == 3
+
+
+def test_default_precision_is_the_same_in_both_runtimes_whatever_the_json_order(cpp_build, artifact, tmp_path):
+    """fp32 first if built, by rule: not the manifest's key order (Python) nor a sorted map's (C++)."""
+    import json
+    import shutil
+    moved = tmp_path / "art"
+    shutil.copytree(artifact, moved)
+    raw = json.loads((moved / "manifest.json").read_text())
+    for section in ("precisions", "graphs"):                  # int8-cpu's graphs named fp16: sorted keys put it
+        raw[section] = {"fp16": raw[section]["int8-cpu"], "fp32": raw[section]["fp32"]}    # first, and so does JSON
+    (moved / "manifest.json").write_text(json.dumps(raw))
+    with Recommender.load(moved, threads=1) as py, Recommender.load(moved, backend="cpp", threads=1) as cc:
+        assert py.precision == cc.precision == "fp32"
+
+
+def test_cli_prints_what_nezha_recommend_prints(cpp_build, artifact):
+    items = tiny_catalog().item_ids
+    history = f"{items[0]},{items[4]}, {items[9]}"
+    for extra in ([], ["--json"], ["-k", "3", "--beam", "5"], ["--precision", "int8-cpu", "--json", "-k", "16"]):
+        args = [str(artifact), "--history", history, "--history", str(items[2]), *extra]
+        want = subprocess.run([sys.executable, "-m", "nezha.cli", "recommend", *args], capture_output=True, text=True)
+        got = subprocess.run([str(cpp_build / "nezha-recommend"), *args, "--threads", "1"], capture_output=True, text=True)
+        assert want.returncode == 0, want.stderr
+        assert got.returncode == 0, got.stderr
+        assert got.stdout == want.stdout, extra
+    for bad in (["--history", "12,x"], ["--history", f"{items[0]},999999"], ["--history", str(items[0]), "-k", "99"]):
+        want = subprocess.run([sys.executable, "-m", "nezha.cli", "recommend", str(artifact), *bad], capture_output=True, text=True)
+        got = subprocess.run([str(cpp_build / "nezha-recommend"), str(artifact), *bad], capture_output=True, text=True)
+        assert want.returncode == got.returncode == 2, (bad, got.stderr)
+        assert got.stdout == "" and "error:" in got.stderr
+
+
+def test_binding_loads_neither_torch_nor_the_onnxruntime_module(cpp_build, artifact):
+    code = ("import sys; from nezha.runtime.backends.cpp import CppRecommender; "
+            f"r = CppRecommender.load({str(artifact)!r}, threads=1); r.recommend([[{int(tiny_catalog().item_ids[0])}]], k=2); "
+            "print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_bench_times_the_cpp_loop_side_by_side(cpp_build, artifact):
+    from nezha.bench.suite import run_bench
+    result, _ = run_bench(artifact, histories=tiny_histories(tiny_catalog(), 8), backends=["onnxruntime", "cpp"],
+                          precisions=["fp32"], beams=(8,), requests=3, warmup=1, reference=False, ar=False, threads=1)
+    config = result["configs"][0]
+    assert {"floor[cpp-fp32-cpu]", "nezha[cpp-fp32-cpu]", "nezha[onnxruntime-fp32-cpu]"} <= set(config["contenders"])
+    assert "nezha[cpp-fp32-cpu] / floor[cpp-fp32-cpu]" in config["ratios"]
+    stages = config["contenders"]["nezha[cpp-fp32-cpu]"]["stages"]
+    assert {"backbone", "head_0", "verify_0", "select"} <= set(stages)
+
+
+# --- real data: the demo checkpoint on Beauty ----------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def demo_artifact(tmp_path_factory) -> Path:
+    from nezha.export.build import build
+    ckpt = ROOT / "checkpoints" / "demo" / "nezha"
+    out = tmp_path_factory.mktemp("cpp-demo") / "art"
+    build(ckpt, DATA / "Beauty.index.json", out, precision=PRECISIONS, backend=("onnxruntime",), log=None)
+    return out
+
+
+def beauty_parity(artifact: Path, precision: str, users: int | None, batch: int = 64) -> dict:
+    """Top-10 (beam 20) of the Python and C++ runtimes on Beauty test users: how many lists are identical
+    (items and order) and the largest score difference."""
+    from nezha.bench.run import load_histories
+    histories = load_histories(DATA, "test", users)
+    py = Recommender.load(artifact, precision=precision, threads=1)
+    identical, worst, first_diff = 0, 0.0, None
+    with cpp(artifact, precision) as cc:
+        for i in range(0, len(histories), batch):
+            chunk = histories[i:i + batch]
+            for b, (e, g) in enumerate(zip(py.recommend(chunk, k=10, beam=20), cc.recommend(chunk, k=10, beam=20))):
+                if [x for x, _ in e] == [x for x, _ in g]:
+                    identical += 1
+                    worst = max(worst, max((abs(s - t) for (_, s), (_, t) in zip(e, g)), default=0.0))
+                elif first_diff is None:
+                    first_diff = (i + b, e, g)
+    py.close()
+    return {"users": len(histories), "identical": identical, "max_score_diff": worst, "first_diff": first_diff}
+
+
+@needs_beauty
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_beauty_users_get_the_python_items(cpp_build, demo_artifact, precision):
+    figures = beauty_parity(demo_artifact, precision, users=640)
+    print(precision, figures)
+    assert figures["identical"] == figures["users"], figures["first_diff"]
+    assert figures["max_score_diff"] <= 1e-5
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not os.environ.get("NEZHA_FULL_PARITY"), reason="all 22,363 Beauty users take minutes: "
+                    "NEZHA_FULL_PARITY=1 python -m pytest -s -k all_beauty tests/test_cpp.py")
+@needs_beauty
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_all_beauty_users_get_the_python_items(cpp_build, demo_artifact, precision):
+    """All 22,363 test users, both runtimes (about 2 minutes per precision on 2 cores); prints the figures."""
+    figures = beauty_parity(demo_artifact, precision, users=None)
+    print(f"\n{precision}: {json.dumps({k: v for k, v in figures.items() if k != 'first_diff'})}")
+    assert figures["users"] == 22363
+    assert figures["identical"] == figures["users"], figures["first_diff"]
+    assert figures["max_score_diff"] <= 1e-5
