@@ -501,8 +501,8 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
               "modules), system (libc's malloc/memcpy, libm, libstdc++)." +
               (" In brackets: the change from the baseline." if base else "")]
     if result.get("stages"):
-        names = {"head": "head (draft-head graph runs)", "verify": "verify (verifier mask)",
-                 "select": "select (top-k)", "loop": "loop (the rest: scores, masking, gathers, Python)"}
+        names = {"head": "head (draft-head graph runs)", "verify": "verify (expand: candidate scores + verifier mask)",
+                 "select": "select (top-k + gathers)", "loop": "loop (the rest: Python glue, beam reindexing)"}
         bst = (base or {}).get("stages") or {}
         lines += ["", "## What moved: the runtime's own instructions per request by stage", "",
                   "| stage | now | baseline | change |", "|---|---:|---:|---:|"]

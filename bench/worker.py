@@ -162,8 +162,10 @@ STAGES = ("head", "verify", "select")
 
 
 def collecting_only_in(rec, stage: str, cg: Callgrind):
-    """Patch the loaded Recommender so that events are collected only inside ``stage``'s calls: the
-    draft head's graph runs, the verifier's mask, or the top-k selection. Returns the undo function."""
+    """Patch the loaded Recommender so that events are collected only inside ``stage``'s calls: the draft
+    head's graph runs (``head_step``), the verification (the decode loop's ``expand``: candidate scores and
+    the verifier's mask; the mask alone where the loop has no such step) or the selection (``select``:
+    top-k and the gathers; ``top_k_desc`` alone where there is no such step). Returns the undo function."""
     from nezha.runtime import decode
 
     def inside(fn):
@@ -176,17 +178,16 @@ def collecting_only_in(rec, stage: str, cg: Callgrind):
         return wrapped
 
     if stage == "head":
-        steps = rec.steps
-        original = steps.head_step
-        steps.head_step = inside(original)
-        return lambda: setattr(steps, "head_step", original)
-    if stage == "verify":
-        original = rec.verifier.mask
-        rec.verifier.mask = inside(original)
-        return lambda: setattr(rec.verifier, "mask", original)
-    original = decode.top_k_desc
-    decode.top_k_desc = inside(original)
-    return lambda: setattr(decode, "top_k_desc", original)
+        owner, name = rec.steps, "head_step"
+    elif stage == "verify":
+        owner, name = (decode, "expand") if hasattr(decode, "expand") else (rec.verifier, "mask")
+    elif stage == "select":
+        owner, name = (decode, "select") if hasattr(decode, "select") else (decode, "top_k_desc")
+    else:
+        raise ValueError(f"stage {stage!r}; allowed: {', '.join(STAGES)}")
+    original = getattr(owner, name)
+    setattr(owner, name, inside(original))
+    return lambda: setattr(owner, name, original)
 
 
 def cpu_identity() -> str | None:

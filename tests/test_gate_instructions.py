@@ -283,7 +283,7 @@ def test_gate_fails_on_an_injected_slowdown_and_passes_an_unchanged_rerun(make_c
     artifact = tmp_path / "artifact"
     build(checkpoint=make_checkpoint(), index=next(data.glob("*.index.json")), out=artifact, precision=("fp32",),
           max_beam=16, max_batch=4, log=None)
-    kw = dict(histories=histories, requests=12, warmup=2, beam=16, stages=False)
+    kw = dict(histories=histories, requests=12, warmup=2, beam=16)
     ins.run_gate(artifact, save_baseline_to=tmp_path / "base.json", out=tmp_path / "a", **kw)
     same = ins.run_gate(artifact, baseline=tmp_path / "base.json", out=tmp_path / "b", **kw)
     assert same["gate"]["passed"], same["gate"]["regressions"]
@@ -294,6 +294,8 @@ def test_gate_fails_on_an_injected_slowdown_and_passes_an_unchanged_rerun(make_c
     own = slow["gate"]["figures"][0]
     assert 0.025 < own["change"] < 0.08, own                 # a small slowdown of the runtime's own work ...
     assert not slow["gate"]["passed"] and own["regressed"]   # ... that the gate catches
+    grew = {st: slow["stages"][st] / base["stages"][st] - 1 for st in ("head", "verify", "select")}
+    assert grew["verify"] > 0.2 and abs(grew["head"]) < 0.01 and abs(grew["select"]) < 0.01, grew   # and places
     text = (tmp_path / "c" / "instructions.md").read_text()
     assert "**Gate: FAILED**" in text and "NEZHA_BENCH_INJECT" in text
 
