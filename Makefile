@@ -4,18 +4,18 @@
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml constraints.txt | cksum | cut -d' ' -f1)
 DEMO := artifacts/demo
 
 .PHONY: demo test env cpp
 
 env: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0          # the CPU wheel; an unpinned torch pulls a multi-GB CUDA build
-	$(BIN)/pip install -q -e ".[export,dev]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[export,dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
 $(DEMO)/manifest.json: $(STAMP) checkpoints/demo/nezha/model.safetensors

@@ -23,7 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
-from .instructions import WORKER, worker_env
+from .callgrind import WORKER, worker_env
 from nezha.runtime.errors import NezhaError
 
 ROOT = Path(__file__).resolve().parents[1]       # the current tree (an editable install's source folder)
@@ -213,7 +213,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
         if artifact is None:
             artifact = build_artifact(ROOT, tmp / "current-artifact", build_args, worker_env(), say)
         if histories is None:
-            from nezha.data import DEFAULT_DATA
+            from nezha.runtime.data import DEFAULT_DATA
             histories = load_histories(Path(data) if data is not None else DEFAULT_DATA, "test", history_limit)
         requests_file = tmp / "requests.json"
         requests_file.write_text(json.dumps(requests_of(histories, batch_size, warmup + requests)))

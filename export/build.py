@@ -1,9 +1,7 @@
 """Build a NEZHA artifact: checkpoint -> validated ONNX graphs (fp32, fp16, int8, int8-cpu), optional
 TensorRT engines, verifier tables and manifest.json (the format: docs/artifact.md).
 
-    python export/build.py --checkpoint DIR --index FILE --out DIR [--precision fp32 fp16] [--backend tensorrt]
-    python export/build.py ... --precision fp32 int8 int8-cpu [--calibration-data FILE --calibration-size N
-        --calibration-method entropy --calibration-exclude N]
+    python export/build.py --checkpoint DIR --index FILE --out DIR [--precision fp32 fp16 int8 int8-cpu]
     nezha build ...                       (the same command)
 
 The build is the list STEPS below: each step (export/steps.py) turns the build state into the next,

@@ -47,8 +47,7 @@ from .validate import (
 VALIDATION = "validation.json"
 CALIBRATION_CACHE = "calibration/cache.json"      # inside the artifact; a --force rebuild starts from it
 CALIBRATION_SEED = 0
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni",
-             "avx512_bf16", "amx_int8", "amx_bf16", "asimd", "sve")
+ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimd", "sve")
 
 
 @dataclass
@@ -288,7 +287,6 @@ def load_with_runtime(s: State, notes: list) -> State:
 
 def _versions() -> dict:
     from importlib.metadata import version
-
     import onnx
     import onnxruntime
     import torch

@@ -325,6 +325,7 @@ def test_against_head_builds_both_sides_and_reports_a_ratio_with_an_interval(mak
 
 
 def test_missing_valgrind_is_a_user_error_that_says_how_to_install(monkeypatch):
-    monkeypatch.setattr(ins.shutil, "which", lambda name: None)
+    from nezha.bench import callgrind
+    monkeypatch.setattr(callgrind.shutil, "which", lambda name: None)
     with pytest.raises(ins.InstructionsError, match="apt-get install -y valgrind"):
-        ins.valgrind_version()
+        callgrind.valgrind_version()

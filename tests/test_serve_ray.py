@@ -3,11 +3,9 @@ one replica on 127.0.0.1, shut down at the end. About a minute on 2 cores."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import socket
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
