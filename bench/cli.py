@@ -15,6 +15,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from nezha.runtime.cli import ascii_int
 from nezha.runtime.errors import NezhaError
 
 if importlib.util.find_spec("matplotlib") is None:      # nezha.cli leaves 'bench' out without the extra
@@ -33,15 +34,15 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--backends", nargs="+", help="runtime backends (default: onnxruntime, + tensorrt if available)")
     p.add_argument("--precisions", nargs="+", help="artifact precisions (default: all in the manifest)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (runtime and torch contenders)")
-    p.add_argument("--batch-sizes", type=int, nargs="+", help="histories per request (default 1)")
-    p.add_argument("--beams", type=int, nargs="+", help="beam widths (default 20 512; --instructions and "
+    p.add_argument("--batch-sizes", type=ascii_int, nargs="+", help="histories per request (default 1)")
+    p.add_argument("--beams", type=ascii_int, nargs="+", help="beam widths (default 20 512; --instructions and "
                    "--against: one, default 20)")
-    p.add_argument("--requests", type=int, help="timed (counted) requests per configuration (default 30)")
-    p.add_argument("--warmup", type=int, help="untimed requests first (default 3)")
-    p.add_argument("--history-limit", type=int, help="histories drawn from the data (default 2000; "
+    p.add_argument("--requests", type=ascii_int, help="timed (counted) requests per configuration (default 30)")
+    p.add_argument("--warmup", type=ascii_int, help="untimed requests first (default 3)")
+    p.add_argument("--history-limit", type=ascii_int, help="histories drawn from the data (default 2000; "
                    "--instructions and --against: 500)")
-    p.add_argument("--max-history", type=int, help="items kept per history (default: the artifact's)")
-    p.add_argument("--threads", type=int, help="intra-op threads of ONNX Runtime and torch (default: theirs)")
+    p.add_argument("--max-history", type=ascii_int, help="items kept per history (default: the artifact's)")
+    p.add_argument("--threads", type=ascii_int, help="intra-op threads of ONNX Runtime and torch (default: theirs)")
     p.add_argument("--reference", action=argparse.BooleanOptionalAction, default=True,
                    help="time the PyTorch reference NEZHA")
     p.add_argument("--ar", action=argparse.BooleanOptionalAction, default=True, help="time the AR baseline")
@@ -130,7 +131,8 @@ def run_instructions(args) -> int:
 
 
 def run_against(args) -> int:
-    from .ab import report, run_against as ab
+    from .ab import report
+    from .ab import run_against as ab
 
     w = _workload(args)
     out = args.out if args.out != Path("runs/bench") else Path("runs/ab")

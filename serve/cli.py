@@ -16,6 +16,8 @@ import os
 import sys
 from pathlib import Path
 
+from nezha.runtime.cli import ascii_int
+
 if any(importlib.util.find_spec(m) is None for m in ("uvicorn", "starlette", "prometheus_client")):
     raise ImportError("nezha serve needs the 'serve' extra: pip install 'nezha-deploy[serve]'")
 
@@ -25,14 +27,14 @@ def add_parsers(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", type=Path, help="artifact folder written by python export/build.py")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; put TLS and auth in a gateway)")
-    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--port", type=ascii_int, default=8000)
     p.add_argument("--name", default="nezha", help="model name in the /v2/models/{name} routes")
     p.add_argument("--engine", default="uvicorn", choices=["uvicorn", "ray"])
-    p.add_argument("--replicas", type=int, default=1, help="Ray Serve replicas (--engine ray)")
-    p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+    p.add_argument("--replicas", type=ascii_int, default=1, help="Ray Serve replicas (--engine ray)")
+    p.add_argument("--workers", type=ascii_int, default=os.cpu_count() or 1,
                    help="decode threads (default: one per core); with --engine ray: per replica")
-    p.add_argument("--threads", type=int, default=1, help="ONNX Runtime intra-op threads per decode thread")
-    p.add_argument("--max-batch", type=int, default=None,
+    p.add_argument("--threads", type=ascii_int, default=1, help="ONNX Runtime intra-op threads per decode thread")
+    p.add_argument("--max-batch", type=ascii_int, default=None,
                    help="histories per backbone batch (default: the artifact's max_batch; 1 switches batching off)")
     p.add_argument("--max-wait-ms", type=float, default=0.0,
                    help="how long a partial batch may wait for more arrivals, only while they are frequent "
@@ -43,9 +45,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--allow-padding", action="store_true",
                    help="also batch histories of different lengths when the measured cost model says it pays "
                         "(answers then equal solo ones to ~1e-6, not bit for bit)")
-    p.add_argument("--max-queue", type=int, default=256, help="histories waiting at most; beyond it 429 at once")
+    p.add_argument("--max-queue", type=ascii_int, default=256, help="histories waiting at most; beyond it 429 at once")
     p.add_argument("--timeout-ms", type=float, default=2000.0, help="per-request deadline; beyond it 504")
-    p.add_argument("--max-body-bytes", type=int, default=1 << 20, help="larger bodies get 413")
+    p.add_argument("--max-body-bytes", type=ascii_int, default=1 << 20, help="larger bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let in-flight requests finish on shutdown")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
@@ -58,16 +60,16 @@ def add_parsers(sub) -> None:
                                    "for --duration seconds per concurrency; several URLs are measured side by side.")
     q.add_argument("urls", nargs="+", metavar="URL", help="server base URL(s), e.g. http://127.0.0.1:8000")
     q.add_argument("--labels", nargs="+", help="one label per URL (default: the URLs)")
-    q.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
+    q.add_argument("--concurrency", type=ascii_int, nargs="+", default=[1, 4, 16, 64])
     q.add_argument("--duration", type=float, default=30.0, help="seconds per URL and concurrency")
-    q.add_argument("--rounds", type=int, default=1,
+    q.add_argument("--rounds", type=ascii_int, default=1,
                    help="split each duration into this many slices alternating the URLs (machine drift cancels)")
     q.add_argument("--warmup", type=float, default=1.0, help="untimed seconds before each measurement")
-    q.add_argument("--k", type=int, default=10)
-    q.add_argument("--beam", type=int, default=20)
-    q.add_argument("--histories-per-request", type=int, default=1)
+    q.add_argument("--k", type=ascii_int, default=10)
+    q.add_argument("--beam", type=ascii_int, default=20)
+    q.add_argument("--histories-per-request", type=ascii_int, default=1)
     q.add_argument("--data", type=Path, help="LETTER dataset folder (default: Beauty, test split)")
-    q.add_argument("--history-limit", type=int, default=5000, help="test histories drawn from the data")
+    q.add_argument("--history-limit", type=ascii_int, default=5000, help="test histories drawn from the data")
     q.add_argument("--title", default="", help="label of the run in the reports")
     q.add_argument("--out", type=Path, default=Path("runs/loadtest"), help="writes loadtest.json, .md and .png")
     q.set_defaults(run=run_loadtest)
@@ -115,7 +117,8 @@ def run_serve(a) -> int:
 
 
 def run_loadtest(a) -> int:
-    from .loadtest import LoadTestError, run_loadtest as run
+    from .loadtest import LoadTestError
+    from .loadtest import run_loadtest as run
 
     kwargs = {k: v for k, v in vars(a).items() if k not in ("run", "command")}
     try:
