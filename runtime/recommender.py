@@ -26,6 +26,16 @@ class RequestError(NezhaError, ValueError):
     """A request outside what the artifact allows (k, beam, types); the message says what is allowed."""
 
 
+def check_load_options(precision, threads, dense_budget_bytes) -> None:
+    """The load options every runtime (Python or C++) takes, checked before the artifact is opened."""
+    if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
+        raise OptionError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {threads!r}")
+    if precision is not None and precision not in PRECISIONS:
+        raise OptionError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)} (or None: fp32 first if built)")
+    if type(dense_budget_bytes) is not int or dense_budget_bytes < 0:
+        raise OptionError(f"dense_budget_bytes must be a non-negative integer, got {dense_budget_bytes!r}")
+
+
 class Recommender:
     """``Recommender.load(artifact_dir)`` then ``recommend(histories, k=10, beam=20)``.
 
@@ -66,12 +76,7 @@ class Recommender:
             return CppRecommender.load(artifact_dir, precision, threads, verify, dense_budget_bytes, device)
         if backend not in BACKENDS:
             raise OptionError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-        if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
-            raise OptionError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {threads!r}")
-        if precision is not None and precision not in PRECISIONS:
-            raise OptionError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)} (or None: the artifact's first)")
-        if type(dense_budget_bytes) is not int or dense_budget_bytes < 0:
-            raise OptionError(f"dense_budget_bytes must be a non-negative integer, got {dense_budget_bytes!r}")
+        check_load_options(precision, threads, dense_budget_bytes)
         artifact = Artifact.open(artifact_dir, verify=verify)
         manifest = artifact.manifest
         names = graph_names(manifest.layout.levels)

@@ -141,14 +141,8 @@ class CppRecommender:
         installed onnxruntime wheel's library."""
         if device not in (None, "cpu"):
             raise OptionError(f"device {device!r}; the C++ runtime runs on cpu only")
-        from nezha.runtime.manifest import PRECISIONS
-        from nezha.runtime.recommender import MAX_THREADS
-        if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
-            raise OptionError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {threads!r}")
-        if precision is not None and precision not in PRECISIONS:
-            raise OptionError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)} (or None: the artifact's first)")
-        if type(dense_budget_bytes) is not int or dense_budget_bytes < 0:
-            raise OptionError(f"dense_budget_bytes must be a non-negative integer, got {dense_budget_bytes!r}")
+        from nezha.runtime.recommender import check_load_options
+        check_load_options(precision, threads, dense_budget_bytes)
         if not isinstance(artifact_dir, (str, os.PathLike)) or isinstance(artifact_dir, bytes):
             raise OptionError(f"an artifact folder is a path (str or pathlib.Path), got {type(artifact_dir).__name__}")
         lib = _load_library()
