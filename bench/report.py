@@ -91,6 +91,24 @@ def plot(result: dict, path: str | Path, dpi: int = 90) -> Path:
     for c in configs:
         names += [n for n in c["contenders"] if n not in names]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
+    _latency_panel(ax1, configs, names, batch)
+    _stage_panel(ax2, configs[-1], batch)
+    bb = result["setup"].get("backbone") or {}
+    sub = (f"{bb.get('architecture', '')} {bb.get('hidden_size', '')}x{bb.get('layers', '')}, "
+           f"{bb.get('backbone_params', 0) / 1e6:.1f}M params; " if bb else "")
+    threads = result["setup"].get("threads")
+    fig.suptitle(f"NEZHA benchmark: {sub}{result['machine'].get('gpu') or result['machine']['cpu']}, "
+                 f"{result['machine']['cpu_usable']} cores" + (f", {threads} thread(s) per library" if threads else ""),
+                 fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return path
+
+
+def _latency_panel(ax1, configs: list, names: list, batch: int) -> None:
+    """p50 latency vs beam per contender, a bar up to p90; log-log."""
     for name in names:
         pts = [(c["beam"], c["contenders"][name]["latency"]) for c in configs if name in c["contenders"]]
         beams = [b for b, _ in pts]
@@ -108,7 +126,9 @@ def plot(result: dict, path: str | Path, dpi: int = 90) -> Path:
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=7, loc="upper left")
 
-    last = configs[-1]
+
+def _stage_panel(ax2, last: dict, batch: int) -> None:
+    """The stage breakdown (stacked mean ms) of every contender that times its stages, at one config."""
     # Contenders without a stage timer (AR, generate) can be 100x slower: listed in text, not drawn, so
     # that the NEZHA stages stay readable on a linear axis.
     rows = [(n, r) for n, r in last["contenders"].items() if len(r["stages"]) > 1]
@@ -137,15 +157,3 @@ def plot(result: dict, path: str | Path, dpi: int = 90) -> Path:
     if others:
         ax2.text(0.99, 0.99, "not drawn (no stage timer):\n" + "\n".join(others), transform=ax2.transAxes,
                  ha="right", va="top", fontsize=7, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
-    bb = result["setup"].get("backbone") or {}
-    sub = (f"{bb.get('architecture', '')} {bb.get('hidden_size', '')}x{bb.get('layers', '')}, "
-           f"{bb.get('backbone_params', 0) / 1e6:.1f}M params; " if bb else "")
-    threads = result["setup"].get("threads")
-    fig.suptitle(f"NEZHA benchmark: {sub}{result['machine'].get('gpu') or result['machine']['cpu']}, "
-                 f"{result['machine']['cpu_usable']} cores" + (f", {threads} thread(s) per library" if threads else ""),
-                 fontsize=10)
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=dpi)
-    plt.close(fig)
-    return path
