@@ -93,6 +93,28 @@ def build_artifact(model, catalog, folder: Path, backends: list[str], max_beam: 
     return folder / "artifact"
 
 
+def _runtime_contenders(model, catalog, device: str, work, max_beam: int, desc: dict, log) -> list:
+    """The runtime's contenders on ``device`` from a freshly built artifact (its folder in ``desc``), or none
+    with the reason in ``desc["runtime"]``: the torch figures are still worth having."""
+    import tempfile
+
+    from .contenders import runtime_contenders
+    contenders, backends = [], runtime_available(device)
+    if not backends:
+        desc["runtime"] = f"skipped: no runtime backend usable on {device} (onnxruntime-gpu / tensorrt)"
+        return contenders
+    try:
+        work_dir = Path(work) if work else Path(tempfile.mkdtemp(prefix="nezha-gpu-check-"))
+        artifact = build_artifact(model, catalog, work_dir, backends, max_beam, log)
+        for b in backends:
+            contenders += runtime_contenders(artifact, b, "fp32", device)
+        desc["artifact"] = str(artifact)
+    except Exception as e:       # any failure of the GPU stack: record why, go on with torch
+        desc["runtime"] = f"skipped: {type(e).__name__}: {e}"
+        log(desc["runtime"])
+    return contenders
+
+
 def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: str = "3x512",
               beams=(20, 128, 512), batch_sizes=(1,), requests: int = 30, warmup: int = 3,
               runtime: bool = True, data: Path | None = None, work: Path | None = None, seed: int = 0) -> dict:
@@ -100,17 +122,11 @@ def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: 
     artifact (gigabytes at full size) go to ``work`` (default: a temporary folder, removed at the end),
     never to ``out``."""
     import shutil
-    import tempfile
 
     import torch
     from nezha.runtime.data import DEFAULT_DATA
 
-    from .contenders import (
-        ar_contender,
-        ar_model_from,
-        reference_contenders,
-        runtime_contenders,
-    )
+    from .contenders import ar_contender, ar_model_from, reference_contenders
     from .run import benchmark, load_histories
     from .suite import backbone_description, write_outputs
 
@@ -129,19 +145,7 @@ def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: 
     log(f"model: {desc['backbone']}")
     contenders = []
     if runtime:
-        backends = runtime_available(device)
-        if not backends:
-            desc["runtime"] = f"skipped: no runtime backend usable on {device} (onnxruntime-gpu / tensorrt)"
-        else:
-            try:
-                work_dir = Path(work) if work else Path(tempfile.mkdtemp(prefix="nezha-gpu-check-"))
-                artifact = build_artifact(model, catalog, work_dir, backends, max(beams), log)
-                for b in backends:
-                    contenders += runtime_contenders(artifact, b, "fp32", device)
-                desc["artifact"] = str(artifact)
-            except Exception as e:       # the torch figures are still worth having: record why, go on
-                desc["runtime"] = f"skipped: {type(e).__name__}: {e}"
-                log(desc["runtime"])
+        contenders += _runtime_contenders(model, catalog, device, work, max(beams), desc, log)
     ar_model = ar_model_from(model, seed)
     contenders += reference_contenders(model, catalog, device)
     contenders.append(ar_contender(ar_model, catalog, device, note=desc["ar"]))
