@@ -1,23 +1,16 @@
 """The instruction-count regression gate: the runtime's work per request, counted by Valgrind.
 
 Instructions executed do not depend on the machine's load, its neighbours or its clock, so a 2% gate holds
-on a shared 2-core CI machine where wall-clock times move by 20%. What is counted: one worker process
-(``bench/worker.py count``) under ``valgrind --tool=callgrind --instr-atstart=no``, which loads the
-artifact and warms each contender up uninstrumented (near native speed), starts the instrumentation, and
-then runs N requests per phase, switching callgrind's event collection on only while a phase's requests
-run and dumping the counts after each phase (valgrind client requests, issued through a few bytes of
-machine code called with ctypes). Phases: ``floor`` (encode + backbone), ``runtime`` (the full
-NEZHA decode), and ``runtime:head``/``runtime:verify``/``runtime:select``, the runtime again with collection
-on only inside the draft head's graph runs, the verifier's mask or the top-k selection: the stages. The
-gated figures: the runtime's **own** instructions per request (runtime minus floor: head graphs, verifier,
-selection, the decode loop) at 2%, and its **end-to-end** instructions per request at 1%.
+on a shared 2-core CI machine where wall-clock times move by 20%. One worker process runs under callgrind
+(bench/callgrind.py: loading and warm-up uncounted, collection on only while a phase's requests run). Phases:
+``floor`` (encode + backbone), ``runtime`` (the full decode), and the runtime's stages (head, verify,
+select). Gated: the runtime's **own** instructions per request (runtime - floor) at 2%, and its
+**end-to-end** instructions per request at 1%.
 
 Why collection is toggled around the requests, and why callgrind: bench/callgrind.py.
 
-Machines: valgrind's virtual CPU offers AVX2/FMA3 but no AVX-512, so ONNX Runtime, NumPy and glibc dispatch
-to their AVX2 kernels under it on an AVX-512 host as on an AVX2-only one (the result records the CPU
-features NumPy sees natively and under valgrind). Other versions of Python, NumPy, ONNX Runtime or glibc
-change the counts: the result records them, and the gate's report names each difference from the baseline.
+Machines: valgrind's virtual CPU offers AVX2 but no AVX-512, so the libraries run their AVX2 kernels under it
+on any host; other library versions change the counts: the report names each difference from the baseline.
 """
 
 from __future__ import annotations
@@ -160,8 +153,6 @@ def compare(result: dict, baseline: dict, own_tolerance: float | None = None,
             "passed": not any(f.regressed for f in figures)}
 
 
-# --- the report ----------------------------------------------------------------------------------------------
-
 CONTENDERS = (("floor", "floor (encode + backbone)"), ("runtime", "runtime (full NEZHA decode)"),
               ("runtime_own", "runtime own (runtime - floor)"))
 
@@ -202,7 +193,23 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
                   f"{gate['baseline_created']})", ""]
         lines += [("- REGRESSED " if f["regressed"] else "- ok ") + f["message"] for f in gate["figures"]]
         lines += [f"- note: {n}" for n in gate["notes"]]
-    lines += ["", "## What moved: instructions per request by library", "",
+    lines += _group_lines(result, base)
+    if result.get("stages"):
+        names = {"head": "head (draft-head graph runs)", "verify": "verify (expand: candidate scores + verifier mask)",
+                 "select": "select (top-k + gathers)", "loop": "loop (the rest: Python glue, beam reindexing)"}
+        bst = (base or {}).get("stages") or {}
+        lines += ["", "## What moved: the runtime's own instructions per request by stage", "",
+                  "| stage | now | baseline | change |", "|---|---:|---:|---:|"]
+        for st, v in result["stages"].items():
+            b = bst.get(st)
+            lines.append(f"| {names.get(st, st)} | {_m(v)} | {_m(b)} | {_pct(v, b)} |")
+    lines += _function_lines(result, base, top)
+    return "\n".join(lines) + "\n"
+
+
+def _group_lines(result: dict, base: dict | None) -> list[str]:
+    """Instructions per request per library group (and the change from the baseline), per contender."""
+    lines = ["", "## What moved: instructions per request by library", "",
               "| contender | " + " | ".join(GROUPS) + " |", "|---|" + "---:|" * len(GROUPS)]
     for key, name in CONTENDERS:
         now = result["groups"][key]
@@ -217,15 +224,12 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
               "show as \"(unnamed)\"), numpy (with its OpenBLAS), python (the interpreter and its extension "
               "modules), system (libc's malloc/memcpy, libm, libstdc++)." +
               (" In brackets: the change from the baseline." if base else "")]
-    if result.get("stages"):
-        names = {"head": "head (draft-head graph runs)", "verify": "verify (expand: candidate scores + verifier mask)",
-                 "select": "select (top-k + gathers)", "loop": "loop (the rest: Python glue, beam reindexing)"}
-        bst = (base or {}).get("stages") or {}
-        lines += ["", "## What moved: the runtime's own instructions per request by stage", "",
-                  "| stage | now | baseline | change |", "|---|---:|---:|---:|"]
-        for st, v in result["stages"].items():
-            b = bst.get(st)
-            lines.append(f"| {names.get(st, st)} | {_m(v)} | {_m(b)} | {_pct(v, b)} |")
+    return lines
+
+
+def _function_lines(result: dict, base: dict | None, top: int) -> list[str]:
+    """Per contender, the functions that moved most against the baseline (or the top ones without one)."""
+    lines: list[str] = []
     for key, name in CONTENDERS:
         now = result["functions"][key]
         if base:
@@ -245,7 +249,7 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
                       "| function | instructions / request |", "|---|---:|"]
             for k in list(now)[:top]:
                 lines.append(f"| `{_short(k)}` | {_m(now[k])} |")
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _cut(functions: dict) -> float:
@@ -260,8 +264,6 @@ def _delta(x: float) -> str:
 def _short(label: str, width: int = 90) -> str:
     return label if len(label) <= width else label[:width - 3] + "..."
 
-
-# --- one call ----------------------------------------------------------------------------------------------
 
 def run_gate(artifact: str | Path, data: str | Path | None = None, histories=None, baseline: str | Path | None = None,
              save_baseline_to: str | Path | None = None, own_tolerance: float | None = None,
