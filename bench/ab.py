@@ -24,6 +24,7 @@ from typing import Sequence
 import numpy as np
 
 from .callgrind import WORKER, worker_env
+from .stats import machine
 from nezha.runtime.errors import NezhaError
 
 ROOT = Path(__file__).resolve().parents[1]       # the current tree (an editable install's source folder)
@@ -181,6 +182,31 @@ class Side:
                 self.proc.wait()
 
 
+def base_side_env(base_path: Path) -> dict:
+    """The base side's worker environment: its own package folder first, never the test-only slowdown."""
+    env = worker_env()
+    env.pop("NEZHA_BENCH_INJECT", None)
+    env["PYTHONPATH"] = os.pathsep.join([str(base_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+    return env
+
+
+def interleave(sides: list, warmup: int, requests: int, say=None) -> tuple[dict, float]:
+    """Time every contender on every side request by request, both sides back to back, the first side
+    alternating -> ({side: {contender: [seconds]}} of the counted requests, wall seconds)."""
+    seconds = {s.name: {c: [] for c in CONTENDERS} for s in sides}
+    t0 = time.perf_counter()
+    for i in range(warmup + requests):
+        order = sides if i % 2 == 0 else sides[::-1]
+        for c in CONTENDERS:
+            for s in order:
+                t = s.run(c, i)
+                if i >= warmup:
+                    seconds[s.name][c].append(t)
+        if say and (i + 1) % 10 == 0:
+            say(f"request {i + 1}/{warmup + requests}")
+    return seconds, time.perf_counter() - t0
+
+
 def run_against(rev: str, artifact: str | Path | None = None, data: str | Path | None = None, histories=None,
                 requests: int = 30, warmup: int = 3, beam: int = 20, batch_size: int = 1, threads: int = 1,
                 history_limit: int = 500, build_args: Sequence[str] = ("--precision", "fp32"),
@@ -205,10 +231,8 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
             (tmp / "shared").symlink_to(ROOT.parent / "shared")
         say(f"checking out {rev} ({sha[:12]}) into {base_tree}")
         _git("worktree", "add", "--detach", str(base_tree), sha)
-        base_env = worker_env()
-        base_env.pop("NEZHA_BENCH_INJECT", None)
         base_path = package_folder(base_tree, tmp / "base-path")
-        base_env["PYTHONPATH"] = os.pathsep.join([str(base_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
+        base_env = base_side_env(base_path)
         base_artifact = build_artifact(base_tree, tmp / "base-artifact", build_args, base_env, say)
         if artifact is None:
             artifact = build_artifact(ROOT, tmp / "current-artifact", build_args, worker_env(), say)
@@ -220,18 +244,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
         cur_env = worker_env()                  # the test-only slowdown hook, if set, slows this side only
         sides.append(Side("current", Path(artifact), tmp, requests_file, beam, threads, cur_env, ROOT))
         sides.append(Side("base", base_artifact, tmp, requests_file, beam, threads, base_env, base_path))
-        seconds = {s.name: {c: [] for c in CONTENDERS} for s in sides}
-        t0 = time.perf_counter()
-        for i in range(warmup + requests):
-            order = sides if i % 2 == 0 else sides[::-1]
-            for c in CONTENDERS:
-                for s in order:
-                    t = s.run(c, i)
-                    if i >= warmup:
-                        seconds[s.name][c].append(t)
-            if progress and (i + 1) % 10 == 0:
-                say(f"request {i + 1}/{warmup + requests}")
-        wall = time.perf_counter() - t0
+        seconds, wall = interleave(sides, warmup, requests, say if progress else None)
         inject = sides[0].inject
     finally:
         for s in sides:
@@ -239,7 +252,6 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
         if base_tree.exists():
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    from .stats import machine
     result = {"format": FORMAT, "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine(), "base": {"rev": rev, "sha": sha},
               "current": {"tree": str(ROOT), "head": _git("rev-parse", "HEAD"), "inject": inject,

@@ -5,15 +5,12 @@ same file drives the current tree and, in ``nezha bench --against REV``, a base 
     python bench/worker.py count SPEC.json     # run phases once and exit (under callgrind: counts per phase)
     python bench/worker.py serve SPEC.json     # answer JSON lines on stdin: {"contender", "request"} -> seconds
 
-Contenders: ``floor`` (encode + one backbone pass: the latency floor) and ``runtime`` (``Recommender.decode``:
-the full NEZHA decode). SPEC: {"artifact", "requests" (a JSON file: a list of requests, each a list of
-item-id histories), "beam", "threads", "warmup", "phases": [[contender, n], ...] (count only), "out" (count
-only: a JSON file for the facts below)}.
+Contenders: ``floor`` (encode + one backbone pass) and ``runtime`` (``Recommender.decode``). SPEC: {"artifact",
+"requests" (JSON file: a list of requests, each a list of histories), "beam", "threads", "warmup", "phases"
+and "out" (count only)}.
 
 Test-only slowdown hook: ``NEZHA_BENCH_INJECT=verify:x0.5`` repeats the verifier's ``mask`` on half of its
-calls (``select:x1`` repeats the top-k selection on every call): extra work that scales with the real
-work, patched in at run time (no source is edited), so that the gate's own tests can prove it fails on a
-few percent."""
+calls (``select:x1``: the top-k selection on every call), patched in at run time (no source is edited)."""
 
 from __future__ import annotations
 
@@ -26,8 +23,7 @@ import time
 if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(__file__)):
     del sys.path[0]          # run as a script: bench/'s modules (run, stats, ...) must not shadow anything
 
-INJECT_ENV = "NEZHA_BENCH_INJECT"
-INJECT_TARGETS = ("verify", "select")
+INJECT_ENV, INJECT_TARGETS = "NEZHA_BENCH_INJECT", ("verify", "select")
 
 
 def parse_inject(spec: str) -> tuple[str, float]:
@@ -242,11 +238,9 @@ def count(spec: dict) -> dict:
     digests = {}
     for phase, n in spec["phases"]:
         name, _, stage = phase.partition(":")
-        # A full collection (uncounted) zeroes the collector's allocation counters, so that the cyclic
-        # collections inside the phase fall on the same requests in every run. Without it one collection
-        # of the whole heap (about 1.5M instructions) landed in the floor phase or in the runtime phase
-        # depending on how many objects setup had allocated: 50k instructions per request moved between
-        # the two, 2.8% of the runtime's own count, between unchanged runs.
+        # A full collection (uncounted) zeroes the collector's counters, so cyclic collections fall on the
+        # same requests in every run (without it one whole-heap collection moved between the floor and the
+        # runtime phase: 2.8% of the runtime's own count between unchanged runs).
         gc.collect()
         undo = collecting_only_in(rec, stage, cg) if stage else None
         d = 0
