@@ -434,7 +434,8 @@ def _cli(*args, timeout=60):
 def test_cli_errors_are_one_line(tmp_path):
     r = _cli("serve", str(tmp_path / "missing"))
     assert r.returncode == 2 and r.stderr.strip().startswith("nezha serve: error:") and "Traceback" not in r.stderr
-    r = _cli("loadtest", "http://127.0.0.1:9", "--duration", "1")
+    data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=4))   # no dependence on ../shared
+    r = _cli("loadtest", "http://127.0.0.1:9", "--duration", "1", "--data", str(data))
     assert r.returncode == 2 and "not reachable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
