@@ -60,47 +60,44 @@ class BackboneGraph(nn.Module):
         return hidden[:, -self.read:].float()
 
 
-class HeadStepGraph(nn.Module):
-    """``DraftHead.step(level, ...)`` for level > 0: state [N, H], code [N], hidden [N, H]
-    -> (next_state [N, H], log_probs [N, codes_level]).
+class HeadGraph(nn.Module):
+    """``DraftHead.carry_step`` for one level: (root [N, H] at level 0 | carry [N, H], code [N]),
+    hidden [N, H] -> (log_probs [N, codes_level], next_carry [N, H] but at the last level).
 
-    The RNN cell's input side only ever sees the previous level's code embeddings, so
-    ``E(c) @ W_ih^T + b_ih + b_hh`` is folded into one [codes, H] table: a gather replaces one of the
-    step's three [N, H] matmuls (a third of the head's cost at large beams)."""
+    next_carry = state @ W_hh^T of the next level's cell, computed on each beam once: its children get
+    it by a gather, so at level 1 the beams of one user share their root's single product instead of
+    computing it once per child. The cell's input side only ever sees the previous level's code
+    embeddings, so ``E(c) @ W_ih^T + b_ih + b_hh`` is folded into one [codes, H] table: a gather
+    replaces a matmul."""
 
     def __init__(self, model: NezhaModel, level: int):
         super().__init__()
         self.head, self.level = model.mtp_head, level
+        self.last = level == model.layout.levels - 1
         if level > 0:
             cell, emb = self.head.transition[level - 1], self.head.token_emb_list[level - 1]
             with torch.no_grad():
                 table = emb.weight @ cell.weight_ih.T + cell.bias_ih + cell.bias_hh            # [codes, H]
             self.register_buffer("code_input", table.contiguous())
-            self.weight_hh = cell.weight_hh
+        if not self.last:
+            self.recurrent = self.head.transition[level].weight_hh                           # [H, H]
 
-    def forward(self, state: torch.Tensor, code: torch.Tensor, hidden: torch.Tensor):
-        state = torch.tanh(self.code_input[code] + state @ self.weight_hh.T)               # [N, H]
+    def forward(self, *inputs: torch.Tensor):
+        if self.level == 0:
+            state, hidden = inputs                                                         # the root
+        else:
+            carry, code, hidden = inputs
+            state = torch.tanh(torch.index_select(self.code_input, 0, code) + carry)       # [N, H]
         logits = self.head.logit_head_list[self.level](state + hidden)                     # [N, codes]
-        return state, torch.log_softmax(logits.float(), dim=-1)
-
-
-class HeadRootGraph(HeadStepGraph):
-    """Level 0 (no code to consume): state [N, H] (the root), hidden [N, H] -> (next_state = state, log_probs)."""
-
-    def __init__(self, model: NezhaModel, level: int = 0):
-        super().__init__(model, 0)
-
-    def forward(self, state: torch.Tensor, hidden: torch.Tensor):
-        next_state, log_probs = self.head.step(0, state, None, hidden)
-        return next_state + 0.0, log_probs     # a copy: an output must not be the graph input itself
+        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return log_probs if self.last else (log_probs, state @ self.recurrent.T)
 
 
 def graph_module(model: NezhaModel, name: str) -> nn.Module:
     """The torch module behind graph ``name`` (backbone, head_0, head_1 ...), in eval mode."""
     if name == "backbone":
         return BackboneGraph(model).eval()
-    level = int(name.split("_")[1])
-    return (HeadRootGraph(model, 0) if level == 0 else HeadStepGraph(model, level)).eval()
+    return HeadGraph(model, int(name.split("_")[1])).eval()
 
 
 def example_inputs(name: str, spec: GraphEntry, model: NezhaModel) -> tuple[torch.Tensor, ...]:

@@ -103,13 +103,14 @@ def graph_cases(model: NezhaModel, feeds: dict[str, dict[str, np.ndarray]], seed
     for case, feed in feeds.items():
         hidden = torch_steps.backbone(feed)                               # [B, L+1, H]
         yield "backbone", case, feed, [hidden]
-        state = hidden[:, 0]
+        carry = hidden[:, 0]
         for level, codes in enumerate(model.layout.codes):
-            code = None if level == 0 else rng.integers(0, model.layout.codes[level - 1], len(state))
-            head_feed = {"state": state, "hidden": hidden[:, level + 1]} | ({} if code is None else {"code": code})
-            outputs = list(torch_steps.head_step(level, state, code, hidden[:, level + 1]))
-            yield f"head_{level}", case, head_feed, outputs
-            state = outputs[0]
+            code = None if level == 0 else rng.integers(0, model.layout.codes[level - 1], len(carry))
+            head_feed = {"root": carry} if code is None else {"carry": carry, "code": code}
+            next_carry, log_probs = torch_steps.head_step(level, carry, code, hidden[:, level + 1])
+            yield f"head_{level}", case, head_feed | {"hidden": hidden[:, level + 1]}, \
+                [log_probs] + ([] if next_carry is None else [next_carry])
+            carry = next_carry
 
 
 def topk_agreement(ours: list[list[tuple[int, float]]], reference: list[list[tuple[int, float]]]) -> float:

@@ -63,6 +63,22 @@ class DraftHead(nn.Module):
         logits = self.logit_head_list[level](state + hidden)
         return state, F.log_softmax(logits.float(), dim=-1)
 
+    def carry_step(self, level: int, carry: torch.Tensor, code: torch.Tensor | None,
+                   hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``step`` as the exported graphs run it: the RNN's recurrent matmul is done by the parent beam,
+        once, before its children are gathered. carry [N, H] (level 0: the root; else the parent's
+        ``state @ W_hh^T`` of this level's cell), code [N] (None at level 0), h_level [N, H]
+        -> (next carry [N, H], None at the last level; log-probs [N, codes_level] float32)."""
+        if level == 0:
+            state = carry
+        else:
+            cell = self.transition[level - 1]
+            x = self.token_emb_list[level - 1](code)
+            state = torch.tanh(F.linear(x, cell.weight_ih, cell.bias_ih) + cell.bias_hh + carry)
+        logits = self.logit_head_list[level](state + hidden)
+        last = level == len(self.logit_head_list) - 1
+        return (None if last else state @ self.transition[level].weight_hh.T), F.log_softmax(logits.float(), dim=-1)
+
     def forward(self, root: torch.Tensor, hidden: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
         """Teacher forcing: root [N, H], placeholders [N, L, H], target codes [N, L] -> L logits [N, codes_i]."""
         state, logits = root, []

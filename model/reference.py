@@ -32,8 +32,8 @@ class TorchSteps:
     @torch.inference_mode()
     def head_step(self, level, state, code, hidden):
         t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
-        state, logp = self.model.mtp_head.step(level, t(state), None if code is None else t(code), t(hidden))
-        return state.float().cpu().numpy(), logp.cpu().numpy()
+        carry, logp = self.model.mtp_head.carry_step(level, t(state), None if code is None else t(code), t(hidden))
+        return None if carry is None else carry.float().cpu().numpy(), logp.cpu().numpy()
 
 
 class Reference:

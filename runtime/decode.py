@@ -18,11 +18,13 @@ class DecodeSteps(Protocol):
     def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """input_ids, attention_mask [B, T] -> hidden states [B, L+1, H] float32 (root, h_0 .. h_{L-1})."""
 
-    def head_step(self, level: int, state: np.ndarray, code: np.ndarray | None,
-                  hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Level ``level``: state [N, H] (root at level 0), the previous level's chosen code [N] int64
-        (None at level 0) and the level's placeholder hidden state [N, H] -> (state [N, H] after
-        consuming ``code``, log-probs [N, codes[level]] float32)."""
+    def head_step(self, level: int, carry: np.ndarray, code: np.ndarray | None,
+                  hidden: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
+        """Level ``level``: carry [N, H] (the root at level 0, else what the parent beam's step returned),
+        the previous level's chosen code [N] int64 (None at level 0) and the level's placeholder hidden
+        state [N, H] -> (the carry each child of these beams gets [N, H], None at the last level;
+        log-probs [N, codes[level]] float32). What a carry holds is the steps' business: the graphs pass
+        the parent's recurrent matmul (``DraftHead.carry_step``), so it runs once per parent."""
 
 
 @contextmanager
@@ -86,15 +88,16 @@ def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayo
     scores = np.zeros((B, 1), dtype=np.float32)                    # [B, K]
     keys = np.zeros(B, dtype=np.uint64)                            # [B*K] prefix keys
     beam_user = np.arange(B)                                       # [B*K] user of each beam
-    state, code = hidden[:, 0], None                               # root [B, H]
+    carry, code = hidden[:, 0], None                               # root [B, H]
     for level in range(layout.levels):
         with stage(stages, f"head_{level}"):
-            state, logp = steps.head_step(level, state, code, hidden[beam_user, level + 1])   # [B*K, H], [B*K, C]
+            carry, logp = steps.head_step(level, carry, code, hidden[beam_user, level + 1])   # [B*K, H], [B*K, C]
         with stage(stages, f"verify_{level}"):
             cand = expand(scores, logp, keys, level, verifier)     # [B, K*C]
         with stage(stages, "select"):
             scores, parent, code, keys = select(cand, beam, layout.codes[level], keys)
-            state, beam_user = state[parent], beam_user[parent]
+            beam_user = beam_user[parent]
+            carry = None if carry is None else carry[parent]
     return keys.reshape(B, -1), scores
 
 

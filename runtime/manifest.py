@@ -35,7 +35,7 @@ from .strict import (
 )
 
 FORMAT = "nezha-artifact"
-VERSION = 2
+VERSION = 3
 PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
 EXECUTIONS = ("any", "cpu-only")
 MAX_TENSOR_BYTES = 16 << 30          # one buffer of the largest shapes; above this a manifest is refused

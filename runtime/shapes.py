@@ -68,10 +68,12 @@ def expected_graphs(layout: SidLayout, limits: Limits) -> dict[str, tuple[tuple,
         (Tensor("hidden", "float32", ("batch", L + 1, H)),),
         {"batch": (1, limits.max_batch), "tokens": token_range(L, limits.max_history)})}
     for level, codes in enumerate(layout.codes):
-        code = (Tensor("code", "int64", ("beams",)),) if level else ()
+        first = (Tensor("carry", "float32", ("beams", H)), Tensor("code", "int64", ("beams",))) if level else \
+            (Tensor("root", "float32", ("beams", H)),)
+        carry = (Tensor("next_carry", "float32", ("beams", H)),) if level < L - 1 else ()
         graphs[f"head_{level}"] = (
-            (Tensor("state", "float32", ("beams", H)),) + code + (Tensor("hidden", "float32", ("beams", H)),),
-            (Tensor("next_state", "float32", ("beams", H)), Tensor("log_probs", "float32", ("beams", codes))),
+            first + (Tensor("hidden", "float32", ("beams", H)),),
+            (Tensor("log_probs", "float32", ("beams", codes)),) + carry,
             {"beams": (1, limits.max_batch * limits.max_beam)})
     return graphs
 

@@ -108,8 +108,8 @@ MANIFEST_CASES = {
     "unknown precision": (lambda raw: (raw["precisions"].update(fp8=raw["precisions"]["fp32"]),
                                        raw["graphs"].update(fp8=raw["graphs"]["fp32"])), "fp8"),
     "cpu-only engine": (lambda raw: raw["precisions"]["fp32"].update(execution="gpu"), "one of any, cpu-only"),
-    "other version": (_set(["version"], 1), "reads version 2"),
-    "float version": (_set(["version"], 2.0), "reads version 2"),
+    "other version": (_set(["version"], 2), "reads version 3"),
+    "float version": (_set(["version"], 3.0), "reads version 3"),
     "path through a file": (lambda raw: raw["files"].update({"validation.json/x": "0" * 64}), "Not a directory"),
     "name too long": (lambda raw: raw["files"].update({"a" * 300: "0" * 64}), "too long"),
     "huge table": (lambda raw: [raw["tables"][t].update(shape=[2 ** 40] + raw["tables"][t]["shape"][1:])

@@ -99,15 +99,17 @@ def test_head_parity(built, architecture, precision, level):
     session = _session(artifact, precision, f"head_{level}")
     rng = np.random.default_rng(level)
     for n in (1, 37):
-        state, hidden = (rng.standard_normal((n, 32)).astype(np.float32) for _ in range(2))
+        carry, hidden = (rng.standard_normal((n, 32)).astype(np.float32) for _ in range(2))
         code = rng.integers(0, TINY_CODES[level - 1], n) if level else None
-        feed = {"state": state, "hidden": hidden} | ({"code": code} if level else {})
+        feed = {"hidden": hidden} | ({"carry": carry, "code": code} if level else {"root": carry})
         with torch.no_grad():
-            want = model.mtp_head.step(level, torch.from_numpy(state), None if code is None else torch.from_numpy(code),
-                                       torch.from_numpy(hidden))
-        got = session.run(["next_state", "log_probs"], feed)
-        assert got[1].shape == (n, TINY_CODES[level])
-        for g, w in zip(got, want):
+            next_carry, log_probs = model.mtp_head.carry_step(
+                level, torch.from_numpy(carry), None if code is None else torch.from_numpy(code), torch.from_numpy(hidden))
+        want = [log_probs] + ([] if next_carry is None else [next_carry])
+        got = session.run(None, feed)
+        assert [o.name for o in session.get_outputs()] == ["log_probs"] + (["next_carry"] if level < 2 else [])
+        assert got[0].shape == (n, TINY_CODES[level])
+        for g, w in zip(got, want, strict=True):
             assert g.dtype == np.float32 and np.abs(g - w.numpy()).max() <= TOLERANCES[precision].atol
 
 
@@ -130,15 +132,17 @@ def test_manifest_contract_and_checksums(built):
     assert manifest.limits == LIMITS
     assert manifest.layout == model.layout and manifest.source["architecture"] == "qwen3"
     head = manifest.graph("fp16", "head_1")
-    assert [t.name for t in head.inputs] == ["state", "code", "hidden"]
-    assert head.outputs[1].to_json() == {"name": "log_probs", "dtype": "float32", "shape": ["beams", TINY_CODES[1]]}
+    assert [t.name for t in head.inputs] == ["carry", "code", "hidden"]
+    assert head.outputs[0].to_json() == {"name": "log_probs", "dtype": "float32", "shape": ["beams", TINY_CODES[1]]}
+    assert [t.name for t in manifest.graph("fp32", "head_0").inputs] == ["root", "hidden"]
+    assert [t.name for t in manifest.graph("fp32", "head_2").outputs] == ["log_probs"]     # the last level: no carry
     assert head.dynamic == {"beams": (1, 8 * 16)} and head.external_data is None
     assert manifest.graph("fp32", "backbone").dynamic == {"batch": (1, 8), "tokens": (6, 21)}
     assert {p: e.execution for p, e in manifest.precisions.items()} == {"fp32": "any", "fp16": "any"}
     assert manifest.machine["arch"] and isinstance(manifest.machine["isa"], list)
     # the exported graph itself carries the manifest's dim names
     proto = onnx.load(str(artifact.path(head.file)))
-    assert [d.dim_param or d.dim_value for d in proto.graph.output[1].type.tensor_type.shape.dim] == ["beams", 6]
+    assert [d.dim_param or d.dim_value for d in proto.graph.output[0].type.tensor_type.shape.dim] == ["beams", 6]
     # no exporter stack traces (they hold this checkout's paths): a graph depends only on the model
     assert not [n.name for n in proto.graph.node if n.metadata_props]
     assert manifest.engines == {} and "TensorRT" in summary.engines_skipped
@@ -203,7 +207,7 @@ def test_validation_lists_every_output_in_one_error(built):
     with pytest.raises(ValidationError) as e:
         _validate(other, graphs, tiny_histories(catalog, 5))
     text = str(e.value)
-    for key in ["backbone.hidden", "head_0.log_probs", "head_2.next_state", "top-10 items"]:
+    for key in ["backbone.hidden", "head_0.log_probs", "head_1.next_carry", "head_2.log_probs", "top-10 items"]:
         assert key in text
     assert "FAIL fp32 backbone.hidden" in text and "tolerance 0.001" in text
     assert not e.value.report["ok"]
@@ -214,7 +218,7 @@ def test_external_data_graph_runs(tmp_path):
     proto = onnx.load(str(paths["head_1"]))
     save_onnx(proto, tmp_path / "big.onnx", external_data=True)
     assert (tmp_path / "big.onnx.data").stat().st_size > 1000
-    feed = {"state": np.ones((2, 32), np.float32), "code": np.array([0, 1]), "hidden": np.zeros((2, 32), np.float32)}
+    feed = {"carry": np.ones((2, 32), np.float32), "code": np.array([0, 1]), "hidden": np.zeros((2, 32), np.float32)}
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)
     for a, b in zip(run(tmp_path / "big.onnx"), run(paths["head_1"])):
         assert np.array_equal(a, b)

@@ -112,7 +112,7 @@ def test_steady_state_writes_in_place_and_allocates_nothing(artifact):
             ort_pointers = {name: value.data_ptr() for name, value in zip(runner.outputs, runner.binding.get_outputs())}
             assert ort_pointers == {name: runner._views[name].ctypes.data for name in runner.outputs}
         heads = [r for n, r in runners.items() if n.startswith("head_")]
-        assert all(np.shares_memory(h._buffers["state"], heads[0]._buffers["state"]) for h in heads)
+        assert all(np.shares_memory(h._buffers["hidden"], heads[0]._buffers["hidden"]) for h in heads)
         feed = rec.encode(histories)
         rec.backbone(feed)
         tracemalloc.start()
@@ -227,10 +227,10 @@ def test_runner_checks_its_feed(artifact):
     with Recommender.load(artifact) as rec:
         runner = rec.steps.runners["head_1"]
         with pytest.raises(RunnerError, match="dtype int32, expected int64"):
-            runner.run({"state": np.zeros((2, 32), np.float32), "code": np.zeros(2, np.int32),
+            runner.run({"carry": np.zeros((2, 32), np.float32), "code": np.zeros(2, np.int32),
                         "hidden": np.zeros((2, 32), np.float32)})
         with pytest.raises(RunnerError, match="outside the built range"):
-            runner.run({"state": np.zeros((MAX_BATCH * MAX_BEAM + 1, 32), np.float32),
+            runner.run({"carry": np.zeros((MAX_BATCH * MAX_BEAM + 1, 32), np.float32),
                         "code": np.zeros(MAX_BATCH * MAX_BEAM + 1, np.int64),
                         "hidden": np.zeros((MAX_BATCH * MAX_BEAM + 1, 32), np.float32)})
 
@@ -245,7 +245,7 @@ def test_corrupt_or_mismatched_artifacts_are_refused(artifact, tmp_path):
         Recommender.load(bad)
     manifest = json.loads((artifact / "manifest.json").read_text())
     (bad / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
-    with pytest.raises(ManifestError, match="version: 99; this runtime reads version 2"):
+    with pytest.raises(ManifestError, match="version: 99; this runtime reads version 3"):
         Recommender.load(bad)
     with pytest.raises(ManifestError, match="not a nezha artifact"):
         Recommender.load(tmp_path)

@@ -127,10 +127,10 @@ class GraphSteps:
     def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         return self.runners["backbone"].run(feed)["hidden"]
 
-    def head_step(self, level, state, code, hidden):
-        feed = {"state": state, "hidden": hidden} if code is None else {"state": state, "code": code, "hidden": hidden}
+    def head_step(self, level, carry, code, hidden):
+        feed = {"root": carry, "hidden": hidden} if code is None else {"carry": carry, "code": code, "hidden": hidden}
         out = self.runners[f"head_{level}"].run(feed)
-        return out["next_state"], out["log_probs"]
+        return out.get("next_carry"), out["log_probs"]
 
     def close(self) -> None:
         for r in self.runners.values():

@@ -139,11 +139,14 @@ GraphEntry expected_graph(const std::string& name, const Layout& layout, const L
     return g;
   }
   const int level = std::stoi(name.substr(5));
-  g.inputs = {{"state", "float32", {named("beams"), fixed(H)}}};
-  if (level > 0) g.inputs.push_back({"code", "int64", {named("beams")}});
+  if (level == 0) {
+    g.inputs = {{"root", "float32", {named("beams"), fixed(H)}}};
+  } else {
+    g.inputs = {{"carry", "float32", {named("beams"), fixed(H)}}, {"code", "int64", {named("beams")}}};
+  }
   g.inputs.push_back({"hidden", "float32", {named("beams"), fixed(H)}});
-  g.outputs = {{"next_state", "float32", {named("beams"), fixed(H)}},
-               {"log_probs", "float32", {named("beams"), fixed(layout.codes[level])}}};
+  g.outputs = {{"log_probs", "float32", {named("beams"), fixed(layout.codes[level])}}};
+  if (level < L - 1) g.outputs.push_back({"next_carry", "float32", {named("beams"), fixed(H)}});
   g.dynamic = {{"beams", {1, limits.max_batch * limits.max_beam}}};
   return g;
 }

@@ -11,7 +11,7 @@
 namespace nezha {
 
 constexpr const char* kFormat = "nezha-artifact";
-constexpr int kVersion = 2;
+constexpr int kVersion = 3;
 
 struct Layout {
   std::vector<std::int64_t> codes;          // codes per level (L entries)

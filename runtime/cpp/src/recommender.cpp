@@ -50,7 +50,7 @@ std::unique_ptr<T[]> buffer(std::size_t n) {
 struct Workspace {
   std::unique_ptr<std::int64_t[]> input_ids, attention_mask;    // [max_batch, max_tokens]
   std::unique_ptr<float[]> hidden_all;                         // [max_batch, L+1, H] backbone output
-  std::unique_ptr<float[]> state, hidden, next_state;          // [max_beams, H] (shared by the heads)
+  std::unique_ptr<float[]> carry, hidden, next_carry;          // [max_beams, H] (shared by the heads)
   std::unique_ptr<std::int64_t[]> code;                        // [max_beams]
   std::unique_ptr<float[]> log_probs;                          // [max_beams, max codes]
   std::unique_ptr<float[]> scores, next_scores;                // [max_beams]
@@ -111,9 +111,9 @@ std::unique_ptr<Workspace> Recommender::Impl::make_workspace() {
   ws->input_ids = buffer<std::int64_t>(std::size_t(B * max_tokens));
   ws->attention_mask = buffer<std::int64_t>(std::size_t(B * max_tokens));
   ws->hidden_all = buffer<float>(std::size_t(B * (L + 1) * H));
-  ws->state = buffer<float>(std::size_t(max_beams * H));
+  ws->carry = buffer<float>(std::size_t(max_beams * H));
   ws->hidden = buffer<float>(std::size_t(max_beams * H));
-  ws->next_state = buffer<float>(std::size_t(max_beams * H));
+  ws->next_carry = buffer<float>(std::size_t(max_beams * H));
   ws->code = buffer<std::int64_t>(std::size_t(max_beams));
   ws->log_probs = buffer<float>(std::size_t(max_beams * max_codes));
   ws->scores = buffer<float>(std::size_t(max_beams));
@@ -132,9 +132,10 @@ std::unique_ptr<Workspace> Recommender::Impl::make_workspace() {
     if (g == 0) {
       bufs = {ws->input_ids.get(), ws->attention_mask.get(), ws->hidden_all.get()};
     } else {
-      bufs = {ws->state.get()};
+      bufs = {ws->carry.get()};                                  // root at level 0
       if (g > 1) bufs.push_back(ws->code.get());
-      bufs.insert(bufs.end(), {ws->hidden.get(), ws->next_state.get(), ws->log_probs.get()});
+      bufs.insert(bufs.end(), {ws->hidden.get(), ws->log_probs.get()});
+      if (g < names.size() - 1) bufs.push_back(ws->next_carry.get());   // all but the last level
     }
     ws->runners.push_back(std::make_unique<GraphRunner>(*sessions->by_graph[g], graphs.at(names[g]), bufs));
   }
@@ -295,17 +296,17 @@ void Recommender::Impl::encode(Workspace& ws, const HistoryBatch& h, std::size_t
   }
 }
 
-// expand: level `level`'s head on every beam. Gathers state [N, H] (level 0: the root hidden[:, 0]; else
-// the parent's next_state) and hidden [N, H] (hidden[user, 1 + level]); the code [N] was written by select.
-// Runs the head -> next_state [N, H], log_probs [N, C].
+// expand: level `level`'s head on every beam. Gathers carry [N, H] (level 0: the root hidden[:, 0]; else
+// the parent's next_carry, its recurrent matmul) and hidden [N, H] (hidden[user, 1 + level]); the code [N]
+// was written by select. Runs the head -> log_probs [N, C] and, but at the last level, next_carry [N, H].
 void Recommender::Impl::expand(Workspace& ws, int level, std::size_t B, std::int64_t K) const {
   const std::int64_t N = std::int64_t(B) * K;
   const std::size_t row = std::size_t(H) * sizeof(float), stride = std::size_t(L + 1) * std::size_t(H);
   const float* hidden_all = ws.hidden_all.get();
   for (std::int64_t n = 0; n < N; ++n) {
     const std::size_t user = std::size_t(n / K);
-    const float* state = level == 0 ? hidden_all + user * stride : ws.next_state.get() + std::size_t(ws.parent[n]) * std::size_t(H);
-    std::memcpy(ws.state.get() + std::size_t(n * H), state, row);
+    const float* carry = level == 0 ? hidden_all + user * stride : ws.next_carry.get() + std::size_t(ws.parent[n]) * std::size_t(H);
+    std::memcpy(ws.carry.get() + std::size_t(n * H), carry, row);
     std::memcpy(ws.hidden.get() + std::size_t(n * H), hidden_all + user * stride + std::size_t(1 + level) * std::size_t(H), row);
   }
   ws.runners[std::size_t(1 + level)]->run(&N);
