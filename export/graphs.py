@@ -61,36 +61,38 @@ class BackboneGraph(nn.Module):
 
 
 class HeadGraph(nn.Module):
-    """``DraftHead.carry_step`` for one level: (root [N, H] at level 0 | carry [N, H], code [N]),
-    hidden [N, H] -> (log_probs [N, codes_level], next_carry [N, H] but at the last level).
+    """``DraftHead.parent_step`` for one level. Level 0: root [N, H], hidden [N, H] -> log_probs [N, C_0].
+    Level i > 0: parent_state [P, H], parent [N], code [N], hidden [N, H] -> (log_probs [N, C_i], state
+    [N, H] but at the last level).
 
-    next_carry = state @ W_hh^T of the next level's cell, computed on each beam once: its children get
-    it by a gather, so at level 1 the beams of one user share their root's single product instead of
-    computing it once per child. The cell's input side only ever sees the previous level's code
+    The RNN cell's recurrent matmul runs on the P parents (the previous level's beams that have
+    children; at level 1 the one root of each user), then a gather hands each child its parent's
+    product: P is far below N at large beams. The input side only ever sees the previous level's code
     embeddings, so ``E(c) @ W_ih^T + b_ih + b_hh`` is folded into one [codes, H] table: a gather
-    replaces a matmul."""
+    replaces that matmul."""
 
     def __init__(self, model: NezhaModel, level: int):
         super().__init__()
         self.head, self.level = model.mtp_head, level
-        self.last = level == model.layout.levels - 1
+        self.keep_state = 0 < level < model.layout.levels - 1
         if level > 0:
             cell, emb = self.head.transition[level - 1], self.head.token_emb_list[level - 1]
             with torch.no_grad():
                 table = emb.weight @ cell.weight_ih.T + cell.bias_ih + cell.bias_hh            # [codes, H]
             self.register_buffer("code_input", table.contiguous())
-        if not self.last:
-            self.recurrent = self.head.transition[level].weight_hh                           # [H, H]
+            self.recurrent = cell.weight_hh                                                  # [H, H]
 
     def forward(self, *inputs: torch.Tensor):
         if self.level == 0:
             state, hidden = inputs                                                         # the root
         else:
-            carry, code, hidden = inputs
-            state = torch.tanh(torch.index_select(self.code_input, 0, code) + carry)       # [N, H]
+            parent_state, parent, code, hidden = inputs
+            carry = parent_state @ self.recurrent.T                                        # [P, H]
+            state = torch.tanh(torch.index_select(self.code_input, 0, code)
+                               + torch.index_select(carry, 0, parent))                     # [N, H]
         logits = self.head.logit_head_list[self.level](state + hidden)                     # [N, codes]
         log_probs = torch.log_softmax(logits.float(), dim=-1)
-        return log_probs if self.last else (log_probs, state @ self.recurrent.T)
+        return (log_probs, state) if self.keep_state else log_probs
 
 
 def graph_module(model: NezhaModel, name: str) -> nn.Module:
@@ -112,11 +114,11 @@ def example_inputs(name: str, spec: GraphEntry, model: NezhaModel) -> tuple[torc
             ids[row, T - n:] = torch.randint(layout.offsets[0], layout.placeholder_start, (n,), generator=gen)
             mask[row, T - n:] = 1
         return ids, mask
-    N, H, level = 3, model.config.hidden_size, int(name.split("_")[1])
-    state, hidden = torch.randn(N, H, generator=gen), torch.randn(N, H, generator=gen)
+    N, P, H, level = 3, 2, model.config.hidden_size, int(name.split("_")[1])
     if level == 0:
-        return state, hidden
-    return state, torch.randint(0, layout.codes[level - 1], (N,), generator=gen), hidden
+        return torch.randn(N, H, generator=gen), torch.randn(N, H, generator=gen)
+    return (torch.randn(P, H, generator=gen), torch.tensor([1, 0, 1]),
+            torch.randint(0, layout.codes[level - 1], (N,), generator=gen), torch.randn(N, H, generator=gen))
 
 
 def _export(module: nn.Module, args: tuple, spec: GraphEntry, path: Path, opset: int, exporter: str) -> None:

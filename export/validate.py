@@ -103,14 +103,19 @@ def graph_cases(model: NezhaModel, feeds: dict[str, dict[str, np.ndarray]], seed
     for case, feed in feeds.items():
         hidden = torch_steps.backbone(feed)                               # [B, L+1, H]
         yield "backbone", case, feed, [hidden]
-        carry = hidden[:, 0]
+        parents, n = hidden[:, 0], len(hidden)
         for level, codes in enumerate(model.layout.codes):
-            code = None if level == 0 else rng.integers(0, model.layout.codes[level - 1], len(carry))
-            head_feed = {"root": carry} if code is None else {"carry": carry, "code": code}
-            next_carry, log_probs = torch_steps.head_step(level, carry, code, hidden[:, level + 1])
+            if level == 0:
+                parent = code = None
+                head_feed = {"root": parents}
+            else:                                   # each beam picks a random parent row (repeats included)
+                parent = rng.integers(0, len(parents), n)
+                code = rng.integers(0, model.layout.codes[level - 1], n)
+                head_feed = {"parent_state": parents, "parent": parent, "code": code}
+            state, log_probs = torch_steps.head_step(level, parents, parent, code, hidden[:, level + 1])
             yield f"head_{level}", case, head_feed | {"hidden": hidden[:, level + 1]}, \
-                [log_probs] + ([] if next_carry is None else [next_carry])
-            carry = next_carry
+                [log_probs] + ([] if state is None else [state])
+            parents = hidden[:, 0] if state is None else state
 
 
 def topk_agreement(ours: list[list[tuple[int, float]]], reference: list[list[tuple[int, float]]]) -> float:

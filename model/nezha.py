@@ -63,21 +63,23 @@ class DraftHead(nn.Module):
         logits = self.logit_head_list[level](state + hidden)
         return state, F.log_softmax(logits.float(), dim=-1)
 
-    def carry_step(self, level: int, carry: torch.Tensor, code: torch.Tensor | None,
-                   hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """``step`` as the exported graphs run it: the RNN's recurrent matmul is done by the parent beam,
-        once, before its children are gathered. carry [N, H] (level 0: the root; else the parent's
-        ``state @ W_hh^T`` of this level's cell), code [N] (None at level 0), h_level [N, H]
-        -> (next carry [N, H], None at the last level; log-probs [N, codes_level] float32)."""
+    def parent_step(self, level: int, parents: torch.Tensor, parent: torch.Tensor | None, code: torch.Tensor | None,
+                    hidden: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+        """``step`` as the exported graphs run it, with the RNN's recurrent matmul done once per parent
+        beam, before its children are gathered. Level 0: parents = the roots [N, H] (parent, code None).
+        Level > 0: parents [P, H] = the states of the beams that have children, parent [N] = each
+        child's row in it, code [N] = each child's code. hidden: h_level [N, H].
+        -> (the children's states [N, H], None at level 0 and at the last level; log-probs [N, codes] float32)."""
         if level == 0:
-            state = carry
+            state = parents
         else:
             cell = self.transition[level - 1]
-            x = self.token_emb_list[level - 1](code)
-            state = torch.tanh(F.linear(x, cell.weight_ih, cell.bias_ih) + cell.bias_hh + carry)
+            carry = parents @ cell.weight_hh.T                                    # [P, H]: once per parent
+            x = F.linear(self.token_emb_list[level - 1](code), cell.weight_ih, cell.bias_ih) + cell.bias_hh
+            state = torch.tanh(x + carry[parent])                                 # [N, H]
         logits = self.logit_head_list[level](state + hidden)
-        last = level == len(self.logit_head_list) - 1
-        return (None if last else state @ self.transition[level].weight_hh.T), F.log_softmax(logits.float(), dim=-1)
+        keep = 0 < level < len(self.logit_head_list) - 1
+        return (state if keep else None), F.log_softmax(logits.float(), dim=-1)
 
     def forward(self, root: torch.Tensor, hidden: torch.Tensor, codes: torch.Tensor) -> list[torch.Tensor]:
         """Teacher forcing: root [N, H], placeholders [N, L, H], target codes [N, L] -> L logits [N, codes_i]."""

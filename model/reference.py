@@ -30,10 +30,10 @@ class TorchSteps:
         return self.model.nezha_hidden(ids, mask).float().cpu().numpy()
 
     @torch.inference_mode()
-    def head_step(self, level, state, code, hidden):
-        t = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
-        carry, logp = self.model.mtp_head.carry_step(level, t(state), None if code is None else t(code), t(hidden))
-        return None if carry is None else carry.float().cpu().numpy(), logp.cpu().numpy()
+    def head_step(self, level, parents, parent, code, hidden):
+        t = lambda a: None if a is None else torch.from_numpy(np.ascontiguousarray(a)).to(self.device)
+        state, logp = self.model.mtp_head.parent_step(level, t(parents), t(parent), t(code), t(hidden))
+        return None if state is None else state.float().cpu().numpy(), logp.cpu().numpy()
 
 
 class Reference:

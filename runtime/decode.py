@@ -18,13 +18,13 @@ class DecodeSteps(Protocol):
     def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         """input_ids, attention_mask [B, T] -> hidden states [B, L+1, H] float32 (root, h_0 .. h_{L-1})."""
 
-    def head_step(self, level: int, carry: np.ndarray, code: np.ndarray | None,
+    def head_step(self, level: int, parents: np.ndarray, parent: np.ndarray | None, code: np.ndarray | None,
                   hidden: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
-        """Level ``level``: carry [N, H] (the root at level 0, else what the parent beam's step returned),
-        the previous level's chosen code [N] int64 (None at level 0) and the level's placeholder hidden
-        state [N, H] -> (the carry each child of these beams gets [N, H], None at the last level;
-        log-probs [N, codes[level]] float32). What a carry holds is the steps' business: the graphs pass
-        the parent's recurrent matmul (``DraftHead.carry_step``), so it runs once per parent."""
+        """Level ``level`` on N beams. Level 0: parents = the roots [B, H] (parent, code None). Level > 0:
+        parents [P, H] = the states of the previous level's beams that have children, parent [N] int64 =
+        each beam's row in it, code [N] int64 = its code. hidden: the level's placeholder state of each
+        beam's user [N, H]. -> (the beams' states [N, H], None at level 0 and at the last level;
+        log-probs [N, codes[level]] float32). The recurrent matmul runs on the P parents, not the N beams."""
 
 
 @contextmanager
@@ -88,16 +88,18 @@ def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayo
     scores = np.zeros((B, 1), dtype=np.float32)                    # [B, K]
     keys = np.zeros(B, dtype=np.uint64)                            # [B*K] prefix keys
     beam_user = np.arange(B)                                       # [B*K] user of each beam
-    carry, code = hidden[:, 0], None                               # root [B, H]
+    parents, parent, code = hidden[:, 0], None, None               # level 0: the roots [B, H]
     for level in range(layout.levels):
         with stage(stages, f"head_{level}"):
-            carry, logp = steps.head_step(level, carry, code, hidden[beam_user, level + 1])   # [B*K, H], [B*K, C]
+            state, logp = steps.head_step(level, parents, parent, code, hidden[beam_user, level + 1])  # [B*K, C]
         with stage(stages, f"verify_{level}"):
             cand = expand(scores, logp, keys, level, verifier)     # [B, K*C]
         with stage(stages, "select"):
-            scores, parent, code, keys = select(cand, beam, layout.codes[level], keys)
-            beam_user = beam_user[parent]
-            carry = None if carry is None else carry[parent]
+            scores, flat_parent, code, keys = select(cand, beam, layout.codes[level], keys)
+            beam_user = beam_user[flat_parent]
+            if level < layout.levels - 1:                          # the next level's parents: beams with children
+                rows, parent = np.unique(flat_parent, return_inverse=True)
+                parents = (hidden[:, 0] if level == 0 else state)[rows]
     return keys.reshape(B, -1), scores
 
 

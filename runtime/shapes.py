@@ -67,14 +67,17 @@ def expected_graphs(layout: SidLayout, limits: Limits) -> dict[str, tuple[tuple,
         (Tensor("input_ids", "int64", ("batch", "tokens")), Tensor("attention_mask", "int64", ("batch", "tokens"))),
         (Tensor("hidden", "float32", ("batch", L + 1, H)),),
         {"batch": (1, limits.max_batch), "tokens": token_range(L, limits.max_history)})}
+    beams = (1, limits.max_batch * limits.max_beam)
     for level, codes in enumerate(layout.codes):
-        first = (Tensor("carry", "float32", ("beams", H)), Tensor("code", "int64", ("beams",))) if level else \
-            (Tensor("root", "float32", ("beams", H)),)
-        carry = (Tensor("next_carry", "float32", ("beams", H)),) if level < L - 1 else ()
-        graphs[f"head_{level}"] = (
-            first + (Tensor("hidden", "float32", ("beams", H)),),
-            (Tensor("log_probs", "float32", ("beams", codes)),) + carry,
-            {"beams": (1, limits.max_batch * limits.max_beam)})
+        if level == 0:
+            inputs, dynamic = (Tensor("root", "float32", ("beams", H)),), {"beams": beams}
+        else:
+            inputs = (Tensor("parent_state", "float32", ("parents", H)), Tensor("parent", "int64", ("beams",)),
+                      Tensor("code", "int64", ("beams",)))
+            dynamic = {"beams": beams, "parents": beams}
+        state = (Tensor("state", "float32", ("beams", H)),) if 0 < level < L - 1 else ()
+        graphs[f"head_{level}"] = (inputs + (Tensor("hidden", "float32", ("beams", H)),),
+                                   (Tensor("log_probs", "float32", ("beams", codes)),) + state, dynamic)
     return graphs
 
 

@@ -98,16 +98,18 @@ def test_head_parity(built, architecture, precision, level):
     artifact, model, _ = built(architecture)
     session = _session(artifact, precision, f"head_{level}")
     rng = np.random.default_rng(level)
-    for n in (1, 37):
-        carry, hidden = (rng.standard_normal((n, 32)).astype(np.float32) for _ in range(2))
+    for n, P in ((1, 1), (37, 5)):
+        parents, hidden = rng.standard_normal((P, 32)).astype(np.float32), rng.standard_normal((n, 32)).astype(np.float32)
+        parent = rng.integers(0, P, n) if level else None
         code = rng.integers(0, TINY_CODES[level - 1], n) if level else None
-        feed = {"hidden": hidden} | ({"carry": carry, "code": code} if level else {"root": carry})
+        feed = {"hidden": hidden} | ({"parent_state": parents, "parent": parent, "code": code} if level else {"root": hidden})
         with torch.no_grad():
-            next_carry, log_probs = model.mtp_head.carry_step(
-                level, torch.from_numpy(carry), None if code is None else torch.from_numpy(code), torch.from_numpy(hidden))
-        want = [log_probs] + ([] if next_carry is None else [next_carry])
+            t = lambda a: None if a is None else torch.from_numpy(a)
+            state, log_probs = model.mtp_head.parent_step(level, t(parents if level else hidden), t(parent), t(code),
+                                                         t(hidden))
+        want = [log_probs] + ([] if state is None else [state])
         got = session.run(None, feed)
-        assert [o.name for o in session.get_outputs()] == ["log_probs"] + (["next_carry"] if level < 2 else [])
+        assert [o.name for o in session.get_outputs()] == ["log_probs"] + (["state"] if level == 1 else [])
         assert got[0].shape == (n, TINY_CODES[level])
         for g, w in zip(got, want, strict=True):
             assert g.dtype == np.float32 and np.abs(g - w.numpy()).max() <= TOLERANCES[precision].atol
@@ -132,11 +134,12 @@ def test_manifest_contract_and_checksums(built):
     assert manifest.limits == LIMITS
     assert manifest.layout == model.layout and manifest.source["architecture"] == "qwen3"
     head = manifest.graph("fp16", "head_1")
-    assert [t.name for t in head.inputs] == ["carry", "code", "hidden"]
+    assert [t.name for t in head.inputs] == ["parent_state", "parent", "code", "hidden"]
     assert head.outputs[0].to_json() == {"name": "log_probs", "dtype": "float32", "shape": ["beams", TINY_CODES[1]]}
     assert [t.name for t in manifest.graph("fp32", "head_0").inputs] == ["root", "hidden"]
-    assert [t.name for t in manifest.graph("fp32", "head_2").outputs] == ["log_probs"]     # the last level: no carry
-    assert head.dynamic == {"beams": (1, 8 * 16)} and head.external_data is None
+    assert [t.name for t in manifest.graph("fp32", "head_2").outputs] == ["log_probs"]     # the last level: no state
+    assert [t.name for t in manifest.graph("fp32", "head_0").outputs] == ["log_probs"]     # level 1's parents: the roots
+    assert head.dynamic == {"beams": (1, 8 * 16), "parents": (1, 8 * 16)} and head.external_data is None
     assert manifest.graph("fp32", "backbone").dynamic == {"batch": (1, 8), "tokens": (6, 21)}
     assert {p: e.execution for p, e in manifest.precisions.items()} == {"fp32": "any", "fp16": "any"}
     assert manifest.machine["arch"] and isinstance(manifest.machine["isa"], list)
@@ -207,7 +210,7 @@ def test_validation_lists_every_output_in_one_error(built):
     with pytest.raises(ValidationError) as e:
         _validate(other, graphs, tiny_histories(catalog, 5))
     text = str(e.value)
-    for key in ["backbone.hidden", "head_0.log_probs", "head_1.next_carry", "head_2.log_probs", "top-10 items"]:
+    for key in ["backbone.hidden", "head_0.log_probs", "head_1.state", "head_2.log_probs", "top-10 items"]:
         assert key in text
     assert "FAIL fp32 backbone.hidden" in text and "tolerance 0.001" in text
     assert not e.value.report["ok"]
@@ -218,7 +221,8 @@ def test_external_data_graph_runs(tmp_path):
     proto = onnx.load(str(paths["head_1"]))
     save_onnx(proto, tmp_path / "big.onnx", external_data=True)
     assert (tmp_path / "big.onnx.data").stat().st_size > 1000
-    feed = {"carry": np.ones((2, 32), np.float32), "code": np.array([0, 1]), "hidden": np.zeros((2, 32), np.float32)}
+    feed = {"parent_state": np.ones((1, 32), np.float32), "parent": np.array([0, 0]), "code": np.array([0, 1]),
+            "hidden": np.zeros((2, 32), np.float32)}
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)
     for a, b in zip(run(tmp_path / "big.onnx"), run(paths["head_1"])):
         assert np.array_equal(a, b)

@@ -227,10 +227,12 @@ def test_runner_checks_its_feed(artifact):
     with Recommender.load(artifact) as rec:
         runner = rec.steps.runners["head_1"]
         with pytest.raises(RunnerError, match="dtype int32, expected int64"):
-            runner.run({"carry": np.zeros((2, 32), np.float32), "code": np.zeros(2, np.int32),
+            runner.run({"parent_state": np.zeros((1, 32), np.float32), "parent": np.zeros(2, np.int64),
+                        "code": np.zeros(2, np.int32),
                         "hidden": np.zeros((2, 32), np.float32)})
         with pytest.raises(RunnerError, match="outside the built range"):
-            runner.run({"carry": np.zeros((MAX_BATCH * MAX_BEAM + 1, 32), np.float32),
+            runner.run({"parent_state": np.zeros((1, 32), np.float32),
+                        "parent": np.zeros(MAX_BATCH * MAX_BEAM + 1, np.int64),
                         "code": np.zeros(MAX_BATCH * MAX_BEAM + 1, np.int64),
                         "hidden": np.zeros((MAX_BATCH * MAX_BEAM + 1, 32), np.float32)})
 

@@ -127,10 +127,11 @@ class GraphSteps:
     def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
         return self.runners["backbone"].run(feed)["hidden"]
 
-    def head_step(self, level, carry, code, hidden):
-        feed = {"root": carry, "hidden": hidden} if code is None else {"carry": carry, "code": code, "hidden": hidden}
+    def head_step(self, level, parents, parent, code, hidden):
+        feed = {"root": parents, "hidden": hidden} if level == 0 else \
+            {"parent_state": parents, "parent": parent, "code": code, "hidden": hidden}
         out = self.runners[f"head_{level}"].run(feed)
-        return out.get("next_carry"), out["log_probs"]
+        return out.get("state"), out["log_probs"]
 
     def close(self) -> None:
         for r in self.runners.values():

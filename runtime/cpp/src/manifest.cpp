@@ -139,15 +139,18 @@ GraphEntry expected_graph(const std::string& name, const Layout& layout, const L
     return g;
   }
   const int level = std::stoi(name.substr(5));
+  const std::int64_t beams = limits.max_batch * limits.max_beam;
   if (level == 0) {
     g.inputs = {{"root", "float32", {named("beams"), fixed(H)}}};
+    g.dynamic = {{"beams", {1, beams}}};
   } else {
-    g.inputs = {{"carry", "float32", {named("beams"), fixed(H)}}, {"code", "int64", {named("beams")}}};
+    g.inputs = {{"parent_state", "float32", {named("parents"), fixed(H)}}, {"parent", "int64", {named("beams")}},
+                {"code", "int64", {named("beams")}}};
+    g.dynamic = {{"beams", {1, beams}}, {"parents", {1, beams}}};
   }
   g.inputs.push_back({"hidden", "float32", {named("beams"), fixed(H)}});
   g.outputs = {{"log_probs", "float32", {named("beams"), fixed(layout.codes[level])}}};
-  if (level < L - 1) g.outputs.push_back({"next_carry", "float32", {named("beams"), fixed(H)}});
-  g.dynamic = {{"beams", {1, limits.max_batch * limits.max_beam}}};
+  if (level > 0 && level < L - 1) g.outputs.push_back({"state", "float32", {named("beams"), fixed(H)}});
   return g;
 }
 

@@ -127,30 +127,40 @@ GraphRunner::GraphRunner(Ort::Session& session, const GraphEntry& entry, std::ve
     ranges_.push_back(range);
   }
   bound_dims_.assign(dim_names_.size(), -1);
-  values_.reserve(entry.inputs.size() + entry.outputs.size());
+  const std::size_t tensors = entry.inputs.size() + entry.outputs.size();
+  values_.resize(tensors);
+  shapes_.assign(tensors, std::vector<std::int64_t>());
+  for (auto& shape : shapes_) shape.reserve(8);            // rebinding must not allocate on our side
+  shape_.reserve(8);
 }
 
+// Binds every tensor whose shape differs from its bound one (all on the first call; afterwards only
+// those that use a dim that changed, e.g. a head's `parents`), over the same buffers.
 void GraphRunner::bind(const std::int64_t* dims) {
-  values_.clear();
   std::size_t b = 0;
-  std::vector<std::int64_t> shape;
   for (const auto* side : {&entry_.inputs, &entry_.outputs})
     for (const TensorSpec& t : *side) {
-      shape.clear();
+      shape_.clear();
       std::size_t count = 1;
       for (const Dim& d : t.shape) {
         std::int64_t size = d.size;
         if (!d.name.empty())
           for (std::size_t i = 0; i < dim_names_.size(); ++i)
             if (dim_names_[i] == d.name) size = dims[i];
-        shape.push_back(size);
+        shape_.push_back(size);
         count *= std::size_t(size);
+      }
+      if (values_[b] && shapes_[b] == shape_) {
+        ++b;
+        continue;
       }
       const ONNXTensorElementDataType type = element_type(t.dtype);
       const std::size_t bytes = count * (type == ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT ? 4 : 8);
-      values_.push_back(Ort::Value::CreateTensor(cpu_, buffers_[b++], bytes, shape.data(), shape.size(), type));
-      if (side == &entry_.inputs) binding_.BindInput(t.name.c_str(), values_.back());
-      else binding_.BindOutput(t.name.c_str(), values_.back());
+      values_[b] = Ort::Value::CreateTensor(cpu_, buffers_[b], bytes, shape_.data(), shape_.size(), type);
+      shapes_[b].assign(shape_.begin(), shape_.end());
+      if (side == &entry_.inputs) binding_.BindInput(t.name.c_str(), values_[b]);
+      else binding_.BindOutput(t.name.c_str(), values_[b]);
+      ++b;
     }
   bound_dims_.assign(dims, dims + dim_names_.size());
   ++rebinds_;

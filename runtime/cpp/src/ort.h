@@ -50,7 +50,9 @@ class GraphRunner {
   std::vector<std::string> dim_names_;
   std::vector<std::pair<std::int64_t, std::int64_t>> ranges_;   // [lo, hi] per dim name
   std::vector<std::int64_t> bound_dims_;
-  std::vector<Ort::Value> values_;          // kept alive while bound
+  std::vector<Ort::Value> values_;          // per tensor (inputs then outputs), kept alive while bound
+  std::vector<std::vector<std::int64_t>> shapes_;   // the shape each is bound with
+  std::vector<std::int64_t> shape_;                 // scratch
   Ort::IoBinding binding_;
   Ort::RunOptions run_options_;
   Ort::MemoryInfo cpu_;

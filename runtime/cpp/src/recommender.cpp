@@ -50,12 +50,14 @@ std::unique_ptr<T[]> buffer(std::size_t n) {
 struct Workspace {
   std::unique_ptr<std::int64_t[]> input_ids, attention_mask;    // [max_batch, max_tokens]
   std::unique_ptr<float[]> hidden_all;                         // [max_batch, L+1, H] backbone output
-  std::unique_ptr<float[]> carry, hidden, next_carry;          // [max_beams, H] (shared by the heads)
+  std::unique_ptr<float[]> parent_state, hidden, state;        // [max_beams, H] (shared by the heads)
+  std::unique_ptr<std::int64_t[]> parent_row;                  // [max_beams] each beam's row of parent_state
   std::unique_ptr<std::int64_t[]> code;                        // [max_beams]
   std::unique_ptr<float[]> log_probs;                          // [max_beams, max codes]
   std::unique_ptr<float[]> scores, next_scores;                // [max_beams]
   std::unique_ptr<std::uint64_t[]> keys, next_keys;            // [max_beams] prefix keys
   std::unique_ptr<std::int32_t[]> parent;                      // [max_beams] flat parent beam of each beam
+  std::unique_ptr<std::int32_t[]> slot;                        // [max_beams] parent beam -> parent_state row
   std::unique_ptr<Candidate[]> candidates;                     // [max_beam * max codes], one user at a time
   std::unique_ptr<std::int32_t[]> kept;                        // [max_batch, max_history] catalog rows, newest first
   std::unique_ptr<std::int32_t[]> kept_count;                  // [max_batch] items kept per row
@@ -87,7 +89,7 @@ struct Recommender::Impl {
   void check_histories(const HistoryBatch& h, Unknown unknown) const;
   void encode(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count, std::int64_t& T) const;
   std::int64_t decode(Workspace& ws, std::size_t B, std::int64_t T, int beam) const;   // -> beams per user
-  void expand(Workspace& ws, int level, std::size_t B, std::int64_t K) const;
+  void expand(Workspace& ws, int level, std::size_t B, std::int64_t K, std::int64_t K_prev) const;
   std::int64_t verify(Workspace& ws, int level, std::size_t b, std::int64_t K) const;
   void select(Workspace& ws, int level, std::size_t b, std::int64_t K, std::int64_t K_next, std::int64_t m) const;
   void stage(Workspace& ws, std::size_t index, Clock::time_point& t0) const {
@@ -111,9 +113,11 @@ std::unique_ptr<Workspace> Recommender::Impl::make_workspace() {
   ws->input_ids = buffer<std::int64_t>(std::size_t(B * max_tokens));
   ws->attention_mask = buffer<std::int64_t>(std::size_t(B * max_tokens));
   ws->hidden_all = buffer<float>(std::size_t(B * (L + 1) * H));
-  ws->carry = buffer<float>(std::size_t(max_beams * H));
+  ws->parent_state = buffer<float>(std::size_t(max_beams * H));
   ws->hidden = buffer<float>(std::size_t(max_beams * H));
-  ws->next_carry = buffer<float>(std::size_t(max_beams * H));
+  ws->state = buffer<float>(std::size_t(max_beams * H));
+  ws->parent_row = buffer<std::int64_t>(std::size_t(max_beams));
+  ws->slot = buffer<std::int32_t>(std::size_t(max_beams));
   ws->code = buffer<std::int64_t>(std::size_t(max_beams));
   ws->log_probs = buffer<float>(std::size_t(max_beams * max_codes));
   ws->scores = buffer<float>(std::size_t(max_beams));
@@ -132,10 +136,10 @@ std::unique_ptr<Workspace> Recommender::Impl::make_workspace() {
     if (g == 0) {
       bufs = {ws->input_ids.get(), ws->attention_mask.get(), ws->hidden_all.get()};
     } else {
-      bufs = {ws->carry.get()};                                  // root at level 0
-      if (g > 1) bufs.push_back(ws->code.get());
+      bufs = {ws->parent_state.get()};                           // level 0: the roots
+      if (g > 1) bufs.insert(bufs.end(), {ws->parent_row.get(), ws->code.get()});
       bufs.insert(bufs.end(), {ws->hidden.get(), ws->log_probs.get()});
-      if (g < names.size() - 1) bufs.push_back(ws->next_carry.get());   // all but the last level
+      if (g > 1 && g < names.size() - 1) bufs.push_back(ws->state.get());   // levels 1 .. L-2
     }
     ws->runners.push_back(std::make_unique<GraphRunner>(*sessions->by_graph[g], graphs.at(names[g]), bufs));
   }
@@ -296,20 +300,36 @@ void Recommender::Impl::encode(Workspace& ws, const HistoryBatch& h, std::size_t
   }
 }
 
-// expand: level `level`'s head on every beam. Gathers carry [N, H] (level 0: the root hidden[:, 0]; else
-// the parent's next_carry, its recurrent matmul) and hidden [N, H] (hidden[user, 1 + level]); the code [N]
-// was written by select. Runs the head -> log_probs [N, C] and, but at the last level, next_carry [N, H].
-void Recommender::Impl::expand(Workspace& ws, int level, std::size_t B, std::int64_t K) const {
+// expand: level `level`'s head on the B * K beams. Level 0: the roots hidden[:, 0] [B, H]. Level > 0: the
+// parents (beams of the previous level's B * K_prev that have children, ascending) copied to parent_state
+// [P, H] (level 1: the roots; else their state), each beam's row of it in parent_row [N]; the code [N] was
+// written by select. hidden [N, H] = hidden[user, 1 + level]. Runs the head -> log_probs [N, C] and, at
+// levels 1 .. L-2, state [N, H]: the recurrent matmul runs on the P parents inside the graph.
+void Recommender::Impl::expand(Workspace& ws, int level, std::size_t B, std::int64_t K, std::int64_t K_prev) const {
   const std::int64_t N = std::int64_t(B) * K;
   const std::size_t row = std::size_t(H) * sizeof(float), stride = std::size_t(L + 1) * std::size_t(H);
   const float* hidden_all = ws.hidden_all.get();
-  for (std::int64_t n = 0; n < N; ++n) {
-    const std::size_t user = std::size_t(n / K);
-    const float* carry = level == 0 ? hidden_all + user * stride : ws.next_carry.get() + std::size_t(ws.parent[n]) * std::size_t(H);
-    std::memcpy(ws.carry.get() + std::size_t(n * H), carry, row);
-    std::memcpy(ws.hidden.get() + std::size_t(n * H), hidden_all + user * stride + std::size_t(1 + level) * std::size_t(H), row);
+  std::int64_t dims[2] = {N, 0};                                   // dim names sorted: beams, parents
+  if (level == 0) {
+    for (std::size_t b = 0; b < B; ++b) std::memcpy(ws.parent_state.get() + b * std::size_t(H), hidden_all + b * stride, row);
+  } else {
+    const std::int64_t N_prev = std::int64_t(B) * K_prev;
+    std::int32_t* slot = ws.slot.get();
+    std::fill(slot, slot + N_prev, -1);
+    for (std::int64_t n = 0; n < N; ++n) slot[ws.parent[n]] = 0;   // mark the beams that have children
+    std::int32_t P = 0;
+    for (std::int64_t p = 0; p < N_prev; ++p) {
+      if (slot[p] < 0) continue;
+      const float* src = level == 1 ? hidden_all + std::size_t(p) * stride : ws.state.get() + std::size_t(p) * std::size_t(H);
+      std::memcpy(ws.parent_state.get() + std::size_t(P) * std::size_t(H), src, row);
+      slot[p] = P++;
+    }
+    for (std::int64_t n = 0; n < N; ++n) ws.parent_row[n] = slot[ws.parent[n]];
+    dims[1] = P;
   }
-  ws.runners[std::size_t(1 + level)]->run(&N);
+  for (std::int64_t n = 0; n < N; ++n)
+    std::memcpy(ws.hidden.get() + std::size_t(n * H), hidden_all + std::size_t(n / K) * stride + std::size_t(1 + level) * std::size_t(H), row);
+  ws.runners[std::size_t(1 + level)]->run(dims);
 }
 
 // verify: user b's candidates [m] (summed score, flat index parent * C + code) over its K beams, only the
@@ -366,11 +386,11 @@ std::int64_t Recommender::Impl::decode(Workspace& ws, std::size_t B, std::int64_
   const std::int64_t backbone_dims[2] = {std::int64_t(B), T};      // dim names sorted: batch, tokens
   ws.runners[0]->run(backbone_dims);                                // hidden_all [B, L+1, H]
   stage(ws, s_backbone(), t0);
-  std::int64_t K = 1;                                               // beams per user
+  std::int64_t K = 1, K_prev = 1;                                   // beams per user: this level's, the last
   std::fill(ws.scores.get(), ws.scores.get() + B, 0.0f);
   std::fill(ws.keys.get(), ws.keys.get() + B, 0);
   for (int level = 0; level < L; ++level) {
-    expand(ws, level, B, K);
+    expand(ws, level, B, K, K_prev);
     stage(ws, s_head(level), t0);
     const std::int64_t K_next = std::min<std::int64_t>(beam, K * manifest.layout.codes[std::size_t(level)]);
     for (std::size_t b = 0; b < B; ++b) {
@@ -381,6 +401,7 @@ std::int64_t Recommender::Impl::decode(Workspace& ws, std::size_t B, std::int64_
     }
     std::swap(ws.scores, ws.next_scores);
     std::swap(ws.keys, ws.next_keys);
+    K_prev = K;
     K = K_next;
   }
   return K;

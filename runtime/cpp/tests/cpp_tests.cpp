@@ -581,7 +581,9 @@ void test_steady_state_allocates_nothing() {
   std::cout << "  50 requests: " << t_ours << " allocations by the runtime, " << t_ort
             << " inside ONNX Runtime's Run (not counted), rebinds " << rec->rebinds() - rebinds << "\n";
   CHECK(t_ours == 0);
-  CHECK(rec->rebinds() == rebinds);
+  // Same batch, history length and beam: only the heads' `parents` dim moves with the users (levels 1 ..
+  // L-1 may rebind parent_state, nothing else).
+  CHECK(rec->rebinds() - rebinds <= 50 * std::int64_t(rec->levels() - 1));
   // The hook sees the runtime's allocations: a vector-returning call allocates its results.
   t_ours = 0;
   t_counting = true;
