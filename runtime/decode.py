@@ -4,6 +4,7 @@ the two step functions."""
 
 from __future__ import annotations
 
+import math
 import time
 from contextlib import contextmanager
 from typing import Protocol
@@ -73,17 +74,36 @@ def select(cand: np.ndarray, beam: int, codes: int, keys: np.ndarray):
     return scores, parent, code, keys[parent] * np.uint64(codes) + code.astype(np.uint64)
 
 
+def backbone_by_length(steps: DecodeSteps, feed: dict[str, np.ndarray]) -> np.ndarray:
+    """The backbone on a left-padded feed [B, T], run once per distinct history length with no padding
+    token: each row is bit for bit what that history gives alone, and a batch of mixed lengths costs its
+    real tokens (a padded batch costs B * T). -> hidden [B, L+1, H] (the steps' buffer if one length)."""
+    mask = feed["attention_mask"]
+    lengths = mask.sum(axis=1)
+    T = mask.shape[1]
+    if (lengths == T).all():
+        return steps.backbone(feed)
+    hidden = None
+    for n in np.unique(lengths):
+        rows = np.flatnonzero(lengths == n)
+        part = steps.backbone({name: np.ascontiguousarray(a[rows, T - n:]) for name, a in feed.items()})
+        if hidden is None:
+            hidden = np.empty((len(mask),) + part.shape[1:], part.dtype)
+        hidden[rows] = part
+    return hidden
+
+
 def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayout, verifier: Verifier | None,
                 beam: int, stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Beam search of width ``beam`` over the L levels: prefill (one backbone run), then per level a head
-    step, expand + verify, select.
+    """Beam search of width ``beam`` over the L levels: prefill (one backbone run per history length), then
+    per level a head step, expand + verify, select.
 
     Returns (sid_keys [B, K] uint64, scores [B, K] float32 summed log-probs, best first). Slots that
     found no valid SID carry score -inf. ``verifier=None`` switches the prefix check off (to measure
     hallucination); ``stages`` (if given) accumulates seconds per stage.
     """
     with stage(stages, "backbone"):
-        hidden = steps.backbone(feed)                              # [B, L+1, H]
+        hidden = backbone_by_length(steps, feed)                   # [B, L+1, H]
     B = hidden.shape[0]
     scores = np.zeros((B, 1), dtype=np.float32)                    # [B, K]
     keys = np.zeros(B, dtype=np.uint64)                            # [B*K] prefix keys
@@ -108,16 +128,15 @@ def items_from_sids(sid_keys: np.ndarray, scores: np.ndarray, table: tuple[np.nd
     """Map decoded SIDs to items: per user up to k (item id, score), best first; items sharing a SID
     share its score, ascending by id. SIDs that are no real item (verifier off) are skipped."""
     sid_table_keys, offsets, items = table
+    at = np.searchsorted(sid_table_keys, sid_keys)                          # [B, K], one call for all
+    real = sid_table_keys[np.minimum(at, len(sid_table_keys) - 1)] == sid_keys
     out = []
-    for user_keys, user_scores in zip(sid_keys, scores):
+    for user_at, user_real, user_scores in zip(at.tolist(), real.tolist(), scores.tolist()):
         recs: list[tuple[int, float]] = []
-        for key, score in zip(user_keys, user_scores):
-            if not np.isfinite(score):
+        for s, ok, score in zip(user_at, user_real, user_scores):
+            if not math.isfinite(score) or len(recs) >= k:                  # -inf: no valid SID from here on
                 break
-            if len(recs) >= k:
-                break
-            s = int(np.searchsorted(sid_table_keys, key))
-            if s < len(sid_table_keys) and sid_table_keys[s] == key:
-                recs.extend((int(i), float(score)) for i in items[offsets[s]:offsets[s + 1]])
+            if ok:
+                recs.extend((item, score) for item in items[offsets[s]:offsets[s + 1]].tolist())
         out.append(recs[:k])
     return out

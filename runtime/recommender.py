@@ -12,7 +12,7 @@ import numpy as np
 from .artifact import Artifact
 from .backends.base import GraphSteps, parse_device
 from .catalog import Catalog
-from .decode import beam_search, items_from_sids, stage
+from .decode import backbone_by_length, beam_search, items_from_sids, stage
 from .encoding import check_batch, encode_codes, history_codes, integer_array
 from .errors import NezhaError, OptionError
 from .manifest import PRECISIONS, ManifestError, graph_names
@@ -121,9 +121,10 @@ class Recommender:
         return encode_codes(history_codes(histories, self.catalog, unknown), self.layout, self.max_history)
 
     def backbone(self, feed: dict[str, np.ndarray]) -> np.ndarray:
-        """Backbone only (the latency floor): feed -> [B, L+1, H] float32, a view into this thread's
-        buffer that its next call overwrites (copy it to keep it)."""
-        return self.steps.backbone(feed)
+        """Backbone only (the latency floor), once per history length as the decode runs it: feed ->
+        [B, L+1, H] float32, for one length a view into this thread's buffer that its next call
+        overwrites (copy it to keep it)."""
+        return backbone_by_length(self.steps, feed)
 
     def beam_for(self, k, beam) -> int:
         """Check k and beam (plain integers, never bools) before any work and return the beam to use:

@@ -2,14 +2,14 @@
 dynamic batching in worker threads), the same routes on Ray Serve (``--engine ray``), and ``nezha loadtest``.
 Never imports torch.
 
-protocol (strict parsing, the library's messages, KServe v2 shapes) -> batching (cost model, plan_batch,
+protocol (strict parsing, the library's messages, KServe v2 shapes) -> batching (plan_batch,
 Batcher) -> model (a loaded artifact, reload bookkeeping) -> service (routes, deadlines, reload, drain) ->
 app (Starlette + uvicorn) or ray_engine (Ray Serve); metrics (Prometheus); loadtest; cli is the thin command.
 Names are imported lazily so that ``nezha recommend`` does not pay for the server's imports."""
 
 import importlib
 
-_EXPORTS = {"Batcher": "batching", "CostModel": "batching", "measure_cost": "batching", "plan_batch": "batching",
+_EXPORTS = {"Batcher": "batching", "plan_batch": "batching",
             "LoadOptions": "model", "load_model": "model", "ServeOptions": "service", "Service": "service"}
 __all__ = sorted(_EXPORTS)
 

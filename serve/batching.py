@@ -1,17 +1,12 @@
 """Dynamic batching that never pays for padding.
 
 Every history of every request becomes one ``Item``; worker threads (never the event loop) pull items
-from one bounded queue and run them as one backbone batch through ``Recommender.decode_codes``. A batch
-holds items of one model and one beam only (beam changes the search) and, by default, of one token
-length only (length buckets of width 0: no padding, answers bit-identical to solo ones). A history joins
-a batch only if the cost model says the grown batch costs less than the batch plus that history alone;
-with ``allow_padding`` the left padding to the longest history is paid for in that comparison, so
-histories of very different lengths stay apart. By induction a batch never costs more than its
-histories run one by one.
-
-The cost model is measured on the loaded model at start (``measure_cost``): seconds of
-``decode_codes`` for one and for B histories at three lengths, i.e. the solo cost and the marginal cost
-of one more history per token length (interpolated between them).
+from one bounded queue and run them as one batch through ``Recommender.decode_codes``. A batch holds
+items of one model and one beam (beam changes the search), of any lengths: the runtime runs the
+backbone once per history length with no padding token (``backbone_by_length``) and the draft head over
+all of them at once. So a batch costs its real tokens plus one head loop, never more than its histories
+one by one (equal-length backbone runs and a wider head loop only amortize fixed costs), and every
+answer is bit for bit the history's solo answer.
 """
 
 from __future__ import annotations
@@ -27,7 +22,6 @@ import numpy as np
 
 from nezha.runtime.decode import items_from_sids
 
-from .cost import CostModel
 from .protocol import DeadlineExceeded, Overloaded, Unavailable
 
 log = logging.getLogger("nezha.serve")
@@ -78,47 +72,40 @@ class Item:
     arrived: float = field(default_factory=time.perf_counter)
 
 
-def plan_batch(queue: list[Item], max_batch: int, cost: CostModel | None, allow_padding: bool = False) -> list[int]:
-    """Positions in ``queue`` of the next batch: the oldest item, then the items of the same model and
-    beam that the cost model says are worth adding, nearest in length first. ``cost=None``: batch 1.
+def tokens_of(codes: np.ndarray, max_history: int, levels: int) -> int:
+    """Backbone tokens of one encoded history: its kept items' codes plus L placeholders."""
+    return (min(len(codes), max_history) + 1) * levels
 
-    Without ``allow_padding`` only histories of exactly the oldest one's token length join: no padding at
-    all, and each answer is bit-identical to the history decoded alone (left padding changes the
-    backbone's floating-point rounding in the last bits, so padded batches are equal only to ~1e-6)."""
+
+def plan_batch(queue: list[Item], max_batch: int) -> list[int]:
+    """Positions in ``queue`` of the next batch: the first item, then the items of its model and beam in
+    queue order, up to ``max_batch`` (1: batching off)."""
     first = queue[0]
-    if cost is None or max_batch <= 1:
-        return [0]
-    same = [i for i, it in enumerate(queue) if it.model is first.model and it.beam == first.beam
-            and (allow_padding or it.tokens == first.tokens)]
-    same.sort(key=lambda i: (abs(queue[i].tokens - first.tokens), i))      # nearest length, then oldest
-    chosen, longest = [0], first.tokens
-    for i in same:
-        if i == 0:
-            continue
+    chosen = [0]
+    for i in range(1, len(queue)):
         if len(chosen) >= max_batch:
             break
-        if cost.worth_adding(len(chosen), longest, queue[i].tokens):
+        if queue[i].model is first.model and queue[i].beam == first.beam:
             chosen.append(i)
-            longest = max(longest, queue[i].tokens)
     return chosen
 
 
 def pick_seed(queue: list[Item], now: float, max_delay: float) -> int:
     """The item the next batch is built around: the oldest if it has waited ``max_delay`` seconds,
-    else the oldest of the largest group of equal (model, beam, tokens), so that batches grow."""
+    else the oldest of the largest group of equal (model, beam), so that batches grow."""
     if now - queue[0].arrived >= max_delay:
         return 0
     groups: dict = {}
     for i, it in enumerate(queue):
-        groups.setdefault((id(it.model), it.beam, it.tokens), []).append(i)
+        groups.setdefault((id(it.model), it.beam), []).append(i)
     return max(groups.values(), key=len)[0]
 
 
 class Batcher:
     """A bounded queue of Items and ``workers`` threads that decode them in batches.
 
-    A batch is built around the largest group of equal length waiting, unless the oldest history has
-    waited ``max_delay`` seconds: then around it (bounded unfairness, larger batches).
+    A batch is built around the largest group of one model and beam waiting, unless the oldest history
+    has waited ``max_delay`` seconds: then around it (bounded unfairness, larger batches).
 
     Each submitted item must hold its model (``item.model.acquire()``); the batcher releases it once
     the item is decoded or dropped, so that a reloaded-away model closes only when nothing uses it.
@@ -130,10 +117,10 @@ class Batcher:
     """
 
     def __init__(self, workers: int, max_batch: int, max_queue: int, max_wait: float = 0.0,
-                 observe: Callable | None = None, allow_padding: bool = False, max_delay: float = 0.01):
+                 observe: Callable | None = None, max_delay: float = 0.01):
         self.max_batch, self.max_queue, self.max_wait = max_batch, max_queue, max_wait
-        self.allow_padding, self.max_delay = allow_padding, max_delay
-        self.observe = observe or (lambda **kw: None)       # metrics hook: batch sizes, padding, queue depth
+        self.max_delay = max_delay
+        self.observe = observe or (lambda **kw: None)       # metrics hook: batch sizes, tokens, queue depth
         self._queue: deque[Item] = deque()
         self._cond = threading.Condition()
         self._closing = False
@@ -193,7 +180,7 @@ class Batcher:
                 if seed:                                      # seed first, the rest in arrival order
                     queue.insert(0, queue.pop(seed))
                 first = queue[0]
-                chosen = plan_batch(queue, self.max_batch, first.model.cost, self.allow_padding)
+                chosen = plan_batch(queue, self.max_batch)
                 wait_left = first.arrived + self.max_wait - now
                 # Hold a partial batch only while enough arrivals are expected within the wait.
                 if (len(chosen) < self.max_batch and wait_left > 0 and not self._closing
@@ -236,9 +223,7 @@ class Batcher:
             for it in batch:
                 it.pending.fail(e)
             return
-        longest = max(it.tokens for it in batch)
-        self.observe(batch_size=len(batch), seconds=time.perf_counter() - t0,
-                     padding=sum(longest - it.tokens for it in batch), tokens=sum(it.tokens for it in batch))
+        self.observe(batch_size=len(batch), seconds=time.perf_counter() - t0, tokens=sum(it.tokens for it in batch))
         for j, it in enumerate(batch):               # SIDs -> items here, not on the event loop
             it.pending.set_result(it.index, items_from_sids(keys[j:j + 1], scores[j:j + 1], model.rec.sid_table, it.k)[0])
 

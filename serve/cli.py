@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 
@@ -31,8 +30,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--name", default="nezha", help="model name in the /v2/models/{name} routes")
     p.add_argument("--engine", default="uvicorn", choices=["uvicorn", "ray"])
     p.add_argument("--replicas", type=ascii_int, default=1, help="Ray Serve replicas (--engine ray)")
-    p.add_argument("--workers", type=ascii_int, default=os.cpu_count() or 1,
-                   help="decode threads (default: one per core); with --engine ray: per replica")
+    p.add_argument("--workers", type=ascii_int, default=None,
+                   help="decode threads (default: one per core if at least 75%% of a decode runs in the backend, "
+                        "outside Python's GIL, as measured at load; else one); with --engine ray: per replica")
     p.add_argument("--threads", type=ascii_int, default=1, help="ONNX Runtime intra-op threads per decode thread")
     p.add_argument("--max-batch", type=ascii_int, default=None,
                    help="histories per backbone batch (default: the artifact's max_batch; 1 switches batching off)")
@@ -42,9 +42,6 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-delay-ms", type=float, default=10.0,
                    help="batches grow around the largest group of equal-length histories waiting, except "
                         "that a history waiting this long is served first (bounded unfairness)")
-    p.add_argument("--allow-padding", action="store_true",
-                   help="also batch histories of different lengths when the measured cost model says it pays "
-                        "(answers then equal solo ones to ~1e-6, not bit for bit)")
     p.add_argument("--max-queue", type=ascii_int, default=256, help="histories waiting at most; beyond it 429 at once")
     p.add_argument("--timeout-ms", type=float, default=2000.0, help="per-request deadline; beyond it 504")
     p.add_argument("--max-body-bytes", type=ascii_int, default=1 << 20, help="larger bodies get 413")
@@ -89,7 +86,7 @@ def run_serve(a) -> int:
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value, low in (("--workers", a.workers, 1), ("--threads", a.threads, 1), ("--replicas", a.replicas, 1),
                              ("--max-queue", a.max_queue, 1), ("--max-body-bytes", a.max_body_bytes, 1024)):
-        if value < low:
+        if value is not None and value < low:
             return _fail("serve", ValueError(f"{name} must be >= {low}, got {value}"))
     if a.max_batch is not None and a.max_batch < 1:
         return _fail("serve", ValueError(f"--max-batch must be >= 1, got {a.max_batch}"))
@@ -97,9 +94,8 @@ def run_serve(a) -> int:
         return _fail("serve", ValueError(f"{a.artifact} is not an artifact folder (no manifest.json)"))
     options = ServeOptions(name=a.name, workers=a.workers, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
                            max_queue=a.max_queue, timeout_ms=a.timeout_ms, max_body_bytes=a.max_body_bytes,
-                           allow_padding=a.allow_padding, max_delay_ms=a.max_delay_ms)
-    load = LoadOptions(backend=a.backend, device=a.device, precision=a.precision, threads=a.threads,
-                       batching=a.max_batch != 1)
+                           max_delay_ms=a.max_delay_ms)
+    load = LoadOptions(backend=a.backend, device=a.device, precision=a.precision, threads=a.threads)
     try:
         if a.engine == "ray":
             from .ray_engine import serve_blocking

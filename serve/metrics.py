@@ -21,18 +21,16 @@ class Metrics:
         self.batch_size = Histogram("nezha_batch_size", "Histories per backbone batch", buckets=BATCH_BUCKETS, registry=r)
         self.batch_seconds = Histogram("nezha_batch_seconds", "Decode time per batch, seconds",
                                        buckets=LATENCY_BUCKETS, registry=r)
-        self.padding = Counter("nezha_padding_tokens", "Left-padding tokens paid in batches", registry=r)
         self.tokens = Counter("nezha_history_tokens", "Real backbone tokens decoded", registry=r)
         self.queue_depth = Gauge("nezha_queue_depth", "Histories waiting for a worker", registry=r)
         self.reloads = Counter("nezha_reloads", "Artifact reloads by result", ["result"], registry=r)
         self.ready = Gauge("nezha_ready", "1 when the server takes requests", registry=r)
 
-    def observe(self, batch_size=None, seconds=None, padding=None, tokens=None, queue_depth=None) -> None:
+    def observe(self, batch_size=None, seconds=None, tokens=None, queue_depth=None) -> None:
         """The batcher's hook (called from worker threads; prometheus_client is thread-safe)."""
         if batch_size is not None:
             self.batch_size.observe(batch_size)
             self.batch_seconds.observe(seconds)
-            self.padding.inc(padding)
             self.tokens.inc(tokens)
         if queue_depth is not None:
             self.queue_depth.set(queue_depth)

@@ -1,4 +1,4 @@
-"""A loaded artifact as the server holds it: the Recommender, its measured cost model, a version, and
+"""A loaded artifact as the server holds it: the Recommender, a version, and
 a count of requests still using it so that a reload can close the old one only when they are done."""
 
 from __future__ import annotations
@@ -12,20 +12,17 @@ from pathlib import Path
 
 from nezha.runtime import Recommender
 
-from .cost import CostModel, measure_cost
-
 log = logging.getLogger("nezha.serve")
 
 
 @dataclass
 class LoadOptions:
-    """How to open an artifact (Recommender.load's arguments) and whether to batch."""
+    """How to open an artifact (Recommender.load's arguments)."""
 
     backend: str = "onnxruntime"
     device: str | None = None
     precision: str | None = None
     threads: int | None = 1
-    batching: bool = True
 
 
 @dataclass(eq=False)
@@ -33,7 +30,7 @@ class LoadedModel:
     rec: Recommender
     artifact: Path
     version: str                                  # short hash of manifest.json: changes with the artifact
-    cost: CostModel | None                        # None: batching off
+    backend_share: float = 1.0                    # of a decode's time, the share inside the backend (GIL released)
     loaded_at: float = field(default_factory=time.time)
     _users: int = 0
     _retired: bool = False
@@ -67,25 +64,37 @@ class LoadedModel:
         return {"artifact": str(self.artifact), "version": self.version, "loaded_at": self.loaded_at, "backend": rec.backend,
                 "precision": rec.precision, "max_batch": rec.max_batch, "max_beam": rec.max_beam,
                 "max_history": rec.max_history, "levels": rec.layout.levels, "items": len(rec.catalog.item_ids),
-                "cost_model": self.cost.as_dict() if self.cost else None}
+                "backend_share": round(self.backend_share, 3)}
+
+
+def backend_share(rec: Recommender, repeats: int = 5) -> float:
+    """Of a solo decode (a mid-length history, beam 20), the share of time spent in the backend's graph
+    runs, where the GIL is released: the rest is the Python loop, which decode threads cannot overlap."""
+    history = rec.catalog.item_codes[:max(1, rec.max_history // 2)]
+    best = (0.0, float("inf"))
+    for _ in range(repeats):
+        stages: dict = {}
+        t0 = time.perf_counter()
+        rec.decode_codes([history], min(20, rec.max_beam), stages)
+        total = time.perf_counter() - t0
+        inside = sum(v for k, v in stages.items() if k == "backbone" or k.startswith("head_"))
+        best = min(best, (inside, total), key=lambda x: x[1])
+    return best[0] / best[1]
 
 
 def load_model(artifact: str | Path, options: LoadOptions) -> LoadedModel:
-    """Open and verify (sha256 of every file) an artifact, run one request through it, and measure its
-    cost model when batching. Raises the library's NezhaError for a bad or corrupt artifact."""
+    """Open and verify (sha256 of every file) an artifact, run one request through it and measure how
+    much of a decode runs outside the GIL. Raises the library's NezhaError for a bad or corrupt artifact."""
     artifact = Path(artifact).resolve()
     rec = Recommender.load(artifact, backend=options.backend, device=options.device,
                            precision=options.precision, threads=options.threads, verify=True)
     try:
         rec.decode_codes([rec.catalog.item_codes[:1]], min(20, rec.max_beam))       # smoke test, binds buffers
-        # one intra-op thread: ONNX Runtime computes in this thread, so its CPU time is the cost, unskewed
-        # by other processes taking the cores while we measure
-        clock = time.thread_time if options.threads == 1 and options.backend == "onnxruntime" else time.perf_counter
-        cost = measure_cost(rec, clock=clock) if options.batching and rec.max_batch > 1 else None
+        share = backend_share(rec)
     except BaseException:
         rec.close()
         raise
     version = hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest()[:12]
-    model = LoadedModel(rec, artifact, version, cost)
-    log.info("loaded %s version %s; cost model %s", artifact, version, cost)
+    model = LoadedModel(rec, artifact, version, share)
+    log.info("loaded %s version %s; %.0f%% of a decode runs in the backend", artifact, version, 100 * share)
     return model

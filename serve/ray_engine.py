@@ -2,8 +2,8 @@
 
 Each replica is one ``NezhaDeployment`` actor holding a ``Service`` whose decoding goes through Ray's own
 request batching (``@serve.batch``) instead of the local Batcher: Ray collects the histories of concurrent
-requests, and the batch handler splits them with the same ``plan_batch`` (one model, one beam, one token
-length unless padding pays) and decodes each group in a worker thread (``asyncio.to_thread``), never on
+requests, and the batch handler splits them with the same ``plan_batch`` (one model, one beam, any
+lengths) and decodes each group in a worker thread (``asyncio.to_thread``), never on
 the replica's event loop. Ray's HTTP proxy routes every path to the deployment (``route_prefix="/"``),
 so ``/v1/recommend``, the v2 routes and ``/metrics`` (per replica) answer as with uvicorn. On a Ray
 cluster the same deployment spreads its replicas across machines with no code change (install this
@@ -26,8 +26,7 @@ from starlette.requests import Request                      # noqa: E402
 
 from . import protocol as P                                 # noqa: E402
 from .app import read_body, to_response                     # noqa: E402
-from .batching import Item, Pending, plan_batch  # noqa: E402
-from .cost import tokens_of  # noqa: E402
+from .batching import Item, Pending, plan_batch, tokens_of  # noqa: E402
 from .model import LoadOptions, load_model                  # noqa: E402
 from .service import ServeOptions, Service                  # noqa: E402
 
@@ -80,7 +79,7 @@ class RayService(Service):
             self.outstanding -= n
 
 
-def decode_items(items: list[Item], max_batch: int, allow_padding: bool, observe) -> list:
+def decode_items(items: list[Item], max_batch: int, observe) -> list:
     """Ray's batch -> per item its (item id, score) list, decoding groups that plan_batch forms. Runs
     in a worker thread. Items whose request already failed (deadline) are skipped (None)."""
     results: list = [None] * len(items)
@@ -88,15 +87,13 @@ def decode_items(items: list[Item], max_batch: int, allow_padding: bool, observe
     try:
         while live:
             queue = [items[i] for i in live]
-            chosen = plan_batch(queue, max_batch, queue[0].model.cost, allow_padding)
+            chosen = plan_batch(queue, max_batch)
             group = [live[j] for j in chosen]
             batch = [items[i] for i in group]
             t0 = time.perf_counter()
             rec = batch[0].model.rec
             keys, scores = rec.decode_codes([it.codes for it in batch], batch[0].beam)
-            longest = max(it.tokens for it in batch)
-            observe(batch_size=len(batch), seconds=time.perf_counter() - t0,
-                    padding=sum(longest - it.tokens for it in batch), tokens=sum(it.tokens for it in batch))
+            observe(batch_size=len(batch), seconds=time.perf_counter() - t0, tokens=sum(it.tokens for it in batch))
             for j, i in enumerate(group):
                 results[i] = items_from_sids(keys[j:j + 1], scores[j:j + 1], rec.sid_table, items[i].k)[0]
             chosen_set = set(group)
@@ -109,7 +106,7 @@ def decode_items(items: list[Item], max_batch: int, allow_padding: bool, observe
 
 @serve.deployment(name="nezha", max_ongoing_requests=256)
 class NezhaDeployment:
-    """One replica: loads the artifact (verified), measures its cost model, answers every route."""
+    """One replica: loads the artifact (verified), answers every route."""
 
     def __init__(self, artifact: str, options: dict, load: dict):
         self.options, load_options = ServeOptions(**options), LoadOptions(**load)
@@ -124,8 +121,7 @@ class NezhaDeployment:
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=2)
     async def decode_one(self, items: list[Item]) -> list:
-        return await asyncio.to_thread(decode_items, items, self.max_batch, self.options.allow_padding,
-                                       self.service.metrics.observe)
+        return await asyncio.to_thread(decode_items, items, self.max_batch, self.service.metrics.observe)
 
     async def __call__(self, request: Request):
         reply = await self.service.handle(request.method, request.url.path, lambda limit: read_body(request, limit),

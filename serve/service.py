@@ -13,6 +13,7 @@ Routes:
 from __future__ import annotations
 
 import asyncio
+import os
 import logging
 import re
 import time
@@ -23,8 +24,7 @@ from typing import Awaitable, Callable
 from nezha.runtime.errors import NezhaError
 
 from . import protocol as P
-from .batching import Batcher, Item, Pending
-from .cost import tokens_of
+from .batching import Batcher, Item, Pending, tokens_of
 from .metrics import Metrics
 from .model import LoadedModel, LoadOptions, load_model
 
@@ -45,14 +45,24 @@ class ServeOptions:
     """Server knobs (the CLI's option names)."""
 
     name: str = "nezha"
-    workers: int = 2                    # decode threads; each runs ONNX Runtime with --threads intra-op threads
+    workers: int | None = None          # decode threads (None: auto_workers); each runs the backend with --threads
     max_batch: int | None = None        # histories per batch (default: the artifact's max_batch; 1 = off)
     max_wait_ms: float = 0.0            # how long a partial batch may wait for arrivals (only while frequent)
     max_queue: int = 256                # histories waiting; beyond it 429 at once
     timeout_ms: float = 2000.0          # per-request deadline (queue + decode); beyond it 504
     max_body_bytes: int = 1 << 20
     max_delay_ms: float = 10.0          # the oldest history is served first once it waited this long
-    allow_padding: bool = False         # batch histories of different lengths when the cost model says it pays
+
+
+def auto_workers(backend_share: float, cores: int | None = None) -> int:
+    """Decode threads by default: one per core when a decode runs mostly in the backend with the GIL
+    released (large models: the threads compute in parallel), else one (small models: the Python loop
+    dominates, and a second thread only contends for the GIL with the first and the event loop)."""
+    cores = cores or os.cpu_count() or 1
+    return cores if backend_share >= WORKERS_SHARE else 1
+
+
+WORKERS_SHARE = 0.75
 
 
 class Service:
@@ -60,7 +70,7 @@ class Service:
                  model: LoadedModel | None = None):
         self.artifact = Path(artifact)
         self.options = options or ServeOptions()
-        self.load_options = load or LoadOptions(batching=self.options.max_batch != 1)
+        self.load_options = load or LoadOptions()
         self.metrics = Metrics()
         self.model: LoadedModel | None = model          # preloaded (the CLI), else loaded by start()
         self.batcher: Batcher | None = None
@@ -77,8 +87,10 @@ class Service:
     def start_engine(self) -> None:
         o = self.options
         max_batch = self.model.rec.max_batch if o.max_batch is None else min(o.max_batch, self.model.rec.max_batch)
-        self.batcher = Batcher(o.workers, max_batch, o.max_queue, o.max_wait_ms / 1e3, self.metrics.observe,
-                               o.allow_padding, o.max_delay_ms / 1e3)
+        workers = o.workers or auto_workers(self.model.backend_share)
+        log.info("%d decode thread(s), batches of up to %d histories", workers, max_batch)
+        self.batcher = Batcher(workers, max_batch, o.max_queue, o.max_wait_ms / 1e3, self.metrics.observe,
+                               o.max_delay_ms / 1e3)
 
     async def stop(self) -> None:
         """Drain: refuse new work (503), decode what is queued, close the model."""

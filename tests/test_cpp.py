@@ -195,6 +195,16 @@ def test_threads_give_the_serial_answers(cpp_build, artifact):
         assert got == serial[beam]
 
 
+def test_a_batch_gives_each_history_its_solo_answer_bit_for_bit(cpp_build, artifact):
+    """One backbone run per history length, no padding: batching changes no score, in C++ as in Python."""
+    histories = tiny_histories(tiny_catalog(), n=MAX_BATCH, seed=8)
+    assert len({len(h) for h in histories}) > 1
+    with cpp(artifact) as cc, Recommender.load(artifact) as py:
+        batched = cc.recommend(histories, k=4, beam=16)
+        assert batched == [cc.recommend([h], k=4, beam=16)[0] for h in histories]
+        assert batched == py.recommend(histories, k=4, beam=16)
+
+
 def test_corrupt_artifacts_are_refused_with_the_reason(cpp_build, artifact, tmp_path):
     from nezha.runtime.backends.cpp import CppRuntimeError
     bad = tmp_path / "bad"

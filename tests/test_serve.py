@@ -23,9 +23,9 @@ from conftest import tiny_catalog, tiny_histories, tiny_model, write_index
 from nezha.export.build import build
 from nezha.model.checkpoint import save_checkpoint
 from nezha.runtime import Recommender
-from nezha.serve import CostModel, LoadOptions, ServeOptions, Service
+from nezha.serve import LoadOptions, ServeOptions, Service
 from nezha.serve.app import create_app
-from nezha.serve.batching import Item, plan_batch
+from nezha.serve.batching import Item, pick_seed, plan_batch
 
 MAX_BATCH, MAX_BEAM = 8, 16
 HTTP_TIMEOUT = 20.0
@@ -87,7 +87,7 @@ def serve(artifacts):
     servers = []
 
     def start(artifact=None, **options) -> Server:
-        load = LoadOptions(threads=1, batching=options.get("max_batch") != 1)
+        load = LoadOptions(threads=1)
         s = Server(Service(artifact or artifacts[0], ServeOptions(**{"workers": 2, **options}), load))
         servers.append(s)
         return s
@@ -165,7 +165,7 @@ def test_batches_form_under_concurrency_and_each_answer_equals_its_solo_answer(s
     _slow(s.service, 0.02)            # one slow worker: requests queue behind it and must be batched
     rng = np.random.default_rng(3)
     ids = tiny_catalog().item_ids
-    # equal and mixed lengths, two beams: batches group by beam and by what the cost model allows
+    # mixed lengths, two beams: batches group by beam, lengths mix
     requests = [{"histories": [rng.choice(ids, size=int(rng.integers(1, 12))).tolist()], "k": 4,
                  "beam": int(rng.choice([8, 16]))} for _ in range(48)]
     with ThreadPoolExecutor(16) as pool:
@@ -185,34 +185,16 @@ def _item(tokens, beam=20, model="m"):
     return Item(np.zeros((1, 1)), tokens, beam, 10, model, None, 0)
 
 
-def _linear(fixed, per_history, per_token):
-    """A CostModel of fixed + B * (per_history + per_token * T), probed at 4..200 tokens."""
-    tokens = (4, 100, 200)
-    return CostModel(tokens, tuple(fixed + per_history + per_token * t for t in tokens),
-                     tuple(per_history + per_token * t for t in tokens))
-
-
-def test_a_batch_never_costs_more_than_its_histories_alone():
-    padding_bound = _linear(fixed=1e-3, per_history=1e-4, per_token=2e-5)   # padding 50 tokens = fixed cost
-    # equal lengths batch; with padding allowed 90 joins 95 and 70 (<= 50 padding tokens each) but not 10
-    assert len(plan_batch([_item(30) for _ in range(5)], 16, padding_bound)) == 5
-    assert plan_batch([_item(90), _item(10), _item(70), _item(95)], 16, padding_bound, allow_padding=True) == [0, 3, 2]
-    assert plan_batch([_item(90), _item(10), _item(90), _item(95)], 16, padding_bound) == [0, 2]   # exact lengths
-    assert plan_batch([_item(30), _item(30, beam=8), _item(30, model="n")], 16, padding_bound) == [0]
-    assert len(plan_batch([_item(30) for _ in range(20)], 16, padding_bound)) == 16
-    assert plan_batch([_item(30), _item(30)], 16, None) == [0]                    # batching off
-    no_gain = CostModel((4, 100), (1e-3, 2e-3), (1e-3, 2e-3))                 # a batch costs its parts: none
-    assert plan_batch([_item(30) for _ in range(5)], 16, no_gain) == [0]
-    rng = np.random.default_rng(0)
-    for _ in range(300):
-        tokens = (4, 50, 100)
-        solo = rng.uniform(1e-4, 2e-3, 3)
-        cost = CostModel(tokens, tuple(solo), tuple(solo * rng.uniform(0.2, 1.3, 3)))
-        queue = [_item(int(t)) for t in rng.integers(4, 100, rng.integers(1, 30))]
-        chosen = plan_batch(queue, 64, cost, allow_padding=True)
-        picked = [queue[i].tokens for i in chosen]
-        assert chosen[0] == 0 and len(set(chosen)) == len(chosen)
-        assert cost.cost(len(picked), max(picked)) <= sum(cost.cost(1, t) for t in picked) + 1e-12
+def test_a_batch_is_one_model_and_beam_of_any_lengths_oldest_first():
+    mixed = [_item(90), _item(10), _item(70, beam=8), _item(95), _item(30, model="n"), _item(12)]
+    assert plan_batch(mixed, 16) == [0, 1, 3, 5]                       # lengths mix: no padding is ever paid
+    assert plan_batch(mixed, 2) == [0, 1]
+    assert plan_batch(mixed, 1) == [0]                                 # batching off
+    assert len(plan_batch([_item(30) for _ in range(20)], 16)) == 16
+    assert pick_seed(mixed, now=mixed[0].arrived, max_delay=10.0) == 0            # the largest group is the oldest's
+    beams = [_item(30, beam=8), _item(30), _item(40), _item(50)]
+    assert pick_seed(beams, now=beams[0].arrived, max_delay=10.0) == 1            # else the largest group first
+    assert pick_seed(beams, now=beams[0].arrived + 11.0, max_delay=10.0) == 0     # unless the oldest waited too long
 
 
 def test_overload_answers_429_at_once_and_the_server_stays_healthy(serve, library):

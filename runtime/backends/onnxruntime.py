@@ -119,12 +119,14 @@ class OrtRunner(GraphRunner):
         self._views: dict[str, np.ndarray] = {}
 
     def _bind(self, dims):
-        for name, t in self.inputs.items():
-            view = self._views[name] = prefix_view(self._buffers[name], self.shape(t, dims))
-            self.binding.bind_input(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
-        for name, t in self.outputs.items():
-            view = self._views[name] = prefix_view(self._buffers[name], self.shape(t, dims))
-            self.binding.bind_output(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
+        """Bind the tensors whose shape changed (all at first; then e.g. only a head's parent_state)."""
+        for tensors, bind in ((self.inputs, self.binding.bind_input), (self.outputs, self.binding.bind_output)):
+            for name, t in tensors.items():
+                shape = self.shape(t, dims)
+                if name in self._views and self._views[name].shape == shape:
+                    continue
+                view = self._views[name] = prefix_view(self._buffers[name], shape)
+                bind(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
 
     def _execute(self, feed):
         for name in self.inputs:

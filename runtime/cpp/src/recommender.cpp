@@ -49,7 +49,8 @@ std::unique_ptr<T[]> buffer(std::size_t n) {
 // One thread's buffers and bindings, allocated once for the manifest's largest shapes.
 struct Workspace {
   std::unique_ptr<std::int64_t[]> input_ids, attention_mask;    // [max_batch, max_tokens]
-  std::unique_ptr<float[]> hidden_all;                         // [max_batch, L+1, H] backbone output
+  std::unique_ptr<float[]> hidden_run, hidden_all;             // [max_batch, L+1, H]: one backbone run's output, all rows
+  std::unique_ptr<std::int32_t[]> run_rows;                    // [max_batch] the batch rows of one backbone run
   std::unique_ptr<float[]> parent_state, hidden, state;        // [max_beams, H] (shared by the heads)
   std::unique_ptr<std::int64_t[]> parent_row;                  // [max_beams] each beam's row of parent_state
   std::unique_ptr<std::int64_t[]> code;                        // [max_beams]
@@ -87,8 +88,9 @@ struct Recommender::Impl {
   std::unique_ptr<Workspace> make_workspace();
   void check_request(std::size_t count, int k, int beam) const;
   void check_histories(const HistoryBatch& h, Unknown unknown) const;
-  void encode(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count, std::int64_t& T) const;
-  std::int64_t decode(Workspace& ws, std::size_t B, std::int64_t T, int beam) const;   // -> beams per user
+  void keep(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count) const;
+  void backbone(Workspace& ws, std::size_t B, Clock::time_point& t0) const;
+  std::int64_t decode(Workspace& ws, std::size_t B, int beam) const;   // -> beams per user
   void expand(Workspace& ws, int level, std::size_t B, std::int64_t K, std::int64_t K_prev) const;
   std::int64_t verify(Workspace& ws, int level, std::size_t b, std::int64_t K) const;
   void select(Workspace& ws, int level, std::size_t b, std::int64_t K, std::int64_t K_next, std::int64_t m) const;
@@ -112,7 +114,9 @@ std::unique_ptr<Workspace> Recommender::Impl::make_workspace() {
   const std::int64_t B = manifest.limits.max_batch;
   ws->input_ids = buffer<std::int64_t>(std::size_t(B * max_tokens));
   ws->attention_mask = buffer<std::int64_t>(std::size_t(B * max_tokens));
+  ws->hidden_run = buffer<float>(std::size_t(B * (L + 1) * H));
   ws->hidden_all = buffer<float>(std::size_t(B * (L + 1) * H));
+  ws->run_rows = buffer<std::int32_t>(std::size_t(B));
   ws->parent_state = buffer<float>(std::size_t(max_beams * H));
   ws->hidden = buffer<float>(std::size_t(max_beams * H));
   ws->state = buffer<float>(std::size_t(max_beams * H));
@@ -134,7 +138,7 @@ std::unique_ptr<Workspace> Recommender::Impl::make_workspace() {
   for (std::size_t g = 0; g < names.size(); ++g) {
     std::vector<void*> bufs;
     if (g == 0) {
-      bufs = {ws->input_ids.get(), ws->attention_mask.get(), ws->hidden_all.get()};
+      bufs = {ws->input_ids.get(), ws->attention_mask.get(), ws->hidden_run.get()};
     } else {
       bufs = {ws->parent_state.get()};                           // level 0: the roots
       if (g > 1) bufs.insert(bufs.end(), {ws->parent_row.get(), ws->code.get()});
@@ -264,39 +268,50 @@ void Recommender::Impl::check_histories(const HistoryBatch& h, Unknown unknown) 
   }
 }
 
-// Histories [first, first + count) -> input_ids, attention_mask [count, T]: the most recent max_history
-// known items as code tokens, then the L placeholders, left padded to the longest row. Unknown items are
-// skipped here: check_histories refused them already under the "error" policy.
-void Recommender::Impl::encode(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count,
-                               std::int64_t& T) const {
+// Histories [first, first + count) -> kept [count, max_history] catalog rows (newest first) and kept_count:
+// the most recent max_history known items. Unknown items are skipped here: check_histories refused them
+// already under the "error" policy.
+void Recommender::Impl::keep(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count) const {
   const std::int64_t max_history = manifest.limits.max_history;
-  const Layout& layout = manifest.layout;
-  std::int64_t longest = 0;
   for (std::size_t b = 0; b < count; ++b) {
     const std::size_t u = first + b;
     std::int32_t* kept = ws.kept.get() + b * std::size_t(max_history);
     std::int64_t n = 0;
     for (std::int64_t j = h.offsets[u + 1] - 1; j >= h.offsets[u] && n < max_history; --j) {
       const std::int64_t row = tables.find_item(h.items[j]);
-      if (row >= 0) kept[n++] = std::int32_t(row);                // unknown items were refused or are skipped
+      if (row >= 0) kept[n++] = std::int32_t(row);
     }
-    longest = std::max(longest, n);
     ws.kept_count[b] = std::int32_t(n);                           // >= 1 (check_histories)
   }
-  T = (longest + 1) * L;
-  for (std::size_t b = 0; b < count; ++b) {
-    const std::int64_t n = ws.kept_count[b];
-    const std::int32_t* kept = ws.kept.get() + b * std::size_t(max_history);
-    std::int64_t* ids = ws.input_ids.get() + b * std::size_t(T);
-    std::int64_t* mask = ws.attention_mask.get() + b * std::size_t(T);
-    const std::int64_t pad = T - (n + 1) * L;
-    std::fill(ids, ids + pad, layout.pad_token_id);
-    std::fill(mask, mask + pad, 0);
-    std::fill(mask + pad, mask + T, 1);
-    std::int64_t t = pad;
-    for (std::int64_t m = n - 1; m >= 0; --m)                      // oldest kept item first
-      for (int l = 0; l < L; ++l) ids[t++] = tables.item_codes[std::size_t(kept[m]) * std::size_t(L) + std::size_t(l)] + layout.offsets[std::size_t(l)];
-    for (int l = 0; l < L; ++l) ids[t++] = layout.placeholder_start + l;
+}
+
+// The backbone for the B kept rows -> hidden_all [B, L+1, H], run once per distinct history length with
+// no padding (runtime/decode.py, backbone_by_length): each row is bit for bit what it gives alone. A run's
+// input_ids are the rows' code tokens, oldest kept item first, then the L placeholders.
+void Recommender::Impl::backbone(Workspace& ws, std::size_t B, Clock::time_point& t0) const {
+  const Layout& layout = manifest.layout;
+  const std::size_t max_history = std::size_t(manifest.limits.max_history), stride = std::size_t(L + 1) * std::size_t(H);
+  for (std::int32_t n = 1; n <= std::int32_t(max_history); ++n) {
+    const std::int64_t T = (n + 1) * L;
+    std::size_t rows = 0;
+    for (std::size_t b = 0; b < B; ++b) {
+      if (ws.kept_count[b] != n) continue;
+      const std::int32_t* kept = ws.kept.get() + b * max_history;
+      std::int64_t* ids = ws.input_ids.get() + rows * std::size_t(T);
+      std::int64_t t = 0;
+      for (std::int64_t m = n - 1; m >= 0; --m)
+        for (int l = 0; l < L; ++l) ids[t++] = tables.item_codes[std::size_t(kept[m]) * std::size_t(L) + std::size_t(l)] + layout.offsets[std::size_t(l)];
+      for (int l = 0; l < L; ++l) ids[t++] = layout.placeholder_start + l;
+      ws.run_rows[rows++] = std::int32_t(b);
+    }
+    if (rows == 0) continue;
+    std::fill(ws.attention_mask.get(), ws.attention_mask.get() + rows * std::size_t(T), 1);
+    stage(ws, s_encode(), t0);
+    const std::int64_t dims[2] = {std::int64_t(rows), T};          // dim names sorted: batch, tokens
+    ws.runners[0]->run(dims);                                       // hidden_run [rows, L+1, H]
+    for (std::size_t r = 0; r < rows; ++r)
+      std::memcpy(ws.hidden_all.get() + std::size_t(ws.run_rows[r]) * stride, ws.hidden_run.get() + r * stride, stride * sizeof(float));
+    stage(ws, s_backbone(), t0);
   }
 }
 
@@ -378,14 +393,11 @@ void Recommender::Impl::select(Workspace& ws, int level, std::size_t b, std::int
   }
 }
 
-// Beam search of width `beam` for the B encoded rows (runtime/decode.py, beam_search): backbone, then per
-// level expand, verify, select. Leaves per user K (returned) beams: ws.keys [B, K] SID keys and ws.scores
+// Beam search of width `beam` for the B rows of hidden_all (runtime/decode.py, beam_search): per level
+// expand, verify, select. Leaves per user K (returned) beams: ws.keys [B, K] SID keys and ws.scores
 // [B, K] summed log-probs, best first, -inf where no valid SID was found.
-std::int64_t Recommender::Impl::decode(Workspace& ws, std::size_t B, std::int64_t T, int beam) const {
+std::int64_t Recommender::Impl::decode(Workspace& ws, std::size_t B, int beam) const {
   Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};
-  const std::int64_t backbone_dims[2] = {std::int64_t(B), T};      // dim names sorted: batch, tokens
-  ws.runners[0]->run(backbone_dims);                                // hidden_all [B, L+1, H]
-  stage(ws, s_backbone(), t0);
   std::int64_t K = 1, K_prev = 1;                                   // beams per user: this level's, the last
   std::fill(ws.scores.get(), ws.scores.get() + B, 0.0f);
   std::fill(ws.keys.get(), ws.keys.get() + B, 0);
@@ -421,10 +433,10 @@ void Recommender::recommend_into(const HistoryBatch& h, int k, int beam, Unknown
   const Tables& t = im.tables;
   for (std::size_t first = 0; first < h.count; first += std::size_t(im.manifest.limits.max_batch)) {
     const std::size_t B = std::min(h.count - first, std::size_t(im.manifest.limits.max_batch));
-    std::int64_t T = 0;
-    im.encode(ws, h, first, B, T);
+    im.keep(ws, h, first, B);
     im.stage(ws, im.s_encode(), t0);
-    const std::int64_t K = im.decode(ws, B, T, beam);
+    im.backbone(ws, B, t0);
+    const std::int64_t K = im.decode(ws, B, beam);
     if (ws.timing) t0 = Clock::now();
     // items: SIDs -> items (items of one SID share its score, ascending by id), stop at the first -inf, cut at k
     for (std::size_t b = 0; b < B; ++b) {
@@ -456,12 +468,9 @@ void Recommender::backbone_only(const HistoryBatch& h, Unknown unknown) {
   im.check_histories(h, unknown);
   for (std::size_t first = 0; first < h.count; first += std::size_t(im.manifest.limits.max_batch)) {
     const std::size_t B = std::min(h.count - first, std::size_t(im.manifest.limits.max_batch));
-    std::int64_t T = 0;
-    im.encode(ws, h, first, B, T);
+    im.keep(ws, h, first, B);
     im.stage(ws, im.s_encode(), t0);
-    const std::int64_t dims[2] = {std::int64_t(B), T};
-    ws.runners[0]->run(dims);
-    im.stage(ws, im.s_backbone(), t0);
+    im.backbone(ws, B, t0);
   }
 }
 
