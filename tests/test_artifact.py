@@ -99,8 +99,8 @@ MANIFEST_CASES = {
     "codes vs graphs": (lambda raw: raw["layout"].update(codes=[9, 8, 8], offsets=[2, 11, 19], placeholder_start=27), "contradicts"),
     "broken layout": (_set(["layout", "offsets"], [2, 3, 4]), "code tokens must be contiguous"),
     "absurd buffers": (lambda raw: (raw["limits"].update(max_batch=10 ** 6, max_beam=10 ** 6),
-                                   [g["dynamic"].update(beams=[1, 10 ** 12]) for n, g in raw["graphs"]["fp32"].items()
-                                    if n.startswith("head")],
+                                   [g["dynamic"].update({d: [1, 10 ** 12] for d in g["dynamic"]})
+                                    for n, g in raw["graphs"]["fp32"].items() if n.startswith("head")],
                                    raw["graphs"]["fp32"]["backbone"]["dynamic"].update(batch=[1, 10 ** 6])),
                        "GiB at its largest shape"),
     "table shape vs manifest": (_set(["tables", "sid_items", "shape"], [3]), "tables.sid_items"),
