@@ -118,8 +118,10 @@ def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayo
             scores, flat_parent, code, keys = select(cand, beam, layout.codes[level], keys)
             beam_user = beam_user[flat_parent]
             if level < layout.levels - 1:                          # the next level's parents: beams with children
-                rows, parent = np.unique(flat_parent, return_inverse=True)
-                parents = (hidden[:, 0] if level == 0 else state)[rows]
+                has_children = np.zeros(len(logp), dtype=bool)
+                has_children[flat_parent] = True                   # ascending rows, each child's row among them
+                parent = (np.cumsum(has_children) - 1)[flat_parent]
+                parents = (hidden[:, 0] if level == 0 else state)[has_children]
     return keys.reshape(B, -1), scores
 
 
