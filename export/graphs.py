@@ -181,7 +181,7 @@ def finish_graph(path: Path, name: str, spec: GraphEntry) -> None:
                 dim.dim_param = size
             else:
                 dim.dim_value = size
-    proto.doc_string = f"nezha-deploy graph {name}"
+    proto.doc_string = f"nezha-deploy graph {name}"    # the loaders check it: swapped head files are refused
     for node in proto.graph.node:           # the exporter's stack traces name this checkout's paths and lines:
         del node.metadata_props[:]          # dropped, so a graph depends only on the model, not on where it was built
     onnx.save_model(proto, str(path))              # external data (if any) stays in place, untouched

@@ -93,6 +93,20 @@ def backbone_by_length(steps: DecodeSteps, feed: dict[str, np.ndarray]) -> np.nd
     return hidden
 
 
+COMPACT_FROM = 64     # beams: below it the numpy calls and rebinding cost more than the matmul rows they save
+
+
+def next_parents(states: np.ndarray, flat_parent: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The next level's parent_state and each kept beam's row in it: from COMPACT_FROM beams on, only the
+    beams that have children (ascending: the recurrent matmul runs on them alone); below, all beams as
+    they are (any superset gives the same states, and the shape then stays fixed from request to request)."""
+    if len(states) < COMPACT_FROM:
+        return states, flat_parent
+    has_children = np.zeros(len(states), dtype=bool)
+    has_children[flat_parent] = True
+    return states[has_children], (np.cumsum(has_children) - 1)[flat_parent]
+
+
 def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayout, verifier: Verifier | None,
                 beam: int, stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Beam search of width ``beam`` over the L levels: prefill (one backbone run per history length), then
@@ -117,11 +131,8 @@ def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayo
         with stage(stages, "select"):
             scores, flat_parent, code, keys = select(cand, beam, layout.codes[level], keys)
             beam_user = beam_user[flat_parent]
-            if level < layout.levels - 1:                          # the next level's parents: beams with children
-                has_children = np.zeros(len(logp), dtype=bool)
-                has_children[flat_parent] = True                   # ascending rows, each child's row among them
-                parent = (np.cumsum(has_children) - 1)[flat_parent]
-                parents = (hidden[:, 0] if level == 0 else state)[has_children]
+            if level < layout.levels - 1:
+                parents, parent = next_parents(hidden[:, 0] if level == 0 else state, flat_parent)
     return keys.reshape(B, -1), scores
 
 

@@ -230,6 +230,35 @@ def test_tables_that_break_their_entry_or_invariants_are_refused(artifact, tmp_p
         Recommender.load(bad)
 
 
+def _graph_bytes(artifact, rel, edit) -> bytes:
+    import onnx
+    proto = onnx.load(str(artifact / rel))
+    edit(proto)
+    return proto.SerializeToString()
+
+
+def _described_as_head_2(proto):
+    proto.doc_string = "nezha-deploy graph head_2"
+
+
+def _parents_dim_renamed(proto):
+    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "beams"
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_described_as_head_2, r"says it is 'nezha-deploy graph head_2', the manifest uses it as 'head_1'"),
+    (_parents_dim_renamed, r"the graph's inputs .*'beams', 32.* differ from the manifest's"),
+])
+def test_a_graph_file_that_is_another_graph_is_refused_at_load(artifact, tmp_path, edit, message):
+    """Two heads of one interface (a swapped file) or a graph whose dynamic dims are not the manifest's
+    (a head that would ignore `parent`): the loader reads what the graph says of itself. Rehashed, so
+    only these checks stand between it and a wrong answer."""
+    rel = "graphs/fp32/head_1.onnx"
+    bad = tampered(artifact, tmp_path, files={rel: _graph_bytes(artifact, rel, edit)})
+    with pytest.raises(ManifestError, match=message):
+        Recommender.load(bad)
+
+
 def test_an_onnx_file_onnx_runtime_cannot_open_is_a_clear_error(artifact, tmp_path):
     bad = tampered(artifact, tmp_path, files={"graphs/fp32/head_1.onnx": b"\x08\x07garbage"})
     with pytest.raises(ManifestError, match="head_1.onnx: ONNX Runtime cannot open this graph"):

@@ -220,6 +220,31 @@ def test_corrupt_artifacts_are_refused_with_the_reason(cpp_build, artifact, tmp_
         cpp(artifact, "fp16")
 
 
+@pytest.mark.parametrize("edit, message", [
+    (lambda p: setattr(p, "doc_string", "nezha-deploy graph head_2"), "says it is 'nezha-deploy graph head_2'"),
+    (lambda p: setattr(p.graph.input[0].type.tensor_type.shape.dim[0], "dim_param", "beams"),
+     r"input parent_state has shape \[beams, 32\], the manifest's dims differ"),
+])
+def test_a_graph_file_that_is_another_graph_is_refused(cpp_build, artifact, tmp_path, edit, message):
+    """As in Python (tests/test_artifact.py): a head file swapped for another of one interface, or whose
+    dynamic dims are not the manifest's, is refused at load although its sha256 is listed."""
+    import hashlib
+
+    import onnx
+    from nezha.runtime.backends.cpp import CppRuntimeError
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    rel = "graphs/fp32/head_1.onnx"
+    proto = onnx.load(str(bad / rel))
+    edit(proto)
+    (bad / rel).write_bytes(proto.SerializeToString())
+    manifest = json.loads((bad / "manifest.json").read_text())
+    manifest["files"][rel] = hashlib.sha256((bad / rel).read_bytes()).hexdigest()
+    (bad / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CppRuntimeError, match=message):
+        cpp(bad)
+
+
 def test_recommender_load_offers_the_cpp_backend(cpp_build, artifact):
     from nezha.runtime.backends.cpp import CppRecommender
     with Recommender.load(artifact, backend="cpp", threads=1) as rec:

@@ -76,22 +76,29 @@ def open_sessions(paths: dict, device: str = "cpu", threads: int | None = None,
     outputs must be the manifest's (names in order, dtypes, fixed dims), else ManifestError."""
     sessions = {name: open_session(p, device, threads) for name, p in paths.items()}
     for name, entry in (entries or {}).items():
-        check_io(sessions[name], entry, paths[name])
+        check_io(sessions[name], entry, paths[name], name)
     return sessions
 
 
 _ORT_TYPES = {"int64": "tensor(int64)", "float32": "tensor(float)", "uint64": "tensor(uint64)"}
 
 
-def check_io(session, entry: GraphEntry, path) -> None:
+GRAPH_DESCRIPTION = "nezha-deploy graph "     # + the graph's name: what export/graphs.py writes in each graph
+
+
+def check_io(session, entry: GraphEntry, path, name: str) -> None:
     """The graph ONNX Runtime opened against its manifest entry: a manifest that lies about a graph is
-    refused at load, not at the first request."""
+    refused at load, not at the first request. Checked: inputs and outputs (names in order, types, fixed
+    dims, the names of dynamic dims) and the graph's own name (two heads can share one interface)."""
     for what, have, want in (("inputs", session.get_inputs(), entry.inputs), ("outputs", session.get_outputs(), entry.outputs)):
-        got = [(a.name, a.type, [d if isinstance(d, int) else None for d in a.shape]) for a in have]
-        expected = [(t.name, _ORT_TYPES[t.dtype], [d if isinstance(d, int) else None for d in t.shape]) for t in want]
+        got = [(a.name, a.type, list(a.shape)) for a in have]
+        expected = [(t.name, _ORT_TYPES[t.dtype], list(t.shape)) for t in want]
         if got != expected:
             raise ManifestError(f"{path}: the graph's {what} {got} differ from the manifest's {expected} "
-                                "(name, type, fixed dims)")
+                                "(name, type, dims)")
+    described = session.get_modelmeta().description
+    if (name.startswith("head_") or described.startswith(GRAPH_DESCRIPTION)) and described != GRAPH_DESCRIPTION + name:
+        raise ManifestError(f"{path}: this graph says it is {described!r}, the manifest uses it as {name!r}")
 
 
 class HostBuffers:

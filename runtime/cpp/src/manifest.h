@@ -1,4 +1,4 @@
-// The strict reader of manifest.json (docs/artifact.md, format version 2): every key checked, every
+// The strict reader of manifest.json (docs/artifact.md, format version 3): every key checked, every
 // unknown or missing key an error naming its path, typed values out. Paths are checked lexically here;
 // their containment after symbolic links and the sha256 of each file are checked by artifact_files.h.
 #pragma once

@@ -104,18 +104,27 @@ Sessions::Sessions(const std::string& root, const std::string& precision, const 
         if (info.GetElementType() != element_type(specs[i].dtype))
           throw Error(what + specs[i].name + " has another element type than the manifest's " + specs[i].dtype);
         const std::vector<std::int64_t> dims = info.GetShape();
-        bool same = dims.size() == specs[i].shape.size();
+        std::vector<const char*> symbols(dims.size(), nullptr);
+        info.GetSymbolicDimensions(symbols.data(), symbols.size());
+        bool same = dims.size() == specs[i].shape.size() && symbols.size() == dims.size();
         for (std::size_t d = 0; same && d < dims.size(); ++d)
-          same = specs[i].shape[d].name.empty() ? dims[d] == specs[i].shape[d].size : dims[d] < 0;
+          same = specs[i].shape[d].name.empty() ? dims[d] == specs[i].shape[d].size
+                                                : dims[d] < 0 && symbols[d] && specs[i].shape[d].name == symbols[d];
         if (!same) {
           std::string have;
-          for (std::int64_t d : dims) have += (have.empty() ? "" : ", ") + (d < 0 ? std::string("?") : std::to_string(d));
-          throw Error(what + specs[i].name + " has shape [" + have + "], the manifest's fixed dims differ");
+          for (std::size_t d = 0; d < dims.size(); ++d)
+            have += (have.empty() ? "" : ", ") + (dims[d] >= 0 ? std::to_string(dims[d]) : symbols[d] && *symbols[d] ? std::string(symbols[d]) : std::string("?"));
+          throw Error(what + specs[i].name + " has shape [" + have + "], the manifest's dims differ");
         }
       }
     };
     check(g.inputs, s.GetInputCount(), true);
     check(g.outputs, s.GetOutputCount(), false);
+    // The graph's own name (export/graphs.py writes it): heads of one interface cannot be swapped.
+    const std::string described = s.GetModelMetadata().GetDescriptionAllocated(alloc).get();
+    const std::string prefix = "nezha-deploy graph ";
+    if ((name.rfind("head_", 0) == 0 || described.rfind(prefix, 0) == 0) && described != prefix + name)
+      throw Error("graph " + precision + "/" + name + " (" + g.file + ") says it is '" + described + "', the manifest uses it as " + name);
   }
 }
 
