@@ -82,16 +82,26 @@ class HeadGraph(nn.Module):
             self.register_buffer("code_input", table.contiguous())
             self.recurrent = cell.weight_hh                                                  # [H, H]
 
-    def forward(self, *inputs: torch.Tensor):
-        if self.level == 0:
-            state, hidden = inputs                                                         # the root
-        else:
-            parent_state, parent, code, hidden = inputs
-            carry = parent_state @ self.recurrent.T                                        # [P, H]
-            state = torch.tanh(torch.index_select(self.code_input, 0, code)
-                               + torch.index_select(carry, 0, parent))                     # [N, H]
+    def log_probs(self, state: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.head.logit_head_list[self.level](state + hidden)                     # [N, codes]
-        log_probs = torch.log_softmax(logits.float(), dim=-1)
+        return torch.log_softmax(logits.float(), dim=-1)
+
+
+class HeadRootGraph(HeadGraph):
+    """Level 0: root [N, H], hidden [N, H] -> log_probs [N, C_0] (level 1's parents are the roots)."""
+
+    def forward(self, root: torch.Tensor, hidden: torch.Tensor):
+        return self.log_probs(root, hidden)
+
+
+class HeadStepGraph(HeadGraph):
+    """Level i > 0 (see HeadGraph)."""
+
+    def forward(self, parent_state: torch.Tensor, parent: torch.Tensor, code: torch.Tensor, hidden: torch.Tensor):
+        carry = parent_state @ self.recurrent.T                                            # [P, H]
+        state = torch.tanh(torch.index_select(self.code_input, 0, code)
+                           + torch.index_select(carry, 0, parent))                         # [N, H]
+        log_probs = self.log_probs(state, hidden)
         return (log_probs, state) if self.keep_state else log_probs
 
 
@@ -99,7 +109,8 @@ def graph_module(model: NezhaModel, name: str) -> nn.Module:
     """The torch module behind graph ``name`` (backbone, head_0, head_1 ...), in eval mode."""
     if name == "backbone":
         return BackboneGraph(model).eval()
-    return HeadGraph(model, int(name.split("_")[1])).eval()
+    level = int(name.split("_")[1])
+    return (HeadStepGraph(model, level) if level else HeadRootGraph(model, level)).eval()
 
 
 def example_inputs(name: str, spec: GraphEntry, model: NezhaModel) -> tuple[torch.Tensor, ...]:

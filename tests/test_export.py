@@ -186,6 +186,14 @@ def test_tables_rebuild_the_catalog(built):
         assert entry.dtype == "uint64" and entry.shape == (len(want),)
 
 
+def test_every_graph_exports_with_dynamo_without_falling_back(tmp_path):
+    """The fallback must stay a fallback: a graph the dynamo exporter cannot take (e.g. a varargs
+    forward that its dynamic_shapes cannot name) would otherwise ship through the legacy exporter unseen."""
+    messages = []
+    paths = onnx_from_model(tiny_model("qwen3"), tmp_path, LIMITS, log=messages.append)
+    assert set(paths) == {"backbone", "head_0", "head_1", "head_2"} and messages == []
+
+
 def test_dynamo_failure_falls_back_to_torchscript(tmp_path, monkeypatch):
     model, real = tiny_model("llama"), graphs_module._export
     messages = []
