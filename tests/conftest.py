@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -80,3 +83,29 @@ def tiny_histories(catalog: Catalog, n: int = 6, seed: int = 1) -> list[list[int
 def write_index(catalog: Catalog, path: Path) -> Path:
     """The catalog as a LETTER-style *.index.json (item id -> ['<a_N>', '<b_N>', ...])."""
     return catalog.to_index_json(path)
+
+
+def tampered(artifact, tmp_path, edit=None, files=None, rehash=True):
+    """A copy of ``artifact`` with ``files`` {path: bytes} replaced (re-hashed if ``rehash``) and the
+    manifest JSON passed through ``edit``."""
+    out = tmp_path / "art"
+    shutil.copytree(artifact, out, symlinks=True)
+    raw = json.loads((out / "manifest.json").read_text())
+    for rel, data in (files or {}).items():
+        (out / rel).write_bytes(data)
+        if rehash:
+            raw["files"][rel] = hashlib.sha256(data).hexdigest()
+    if edit:
+        edit(raw)
+    (out / "manifest.json").write_text(json.dumps(raw))
+    return out
+
+
+def corrupted(artifact, tmp_path, rel):
+    """A copy of ``artifact`` (tmp_path / "bad") whose file ``rel`` has its last byte changed, sha256 not updated."""
+    bad = tmp_path / "bad"
+    shutil.copytree(artifact, bad)
+    with open(bad / rel, "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x7f")
+    return bad

@@ -6,7 +6,6 @@ test is the one that must catch it) and loads it."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import os
@@ -16,7 +15,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tiny_catalog, tiny_model, write_index
+from conftest import tampered, tiny_catalog, tiny_model, write_index
 from nezha.export.build import build
 from nezha.model.checkpoint import save_checkpoint
 from nezha.runtime import Recommender
@@ -46,22 +45,6 @@ def _npy(array, fortran=False) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asfortranarray(array) if fortran else array, allow_pickle=True)
     return buf.getvalue()
-
-
-def tampered(artifact, tmp_path, edit=None, files=None, rehash=True):
-    """A copy of ``artifact`` with ``files`` {path: bytes} replaced (re-hashed if ``rehash``) and the
-    manifest JSON passed through ``edit``."""
-    out = tmp_path / "art"
-    shutil.copytree(artifact, out, symlinks=True)
-    raw = json.loads((out / "manifest.json").read_text())
-    for rel, data in (files or {}).items():
-        (out / rel).write_bytes(data)
-        if rehash:
-            raw["files"][rel] = hashlib.sha256(data).hexdigest()
-    if edit:
-        edit(raw)
-    (out / "manifest.json").write_text(json.dumps(raw))
-    return out
 
 
 def _table(artifact, name):

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, needs_beauty, tiny_catalog, tiny_histories, tiny_model, write_index
+from conftest import DATA, corrupted, needs_beauty, tampered, tiny_catalog, tiny_histories, tiny_model, write_index
 from nezha.runtime import Recommender
 from nezha.runtime.errors import NezhaError
 
@@ -207,13 +207,8 @@ def test_a_batch_gives_each_history_its_solo_answer_bit_for_bit(cpp_build, artif
 
 def test_corrupt_artifacts_are_refused_with_the_reason(cpp_build, artifact, tmp_path):
     from nezha.runtime.backends.cpp import CppRuntimeError
-    bad = tmp_path / "bad"
-    shutil.copytree(artifact, bad)
-    with open(bad / "tables" / "sid_keys.npy", "r+b") as f:
-        f.seek(-1, 2)
-        f.write(b"\x7f")
     with pytest.raises(CppRuntimeError, match="sid_keys.npy: sha256 mismatch"):
-        cpp(bad)
+        cpp(corrupted(artifact, tmp_path, "tables/sid_keys.npy"))
     with pytest.raises(NezhaError, match="does not exist"):
         cpp(tmp_path / "missing")
     with pytest.raises(NezhaError, match="has no 'fp16' graphs"):
@@ -228,21 +223,13 @@ def test_corrupt_artifacts_are_refused_with_the_reason(cpp_build, artifact, tmp_
 def test_a_graph_file_that_is_another_graph_is_refused(cpp_build, artifact, tmp_path, edit, message):
     """As in Python (tests/test_artifact.py): a head file swapped for another of one interface, or whose
     dynamic dims are not the manifest's, is refused at load although its sha256 is listed."""
-    import hashlib
-
     import onnx
     from nezha.runtime.backends.cpp import CppRuntimeError
-    bad = tmp_path / "bad"
-    shutil.copytree(artifact, bad)
     rel = "graphs/fp32/head_1.onnx"
-    proto = onnx.load(str(bad / rel))
+    proto = onnx.load(str(artifact / rel))
     edit(proto)
-    (bad / rel).write_bytes(proto.SerializeToString())
-    manifest = json.loads((bad / "manifest.json").read_text())
-    manifest["files"][rel] = hashlib.sha256((bad / rel).read_bytes()).hexdigest()
-    (bad / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(CppRuntimeError, match=message):
-        cpp(bad)
+        cpp(tampered(artifact, tmp_path, files={rel: proto.SerializeToString()}))
 
 
 def test_recommender_load_offers_the_cpp_backend(cpp_build, artifact):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import shutil
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import tiny_catalog, tiny_histories, tiny_model, write_index
+from conftest import corrupted, tiny_catalog, tiny_histories, tiny_model, write_index
 from nezha.export.build import build
 from nezha.model.checkpoint import save_checkpoint
 from nezha.model.reference import Reference
@@ -255,11 +254,7 @@ def test_runner_checks_its_feed(artifact):
 
 
 def test_corrupt_or_mismatched_artifacts_are_refused(artifact, tmp_path):
-    bad = tmp_path / "bad"
-    shutil.copytree(artifact, bad)
-    with open(bad / "tables" / "valid_prefixes_1.npy", "r+b") as f:
-        f.seek(-1, 2)
-        f.write(b"\x7f")
+    bad = corrupted(artifact, tmp_path, "tables/valid_prefixes_1.npy")
     with pytest.raises(ManifestError, match="valid_prefixes_1.npy: sha256 mismatch"):
         Recommender.load(bad)
     manifest = json.loads((artifact / "manifest.json").read_text())
