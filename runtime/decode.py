@@ -22,7 +22,7 @@ class DecodeSteps(Protocol):
     def head_step(self, level: int, parents: np.ndarray, parent: np.ndarray | None, code: np.ndarray | None,
                   hidden: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """Level ``level`` on N beams. Level 0: parents = the roots [B, H] (parent, code None). Level > 0:
-        parents [P, H] = the states of the previous level's beams that have children, parent [N] int64 =
+        parents [P, H] = states of the previous level's beams, at least of those with children, parent [N] int64 =
         each beam's row in it, code [N] int64 = its code. hidden: the level's placeholder state of each
         beam's user [N, H]. -> (the beams' states [N, H], None at level 0 and at the last level;
         log-probs [N, codes[level]] float32). The recurrent matmul runs on the P parents, not the N beams."""
