@@ -7,11 +7,18 @@ lengths) and decodes each group in a worker thread (``asyncio.to_thread``), neve
 the replica's event loop. Ray's HTTP proxy routes every path to the deployment (``route_prefix="/"``),
 so ``/v1/recommend``, the v2 routes and ``/metrics`` (per replica) answer as with uvicorn. On a Ray
 cluster the same deployment spreads its replicas across machines with no code change (install this
-package on every node). Reload is a redeploy (Ray rolls replicas over); ``/admin/reload`` answers 501."""
+package on every node).
+
+Reload (``POST /admin/reload``): the replica that gets it loads and verifies the artifact (a bad one: 400,
+nothing changes), then redeploys the application with it (``run``, in the background) and answers 202. Ray
+then rolls the replicas over: new ones load the artifact, old ones stop once their in-flight requests are
+answered, so no request is dropped; until the roll-out ends, a request may meet either version
+(``/v2/models/{name}`` names the one that answered)."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import threading
@@ -25,6 +32,7 @@ from ray import serve                                       # noqa: E402  (after
 from starlette.requests import Request                      # noqa: E402
 
 from . import protocol as P                                 # noqa: E402
+from .service import Reply                                  # noqa: E402
 from .app import read_body, to_response                     # noqa: E402
 from .batching import Item, Pending, plan_batch, tokens_of  # noqa: E402
 from .model import LoadOptions, load_model                  # noqa: E402
@@ -33,16 +41,16 @@ from .service import ServeOptions, Service                  # noqa: E402
 from nezha.runtime.decode import items_from_sids            # noqa: E402
 
 
-class NotImplementedOnRay(P.ServeError):
-    status, kind = 501, "not_implemented"
+log = logging.getLogger("nezha.serve")
 
 
 class RayService(Service):
-    """Service whose ``decode`` hands each history to the deployment's ``@serve.batch`` method."""
+    """Service whose ``decode`` hands each history to the deployment's ``@serve.batch`` method and whose
+    reload redeploys (``redeploy(path)`` starts Ray's roll-over of every replica)."""
 
-    def __init__(self, artifact, options: ServeOptions, load: LoadOptions, submit):
+    def __init__(self, artifact, options: ServeOptions, load: LoadOptions, submit, redeploy):
         super().__init__(artifact, options, load)
-        self.submit = submit
+        self.submit, self.redeploy = submit, redeploy
         self.outstanding = 0                                     # histories admitted, not yet answered
 
     def start_engine(self) -> None:
@@ -53,9 +61,19 @@ class RayService(Service):
         if self.model is not None:
             self.model.retire()
 
-    async def reload(self, artifact=None):
-        raise NotImplementedOnRay("under Ray Serve, redeploy to reload: run `nezha serve ARTIFACT --engine ray` "
-                                  "again (or serve.run with the new artifact) and Ray rolls the replicas over")
+    async def admin_reload(self, artifact: str | None) -> Reply:
+        """Verify the artifact here, then let Ray roll every replica over to it: 202, or 400 if it is bad."""
+        if self._reload_lock.locked():
+            raise P.Conflict("a reload is already in progress")
+        async with self._reload_lock:
+            path = Path(artifact).resolve() if artifact is not None else self.artifact
+            checked = await self.checked_load(path)
+            info = checked.info()
+            checked.retire()                                     # only checked: new replicas load their own
+            self.redeploy(path)
+            self.metrics.reloads.labels("rolling").inc()
+        return Reply(202, {"reloading": True, "model": info, "serving": self.model.info(),
+                           "note": "Ray replaces the replicas one by one; /v2/models/{name} names the version that answers"})
 
     async def decode(self, model, query: P.Query, deadline: float) -> list:
         n = len(query.codes)
@@ -108,10 +126,10 @@ def decode_items(items: list[Item], max_batch: int, observe) -> list:
 class NezhaDeployment:
     """One replica: loads the artifact (verified), answers every route."""
 
-    def __init__(self, artifact: str, options: dict, load: dict):
-        self.options, load_options = ServeOptions(**options), LoadOptions(**load)
-        self.service = RayService(artifact, self.options, load_options, self.decode_one)
-        self.service.model = load_model(artifact, load_options)
+    def __init__(self, artifact: str, options: dict, load: dict, app: dict):
+        self.options, self.load_options, self.app = ServeOptions(**options), LoadOptions(**load), app
+        self.service = RayService(artifact, self.options, self.load_options, self.decode_one, self.redeploy)
+        self.service.model = load_model(artifact, self.load_options)
         self.service.start_engine()
         max_batch = self.service.model.rec.max_batch if self.options.max_batch is None else \
             min(self.options.max_batch, self.service.model.rec.max_batch)
@@ -123,18 +141,32 @@ class NezhaDeployment:
     async def decode_one(self, items: list[Item]) -> list:
         return await asyncio.to_thread(decode_items, items, self.max_batch, self.service.metrics.observe)
 
+    def redeploy(self, artifact: Path) -> None:
+        """Redeploy this application with ``artifact`` (same options), in the background: ``serve.run``
+        returns once every replica runs it, long after this request is answered."""
+        def roll():
+            try:
+                run(artifact, self.options, self.load_options, **self.app)
+                log.info("reload: every replica now serves %s", artifact)
+            except Exception as e:                               # logged: the 202 is long gone
+                log.error("reload of %s: Ray's roll-out failed: %s", artifact, e)
+        threading.Thread(target=roll, name="nezha-redeploy", daemon=True).start()
+
     async def __call__(self, request: Request):
         reply = await self.service.handle(request.method, request.url.path, lambda limit: read_body(request, limit),
                                           dict(request.headers))
         return to_response(reply)
 
 
-def deployment(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
-               cpus_per_replica: float = 1.0):
-    """The bound Ray Serve application (``serve.run(deployment(...), route_prefix="/")``)."""
-    return NezhaDeployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
-                                   max_queued_requests=options.max_queue).bind(
-        str(Path(artifact).resolve()), asdict(options), asdict(load))
+def run(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
+        cpus_per_replica: float = 1.0, name: str = "nezha", route_prefix: str = "/"):
+    """Deploy (or redeploy: Ray rolls the replicas over) the application on the running Ray Serve and wait
+    until every replica runs. ``/admin/reload`` calls it again with the same arguments but the artifact."""
+    app = {"replicas": replicas, "cpus_per_replica": cpus_per_replica, "name": name, "route_prefix": route_prefix}
+    bound = NezhaDeployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
+                                    max_queued_requests=options.max_queue).bind(
+        str(Path(artifact).resolve()), asdict(options), asdict(load), app)
+    return serve.run(bound, name=name, route_prefix=route_prefix)
 
 
 def serve_blocking(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
@@ -146,7 +178,7 @@ def serve_blocking(artifact: str | Path, options: ServeOptions, load: LoadOption
              **({} if address else {"num_cpus": max(os.cpu_count() or 1, replicas)}))
     try:
         serve.start(http_options={"host": host, "port": port})
-        serve.run(deployment(artifact, options, load, replicas), name="nezha", route_prefix="/")
+        run(artifact, options, load, replicas)
         print(f"nezha serve (Ray Serve, {replicas} replica(s)) on http://{host}:{port}", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):

@@ -112,17 +112,26 @@ class Service:
             raise P.Conflict("a reload is already in progress")
         async with self._reload_lock:
             path = Path(artifact) if artifact is not None else self.artifact
-            try:
-                new = await asyncio.to_thread(load_model, path, self.load_options)
-            except NezhaError as e:
-                self.metrics.reloads.labels("refused").inc()
-                raise P.BadRequest(f"reload refused, still serving version {self.model.version}: {e}") from None
+            new = await self.checked_load(path)
             old, self.model, self.artifact = self.model, new, path
             self.metrics.reloads.labels("swapped").inc()
             log.info("reloaded: version %s -> %s", old.version if old else None, new.version)
             if old is not None:
                 old.retire()
             return new
+
+    async def checked_load(self, path: Path) -> LoadedModel:
+        """Load and verify ``path`` for a reload; a bad artifact -> 400 naming the version still served."""
+        try:
+            return await asyncio.to_thread(load_model, path, self.load_options)
+        except NezhaError as e:
+            self.metrics.reloads.labels("refused").inc()
+            raise P.BadRequest(f"reload refused, still serving version {self.model.version}: {e}") from None
+
+    async def admin_reload(self, artifact: str | None) -> Reply:
+        """POST /admin/reload: swap now (the engine here); Ray's replicas roll over instead (RayService)."""
+        model = await self.reload(artifact)
+        return Reply(200, {"reloaded": True, "model": model.info()})
 
     # --- decoding -------------------------------------------------------------------------------------
     async def decode(self, model: LoadedModel, query: P.Query, deadline: float) -> list:
@@ -221,8 +230,7 @@ class Service:
             obj = P._check_fields(obj, ("artifact",), "/admin/reload body")
             if "artifact" in obj and not isinstance(obj["artifact"], str):
                 raise P.BadRequest("/admin/reload body: 'artifact' must be a path string")
-            model = await self.reload(obj.get("artifact"))
-            return path, Reply(200, {"reloaded": True, "model": model.info()})
+            return path, await self.admin_reload(obj.get("artifact"))
         m = _MODEL_ROUTE.match(path)
         if m:
             name, version, tail = m.groups()

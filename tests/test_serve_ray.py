@@ -1,11 +1,13 @@
 """The same model and routes on Ray Serve: one small local Ray (2 CPUs, no dashboard, no usage stats),
-one replica on 127.0.0.1, shut down at the end. About a minute on 2 cores."""
+one replica on 127.0.0.1, shut down at the end. About two minutes on 2 cores (a reload rolls the replica over)."""
 
 from __future__ import annotations
 
 import os
 import re
 import socket
+import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -16,7 +18,7 @@ ray = pytest.importorskip("ray")
 pytest.importorskip("ray.serve")
 httpx = pytest.importorskip("httpx")
 
-from conftest import tiny_catalog, tiny_histories, tiny_model, write_index   # noqa: E402
+from conftest import corrupted, tiny_catalog, tiny_histories, tiny_model, write_index   # noqa: E402
 from nezha.export.build import build                                          # noqa: E402
 from nezha.model.checkpoint import save_checkpoint                            # noqa: E402
 from nezha.runtime import Recommender                                         # noqa: E402
@@ -25,20 +27,23 @@ from nezha.serve import LoadOptions, ServeOptions                             # 
 pytestmark = pytest.mark.ray
 
 
+def _build(root, seed):
+    ckpt = save_checkpoint(tiny_model(seed=seed), root / f"ckpt{seed}", tiny_catalog())
+    build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / f"art{seed}", precision=("fp32",),
+          max_batch=8, max_beam=16, log=None)
+    return root / f"art{seed}"
+
+
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve-ray")
-    ckpt = save_checkpoint(tiny_model(seed=0), root / "ckpt", tiny_catalog())
-    build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / "art", precision=("fp32",),
-          max_batch=8, max_beam=16, log=None)
-    return root / "art"
+    return _build(tmp_path_factory.mktemp("serve-ray"), seed=0)
 
 
 @pytest.fixture(scope="module")
 def ray_url(artifact):
     from ray import serve
 
-    from nezha.serve.ray_engine import deployment
+    from nezha.serve.ray_engine import run
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -46,8 +51,7 @@ def ray_url(artifact):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        serve.run(deployment(artifact, ServeOptions(max_wait_ms=20, workers=2), LoadOptions(threads=1), replicas=1),
-                  name="nezha", route_prefix="/")
+        run(artifact, ServeOptions(max_wait_ms=20, workers=2), LoadOptions(threads=1), replicas=1)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -78,7 +82,6 @@ def test_ray_serve_answers_the_same_routes_as_the_library(ray_url, artifact):
         with pytest.raises(ValueError) as e:
             rec.recommend([[100, 99999]], k=3)
         assert bad.status_code == 400 and bad.json()["error"] == str(e.value)
-        assert client.post("/admin/reload", json={}).status_code == 501
 
         # concurrent requests: Ray's @serve.batch merges them, each answer still equals its solo answer
         rng = np.random.default_rng(5)
@@ -91,3 +94,43 @@ def test_ray_serve_answers_the_same_routes_as_the_library(ray_url, artifact):
         count = float(re.search(r"^nezha_batch_size_count (\S+)$", metrics, re.M).group(1))
         total = float(re.search(r"^nezha_batch_size_sum (\S+)$", metrics, re.M).group(1))
         assert total >= 40 and count < total, metrics                      # batches larger than 1 formed
+
+
+def test_ray_reload_refuses_a_corrupt_artifact_then_rolls_the_replicas_over(ray_url, artifact, tmp_path):
+    second = _build(tmp_path, seed=1)                         # another model: other answers, another version
+    histories = tiny_histories(tiny_catalog(), n=4)
+    with httpx.Client(base_url=ray_url, timeout=30) as client, Recommender.load(second, threads=1) as rec:
+        version = lambda: client.get("/v2/models/nezha").json()["parameters"]["version"]
+        before = version()
+        r = client.post("/admin/reload", json={"artifact": str(corrupted(artifact, tmp_path, "manifest.json"))})
+        assert r.status_code == 400 and "reload refused" in r.json()["error"], r.text
+        assert version() == before
+
+        with Recommender.load(artifact, threads=1) as old:
+            answers = {tuple(map(tuple, old.recommend(histories, k=5))): "old", tuple(map(tuple, rec.recommend(histories, k=5))): "new"}
+        rolled, seen = threading.Event(), []
+
+        def traffic():                                           # requests all through the roll-over
+            with httpx.Client(base_url=ray_url, timeout=60) as c:
+                while not rolled.is_set():
+                    r = c.post("/v1/recommend", json={"histories": histories, "k": 5})
+                    seen.append(answers.get(tuple(map(tuple, _pairs(r.json()["results"])))) if r.status_code == 200
+                                else r.status_code)
+
+        with ThreadPoolExecutor(2) as pool:
+            clients = [pool.submit(traffic) for _ in range(2)]
+            try:
+                r = client.post("/admin/reload", json={"artifact": str(second)})
+                assert r.status_code == 202, r.text
+                new = r.json()["model"]["version"]
+                assert new != before and r.json()["serving"]["version"] == before
+                deadline = time.time() + 120
+                while version() != new:                          # Ray stops the old replica, starts one on the new artifact
+                    assert time.time() < deadline, "the replicas did not roll over to the reloaded artifact"
+                    time.sleep(0.5)
+                time.sleep(1)
+            finally:
+                rolled.set()
+                [c.result() for c in clients]
+        assert set(seen) <= {"old", "new"} and seen[-1] == "new", seen    # none failed, each one model's answers
+        assert "old" in seen
