@@ -89,6 +89,11 @@ def encode_codes(histories: Sequence[np.ndarray], layout: SidLayout, max_history
         codes = np.asarray(codes, dtype=np.int64).reshape(-1, layout.levels)
         if len(codes) == 0:
             raise EncodingError(f"history {b} is empty (after dropping unknown items): NEZHA needs at least one item")
+        outside = (codes < 0) | (codes >= np.asarray(layout.codes))
+        if outside.any():
+            i, level = np.argwhere(outside)[0]
+            raise EncodingError(f"history {b} item {i}: code {codes[i, level]} at level {level} is outside "
+                                f"0..{layout.codes[level] - 1}")
         codes = codes[-max_history:]
         rows.append(np.concatenate([layout.code_tokens(codes).reshape(-1), layout.placeholder_tokens()]))
     longest = max(len(r) for r in rows)

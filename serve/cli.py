@@ -46,7 +46,9 @@ def add_parsers(sub) -> None:
     p.add_argument("--timeout-ms", type=float, default=2000.0, help="per-request deadline; beyond it 504")
     p.add_argument("--max-body-bytes", type=ascii_int, default=1 << 20, help="larger bodies get 413")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let in-flight requests finish on shutdown")
-    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "tensorrt"])
+    p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "cpp", "tensorrt"],
+                   help="onnxruntime: the Python decode loop (default); cpp: the C++ runtime's loop over the same "
+                        "graphs (runtime/cpp, built with `make cpp`); tensorrt: engines on a GPU")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N")
     p.add_argument("--precision", default=None, help="fp32, fp16, int8, int8-cpu (default: the artifact's first)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

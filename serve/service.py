@@ -54,15 +54,20 @@ class ServeOptions:
     max_delay_ms: float = 10.0          # the oldest history is served first once it waited this long
 
 
-def auto_workers(backend_share: float, cores: int | None = None) -> int:
-    """Decode threads by default: one per core when a decode runs mostly in the backend with the GIL
-    released (large models: the threads compute in parallel), else one (small models: the Python loop
-    dominates, and a second thread only contends for the GIL with the first and the event loop)."""
+def auto_workers(backend_share: float, decode_seconds: float, cores: int | None = None) -> int:
+    """Decode threads by default. One per core when a decode runs mostly in the backend with the GIL
+    released (large models, the C++ loop): the threads compute in parallel; else one (the Python loop on a
+    small model: a second thread only contends for the GIL with the first and the event loop). And when a
+    decode is short, one core fewer: the event loop's HTTP work per request is then a sizeable share of
+    the CPU, and a decode thread on every core starves it (measured: demo model, C++ loop, 2 cores)."""
     cores = cores or os.cpu_count() or 1
-    return cores if backend_share >= WORKERS_SHARE else 1
+    if backend_share < WORKERS_SHARE:
+        return 1
+    return max(1, cores - 1) if decode_seconds < SHORT_DECODE_SECONDS else cores
 
 
 WORKERS_SHARE = 0.75
+SHORT_DECODE_SECONDS = 0.002
 
 
 class Service:
@@ -87,7 +92,7 @@ class Service:
     def start_engine(self) -> None:
         o = self.options
         max_batch = self.model.rec.max_batch if o.max_batch is None else min(o.max_batch, self.model.rec.max_batch)
-        workers = o.workers or auto_workers(self.model.backend_share)
+        workers = o.workers or auto_workers(self.model.backend_share, self.model.decode_seconds)
         log.info("%d decode thread(s), batches of up to %d histories", workers, max_batch)
         self.batcher = Batcher(workers, max_batch, o.max_queue, o.max_wait_ms / 1e3, self.metrics.observe,
                                o.max_delay_ms / 1e3)

@@ -342,3 +342,58 @@ def test_all_beauty_users_get_the_python_items(cpp_build, demo_artifact, precisi
     assert figures["users"] == 22363
     assert figures["identical"] == figures["users"], figures["first_diff"]
     assert figures["max_score_diff"] <= 1e-5
+
+
+def test_decode_codes_is_the_python_loop_bit_for_bit(cpp_build, artifact):
+    """The step below items (the server's call): the same SID keys and scores as Recommender.decode_codes,
+    batches split at max_batch included; codes outside a codebook refused with the same message."""
+    from nezha.runtime.backends.cpp import CppRuntimeError
+    from nezha.runtime.encoding import EncodingError, history_codes
+    histories = tiny_histories(tiny_catalog(), n=2 * MAX_BATCH + 2, seed=11)
+    with cpp(artifact) as cc, Recommender.load(artifact) as py:
+        codes = history_codes(histories, py.catalog)
+        for beam in (1, 5, MAX_BEAM):
+            keys, scores = cc.decode_codes(codes, beam)
+            want_keys, want_scores = py.decode_codes(codes, beam)
+            assert keys.shape == want_keys.shape and (keys == want_keys).all() and np.array_equal(scores, want_scores)
+        assert (cc.sid_table[0] == py.sid_table[0]).all() and cc.layout == py.layout
+        bad = [codes[0].copy()]
+        bad[0][-1, 1] = py.layout.codes[1]
+        message = f"history 0 item {len(bad[0]) - 1}: code {py.layout.codes[1]} at level 1 is outside 0..{py.layout.codes[1] - 1}"
+        with pytest.raises(CppRuntimeError, match=message):
+            cc.decode_codes(bad, 4)
+        with pytest.raises(EncodingError, match=message):
+            py.decode_codes(bad, 4)
+        with pytest.raises(CppRuntimeError, match="history 1 is empty"):
+            cc.decode_codes([codes[0], codes[0][:0]], 4)
+        with pytest.raises(NezhaError, match=r"code history 0 must be an integer array \[items, "):
+            cc.decode_codes([codes[0][:, :2]], 4)
+
+
+def test_the_server_runs_the_cpp_loop(cpp_build, artifact):
+    """nezha serve --backend cpp: the same routes and the library's answers, concurrent requests batched,
+    decode threads on all cores but one (the whole C++ loop runs without the GIL; a tiny model's decode
+    is short, so the event loop keeps a core)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from test_serve import Server, _metric, _pairs
+    from nezha.serve import LoadOptions, ServeOptions, Service
+
+    s = Server(Service(artifact, ServeOptions(max_wait_ms=20), LoadOptions(backend="cpp", threads=1)))
+    try:
+        info = s.client.get("/v2/models/nezha").json()["parameters"]
+        assert info["backend"] == "cpp" and info["backend_share"] >= 0.75
+        assert len(s.service.batcher._threads) == max(1, (os.cpu_count() or 1) - 1)     # short decodes: a core for HTTP
+        histories = tiny_histories(tiny_catalog(), n=6 * MAX_BATCH, seed=3)
+        with Recommender.load(artifact) as py:
+            expected = [py.recommend([h], k=4, beam=MAX_BEAM)[0] for h in histories]
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda h: s.post("/v1/recommend", {"histories": [h], "k": 4, "beam": MAX_BEAM}), histories))
+        assert [r.status_code for r in replies] == [200] * len(histories)
+        assert [_pairs(r.json()["results"])[0] for r in replies] == expected
+        metrics = s.client.get("/metrics").text
+        assert _metric(metrics, "nezha_batch_size_count") < _metric(metrics, "nezha_batch_size_sum") == len(histories)
+        r = s.post("/v1/recommend", {"histories": [[10 ** 12]], "k": 4})
+        assert r.status_code == 400 and "not in the catalog" in r.json()["error"]
+    finally:
+        s.stop()

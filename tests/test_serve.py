@@ -477,3 +477,12 @@ asyncio.run(main())
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["200", "False"], r.stderr
+
+
+def test_decode_threads_default_to_the_cores_a_decode_can_use():
+    from nezha.serve.service import auto_workers
+    assert auto_workers(0.65, 0.0005, cores=8) == 1          # the Python loop on a small model: the GIL binds
+    assert auto_workers(0.95, 0.0003, cores=2) == 1          # short GIL-free decodes: a core left for HTTP
+    assert auto_workers(0.95, 0.0003, cores=8) == 7
+    assert auto_workers(0.99, 0.05, cores=2) == 2            # long GIL-free decodes (104.6M): every core
+    assert auto_workers(0.99, 0.05, cores=1) == auto_workers(0.95, 0.0003, cores=1) == 1

@@ -18,6 +18,7 @@ import ctypes
 import glob
 import importlib.util
 import os
+import threading
 import weakref
 from pathlib import Path
 from typing import Sequence
@@ -80,6 +81,8 @@ def _load_library():
         "nezha_recommend": (ctypes.c_int, [ctypes.c_void_p, i64p, i64p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                                            ctypes.c_int, i64p, f32p, i32p]),
         "nezha_backbone": (ctypes.c_int, [ctypes.c_void_p, i64p, i64p, ctypes.c_size_t, ctypes.c_int]),
+        "nezha_decode_codes": (ctypes.c_int, [ctypes.c_void_p, i64p, i64p, ctypes.c_size_t, ctypes.c_int, i64p, f32p,
+                                              ctypes.POINTER(ctypes.c_int64)]),
         "nezha_info": (ctypes.c_int, [ctypes.c_void_p] + [ctypes.POINTER(ctypes.c_int)] * 4),
         "nezha_precision": (ctypes.c_char_p, [ctypes.c_void_p]),
         "nezha_verifier_kind": (ctypes.c_char_p, [ctypes.c_void_p, ctypes.c_int]),
@@ -132,6 +135,33 @@ class CppRecommender:
         self.precision = self._lib.nezha_precision(handle).decode()
         self.verifier_kinds = [self._lib.nezha_verifier_kind(handle, i).decode() for i in range(self.levels)]
         self._free = weakref.finalize(self, self._lib.nezha_free, handle)      # freed once: close() or collection
+        self._tables = None
+        self._tables_lock = threading.Lock()
+
+    def _python_tables(self):
+        """The artifact's layout, catalog and SID table read by the Python loader (verified), for callers that
+        work on codes and SID keys (the server's parsing and decode_codes): loaded on first use."""
+        with self._tables_lock:
+            if self._tables is None:
+                from nezha.runtime.artifact import Artifact
+                from nezha.runtime.catalog import Catalog
+                artifact = Artifact.open(self.root, verify=self._verify)
+                t = {name: artifact.table(name) for name in ("item_ids", "item_codes", "sid_keys", "sid_offsets", "sid_items")}
+                self._tables = (artifact.manifest.layout, Catalog(t["item_ids"], t["item_codes"]),
+                                (t["sid_keys"], t["sid_offsets"], t["sid_items"]))
+            return self._tables
+
+    @property
+    def layout(self):
+        return self._python_tables()[0]
+
+    @property
+    def catalog(self):
+        return self._python_tables()[1]
+
+    @property
+    def sid_table(self):
+        return self._python_tables()[2]
 
     @classmethod
     def load(cls, artifact_dir: str | Path, precision: str | None = None, threads: int | None = None,
@@ -151,7 +181,9 @@ class CppRecommender:
                                 int(dense_budget_bytes), (ort or "").encode())
         if not handle:
             raise CppRuntimeError(lib.nezha_last_error().decode())
-        return cls(handle, Path(artifact_dir))
+        rec = cls(handle, Path(artifact_dir))
+        rec._verify = verify
+        return rec
 
     def _check(self, rc: int) -> None:
         if rc != 0:
@@ -194,6 +226,37 @@ class CppRecommender:
                 self._collect_stages(stages)
         return [list(zip(out_items[b, :lengths[b]].tolist(), out_scores[b, :lengths[b]].astype(np.float64).tolist()))
                 for b in range(n)]
+
+    def decode_codes(self, code_histories: Sequence[np.ndarray], beam: int,
+                     stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """[n_b, L] code histories -> (sid_keys [B, K] uint64, scores [B, K] float32), best first: the
+        C++ loop from codes (as ``Recommender.decode_codes``; codes outside a codebook are refused)."""
+        if isinstance(beam, (bool, np.bool_)) or not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
+            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
+        if len(code_histories) == 0:
+            raise RequestError("no histories given: pass a list of item-id lists")
+        rows = []
+        for b, c in enumerate(code_histories):
+            c = np.asarray(c)
+            if c.ndim != 2 or c.shape[1] != self.levels or not np.issubdtype(c.dtype, np.integer):
+                raise EncodingError(f"code history {b} must be an integer array [items, {self.levels}], got "
+                                    f"{c.dtype} {list(c.shape)}")
+            rows.append(c)
+        codes = np.ascontiguousarray(np.concatenate(rows), dtype=np.int64)
+        offsets = np.cumsum([0] + [len(c) for c in rows], dtype=np.int64)
+        n = len(rows)
+        keys = np.empty((n, int(beam)), np.uint64)
+        scores = np.empty((n, int(beam)), np.float32)
+        width = ctypes.c_int64(0)
+        if stages is not None:
+            self._lib.nezha_set_stage_timing(self._handle, 1)
+        try:
+            self._check(self._lib.nezha_decode_codes(self._handle, _ptr(codes), _ptr(offsets), n, int(beam), _ptr(keys),
+                                                     _ptr(scores), ctypes.byref(width)))
+        finally:
+            if stages is not None:
+                self._collect_stages(stages)
+        return keys[:, :width.value], scores[:, :width.value]
 
     def backbone(self, histories: Sequence[Sequence[int]], unknown: str = "error", stages: dict | None = None) -> None:
         """The latency floor through the C++ runtime: encode + one backbone run (results discarded)."""

@@ -77,6 +77,15 @@ int nezha_recommend(nezha_recommender* r, const int64_t* items, const int64_t* o
   });
 }
 
+int nezha_decode_codes(nezha_recommender* r, const int64_t* codes, const int64_t* offsets, size_t count, int beam,
+                       uint64_t* out_keys, float* out_scores, int64_t* out_width) {
+  if (!check_handle(r)) return -1;
+  return guarded([&] {
+    if (!offsets || !codes || !out_keys || !out_scores || !out_width) throw nezha::Error("nezha_decode_codes: NULL array");
+    *out_width = r->rec->decode_codes_into(nezha::CodeBatch{codes, offsets, count}, beam, nezha::SidArrays{out_keys, out_scores});
+  });
+}
+
 int nezha_backbone(nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count, int unknown_skip) {
   if (!check_handle(r)) return -1;
   return guarded([&] {

@@ -60,7 +60,7 @@ struct Workspace {
   std::unique_ptr<std::int32_t[]> parent;                      // [max_beams] flat parent beam of each beam
   std::unique_ptr<std::int32_t[]> slot;                        // [max_beams] parent beam -> parent_state row
   std::unique_ptr<Candidate[]> candidates;                     // [max_beam * max codes], one user at a time
-  std::unique_ptr<std::int32_t[]> kept;                        // [max_batch, max_history] catalog rows, newest first
+  std::unique_ptr<const std::int64_t*[]> kept;                 // [max_batch, max_history] each item's L codes, newest first
   std::unique_ptr<std::int32_t[]> kept_count;                  // [max_batch] items kept per row
   std::vector<std::unique_ptr<GraphRunner>> runners;           // backbone, head_0 ..
   std::vector<double> stage_seconds;
@@ -89,6 +89,8 @@ struct Recommender::Impl {
   void check_request(std::size_t count, int k, int beam) const;
   void check_histories(const HistoryBatch& h, Unknown unknown) const;
   void keep(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count) const;
+  void check_codes(const CodeBatch& h) const;
+  void keep_codes(Workspace& ws, const CodeBatch& h, std::size_t first, std::size_t count) const;
   void backbone(Workspace& ws, std::size_t B, Clock::time_point& t0) const;
   std::int64_t decode(Workspace& ws, std::size_t B, int beam) const;   // -> beams per user
   void expand(Workspace& ws, int level, std::size_t B, std::int64_t K, std::int64_t K_prev) const;
@@ -130,7 +132,7 @@ std::unique_ptr<Workspace> Recommender::Impl::make_workspace() {
   ws->next_keys = buffer<std::uint64_t>(std::size_t(max_beams));
   ws->parent = buffer<std::int32_t>(std::size_t(max_beams));
   ws->candidates = buffer<Candidate>(std::size_t(manifest.limits.max_beam * max_codes));
-  ws->kept = buffer<std::int32_t>(std::size_t(B * manifest.limits.max_history));
+  ws->kept = buffer<const std::int64_t*>(std::size_t(B * manifest.limits.max_history));
   ws->kept_count = buffer<std::int32_t>(std::size_t(B));
   ws->stage_seconds.assign(stage_names.size(), 0.0);
   const auto& graphs = manifest.graphs.at(precision);
@@ -268,20 +270,48 @@ void Recommender::Impl::check_histories(const HistoryBatch& h, Unknown unknown) 
   }
 }
 
-// Histories [first, first + count) -> kept [count, max_history] catalog rows (newest first) and kept_count:
-// the most recent max_history known items. Unknown items are skipped here: check_histories refused them
-// already under the "error" policy.
+// Histories [first, first + count) -> kept [count, max_history] (each item's codes in the catalog, newest
+// first) and kept_count: the most recent max_history known items. Unknown items are skipped here:
+// check_histories refused them already under the "error" policy.
 void Recommender::Impl::keep(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count) const {
   const std::int64_t max_history = manifest.limits.max_history;
   for (std::size_t b = 0; b < count; ++b) {
     const std::size_t u = first + b;
-    std::int32_t* kept = ws.kept.get() + b * std::size_t(max_history);
+    const std::int64_t** kept = ws.kept.get() + b * std::size_t(max_history);
     std::int64_t n = 0;
     for (std::int64_t j = h.offsets[u + 1] - 1; j >= h.offsets[u] && n < max_history; --j) {
       const std::int64_t row = tables.find_item(h.items[j]);
-      if (row >= 0) kept[n++] = std::int32_t(row);
+      if (row >= 0) kept[n++] = tables.item_codes.data() + std::size_t(row) * std::size_t(L);
     }
     ws.kept_count[b] = std::int32_t(n);                           // >= 1 (check_histories)
+  }
+}
+
+// Code histories: offsets well formed, every history non-empty, every code inside its level's codebook.
+void Recommender::Impl::check_codes(const CodeBatch& h) const {
+  if (h.offsets[0] != 0) throw Error("code history offsets must start at 0");
+  for (std::size_t b = 0; b < h.count; ++b) {
+    if (h.offsets[b + 1] < h.offsets[b]) throw Error("code history offsets must not decrease (history " + std::to_string(b) + ")");
+    if (h.offsets[b + 1] == h.offsets[b])
+      throw Error("history " + std::to_string(b) + " is empty (after dropping unknown items): NEZHA needs at least one item");
+    for (std::int64_t j = h.offsets[b] * L; j < h.offsets[b + 1] * L; ++j) {
+      const std::int64_t C = manifest.layout.codes[std::size_t(j % L)];
+      if (h.codes[j] < 0 || h.codes[j] >= C)
+        throw Error("history " + std::to_string(b) + " item " + std::to_string(j / L - h.offsets[b]) + ": code " + std::to_string(h.codes[j]) +
+                    " at level " + std::to_string(j % L) + " is outside 0.." + std::to_string(C - 1));
+    }
+  }
+}
+
+// keep() for code histories: the most recent max_history rows of each, newest first (no catalog lookup).
+void Recommender::Impl::keep_codes(Workspace& ws, const CodeBatch& h, std::size_t first, std::size_t count) const {
+  const std::int64_t max_history = manifest.limits.max_history;
+  for (std::size_t b = 0; b < count; ++b) {
+    const std::size_t u = first + b;
+    const std::int64_t** kept = ws.kept.get() + b * std::size_t(max_history);
+    std::int64_t n = 0;
+    for (std::int64_t j = h.offsets[u + 1] - 1; j >= h.offsets[u] && n < max_history; --j) kept[n++] = h.codes + j * L;
+    ws.kept_count[b] = std::int32_t(n);
   }
 }
 
@@ -296,11 +326,11 @@ void Recommender::Impl::backbone(Workspace& ws, std::size_t B, Clock::time_point
     std::size_t rows = 0;
     for (std::size_t b = 0; b < B; ++b) {
       if (ws.kept_count[b] != n) continue;
-      const std::int32_t* kept = ws.kept.get() + b * max_history;
+      const std::int64_t* const* kept = ws.kept.get() + b * max_history;
       std::int64_t* ids = ws.input_ids.get() + rows * std::size_t(T);
       std::int64_t t = 0;
       for (std::int64_t m = n - 1; m >= 0; --m)
-        for (int l = 0; l < L; ++l) ids[t++] = tables.item_codes[std::size_t(kept[m]) * std::size_t(L) + std::size_t(l)] + layout.offsets[std::size_t(l)];
+        for (int l = 0; l < L; ++l) ids[t++] = kept[m][l] + layout.offsets[std::size_t(l)];
       for (int l = 0; l < L; ++l) ids[t++] = layout.placeholder_start + l;
       ws.run_rows[rows++] = std::int32_t(b);
     }
@@ -458,6 +488,30 @@ void Recommender::recommend_into(const HistoryBatch& h, int k, int beam, Unknown
     }
     im.stage(ws, im.s_items(), t0);
   }
+}
+
+std::int64_t Recommender::decode_codes_into(const CodeBatch& h, int beam, const SidArrays& out) {
+  Impl& im = *impl_;
+  im.check_request(h.count, 1, beam);
+  im.check_codes(h);
+  Workspace& ws = im.workspace();
+  Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};
+  std::int64_t K = 0;
+  for (std::size_t first = 0; first < h.count; first += std::size_t(im.manifest.limits.max_batch)) {
+    const std::size_t B = std::min(h.count - first, std::size_t(im.manifest.limits.max_batch));
+    im.keep_codes(ws, h, first, B);
+    im.stage(ws, im.s_encode(), t0);
+    im.backbone(ws, B, t0);
+    K = im.decode(ws, B, beam);                                     // the same for every chunk: beam and codebooks fix it
+    for (std::size_t b = 0; b < B; ++b)
+      for (std::int64_t j = 0; j < beam; ++j) {
+        const std::size_t at = (first + b) * std::size_t(beam) + std::size_t(j), from = b * std::size_t(K) + std::size_t(j);
+        out.keys[at] = j < K ? ws.keys[from] : 0;
+        out.scores[at] = j < K ? ws.scores[from] : -std::numeric_limits<float>::infinity();
+      }
+    if (ws.timing) t0 = Clock::now();
+  }
+  return K;
 }
 
 void Recommender::backbone_only(const HistoryBatch& h, Unknown unknown) {

@@ -584,6 +584,21 @@ void test_steady_state_allocates_nothing() {
   // Same batch, history length and beam: only the heads' `parents` dim moves with the users (levels 1 ..
   // L-1 may rebind parent_state, nothing else).
   CHECK(rec->rebinds() - rebinds <= 50 * std::int64_t(rec->levels() - 1));
+  // decode_codes_into (the server's call, from codes) allocates nothing either.
+  std::vector<std::int64_t> codes(6 * std::size_t(rec->levels()));
+  std::vector<std::uint64_t> sid_keys(2 * 8);
+  std::vector<float> sid_scores(2 * 8);
+  auto decode = [&](int r) {
+    for (std::size_t i = 0; i < codes.size(); ++i) codes[i] = std::int64_t((std::size_t(r) + i / 3) % 2);
+    const std::int64_t offsets[3] = {0, 3, 6};
+    CHECK(rec->decode_codes_into({codes.data(), offsets, 2}, 8, {sid_keys.data(), sid_scores.data()}) == 8);
+  };
+  decode(0);
+  t_ours = 0;
+  t_counting = true;
+  for (int r = 1; r <= 20; ++r) decode(r);
+  t_counting = false;
+  CHECK(t_ours == 0);
   // The hook sees the runtime's allocations: a vector-returning call allocates its results.
   t_ours = 0;
   t_counting = true;

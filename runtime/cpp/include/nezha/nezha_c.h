@@ -26,6 +26,12 @@ void nezha_free(nezha_recommender* r);
 int nezha_recommend(nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count, int k, int beam,
                     int unknown_skip, int64_t* out_items, float* out_scores, int32_t* out_lengths);
 
+/* Beam search from code histories: history b is rows offsets[b] .. offsets[b+1] of codes [offsets[count], L]
+ * (each item's L codes). Writes out_keys (SID prefix keys) and out_scores [count, beam], best first, and
+ * *out_width: the slots per history filled (the rest: key 0, score -inf). */
+int nezha_decode_codes(nezha_recommender* r, const int64_t* codes, const int64_t* offsets, size_t count, int beam,
+                       uint64_t* out_keys, float* out_scores, int64_t* out_width);
+
 /* The latency floor: encode + one backbone run, results discarded. */
 int nezha_backbone(nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count, int unknown_skip);
 

@@ -54,6 +54,21 @@ struct ResultArrays {
   std::int32_t* lengths;
 };
 
+// Code histories (the catalog lookup done by the caller): history b is rows offsets[b] .. offsets[b+1]) of
+// codes, a [offsets[count], L] row-major array of each item's L codes, oldest first.
+struct CodeBatch {
+  const std::int64_t* codes;
+  const std::int64_t* offsets;              // [count + 1], offsets[0] = 0, non-decreasing, no empty history
+  std::size_t count;
+};
+
+// Caller-owned [count, beam] arrays of the decoded SIDs: prefix keys (docs/artifact.md) and summed
+// log-probabilities, best first; a slot with no valid SID has score -inf.
+struct SidArrays {
+  std::uint64_t* keys;
+  float* scores;
+};
+
 class Recommender {
  public:
   // Opens and checks the artifact (strict manifest, paths, sha256, tables, graphs vs limits), then the
@@ -71,6 +86,11 @@ class Recommender {
   // The same without allocating after a thread's first call with the largest shapes: reads the flat
   // batch, writes into `out` ([count, k] each). beam = 0 as above.
   void recommend_into(const HistoryBatch& histories, int k, int beam, Unknown unknown, const ResultArrays& out);
+
+  // Beam search from code histories, the step below items (runtime/recommender.py, decode_codes): writes
+  // `out` ([count, beam]) and returns how many slots per history the search filled (<= beam; the rest
+  // are key 0, score -inf). Allocation-free like recommend_into. Codes outside a level's codebook throw.
+  std::int64_t decode_codes_into(const CodeBatch& histories, int beam, const SidArrays& out);
 
   // The latency floor: encode + one backbone run for the batch (no head, no verifier).
   void backbone_only(const HistoryBatch& histories, Unknown unknown = Unknown::error);
