@@ -40,14 +40,22 @@ def stage(stages: dict | None, name: str):
 
 
 def top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
-    """[B, M] scores -> [B, k] column indices of the k best, best first. Ties inside the k are ordered by
-    index; which of several candidates tied exactly at the k-th score gets in is argpartition's choice."""
+    """[B, M] scores -> [B, k] column indices of the k best, best first, ties by index: of several candidates
+    tied exactly at the k-th score, the lowest indices get in (the C++ loop's order, so both keep the same
+    beams). Finite scores only are tie-broken so; slots at -inf hold no valid SID either way."""
     M = scores.shape[1]
     if k < M:
         part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        vals = np.take_along_axis(scores, part, axis=1)
+        kth = vals.min(axis=1, keepdims=True)                                      # [B, 1] the k-th best score
+        for b in np.flatnonzero(np.count_nonzero(scores >= kth, axis=1) > k):      # more tied at it than fit: rare
+            if np.isfinite(kth[b, 0]):
+                above = np.flatnonzero(scores[b] > kth[b, 0])
+                part[b] = np.concatenate([above, np.flatnonzero(scores[b] == kth[b, 0])[:k - len(above)]])
+                vals[b] = scores[b, part[b]]
     else:
         part = np.broadcast_to(np.arange(M), scores.shape).copy()
-    vals = np.take_along_axis(scores, part, axis=1)
+        vals = np.take_along_axis(scores, part, axis=1)
     order = np.lexsort((part, -vals), axis=1)
     return np.take_along_axis(part, order, axis=1)
 

@@ -69,6 +69,18 @@ def history_codes(histories: Sequence[Sequence[int]], catalog: Catalog, unknown:
     return out
 
 
+def code_array(codes, b: int, levels: int) -> np.ndarray:
+    """One code history -> [n, levels] int64; anything but integers in whole items -> EncodingError."""
+    try:
+        arr = np.asarray(codes)
+    except (ValueError, TypeError):                       # ragged nesting and the like
+        arr = None
+    if arr is None or (arr.size and arr.dtype.kind not in "iu") or arr.size % levels:
+        got = f", got {arr.dtype} {list(arr.shape)}" if arr is not None else ""
+        raise EncodingError(f"code history {b} must be an integer array [items, {levels}]{got}")
+    return arr.astype(np.int64, copy=False).reshape(-1, levels)
+
+
 def encode_codes(histories: Sequence[np.ndarray], layout: SidLayout, max_history: int,
                  pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Code histories ([n_b, L] each) -> the backbone feed.
@@ -86,7 +98,7 @@ def encode_codes(histories: Sequence[np.ndarray], layout: SidLayout, max_history
         raise EncodingError("no histories to encode: the batch is empty")
     rows = []
     for b, codes in enumerate(histories):
-        codes = np.asarray(codes, dtype=np.int64).reshape(-1, layout.levels)
+        codes = code_array(codes, b, layout.levels)
         if len(codes) == 0:
             raise EncodingError(f"history {b} is empty (after dropping unknown items): NEZHA needs at least one item")
         outside = (codes < 0) | (codes >= np.asarray(layout.codes))

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from nezha.runtime import Recommender
+from nezha.runtime.errors import OptionError
 
 log = logging.getLogger("nezha.serve")
 
@@ -88,6 +89,8 @@ def backend_share(rec: Recommender, repeats: int = 5) -> tuple[float, float]:
 def load_model(artifact: str | Path, options: LoadOptions) -> LoadedModel:
     """Open and verify (sha256 of every file) an artifact, run one request through it and measure how
     much of a decode runs outside the GIL. Raises the library's NezhaError for a bad or corrupt artifact."""
+    if "\0" in str(artifact):
+        raise OptionError("an artifact folder path must not contain a NUL character")
     artifact = Path(artifact).resolve()
     rec = Recommender.load(artifact, backend=options.backend, device=options.device,
                            precision=options.precision, threads=options.threads, verify=True)

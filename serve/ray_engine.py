@@ -10,10 +10,11 @@ cluster the same deployment spreads its replicas across machines with no code ch
 package on every node).
 
 Reload (``POST /admin/reload``): the replica that gets it loads and verifies the artifact (a bad one: 400,
-nothing changes), then redeploys the application with it (``run``, in the background) and answers 202. Ray
+nothing changes), then hands the redeploy to the application's ``Reloader`` actor and answers 202. Ray
 then rolls the replicas over: new ones load the artifact, old ones stop once their in-flight requests are
-answered, so no request is dropped; until the roll-out ends, a request may meet either version
-(``/v2/models/{name}`` names the one that answered)."""
+answered; until the roll-out ends, a request may meet either version (``/v2/models/{name}`` names the one
+that answered). If the roll-out fails (a new replica cannot load the artifact), the Reloader redeploys the
+previous one."""
 
 from __future__ import annotations
 
@@ -28,15 +29,15 @@ from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
+import ray                                                  # noqa: E402
 from ray import serve                                       # noqa: E402  (after the environment)
 from starlette.requests import Request                      # noqa: E402
 
 from . import protocol as P                                 # noqa: E402
-from .service import Reply                                  # noqa: E402
 from .app import read_body, to_response                     # noqa: E402
 from .batching import Item, Pending, plan_batch, tokens_of  # noqa: E402
 from .model import LoadOptions, load_model                  # noqa: E402
-from .service import ServeOptions, Service                  # noqa: E402
+from .service import Reply, ServeOptions, Service           # noqa: E402
 
 from nezha.runtime.decode import items_from_sids            # noqa: E402
 
@@ -66,11 +67,15 @@ class RayService(Service):
         if self._reload_lock.locked():
             raise P.Conflict("a reload is already in progress")
         async with self._reload_lock:
-            path = Path(artifact).resolve() if artifact is not None else self.artifact
+            if artifact is not None and not Path(artifact).is_absolute():
+                raise P.BadRequest(f"reload under Ray Serve needs an absolute artifact path (each replica resolves it "
+                                   f"on its own node), got {artifact!r}")
+            path = Path(artifact) if artifact is not None else self.artifact
             checked = await self.checked_load(path)
             info = checked.info()
             checked.retire()                                     # only checked: new replicas load their own
-            self.redeploy(path)
+            if not await self.redeploy(path):
+                raise P.Conflict("a reload is already rolling out; retry once /v2/models/{name} names its version")
             self.metrics.reloads.labels("rolling").inc()
         return Reply(202, {"reloading": True, "model": info, "serving": self.model.info(),
                            "note": "Ray replaces the replicas one by one; /v2/models/{name} names the version that answers"})
@@ -141,21 +146,55 @@ class NezhaDeployment:
     async def decode_one(self, items: list[Item]) -> list:
         return await asyncio.to_thread(decode_items, items, self.max_batch, self.service.metrics.observe)
 
-    def redeploy(self, artifact: Path) -> None:
-        """Redeploy this application with ``artifact`` (same options), in the background: ``serve.run``
-        returns once every replica runs it, long after this request is answered."""
-        def roll():
-            try:
-                run(artifact, self.options, self.load_options, **self.app)
-                log.info("reload: every replica now serves %s", artifact)
-            except Exception as e:                               # logged: the 202 is long gone
-                log.error("reload of %s: Ray's roll-out failed: %s", artifact, e)
-        threading.Thread(target=roll, name="nezha-redeploy", daemon=True).start()
+    async def redeploy(self, artifact: Path) -> bool:
+        """Hand the roll-out to this application's Reloader (False: one is already under way)."""
+        reloader = Reloader.options(name=reloader_name(self.app["name"]), namespace=RELOADER_NAMESPACE,
+                                    lifetime="detached", get_if_exists=True).remote()
+        return await reloader.start.remote(str(artifact), str(self.service.artifact), self.options, self.load_options,
+                                           self.app)
 
     async def __call__(self, request: Request):
         reply = await self.service.handle(request.method, request.url.path, lambda limit: read_body(request, limit),
                                           dict(request.headers))
         return to_response(reply)
+
+
+RELOADER_NAMESPACE = "nezha"
+
+
+def reloader_name(app: str) -> str:
+    return f"nezha-reloader-{app}"
+
+
+@ray.remote(num_cpus=0, max_concurrency=4)
+class Reloader:
+    """Rolls an application over to a new artifact from outside its replicas (the roll-over stops the one
+    that asked), one roll-out at a time. If Ray reports the roll-out failed (a new replica could not load the
+    artifact: say the path is missing on its node, or it was deleted after the check), it redeploys the
+    previous artifact, so that the service comes back instead of staying down. Detached: it outlives the
+    replica that created it; ``serve_blocking`` removes it at shutdown."""
+
+    def __init__(self):
+        self._busy = threading.Lock()
+
+    def start(self, artifact: str, previous: str, options: ServeOptions, load: LoadOptions, app: dict) -> bool:
+        if not self._busy.acquire(blocking=False):
+            return False
+        threading.Thread(target=self._roll, args=(artifact, previous, options, load, app), daemon=True).start()
+        return True
+
+    def _roll(self, artifact, previous, options, load, app) -> None:
+        try:
+            try:
+                run(artifact, options, load, **app)
+                log.info("reload: every replica now serves %s", artifact)
+            except Exception as e:
+                log.error("reload of %s failed (%s); redeploying %s", artifact, e, previous)
+                run(previous, options, load, **app)
+        except Exception as e:                                       # logged: nobody is waiting for it
+            log.error("redeploying %s failed too: %s", previous, e)
+        finally:
+            self._busy.release()
 
 
 def run(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
@@ -172,7 +211,6 @@ def run(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas
 def serve_blocking(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
                    host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
     """Start (or join, with ``address``) Ray, deploy, and serve until SIGINT/SIGTERM; then shut down."""
-    import ray
 
     ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
              **({} if address else {"num_cpus": max(os.cpu_count() or 1, replicas)}))
@@ -186,4 +224,8 @@ def serve_blocking(artifact: str | Path, options: ServeOptions, load: LoadOption
         stop.wait()
     finally:
         serve.shutdown()
+        try:
+            ray.kill(ray.get_actor(reloader_name("nezha"), namespace=RELOADER_NAMESPACE))
+        except ValueError:                                           # no reload happened: no reloader
+            pass
         ray.shutdown()

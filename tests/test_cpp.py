@@ -366,8 +366,15 @@ def test_decode_codes_is_the_python_loop_bit_for_bit(cpp_build, artifact):
             py.decode_codes(bad, 4)
         with pytest.raises(CppRuntimeError, match="history 1 is empty"):
             cc.decode_codes([codes[0], codes[0][:0]], 4)
-        with pytest.raises(NezhaError, match=r"code history 0 must be an integer array \[items, "):
-            cc.decode_codes([codes[0][:, :2]], 4)
+        for r in (cc, py):
+            with pytest.raises(NezhaError, match=r"code history 0 must be an integer array \[items, "):
+                r.decode_codes([codes[0][:, :2]], 4)
+            with pytest.raises(NezhaError, match=r"code history 0 must be an integer array .* got float64"):
+                r.decode_codes([codes[0] + 0.5], 4)                  # never truncated to other codes
+            with pytest.raises(NezhaError, match=r"code history 1 must be an integer array"):
+                r.decode_codes([codes[0], [[1, 2], [3]]], 4)
+        with pytest.raises(NezhaError, match="must not contain a NUL"):
+            cpp(str(artifact) + "\0/elsewhere")
 
 
 def test_the_server_runs_the_cpp_loop(cpp_build, artifact):

@@ -109,6 +109,18 @@ def test_top_k_desc_orders_best_first_with_index_ties():
     scores = np.array([[0.1, 0.5, -np.inf, 0.5, 0.3]])
     assert top_k_desc(scores, 3).tolist() == [[1, 3, 4]]
     assert top_k_desc(scores, 5).tolist() == [[1, 3, 4, 0, 2]]
+    assert top_k_desc(np.array([[0.2, 0.5, 0.5, 0.5, 0.9]]), 3).tolist() == [[4, 1, 2]]     # cut inside a tie
+
+
+def test_top_k_desc_is_a_stable_sort_cut_at_k_even_inside_ties():
+    """The C++ loop keeps (score desc, index asc): so must Python, or the two keep different beams when
+    candidates tie exactly at the cut (fp16 log-probs do, often)."""
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        B, M = rng.integers(1, 5), rng.integers(2, 60)
+        scores = rng.integers(-4, 1, size=(B, M)).astype(np.float32)             # few values: many ties
+        k = int(rng.integers(1, M + 1))
+        assert top_k_desc(scores, k).tolist() == np.argsort(-scores, axis=1, kind="stable")[:, :k].tolist()
 
 
 def test_importing_and_using_the_runtime_core_loads_no_torch():

@@ -367,9 +367,11 @@ def test_reload_swaps_atomically_and_refuses_a_corrupt_artifact(serve, artifacts
     assert r.status_code == 400 and "reload refused" in r.json()["error"] and "sha256" in r.json()["error"], r.text
     r = s.post("/admin/reload", {"artifact": str(tmp_path / "missing")})
     assert r.status_code == 400 and "reload refused" in r.json()["error"]
+    r = s.post("/admin/reload", {"artifact": str(second) + "\u0000x"})
+    assert r.status_code == 400 and "NUL character" in r.json()["error"], r.text
     r = s.post("/v1/recommend", {"histories": histories, "k": 5})
     assert answers[json.dumps(_pairs(r.json()["results"]))] == "second"  # the old model stays
-    assert 'nezha_reloads_total{result="refused"} 2.0' in s.client.get("/metrics").text
+    assert 'nezha_reloads_total{result="refused"} 3.0' in s.client.get("/metrics").text
 
 
 def test_shutdown_drains_in_flight_requests(serve):

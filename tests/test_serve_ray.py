@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import socket
 import threading
 import time
@@ -134,3 +135,26 @@ def test_ray_reload_refuses_a_corrupt_artifact_then_rolls_the_replicas_over(ray_
                 [c.result() for c in clients]
         assert set(seen) <= {"old", "new"} and seen[-1] == "new", seen    # none failed, each one model's answers
         assert "old" in seen
+
+        # A roll-out that fails (the artifact vanishes after the check): the previous artifact comes back.
+        vanishing = tmp_path / "vanishing"
+        shutil.copytree(artifact, vanishing)
+        deadline = time.time() + 60
+        while (r := client.post("/admin/reload", json={"artifact": str(vanishing)})).status_code == 409:
+            assert time.time() < deadline and "already rolling out" in r.json()["error"]   # the last roll-out's end
+            time.sleep(0.5)
+        assert r.status_code == 202, r.text
+        shutil.rmtree(vanishing)
+        time.sleep(3)
+        def serving():                                           # during the failure: 503s or waits
+            try:
+                r = client.get("/v2/models/nezha", timeout=5)
+                return r.json()["parameters"]["version"] if r.status_code == 200 else None
+            except httpx.HTTPError:
+                return None
+        deadline = time.time() + 120
+        while serving() != new:
+            assert time.time() < deadline, "the service did not come back on the previous artifact"
+            time.sleep(1)
+        r = client.post("/admin/reload", json={"artifact": "relative/path"})
+        assert r.status_code == 400 and "absolute artifact path" in r.json()["error"]

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nezha.runtime.encoding import EncodingError, check_batch, integer_array
+from nezha.runtime.encoding import EncodingError, check_batch, code_array, integer_array
 from nezha.runtime.errors import NezhaError, OptionError
 from nezha.runtime.recommender import RequestError
 
@@ -175,6 +175,8 @@ class CppRecommender:
         check_load_options(precision, threads, dense_budget_bytes)
         if not isinstance(artifact_dir, (str, os.PathLike)) or isinstance(artifact_dir, bytes):
             raise OptionError(f"an artifact folder is a path (str or pathlib.Path), got {type(artifact_dir).__name__}")
+        if "\0" in str(artifact_dir):                    # a C string would end there: another folder
+            raise OptionError("an artifact folder path must not contain a NUL character")
         lib = _load_library()
         ort = onnxruntime_library or os.environ.get("NEZHA_ONNXRUNTIME_LIBRARY") or wheel_onnxruntime_library()
         handle = lib.nezha_load(str(artifact_dir).encode(), (precision or "").encode(), int(threads or 0), int(bool(verify)),
@@ -235,13 +237,7 @@ class CppRecommender:
             raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
         if len(code_histories) == 0:
             raise RequestError("no histories given: pass a list of item-id lists")
-        rows = []
-        for b, c in enumerate(code_histories):
-            c = np.asarray(c)
-            if c.ndim != 2 or c.shape[1] != self.levels or not np.issubdtype(c.dtype, np.integer):
-                raise EncodingError(f"code history {b} must be an integer array [items, {self.levels}], got "
-                                    f"{c.dtype} {list(c.shape)}")
-            rows.append(c)
+        rows = [code_array(c, b, self.levels) for b, c in enumerate(code_histories)]
         codes = np.ascontiguousarray(np.concatenate(rows), dtype=np.int64)
         offsets = np.cumsum([0] + [len(c) for c in rows], dtype=np.int64)
         n = len(rows)
