@@ -45,19 +45,36 @@ def top_k_desc(scores: np.ndarray, k: int) -> np.ndarray:
     beams). Finite scores only are tie-broken so; slots at -inf hold no valid SID either way."""
     M = scores.shape[1]
     if k < M:
-        part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-        vals = np.take_along_axis(scores, part, axis=1)
-        kth = vals.min(axis=1, keepdims=True)                                      # [B, 1] the k-th best score
-        for b in np.flatnonzero(np.count_nonzero(scores >= kth, axis=1) > k):      # more tied at it than fit: rare
-            if np.isfinite(kth[b, 0]):
-                above = np.flatnonzero(scores[b] > kth[b, 0])
-                part[b] = np.concatenate([above, np.flatnonzero(scores[b] == kth[b, 0])[:k - len(above)]])
-                vals[b] = scores[b, part[b]]
+        at = np.argpartition(-scores, k, axis=1)                                  # the k best first, then the (k+1)-th
+        part = at[:, :k]
     else:
         part = np.broadcast_to(np.arange(M), scores.shape).copy()
-        vals = np.take_along_axis(scores, part, axis=1)
-    order = np.lexsort((part, -vals), axis=1)
-    return np.take_along_axis(part, order, axis=1)
+    top = _best_first(scores, part)
+    if k < M:
+        tied = _tied_at_cut(scores, top[:, -1], at[:, k])
+        for b in tied:                                                            # rare: the lowest indices get in
+            kth = scores[b, top[b, -1]]
+            above = np.flatnonzero(scores[b] > kth)
+            part[b] = np.concatenate([above, np.flatnonzero(scores[b] == kth)[:k - len(above)]])
+        if len(tied):
+            top = _best_first(scores, part)
+    return top
+
+
+def _best_first(scores: np.ndarray, part: np.ndarray) -> np.ndarray:
+    vals = np.take_along_axis(scores, part, axis=1)
+    return np.take_along_axis(part, np.lexsort((part, -vals), axis=1), axis=1)
+
+
+def _tied_at_cut(scores: np.ndarray, last: np.ndarray, after: np.ndarray):
+    """Rows whose last kept score (finite) equals the best one left out: numpy scalars for one row (the
+    common request: cheaper than array calls), else vectorised."""
+    if len(scores) == 1:
+        s = scores[0, last[0]]
+        return [0] if s == scores[0, after[0]] and s > -np.inf else []
+    rows = np.arange(len(scores))
+    s = scores[rows, last]
+    return np.flatnonzero((s == scores[rows, after]) & (s > -np.inf))
 
 
 def expand(scores: np.ndarray, logp: np.ndarray, keys: np.ndarray, level: int, verifier: Verifier | None) -> np.ndarray:
