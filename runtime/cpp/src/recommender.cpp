@@ -270,21 +270,30 @@ void Recommender::Impl::check_histories(const HistoryBatch& h, Unknown unknown) 
   }
 }
 
-// Histories [first, first + count) -> kept [count, max_history] (each item's codes in the catalog, newest
-// first) and kept_count: the most recent max_history known items. Unknown items are skipped here:
-// check_histories refused them already under the "error" policy.
-void Recommender::Impl::keep(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count) const {
-  const std::int64_t max_history = manifest.limits.max_history;
+// Histories [first, first + count) of a flat batch -> kept [count, max_history] (each kept item's L codes,
+// newest first) and kept_count: the most recent max_history items j for which codes_of(j) is not null.
+namespace {
+template <typename CodesOf>
+void keep_rows(Workspace& ws, const std::int64_t* offsets, std::size_t first, std::size_t count, std::int64_t max_history,
+               CodesOf codes_of) {
   for (std::size_t b = 0; b < count; ++b) {
     const std::size_t u = first + b;
     const std::int64_t** kept = ws.kept.get() + b * std::size_t(max_history);
     std::int64_t n = 0;
-    for (std::int64_t j = h.offsets[u + 1] - 1; j >= h.offsets[u] && n < max_history; --j) {
-      const std::int64_t row = tables.find_item(h.items[j]);
-      if (row >= 0) kept[n++] = tables.item_codes.data() + std::size_t(row) * std::size_t(L);
-    }
-    ws.kept_count[b] = std::int32_t(n);                           // >= 1 (check_histories)
+    for (std::int64_t j = offsets[u + 1] - 1; j >= offsets[u] && n < max_history; --j)
+      if (const std::int64_t* codes = codes_of(j)) kept[n++] = codes;
+    ws.kept_count[b] = std::int32_t(n);                           // >= 1 (check_histories, check_codes)
   }
+}
+}  // namespace
+
+// Item histories: codes from the catalog. Unknown items are skipped here: check_histories refused them
+// already under the "error" policy.
+void Recommender::Impl::keep(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count) const {
+  keep_rows(ws, h.offsets, first, count, manifest.limits.max_history, [&](std::int64_t j) -> const std::int64_t* {
+    const std::int64_t row = tables.find_item(h.items[j]);
+    return row >= 0 ? tables.item_codes.data() + std::size_t(row) * std::size_t(L) : nullptr;
+  });
 }
 
 // Code histories: offsets well formed, every history non-empty, every code inside its level's codebook.
@@ -303,16 +312,9 @@ void Recommender::Impl::check_codes(const CodeBatch& h) const {
   }
 }
 
-// keep() for code histories: the most recent max_history rows of each, newest first (no catalog lookup).
+// Code histories: the caller's rows as they are (check_codes checked them).
 void Recommender::Impl::keep_codes(Workspace& ws, const CodeBatch& h, std::size_t first, std::size_t count) const {
-  const std::int64_t max_history = manifest.limits.max_history;
-  for (std::size_t b = 0; b < count; ++b) {
-    const std::size_t u = first + b;
-    const std::int64_t** kept = ws.kept.get() + b * std::size_t(max_history);
-    std::int64_t n = 0;
-    for (std::int64_t j = h.offsets[u + 1] - 1; j >= h.offsets[u] && n < max_history; --j) kept[n++] = h.codes + j * L;
-    ws.kept_count[b] = std::int32_t(n);
-  }
+  keep_rows(ws, h.offsets, first, count, manifest.limits.max_history, [&](std::int64_t j) { return h.codes + j * L; });
 }
 
 // The backbone for the B kept rows -> hidden_all [B, L+1, H], run once per distinct history length with
