@@ -289,7 +289,9 @@ def test_gate_fails_on_an_injected_slowdown_and_passes_an_unchanged_rerun(make_c
     assert same["gate"]["passed"], same["gate"]["regressions"]
     base = ins.load_baseline(tmp_path / "base.json")["result"]
     spread = same["per_request"]["runtime_own"] / base["per_request"]["runtime_own"] - 1
-    assert abs(spread) < 0.005                               # reruns agree far inside the 2% tolerance
+    # Reruns agree inside the 2% tolerance: most to the instruction; now and then ONNX Runtime's own code
+    # (its allocator) runs ~1% more in one of them (seen: +1.1%, more often on a loaded machine).
+    assert abs(spread) < 0.015
     slow = ins.run_gate(artifact, baseline=tmp_path / "base.json", out=tmp_path / "c", inject=INJECT_TINY, **kw)
     own = slow["gate"]["figures"][0]
     assert 0.025 < own["change"] < 0.08, own                 # a small slowdown of the runtime's own work ...
