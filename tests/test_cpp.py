@@ -404,3 +404,16 @@ def test_the_server_runs_the_cpp_loop(cpp_build, artifact):
         assert r.status_code == 400 and "not in the catalog" in r.json()["error"]
     finally:
         s.stop()
+
+
+def test_the_python_tables_of_the_cpp_binding_are_checked_too(cpp_build, artifact, tmp_path):
+    """The binding reads catalog and SID tables in Python (for the server): each is hashed again, so a table
+    changed after the C++ load is refused rather than mapped against the C++ runtime's own copy."""
+    copy = tmp_path / "art"
+    shutil.copytree(artifact, copy)
+    with cpp(copy) as cc:
+        with open(copy / "tables" / "sid_items.npy", "r+b") as f:
+            f.seek(-1, 2)
+            f.write(b"\x7f")
+        with pytest.raises(NezhaError, match="sid_items.npy: sha256 mismatch"):
+            cc.sid_table

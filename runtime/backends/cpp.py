@@ -117,18 +117,14 @@ def _flat_histories(histories) -> tuple[np.ndarray, np.ndarray]:
     return items, offsets
 
 
-def _raise(error: Exception):
-    raise error
-
-
 class CppRecommender:
     """``CppRecommender.load(artifact_dir)`` then ``recommend(histories, k=10, beam=20)``: the C++ runtime
     with the Python ``Recommender``'s API and policies (CPU, ONNX Runtime). Thread-safe."""
 
     backend = "cpp"
 
-    def __init__(self, handle: int, artifact_dir: Path):
-        self._lib, self._handle, self.root = _load_library(), handle, artifact_dir
+    def __init__(self, handle: int, artifact_dir: Path, verify: bool = True):
+        self._lib, self._handle, self.root, self._verify = _load_library(), handle, artifact_dir, verify
         info = [ctypes.c_int() for _ in range(4)]
         self._lib.nezha_info(handle, *[ctypes.byref(i) for i in info])
         self.levels, self.max_history, self.max_batch, self.max_beam = (i.value for i in info)
@@ -139,14 +135,22 @@ class CppRecommender:
         self._tables_lock = threading.Lock()
 
     def _python_tables(self):
-        """The artifact's layout, catalog and SID table read by the Python loader (verified), for callers that
-        work on codes and SID keys (the server's parsing and decode_codes): loaded on first use."""
+        """The artifact's layout, catalog and SID table read by the Python loader, for callers that work on
+        codes and SID keys (the server's parsing and decode_codes): loaded on first use, the sha256 of each
+        table read checked (the C++ loader has checked the rest; the graphs are not hashed twice)."""
         with self._tables_lock:
             if self._tables is None:
-                from nezha.runtime.artifact import Artifact
+                from nezha.runtime.artifact import Artifact, sha256
                 from nezha.runtime.catalog import Catalog
-                artifact = Artifact.open(self.root, verify=self._verify)
-                t = {name: artifact.table(name) for name in ("item_ids", "item_codes", "sid_keys", "sid_offsets", "sid_items")}
+                from nezha.runtime.strict import ManifestError
+                artifact = Artifact.open(self.root, verify=False)
+                t = {}
+                for name in ("item_ids", "item_codes", "sid_keys", "sid_offsets", "sid_items"):
+                    rel = artifact.manifest.tables[name].file
+                    if self._verify and sha256(artifact.path(rel)) != artifact.manifest.files[rel]:
+                        raise ManifestError(f"artifact {artifact.root} failed verification: {rel}: sha256 mismatch "
+                                            "(file modified or corrupt)")
+                    t[name] = artifact.table(name)
                 self._tables = (artifact.manifest.layout, Catalog(t["item_ids"], t["item_codes"]),
                                 (t["sid_keys"], t["sid_offsets"], t["sid_items"]))
             return self._tables
@@ -183,9 +187,7 @@ class CppRecommender:
                                 int(dense_budget_bytes), (ort or "").encode())
         if not handle:
             raise CppRuntimeError(lib.nezha_last_error().decode())
-        rec = cls(handle, Path(artifact_dir))
-        rec._verify = verify
-        return rec
+        return cls(handle, Path(artifact_dir), verify)
 
     def _check(self, rc: int) -> None:
         if rc != 0:
@@ -195,15 +197,17 @@ class CppRecommender:
         """k and beam checked as Recommender checks them (plain integers, never bools); beam defaults to
         max(k, 20) capped at max_beam."""
         integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-        check_beam = lambda b: None if integral(b) and 1 <= b <= self.max_beam else _raise(
-            RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {b!r}"))
         if beam is not None:
-            check_beam(beam)
+            self._check_beam(beam)
         if not integral(k) or not 1 <= k <= (self.max_beam if beam is None else beam):
             raise RequestError(f"k must be an integer in 1..beam ({self.max_beam if beam is None else beam}), got {k!r}")
         beam = min(max(int(k), 20), self.max_beam) if beam is None else beam
-        check_beam(beam)
+        self._check_beam(beam)
         return int(beam)
+
+    def _check_beam(self, beam) -> None:
+        if isinstance(beam, (bool, np.bool_)) or not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
+            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int | None = None,
                   unknown: str = "error", stages: dict | None = None) -> list[list[tuple[int, float]]]:
@@ -233,8 +237,7 @@ class CppRecommender:
                      stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """[n_b, L] code histories -> (sid_keys [B, K] uint64, scores [B, K] float32), best first: the
         C++ loop from codes (as ``Recommender.decode_codes``; codes outside a codebook are refused)."""
-        if isinstance(beam, (bool, np.bool_)) or not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
-            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
+        self._check_beam(beam)
         if len(code_histories) == 0:
             raise RequestError("no histories given: pass a list of item-id lists")
         rows = [code_array(c, b, self.levels) for b, c in enumerate(code_histories)]
