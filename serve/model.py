@@ -13,6 +13,8 @@ from pathlib import Path
 from nezha.runtime import Recommender
 from nezha.runtime.errors import OptionError
 
+from .pool import DecodePool
+
 log = logging.getLogger("nezha.serve")
 
 
@@ -24,6 +26,7 @@ class LoadOptions:
     device: str | None = None
     precision: str | None = None
     threads: int | None = 1
+    processes: int = 0                            # decode processes (serve.pool); 0: decode in the server's process
 
 
 @dataclass(eq=False)
@@ -33,6 +36,7 @@ class LoadedModel:
     version: str                                  # short hash of manifest.json: changes with the artifact
     backend_share: float = 1.0                    # of a decode's time, the share inside the backend (GIL released)
     decode_seconds: float = 0.0                   # one solo decode (mid-length history, beam 20), best of 5
+    pool: DecodePool | None = None                # decode processes, if any: they decode, ``rec`` parses and maps
     loaded_at: float = field(default_factory=time.time)
     _users: int = 0
     _retired: bool = False
@@ -57,8 +61,14 @@ class LoadedModel:
         if close:
             self._close()
 
+    def decode_codes(self, code_histories, beam: int):
+        """Recommender.decode_codes, in a decode process when there is a pool."""
+        return (self.pool or self.rec).decode_codes(code_histories, beam)
+
     def _close(self) -> None:
         log.info("closing model %s (%s)", self.version, self.artifact)
+        if self.pool is not None:
+            self.pool.close()
         self.rec.close()
 
     def info(self) -> dict:
@@ -66,7 +76,8 @@ class LoadedModel:
         return {"artifact": str(self.artifact), "version": self.version, "loaded_at": self.loaded_at, "backend": rec.backend,
                 "precision": rec.precision, "max_batch": rec.max_batch, "max_beam": rec.max_beam,
                 "max_history": rec.max_history, "levels": rec.layout.levels, "items": len(rec.catalog.item_ids),
-                "backend_share": round(self.backend_share, 3), "decode_ms": round(1e3 * self.decode_seconds, 3)}
+                "backend_share": round(self.backend_share, 3), "decode_ms": round(1e3 * self.decode_seconds, 3),
+                "decode_processes": self.pool.processes if self.pool else 0}
 
 
 def backend_share(rec: Recommender, repeats: int = 5) -> tuple[float, float]:
@@ -89,6 +100,8 @@ def backend_share(rec: Recommender, repeats: int = 5) -> tuple[float, float]:
 def load_model(artifact: str | Path, options: LoadOptions) -> LoadedModel:
     """Open and verify (sha256 of every file) an artifact, run one request through it and measure how
     much of a decode runs outside the GIL. Raises the library's NezhaError for a bad or corrupt artifact."""
+    if type(options.processes) is not int or options.processes < 0:
+        raise OptionError(f"processes must be an integer >= 0 (0: decode in the server's process), got {options.processes!r}")
     if "\0" in str(artifact):
         raise OptionError("an artifact folder path must not contain a NUL character")
     artifact = Path(artifact).resolve()
@@ -101,7 +114,16 @@ def load_model(artifact: str | Path, options: LoadOptions) -> LoadedModel:
         rec.close()
         raise
     version = hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest()[:12]
-    model = LoadedModel(rec, artifact, version, share, seconds)
+    pool = None
+    if options.processes:
+        try:
+            pool = DecodePool(artifact, {"backend": options.backend, "device": options.device,
+                                         "precision": rec.precision, "threads": options.threads},
+                              options.processes, version)
+        except BaseException:
+            rec.close()
+            raise
+    model = LoadedModel(rec, artifact, version, share, seconds, pool)
     log.info("loaded %s version %s; a decode takes %.2f ms, %.0f%% of it in the backend", artifact, version,
              1e3 * seconds, 100 * share)
     return model

@@ -40,6 +40,7 @@ from .model import LoadOptions, load_model                  # noqa: E402
 from .service import Reply, ServeOptions, Service           # noqa: E402
 
 from nezha.runtime.decode import items_from_sids            # noqa: E402
+from nezha.runtime.errors import OptionError                # noqa: E402
 
 
 log = logging.getLogger("nezha.serve")
@@ -201,6 +202,9 @@ def run(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas
         cpus_per_replica: float = 1.0, name: str = "nezha", route_prefix: str = "/"):
     """Deploy (or redeploy: Ray rolls the replicas over) the application on the running Ray Serve and wait
     until every replica runs. ``/admin/reload`` calls it again with the same arguments but the artifact."""
+    if load.processes:
+        raise OptionError("decode processes (--processes) are for the uvicorn engine; under Ray Serve each replica "
+                          "is a process already: scale with --replicas")
     app = {"replicas": replicas, "cpus_per_replica": cpus_per_replica, "name": name, "route_prefix": route_prefix}
     bound = NezhaDeployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
                                     max_queued_requests=options.max_queue).bind(

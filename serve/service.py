@@ -92,8 +92,10 @@ class Service:
     def start_engine(self) -> None:
         o = self.options
         max_batch = self.model.rec.max_batch if o.max_batch is None else min(o.max_batch, self.model.rec.max_batch)
-        workers = o.workers or auto_workers(self.model.backend_share, self.model.decode_seconds)
-        log.info("%d decode thread(s), batches of up to %d histories", workers, max_batch)
+        pool = self.model.pool
+        workers = pool.processes if pool else o.workers or auto_workers(self.model.backend_share, self.model.decode_seconds)
+        log.info("%d decode %s, batches of up to %d histories", workers,
+                 "process(es), one worker thread each" if pool else "thread(s)", max_batch)
         self.batcher = Batcher(workers, max_batch, o.max_queue, o.max_wait_ms / 1e3, self.metrics.observe,
                                o.max_delay_ms / 1e3)
 

@@ -86,8 +86,10 @@ class Server:
 def serve(artifacts):
     servers = []
 
-    def start(artifact=None, **options) -> Server:
-        load = LoadOptions(threads=1)
+    def start(artifact=None, processes=0, **options) -> Server:
+        load = LoadOptions(threads=1, processes=processes)
+        if processes:
+            options.setdefault("workers", None)                  # one worker thread per decode process
         s = Server(Service(artifact or artifacts[0], ServeOptions(**{"workers": 2, **options}), load))
         servers.append(s)
         return s
@@ -419,6 +421,11 @@ def test_cli_errors_are_one_line(tmp_path):
     r = _cli("serve", str(tmp_path / "missing"))
     assert r.returncode == 2 and r.stderr.strip().startswith("nezha serve: error:") and "Traceback" not in r.stderr
     data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=4))   # no dependence on ../shared
+    for args, message in ((["--processes", "1", "--engine", "ray"], "scale with --replicas"),
+                          (["--processes", "2", "--workers", "3"], "give --processes alone"),
+                          (["--processes", "-1"], "--processes must be >= 0")):
+        r = _cli("serve", str(tmp_path / "missing"), *args)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _cli("loadtest", "http://127.0.0.1:9", "--duration", "1", "--data", str(data))
     assert r.returncode == 2 and "not reachable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
@@ -479,6 +486,90 @@ asyncio.run(main())
 """
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.stdout.split() == ["200", "False"], r.stderr
+
+
+def _gone(pids, seconds=10.0) -> bool:
+    deadline = time.time() + seconds
+    while any(_running(p) for p in pids):
+        if time.time() > deadline:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+def _running(pid) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_decode_processes_answer_like_the_library_and_outlive_a_killed_one(serve, library):
+    import os
+    import signal
+
+    s = serve(processes=2, max_wait_ms=20)
+    pool = s.service.model.pool
+    pids = pool.pids()
+    assert len(set(pids)) == 2 and os.getpid() not in pids and all(_running(p) for p in pids)
+    assert s.client.get("/v2/models/nezha").json()["parameters"]["decode_processes"] == 2
+    rng = np.random.default_rng(5)
+    ids = tiny_catalog().item_ids
+    requests = [{"histories": [rng.choice(ids, size=int(rng.integers(1, 12))).tolist()], "k": 4,
+                 "beam": int(rng.choice([8, 16]))} for _ in range(40)]
+    with ThreadPoolExecutor(12) as threads:
+        replies = list(threads.map(lambda body: s.post("/v1/recommend", body), requests))
+    assert [r.status_code for r in replies] == [200] * len(requests), [r.text for r in replies if r.status_code != 200]
+    for body, r in zip(requests, replies):
+        assert _pairs(r.json()["results"]) == library.recommend(body["histories"], k=body["k"], beam=body["beam"])
+    r = s.post("/v1/recommend", {"histories": [[100]], "k": 3, "beam": MAX_BEAM + 1})
+    assert r.status_code == 400 and "max_beam" in r.json()["error"]
+
+    # A decode process dies in the middle of a batch: that request gets 500, the next ones are answered
+    # by a fresh process.
+    for pid in pids:
+        os.kill(pid, signal.SIGSTOP)                      # both hold the next batch until killed
+    with ThreadPoolExecutor(1) as threads:
+        stuck = threads.submit(s.post, "/v1/recommend", {"histories": [[100, 101]], "k": 3})
+        time.sleep(0.5)
+        for pid in pids:
+            os.kill(pid, signal.SIGKILL)
+        r = stuck.result()
+    assert r.status_code == 500 and r.json()["kind"] == "internal" and "Traceback" not in r.text
+    for _ in range(3):
+        r = s.post("/v1/recommend", {"histories": [[100, 101]], "k": 3})
+        assert r.status_code == 200 and _pairs(r.json()["results"]) == library.recommend([[100, 101]], k=3)
+    assert not set(pool.pids()) & set(pids)
+    live = [p for p in pool.pids() if p is not None]
+    s.stop()
+    assert _gone(live)                                    # shutdown stops the decode processes
+
+
+def test_reload_with_decode_processes_replaces_them(serve, artifacts):
+    first, second = artifacts
+    s = serve(processes=1)
+    old = s.service.model.pool.pids()
+    histories = tiny_histories(tiny_catalog(), n=2)
+    r = s.post("/admin/reload", {"artifact": str(second)})
+    assert r.status_code == 200, r.text
+    new = s.service.model.pool.pids()
+    assert _gone(old) and all(_running(p) for p in new)
+    with Recommender.load(second) as rec:
+        expected = [rec.recommend([h], k=5)[0] for h in histories]
+    r = s.post("/v1/recommend", {"histories": histories, "k": 5})
+    assert _pairs(r.json()["results"]) == expected
+
+
+def test_a_decode_process_that_cannot_load_refuses_the_load_with_its_error(artifacts, tmp_path):
+    from nezha.runtime.errors import NezhaError, OptionError
+    from nezha.serve.model import load_model
+    from nezha.serve.pool import DecodePool
+
+    with pytest.raises(NezhaError, match="not an artifact folder"):             # the child's own error, pickled back
+        DecodePool(tmp_path / "missing", {"threads": 1}, 1, "version")
+    with pytest.raises(OptionError, match="processes must be an integer >= 0"):
+        load_model(artifacts[0], LoadOptions(processes=-1))
 
 
 def test_decode_threads_default_to_the_cores_a_decode_can_use():
