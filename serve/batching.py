@@ -217,7 +217,8 @@ class Batcher:
         model = batch[0].model
         t0 = time.perf_counter()
         try:
-            keys, scores = model.decode_codes([it.codes for it in batch], batch[0].beam)
+            idle = len(batch) == 1 and not self._queue     # a lone history, nothing waiting
+            keys, scores = model.decode_codes([it.codes for it in batch], batch[0].beam, idle)
         except Exception as e:                               # a bug or a backend failure: 500 for these requests
             log.exception("batch of %d failed", len(batch))
             for it in batch:

@@ -526,20 +526,29 @@ def test_decode_processes_answer_like_the_library_and_outlive_a_killed_one(serve
     r = s.post("/v1/recommend", {"histories": [[100]], "k": 3, "beam": MAX_BEAM + 1})
     assert r.status_code == 400 and "max_beam" in r.json()["error"]
 
+    # A lone history on an idle server decodes in the server's process (the hop costs more than it frees);
+    # a batch goes to a decode process.
+    used, real = [], pool.decode_codes
+    pool.decode_codes = lambda codes, beam: (used.append(len(codes)), real(codes, beam))[1]
+    assert s.post("/v1/recommend", {"histories": [[100, 101]], "k": 3}).status_code == 200 and used == []
+    assert s.post("/v1/recommend", {"histories": [[100, 101], [102]], "k": 3}).status_code == 200 and used == [2]
+
     # A decode process dies in the middle of a batch: that request gets 500, the next ones are answered
     # by a fresh process.
+    pair = {"histories": [[100, 101], [102]], "k": 3}
+    expected = [library.recommend([h], k=3)[0] for h in pair["histories"]]
     for pid in pids:
         os.kill(pid, signal.SIGSTOP)                      # both hold the next batch until killed
     with ThreadPoolExecutor(1) as threads:
-        stuck = threads.submit(s.post, "/v1/recommend", {"histories": [[100, 101]], "k": 3})
+        stuck = threads.submit(s.post, "/v1/recommend", pair)
         time.sleep(0.5)
         for pid in pids:
             os.kill(pid, signal.SIGKILL)
         r = stuck.result()
     assert r.status_code == 500 and r.json()["kind"] == "internal" and "Traceback" not in r.text
     for _ in range(3):
-        r = s.post("/v1/recommend", {"histories": [[100, 101]], "k": 3})
-        assert r.status_code == 200 and _pairs(r.json()["results"]) == library.recommend([[100, 101]], k=3)
+        r = s.post("/v1/recommend", pair)
+        assert r.status_code == 200 and _pairs(r.json()["results"]) == expected
     assert not set(pool.pids()) & set(pids)
     live = [p for p in pool.pids() if p is not None]
     s.stop()
