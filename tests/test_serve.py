@@ -165,22 +165,26 @@ def test_served_results_equal_the_library(serve, library):
 def test_batches_form_under_concurrency_and_each_answer_equals_its_solo_answer(serve, library):
     s = serve(workers=1, max_wait_ms=50)
     _slow(s.service, 0.02)            # one slow worker: requests queue behind it and must be batched
-    rng = np.random.default_rng(3)
-    ids = tiny_catalog().item_ids
-    # mixed lengths, two beams: batches group by beam, lengths mix
-    requests = [{"histories": [rng.choice(ids, size=int(rng.integers(1, 12))).tolist()], "k": 4,
-                 "beam": int(rng.choice([8, 16]))} for _ in range(48)]
-    with ThreadPoolExecutor(16) as pool:
-        replies = list(pool.map(lambda body: s.post("/v1/recommend", body), requests))
-    assert all(r.status_code == 200 for r in replies), [r.text for r in replies if r.status_code != 200]
-    for body, r in zip(requests, replies):
-        solo = library.recommend(body["histories"], k=body["k"], beam=body["beam"])
-        assert _pairs(r.json()["results"]) == solo
+    _concurrent_answers_equal_solo_ones(s, library, seed=3, n=48, clients=16)
     assert {name.rsplit("-", 1)[0] for name in s.service.decode_threads} == {"nezha-worker"}   # never the loop
     metrics = s.client.get("/metrics").text
     batches, histories = _metric(metrics, "nezha_batch_size_count"), _metric(metrics, "nezha_batch_size_sum")
     assert histories >= 48 and batches < histories * 0.75, metrics     # batches larger than 1 formed
     assert "nezha_request_seconds_bucket" in metrics and "nezha_queue_depth" in metrics
+
+
+def _concurrent_answers_equal_solo_ones(s: Server, library, seed: int, n: int, clients: int) -> None:
+    """``n`` one-history requests of mixed lengths and two beams from ``clients`` threads: every answer is
+    the library's for that history alone."""
+    rng = np.random.default_rng(seed)
+    ids = tiny_catalog().item_ids
+    requests = [{"histories": [rng.choice(ids, size=int(rng.integers(1, 12))).tolist()], "k": 4,
+                 "beam": int(rng.choice([8, 16]))} for _ in range(n)]
+    with ThreadPoolExecutor(clients) as pool:
+        replies = list(pool.map(lambda body: s.post("/v1/recommend", body), requests))
+    assert [r.status_code for r in replies] == [200] * n, [r.text for r in replies if r.status_code != 200]
+    for body, r in zip(requests, replies):
+        assert _pairs(r.json()["results"]) == library.recommend(body["histories"], k=body["k"], beam=body["beam"])
 
 
 def _item(tokens, beam=20, model="m"):
@@ -514,15 +518,7 @@ def test_decode_processes_answer_like_the_library_and_outlive_a_killed_one(serve
     pids = pool.pids()
     assert len(set(pids)) == 2 and os.getpid() not in pids and all(_running(p) for p in pids)
     assert s.client.get("/v2/models/nezha").json()["parameters"]["decode_processes"] == 2
-    rng = np.random.default_rng(5)
-    ids = tiny_catalog().item_ids
-    requests = [{"histories": [rng.choice(ids, size=int(rng.integers(1, 12))).tolist()], "k": 4,
-                 "beam": int(rng.choice([8, 16]))} for _ in range(40)]
-    with ThreadPoolExecutor(12) as threads:
-        replies = list(threads.map(lambda body: s.post("/v1/recommend", body), requests))
-    assert [r.status_code for r in replies] == [200] * len(requests), [r.text for r in replies if r.status_code != 200]
-    for body, r in zip(requests, replies):
-        assert _pairs(r.json()["results"]) == library.recommend(body["histories"], k=body["k"], beam=body["beam"])
+    _concurrent_answers_equal_solo_ones(s, library, seed=5, n=40, clients=12)
     r = s.post("/v1/recommend", {"histories": [[100]], "k": 3, "beam": MAX_BEAM + 1})
     assert r.status_code == 400 and "max_beam" in r.json()["error"]
 
