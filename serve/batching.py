@@ -22,6 +22,7 @@ import numpy as np
 
 from nezha.runtime.decode import items_from_sids
 
+from .pool import GRACE_S
 from .protocol import DeadlineExceeded, Overloaded, Unavailable
 
 log = logging.getLogger("nezha.serve")
@@ -218,7 +219,9 @@ class Batcher:
         t0 = time.perf_counter()
         try:
             idle = len(batch) == 1 and not self._queue     # a lone history, nothing waiting
-            keys, scores = model.decode_codes([it.codes for it in batch], batch[0].beam, idle)
+            # a decode process that outlives every deadline in the batch (+ a grace) is killed: no one waits
+            timeout = max(it.pending.deadline for it in batch) - time.perf_counter() + GRACE_S
+            keys, scores = model.decode_codes([it.codes for it in batch], batch[0].beam, idle, max(timeout, GRACE_S))
         except Exception as e:                               # a bug or a backend failure: 500 for these requests
             log.exception("batch of %d failed", len(batch))
             for it in batch:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import stat
 import threading
 import time
 from dataclasses import dataclass, field
@@ -12,8 +14,10 @@ from pathlib import Path
 
 from nezha.runtime import Recommender
 from nezha.runtime.errors import OptionError
+from nezha.runtime.artifact import MAX_MANIFEST_BYTES
+from nezha.runtime.manifest import ManifestError
 
-from .pool import DecodePool
+from .pool import DecodePool, DecodeProcessUnavailable
 
 log = logging.getLogger("nezha.serve")
 
@@ -61,13 +65,18 @@ class LoadedModel:
         if close:
             self._close()
 
-    def decode_codes(self, code_histories, beam: int, idle: bool = False):
-        """Recommender.decode_codes, in a decode process when there is a pool, except when the server is
-        ``idle`` (a lone history, nothing queued): then the hop to a process costs more than the GIL it
-        frees (measured on the demo at concurrency 1: 0.82x of decoding in the server's process)."""
-        if self.pool is None or idle:
-            return self.rec.decode_codes(code_histories, beam)
-        return self.pool.decode_codes(code_histories, beam)
+    def decode_codes(self, code_histories, beam: int, idle: bool = False, timeout: float | None = None):
+        """Recommender.decode_codes, in a decode process when there is a pool (one that has not answered
+        in ``timeout`` s is killed), except when the server is ``idle`` (a lone history, nothing queued):
+        then the hop to a process costs more than the GIL it frees (measured on the demo at concurrency
+        1: 0.82x of decoding in the server's process). A decode process that cannot be started again
+        leaves its batches to the server's process (same answers) until it can."""
+        if self.pool is not None and not idle:
+            try:
+                return self.pool.decode_codes(code_histories, beam, timeout)
+            except DecodeProcessUnavailable:
+                pass
+        return self.rec.decode_codes(code_histories, beam)
 
     def _close(self) -> None:
         log.info("closing model %s (%s)", self.version, self.artifact)
@@ -103,31 +112,48 @@ def backend_share(rec: Recommender, repeats: int = 5) -> tuple[float, float]:
 
 def load_model(artifact: str | Path, options: LoadOptions) -> LoadedModel:
     """Open and verify (sha256 of every file) an artifact, run one request through it and measure how
-    much of a decode runs outside the GIL. Raises the library's NezhaError for a bad or corrupt artifact."""
-    if type(options.processes) is not int or options.processes < 0:
-        raise OptionError(f"processes must be an integer >= 0 (0: decode in the server's process), got {options.processes!r}")
+    much of a decode runs outside the GIL; start the decode processes if asked. Raises the library's
+    NezhaError for a bad or corrupt artifact, or one that changes while it loads."""
+    cores = os.cpu_count() or 1
+    if type(options.processes) is not int or not 0 <= options.processes <= cores:
+        raise OptionError(f"processes must be an integer in 0..{cores} (0: decode in the server's process; at most one "
+                          f"per core: more only contend for the cores), got {options.processes!r}")
     if "\0" in str(artifact):
         raise OptionError("an artifact folder path must not contain a NUL character")
     artifact = Path(artifact).resolve()
+    manifest = _manifest_bytes(artifact)
     rec = Recommender.load(artifact, backend=options.backend, device=options.device,
                            precision=options.precision, threads=options.threads, verify=True)
+    pool = None
     try:
         rec.decode_codes([rec.catalog.item_codes[:1]], min(20, rec.max_beam))       # smoke test, binds buffers
         share, seconds = backend_share(rec)
-    except BaseException:
-        rec.close()
-        raise
-    version = hashlib.sha256((artifact / "manifest.json").read_bytes()).hexdigest()[:12]
-    pool = None
-    if options.processes:
-        try:
+        if _manifest_bytes(artifact) != manifest:
+            raise ManifestError(f"{artifact}/manifest.json changed while the artifact was loading; try again")
+        version = hashlib.sha256(manifest).hexdigest()[:12]
+        if options.processes:
             pool = DecodePool(artifact, {"backend": options.backend, "device": options.device,
                                          "precision": rec.precision, "threads": options.threads},
                               options.processes, version)
-        except BaseException:
-            rec.close()
-            raise
+    except BaseException:
+        rec.close()
+        raise
     model = LoadedModel(rec, artifact, version, share, seconds, pool)
     log.info("loaded %s version %s; a decode takes %.2f ms, %.0f%% of it in the backend", artifact, version,
              1e3 * seconds, 100 * share)
     return model
+
+
+def _manifest_bytes(artifact: Path) -> bytes:
+    """manifest.json's bytes; b"" where it is missing or no regular file of a sane size (a FIFO would block
+    the read): Recommender.load then refuses the folder with its own message."""
+    path = artifact / "manifest.json"
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
+            return b""
+        return path.read_bytes()
+    except FileNotFoundError:
+        return b""
+    except OSError as e:
+        raise ManifestError(f"{path}: {e.strerror}") from None

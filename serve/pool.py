@@ -5,13 +5,19 @@ runs), and the event loop needs it for every request's HTTP work: in one process
 event loop take turns on one GIL and the server uses about one core however many it has (measured on
 the demo artifact: 1.09 cores of 2 at concurrency 16; a second decode thread lowered throughput). A
 ``DecodePool`` runs ``processes`` child processes, each with its own Recommender on the same artifact;
-the server's worker threads hand each batch to a free child over a pipe and wait without the GIL.
+the server's worker threads hand each batch to a free child over a socket and wait without the GIL.
 
-Children are fresh interpreters (``python -m nezha.serve.pool``: no fork of a threaded server, and unlike
-multiprocessing's spawn no re-import of the caller's main script) talking over a socket pair; they load
-and verify the artifact themselves and must report the server's own manifest version. One that dies (killed, crashed) fails
-the batch it was running (500 for those requests) and is started again on its next use. A child whose
-server dies reads end-of-file on its pipe and exits.
+Children are fresh interpreters (no fork of a threaded server; unlike multiprocessing's spawn, no
+re-import of the caller's main script, and nothing imported from the server's working directory). They
+load and verify the artifact themselves and must report the server's own manifest version. They ignore
+the signals a terminal or a process manager sends to the whole group (the server stops them after its
+drain) and exit when the server's end of their socket closes.
+
+Failures: a child that dies during a batch fails that batch (500) and is started again on its next use;
+one that does not answer within the batch's deadline plus ``GRACE_S`` is killed, the same way. If it
+cannot be started again (the artifact changed on disk), its batches are refused at once for
+``RETRY_S`` seconds (the caller then decodes them in the server's process) instead of starting a
+process per batch.
 """
 
 from __future__ import annotations
@@ -20,29 +26,42 @@ import json
 import logging
 import os
 import queue
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from nezha.runtime.errors import OptionError
+from nezha.runtime.errors import NezhaError, OptionError
 
 log = logging.getLogger("nezha.serve")
-START_TIMEOUT_S = 300.0              # a child loads and hashes the artifact (a large one takes seconds)
+START_TIMEOUT_S = 120.0              # a child loads and hashes the artifact (the 104.6M one: about 3 s)
+STOP_TIMEOUT_S = 5.0                 # a child asked to stop finishes its batch first; then it is killed
+GRACE_S = 1.0                        # past the batch's deadline, a child that has not answered is killed
+RETRY_S = 5.0                        # after a failed restart, the next attempt waits this long
 
 
 class DecodeProcessError(RuntimeError):
-    """A decode process died or could not start: a server fault (500), not the request's."""
+    """A decode process died, hung or is unavailable: a server fault (500), not the request's."""
+
+
+class DecodeProcessUnavailable(DecodeProcessError):
+    """A decode process could not be started again and is not tried for a while: nothing was sent to it."""
+
+
+class PoolStartError(NezhaError, RuntimeError):
+    """The decode processes could not load the artifact: the load (or reload) is refused."""
 
 
 def _child_main(conn: Connection, artifact: str, load: dict) -> None:
     """A decode process: load the artifact, report ("ready", version), then answer (codes, beam) messages
-    with ("ok", keys, scores) or ("error", exception) until None or the server's end of the pipe closes."""
+    with ("ok", keys, scores) or ("error", exception) until None or the server's end of the socket closes."""
     import hashlib
 
     from nezha.runtime import Recommender
@@ -73,6 +92,17 @@ def _child_main(conn: Connection, artifact: str, load: dict) -> None:
         rec.close()
 
 
+def child_entry() -> None:
+    """``python -c ... FD ARTIFACT LOAD``: a decode process (see the module docstring for the signals)."""
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    _child_main(Connection(int(sys.argv[1])), sys.argv[2], json.loads(sys.argv[3]))
+
+
+# sys.path[0] is the working directory under -c: dropped before anything is imported from it.
+_CHILD_CODE = "import sys; del sys.path[0]; from nezha.serve.pool import child_entry; child_entry()"
+
+
 def _portable(e: BaseException) -> BaseException:
     """The exception itself if it pickles (the library's errors do), else a RuntimeError with its text."""
     import pickle
@@ -84,68 +114,79 @@ def _portable(e: BaseException) -> BaseException:
 
 
 class _Child:
-    """One decode process and the server's end of its pipe."""
+    """One decode process and the server's end of its socket."""
 
     def __init__(self, index: int):
         self.index = index
-        self.process = None
-        self.conn = None
+        self.process: subprocess.Popen | None = None
+        self.conn: Connection | None = None
+        self.exit_code: int | None = None
+        self.retry_at = 0.0                   # monotonic time before which a failed restart is not retried
 
     def start(self, artifact: Path, load: dict) -> None:
         ours, theirs = socket.socketpair()
         with ours, theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "nezha.serve.pool", str(theirs.fileno()), str(artifact), json.dumps(load)],
+                [sys.executable, "-c", _CHILD_CODE, str(theirs.fileno()), str(artifact), json.dumps(load)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
             self.conn = Connection(os.dup(ours.fileno()))
 
     def wait_ready(self, version: str, timeout: float = START_TIMEOUT_S) -> None:
+        """Raise PoolStartError (with the child's own error where it sent one) unless it is ready."""
         if not self.conn.poll(timeout):
-            self.stop()
-            raise DecodeProcessError(f"decode process {self.index} did not start within {timeout:.0f} s")
+            self.kill()
+            raise PoolStartError(f"decode process {self.index} did not load the artifact within {timeout:.0f} s")
         try:
             reply = self.conn.recv()
         except (EOFError, OSError):
-            code = self.stop()
-            raise DecodeProcessError(f"decode process {self.index} exited while loading (exit code {code})") from None
+            code = self.kill()
+            raise PoolStartError(f"decode process {self.index} exited while loading the artifact (exit code {code})") from None
         if reply[0] == "error":
-            self.stop()
-            raise reply[1]
+            self.kill()
+            if isinstance(reply[1], NezhaError):
+                raise reply[1]
+            raise PoolStartError(f"decode process {self.index} could not load the artifact: {reply[1]}")
         if reply[1] != version:
-            self.stop()
-            raise DecodeProcessError(f"decode process {self.index} loaded manifest version {reply[1]}, the server "
-                                     f"{version}: the artifact changed while loading")
+            self.kill()
+            raise PoolStartError(f"decode process {self.index} loaded manifest version {reply[1]}, the server "
+                                 f"{version}: the artifact changed while loading")
 
     @property
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
 
-    def stop(self, timeout: float = 5.0) -> int | None:
-        """Ask the process to end (None), then kill it if it does not; -> its exit code."""
+    def ask_to_stop(self) -> None:
+        if self.conn is not None:
+            try:
+                self.conn.send(None)
+            except (OSError, ValueError):
+                pass
+
+    def kill(self, timeout: float = 0.0) -> int | None:
+        """Wait up to ``timeout`` s for the process to end, kill it if it has not, and release the socket;
+        -> its exit code (kept in ``exit_code``)."""
         if self.process is None:
-            return None
-        try:
-            self.conn.send(None)
-        except (OSError, ValueError):
-            pass
+            return self.exit_code
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
-        code = self.process.returncode
+        self.exit_code = self.process.returncode
         self.conn.close()
         self.process = self.conn = None
-        return code
+        return self.exit_code
 
 
 class DecodePool:
-    """``processes`` decode processes on one artifact. ``decode_codes(codes, beam)`` runs on a free one
-    (thread-safe: each caller holds one child for the call; more callers than children wait)."""
+    """``processes`` decode processes on one artifact. ``decode_codes(codes, beam, timeout)`` runs on a
+    free one (thread-safe: each caller holds one child for the call; more callers than children wait)."""
 
     def __init__(self, artifact: Path, load: dict, processes: int, version: str):
-        if type(processes) is not int or processes < 1:
-            raise OptionError(f"processes must be a positive integer, got {processes!r}")
+        cores = os.cpu_count() or 1
+        if type(processes) is not int or not 1 <= processes <= cores:
+            raise OptionError(f"processes must be an integer in 1..{cores} (one per core at most: more only contend "
+                              f"for the cores), got {processes!r}")
         self.artifact, self.load, self.version = Path(artifact), dict(load), version
         self._children = [_Child(i) for i in range(processes)]
         self._free: queue.SimpleQueue[_Child] = queue.SimpleQueue()
@@ -158,11 +199,13 @@ class DecodePool:
                 child.wait_ready(version)
         except BaseException:
             for child in self._children:
-                child.stop()
+                child.ask_to_stop()
+            for child in self._children:
+                child.kill(STOP_TIMEOUT_S)
             raise
         for child in self._children:
             self._free.put(child)
-        log.info("%d decode process(es) ready (pids %s)", processes, [c.process.pid for c in self._children])
+        log.info("%d decode process(es) ready (pids %s)", processes, self.pids())
 
     @property
     def processes(self) -> int:
@@ -171,19 +214,25 @@ class DecodePool:
     def pids(self) -> list[int | None]:
         return [c.process.pid if c.process is not None else None for c in self._children]
 
-    def decode_codes(self, code_histories: Sequence[np.ndarray], beam: int) -> tuple[np.ndarray, np.ndarray]:
-        """Recommender.decode_codes in a child: (sid_keys [B, K] uint64, scores [B, K] float32)."""
+    def decode_codes(self, code_histories: Sequence[np.ndarray], beam: int,
+                     timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Recommender.decode_codes in a child: (sid_keys [B, K] uint64, scores [B, K] float32). A child
+        that has not answered within ``timeout`` seconds (None: no limit) is killed: DecodeProcessError."""
         child = self._free.get()
         try:
             if self._closed:
-                raise DecodeProcessError("the decode pool is closed")
+                raise DecodeProcessUnavailable("the decode pool is closed")
             if not child.alive:                       # died after its last batch: start it again
                 self._restart(child)
             try:
                 child.conn.send((list(code_histories), beam))
+                if not child.conn.poll(timeout):
+                    child.kill()
+                    raise DecodeProcessError(f"decode process {child.index} did not answer within {timeout:.1f} s; "
+                                             f"killed, it is started again for the next batch")
                 reply = child.conn.recv()
             except (EOFError, OSError):
-                code = child.stop(1.0)
+                code = child.kill(1.0)
                 raise DecodeProcessError(f"decode process {child.index} died during a batch (exit code {code}); "
                                          f"it is started again for the next one") from None
         finally:
@@ -193,33 +242,35 @@ class DecodePool:
         return reply[1], reply[2]
 
     def _restart(self, child: _Child) -> None:
-        code = child.stop(0)
+        if time.monotonic() < child.retry_at:
+            raise DecodeProcessUnavailable(f"decode process {child.index} could not be started again; next try in "
+                                           f"{child.retry_at - time.monotonic():.1f} s")
+        code = child.kill()
         log.warning("decode process %d is gone (exit code %s); starting it again", child.index, code)
         try:
             child.start(self.artifact, self.load)
             child.wait_ready(self.version)
-        except Exception as e:                        # e.g. the artifact was removed since: a server fault
-            child.stop(0)
-            raise DecodeProcessError(f"decode process {child.index} died and could not start again: {e}") from None
+        except Exception as e:                        # e.g. the artifact changed on disk since
+            child.kill()
+            child.retry_at = time.monotonic() + RETRY_S
+            log.warning("decode process %d could not be started again (%s); next try in %.0f s", child.index, e, RETRY_S)
+            raise DecodeProcessUnavailable(f"decode process {child.index} died and could not be started again: {e}") from None
 
     def close(self) -> None:
-        """Stop every child (each finishes the batch it runs first: callers hold them until then)."""
+        """Stop every child in the background (each finishes the batch it runs first; a stuck one is killed
+        after STOP_TIMEOUT_S): safe to call from the event loop. Later callers get DecodeProcessError."""
         with self._lock:
             if self._closed:
                 return
             self._closed = True
-        stopped = [self._free.get() for _ in self._children]
-        for child in stopped:
-            child.stop()
-        for child in stopped:                         # late callers get DecodeProcessError, not a hang
+        threading.Thread(target=self._stop_all, name="nezha-pool-close", daemon=True).start()
+
+    def _stop_all(self) -> None:
+        children = [self._free.get() for _ in self._children]     # as their batches end
+        for child in children:
+            child.ask_to_stop()
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for child in children:                                   # wait for all together, not one after another
+            child.kill(max(deadline - time.monotonic(), 0.0))
+        for child in children:
             self._free.put(child)
-
-
-if __name__ == "__main__":                         # a decode process: python -m nezha.serve.pool FD ARTIFACT LOAD
-    import signal
-    # A decode process lives as long as its server needs it: Ctrl-C at a terminal or a SIGTERM to the whole
-    # process group must not end it before the server has drained (the server stops it, or it reads
-    # end-of-file when the server is gone).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _child_main(Connection(int(sys.argv[1])), sys.argv[2], json.loads(sys.argv[3]))

@@ -501,6 +501,15 @@ def _gone(pids, seconds=10.0) -> bool:
     return True
 
 
+def _wait_dead(pool, seconds=10.0) -> None:
+    """Until the pool sees every killed child dead (the kernel shows a killed process as a zombie before
+    all its threads have exited, and only then can it be waited for)."""
+    deadline = time.time() + seconds
+    while any(child.alive for child in pool._children):
+        assert time.time() < deadline, "a killed decode process is still alive"
+        time.sleep(0.05)
+
+
 def _running(pid) -> bool:
     try:
         with open(f"/proc/{pid}/stat") as f:
@@ -525,7 +534,7 @@ def test_decode_processes_answer_like_the_library_and_outlive_a_killed_one(serve
     # A lone history on an idle server decodes in the server's process (the hop costs more than it frees);
     # a batch goes to a decode process.
     used, real = [], pool.decode_codes
-    pool.decode_codes = lambda codes, beam: (used.append(len(codes)), real(codes, beam))[1]
+    pool.decode_codes = lambda codes, beam, timeout: (used.append(len(codes)), real(codes, beam, timeout))[1]
     assert s.post("/v1/recommend", {"histories": [[100, 101]], "k": 3}).status_code == 200 and used == []
     assert s.post("/v1/recommend", {"histories": [[100, 101], [102]], "k": 3}).status_code == 200 and used == [2]
 
@@ -542,6 +551,7 @@ def test_decode_processes_answer_like_the_library_and_outlive_a_killed_one(serve
             os.kill(pid, signal.SIGKILL)
         r = stuck.result()
     assert r.status_code == 500 and r.json()["kind"] == "internal" and "Traceback" not in r.text
+    _wait_dead(pool)                                      # the idle one too (else its next batch fails)
     for _ in range(3):
         r = s.post("/v1/recommend", pair)
         assert r.status_code == 200 and _pairs(r.json()["results"]) == expected
@@ -566,6 +576,61 @@ def test_reload_with_decode_processes_replaces_them(serve, artifacts):
     assert _pairs(r.json()["results"]) == expected
 
 
+def test_a_hung_decode_process_is_killed_past_the_deadline_and_replaced(serve, library):
+    import os
+    import signal
+
+    s = serve(processes=1)
+    pool = s.service.model.pool
+    [pid] = pool.pids()
+    pair = {"histories": [[100, 101], [102]], "k": 3}
+    os.kill(pid, signal.SIGSTOP)
+    r = s.post("/v1/recommend", pair, headers={"x-nezha-timeout-ms": "300"})
+    assert r.status_code == 504
+    assert _gone([pid], 10)                               # killed once the batch's deadline + grace passed
+    r = s.post("/v1/recommend", pair)
+    assert r.status_code == 200 and _pairs(r.json()["results"]) == [library.recommend([h], k=3)[0] for h in pair["histories"]]
+    assert pool.pids()[0] not in (None, pid)
+
+
+def test_a_decode_process_that_cannot_start_again_leaves_its_batches_to_the_server(serve, library, artifacts, tmp_path):
+    import os
+    import signal
+
+    artifact = tmp_path / "art"
+    shutil.copytree(artifacts[0], artifact)
+    s = serve(artifact=artifact, processes=1)
+    [pid] = s.service.model.pool.pids()
+    table = next((artifact / "tables").iterdir())
+    table.write_bytes(table.read_bytes() + b"\0")          # a child started now fails its sha256 check
+    os.kill(pid, signal.SIGKILL)
+    _wait_dead(s.service.model.pool)                      # before the next batch, which then starts a new one
+    pair = {"histories": [[100, 101], [102]], "k": 3}
+    expected = [library.recommend([h], k=3)[0] for h in pair["histories"]]
+    for _ in range(3):                                    # the first tries to start it, the next wait RETRY_S
+        r = s.post("/v1/recommend", pair)
+        assert r.status_code == 200 and _pairs(r.json()["results"]) == expected
+    assert s.service.model.pool.pids() == [None]
+
+
+def test_decode_processes_import_nothing_from_the_working_directory(artifacts, tmp_path, monkeypatch):
+    import hashlib
+
+    from nezha.serve.pool import DecodePool
+
+    (tmp_path / "numpy.py").write_text("raise ImportError('imported from the working directory')\n")
+    monkeypatch.chdir(tmp_path)
+    version = hashlib.sha256((artifacts[0] / "manifest.json").read_bytes()).hexdigest()[:12]
+    pool = DecodePool(artifacts[0], {"threads": 1}, 1, version)
+    try:
+        keys, scores = pool.decode_codes([np.zeros((2, 3), np.int64)], 4, timeout=30)
+        assert keys.shape == scores.shape == (1, 4)
+    finally:
+        pids = pool.pids()
+        pool.close()
+    assert _gone(pids)
+
+
 def test_a_decode_process_that_cannot_load_refuses_the_load_with_its_error(artifacts, tmp_path):
     from nezha.runtime.errors import NezhaError, OptionError
     from nezha.serve.model import load_model
@@ -573,8 +638,9 @@ def test_a_decode_process_that_cannot_load_refuses_the_load_with_its_error(artif
 
     with pytest.raises(NezhaError, match="not an artifact folder"):             # the child's own error, pickled back
         DecodePool(tmp_path / "missing", {"threads": 1}, 1, "version")
-    with pytest.raises(OptionError, match="processes must be an integer >= 0"):
-        load_model(artifacts[0], LoadOptions(processes=-1))
+    for bad in (-1, True, 2.0, 10_000):
+        with pytest.raises(OptionError, match="processes must be an integer in 0.."):
+            load_model(artifacts[0], LoadOptions(processes=bad))
 
 
 def test_decode_threads_default_to_the_cores_a_decode_can_use():
