@@ -3,6 +3,7 @@ library's argument names).
 
     nezha serve artifacts/demo --port 8000                        # dynamic batching, one worker per core
     nezha serve artifacts/demo --max-batch 1 --workers 1          # batching off: the unbatched baseline
+    nezha serve artifacts/demo --processes 1                      # decode in a process of its own (own GIL)
     nezha serve artifacts/demo --engine ray --replicas 2          # the same routes on Ray Serve
     nezha loadtest http://127.0.0.1:8000 --concurrency 1 4 16 64 --duration 30 --out runs/loadtest
 """
