@@ -105,6 +105,10 @@ def run_serve(a) -> int:
                                          f"has one worker thread; give --processes alone"))
     if a.max_batch is not None and a.max_batch < 1:
         return _fail("serve", ValueError(f"--max-batch must be >= 1, got {a.max_batch}"))
+    for name, value, low, high in (("--timeout-ms", a.timeout_ms, 0.0, 600_000.0), ("--max-wait-ms", a.max_wait_ms, 0.0, 60_000.0),
+                                   ("--max-delay-ms", a.max_delay_ms, 0.0, 60_000.0), ("--drain-timeout", a.drain_timeout, 0.0, 3600.0)):
+        if not low <= value <= high or (name == "--timeout-ms" and value == 0):      # also refuses nan
+            return _fail("serve", ValueError(f"{name} must lie in {'(' if name == '--timeout-ms' else '['}{low:g}, {high:g}], got {value}"))
     if not (a.artifact / "manifest.json").is_file():
         return _fail("serve", ValueError(f"{a.artifact} is not an artifact folder (no manifest.json)"))
     options = ServeOptions(name=a.name, workers=a.workers, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,

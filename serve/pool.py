@@ -13,11 +13,11 @@ load and verify the artifact themselves and must report the server's own manifes
 the signals a terminal or a process manager sends to the whole group (the server stops them after its
 drain) and exit when the server's end of their socket closes.
 
-Failures: a child that dies during a batch fails that batch (500) and is started again on its next use;
-one that does not answer within the batch's deadline plus ``GRACE_S`` is killed, the same way. If it
-cannot be started again (the artifact changed on disk), its batches are refused at once for
-``RETRY_S`` seconds (the caller then decodes them in the server's process) instead of starting a
-process per batch.
+Failures: a child that dies during a batch fails that batch (500); one that does not answer within the
+batch's deadline plus ``GRACE_S`` is killed, the same way. A dead child is started again in the
+background, and until it is ready its batches are refused at once (DecodeProcessUnavailable: the caller
+decodes them in the server's process, same answers); a start that fails (the artifact changed on disk)
+is retried after ``RETRY_S`` seconds.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ START_TIMEOUT_S = 120.0              # a child loads and hashes the artifact (th
 STOP_TIMEOUT_S = 5.0                 # a child asked to stop finishes its batch first; then it is killed
 GRACE_S = 1.0                        # past the batch's deadline, a child that has not answered is killed
 RETRY_S = 5.0                        # after a failed restart, the next attempt waits this long
+MAX_WAIT_S = 86_400.0                # a wait on a child is capped (the OS's poll takes a C int of milliseconds)
 
 
 class DecodeProcessError(RuntimeError):
@@ -99,8 +100,9 @@ def child_entry() -> None:
     _child_main(Connection(int(sys.argv[1])), sys.argv[2], json.loads(sys.argv[3]))
 
 
-# sys.path[0] is the working directory under -c: dropped before anything is imported from it.
-_CHILD_CODE = "import sys; del sys.path[0]; from nezha.serve.pool import child_entry; child_entry()"
+# sys.path[0] is '' (the working directory) under -c: dropped before anything is imported from it (with
+# PYTHONSAFEPATH it is not there, and the first entry stays).
+_CHILD_CODE = "import sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\nfrom nezha.serve.pool import child_entry\nchild_entry()"
 
 
 def _portable(e: BaseException) -> BaseException:
@@ -121,6 +123,8 @@ class _Child:
         self.process: subprocess.Popen | None = None
         self.conn: Connection | None = None
         self.exit_code: int | None = None
+        self.ready = False                    # its ("ready", version) message has been read
+        self.ready_by = 0.0                   # monotonic time by which a starting process must be ready
         self.retry_at = 0.0                   # monotonic time before which a failed restart is not retried
 
     def start(self, artifact: Path, load: dict) -> None:
@@ -130,6 +134,7 @@ class _Child:
                 [sys.executable, "-c", _CHILD_CODE, str(theirs.fileno()), str(artifact), json.dumps(load)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
             self.conn = Connection(os.dup(ours.fileno()))
+        self.ready, self.ready_by = False, time.monotonic() + START_TIMEOUT_S
 
     def wait_ready(self, version: str, timeout: float = START_TIMEOUT_S) -> None:
         """Raise PoolStartError (with the child's own error where it sent one) unless it is ready."""
@@ -150,6 +155,7 @@ class _Child:
             self.kill()
             raise PoolStartError(f"decode process {self.index} loaded manifest version {reply[1]}, the server "
                                  f"{version}: the artifact changed while loading")
+        self.ready = True
 
     @property
     def alive(self) -> bool:
@@ -222,11 +228,10 @@ class DecodePool:
         try:
             if self._closed:
                 raise DecodeProcessUnavailable("the decode pool is closed")
-            if not child.alive:                       # died after its last batch: start it again
-                self._restart(child)
+            self._ensure_ready(child)
             try:
                 child.conn.send((list(code_histories), beam))
-                if not child.conn.poll(timeout):
+                if not child.conn.poll(None if timeout is None else min(timeout, MAX_WAIT_S)):
                     child.kill()
                     raise DecodeProcessError(f"decode process {child.index} did not answer within {timeout:.1f} s; "
                                              f"killed, it is started again for the next batch")
@@ -235,26 +240,47 @@ class DecodePool:
                 code = child.kill(1.0)
                 raise DecodeProcessError(f"decode process {child.index} died during a batch (exit code {code}); "
                                          f"it is started again for the next one") from None
+            except BaseException:                     # its answer may still come: never read it as the next one's
+                child.kill()
+                raise
         finally:
             self._free.put(child)
         if reply[0] == "error":
             raise reply[1]
         return reply[1], reply[2]
 
-    def _restart(self, child: _Child) -> None:
-        if time.monotonic() < child.retry_at:
+    def _ensure_ready(self, child: _Child) -> None:
+        """A child ready for a batch, or DecodeProcessUnavailable at once (the caller decodes the batch in the
+        server's process): a batch never waits for a process to start. A dead child is started again in the
+        background; a failed start is retried after RETRY_S."""
+        now = time.monotonic()
+        if child.ready and child.alive:
+            return
+        if child.process is not None and not child.ready:               # starting: ready yet?
+            if child.conn.poll(0):
+                try:
+                    child.wait_ready(self.version, 0)
+                    log.info("decode process %d is back (pid %d)", child.index, child.process.pid)
+                    return
+                except Exception as e:
+                    self._failed_start(child, e)
+            elif now > child.ready_by:
+                self._failed_start(child, PoolStartError(f"not ready within {START_TIMEOUT_S:.0f} s"))
+            raise DecodeProcessUnavailable(f"decode process {child.index} is starting")
+        if now < child.retry_at:
             raise DecodeProcessUnavailable(f"decode process {child.index} could not be started again; next try in "
-                                           f"{child.retry_at - time.monotonic():.1f} s")
+                                           f"{child.retry_at - now:.1f} s")
         code = child.kill()
-        log.warning("decode process %d is gone (exit code %s); starting it again", child.index, code)
-        try:
-            child.start(self.artifact, self.load)
-            child.wait_ready(self.version)
-        except Exception as e:                        # e.g. the artifact changed on disk since
-            child.kill()
-            child.retry_at = time.monotonic() + RETRY_S
-            log.warning("decode process %d could not be started again (%s); next try in %.0f s", child.index, e, RETRY_S)
-            raise DecodeProcessUnavailable(f"decode process {child.index} died and could not be started again: {e}") from None
+        log.warning("decode process %d is not running (last exit code %s); starting it again", child.index, code)
+        child.start(self.artifact, self.load)
+        raise DecodeProcessUnavailable(f"decode process {child.index} is starting again")
+
+    def _failed_start(self, child: _Child, e: BaseException) -> None:
+        child.kill()
+        child.exit_code = None
+        child.retry_at = time.monotonic() + RETRY_S
+        log.warning("decode process %d could not be started again (%s); next try in %.0f s", child.index, e, RETRY_S)
+        raise DecodeProcessUnavailable(f"decode process {child.index} could not be started again: {e}") from None
 
     def close(self) -> None:
         """Stop every child in the background (each finishes the batch it runs first; a stuck one is killed
@@ -263,7 +289,10 @@ class DecodePool:
             if self._closed:
                 return
             self._closed = True
-        threading.Thread(target=self._stop_all, name="nezha-pool-close", daemon=True).start()
+        thread = threading.Thread(target=self._stop_all, name="nezha-pool-close", daemon=True)
+        with _closing_lock:
+            _closing.append(thread)
+        thread.start()
 
     def _stop_all(self) -> None:
         children = [self._free.get() for _ in self._children]     # as their batches end
@@ -274,3 +303,20 @@ class DecodePool:
             child.kill(max(deadline - time.monotonic(), 0.0))
         for child in children:
             self._free.put(child)
+
+
+_closing: list[threading.Thread] = []
+_closing_lock = threading.Lock()
+
+
+def wait_closed(timeout: float = STOP_TIMEOUT_S + 1.0) -> bool:
+    """Wait until every pool closed so far has stopped its children (a stopped or hung one is killed after
+    STOP_TIMEOUT_S): a server's last step on shutdown, so that none outlives it. -> whether all did."""
+    deadline = time.monotonic() + timeout
+    with _closing_lock:
+        threads = list(_closing)
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    with _closing_lock:
+        _closing[:] = [t for t in _closing if t.is_alive()]
+        return not _closing

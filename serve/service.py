@@ -27,6 +27,7 @@ from . import protocol as P
 from .batching import Batcher, Item, Pending, tokens_of
 from .metrics import Metrics
 from .model import LoadedModel, LoadOptions, load_model
+from .pool import wait_closed
 
 log = logging.getLogger("nezha.serve")
 _MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
@@ -107,6 +108,7 @@ class Service:
             await asyncio.to_thread(self.batcher.close)
         if self.model is not None:
             self.model.retire()
+        await asyncio.to_thread(wait_closed)                     # no decode process outlives the server
 
     @property
     def ready(self) -> bool:
