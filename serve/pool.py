@@ -272,7 +272,10 @@ class DecodePool:
                                            f"{child.retry_at - now:.1f} s")
         code = child.kill()
         log.warning("decode process %d is not running (last exit code %s); starting it again", child.index, code)
-        child.start(self.artifact, self.load)
+        try:
+            child.start(self.artifact, self.load)
+        except OSError as e:                                             # no process to be had (fds, memory)
+            self._failed_start(child, e)
         raise DecodeProcessUnavailable(f"decode process {child.index} is starting again")
 
     def _failed_start(self, child: _Child, e: BaseException) -> None:
