@@ -38,7 +38,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nezha.runtime.errors import NezhaError, OptionError
+from nezha.runtime.errors import NezhaError
 
 log = logging.getLogger("nezha.serve")
 START_TIMEOUT_S = 120.0              # a child loads and hashes the artifact (the 104.6M one: about 3 s)
@@ -189,10 +189,7 @@ class DecodePool:
     free one (thread-safe: each caller holds one child for the call; more callers than children wait)."""
 
     def __init__(self, artifact: Path, load: dict, processes: int, version: str):
-        cores = os.cpu_count() or 1
-        if type(processes) is not int or not 1 <= processes <= cores:
-            raise OptionError(f"processes must be an integer in 1..{cores} (one per core at most: more only contend "
-                              f"for the cores), got {processes!r}")
+        """``processes`` >= 1, as ``load_model`` checks it (at most one per core)."""
         self.artifact, self.load, self.version = Path(artifact), dict(load), version
         self._children = [_Child(i) for i in range(processes)]
         self._free: queue.SimpleQueue[_Child] = queue.SimpleQueue()
