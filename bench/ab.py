@@ -207,6 +207,17 @@ def interleave(sides: list, warmup: int, requests: int, say=None) -> tuple[dict,
     return seconds, time.perf_counter() - t0
 
 
+def legacy_data(folder: Path) -> None:
+    """Revisions before the project carried its demo data (data/beauty) read plain JSON from a workspace
+    folder beside the tree (``folder``): give a base tree of that age the carried data there, uncompressed."""
+    from nezha.runtime.catalog import read_text
+    from nezha.runtime.data import DEFAULT_DATA, DataError, find_pair
+
+    folder.mkdir(parents=True)
+    for path in find_pair(DEFAULT_DATA):
+        (folder / path.name.removesuffix(".gz")).write_text(read_text(path, "demo data", DataError))
+
+
 def run_against(rev: str, artifact: str | Path | None = None, data: str | Path | None = None, histories=None,
                 requests: int = 30, warmup: int = 3, beam: int = 20, batch_size: int = 1, threads: int = 1,
                 history_limit: int = 500, build_args: Sequence[str] = ("--precision", "fp32"),
@@ -227,8 +238,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
     base_tree = tmp / "base"
     sides: list[Side] = []
     try:
-        if (ROOT.parent / "shared").is_dir():       # the trees find the demo data at ../shared
-            (tmp / "shared").symlink_to(ROOT.parent / "shared")
+        legacy_data(tmp / "shared" / "data" / "beauty")
         say(f"checking out {rev} ({sha[:12]}) into {base_tree}")
         _git("worktree", "add", "--detach", str(base_tree), sha)
         base_path = package_folder(base_tree, tmp / "base-path")

@@ -3,7 +3,7 @@ int8-cpu graphs decoded by the runtime's beam search over plain ONNX Runtime ses
 overlap with fp32, and the backbone latency of each on ONNX Runtime CPU (interleaved rounds).
 
     python -m nezha.bench.int8_report --checkpoint checkpoints/demo/nezha \\
-        --index ../shared/data/beauty/Beauty.index.json --work /tmp/int8-report
+        --index data/beauty/Beauty.index.json.gz --work /tmp/int8-report
 """
 
 from __future__ import annotations

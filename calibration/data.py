@@ -35,7 +35,7 @@ class CalibrationError(NezhaError, ValueError):
 
 
 def default_interactions() -> Path:
-    """The interactions file of the default calibration set (Beauty, ../shared/data/beauty)."""
+    """The interactions file of the default calibration set (Beauty, runtime.data.DEFAULT_DATA)."""
     try:
         return find_pair(DEFAULT_DATA)[1]
     except DataError as e:

@@ -3,7 +3,7 @@
 
     python -m nezha.model.train --out checkpoints/demo --threads 1    # both models on Beauty, ~20 min each
 
-NEZHA samples are packed (../shared/NEZHA.md): one sequence = a window of history codes followed, for each
+NEZHA samples are packed (the NEZHA paper, arXiv 2511.18793): one sequence = a window of history codes followed, for each
 target, by its own group of L placeholders; a 4-D boolean mask lets each group see only the codes before
 its target and its own earlier placeholders, with positions continuing from the target's slot."""
 

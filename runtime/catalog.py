@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import json
 import re
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +22,32 @@ class CatalogError(NezhaError, ValueError):
     """A malformed item index or catalog table."""
 
 
-def read_json_object(path: Path, what: str, shape: str, error: type[Exception]) -> dict:
-    """A non-empty JSON object from ``path``, or ``error`` naming the file and what was expected."""
+CHECKSUMS = "SHA256SUMS"
+
+
+def read_text(path: Path, what: str, error: type[Exception]) -> str:
+    """The text of ``path``, gunzipped if it ends in .gz. Where the folder holds a SHA256SUMS file (the
+    ``sha256sum`` format) naming the uncompressed file, the bytes read must match it: a demo data file that
+    was damaged or edited is refused, not silently used."""
+    path = Path(path)
     try:
-        raw = json.loads(Path(path).read_text())
+        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
+        raise error(f"{what} {path} is not a readable gzip file: {e}") from None
+    sums, name = path.parent / CHECKSUMS, path.name.removesuffix(".gz")
+    if sums.is_file():
+        expected = dict(line.split()[::-1] for line in sums.read_text().splitlines() if len(line.split()) == 2)
+        if name in expected and hashlib.sha256(data).hexdigest() != expected[name]:
+            raise error(f"{what} {path}: sha256 of its content differs from {sums} (a damaged or edited copy); "
+                        "restore it or remove its line from that file")
+    return data.decode()
+
+
+def read_json_object(path: Path, what: str, shape: str, error: type[Exception]) -> dict:
+    """A non-empty JSON object from ``path`` (.json or .json.gz), or ``error`` naming the file and what was
+    expected."""
+    try:
+        raw = json.loads(read_text(path, what, error))
     except FileNotFoundError:
         raise error(f"{what} {path} does not exist") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:

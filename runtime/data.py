@@ -3,6 +3,7 @@ NumPy only: used by the trainer, evaluation, calibration, the benchmark and the 
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,7 +12,9 @@ import numpy as np
 from .catalog import read_json_object
 from .errors import NezhaError
 
-DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "beauty"
+# The one default data location: the demo data the project carries (data/beauty, gzipped LETTER JSON),
+# or the folder NEZHA_DATA names. Every tool's --data / --index / --histories option overrides it.
+DEFAULT_DATA = Path(os.environ.get("NEZHA_DATA") or Path(__file__).resolve().parents[1] / "data" / "beauty")
 
 
 class DataError(NezhaError, ValueError):
@@ -19,13 +22,14 @@ class DataError(NezhaError, ValueError):
 
 
 def find_pair(data_dir: str | Path) -> tuple[Path, Path]:
-    """A dataset folder -> (index file, interactions file)."""
+    """A dataset folder -> (index file, interactions file), each .json or .json.gz."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"dataset folder {data_dir} does not exist")
-    index, inter = sorted(data_dir.glob("*.index.json")), sorted(data_dir.glob("*.inter.json"))
+        raise DataError(f"dataset folder {data_dir} does not exist (set NEZHA_DATA or pass the folder)")
+    index, inter = ([p for s in (".json", ".json.gz") for p in sorted(data_dir.glob(f"*.{kind}{s}"))]
+                    for kind in ("index", "inter"))
     if len(index) != 1 or len(inter) != 1:
-        raise DataError(f"dataset folder {data_dir} must hold exactly one *.index.json and one *.inter.json, "
+        raise DataError(f"dataset folder {data_dir} must hold exactly one *.index.json[.gz] and one *.inter.json[.gz], "
                         f"found {[p.name for p in index + inter]}")
     return index[0], inter[0]
 

@@ -17,12 +17,12 @@ except ImportError as e:         # the folders import as nezha.*: only the edita
                 "pip install -e '.[export,dev]' and then python -m pytest", returncode=4)
 
 from nezha.runtime.catalog import Catalog
+from nezha.runtime.data import DEFAULT_DATA, find_pair
 from nezha.runtime.layout import SidLayout
 
-DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "beauty"
+DATA = DEFAULT_DATA                               # the Beauty data the project carries (data/beauty)
+BEAUTY_INDEX, BEAUTY_INTER = find_pair(DATA)
 TINY_CODES = (8, 6, 5)
-# Real data lies beside the checkout (../shared, as in CI); elsewhere the tests that read it skip.
-needs_beauty = pytest.mark.skipif(not DATA.is_dir(), reason=f"Beauty data not found at {DATA}")
 
 
 def tiny_layout() -> SidLayout:

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import needs_beauty, tiny_catalog, tiny_histories
+from conftest import tiny_catalog, tiny_histories
 from nezha.bench import gate, stats
 from nezha.bench.run import BenchError, flat_ratios, ratio_specs, requests_of
 
@@ -197,7 +197,6 @@ def test_runtime_contenders_on_an_artifact(make_checkpoint, tmp_path):
             f"reference[torch-fp32-cpu] / nezha[{engine}]"} <= set(ratios)
 
 
-@needs_beauty
 def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     from nezha.bench.gpu_check import main
 
@@ -208,7 +207,6 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
     assert "ar[torch-fp32-cpu] / reference[torch-fp32-cpu]" in result["configs"][0]["ratios"]
 
 
-@needs_beauty
 def test_random_checkpoint_has_the_asked_shape_and_beauty_layout(tmp_path):
     from nezha.bench.random_checkpoint import main
     from nezha.model.checkpoint import load_checkpoint

@@ -12,7 +12,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import DATA, needs_beauty, tiny_catalog, tiny_histories, tiny_layout
+from conftest import BEAUTY_INDEX, tiny_catalog, tiny_histories, tiny_layout
 from nezha.calibration import (INT8_CPU_SETTINGS, MIN_SAMPLES, CalibrationError, CalibrationReader, FeedList,
                                Int8ValidationError, calibrate_ranges, int8_cpu_from_onnx, int8_from_onnx,
                                sample_histories, validate_int8, weight_matmuls)
@@ -92,9 +92,8 @@ def test_reader_samples_are_seeded_and_sized(tmp_path):
     assert len(sample_histories(path, 32, seed=1)) == 32
 
 
-@needs_beauty
 def test_reader_on_beauty_matches_the_runtime_encoder():
-    catalog = Catalog.from_index_json(DATA / "Beauty.index.json")
+    catalog = Catalog.from_index_json(BEAUTY_INDEX)
     layout = SidLayout((256,) * 4, tuple(2 + 256 * i for i in range(4)), 2 + 256 * 4)
     reader = CalibrationReader.from_file(None, catalog, layout, 20, size=64, seed=0, batch_size=32, progress=False)
     histories = sample_histories(None, size=64, seed=0)

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, corrupted, needs_beauty, tampered, tiny_catalog, tiny_histories, tiny_model, write_index
+from conftest import BEAUTY_INDEX, DATA, corrupted, tampered, tiny_catalog, tiny_histories, tiny_model, write_index
 from nezha.runtime import Recommender
 from nezha.runtime.errors import NezhaError
 
@@ -297,7 +297,7 @@ def demo_artifact(tmp_path_factory) -> Path:
     from nezha.export.build import build
     ckpt = ROOT / "checkpoints" / "demo" / "nezha"
     out = tmp_path_factory.mktemp("cpp-demo") / "art"
-    build(ckpt, DATA / "Beauty.index.json", out, precision=PRECISIONS, backend=("onnxruntime",), log=None)
+    build(ckpt, BEAUTY_INDEX, out, precision=PRECISIONS, backend=("onnxruntime",), log=None)
     return out
 
 
@@ -321,7 +321,6 @@ def beauty_parity(artifact: Path, precision: str, users: int | None, batch: int 
     return {"users": len(histories), "identical": identical, "max_score_diff": worst, "first_diff": first_diff}
 
 
-@needs_beauty
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_beauty_users_get_the_python_items(cpp_build, demo_artifact, precision):
     figures = beauty_parity(demo_artifact, precision, users=640)
@@ -333,7 +332,6 @@ def test_beauty_users_get_the_python_items(cpp_build, demo_artifact, precision):
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("NEZHA_FULL_PARITY"), reason="all 22,363 Beauty users take minutes: "
                     "NEZHA_FULL_PARITY=1 python -m pytest -s -k all_beauty tests/test_cpp.py")
-@needs_beauty
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_all_beauty_users_get_the_python_items(cpp_build, demo_artifact, precision):
     """All 22,363 test users, both runtimes (about 2 minutes per precision on 2 cores); prints the figures."""

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import DATA, needs_beauty, tiny_catalog, tiny_histories, tiny_layout, tiny_model
+from conftest import BEAUTY_INDEX, tiny_catalog, tiny_histories, tiny_layout, tiny_model
 from nezha.model.ar import ArDecoder
 from nezha.model.checkpoint import (CheckpointError, catalog_from_reference_sids, load_catalog, load_checkpoint,
                                     save_checkpoint)
@@ -91,10 +91,9 @@ def test_missing_checkpoint_folder(tmp_path):
 
 
 # ---------------------------------------------------------------- catalog
-@needs_beauty
 def test_beauty_index_keeps_every_item_of_shared_sids():
     from nezha.runtime.layout import SidLayout
-    cat = Catalog.from_index_json(DATA / "Beauty.index.json")
+    cat = Catalog.from_index_json(BEAUTY_INDEX)
     layout = SidLayout((256,) * 4, tuple(2 + 256 * i for i in range(4)), 2 + 1024)
     keys, offsets, items = cat.sid_table(layout)
     assert len(cat.item_ids) == 12101 and len(keys) == 12088

@@ -424,7 +424,7 @@ def _cli(*args, timeout=60):
 def test_cli_errors_are_one_line(tmp_path):
     r = _cli("serve", str(tmp_path / "missing"))
     assert r.returncode == 2 and r.stderr.strip().startswith("nezha serve: error:") and "Traceback" not in r.stderr
-    data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=4))   # no dependence on ../shared
+    data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=4))   # no dependence on the demo data
     for args, message in ((["--processes", "1", "--engine", "ray"], "scale with --replicas"),
                           (["--processes", "2", "--workers", "3"], "give --processes alone"),
                           (["--processes", "-1"], "--processes must be >= 0")):
