@@ -87,6 +87,10 @@ def test_a_damaged_or_edited_data_file_is_refused(tmp_path):
     inter.write_bytes(inter.read_bytes()[:1000])
     with pytest.raises(DataError, match="not a readable gzip file"):
         read_interactions(find_pair(folder)[1])
+    inter.unlink()
+    os.mkfifo(inter)                                   # never opened: reading a FIFO would wait forever
+    with pytest.raises(DataError, match="not a regular file"):
+        read_interactions(inter)
 
 
 def test_plain_json_data_reads_the_same_and_nezha_data_points_elsewhere(tmp_path):
