@@ -210,7 +210,7 @@ def interleave(sides: list, warmup: int, requests: int, say=None) -> tuple[dict,
 def legacy_data(folder: Path) -> None:
     """Revisions before the project carried its demo data (data/beauty) read plain JSON from a workspace
     folder beside the tree (``folder``): give a base tree of that age the carried data there, uncompressed."""
-    from nezha.runtime.catalog import read_text
+    from nezha.runtime.datafile import read_text
     from nezha.runtime.data import DEFAULT_DATA, DataError, find_pair
 
     folder.mkdir(parents=True)

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import gzip
-import hashlib
 import json
 import re
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from nezha.runtime.errors import NezhaError
 
+from .datafile import read_text
 from .layout import SidLayout
 
 _TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
@@ -20,30 +18,6 @@ _TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
 
 class CatalogError(NezhaError, ValueError):
     """A malformed item index or catalog table."""
-
-
-CHECKSUMS = "SHA256SUMS"
-
-
-def read_text(path: Path, what: str, error: type[Exception]) -> str:
-    """The text of ``path``, gunzipped if it ends in .gz. Where the folder holds a SHA256SUMS file (the
-    ``sha256sum`` format) naming the uncompressed file, the bytes read must match it: a demo data file that
-    was damaged or edited is refused, not silently used."""
-    path = Path(path)
-    if path.exists() and not path.is_file():          # a FIFO would block the read, a folder fail it
-        raise error(f"{what} {path} is not a regular file")
-    try:
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-    except (gzip.BadGzipFile, EOFError, zlib.error) as e:
-        raise error(f"{what} {path} is not a readable gzip file: {e}") from None
-    sums, name = path.parent / CHECKSUMS, path.name.removesuffix(".gz")
-    if sums.is_file():
-        expected = {line.split()[1].lstrip("*"): line.split()[0]         # "<sha256>  <name>" or " *<name>"
-                    for line in sums.read_text(errors="replace").splitlines() if len(line.split()) == 2}
-        if name in expected and hashlib.sha256(data).hexdigest() != expected[name]:
-            raise error(f"{what} {path}: sha256 of its content differs from {sums} (a damaged or edited copy); "
-                        "restore it or remove its line from that file")
-    return data.decode()
 
 
 def read_json_object(path: Path, what: str, shape: str, error: type[Exception]) -> dict:

@@ -25,7 +25,8 @@ def find_pair(data_dir: str | Path) -> tuple[Path, Path]:
     """A dataset folder -> (index file, interactions file), each .json or .json.gz."""
     data_dir = Path(data_dir)
     if not data_dir.is_dir():
-        raise DataError(f"dataset folder {data_dir} does not exist (set NEZHA_DATA or pass the folder)")
+        raise DataError(f"dataset folder {data_dir} {'is not a folder' if data_dir.exists() else 'does not exist'}"
+                        " (set NEZHA_DATA or pass a folder)")
     index, inter = ([p for s in (".json", ".json.gz") for p in sorted(data_dir.glob(f"*.{kind}{s}"))]
                     for kind in ("index", "inter"))
     if len(index) != 1 or len(inter) != 1:
