@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nezha.runtime.errors import NezhaError
-
-from .stats import machine as wall_clock_machine
+from nezha.runtime.machine import describe
 
 FORMAT = "nezha-instructions"
 BASELINE_FORMAT = "nezha-instructions-baseline"
@@ -47,8 +46,6 @@ SAVE_COMMAND = "bench/record-instruction-baseline"
 # run writes them once, so that no counted run depends on a cache being warm).
 WORKER_ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "NUMEXPR_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
-             "avx512_bf16", "avx_vnni", "amx_tile")
 GROUPS = ("onnxruntime", "numpy", "python", "system", "other")
 STAGES = ("head", "verify", "select")          # the runtime's stages counted apart (see bench/worker.py)
 
@@ -203,19 +200,6 @@ def artifact_digest(artifact: Path) -> str:
     return h.hexdigest()
 
 
-def host_isa() -> list[str]:
-    """The ISA flags of ISA_FLAGS that /proc/cpuinfo lists for this CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [fl for fl in ISA_FLAGS if fl in have]
-    except OSError:
-        pass
-    return []
-
-
 def measure(artifact: str | Path, histories: Sequence[Sequence[int]], requests: int = DEFAULTS["requests"],
             warmup: int = DEFAULTS["warmup"], beam: int = DEFAULTS["beam"], batch_size: int = DEFAULTS["batch_size"],
             threads: int = DEFAULTS["threads"], inject: str | None = None, stages: bool = True,
@@ -254,8 +238,8 @@ def measure(artifact: str | Path, histories: Sequence[Sequence[int]], requests: 
                 "batch_size": batch_size, "threads": threads, "requests_sha256": req_sha, **(description or {})}
     env = {"valgrind": vg, "python": platform.python_version(), "numpy": dry["facts"]["numpy"],
            "onnxruntime": dry["facts"]["onnxruntime"], "glibc": "-".join(platform.libc_ver())}
-    wc = wall_clock_machine()
-    mach = {"cpu": wc["cpu"], "platform": wc["platform"], "isa": host_isa(),
+    host = describe()
+    mach = {"cpu": host["cpu"], "platform": host["platform"], "isa": host["isa"],
             "cpuid_native": dry["facts"].get("cpuid"), "cpuid_valgrind": counted["facts"].get("cpuid"),
             "cpu_features_native": dry["facts"]["cpu_features"],
             "cpu_features_valgrind": counted["facts"]["cpu_features"]}

@@ -46,13 +46,13 @@ def test_paired_ratio_cancels_drift():
 
 
 def test_regressed_respects_direction_and_tolerance():
-    assert not stats.regressed(1.30, 1.20, higher_is_better=False, tolerance=0.10)     # +8.3 %
-    assert stats.regressed(1.33, 1.20, higher_is_better=False, tolerance=0.10)         # +10.8 %
-    assert not stats.regressed(4.0, 4.4, higher_is_better=True, tolerance=0.10)        # -9.1 %
-    assert stats.regressed(3.9, 4.4, higher_is_better=True, tolerance=0.10)            # -11.4 %
-    assert not stats.regressed(0.5, 1.2, higher_is_better=False, tolerance=0.0)        # better is never a regression
-    with pytest.raises(stats.StatsError):
-        stats.regressed(1.0, 1.0, False, -0.1)
+    assert not gate.regressed(1.30, 1.20, higher_is_better=False, tolerance=0.10)     # +8.3 %
+    assert gate.regressed(1.33, 1.20, higher_is_better=False, tolerance=0.10)         # +10.8 %
+    assert not gate.regressed(4.0, 4.4, higher_is_better=True, tolerance=0.10)        # -9.1 %
+    assert gate.regressed(3.9, 4.4, higher_is_better=True, tolerance=0.10)            # -11.4 %
+    assert not gate.regressed(0.5, 1.2, higher_is_better=False, tolerance=0.0)        # better is never a regression
+    with pytest.raises(gate.GateError):
+        gate.regressed(1.0, 1.0, False, -0.1)
 
 
 def test_peak_rss_is_positive():
