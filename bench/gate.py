@@ -9,14 +9,13 @@ instruction gate (bench/instructions.py) compares instructions per request."""
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nezha.runtime.catalog import read_text
 from nezha.runtime.errors import NezhaError
 
+from .report import write_atomic
 from .run import flat_ratios
 
 
@@ -87,13 +86,7 @@ class Gate:
 
     def save(self, doc: dict, path: str | Path) -> Path:
         """Write ``doc`` to ``path`` atomically (a reader never sees half a baseline)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(doc, indent=1) + "\n")
-        os.replace(tmp, path)
-        return path
+        return write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
     def load(self, path: str | Path) -> dict:
         """Read and check a baseline file; raises ``error`` naming the file and the bad key."""

@@ -1,26 +1,19 @@
-"""The instruction-count regression gate: the runtime's work per request, counted by Valgrind.
+"""The instruction-count regression gate: the runtime's work per request, counted by Valgrind (bench/callgrind.py),
+judged by the gates' one baseline/compare implementation (bench/gate.py).
 
-Instructions executed do not depend on the machine's load, its neighbours or its clock, so a 2% gate holds
-on a shared 2-core CI machine where wall-clock times move by 20%. One worker process runs under callgrind
-(bench/callgrind.py: loading and warm-up uncounted, collection on only while a phase's requests run). Phases:
-``floor`` (encode + backbone), ``runtime`` (the full decode), and the runtime's stages (head, verify,
+Phases: ``floor`` (encode + backbone), ``runtime`` (the full decode), and the runtime's stages (head, verify,
 select). Gated: the runtime's **own** instructions per request (runtime - floor) at 2%, and its
-**end-to-end** instructions per request at 1%.
-
-Why collection is toggled around the requests, and why callgrind: bench/callgrind.py.
-
-Machines: valgrind's virtual CPU offers AVX2 but no AVX-512, so the libraries run their AVX2 kernels under it
-on any host; other library versions change the counts: the report names each difference from the baseline.
-"""
+**end-to-end** instructions per request at 1%. Why instructions, and what valgrind's virtual CPU means for
+the counts on other machines: docs/bench.md."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .callgrind import (BASELINE_FORMAT, DEFAULTS, END_TO_END_TOLERANCE, GROUPS, OWN_TOLERANCE, SAVE_COMMAND, TOP_FUNCTIONS,  # noqa: F401
                         STAGES, VERSION, InstructionsError, measure, phases_of, read_callgrind, result_from)
 from .gate import Gate
+from .report import write_result
 
 NUMBER = (int, float)
 INSTRUCTIONS = Gate(BASELINE_FORMAT, "an instruction-count baseline", f"record one: {SAVE_COMMAND}", InstructionsError,
@@ -233,10 +226,7 @@ def run_gate(artifact: str | Path, data: str | Path | None = None, histories=Non
     if base is not None:
         result["gate"] = compare(result, base, own_tolerance, end_to_end_tolerance)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "instructions.json").write_text(json.dumps(result, indent=1))
-        (out / "instructions.md").write_text(report(result, base))
+        write_result(out, "instructions", result, report(result, base))
     if save_baseline_to is not None:
         kw = {k: v for k, v in (("own_tolerance", own_tolerance), ("end_to_end_tolerance", end_to_end_tolerance))
               if v is not None}

@@ -126,7 +126,7 @@ def cpu_identity() -> str | None:
     r = leaf(0)
     vendor = (r[4:8] + r[12:16] + r[8:12]).decode(errors="replace")      # ebx, edx, ecx
     brand = b"".join(leaf(0x80000002 + i) for i in range(3)).split(b"\0")[0].decode(errors="replace").strip()
-    del cpuid                                        # the function pointer goes before its page
+    cpuid = None                                     # the function pointer goes before its page
     return f"{vendor} {brand}"
 
 
