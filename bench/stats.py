@@ -110,7 +110,8 @@ def _version(dist: str) -> str | None:
 
 def machine() -> dict:
     """Where the figures were measured (runtime/machine.py: platform, CPU and its ISA, cores usable by this
-    process, load, Python) and the versions of every library that can change a timing (and the GPU, if torch sees one)."""
+    process, load, Python), the versions of every library that can change a timing, and the GPU if torch
+    sees one."""
     out = {**describe(), "versions": {d: _version(d) for d in ("nezha-deploy", "numpy", "onnxruntime",
                                                                "onnxruntime-gpu", "tensorrt", "torch",
                                                                "transformers", "matplotlib")}}
