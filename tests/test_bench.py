@@ -284,3 +284,14 @@ def test_worker_hook_repeats_and_counts_only_its_stage():
     assert events == ["head_0", 1, "verify_0", 0, "select", "select"]       # collect around verify; select twice
     with pytest.raises(ValueError, match="stage 'loop'"):
         worker.contenders(None, 20, None, Toggles(), "loop")
+
+
+def test_one_machine_description_for_the_manifest_and_the_benchmarks():
+    from nezha.export.steps import machine as build_machine
+    from nezha.runtime.machine import ISA_FLAGS, cpu
+
+    record = cpu()
+    assert build_machine() == record and set(record) == {"system", "arch", "cpu", "isa"}   # the manifest's keys
+    assert record["cpu"] and record["isa"] == [f for f in ISA_FLAGS if f in record["isa"]]
+    bench = stats.machine()
+    assert {k: bench[k] for k in record} == record and bench["cpu_usable"] >= 1
