@@ -1,10 +1,8 @@
-"""``nezha.bench`` (folder bench/): the benchmark and latency-regression gate (``nezha bench``).
+"""``nezha.bench`` (folder bench/): the benchmark and the regression gates (``nezha bench``; docs/bench.md).
 
-stats (percentiles, paired ratios, peak RSS, machine) -> contenders (floor, NEZHA runtime, torch reference,
-AR baseline, HF generate) -> run (interleaved round-robin measurement) -> report (Markdown, PNG) and gate
-(ratios against a stored baseline); suite composes them, cli is the thin command, gpu_check the prepared
-CUDA run. The CI gate: instructions (instructions per request under callgrind, against
-baseline-instructions.json) driving worker.py (a script: one loaded artifact, counted or served); ab times
-the current tree against a git revision through two workers. Torch is imported only by the torch-side
-contenders.
+stats -> contenders -> run (interleaved round-robin measurement) -> report (Markdown, PNG); gate is both
+gates' one baseline/compare implementation and the ratio gate; suite composes a run, cli is the thin command.
+The CI gate: instructions (under callgrind, against baseline-instructions.json) driving worker.py (a script:
+one loaded artifact, counted or served, stages seen through the runtime's stage hook); ab times the current
+tree against a git revision through two workers. Torch is imported only by the torch-side contenders.
 """

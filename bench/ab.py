@@ -23,7 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
-from .callgrind import WORKER, worker_env
+from .callgrind import WORKER, print_tail, worker_env
+from .report import write_result
 from .stats import machine
 from nezha.runtime.errors import NezhaError
 
@@ -135,7 +136,7 @@ def build_artifact(tree: Path, out: Path, build_args: Sequence[str], env: dict, 
     log(f"building {out.name} with {tree}'s export/build.py")
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
-        print("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:]), file=sys.stderr)
+        print_tail(proc.stderr or proc.stdout)
         raise AbError(f"building the artifact of {tree} failed (its last lines above): {' '.join(cmd)}")
     return out
 
@@ -162,7 +163,7 @@ class Side:
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
-            print("\n".join(self.proc.stderr.read().strip().splitlines()[-12:]), file=sys.stderr)
+            print_tail(self.proc.stderr.read())
             raise AbError(f"the {self.name} worker stopped (its last lines above)")
         return json.loads(line)
 
@@ -272,10 +273,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
               "seconds": seconds, "wall_seconds": round(wall, 1),
               "comparison": compare_sides(seconds, confidence)}
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ab.json").write_text(json.dumps(result, indent=1))
-        (out / "ab.md").write_text(report(result))
+        write_result(out, "ab", result, report(result))
     return result
 
 

@@ -1,17 +1,8 @@
 """Counting the runtime's instructions per request under Valgrind's callgrind (the gate: bench/instructions.py):
-one worker process (``bench/worker.py count``) per run, collection
-switched on only around each phase's requests; the parsed per-function counts become one result.
-
-Why collection toggled around the requests, and callgrind: setup (Python's start, imports, loading the
-artifact, ONNX Runtime's session creation) is not deterministic to the instruction (ONNX Runtime's session
-setup was measured to vary by up to 10M instructions between identical processes), so counting whole
-processes and subtracting runs with N and 0 requests put that noise into the per-request figures (3.45M,
-3.72M, 3.54M own instructions per request over three identical runs of 30 requests: 8% apart). Toggling
-leaves setup out by construction. Cachegrind can toggle only from valgrind 3.22 (``--instr-at-start``
-and client requests); Debian 12 ships 3.19, whose callgrind has had ``CALLGRIND_TOGGLE_COLLECT`` and
-``CALLGRIND_DUMP_STATS_AT`` for years (``--toggle-collect=FUNCTION`` selects C functions by name, and the
-timed loop is Python: every frame is ``_PyEval_EvalFrameDefault``). Callgrind also names the object of every
-function, so ONNX Runtime's unnamed (stripped) kernels are attributed to its library."""
+one worker process (``bench/worker.py count``) per run, collection switched on only around each phase's
+requests (setup is not deterministic to the instruction: why toggling and why callgrind, in docs/bench.md);
+the parsed per-function counts become one result. Callgrind names the object of every function, so ONNX
+Runtime's unnamed (stripped) kernels are attributed to its library."""
 
 from __future__ import annotations
 
@@ -29,8 +20,7 @@ from pathlib import Path
 from typing import Sequence
 
 from nezha.runtime.errors import NezhaError
-
-from .stats import machine as wall_clock_machine
+from nezha.runtime.machine import describe
 
 FORMAT = "nezha-instructions"
 BASELINE_FORMAT = "nezha-instructions-baseline"
@@ -47,8 +37,6 @@ SAVE_COMMAND = "bench/record-instruction-baseline"
 # run writes them once, so that no counted run depends on a cache being warm).
 WORKER_ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
               "NUMEXPR_NUM_THREADS": "1", "PYTHONDONTWRITEBYTECODE": "1"}
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vnni",
-             "avx512_bf16", "avx_vnni", "amx_tile")
 GROUPS = ("onnxruntime", "numpy", "python", "system", "other")
 STAGES = ("head", "verify", "select")          # the runtime's stages counted apart (see bench/worker.py)
 
@@ -74,6 +62,11 @@ def worker_env(inject: str | None = None) -> dict:
     if inject is not None:
         env["NEZHA_BENCH_INJECT"] = inject
     return env
+
+
+def print_tail(output: str, lines: int = 12) -> None:
+    """The last lines of a failed subprocess's output, on stderr, before the one-line error that names it."""
+    print("\n".join(output.strip().splitlines()[-lines:]), file=sys.stderr)
 
 
 def valgrind_version() -> str:
@@ -164,7 +157,7 @@ def run_worker(artifact: Path, requests_file: Path, workdir: Path, phases: list[
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
-        print("\n".join((proc.stderr or proc.stdout).strip().splitlines()[-12:]), file=sys.stderr)
+        print_tail(proc.stderr or proc.stdout)
         raise InstructionsError(f"the worker failed (exit {proc.returncode}; its last lines above): {' '.join(cmd)}")
     facts = json.loads(Path(spec["out"]).read_text())
     out = {"facts": facts, "seconds": round(seconds, 2), "parts": {}}
@@ -201,19 +194,6 @@ def artifact_digest(artifact: Path) -> str:
             for block in iter(lambda: f.read(1 << 20), b""):
                 h.update(block)
     return h.hexdigest()
-
-
-def host_isa() -> list[str]:
-    """The ISA flags of ISA_FLAGS that /proc/cpuinfo lists for this CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    have = set(line.split(":", 1)[1].split())
-                    return [fl for fl in ISA_FLAGS if fl in have]
-    except OSError:
-        pass
-    return []
 
 
 def measure(artifact: str | Path, histories: Sequence[Sequence[int]], requests: int = DEFAULTS["requests"],
@@ -254,8 +234,8 @@ def measure(artifact: str | Path, histories: Sequence[Sequence[int]], requests: 
                 "batch_size": batch_size, "threads": threads, "requests_sha256": req_sha, **(description or {})}
     env = {"valgrind": vg, "python": platform.python_version(), "numpy": dry["facts"]["numpy"],
            "onnxruntime": dry["facts"]["onnxruntime"], "glibc": "-".join(platform.libc_ver())}
-    wc = wall_clock_machine()
-    mach = {"cpu": wc["cpu"], "platform": wc["platform"], "isa": host_isa(),
+    host = describe()
+    mach = {"cpu": host["cpu"], "platform": host["platform"], "isa": host["isa"],
             "cpuid_native": dry["facts"].get("cpuid"), "cpuid_valgrind": counted["facts"].get("cpuid"),
             "cpu_features_native": dry["facts"]["cpu_features"],
             "cpu_features_valgrind": counted["facts"]["cpu_features"]}

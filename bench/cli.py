@@ -55,13 +55,13 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--tolerance", type=float, default=0.10, help="allowed ratio regression (fraction)")
     p.add_argument("--save-baseline", type=Path, help="write this run's ratios (instruction counts) as a baseline")
     p.add_argument("--title", help="label of the run in the reports")
-    g = p.add_argument_group("instruction-count gate (Valgrind cachegrind; see nezha.bench.instructions)")
+    g = p.add_argument_group("instruction-count gate (Valgrind callgrind; see docs/bench.md)")
     g.add_argument("--instructions", action="store_true", help="count instructions per request of the floor "
-                   "and the runtime under cachegrind instead of timing (the CI gate)")
-    g.add_argument("--own-tolerance", type=float, help="allowed growth of the runtime's own instructions per "
-                   "request (runtime - floor), fraction (default: the baseline's, 0.02)")
-    g.add_argument("--end-to-end-tolerance", type=float, help="allowed growth of the runtime's instructions per "
-                   "request, fraction (default: the baseline's, 0.01)")
+                   "and the runtime under callgrind instead of timing (the CI gate)")
+    for name, what, default in (("own", "the runtime's own instructions per request (runtime - floor)", 0.02),
+                                 ("end-to-end", "the runtime's instructions per request", 0.01)):
+        g.add_argument(f"--{name}-tolerance", type=float, help=f"allowed growth of {what}, fraction (default: "
+                       f"the baseline's, {default})")
     g.add_argument("--stages", action=argparse.BooleanOptionalAction, default=True, help="also count the "
                    "runtime's stages apart (head, verify, select: N more requests each)")
     a = p.add_argument_group("wall-clock A/B against a git revision (a report, not a gate)")

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
+from nezha.runtime.decode import stage
+
 KINDS = ("floor", "nezha", "reference", "ar", "hf-generate")
 
 
@@ -55,12 +57,12 @@ def runtime_contenders(artifact: str | Path, backend: str, precision: str, devic
     limits = {"max_batch": rec.max_batch, "max_beam": rec.max_beam}
 
     def floor(histories, beam):
-        import time
-        t0 = time.perf_counter()
-        feed = rec.encode(histories)
-        t1 = time.perf_counter()
-        rec.backbone(feed)
-        return {"encode": t1 - t0, "backbone": time.perf_counter() - t1}
+        stages: dict = {}
+        with stage(stages, "encode"):
+            feed = rec.encode(histories)
+        with stage(stages, "backbone"):
+            rec.backbone(feed)
+        return stages
 
     def nezha(histories, beam):
         stages: dict = {}
@@ -100,8 +102,6 @@ def torch_engine(device: str) -> str:
 def reference_contenders(model, catalog, device: str = "cpu", max_history: int = 20) -> list[Contender]:
     """The torch floor (backbone only) and the PyTorch reference NEZHA, both on ``model`` (a NezhaModel
     with a draft head), sharing the runtime's encoder and decode loop so that the stages line up."""
-    import time
-
     from nezha.model.reference import Reference
     from nezha.runtime.decode import beam_search
     from nezha.runtime.encoding import encode_histories
@@ -109,17 +109,14 @@ def reference_contenders(model, catalog, device: str = "cpu", max_history: int =
     ref = Reference(model.to(device), catalog, max_history=max_history, device=device)
 
     def encode(histories, stages):
-        t0 = time.perf_counter()
-        feed = encode_histories(histories, ref.catalog, ref.layout, ref.max_history)
-        stages["encode"] = time.perf_counter() - t0
-        return feed
+        with stage(stages, "encode"):
+            return encode_histories(histories, ref.catalog, ref.layout, ref.max_history)
 
     def floor(histories, beam):
         stages: dict = {}
         feed = encode(histories, stages)
-        t0 = time.perf_counter()
-        ref.steps.backbone(feed)
-        stages["backbone"] = time.perf_counter() - t0
+        with stage(stages, "backbone"):
+            ref.steps.backbone(feed)
         return stages
 
     def reference(histories, beam):

@@ -1,57 +1,30 @@
-"""The instruction-count regression gate: the runtime's work per request, counted by Valgrind.
+"""The instruction-count regression gate: the runtime's work per request, counted by Valgrind (bench/callgrind.py),
+judged by the gates' one baseline/compare implementation (bench/gate.py).
 
-Instructions executed do not depend on the machine's load, its neighbours or its clock, so a 2% gate holds
-on a shared 2-core CI machine where wall-clock times move by 20%. One worker process runs under callgrind
-(bench/callgrind.py: loading and warm-up uncounted, collection on only while a phase's requests run). Phases:
-``floor`` (encode + backbone), ``runtime`` (the full decode), and the runtime's stages (head, verify,
+Phases: ``floor`` (encode + backbone), ``runtime`` (the full decode), and the runtime's stages (head, verify,
 select). Gated: the runtime's **own** instructions per request (runtime - floor) at 2%, and its
-**end-to-end** instructions per request at 1%.
-
-Why collection is toggled around the requests, and why callgrind: bench/callgrind.py.
-
-Machines: valgrind's virtual CPU offers AVX2 but no AVX-512, so the libraries run their AVX2 kernels under it
-on any host; other library versions change the counts: the report names each difference from the baseline.
-"""
+**end-to-end** instructions per request at 1%. Why instructions, and what valgrind's virtual CPU means for
+the counts on other machines: docs/bench.md."""
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from .callgrind import (BASELINE_FORMAT, DEFAULTS, END_TO_END_TOLERANCE, GROUPS, OWN_TOLERANCE, SAVE_COMMAND, TOP_FUNCTIONS,  # noqa: F401
                         STAGES, VERSION, InstructionsError, measure, phases_of, read_callgrind, result_from)
+from .gate import Gate
+from .report import write_result
 
-# --- the gate ----------------------------------------------------------------------------------------------
-
-@dataclass
-class Figure:
-    """One gated figure of a comparison: instructions per request now and in the baseline."""
-
-    name: str               # "runtime own (runtime - floor)"
-    value: float
-    baseline: float
-    tolerance: float
-
-    @property
-    def change(self) -> float:
-        return self.value / self.baseline - 1.0
-
-    @property
-    def regressed(self) -> bool:
-        return self.value > self.baseline * (1.0 + self.tolerance)
-
-    def message(self) -> str:
-        return (f"{self.name}: {self.value / 1e6:.4f}M instructions per request vs baseline "
-                f"{self.baseline / 1e6:.4f}M ({self.change:+.2%}); allowed <= "
-                f"{self.baseline * (1 + self.tolerance) / 1e6:.4f}M (+{self.tolerance:.0%})")
-
-    def to_json(self) -> dict:
-        return {**asdict(self), "change": self.change, "regressed": self.regressed, "message": self.message()}
-
-
+NUMBER = (int, float)
+INSTRUCTIONS = Gate(BASELINE_FORMAT, "an instruction-count baseline", f"record one: {SAVE_COMMAND}", InstructionsError,
+                    unit="instructions", version=VERSION,
+                    schema={"own_tolerance": NUMBER, "end_to_end_tolerance": NUMBER,
+                            "result": {"per_request": {"floor": NUMBER, "runtime": NUMBER, "runtime_own": NUMBER},
+                                       "workload": dict, "environment": dict, "machine": dict, "groups": dict,
+                                       "functions": dict}})
 GATED = (("runtime_own", "runtime own (runtime - floor)", "own_tolerance"),
          ("runtime", "runtime end-to-end", "end_to_end_tolerance"))
+COMPARABLE = ("requests", "warmup", "beam", "batch_size", "threads", "requests_sha256")
 
 
 def baseline_from(result: dict, own_tolerance: float = OWN_TOLERANCE,
@@ -66,48 +39,12 @@ def baseline_from(result: dict, own_tolerance: float = OWN_TOLERANCE,
 
 
 def save_baseline(result: dict, path: str | Path, **tolerances) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(baseline_from(result, **tolerances), indent=1) + "\n")
-    return path
-
-
-def _require(doc: dict, key: str, kind, where: str):
-    if key not in doc:
-        raise InstructionsError(f"{where}: missing key {key!r}")
-    if not isinstance(doc[key], kind):
-        raise InstructionsError(f"{where}: {key!r} must be {getattr(kind, '__name__', kind)}, "
-                                f"got {type(doc[key]).__name__}")
-    return doc[key]
+    return INSTRUCTIONS.save(baseline_from(result, **tolerances), path)
 
 
 def load_baseline(path: str | Path) -> dict:
     """Read and check a baseline file; raises InstructionsError naming the file and the bad key."""
-    path = Path(path)
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise InstructionsError(f"baseline {path} does not exist (record one: {SAVE_COMMAND})") from None
-    except json.JSONDecodeError as e:
-        raise InstructionsError(f"baseline {path} is not valid JSON: {e}") from None
-    if not isinstance(raw, dict) or raw.get("format") != BASELINE_FORMAT:
-        raise InstructionsError(f"{path} is not an instruction-count baseline (format "
-                                f"{raw.get('format') if isinstance(raw, dict) else None!r}, expected "
-                                f"{BASELINE_FORMAT!r})")
-    if raw.get("version") != VERSION:
-        raise InstructionsError(f"{path}: baseline version {raw.get('version')!r}, this nezha reads {VERSION}")
-    for key in ("own_tolerance", "end_to_end_tolerance"):
-        _require(raw, key, (int, float), str(path))
-    result = _require(raw, "result", dict, str(path))
-    per = _require(result, "per_request", dict, f"{path}: result")
-    for key in ("floor", "runtime", "runtime_own"):
-        _require(per, key, (int, float), f"{path}: result.per_request")
-    for key in ("workload", "environment", "machine", "groups", "functions"):
-        _require(result, key, dict, f"{path}: result")
-    return raw
-
-
-COMPARABLE = ("requests", "warmup", "beam", "batch_size", "threads", "requests_sha256")
+    return INSTRUCTIONS.load(path)
 
 
 def compare(result: dict, baseline: dict, own_tolerance: float | None = None,
@@ -121,36 +58,37 @@ def compare(result: dict, baseline: dict, own_tolerance: float | None = None,
     tol = {"own_tolerance": baseline["own_tolerance"] if own_tolerance is None else own_tolerance,
            "end_to_end_tolerance": baseline["end_to_end_tolerance"] if end_to_end_tolerance is None
            else end_to_end_tolerance}
-    for v in tol.values():
-        if v < 0:
-            raise InstructionsError(f"tolerances must be >= 0, got {tol}")
     differ = [f"{k} {base['workload'].get(k)!r} -> {result['workload'].get(k)!r}" for k in COMPARABLE
               if base["workload"].get(k) != result["workload"].get(k)]
     if differ:
         raise InstructionsError("this run measured another workload than the baseline (" + "; ".join(differ) +
                                 f"): rerun with the baseline's settings, or record a new baseline: {SAVE_COMMAND}")
-    figures = [Figure(name, result["per_request"][key], base["per_request"][key], tol[t]) for key, name, t in GATED]
-    notes = []
-    for k in sorted(set(base["environment"]) | set(result["environment"])):
-        a, b = base["environment"].get(k), result["environment"].get(k)
-        if a != b:
-            notes.append(f"{k} differs from the baseline's ({a!r} -> {b!r}): counts may move with it")
-    if base["machine"].get("cpuid_valgrind") != result["machine"].get("cpuid_valgrind"):
-        notes.append(f"valgrind's virtual CPU identifies otherwise than at the baseline "
-                     f"({base['machine'].get('cpuid_valgrind')!r} -> {result['machine'].get('cpuid_valgrind')!r})")
-    if base["machine"].get("cpu_features_valgrind") != result["machine"].get("cpu_features_valgrind"):
-        notes.append(f"valgrind's virtual CPU offers other features than at the baseline "
-                     f"({base['machine'].get('cpu_features_valgrind')} -> "
-                     f"{result['machine'].get('cpu_features_valgrind')}): libraries may pick other kernels")
-    if base["machine"].get("cpu") != result["machine"].get("cpu"):
-        notes.append(f"CPU differs from the baseline's ({base['machine'].get('cpu')!r} -> "
-                     f"{result['machine'].get('cpu')!r}); under valgrind both offer "
-                     f"{result['machine'].get('cpu_features_valgrind')}")
-    if base["workload"].get("artifact_sha256") != result["workload"].get("artifact_sha256"):
-        notes.append("the artifact's files differ from the baseline's (a changed export, checkpoint or manifest)")
+    figures = INSTRUCTIONS.judge({name: result["per_request"][key] for key, name, _ in GATED},
+                                 {name: (base["per_request"][key], False, tol[t]) for key, name, t in GATED})
     return {"baseline_created": base.get("created"), **tol, "figures": [f.to_json() for f in figures],
-            "regressions": [f.message() for f in figures if f.regressed], "notes": notes,
+            "regressions": [f.message() for f in figures if f.regressed], "notes": notes(result, base),
             "passed": not any(f.regressed for f in figures)}
+
+
+def notes(result: dict, base: dict) -> list[str]:
+    """The differences of versions, machine or artifact from the baseline's that can explain a change."""
+    out = [f"{k} differs from the baseline's ({base['environment'].get(k)!r} -> {result['environment'].get(k)!r}): "
+           "counts may move with it" for k in sorted(set(base["environment"]) | set(result["environment"]))
+           if base["environment"].get(k) != result["environment"].get(k)]
+    was, now = base["machine"], result["machine"]
+    if was.get("cpuid_valgrind") != now.get("cpuid_valgrind"):
+        out.append(f"valgrind's virtual CPU identifies otherwise than at the baseline "
+                   f"({was.get('cpuid_valgrind')!r} -> {now.get('cpuid_valgrind')!r})")
+    if was.get("cpu_features_valgrind") != now.get("cpu_features_valgrind"):
+        out.append(f"valgrind's virtual CPU offers other features than at the baseline "
+                   f"({was.get('cpu_features_valgrind')} -> {now.get('cpu_features_valgrind')}): "
+                   "libraries may pick other kernels")
+    if was.get("cpu") != now.get("cpu"):
+        out.append(f"CPU differs from the baseline's ({was.get('cpu')!r} -> {now.get('cpu')!r}); under valgrind "
+                   f"both offer {now.get('cpu_features_valgrind')}")
+    if base["workload"].get("artifact_sha256") != result["workload"].get("artifact_sha256"):
+        out.append("the artifact's files differ from the baseline's (a changed export, checkpoint or manifest)")
+    return out
 
 
 CONTENDERS = (("floor", "floor (encode + backbone)"), ("runtime", "runtime (full NEZHA decode)"),
@@ -288,10 +226,7 @@ def run_gate(artifact: str | Path, data: str | Path | None = None, histories=Non
     if base is not None:
         result["gate"] = compare(result, base, own_tolerance, end_to_end_tolerance)
     if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "instructions.json").write_text(json.dumps(result, indent=1))
-        (out / "instructions.md").write_text(report(result, base))
+        write_result(out, "instructions", result, report(result, base))
     if save_baseline_to is not None:
         kw = {k: v for k, v in (("own_tolerance", own_tolerance), ("end_to_end_tolerance", end_to_end_tolerance))
               if v is not None}

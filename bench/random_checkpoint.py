@@ -17,6 +17,9 @@ from pathlib import Path
 from .gpu_check import layout_and_catalog, random_model
 
 
+SHAPE = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 4, "intermediate_size": 3072}
+
+
 def random_checkpoint(out: Path, hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,
                       num_kv_heads: int = 4, head_dim: int | None = None, intermediate_size: int = 3072,
                       vocab: int = 2, layout: str = "beauty", data: Path | None = None, seed: int = 0) -> Path:
@@ -38,12 +41,9 @@ def random_checkpoint(out: Path, hidden_size: int = 768, num_layers: int = 12, n
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, required=True)
-    p.add_argument("--hidden-size", type=int, default=768)
-    p.add_argument("--num-layers", type=int, default=12)
-    p.add_argument("--num-heads", type=int, default=12)
-    p.add_argument("--num-kv-heads", type=int, default=4)
+    for name, default in SHAPE.items():                     # the backbone shape: random_checkpoint's arguments
+        p.add_argument("--" + name.replace("_", "-"), type=int, default=default)
     p.add_argument("--head-dim", type=int, help="default: hidden_size / num_heads")
-    p.add_argument("--intermediate-size", type=int, default=3072)
     p.add_argument("--vocab", type=int, default=2, help="tokens before the SID codes (Qwen3: 151669)")
     p.add_argument("--layout", default="beauty", choices=["beauty", "3x512"])
     p.add_argument("--data", type=Path, help="LETTER dataset folder (default: Beauty)")

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
 from pathlib import Path
 
 STAGE_ORDER = ("encode", "backbone", "head", "verify", "select", "host")
@@ -12,6 +15,23 @@ KIND_STYLE = {"floor": ("--", "s"), "nezha": ("-", "o"), "reference": ("-.", "^"
               "hf-generate": (":", "x")}
 PALETTE = ("#1f77b4", "#d62728", "#17becf", "#ff7f0e", "#7f7f7f", "#9467bd", "#2ca02c", "#8c564b", "#e377c2",
            "#bcbd22")
+
+
+def write_atomic(path: str | Path, text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def write_result(out: str | Path, stem: str, result: dict, text: str) -> list[Path]:
+    """``out``/STEM.json (every figure of ``result``) and ``out``/STEM.md (``text``, its summary)."""
+    return [write_atomic(Path(out) / f"{stem}.json", json.dumps(result, indent=1)),
+            write_atomic(Path(out) / f"{stem}.md", text)]
 
 
 def _ms(seconds) -> str:

@@ -53,21 +53,13 @@ def ratio_specs(names: Sequence[str]) -> list[stats.RatioSpec]:
     for n in names:
         by_kind.setdefault(n.split("[", 1)[0], []).append(n)
     specs = []
-    for nz in by_kind.get("nezha", []):
-        floor = "floor" + nz[len("nezha"):]
-        if floor in names:
-            specs.append(stats.RatioSpec(nz, floor, higher_is_better=False))
-    for other in ("ar", "reference", "hf-generate"):
-        for o in by_kind.get(other, []):
-            for nz in by_kind.get("nezha", []):
-                specs.append(stats.RatioSpec(o, nz, higher_is_better=True))
-    for ref in by_kind.get("reference", []):
-        floor = "floor" + ref[len("reference"):]
-        if floor in names:
-            specs.append(stats.RatioSpec(ref, floor, higher_is_better=False))
-        for other in ("ar", "hf-generate"):
-            for o in by_kind.get(other, []):
-                specs.append(stats.RatioSpec(o, ref, higher_is_better=True))
+    for kind, faster in (("nezha", ("ar", "reference", "hf-generate")), ("reference", ("ar", "hf-generate"))):
+        for n in by_kind.get(kind, []):
+            floor = "floor" + n[len(kind):]
+            if floor in names:
+                specs.append(stats.RatioSpec(n, floor, higher_is_better=False))
+        specs += [stats.RatioSpec(o, n, higher_is_better=True) for other in faster
+                  for o in by_kind.get(other, []) for n in by_kind.get(kind, [])]
     return specs
 
 

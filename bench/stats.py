@@ -4,7 +4,6 @@ NumPy and the standard library only, so the gate can run where torch is not inst
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import sys
 from dataclasses import dataclass
@@ -12,6 +11,7 @@ from importlib import metadata
 
 import numpy as np
 from nezha.runtime.errors import NezhaError
+from nezha.runtime.machine import describe
 
 PERCENTILES = (50, 90, 99)
 
@@ -68,15 +68,6 @@ class RatioSpec:
         return f"{self.numerator} / {self.denominator}"
 
 
-def regressed(value: float, baseline: float, higher_is_better: bool, tolerance: float) -> bool:
-    """Whether ``value`` is worse than ``baseline`` by more than ``tolerance`` (a fraction: 0.10 = 10 %)."""
-    if tolerance < 0:
-        raise StatsError(f"tolerance must be >= 0, got {tolerance}")
-    if higher_is_better:
-        return value < baseline * (1.0 - tolerance)
-    return value > baseline * (1.0 + tolerance)
-
-
 def current_rss_bytes() -> int | None:
     """Resident set size now (Linux /proc; None elsewhere)."""
     try:
@@ -117,32 +108,13 @@ def _version(dist: str) -> str | None:
         return None
 
 
-def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def machine() -> dict:
-    """Where the figures were measured: platform, CPU, cores usable by this process, load, Python and the
-    versions of every library that can change a timing (and the GPU, if torch sees one)."""
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except AttributeError:
-        usable = os.cpu_count()
-    out = {
-        "platform": platform.platform(), "machine": platform.machine(), "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(), "cpu_usable": usable,
-        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
-        "python": sys.version.split()[0],
-        "versions": {d: _version(d) for d in ("nezha-deploy", "numpy", "onnxruntime", "onnxruntime-gpu", "tensorrt",
-                                              "torch", "transformers", "matplotlib")},
-    }
+    """Where the figures were measured (runtime/machine.py: platform, CPU and its ISA, cores usable by this
+    process, load, Python), the versions of every library that can change a timing, and the GPU if torch
+    sees one."""
+    out = {**describe(), "versions": {d: _version(d) for d in ("nezha-deploy", "numpy", "onnxruntime",
+                                                               "onnxruntime-gpu", "tensorrt", "torch",
+                                                               "transformers", "matplotlib")}}
     torch = sys.modules.get("torch")        # described only if a contender already loaded it
     if torch is not None:
         out["torch_threads"] = torch.get_num_threads()

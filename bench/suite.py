@@ -3,7 +3,6 @@ histories, measure, write JSON + Markdown + PNG, and (optionally) gate against a
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Sequence
 
@@ -171,10 +170,4 @@ def run_bench(artifact=None, checkpoint=None, ar_checkpoint=None, data=None, his
 
 def write_outputs(result: dict, out: str | Path) -> list[Path]:
     """``out``/bench.json (every figure), bench.md (the summary tables), bench.png (the plot)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [out / "bench.json", out / "bench.md", out / "bench.png"]
-    paths[0].write_text(json.dumps(result, indent=1))
-    paths[1].write_text(report.markdown(result))
-    report.plot(result, paths[2])
-    return paths
+    return report.write_result(out, "bench", result, report.markdown(result)) + [report.plot(result, Path(out) / "bench.png")]

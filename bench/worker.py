@@ -9,8 +9,10 @@ Contenders: ``floor`` (encode + one backbone pass) and ``runtime`` (``Recommende
 "requests" (JSON file: a list of requests, each a list of histories), "beam", "threads", "warmup", "phases"
 and "out" (count only)}.
 
-Test-only slowdown hook: ``NEZHA_BENCH_INJECT=verify:x0.5`` repeats the verifier's ``mask`` on half of its
-calls (``select:x1``: the top-k selection on every call), patched in at run time (no source is edited)."""
+The stage counts and the test-only slowdown go through the runtime's own stage hook (``stages=`` of
+``Recommender.decode``, runtime/decode.py): ``NEZHA_BENCH_INJECT=verify:x0.5`` repeats the decode loop's
+verify step (candidate scores + the verifier's mask) on half of its calls (``select:x1``: the top-k
+selection on every call). Nothing of the runtime is patched."""
 
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ if sys.path and os.path.abspath(sys.path[0]) == os.path.dirname(os.path.abspath(
     del sys.path[0]          # run as a script: bench/'s modules (run, stats, ...) must not shadow anything
 
 INJECT_ENV, INJECT_TARGETS = "NEZHA_BENCH_INJECT", ("verify", "select")
+STAGES = ("head", "verify", "select")
 
 
 def parse_inject(spec: str) -> tuple[str, float]:
@@ -42,73 +45,29 @@ def parse_inject(spec: str) -> tuple[str, float]:
     return target, extra
 
 
-def _repeating(fn, extra: float):
-    """fn, run 1 + ``extra`` times per call on average (deterministic: a running credit, no randomness)."""
-    credit = [0.0]
+def machine_code(code: str, restype, *argtypes):
+    """(function, page): ``code`` (x86-64, hex) in an executable page, callable through ctypes. Keep the page
+    while the function is used; drop the function first."""
+    import ctypes
+    import mmap
 
-    def wrapped(*args, **kwargs):
-        out = fn(*args, **kwargs)
-        credit[0] += extra
-        while credit[0] >= 1.0:
-            fn(*args, **kwargs)
-            credit[0] -= 1.0
-        return out
-
-    return wrapped
+    page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(bytes.fromhex(code.replace(" ", "")))
+    address = ctypes.addressof(ctypes.c_char.from_buffer(page))
+    return ctypes.CFUNCTYPE(restype, *argtypes)(address), page
 
 
-def install_inject(rec, spec: str | None) -> str | None:
-    """Apply the test-only slowdown ``spec`` (see the module docstring) to a loaded Recommender."""
-    if not spec:
-        return None
-    target, extra = parse_inject(spec)
-    if target == "verify":
-        rec.verifier.mask = _repeating(rec.verifier.mask, extra)          # this instance only
-    else:
-        from nezha.runtime import decode
-        decode.top_k_desc = _repeating(decode.top_k_desc, extra)          # beam_search looks it up per call
-    return spec
+def on_x86_64() -> bool:
+    import platform
 
-
-def load(spec: dict):
-    """(Recommender, requests) from a spec; ONNX Runtime with ``spec["threads"]`` intra-op threads."""
-    from nezha.runtime import Recommender
-
-    with open(spec["requests"]) as f:
-        requests = json.load(f)
-    rec = Recommender.load(spec["artifact"], threads=spec["threads"])
-    return rec, requests
-
-
-def contender(rec, name: str, beam: int):
-    """The callable that runs one request (a list of histories) as contender ``name``; returns a small
-    integer digest of its output, so that runs can be checked to have done the same work."""
-    if name == "floor":
-        def run(histories):
-            hidden = rec.backbone(rec.encode(histories))
-            return int(hidden.shape[0] * hidden.shape[1])
-    elif name == "runtime":
-        def run(histories):
-            keys, _ = rec.decode(histories, beam)
-            return int(keys.sum() % 1000003)
-    else:
-        raise ValueError(f"contender {name!r}; allowed: floor, runtime")
-    return run
-
-
-def cpu_features() -> dict:
-    """The CPU features NumPy detected (via cpuid; under valgrind, valgrind's virtual CPU), only the true ones."""
-    try:
-        from numpy._core._multiarray_umath import __cpu_features__
-    except ImportError:                                                     # NumPy 1.x
-        from numpy.core._multiarray_umath import __cpu_features__
-    return sorted(k for k, v in __cpu_features__.items() if v)
+    return platform.machine() in ("x86_64", "AMD64")
 
 
 class Callgrind:
     """Valgrind client requests without a compiler: the 19-byte magic sequence of valgrind.h's
-    VALGRIND_DO_CLIENT_REQUEST (amd64) in an executable page, called through ctypes. Natively it is a
-    no-op returning its default (0), so ``running`` tells whether callgrind (or any tool) runs us."""
+    VALGRIND_DO_CLIENT_REQUEST (amd64), called through ctypes. Natively it is a no-op returning its
+    default (0), so ``running`` tells whether callgrind (or any tool) runs us."""
 
     # VG_USERREQ_TOOL_BASE('C','T') + 2, 3, 4 (callgrind.h)
     TOGGLE_COLLECT, DUMP_STATS_AT, START_INSTRUMENTATION = 0x43540002, 0x43540003, 0x43540004
@@ -118,20 +77,13 @@ class Callgrind:
 
     def __init__(self):
         import ctypes
-        import mmap
-        import platform
 
         self._ctypes = ctypes
-        if platform.machine() not in ("x86_64", "AMD64"):
-            self.running = False
-            return
-        self._page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                               prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-        self._page.write(bytes.fromhex(self.CODE.replace(" ", "")))
-        address = ctypes.addressof(ctypes.c_char.from_buffer(self._page))
-        self._call = ctypes.CFUNCTYPE(ctypes.c_uint64, ctypes.c_void_p)(address)
-        self._args = (ctypes.c_uint64 * 6)()
-        self.running = self._request(self.RUNNING_ON_VALGRIND) > 0
+        self.running = False
+        if on_x86_64():
+            self._call, self._page = machine_code(self.CODE, ctypes.c_uint64, ctypes.c_void_p)
+            self._args = (ctypes.c_uint64 * 6)()
+            self.running = self._request(self.RUNNING_ON_VALGRIND) > 0
 
     def _request(self, code: int, arg: int = 0) -> int:
         self._args[0], self._args[1] = code, arg
@@ -154,55 +106,17 @@ class Callgrind:
             self._request(self.DUMP_STATS_AT, self._ctypes.addressof(label))
 
 
-STAGES = ("head", "verify", "select")
-
-
-def collecting_only_in(rec, stage: str, cg: Callgrind):
-    """Patch the loaded Recommender so that events are collected only inside ``stage``'s calls: the draft
-    head's graph runs (``head_step``), the verification (the decode loop's ``expand``: candidate scores and
-    the verifier's mask; the mask alone where the loop has no such step) or the selection (``select``:
-    top-k and the gathers; ``top_k_desc`` alone where there is no such step). Returns the undo function."""
-    from nezha.runtime import decode
-
-    def inside(fn):
-        def wrapped(*args, **kwargs):
-            cg.toggle()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                cg.toggle()
-        return wrapped
-
-    if stage == "head":
-        owner, name = rec.steps, "head_step"
-    elif stage == "verify":
-        owner, name = (decode, "expand") if hasattr(decode, "expand") else (rec.verifier, "mask")
-    elif stage == "select":
-        owner, name = (decode, "select") if hasattr(decode, "select") else (decode, "top_k_desc")
-    else:
-        raise ValueError(f"stage {stage!r}; allowed: {', '.join(STAGES)}")
-    original = getattr(owner, name)
-    setattr(owner, name, inside(original))
-    return lambda: setattr(owner, name, original)
-
-
 def cpu_identity() -> str | None:
     """The CPU's vendor and brand string as the ``cpuid`` instruction reports them to this process (under
-    valgrind: valgrind's virtual CPU, whatever the host), via a few bytes of machine code; None off x86-64."""
+    valgrind: valgrind's virtual CPU, whatever the host); None off x86-64."""
     import ctypes
-    import mmap
-    import platform
 
-    if platform.machine() not in ("x86_64", "AMD64"):
+    if not on_x86_64():
         return None
     # push rbx; mov eax,edi; mov r8,rsi; xor ecx,ecx; cpuid; mov [r8],eax; mov [r8+4],ebx; mov [r8+8],ecx;
     # mov [r8+12],edx; pop rbx; ret
-    code = bytes.fromhex("53 89f8 4989f0 31c9 0fa2 418900 41895804 41894808 4189500c 5b c3".replace(" ", ""))
-    page = mmap.mmap(-1, mmap.PAGESIZE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                     prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
-    page.write(code)
-    cpuid = ctypes.CFUNCTYPE(None, ctypes.c_uint32, ctypes.c_void_p)(
-        ctypes.addressof(ctypes.c_char.from_buffer(page)))
+    cpuid, page = machine_code("53 89f8 4989f0 31c9 0fa2 418900 41895804 41894808 4189500c 5b c3", None,
+                               ctypes.c_uint32, ctypes.c_void_p)
     regs = (ctypes.c_uint32 * 4)()
 
     def leaf(n: int) -> bytes:
@@ -216,18 +130,97 @@ def cpu_identity() -> str | None:
     return f"{vendor} {brand}"
 
 
+class StageHook:
+    """The runtime's stage hook as the count needs it: callgrind collects only inside the steps of stage
+    ``collect`` (head: the draft head's graph runs; verify: the candidate scores and the verifier's mask;
+    select: top-k and the gathers), and the steps of stage ``inject[0]`` run 1 + ``inject[1]`` times per
+    call on average (deterministic: a running credit, no randomness)."""
+
+    def __init__(self, cg: Callgrind | None = None, collect: str | None = None,
+                 inject: tuple[str, float] | None = None):
+        self.cg, self.collect = cg, collect
+        self.target, self.extra = inject or (None, 0.0)
+        self.credit = 0.0
+
+    def extra_runs(self) -> int:
+        """How many more times the injected step runs on this call."""
+        self.credit += self.extra
+        n = int(self.credit)
+        self.credit -= n
+        return n
+
+    def __call__(self, name: str, step, *args):
+        stage = name.split("_", 1)[0]                                    # "head_2" -> "head"
+        if stage == self.collect:
+            self.cg.toggle()
+        try:
+            out = step(*args)
+            for _ in range(self.extra_runs() if stage == self.target else 0):
+                step(*args)
+            return out
+        finally:
+            if stage == self.collect:
+                self.cg.toggle()
+
+
+def load(spec: dict):
+    """(Recommender, requests, the injected slowdown or None) from a spec; ONNX Runtime with
+    ``spec["threads"]`` intra-op threads."""
+    from nezha.runtime import Recommender
+
+    with open(spec["requests"]) as f:
+        requests = json.load(f)
+    inject = os.environ.get(INJECT_ENV) or None
+    return Recommender.load(spec["artifact"], threads=spec["threads"]), requests, inject
+
+
+def contender(rec, name: str, beam: int, hook: StageHook | None = None):
+    """The callable that runs one request (a list of histories) as contender ``name`` (the runtime with
+    ``hook`` as its stage hook, if given); returns a small integer digest of its output, so that runs can be
+    checked to have done the same work."""
+    if name == "floor":
+        def run(histories):
+            hidden = rec.backbone(rec.encode(histories))
+            return int(hidden.shape[0] * hidden.shape[1])
+    elif name == "runtime":
+        kw = {} if hook is None else {"stages": hook}                # no hook: any revision's runtime
+
+        def run(histories):
+            keys, _ = rec.decode(histories, beam, **kw)
+            return int(keys.sum() % 1000003)
+    else:
+        raise ValueError(f"contender {name!r}; allowed: floor, runtime")
+    return run
+
+
+def contenders(rec, beam: int, inject: str | None, cg: Callgrind | None = None, collect: str | None = None) -> dict:
+    """{"floor", "runtime"} -> its callable; the runtime's with a stage hook only where one is needed."""
+    if collect not in (None, "") + STAGES:
+        raise ValueError(f"stage {collect!r}; allowed: {', '.join(STAGES)}")
+    hook = StageHook(cg, collect, parse_inject(inject) if inject else None) if inject or collect else None
+    return {"floor": contender(rec, "floor", beam), "runtime": contender(rec, "runtime", beam, hook)}
+
+
+def cpu_features() -> dict:
+    """The CPU features NumPy detected (via cpuid; under valgrind, valgrind's virtual CPU), only the true ones."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__
+    except ImportError:                                                     # NumPy 1.x
+        from numpy.core._multiarray_umath import __cpu_features__
+    return sorted(k for k, v in __cpu_features__.items() if v)
+
+
 def count(spec: dict) -> dict:
     """Under ``valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no``: load and warm every
     contender up on the first ``warmup`` requests (uninstrumented: fast, and not counted), start the
     instrumentation; then per phase (contender, n) collect only while the contender runs the next n
     requests (the same requests for every contender) and dump a part named after the phase. A phase
-    "runtime:STAGE" runs the runtime but collects only inside STAGE's calls. Natively the same runs
+    "runtime:STAGE" runs the runtime but collects only inside STAGE's steps (through its stage hook). Natively the same runs
     happen and nothing is dumped."""
     cg = Callgrind()
-    rec, requests = load(spec)
-    inject = install_inject(rec, os.environ.get(INJECT_ENV))
+    rec, requests, inject = load(spec)
     beam, warmup = spec["beam"], spec["warmup"]
-    runs = {name: contender(rec, name, beam) for name in ("floor", "runtime")}
+    runs = contenders(rec, beam, inject)
     needed = warmup + max([n for _, n in spec["phases"]] + [0])
     if needed > len(requests):
         raise ValueError(f"the spec asks for {needed} requests, the requests file has {len(requests)}")
@@ -242,16 +235,14 @@ def count(spec: dict) -> dict:
         # same requests in every run (without it one whole-heap collection moved between the floor and the
         # runtime phase: 2.8% of the runtime's own count between unchanged runs).
         gc.collect()
-        undo = collecting_only_in(rec, stage, cg) if stage else None
+        run = contenders(rec, beam, inject, cg, stage)[name] if stage else runs[name]
         d = 0
         if not stage:
             cg.toggle()
         for req in requests[warmup:warmup + n]:
-            d = (d * 31 + runs[name](req)) % 1000003
+            d = (d * 31 + run(req)) % 1000003
         if not stage:
             cg.toggle()
-        if undo:
-            undo()
         cg.dump(phase)
         digests[phase] = d
     rec.close()
@@ -265,9 +256,8 @@ def count(spec: dict) -> dict:
 def serve(spec: dict) -> None:
     """A JSON-lines loop: {"contender": NAME, "request": I} -> {"seconds": S} (the request's wall-clock time,
     measured here so that the pipe is not timed); {"stop": true} ends. Says {"ready": ...} once loaded."""
-    rec, requests = load(spec)
-    inject = install_inject(rec, os.environ.get(INJECT_ENV))
-    runs = {name: contender(rec, name, spec["beam"]) for name in ("floor", "runtime")}
+    rec, requests, inject = load(spec)
+    runs = contenders(rec, spec["beam"], inject)
     print(json.dumps({"ready": True, "requests": len(requests), "inject": inject,
                       "runtime_module": sys.modules["nezha.runtime"].__file__}), flush=True)
     for line in sys.stdin:

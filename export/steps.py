@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import platform
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,7 +46,6 @@ from .validate import (
 VALIDATION = "validation.json"
 CALIBRATION_CACHE = "calibration/cache.json"      # inside the artifact; a --force rebuild starts from it
 CALIBRATION_SEED = 0
-ISA_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_int8", "amx_bf16", "asimd", "sve")
 
 
 @dataclass
@@ -237,18 +235,9 @@ def engines_from_onnx(s: State, notes: list) -> State:
 
 def machine() -> dict:
     """The build machine and the instruction-set extensions its CPU offers (the int8 kernels depend on them)."""
-    cpu, flags = platform.processor() or platform.machine(), set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            key, _, value = line.partition(":")
-            if key.strip() == "model name" and cpu in ("", platform.machine(), platform.processor()):
-                cpu = value.strip()
-            elif key.strip() in ("flags", "Features"):
-                flags |= set(value.split())
-    except OSError:
-        pass
-    return {"system": platform.system(), "arch": platform.machine(), "cpu": cpu,
-            "isa": [f for f in ISA_FLAGS if f in flags]}
+    from nezha.runtime.machine import cpu       # the one description, shared with the benchmarks
+
+    return cpu()
 
 
 def write_manifest_step(s: State, notes: list) -> State:

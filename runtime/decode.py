@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from typing import Protocol
+from typing import Any, Callable, Protocol
 
 import numpy as np
 
@@ -28,10 +28,38 @@ class DecodeSteps(Protocol):
         log-probs [N, codes[level]] float32). The recurrent matmul runs on the P parents, not the N beams."""
 
 
-@contextmanager
-def stage(stages: dict | None, name: str):
-    """Add the seconds of the ``with`` body to ``stages[name]`` (nothing when ``stages`` is None)."""
+# A stage hook: called as hook(name, step, *args) around each named step of the decode loop ("backbone",
+# "head_<level>", "verify_<level>", "select"), it runs step(*args) and returns its result; a profiler or a
+# benchmark times, counts or repeats the step there, and the loop itself holds no instrumentation.
+StageHook = Callable[..., Any]
+
+
+def _run(name: str, step, *args):
+    return step(*args)
+
+
+def stage_hook(stages: dict | StageHook | None) -> StageHook:
+    """The hook for ``stages``: None -> run each step, nothing else (one call, the cost of no hook); a dict ->
+    add each step's seconds to stages[name]; a hook -> itself."""
     if stages is None:
+        return _run
+    if not isinstance(stages, dict):
+        return stages
+
+    def timed(name: str, step, *args):
+        t0 = time.perf_counter()
+        out = step(*args)
+        stages[name] = stages.get(name, 0.0) + time.perf_counter() - t0
+        return out
+
+    return timed
+
+
+@contextmanager
+def stage(stages: dict | StageHook | None, name: str):
+    """Add the seconds of the ``with`` body to ``stages[name]`` if ``stages`` is a dict (a hook sees the
+    decode loop's steps only: nothing here)."""
+    if not isinstance(stages, dict):
         yield
         return
     t0 = time.perf_counter()
@@ -133,31 +161,30 @@ def next_parents(states: np.ndarray, flat_parent: np.ndarray) -> tuple[np.ndarra
 
 
 def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayout, verifier: Verifier | None,
-                beam: int, stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
+                beam: int, stages: dict | StageHook | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Beam search of width ``beam`` over the L levels: prefill (one backbone run per history length), then
     per level a head step, expand + verify, select.
 
     Returns (sid_keys [B, K] uint64, scores [B, K] float32 summed log-probs, best first). Slots that
     found no valid SID carry score -inf. ``verifier=None`` switches the prefix check off (to measure
-    hallucination); ``stages`` (if given) accumulates seconds per stage.
+    hallucination); ``stages`` (see stage_hook): a dict accumulates seconds per step, a hook is called
+    around each step.
     """
-    with stage(stages, "backbone"):
-        hidden = backbone_by_length(steps, feed)                   # [B, L+1, H]
+    run = stage_hook(stages)
+    hidden = run("backbone", backbone_by_length, steps, feed)     # [B, L+1, H]
     B = hidden.shape[0]
     scores = np.zeros((B, 1), dtype=np.float32)                    # [B, K]
     keys = np.zeros(B, dtype=np.uint64)                            # [B*K] prefix keys
     beam_user = np.arange(B)                                       # [B*K] user of each beam
     parents, parent, code = hidden[:, 0], None, None               # level 0: the roots [B, H]
     for level in range(layout.levels):
-        with stage(stages, f"head_{level}"):
-            state, logp = steps.head_step(level, parents, parent, code, hidden[beam_user, level + 1])  # [B*K, C]
-        with stage(stages, f"verify_{level}"):
-            cand = expand(scores, logp, keys, level, verifier)     # [B, K*C]
-        with stage(stages, "select"):
-            scores, flat_parent, code, keys = select(cand, beam, layout.codes[level], keys)
-            beam_user = beam_user[flat_parent]
-            if level < layout.levels - 1:
-                parents, parent = next_parents(hidden[:, 0] if level == 0 else state, flat_parent)
+        state, logp = run(f"head_{level}", steps.head_step, level, parents, parent, code,
+                          hidden[beam_user, level + 1])           # [B*K, C]
+        cand = run(f"verify_{level}", expand, scores, logp, keys, level, verifier)          # [B, K*C]
+        scores, flat_parent, code, keys = run("select", select, cand, beam, layout.codes[level], keys)
+        beam_user = beam_user[flat_parent]
+        if level < layout.levels - 1:
+            parents, parent = next_parents(hidden[:, 0] if level == 0 else state, flat_parent)
     return keys.reshape(B, -1), scores
 
 

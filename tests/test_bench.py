@@ -46,13 +46,13 @@ def test_paired_ratio_cancels_drift():
 
 
 def test_regressed_respects_direction_and_tolerance():
-    assert not stats.regressed(1.30, 1.20, higher_is_better=False, tolerance=0.10)     # +8.3 %
-    assert stats.regressed(1.33, 1.20, higher_is_better=False, tolerance=0.10)         # +10.8 %
-    assert not stats.regressed(4.0, 4.4, higher_is_better=True, tolerance=0.10)        # -9.1 %
-    assert stats.regressed(3.9, 4.4, higher_is_better=True, tolerance=0.10)            # -11.4 %
-    assert not stats.regressed(0.5, 1.2, higher_is_better=False, tolerance=0.0)        # better is never a regression
-    with pytest.raises(stats.StatsError):
-        stats.regressed(1.0, 1.0, False, -0.1)
+    assert not gate.regressed(1.30, 1.20, higher_is_better=False, tolerance=0.10)     # +8.3 %
+    assert gate.regressed(1.33, 1.20, higher_is_better=False, tolerance=0.10)         # +10.8 %
+    assert not gate.regressed(4.0, 4.4, higher_is_better=True, tolerance=0.10)        # -9.1 %
+    assert gate.regressed(3.9, 4.4, higher_is_better=True, tolerance=0.10)            # -11.4 %
+    assert not gate.regressed(0.5, 1.2, higher_is_better=False, tolerance=0.0)        # better is never a regression
+    with pytest.raises(gate.GateError):
+        gate.regressed(1.0, 1.0, False, -0.1)
 
 
 def test_peak_rss_is_positive():
@@ -217,3 +217,81 @@ def test_random_checkpoint_has_the_asked_shape_and_beauty_layout(tmp_path):
     assert (model.config.hidden_size, model.config.num_hidden_layers) == (32, 1)
     assert model.layout.codes == (256, 256, 256, 256) and model.layout.offsets[0] == 2
     assert (tmp_path / "ck.index.json").is_file()
+
+
+# --- the decode loop's stage hook ----------------------------------------------------------------------------
+
+class FakeSteps:
+    """Deterministic numpy DecodeSteps: random log-probs per level, states = the beams' hidden rows."""
+
+    def __init__(self, layout, hidden=4, seed=0):
+        self.layout, self.rng, self.H = layout, np.random.default_rng(seed), hidden
+        self.tables = [self.rng.normal(size=(hidden, c)).astype(np.float32) for c in layout.codes]
+
+    def backbone(self, feed):
+        B = len(feed["input_ids"])
+        return np.tile(np.arange(self.layout.levels + 1, dtype=np.float32)[None, :, None], (B, 1, self.H)) + \
+            feed["input_ids"][:, :1, None].astype(np.float32)
+
+    def head_step(self, level, parents, parent, code, hidden):
+        states = np.tanh(hidden if parent is None else parents[parent] + hidden)
+        logits = states @ self.tables[level]
+        return states, logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+
+
+def test_decode_stage_hook_sees_each_named_step_and_changes_nothing():
+    from conftest import tiny_layout
+    from nezha.runtime.decode import beam_search
+    from nezha.runtime.verifier import Verifier
+
+    layout, cat = tiny_layout(), tiny_catalog()
+    verifier = Verifier(layout, cat.valid_prefixes(layout))
+    feed = {"input_ids": np.array([[3, 4], [5, 6]], dtype=np.int64), "attention_mask": np.ones((2, 2), np.int64)}
+    plain = beam_search(FakeSteps(layout), feed, layout, verifier, 5)
+    seen = []
+
+    def hook(name, step, *args):
+        seen.append(name)
+        return step(*args)
+
+    hooked = beam_search(FakeSteps(layout), feed, layout, verifier, 5, stages=hook)
+    seconds: dict = {}
+    timed = beam_search(FakeSteps(layout), feed, layout, verifier, 5, stages=seconds)
+    for keys, scores in (hooked, timed):
+        assert np.array_equal(keys, plain[0]) and np.array_equal(scores, plain[1])
+    assert seen == ["backbone"] + [s for lv in range(3) for s in (f"head_{lv}", f"verify_{lv}", "select")]
+    assert set(seconds) == set(seen) and all(v >= 0 for v in seconds.values())
+
+
+def test_worker_hook_repeats_and_counts_only_its_stage():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("bench_worker", Path(gate.__file__).with_name("worker.py"))
+    worker = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(worker)
+
+    class Toggles:
+        on = 0
+
+        def toggle(self):
+            self.on ^= 1
+            events.append(self.on)
+
+    events, steps = [], []
+    hook = worker.StageHook(Toggles(), collect="verify", inject=("select", 1.0))
+    step = lambda name: steps.append(name) or (events.append(name) or name)
+    for name in ("head_0", "verify_0", "select"):
+        assert hook(name, step, name) == name
+    assert events == ["head_0", 1, "verify_0", 0, "select", "select"]       # collect around verify; select twice
+    with pytest.raises(ValueError, match="stage 'loop'"):
+        worker.contenders(None, 20, None, Toggles(), "loop")
+
+
+def test_one_machine_description_for_the_manifest_and_the_benchmarks():
+    from nezha.export.steps import machine as build_machine
+    from nezha.runtime.machine import ISA_FLAGS, cpu
+
+    record = cpu()
+    assert build_machine() == record and set(record) == {"system", "arch", "cpu", "isa"}   # the manifest's keys
+    assert record["cpu"] and record["isa"] == [f for f in ISA_FLAGS if f in record["isa"]]
+    bench = stats.machine()
+    assert {k: bench[k] for k in record} == record and bench["cpu_usable"] >= 1

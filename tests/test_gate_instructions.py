@@ -16,7 +16,7 @@ import pytest
 from conftest import tiny_catalog, tiny_histories
 from nezha.bench import ab, instructions as ins
 
-INJECT_TINY = "verify:x0.5"      # about +5% of the tiny artifact's own instructions per request
+INJECT_TINY = "verify:x0.3"      # about +6% of the tiny artifact's own instructions per request (the whole verify step)
 WORKER_DIR = Path(ins.__file__).parent
 
 
@@ -213,9 +213,11 @@ def test_inject_spec_grammar_and_cpuid():
     if platform.machine() == "x86_64":                         # cpuid through a few bytes of machine code
         assert worker.cpu_identity().split()[0] in ("GenuineIntel", "AuthenticAMD", "HygonGenuine")
     calls = []
-    slow = worker._repeating(lambda: calls.append(1) or len(calls), 0.25)
-    assert [slow() for _ in range(8)] == [1, 2, 3, 4, 6, 7, 8, 9]        # one extra call per four, in place
-    assert len(calls) == 10
+    hook = worker.StageHook(inject=("verify", 0.25))
+    step = lambda x: calls.append(x) or len(calls)
+    assert [hook("verify_1", step, "v") for _ in range(8)] == [1, 2, 3, 4, 6, 7, 8, 9]    # one extra run per four
+    assert calls == ["v"] * 10
+    assert hook("select", step, "s") == 11 and hook("head_0", step, "h") == 12           # other stages: once
 
 
 # --- A/B statistics ---------------------------------------------------------------------------------------------
