@@ -9,6 +9,7 @@ overlap with fp32, and the backbone latency of each on ONNX Runtime CPU (interle
 from __future__ import annotations
 
 import argparse
+import sys
 import json
 import time
 from pathlib import Path
@@ -139,4 +140,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    from nezha.runtime.cli import guarded
+    sys.exit(guarded("int8_report", main))

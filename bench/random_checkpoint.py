@@ -53,4 +53,5 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from nezha.runtime.cli import guarded
+    sys.exit(guarded("random_checkpoint", main))
