@@ -444,25 +444,31 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "not reachable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_the_server_process_reloads_on_sighup_and_drains_on_sigterm(artifacts):
-    import signal
-
+def server_process(artifact, *args, **popen) -> tuple[subprocess.Popen, str]:
+    """``nezha serve ARTIFACT *args`` in a process of its own on a free port -> (process, URL), once ready."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nezha.cli", "serve", str(artifacts[0]), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "nezha.cli", "serve", str(artifact), "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+    while True:
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"the server did not start: {proc.communicate()[1]}")
+        time.sleep(0.2)
+
+
+def test_the_server_process_reloads_on_sighup_and_drains_on_sigterm(artifacts):
+    import signal
+
+    proc, url = server_process(artifacts[0])
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
-            time.sleep(0.2)
         before = httpx.get(url + "/v2/models/nezha", timeout=5).json()["parameters"]["loaded_at"]
         proc.send_signal(signal.SIGHUP)
         deadline = time.time() + 30
@@ -471,7 +477,7 @@ def test_the_server_process_reloads_on_sighup_and_drains_on_sigterm(artifacts):
             time.sleep(0.1)
         assert httpx.post(url + "/v1/recommend", json={"histories": [[100]]}, timeout=5).status_code == 200
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
