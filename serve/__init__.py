@@ -4,13 +4,15 @@ Never imports torch.
 
 protocol (strict parsing, the library's messages, KServe v2 shapes) -> batching (plan_batch,
 Batcher) -> model (a loaded artifact, reload bookkeeping) -> service (routes, deadlines, reload, drain) ->
-app (Starlette + uvicorn) or ray_engine (Ray Serve); metrics (Prometheus); loadtest; cli is the thin command.
+app (Starlette + uvicorn, its connections bounded by connections) or ray_engine (Ray Serve); admin (the
+admin API's gate); metrics (Prometheus); loadtest; cli is the thin command.
 Names are imported lazily so that ``nezha recommend`` does not pay for the server's imports."""
 
 import importlib
 
 _EXPORTS = {"Batcher": "batching", "plan_batch": "batching",
-            "LoadOptions": "model", "load_model": "model", "ServeOptions": "service", "Service": "service"}
+            "LoadOptions": "model", "load_model": "model", "ServeOptions": "service", "Service": "service",
+            "ConnectionLimits": "connections"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -18,6 +18,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from .connections import ConnectionLimits, Guard
 from .protocol import PayloadTooLarge
 from .service import Reply, Service
 
@@ -27,7 +28,7 @@ log = logging.getLogger("nezha.serve")
 async def read_body(request: Request, limit: int) -> bytes:
     """The body, refused (413) past ``limit`` bytes without reading the rest."""
     declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
+    if declared is not None and declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise PayloadTooLarge(f"request body is {declared} bytes; at most {limit} allowed (--max-body-bytes)")
     chunks, size = [], 0
     async for chunk in request.stream():
@@ -81,11 +82,23 @@ async def _sighup_reload(service: Service) -> None:
         log.error("SIGHUP: %s", e)
 
 
-def run(service: Service, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 30.0,
-        log_level: str = "info") -> None:
+def uvicorn_config(service: Service, host: str = "127.0.0.1", port: int = 8000, limits: ConnectionLimits | None = None,
+                   drain_timeout: float = 30.0, log_level: str = "info", reload_on_sighup: bool = False):
+    """uvicorn's Config for ``service``, its connections held to ``limits`` (serve.connections)."""
+    import uvicorn
+
+    limits = limits or ConnectionLimits()
+    metrics = service.metrics
+    guard = Guard(limits, on_close=lambda reason: metrics.connections_closed.labels(reason).inc(),
+                  on_count=metrics.connections.set)
+    return uvicorn.Config(create_app(service, reload_on_sighup=reload_on_sighup), host=host, port=port,
+                          log_level=log_level, timeout_graceful_shutdown=drain_timeout, access_log=False, lifespan="on",
+                          http=guard.protocol(), timeout_keep_alive=limits.keep_alive_timeout_s)
+
+
+def run(service: Service, host: str = "127.0.0.1", port: int = 8000, limits: ConnectionLimits | None = None,
+        drain_timeout: float = 30.0, log_level: str = "info") -> None:
     """Serve until SIGINT/SIGTERM (then drain: in-flight requests finish, new ones get 503); SIGHUP reloads."""
     import uvicorn
 
-    config = uvicorn.Config(create_app(service, reload_on_sighup=True), host=host, port=port, log_level=log_level,
-                            timeout_graceful_shutdown=drain_timeout, access_log=False, lifespan="on")
-    uvicorn.Server(config).run()
+    uvicorn.Server(uvicorn_config(service, host, port, limits, drain_timeout, log_level, reload_on_sighup=True)).run()

@@ -27,7 +27,7 @@ def add_parsers(sub) -> None:
                        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("artifact", type=Path, help="artifact folder written by python export/build.py")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; put TLS and auth in a gateway)")
-    p.add_argument("--port", type=ascii_int, default=8000)
+    p.add_argument("--port", type=ascii_int, default=8000, help="1..65535")
     p.add_argument("--name", default="nezha", help="model name in the /v2/models/{name} routes")
     p.add_argument("--engine", default="uvicorn", choices=["uvicorn", "ray"])
     p.add_argument("--replicas", type=ascii_int, default=1, help="Ray Serve replicas (--engine ray)")
@@ -50,6 +50,19 @@ def add_parsers(sub) -> None:
     p.add_argument("--max-queue", type=ascii_int, default=256, help="histories waiting at most; beyond it 429 at once")
     p.add_argument("--timeout-ms", type=float, default=2000.0, help="per-request deadline; beyond it 504")
     p.add_argument("--max-body-bytes", type=ascii_int, default=1 << 20, help="larger bodies get 413")
+    p.add_argument("--admin-token-file", type=Path, default=None,
+                   help="turns the admin API (POST /admin/reload) on: requests must carry 'Authorization: Bearer' "
+                        "with the token on this file's first line (or set $NEZHA_ADMIN_TOKEN); without either, "
+                        "/admin/* answers 404. SIGHUP reloads the served artifact regardless")
+    p.add_argument("--artifact-root", type=Path, default=None,
+                   help="the folder whose artifacts an admin reload may name (by a path under it); without it a "
+                        "reload only loads the served artifact again")
+    p.add_argument("--max-connections", type=ascii_int, default=1000,
+                   help="open connections at most (lowered to fit the descriptor limit); at the limit, the oldest "
+                        "connection without a complete request is closed for a new one")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds for a request's headers to arrive; else 408")
+    p.add_argument("--body-timeout", type=float, default=30.0, help="seconds for a request's body to arrive; else 408")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, help="seconds an idle kept-alive connection stays open")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to let in-flight requests finish on shutdown")
     p.add_argument("--backend", default="onnxruntime", choices=["onnxruntime", "cpp", "tensorrt"],
                    help="onnxruntime: the Python decode loop (default); cpp: the C++ runtime's loop over the same "
@@ -87,12 +100,15 @@ def _fail(command: str, e: BaseException) -> int:
 def run_serve(a) -> int:
     from nezha.runtime.errors import NezhaError
 
+    from . import admin
+    from .connections import ConnectionLimits
     from .model import LoadOptions
     from .service import ServeOptions
 
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value, low in (("--workers", a.workers, 1), ("--threads", a.threads, 1), ("--replicas", a.replicas, 1),
-                             ("--max-queue", a.max_queue, 1), ("--max-body-bytes", a.max_body_bytes, 1024)):
+                             ("--max-queue", a.max_queue, 1), ("--max-body-bytes", a.max_body_bytes, 1024),
+                             ("--max-connections", a.max_connections, 1)):
         if value is not None and value < low:
             return _fail("serve", ValueError(f"{name} must be >= {low}, got {value}"))
     if a.processes < 0:
@@ -106,14 +122,27 @@ def run_serve(a) -> int:
     if a.max_batch is not None and a.max_batch < 1:
         return _fail("serve", ValueError(f"--max-batch must be >= 1, got {a.max_batch}"))
     for name, value, low, high in (("--timeout-ms", a.timeout_ms, 0.0, 600_000.0), ("--max-wait-ms", a.max_wait_ms, 0.0, 60_000.0),
-                                   ("--max-delay-ms", a.max_delay_ms, 0.0, 60_000.0), ("--drain-timeout", a.drain_timeout, 0.0, 3600.0)):
-        if not low <= value <= high or (name == "--timeout-ms" and value == 0):      # also refuses nan
-            return _fail("serve", ValueError(f"{name} must lie in {'(' if name == '--timeout-ms' else '['}{low:g}, {high:g}], got {value}"))
+                                   ("--max-delay-ms", a.max_delay_ms, 0.0, 60_000.0), ("--drain-timeout", a.drain_timeout, 0.0, 3600.0),
+                                   ("--header-timeout", a.header_timeout, 0.0, 3600.0), ("--body-timeout", a.body_timeout, 0.0, 3600.0),
+                                   ("--keep-alive-timeout", a.keep_alive_timeout, 0.0, 3600.0)):
+        open_low = name in ("--timeout-ms", "--header-timeout", "--body-timeout", "--keep-alive-timeout")
+        if not low <= value <= high or (open_low and value == 0):                     # also refuses nan
+            return _fail("serve", ValueError(f"{name} must lie in {'(' if open_low else '['}{low:g}, {high:g}], got {value}"))
+    if not 1 <= a.port <= 65535:
+        return _fail("serve", ValueError(f"--port must lie in 1..65535, got {a.port}"))
     if not (a.artifact / "manifest.json").is_file():
         return _fail("serve", ValueError(f"{a.artifact} is not an artifact folder (no manifest.json)"))
+    try:
+        token = admin.read_token(a.admin_token_file)
+        root = str(admin.artifact_root(a.artifact_root)) if a.artifact_root is not None else None
+    except (OSError, ValueError) as e:
+        return _fail("serve", e)
     options = ServeOptions(name=a.name, workers=a.workers, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms,
                            max_queue=a.max_queue, timeout_ms=a.timeout_ms, max_body_bytes=a.max_body_bytes,
-                           max_delay_ms=a.max_delay_ms)
+                           max_delay_ms=a.max_delay_ms, body_timeout_s=a.body_timeout, artifact_root=root,
+                           admin_token_sha256=admin.token_digest(token) if token else None)
+    limits = ConnectionLimits(max_connections=a.max_connections, header_timeout_s=a.header_timeout,
+                              keep_alive_timeout_s=a.keep_alive_timeout)
     load = LoadOptions(backend=a.backend, device=a.device, precision=a.precision, threads=a.threads, processes=a.processes)
     try:
         if a.engine == "ray":
@@ -124,7 +153,7 @@ def run_serve(a) -> int:
         from .model import load_model
         from .service import Service
         model = load_model(a.artifact, load)            # before uvicorn starts: a bad artifact is one line, exit 2
-        run(Service(a.artifact, options, load, model=model), host=a.host, port=a.port,
+        run(Service(a.artifact, options, load, model=model), host=a.host, port=a.port, limits=limits,
             drain_timeout=a.drain_timeout, log_level=a.log_level)
     except (NezhaError, ImportError, OSError) as e:
         return _fail("serve", e)

@@ -1,4 +1,6 @@
-"""Prometheus metrics of one server (its own registry, so that several servers can live in one process)."""
+"""Prometheus metrics of one server (its own registry, so that several servers can live in one process).
+Every label takes values from a fixed set (route templates, statuses, error kinds, reasons), never from
+request text: clients cannot add series."""
 
 from __future__ import annotations
 
@@ -25,6 +27,9 @@ class Metrics:
         self.queue_depth = Gauge("nezha_queue_depth", "Histories waiting for a worker", registry=r)
         self.reloads = Counter("nezha_reloads", "Artifact reloads by result", ["result"], registry=r)
         self.ready = Gauge("nezha_ready", "1 when the server takes requests", registry=r)
+        self.connections = Gauge("nezha_open_connections", "HTTP connections open (uvicorn engine)", registry=r)
+        self.connections_closed = Counter("nezha_connections_closed", "Connections the server's bounds closed, by "
+                                          "reason (evicted, busy, header_timeout, header_too_large)", ["reason"], registry=r)
 
     def observe(self, batch_size=None, seconds=None, tokens=None, queue_depth=None) -> None:
         """The batcher's hook (called from worker threads; prometheus_client is thread-safe)."""

@@ -120,7 +120,10 @@ def load_model(artifact: str | Path, options: LoadOptions) -> LoadedModel:
                           f"per core: more only contend for the cores), got {options.processes!r}")
     if "\0" in str(artifact):
         raise OptionError("an artifact folder path must not contain a NUL character")
-    artifact = Path(artifact).resolve()
+    try:
+        artifact = Path(artifact).resolve()
+    except (RuntimeError, OSError) as e:                 # a link loop (RuntimeError before Python 3.13)
+        raise OptionError(f"{artifact}: cannot resolve the folder's path (a symbolic link loop?)") from None
     manifest = _manifest_bytes(artifact)
     rec = Recommender.load(artifact, backend=options.backend, device=options.device,
                            precision=options.precision, threads=options.threads, verify=True)

@@ -9,6 +9,8 @@ HTTP 400 and the library's message (``RequestError``, ``EncodingError``). All er
 from __future__ import annotations
 
 import json
+import math
+import sys
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -20,9 +22,11 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
 
 class ServeError(NezhaError):
-    """A request the server refuses; ``status`` is its HTTP status and ``kind`` its metrics label."""
+    """A request the server refuses; ``status`` is its HTTP status, ``kind`` its metrics label and ``headers``
+    what the answer must carry besides."""
 
     status, kind = 500, "internal"
+    headers: dict = {}
 
 
 class BadRequest(ServeError, ValueError):
@@ -57,9 +61,30 @@ class Conflict(ServeError, RuntimeError):
     status, kind = 409, "conflict"
 
 
+class Unauthorized(ServeError, PermissionError):
+    status, kind = 401, "unauthorized"
+    headers = {"WWW-Authenticate": 'Bearer realm="nezha-admin"'}            # RFC 6750: names the scheme
+
+
+class Forbidden(ServeError, PermissionError):
+    status, kind = 403, "forbidden"
+
+
+class RequestTimeout(ServeError, TimeoutError):
+    """The body did not arrive in time (--body-timeout); the connection is closed after the answer."""
+
+    status, kind = 408, "request_timeout"
+    headers = {"Connection": "close"}                   # the rest of the body may still be on its way
+
+
+class UnsupportedMediaType(ServeError, ValueError):
+    status, kind = 415, "media_type"
+
+
 def parse_json(body: bytes, limit: int) -> object:
-    """Bytes -> a JSON value. Bodies over ``limit`` bytes, invalid UTF-8, invalid JSON, NaN/Infinity
-    and nesting too deep for the parser are refused with a BadRequest naming the problem."""
+    """Bytes -> a JSON value. Bodies over ``limit`` bytes, invalid UTF-8, invalid JSON, NaN/Infinity,
+    duplicate keys in an object, integers past Python's digit limit and nesting too deep for the parser
+    are refused with a BadRequest naming the problem."""
     if len(body) > limit:
         raise PayloadTooLarge(f"request body is {len(body)} bytes; at most {limit} allowed (--max-body-bytes)")
     try:
@@ -70,25 +95,47 @@ def parse_json(body: bytes, limit: int) -> object:
     def no_constant(name):
         raise BadRequest(f"request body is not valid JSON: {name} is not a JSON number")
     try:
-        return json.loads(text, parse_constant=no_constant)
+        return json.loads(text, parse_constant=no_constant, object_pairs_hook=_unique_keys)
+    except BadRequest:
+        raise
     except json.JSONDecodeError as e:
         raise BadRequest(f"request body is not valid JSON: {e}") from None
+    except ValueError:                  # the only other one json raises: int() past sys.get_int_max_str_digits()
+        raise BadRequest(f"request body holds an integer of more than {sys.get_int_max_str_digits()} digits; "
+                         f"numbers in a request must fit int64") from None
     except RecursionError:
         raise BadRequest("request body is nested too deeply to be a request") from None
+
+
+def _unique_keys(pairs: list) -> dict:
+    """json's object hook: a key given twice is refused (json.loads would keep the last one silently)."""
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise BadRequest(f"request body is ambiguous: key {dup[:40]!r} appears twice in one object")
+    return obj
 
 
 def _is_int(x) -> bool:
     return type(x) is int and INT64_MIN <= x <= INT64_MAX          # bool is a subclass of int: refused
 
 
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", type(None): "null"}
+
+
 def _describe(x) -> str:
+    """A JSON value as a message shows it: short, with its JSON type."""
     if isinstance(x, bool):
         return f"{json.dumps(x)} (a boolean)"
     if isinstance(x, float):
         return f"{x!r} (a float)"
     if isinstance(x, int):
-        return f"{x} (outside int64)"
-    return f"{json.dumps(x)[:40]} (a {type(x).__name__})"
+        return f"{x}" if INT64_MIN <= x <= INT64_MAX else f"{str(x)[:30]}... (outside int64)"
+    if x is None:
+        return "null"
+    text = json.dumps(x)
+    return f"{text[:40]}{'...' if len(text) > 40 else ''} ({_JSON_TYPES.get(type(x), type(x).__name__)})"
 
 
 def check_k_beam(k, beam, rec) -> tuple[int, int]:
@@ -131,8 +178,19 @@ def _check_fields(obj, allowed: tuple[str, ...], what: str) -> dict:
         raise BadRequest(f"{what} must be a JSON object with {', '.join(allowed)}; got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(allowed))
     if unknown:
-        raise BadRequest(f"{what}: unknown field {unknown[0]!r}; allowed: {', '.join(allowed)}")
+        raise BadRequest(f"{what}: unknown field {unknown[0][:40]!r}; allowed: {', '.join(allowed) or 'none'}")
     return obj
+
+
+def _optional_object(obj: dict, key: str, allowed: tuple[str, ...], what: str) -> dict:
+    """``obj[key]`` when given: a JSON object with only ``allowed`` keys (null, [], 0 or "" are refused, not
+    taken for "none"); {} when absent."""
+    if key not in obj:
+        return {}
+    value = obj[key]
+    if not isinstance(value, dict):
+        raise BadRequest(f"{what}: {key!r} must be a JSON object, got {_describe(value)}")
+    return _check_fields(value, allowed, f"{what} {key}")
 
 
 def parse_recommend(obj, rec, max_histories: int) -> Query:
@@ -161,6 +219,9 @@ def recommend_response(results: list[list[tuple[int, float]]]) -> dict:
 
 V2_INPUTS = [{"name": "histories", "datatype": "INT64", "shape": [-1, -1]},
              {"name": "lengths", "datatype": "INT64", "shape": [-1]}]
+V2_PARAMETERS = ("k", "beam", "unknown")
+V2_INPUT_PARAMETERS: tuple[str, ...] = ()        # per-tensor parameters understood (none yet)
+V2_OUTPUT_PARAMETERS: tuple[str, ...] = ()
 V2_OUTPUTS = [{"name": "items", "datatype": "INT64", "shape": [-1, -1]},
               {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
               {"name": "counts", "datatype": "INT64", "shape": [-1]}]
@@ -174,8 +235,9 @@ def _flatten(data, shape: list[int], name: str) -> list:
         if len(data) != shape[0] or any(not isinstance(r, list) or len(r) != shape[1] for r in data):
             raise BadRequest(f"input {name!r}: nested data does not match shape {shape}")
         data = [x for r in data for x in r]
-    if len(data) != int(np.prod(shape)):
-        raise BadRequest(f"input {name!r}: {len(data)} values for shape {shape} ({int(np.prod(shape))} expected)")
+    expected = math.prod(shape)                     # Python ints: np.prod wraps around past int64
+    if len(data) != expected:
+        raise BadRequest(f"input {name!r}: {len(data)} values for shape {shape} ({expected} expected)")
     for pos, x in enumerate(data):
         if not _is_int(x):
             raise BadRequest(f"input {name!r} must hold INT64 values, got {_describe(x)} at position {pos}")
@@ -188,8 +250,8 @@ def parse_v2_infer(obj, rec, max_histories: int) -> Query:
     rid = obj.get("id")
     if rid is not None and not isinstance(rid, str):
         raise BadRequest(f"v2 inference request: id must be a string, got {type(rid).__name__}")
-    params = obj.get("parameters") or {}
-    params = _check_fields(params, ("k", "beam", "unknown"), "v2 inference request parameters")
+    params = _optional_object(obj, "parameters", V2_PARAMETERS, "v2 inference request")
+    outputs = _requested_outputs(obj)
     inputs = obj.get("inputs")
     if not isinstance(inputs, list):
         raise BadRequest("v2 inference request: 'inputs' must be a list of tensors 'histories' and 'lengths'")
@@ -198,12 +260,14 @@ def parse_v2_infer(obj, rec, max_histories: int) -> Query:
         t = _check_fields(t, ("name", "shape", "datatype", "data", "parameters"), "v2 input tensor")
         name = t.get("name")
         if name not in ("histories", "lengths") or name in tensors:
+            name = name[:40] if isinstance(name, str) else name
             raise BadRequest(f"v2 input {name!r}: expected the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B], once each")
         if t.get("datatype") != "INT64":
-            raise BadRequest(f"input {name!r}: datatype must be INT64, got {t.get('datatype')!r}")
+            raise BadRequest(f"input {name!r}: datatype must be INT64, got {_describe(t.get('datatype'))}")
+        _optional_object(t, "parameters", V2_INPUT_PARAMETERS, f"input {name!r}")
         shape, rank = t.get("shape"), 2 if name == "histories" else 1
         if not isinstance(shape, list) or len(shape) != rank or not all(_is_int(s) and s >= 0 for s in shape):
-            raise BadRequest(f"input {name!r}: shape must be {rank} non-negative integers, got {shape!r}")
+            raise BadRequest(f"input {name!r}: shape must be {rank} non-negative integers, got {_describe(shape)}")
         tensors[name] = (shape, _flatten(t.get("data"), shape, name))
     if set(tensors) != {"histories", "lengths"}:
         raise BadRequest("v2 inference request: needs the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B]")
@@ -219,10 +283,31 @@ def parse_v2_infer(obj, rec, max_histories: int) -> Query:
             raise BadRequest(f"lengths[{b}] = {n}; must lie in 0..{T} (the histories tensor's second dimension)")
         histories.append(hdata[b * T:b * T + n])
     k, beam = check_k_beam(params.get("k", 10), params.get("beam"), rec)
-    return Query(codes_of(histories, rec, params.get("unknown", "error")), k, beam, id=rid)
+    return Query(codes_of(histories, rec, params.get("unknown", "error")), k, beam, id=rid, extra={"outputs": outputs})
 
 
-def v2_response(model_name: str, version: str, rid: str | None, results, k: int) -> dict:
+def _requested_outputs(obj: dict) -> list[str] | None:
+    """The request's ``outputs``: each {"name": one of V2_OUTPUTS, "parameters": {...}} at most once; None when
+    absent (then every output is returned)."""
+    if "outputs" not in obj:
+        return None
+    outputs, known = obj["outputs"], [o["name"] for o in V2_OUTPUTS]
+    if not isinstance(outputs, list):
+        raise BadRequest(f"v2 inference request: 'outputs' must be a list of {{\"name\": ...}} objects, got {_describe(outputs)}")
+    names = []
+    for o in outputs:
+        o = _check_fields(o, ("name", "parameters"), "v2 requested output")
+        name = o.get("name")
+        if not isinstance(name, str) or name not in known or name in names:
+            raise BadRequest(f"v2 requested output {_describe(name)}: the outputs are {', '.join(known)}, each at most once")
+        _optional_object(o, "parameters", V2_OUTPUT_PARAMETERS, f"output {name!r}")
+        names.append(name)
+    return names
+
+
+def v2_response(model_name: str, version: str, rid: str | None, results, k: int,
+                outputs: list[str] | None = None) -> dict:
+    """The v2 answer: every output of V2_OUTPUTS, or only those named in ``outputs`` (in V2_OUTPUTS' order)."""
     B = len(results)
     items = np.full((B, k), -1, dtype=np.int64)
     scores = np.zeros((B, k), dtype=np.float64)
@@ -233,6 +318,8 @@ def v2_response(model_name: str, version: str, rid: str | None, results, k: int)
            "outputs": [{"name": "items", "datatype": "INT64", "shape": [B, k], "data": items.reshape(-1).tolist()},
                        {"name": "scores", "datatype": "FP32", "shape": [B, k], "data": scores.reshape(-1).tolist()},
                        {"name": "counts", "datatype": "INT64", "shape": [B], "data": [len(r) for r in results]}]}
+    if outputs is not None:
+        out["outputs"] = [o for o in out["outputs"] if o["name"] in outputs]
     if rid is not None:
         out["id"] = rid
     return out

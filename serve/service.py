@@ -7,7 +7,11 @@ Routes:
   GET  /v2/health/live | /v2/health/ready | /v2 | /v2/models/{name} | /v2/models/{name}/ready
   POST /v2/models/{name}/infer        Open Inference Protocol (see serve.protocol: INT64 histories + lengths)
   GET  /metrics                       Prometheus text format
-  POST /admin/reload                  {"artifact": "path"} optional: load, verify, swap atomically
+  POST /admin/reload                  {"artifact": "path"} optional: load, verify, swap atomically; off (404)
+                                      unless an admin token is configured (serve.admin)
+
+Metrics count requests by route template (a fixed set, ``unmatched`` for every other path), so that no
+request can add a label value.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Awaitable, Callable
 
 from nezha.runtime.errors import NezhaError
 
+from . import admin
 from . import protocol as P
 from .batching import Batcher, Item, Pending, tokens_of
 from .metrics import Metrics
@@ -31,6 +36,21 @@ from .pool import wait_closed
 
 log = logging.getLogger("nezha.serve")
 _MODEL_ROUTE = re.compile(r"^/v2/models/([^/]+)(?:/versions/([^/]+))?(/ready|/infer)?$")
+FIXED_ROUTES = ("/v1/recommend", "/metrics", "/v2/health/live", "/v2/health/ready", "/v2", "/admin/reload")
+UNMATCHED = "unmatched"
+OFFLOAD_BYTES = 64 << 10        # bodies parsed in a worker thread from this size on (below it the hop costs more)
+MAX_MESSAGE_CHARS = 1000
+
+
+def route_template(path: str) -> str:
+    """A request path -> its route's template (``/v2/models/{name}/infer``), or "unmatched": the only values
+    the metrics' ``route`` label takes, whatever paths clients send."""
+    if path in FIXED_ROUTES:
+        return path
+    m = _MODEL_ROUTE.match(path)
+    if m is None:
+        return UNMATCHED
+    return "/v2/models/{name}" + (m.group(3) or "")            # a version is part of the same route
 
 
 @dataclass
@@ -53,6 +73,9 @@ class ServeOptions:
     timeout_ms: float = 2000.0          # per-request deadline (queue + decode); beyond it 504
     max_body_bytes: int = 1 << 20
     max_delay_ms: float = 10.0          # the oldest history is served first once it waited this long
+    body_timeout_s: float = 30.0        # a body not received in full by then: 408
+    admin_token_sha256: str | None = None    # serve.admin.token_digest of the admin token; None: /admin/* is 404
+    artifact_root: str | None = None    # reloads may name only artifacts under this folder; None: none
 
 
 def auto_workers(backend_share: float, decode_seconds: float, cores: int | None = None) -> int:
@@ -78,6 +101,8 @@ class Service:
         self.options = options or ServeOptions()
         self.load_options = load or LoadOptions()
         self.metrics = Metrics()
+        root = self.options.artifact_root
+        self.artifact_root = admin.artifact_root(root) if root is not None else None     # resolved once
         self.model: LoadedModel | None = model          # preloaded (the CLI), else loaded by start()
         self.batcher: Batcher | None = None
         self.draining = False
@@ -183,84 +208,101 @@ class Service:
         model = self.model                                       # one model for the whole request
         model.acquire()
         try:
-            query = parse(P.parse_json(body, self.options.max_body_bytes), model.rec, self.options.max_queue)
+            query = await self._parse(parse, body, model)
             return model, query, await self.decode(model, query, deadline)
         finally:
             model.release()
+
+    async def _parse(self, parse: Callable, body: bytes, model: LoadedModel) -> P.Query:
+        """Parse and check a body; a large one in a worker thread, so that the event loop answers other
+        requests meanwhile (json.loads of 1 MiB holds the GIL ~10-20 ms; the checks after it yield it)."""
+        def work():
+            return parse(P.parse_json(body, self.options.max_body_bytes), model.rec, self.options.max_queue)
+        return await asyncio.to_thread(work) if len(body) >= OFFLOAD_BYTES else work()
 
     # --- routes ---------------------------------------------------------------------------------------
     async def handle(self, method: str, path: str, read_body: Callable[[int], Awaitable[bytes]],
                      headers: dict | None = None) -> Reply:
         """One HTTP request -> Reply. ``read_body(limit)`` returns the body or raises PayloadTooLarge."""
         t0 = time.perf_counter()
-        route = path
+        route = route_template(path)
+
+        async def body_in_time(limit: int) -> bytes:             # a client that trickles its body: 408
+            try:
+                return await asyncio.wait_for(read_body(limit), self.options.body_timeout_s)
+            except asyncio.TimeoutError:
+                raise P.RequestTimeout(f"the request body did not arrive within {self.options.body_timeout_s:g} s "
+                                       f"(--body-timeout)") from None
         try:
-            route, reply = await self._route(method, path, read_body, headers or {})
+            reply = await self._route(method, path, route, body_in_time, headers or {})
         except P.ServeError as e:
-            reply = self._error(e.status, e.kind, str(e))
+            reply = self._error(e.status, e.kind, str(e), e.headers)
         except NezhaError as e:                                  # a library user error not caught in parsing
             reply = self._error(400, "bad_request", str(e))
         except Exception:
-            log.exception("internal error on %s %s", method, path)
+            log.exception("internal error on %s %s", method, route)
             reply = self._error(500, "internal", "internal error; the server log has the details")
         if route in ("/v1/recommend", "/v2/models/{name}/infer"):
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
-        self.metrics.requests.labels(route if route.startswith(("/v", "/metrics", "/admin")) else "other",
-                                     str(reply.status)).inc()
+        self.metrics.requests.labels(route, str(reply.status)).inc()
         return reply
 
-    def _error(self, status: int, kind: str, message: str) -> Reply:
+    def _error(self, status: int, kind: str, message: str, headers: dict | None = None) -> Reply:
         self.metrics.errors.labels(kind).inc()
-        headers = {"Retry-After": "1"} if status in (429, 503) else {}
+        headers = {**(headers or {}), **({"Retry-After": "1"} if status in (429, 503) else {})}
+        if len(message) > MAX_MESSAGE_CHARS:                     # an echoed value can be long; the answer is not
+            message = message[:MAX_MESSAGE_CHARS] + f"... ({len(message)} characters)"
         return Reply(status, {"error": message, "kind": kind}, headers=headers)
 
-    async def _route(self, method, path, read_body, headers) -> tuple[str, Reply]:
+    async def _route(self, method, path, route, read_body, headers) -> Reply:
         timeout_ms = _header_ms(headers.get("x-nezha-timeout-ms"))
-        if path == "/v1/recommend":
+        if route == "/v1/recommend":
             _allow(method, "POST")
             _, _, results = await self.answer(P.parse_recommend, await read_body(self.options.max_body_bytes), timeout_ms)
-            return path, Reply(200, P.recommend_response(results))
-        if path == "/metrics":
+            return Reply(200, P.recommend_response(results))
+        if route == "/metrics":
             _allow(method, "GET")
-            return path, Reply(200, self.metrics.exposition(), self.metrics.content_type)
-        if path == "/v2/health/live":
+            return Reply(200, self.metrics.exposition(), self.metrics.content_type)
+        if route == "/v2/health/live":
             _allow(method, "GET")
-            return path, Reply(200, {"live": True})
-        if path == "/v2/health/ready":
+            return Reply(200, {"live": True})
+        if route == "/v2/health/ready":
             _allow(method, "GET")
-            return path, Reply(200 if self.ready else 503, {"ready": self.ready})
-        if path == "/v2":
+            return Reply(200 if self.ready else 503, {"ready": self.ready})
+        if route == "/v2":
             _allow(method, "GET")
-            return path, Reply(200, {"name": "nezha-serve", "version": _version(), "extensions": []})
-        if path == "/admin/reload":
+            return Reply(200, {"name": "nezha-serve", "version": _version(), "extensions": []})
+        if route == "/admin/reload" and self.options.admin_token_sha256 is not None:
+            admin.check_request(headers, self.options.admin_token_sha256)
             _allow(method, "POST")
             body = await read_body(self.options.max_body_bytes)
             obj = P.parse_json(body, self.options.max_body_bytes) if body.strip() else {}
             obj = P._check_fields(obj, ("artifact",), "/admin/reload body")
             if "artifact" in obj and not isinstance(obj["artifact"], str):
                 raise P.BadRequest("/admin/reload body: 'artifact' must be a path string")
-            return path, await self.admin_reload(obj.get("artifact"))
-        m = _MODEL_ROUTE.match(path)
-        if m:
-            name, version, tail = m.groups()
+            artifact = obj.get("artifact")
+            return await self.admin_reload(None if artifact is None else
+                                           admin.artifact_under(self.artifact_root, artifact))
+        if route.startswith("/v2/models/"):
+            name, version, tail = _MODEL_ROUTE.match(path).groups()
             model = self.model
             if name != self.options.name or model is None or (version is not None and version != model.version):
-                raise P.NotFound(f"model {name!r}" + (f" version {version!r}" if version else "") +
+                raise P.NotFound(f"model {name[:80]!r}" + (f" version {version[:80]!r}" if version else "") +
                                  f" is not served here; serving {self.options.name!r}" +
                                  (f" version {model.version!r}" if model else ""))
             if tail is None:
                 _allow(method, "GET")
-                return "/v2/models/{name}", Reply(200, {"name": name, "versions": [model.version], "platform": "nezha",
-                                                        "inputs": P.V2_INPUTS, "outputs": P.V2_OUTPUTS,
-                                                        "parameters": model.info()})
+                return Reply(200, {"name": name, "versions": [model.version], "platform": "nezha",
+                                   "inputs": P.V2_INPUTS, "outputs": P.V2_OUTPUTS, "parameters": model.info()})
             if tail == "/ready":
                 _allow(method, "GET")
-                return "/v2/models/{name}/ready", Reply(200 if self.ready else 503, {"name": name, "ready": self.ready})
+                return Reply(200 if self.ready else 503, {"name": name, "ready": self.ready})
             _allow(method, "POST")
             model, query, results = await self.answer(P.parse_v2_infer, await read_body(self.options.max_body_bytes),
                                                       timeout_ms)
-            return "/v2/models/{name}/infer", Reply(200, P.v2_response(name, model.version, query.id, results, query.k))
-        raise P.NotFound(f"no route {method} {path}; see /v2/models/{self.options.name} and /v1/recommend")
+            return Reply(200, P.v2_response(name, model.version, query.id, results, query.k, query.extra.get("outputs")))
+        # the same answer for /admin/* when the admin API is off: its existence is not revealed
+        raise P.NotFound(f"no route {method} {path[:80]}; see /v2/models/{self.options.name} and /v1/recommend")
 
 
 class MethodNotAllowed(P.ServeError):

@@ -24,7 +24,8 @@ from nezha.export.build import build
 from nezha.model.checkpoint import save_checkpoint
 from nezha.runtime import Recommender
 from nezha.serve import LoadOptions, ServeOptions, Service
-from nezha.serve.app import create_app
+from nezha.serve.admin import token_digest
+from nezha.serve.app import uvicorn_config
 from nezha.serve.batching import Item, pick_seed, plan_batch
 
 MAX_BATCH, MAX_BEAM = 8, 16
@@ -53,15 +54,14 @@ def library(artifacts):
 class Server:
     """uvicorn in a thread on a free 127.0.0.1 port; ``stop()`` is its graceful shutdown."""
 
-    def __init__(self, service: Service):
+    def __init__(self, service: Service, limits=None):
         import uvicorn
 
         self.service = service
         self.sock = socket.socket()
         self.sock.bind(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(service), log_level="warning", lifespan="on",
-                                                    timeout_graceful_shutdown=10))
+        self.server = uvicorn.Server(uvicorn_config(service, log_level="warning", drain_timeout=10, limits=limits))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.time() + 60
@@ -86,17 +86,26 @@ class Server:
 def serve(artifacts):
     servers = []
 
-    def start(artifact=None, processes=0, **options) -> Server:
+    def start(artifact=None, processes=0, limits=None, **options) -> Server:
         load = LoadOptions(threads=1, processes=processes)
         if processes:
             options.setdefault("workers", None)                  # one worker thread per decode process
-        s = Server(Service(artifact or artifacts[0], ServeOptions(**{"workers": 2, **options}), load))
+        s = Server(Service(artifact or artifacts[0], ServeOptions(**{"workers": 2, **options}), load), limits)
         servers.append(s)
         return s
     yield start
     for s in servers:
         if s.thread.is_alive():
             s.stop()
+
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+
+
+def with_admin(tmp_path_factory) -> dict:
+    """Serve options that turn the admin API on, with every test's tmp folder under the artifact root."""
+    return {"admin_token_sha256": token_digest(ADMIN_TOKEN), "artifact_root": str(tmp_path_factory.getbasetemp())}
 
 
 def _slow(service: Service, seconds: float, fail: Exception | None = None):
@@ -333,9 +342,9 @@ def test_an_internal_error_is_500_without_a_traceback(serve):
     assert s.client.get("/v2/health/live").status_code == 200
 
 
-def test_reload_swaps_atomically_and_refuses_a_corrupt_artifact(serve, artifacts, tmp_path):
+def test_reload_swaps_atomically_and_refuses_a_corrupt_artifact(serve, artifacts, tmp_path, tmp_path_factory):
     first, second = artifacts
-    s = serve(artifact=first)
+    s = serve(artifact=first, **with_admin(tmp_path_factory))
     histories = tiny_histories(tiny_catalog(), n=3)
     with Recommender.load(first) as a, Recommender.load(second) as b:
         solo = lambda rec: json.dumps([rec.recommend([h], k=5)[0] for h in histories])
@@ -354,7 +363,7 @@ def test_reload_swaps_atomically_and_refuses_a_corrupt_artifact(serve, artifacts
         t.start()
     time.sleep(0.3)
     old_version = s.client.get("/v2/models/nezha").json()["versions"][0]
-    r = s.post("/admin/reload", {"artifact": str(second)})
+    r = s.post("/admin/reload", {"artifact": str(second)}, headers=ADMIN)
     assert r.status_code == 200 and r.json()["model"]["version"] != old_version, r.text
     time.sleep(0.3)
     stop.set()
@@ -369,15 +378,16 @@ def test_reload_swaps_atomically_and_refuses_a_corrupt_artifact(serve, artifacts
     shutil.copytree(first, corrupt)
     graph = next(corrupt.glob("graphs/fp32/backbone*.onnx"))
     graph.write_bytes(graph.read_bytes()[:-16] + b"\0" * 16)
-    r = s.post("/admin/reload", {"artifact": str(corrupt)})
+    r = s.post("/admin/reload", {"artifact": str(corrupt)}, headers=ADMIN)
     assert r.status_code == 400 and "reload refused" in r.json()["error"] and "sha256" in r.json()["error"], r.text
-    r = s.post("/admin/reload", {"artifact": str(tmp_path / "missing")})
+    r = s.post("/admin/reload", {"artifact": str(tmp_path / "missing")}, headers=ADMIN)
     assert r.status_code == 400 and "reload refused" in r.json()["error"]
-    r = s.post("/admin/reload", {"artifact": str(second) + "\u0000x"})
+    r = s.post("/admin/reload", {"artifact": str(second) + "\u0000x"}, headers=ADMIN)
     assert r.status_code == 400 and "NUL character" in r.json()["error"], r.text
     r = s.post("/v1/recommend", {"histories": histories, "k": 5})
     assert answers[json.dumps(_pairs(r.json()["results"]))] == "second"  # the old model stays
-    assert 'nezha_reloads_total{result="refused"} 3.0' in s.client.get("/metrics").text
+    # the corrupt one was loaded and refused; the missing and NUL paths were refused before any load
+    assert 'nezha_reloads_total{result="refused"} 1.0' in s.client.get("/metrics").text
 
 
 def test_shutdown_drains_in_flight_requests(serve):
@@ -434,25 +444,31 @@ def test_cli_errors_are_one_line(tmp_path):
     assert r.returncode == 2 and "not reachable" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
-def test_the_server_process_reloads_on_sighup_and_drains_on_sigterm(artifacts):
-    import signal
-
+def server_process(artifact, *args, **popen) -> tuple[subprocess.Popen, str]:
+    """``nezha serve ARTIFACT *args`` in a process of its own on a free port -> (process, URL), once ready."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "nezha.cli", "serve", str(artifacts[0]), "--port", str(port)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, "-m", "nezha.cli", "serve", str(artifact), "--port", str(port), *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, **popen)
+    url, deadline = f"http://127.0.0.1:{port}", time.time() + 60
+    while True:
+        try:
+            if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
+                return proc, url
+        except httpx.TransportError:
+            pass
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError(f"the server did not start: {proc.communicate()[1]}")
+        time.sleep(0.2)
+
+
+def test_the_server_process_reloads_on_sighup_and_drains_on_sigterm(artifacts):
+    import signal
+
+    proc, url = server_process(artifacts[0])
     try:
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 60
-        while True:
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.time() < deadline and proc.poll() is None, proc.stderr.read() if proc.poll() is not None else ""
-            time.sleep(0.2)
         before = httpx.get(url + "/v2/models/nezha", timeout=5).json()["parameters"]["loaded_at"]
         proc.send_signal(signal.SIGHUP)
         deadline = time.time() + 30
@@ -461,7 +477,7 @@ def test_the_server_process_reloads_on_sighup_and_drains_on_sigterm(artifacts):
             time.sleep(0.1)
         assert httpx.post(url + "/v1/recommend", json={"histories": [[100]]}, timeout=5).status_code == 200
         proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        _, err = proc.communicate(timeout=30)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -571,12 +587,12 @@ def test_decode_processes_answer_like_the_library_and_outlive_a_killed_one(serve
     assert _gone(live, 1.0)
 
 
-def test_reload_with_decode_processes_replaces_them(serve, artifacts):
+def test_reload_with_decode_processes_replaces_them(serve, artifacts, tmp_path_factory):
     first, second = artifacts
-    s = serve(processes=1)
+    s = serve(processes=1, **with_admin(tmp_path_factory))
     old = s.service.model.pool.pids()
     histories = tiny_histories(tiny_catalog(), n=2)
-    r = s.post("/admin/reload", {"artifact": str(second)})
+    r = s.post("/admin/reload", {"artifact": str(second)}, headers=ADMIN)
     assert r.status_code == 200, r.text
     new = s.service.model.pool.pids()
     assert _gone(old) and all(_running(p) for p in new)

@@ -40,8 +40,12 @@ def artifact(tmp_path_factory):
     return _build(tmp_path_factory.mktemp("serve-ray"), seed=0)
 
 
+ADMIN_TOKEN = "ray-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+
+
 @pytest.fixture(scope="module")
-def ray_url(artifact):
+def ray_url(artifact, tmp_path_factory):
     from ray import serve
 
     from nezha.serve.ray_engine import run
@@ -52,7 +56,9 @@ def ray_url(artifact):
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        run(artifact, ServeOptions(max_wait_ms=20, workers=2), LoadOptions(threads=1), replicas=1)
+        from nezha.serve.admin import token_digest
+        admin = {"admin_token_sha256": token_digest(ADMIN_TOKEN), "artifact_root": str(tmp_path_factory.getbasetemp())}
+        run(artifact, ServeOptions(max_wait_ms=20, workers=2, **admin), LoadOptions(threads=1), replicas=1)
         yield f"http://127.0.0.1:{port}"
     finally:
         serve.shutdown()
@@ -100,7 +106,7 @@ def test_ray_serve_answers_the_same_routes_as_the_library(ray_url, artifact):
 def test_ray_reload_refuses_a_corrupt_artifact_then_rolls_the_replicas_over(ray_url, artifact, tmp_path):
     second = _build(tmp_path, seed=1)                         # another model: other answers, another version
     histories = tiny_histories(tiny_catalog(), n=4)
-    with httpx.Client(base_url=ray_url, timeout=30) as client, Recommender.load(second, threads=1) as rec:
+    with httpx.Client(base_url=ray_url, timeout=30, headers=ADMIN) as client, Recommender.load(second, threads=1) as rec:
         version = lambda: client.get("/v2/models/nezha").json()["parameters"]["version"]
         before = version()
         r = client.post("/admin/reload", json={"artifact": str(corrupted(artifact, tmp_path, "manifest.json"))})
@@ -156,5 +162,7 @@ def test_ray_reload_refuses_a_corrupt_artifact_then_rolls_the_replicas_over(ray_
         while serving() != new:
             assert time.time() < deadline, "the service did not come back on the previous artifact"
             time.sleep(1)
-        r = client.post("/admin/reload", json={"artifact": "relative/path"})
-        assert r.status_code == 400 and "absolute artifact path" in r.json()["error"]
+        r = client.post("/admin/reload", json={"artifact": "relative/path"})          # relative to the artifact root
+        assert r.status_code == 400 and "no artifact folder 'relative/path' under the artifact root" in r.json()["error"]
+        r = client.post("/admin/reload", json={"artifact": str(second)}, headers={"Authorization": "Bearer wrong"})
+        assert r.status_code == 403                                  # the same gate as the uvicorn engine
