@@ -1,20 +1,28 @@
-"""The same model and routes on Ray Serve (``nezha serve ARTIFACT --engine ray --replicas N``).
+"""The same model and routes on Ray Serve (``nezha serve ARTIFACT --engine ray``), on one machine or a cluster.
 
 Each replica is one ``NezhaDeployment`` actor holding a ``Service`` whose decoding goes through Ray's own
 request batching (``@serve.batch``) instead of the local Batcher: Ray collects the histories of concurrent
 requests, and the batch handler splits them with the same ``plan_batch`` (one model, one beam, any
-lengths) and decodes each group in a worker thread (``asyncio.to_thread``), never on
-the replica's event loop. Ray's HTTP proxy routes every path to the deployment (``route_prefix="/"``),
-so ``/v1/recommend``, the v2 routes and ``/metrics`` (per replica) answer as with uvicorn. On a Ray
-cluster the same deployment spreads its replicas across machines with no code change (install this
-package on every node).
+lengths) and decodes each group in a worker thread (``asyncio.to_thread``), never on the replica's event
+loop. Ray's HTTP proxy routes every path to the deployment (``route_prefix="/"``), so ``/v1/recommend``,
+the v2 routes and ``/metrics`` (per replica) answer as with uvicorn.
 
-Reload (``POST /admin/reload``): the replica that gets it loads and verifies the artifact (a bad one: 400,
-nothing changes), then hands the redeploy to the application's ``Reloader`` actor and answers 202. Ray
-then rolls the replicas over: new ones load the artifact, old ones stop once their in-flight requests are
-answered; until the roll-out ends, a request may meet either version (``/v2/models/{name}`` names the one
-that answered). If the roll-out fails (a new replica cannot load the artifact), the Reloader redeploys the
-previous one."""
+On a cluster (``--ray-address``) Ray Serve places replicas with its default SPREAD strategy: each new
+replica goes to a node with the fewest replicas of the deployment among those with a free
+``cpus_per_replica``. The artifact folder is read on the node that deploys (where ``nezha serve`` runs):
+the application's ``Deployer`` actor, pinned to that node, stages the artifact on every node that could
+host a replica before any replica starts (``transfer.stage``: in place where the same artifact is already
+at the path, else fetched through Ray's object store into the node's cache and verified), and serves the
+files' bytes to replicas that start later on new nodes. ``replicas`` fixes the count; ``autoscaling``
+(Ray Serve's ``autoscaling_config``: min_replicas, max_replicas, target_ongoing_requests, ...) lets Ray
+scale between bounds.
+
+Reload (``POST /admin/reload``, an absolute path on the deploying node): the Deployer verifies the
+artifact there (a bad one: 400, nothing changes), stages it on every node (a node that cannot get it or
+verify it: 503, nothing changes), answers 202 and lets Ray roll the replicas over: new ones load the
+staged copy, old ones stop once their in-flight requests are answered; until the roll-out ends, a request
+may meet either version (``/v2/models/{name}`` names the one that answered). If the roll-out fails (a new
+replica cannot load the artifact), the Deployer redeploys the previous one."""
 
 from __future__ import annotations
 
@@ -31,6 +39,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray                                                  # noqa: E402
 from ray import serve                                       # noqa: E402  (after the environment)
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy   # noqa: E402
 from starlette.requests import Request                      # noqa: E402
 
 from . import protocol as P                                 # noqa: E402
@@ -38,9 +47,11 @@ from .app import read_body, to_response                     # noqa: E402
 from .batching import Item, Pending, plan_batch, tokens_of  # noqa: E402
 from .model import LoadOptions, load_model                  # noqa: E402
 from .service import Reply, ServeOptions, Service           # noqa: E402
+from .transfer import ArtifactRef, HostedFiles, describe, local_artifact, stage   # noqa: E402
 
+from nezha.runtime.artifact import Artifact                 # noqa: E402
 from nezha.runtime.decode import items_from_sids            # noqa: E402
-from nezha.runtime.errors import OptionError                # noqa: E402
+from nezha.runtime.errors import NezhaError, OptionError    # noqa: E402
 
 
 log = logging.getLogger("nezha.serve")
@@ -48,11 +59,11 @@ log = logging.getLogger("nezha.serve")
 
 class RayService(Service):
     """Service whose ``decode`` hands each history to the deployment's ``@serve.batch`` method and whose
-    reload redeploys (``redeploy(path)`` starts Ray's roll-over of every replica)."""
+    reload goes through the application's Deployer (verify, stage on every node, roll the replicas over)."""
 
-    def __init__(self, artifact, options: ServeOptions, load: LoadOptions, submit, redeploy):
+    def __init__(self, artifact, options: ServeOptions, load: LoadOptions, submit, deployer: str):
         super().__init__(artifact, options, load)
-        self.submit, self.redeploy = submit, redeploy
+        self.submit, self.deployer = submit, deployer
         self.outstanding = 0                                     # histories admitted, not yet answered
 
     def start_engine(self) -> None:
@@ -64,21 +75,21 @@ class RayService(Service):
             self.model.retire()
 
     async def admin_reload(self, artifact: str | None) -> Reply:
-        """Verify the artifact here, then let Ray roll every replica over to it: 202, or 400 if it is bad."""
-        if self._reload_lock.locked():
-            raise P.Conflict("a reload is already in progress")
-        async with self._reload_lock:
-            if artifact is not None and not Path(artifact).is_absolute():
-                raise P.BadRequest(f"reload under Ray Serve needs an absolute artifact path (each replica resolves it "
-                                   f"on its own node), got {artifact!r}")
-            path = Path(artifact) if artifact is not None else self.artifact
-            checked = await self.checked_load(path)
-            info = checked.info()
-            checked.retire()                                     # only checked: new replicas load their own
-            if not await self.redeploy(path):
-                raise P.Conflict("a reload is already rolling out; retry once /v2/models/{name} names its version")
-            self.metrics.reloads.labels("rolling").inc()
-        return Reply(202, {"reloading": True, "model": info, "serving": self.model.info(),
+        """202 once the artifact verified on the deploying node and reached every node; 400 if it is bad,
+        503 if a node could not get it, 409 while another reload is under way."""
+        if artifact is not None and not Path(artifact).is_absolute():
+            raise P.BadRequest(f"reload under Ray Serve needs an absolute artifact path (it is read on the node "
+                               f"that deployed the service), got {artifact!r}")
+        deployer = ray.get_actor(self.deployer, namespace=NAMESPACE)
+        outcome, detail = await deployer.reload.remote(artifact)
+        if outcome == "busy":
+            raise P.Conflict("a reload is already rolling out; retry once /v2/models/{name} names its version")
+        if outcome != "rolling":
+            self.metrics.reloads.labels("refused").inc()
+            refused = P.BadRequest if outcome == "refused" else P.Unavailable
+            raise refused(f"reload refused, still serving version {self.model.version}: {detail}")
+        self.metrics.reloads.labels("rolling").inc()
+        return Reply(202, {"reloading": True, "model": detail, "serving": self.model.info(),
                            "note": "Ray replaces the replicas one by one; /v2/models/{name} names the version that answers"})
 
     async def decode(self, model, query: P.Query, deadline: float) -> list:
@@ -130,12 +141,16 @@ def decode_items(items: list[Item], max_batch: int, observe) -> list:
 
 @serve.deployment(name="nezha", max_ongoing_requests=256)
 class NezhaDeployment:
-    """One replica: loads the artifact (verified), answers every route."""
+    """One replica: gets the artifact onto its node (transfer.local_artifact), loads and verifies it, answers
+    every route."""
 
-    def __init__(self, artifact: str, options: dict, load: dict, app: dict):
-        self.options, self.load_options, self.app = ServeOptions(**options), LoadOptions(**load), app
-        self.service = RayService(artifact, self.options, self.load_options, self.decode_one, self.redeploy)
-        self.service.model = load_model(artifact, self.load_options)
+    def __init__(self, ref: ArtifactRef, options: dict, load: dict):
+        self.options, self.load_options = ServeOptions(**options), LoadOptions(**load)
+        path, how, copied = local_artifact(ref)
+        log.info("artifact %s on node %s: %s (%d bytes copied)", ref.key[:12],
+                 ray.get_runtime_context().get_node_id()[:12], how, copied)
+        self.service = RayService(ref.path, self.options, self.load_options, self.decode_one, ref.host)
+        self.service.model = load_model(path, self.load_options)
         self.service.start_engine()
         max_batch = self.service.model.rec.max_batch if self.options.max_batch is None else \
             min(self.options.max_batch, self.service.model.rec.max_batch)
@@ -147,89 +162,143 @@ class NezhaDeployment:
     async def decode_one(self, items: list[Item]) -> list:
         return await asyncio.to_thread(decode_items, items, self.max_batch, self.service.metrics.observe)
 
-    async def redeploy(self, artifact: Path) -> bool:
-        """Hand the roll-out to this application's Reloader (False: one is already under way)."""
-        reloader = Reloader.options(name=reloader_name(self.app["name"]), namespace=RELOADER_NAMESPACE,
-                                    lifetime="detached", get_if_exists=True).remote()
-        return await reloader.start.remote(str(artifact), str(self.service.artifact), self.options, self.load_options,
-                                           self.app)
-
     async def __call__(self, request: Request):
         reply = await self.service.handle(request.method, request.url.path, lambda limit: read_body(request, limit),
                                           dict(request.headers))
         return to_response(reply)
 
 
-RELOADER_NAMESPACE = "nezha"
+NAMESPACE = "nezha"
 
 
-def reloader_name(app: str) -> str:
-    return f"nezha-reloader-{app}"
+def deployer_name(app: str) -> str:
+    return f"nezha-deployer-{app}"
 
 
-@ray.remote(num_cpus=0, max_concurrency=4)
-class Reloader:
-    """Rolls an application over to a new artifact from outside its replicas (the roll-over stops the one
-    that asked), one roll-out at a time. If Ray reports the roll-out failed (a new replica could not load the
-    artifact: say the path is missing on its node, or it was deleted after the check), it redeploys the
-    previous artifact, so that the service comes back instead of staying down. Detached: it outlives the
-    replica that created it; ``serve_blocking`` removes it at shutdown."""
+@ray.remote(num_cpus=0, max_concurrency=16)
+class Deployer:
+    """On the node that deploys: deploys and reloads the application, one at a time, and serves the
+    artifacts' bytes to the nodes that fetch them (``transfer.HostedFiles``; threads: fetches go on during a
+    roll-out). If Ray reports a roll-out failed (a new replica could not load the artifact), it redeploys
+    the previous artifact, so that the service comes back instead of staying down. Detached: it outlives
+    the replica that asked for a reload; ``serve_blocking`` removes it at shutdown."""
 
     def __init__(self):
+        self.files = HostedFiles()
+        self.current: ArtifactRef | None = None
+        self.settings: tuple | None = None                           # (options, load, app) of the last deploy
         self._busy = threading.Lock()
 
-    def start(self, artifact: str, previous: str, options: ServeOptions, load: LoadOptions, app: dict) -> bool:
-        if not self._busy.acquire(blocking=False):
-            return False
-        threading.Thread(target=self._roll, args=(artifact, previous, options, load, app), daemon=True).start()
-        return True
+    def read(self, key: str, name: str, offset: int, size: int) -> bytes:
+        return self.files.read(key, name, offset, size)
 
-    def _roll(self, artifact, previous, options, load, app) -> None:
+    def _publish(self, path: str) -> tuple[ArtifactRef, list]:
+        ref = describe(path, deployer_name(self.settings[2]["name"]), NAMESPACE)
+        self.files.add(ref)
+        return ref, stage(ref, self.settings[2]["cpus_per_replica"])
+
+    def deploy(self, path: str, options: ServeOptions, load: LoadOptions, app: dict) -> list:
+        """Stage ``path`` on every node and deploy it -> per node (node id, how it got it, bytes copied)."""
+        with self._busy:
+            self.settings = (options, load, app)
+            ref, staged = self._publish(path)
+            run(ref, *self.settings)
+            self.current = ref
+        return staged
+
+    def reload(self, path: str | None) -> tuple[str, object]:
+        """-> ("busy", None) | ("refused", why) | ("unstaged", why) | ("rolling", the new version's info)."""
+        if not self._busy.acquire(blocking=False):
+            return "busy", None
+        try:
+            path = path or self.current.path
+            try:
+                Artifact.open(path, verify=True)                     # every sha256, on this node
+            except NezhaError as e:
+                self._busy.release()
+                return "refused", str(e)
+            try:
+                ref, _ = self._publish(path)
+            except NezhaError as e:
+                self._busy.release()
+                return "unstaged", str(e)
+            threading.Thread(target=self._roll, args=(ref,), daemon=True).start()
+        except BaseException:
+            self._busy.release()
+            raise
+        return "rolling", {"artifact": ref.path, "version": ref.key[:12]}
+
+    def _roll(self, ref: ArtifactRef) -> None:
+        previous = self.current
         try:
             try:
-                run(artifact, options, load, **app)
-                log.info("reload: every replica now serves %s", artifact)
+                run(ref, *self.settings)
+                self.current = ref
+                log.info("reload: every replica now serves %s", ref.path)
             except Exception as e:
-                log.error("reload of %s failed (%s); redeploying %s", artifact, e, previous)
-                run(previous, options, load, **app)
+                log.error("reload of %s failed (%s); redeploying %s", ref.path, e, previous.path)
+                run(previous, *self.settings)
         except Exception as e:                                       # logged: nobody is waiting for it
-            log.error("redeploying %s failed too: %s", previous, e)
+            log.error("redeploying %s failed too: %s", previous.path, e)
         finally:
             self._busy.release()
 
 
-def run(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
-        cpus_per_replica: float = 1.0, name: str = "nezha", route_prefix: str = "/"):
-    """Deploy (or redeploy: Ray rolls the replicas over) the application on the running Ray Serve and wait
-    until every replica runs. ``/admin/reload`` calls it again with the same arguments but the artifact."""
+def run(ref: ArtifactRef, options: ServeOptions, load: LoadOptions, app: dict):
+    """Deploy (or redeploy: Ray rolls the replicas over) ``ref`` on the running Ray Serve and wait until every
+    replica runs; ``app``: replicas, autoscaling, cpus_per_replica, name, route_prefix (see ``deploy``)."""
+    scale = {"autoscaling_config": app["autoscaling"]} if app["autoscaling"] else {"num_replicas": app["replicas"]}
+    bound = NezhaDeployment.options(**scale, ray_actor_options={"num_cpus": app["cpus_per_replica"]},
+                                    max_queued_requests=options.max_queue).bind(ref, asdict(options), asdict(load))
+    return serve.run(bound, name=app["name"], route_prefix=app["route_prefix"])
+
+
+def deploy(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
+           autoscaling: dict | None = None, cpus_per_replica: float = 1.0, name: str = "nezha",
+           route_prefix: str = "/") -> list:
+    """Deploy ``artifact`` (a folder on this node) on the running Ray Serve: start the application's Deployer
+    on this node, stage the artifact on every node that could host a replica, start ``replicas`` replicas
+    (or, with ``autoscaling``, Ray Serve's autoscaling_config, e.g. {"min_replicas": 1, "max_replicas": 4,
+    "target_ongoing_requests": 4}) and wait until they run -> per node (node id, "in place" | "cached" |
+    "fetched", bytes copied)."""
     if load.processes:
         raise OptionError("decode processes (--processes) are for the uvicorn engine; under Ray Serve each replica "
                           "is a process already: scale with --replicas")
-    app = {"replicas": replicas, "cpus_per_replica": cpus_per_replica, "name": name, "route_prefix": route_prefix}
-    bound = NezhaDeployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
-                                    max_queued_requests=options.max_queue).bind(
-        str(Path(artifact).resolve()), asdict(options), asdict(load), app)
-    return serve.run(bound, name=name, route_prefix=route_prefix)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    deployer = Deployer.options(name=deployer_name(name), namespace=NAMESPACE, lifetime="detached",
+                                get_if_exists=True, scheduling_strategy=here).remote()
+    app = {"replicas": replicas, "autoscaling": autoscaling, "cpus_per_replica": cpus_per_replica, "name": name,
+           "route_prefix": route_prefix}
+    return ray.get(deployer.deploy.remote(str(Path(artifact).resolve()), options, load, app))
+
+
+def shutdown(name: str = "nezha") -> None:
+    """Stop Ray Serve and the application's Deployer (detached: it would outlive the driver)."""
+    serve.shutdown()
+    try:
+        ray.kill(ray.get_actor(deployer_name(name), namespace=NAMESPACE))
+    except ValueError:                                               # never deployed
+        pass
 
 
 def serve_blocking(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
-                   host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
-    """Start (or join, with ``address``) Ray, deploy, and serve until SIGINT/SIGTERM; then shut down."""
-
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
-             **({} if address else {"num_cpus": max(os.cpu_count() or 1, replicas)}))
+                   host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
+                   autoscaling: dict | None = None, proxy_location: str | None = None) -> None:
+    """Start Ray (or join the cluster at ``address``), deploy, and serve until SIGINT/SIGTERM; then shut down."""
+    most = autoscaling["max_replicas"] if autoscaling else replicas
+    ray.init(address=address or "local", include_dashboard=False, ignore_reinit_error=True,   # local: never a stray cluster
+             **({} if address else {"num_cpus": max(os.cpu_count() or 1, most)}))
     try:
-        serve.start(http_options={"host": host, "port": port})
-        run(artifact, options, load, replicas)
-        print(f"nezha serve (Ray Serve, {replicas} replica(s)) on http://{host}:{port}", flush=True)
+        serve.start(http_options={"host": host, "port": port},
+                    **({"proxy_location": proxy_location} if proxy_location else {}))
+        staged = deploy(artifact, options, load, replicas, autoscaling)
+        scale = f"{autoscaling['min_replicas']}..{most} replicas" if autoscaling else f"{replicas} replica(s)"
+        print(f"nezha serve (Ray Serve, {scale}, artifact on {len(staged)} node(s): "
+              f"{', '.join(how for _, how, _ in staged)}) on http://{host}:{port}", flush=True)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, lambda *_: stop.set())
         stop.wait()
     finally:
-        serve.shutdown()
-        try:
-            ray.kill(ray.get_actor(reloader_name("nezha"), namespace=RELOADER_NAMESPACE))
-        except ValueError:                                           # no reload happened: no reloader
-            pass
+        shutdown()
         ray.shutdown()

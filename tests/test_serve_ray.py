@@ -44,18 +44,19 @@ def artifact(tmp_path_factory):
 def ray_url(artifact):
     from ray import serve
 
-    from nezha.serve.ray_engine import run
+    from nezha.serve.ray_engine import deploy, shutdown
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        run(artifact, ServeOptions(max_wait_ms=20, workers=2), LoadOptions(threads=1), replicas=1)
+        staged = deploy(artifact, ServeOptions(max_wait_ms=20, workers=2), LoadOptions(threads=1), replicas=1)
+        assert [how for _, how, _ in staged] == ["in place"]             # one node, the folder is there: no copy
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
+        shutdown()
         ray.shutdown()
 
 
