@@ -43,7 +43,7 @@ from nezha.runtime.manifest import ManifestError
 
 log = logging.getLogger("nezha.serve")
 
-CHUNK_BYTES = 8 << 20          # one object in Ray's object store per read
+CHUNK_BYTES = 8 << 20          # one object in Ray's object store per read (at most: a ref may ask for less)
 WINDOW = 4                     # chunks of a file in flight: at most 32 MiB of it in memory on either side
 CHUNK_TIMEOUT_S = 120.0        # a chunk that does not come (the deploying node is gone) fails the fetch
 KEEP = 3                       # artifacts a node's cache keeps (the newest used); older ones are removed
@@ -65,13 +65,14 @@ class ArtifactRef:
     sizes: dict                    # file -> bytes
     host: str                      # name of the actor on the deploying node that serves the files' bytes
     namespace: str
+    chunk: int = CHUNK_BYTES       # bytes per read (one object in the object store)
 
     @property
     def key(self) -> str:
         return hashlib.sha256(self.manifest).hexdigest()
 
 
-def describe(path: str | Path, host: str, namespace: str) -> ArtifactRef:
+def describe(path: str | Path, host: str, namespace: str, chunk: int = CHUNK_BYTES) -> ArtifactRef:
     """Read an artifact's manifest (strictly parsed, every path inside the folder) and file sizes. No file is
     hashed here: each node verifies what it loads."""
     artifact = Artifact.open(path, verify=False)
@@ -79,7 +80,7 @@ def describe(path: str | Path, host: str, namespace: str) -> ArtifactRef:
     if Artifact.open(path, verify=False).manifest != artifact.manifest:
         raise ManifestError(f"{path}/{MANIFEST} changed while it was read; try again")
     sizes = {name: artifact.path(name).stat().st_size for name in artifact.manifest.files}
-    return ArtifactRef(str(artifact.root), manifest, dict(artifact.manifest.files), sizes, host, namespace)
+    return ArtifactRef(str(artifact.root), manifest, dict(artifact.manifest.files), sizes, host, namespace, chunk)
 
 
 class HostedFiles:
@@ -158,8 +159,8 @@ def fetch(ref: ArtifactRef, dest: Path) -> int:
     for name, digest in ref.files.items():
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
-        offsets = iter(range(0, ref.sizes[name], CHUNK_BYTES))
-        inflight = deque(host.read.remote(ref.key, name, o, CHUNK_BYTES) for _, o in zip(range(WINDOW), offsets))
+        offsets = iter(range(0, ref.sizes[name], ref.chunk))
+        inflight = deque(host.read.remote(ref.key, name, o, ref.chunk) for _, o in zip(range(WINDOW), offsets))
         h = hashlib.sha256()
         with open(target, "wb") as f:
             while inflight:
@@ -169,7 +170,7 @@ def fetch(ref: ArtifactRef, dest: Path) -> int:
                     raise TransferError(f"{name}: fetching from the deploying node failed: {_cause(e)}") from None
                 nxt = next(offsets, None)
                 if nxt is not None:
-                    inflight.append(host.read.remote(ref.key, name, nxt, CHUNK_BYTES))
+                    inflight.append(host.read.remote(ref.key, name, nxt, ref.chunk))
                 h.update(data)
                 f.write(data)
                 copied += len(data)
