@@ -47,6 +47,7 @@ from .app import read_body, to_response                     # noqa: E402
 from .batching import Item, Pending, plan_batch, tokens_of  # noqa: E402
 from .model import LoadOptions, load_model                  # noqa: E402
 from .service import Reply, ServeOptions, Service           # noqa: E402
+from .ray_proxy import CALLBACK, CALLBACK_ENV               # noqa: E402
 from .transfer import ArtifactRef, HostedFiles, describe, local_artifact, stage   # noqa: E402
 
 from nezha.runtime.artifact import Artifact                 # noqa: E402
@@ -286,6 +287,8 @@ def serve_blocking(artifact: str | Path, options: ServeOptions, load: LoadOption
                    autoscaling: dict | None = None, proxy_location: str | None = None) -> None:
     """Start Ray (or join the cluster at ``address``), deploy, and serve until SIGINT/SIGTERM; then shut down."""
     most = autoscaling["max_replicas"] if autoscaling else replicas
+    if not address:                                   # a Ray of our own: its proxy retries lost requests
+        os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     ray.init(address=address or "local", include_dashboard=False, ignore_reinit_error=True,   # local: never a stray cluster
              **({} if address else {"num_cpus": max(os.cpu_count() or 1, most)}))
     try:

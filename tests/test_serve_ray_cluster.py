@@ -28,7 +28,7 @@ from nezha.runtime import Recommender                          # noqa: E402
 from nezha.serve import LoadOptions, ServeOptions              # noqa: E402
 
 pytestmark = pytest.mark.ray
-OPTIONS, LOAD = ServeOptions(max_wait_ms=5, workers=1), LoadOptions(threads=1)
+OPTIONS, LOAD = ServeOptions(max_wait_ms=5, workers=1, timeout_ms=20_000), LoadOptions(threads=1)   # 2 busy cores: no 504
 
 
 @pytest.fixture(scope="module")
@@ -37,13 +37,15 @@ def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     from nezha.serve.ray_engine import shutdown
+    from nezha.serve.ray_proxy import CALLBACK, CALLBACK_ENV
     from nezha.serve.transfer import CACHE_ENV, FETCH_ENV
 
     root = tmp_path_factory.mktemp("cluster")
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False,
+                                                      "env_vars": {CALLBACK_ENV: CALLBACK}})   # the proxy's retry
     try:
         near = c.add_node(num_cpus=2, env_vars={CACHE_ENV: str(root / "cache-near")})
         far = c.add_node(num_cpus=2, env_vars={CACHE_ENV: str(root / "cache-far"), FETCH_ENV: "always"})
@@ -224,10 +226,10 @@ def test_a_killed_worker_node_costs_only_the_requests_in_flight_on_it(cluster):
         stop.set()
         [c.result() for c in clients]
     failed = [r for r in record if r[2] != 200]
-    window = (min((r[0] for r in failed), default=killed) - killed, max((r[1] for r in failed), default=killed) - killed)
-    print(f"\nnode kill: {len(record)} requests, {len(failed)} failed {sorted({(r[2], r[3]) for r in failed}, key=str)} "
-          f"between {window[0]:+.2f} s and {window[1]:+.2f} s of the kill; longest request "
-          f"{max(r[1] - r[0] for r in record):.2f} s; replica replaced after {replaced - killed:.1f} s")
+    across = [r[1] - r[0] for r in record if r[0] < killed < r[1]]              # in flight at the kill (either node)
+    print(f"\nnode kill: {len(record)} requests, {len(failed)} failed {sorted({(r[2], r[3]) for r in failed}, key=str)}; "
+          f"{len(across)} in flight at the kill, the slowest of them {max(across, default=0):.2f} s; longest request "
+          f"{max(r[1] - r[0] for r in record):.2f} s; lost replica replaced after {replaced - killed:.1f} s")
     assert len(failed) <= clients_n                                              # at most those in flight
     assert all(r[2] == 503 and r[3] for r in failed)                             # clean: 503 + Retry-After
     assert all(r[1] - r[0] < 30 for r in record)                                 # nothing hangs
