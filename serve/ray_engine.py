@@ -7,15 +7,12 @@ lengths) and decodes each group in a worker thread (``asyncio.to_thread``), neve
 loop. Ray's HTTP proxy routes every path to the deployment (``route_prefix="/"``), so ``/v1/recommend``,
 the v2 routes and ``/metrics`` (per replica) answer as with uvicorn.
 
-On a cluster (``--ray-address``) Ray Serve places replicas with its default SPREAD strategy: each new
-replica goes to a node with the fewest replicas of the deployment among those with a free
-``cpus_per_replica``. The artifact folder is read on the node that deploys (where ``nezha serve`` runs):
-the application's ``Deployer`` actor, pinned to that node, stages the artifact on every node that could
-host a replica before any replica starts (``transfer.stage``: in place where the same artifact is already
-at the path, else fetched through Ray's object store into the node's cache and verified), and serves the
-files' bytes to replicas that start later on new nodes. ``replicas`` fixes the count; ``autoscaling``
-(Ray Serve's ``autoscaling_config``: min_replicas, max_replicas, target_ongoing_requests, ...) lets Ray
-scale between bounds.
+On a cluster (``--ray-address``) Ray Serve places replicas with its default SPREAD strategy (a new replica
+goes to a node with the fewest of them among those with ``cpus_per_replica`` free). The artifact folder is
+read on the node that deploys: the application's ``Deployer`` actor, pinned there, stages the artifact on
+every node that could host a replica before any replica starts (``transfer``: in place, cached or fetched
+and verified) and serves its bytes to replicas that start later on other nodes. ``replicas`` fixes the
+count; ``autoscaling`` (Ray Serve's ``autoscaling_config``) lets Ray scale between bounds.
 
 Reload (``POST /admin/reload``, an absolute path on the deploying node): the Deployer verifies the
 artifact there (a bad one: 400, nothing changes), stages it on every node (a node that cannot get it or
@@ -153,10 +150,8 @@ class NezhaDeployment:
         self.service = RayService(ref.path, self.options, self.load_options, self.decode_one, ref.host)
         self.service.model = load_model(path, self.load_options)
         self.service.start_engine()
-        max_batch = self.service.model.rec.max_batch if self.options.max_batch is None else \
-            min(self.options.max_batch, self.service.model.rec.max_batch)
-        self.max_batch = max_batch
-        self.decode_one.set_max_batch_size(max(4 * max_batch, 1))   # Ray's batch is split into model batches
+        self.max_batch = min(self.options.max_batch or self.service.model.rec.max_batch, self.service.model.rec.max_batch)
+        self.decode_one.set_max_batch_size(max(4 * self.max_batch, 1))   # Ray's batch is split into model batches
         self.decode_one.set_batch_wait_timeout_s(max(self.options.max_wait_ms, 0.5) / 1e3)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=2)
@@ -211,23 +206,23 @@ class Deployer:
         """-> ("busy", None) | ("refused", why) | ("unstaged", why) | ("rolling", the new version's info)."""
         if not self._busy.acquire(blocking=False):
             return "busy", None
+        rolling = False                                              # else the lock is released here
         try:
             path = path or self.current.path
             try:
                 Artifact.open(path, verify=True)                     # every sha256, on this node
             except NezhaError as e:
-                self._busy.release()
                 return "refused", str(e)
             try:
                 ref, _ = self._publish(path)
             except NezhaError as e:
-                self._busy.release()
                 return "unstaged", str(e)
             threading.Thread(target=self._roll, args=(ref,), daemon=True).start()
-        except BaseException:
-            self._busy.release()
-            raise
-        return "rolling", {"artifact": ref.path, "version": ref.key[:12]}
+            rolling = True
+            return "rolling", {"artifact": ref.path, "version": ref.key[:12]}
+        finally:
+            if not rolling:
+                self._busy.release()
 
     def _roll(self, ref: ArtifactRef) -> None:
         previous = self.current

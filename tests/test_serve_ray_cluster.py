@@ -155,10 +155,10 @@ def test_a_reload_reaches_every_node_or_none(cluster, tmp_path):
         assert r.status_code == 202, r.text
         new = r.json()["model"]["version"]
         deadline = time.time() + 120
-        while (seen := seen_artifacts(client)) != {str(second): new, str(cache_far / key): new}:
-            assert time.time() < deadline, f"the reload did not reach every node: {seen}"
+        while ((seen := seen_artifacts(client)) != {str(second): new, str(cache_far / key): new}
+               or replica_nodes() != sorted([cluster["near"], cluster["far"]])):   # the old replicas gone
+            assert time.time() < deadline, f"the reload did not reach every node: {seen}, {replica_nodes()}"
             time.sleep(1)
-        assert replica_nodes() == sorted([cluster["near"], cluster["far"]])
 
 
 def load(url, stop: threading.Event, clients: int, record: list) -> list:
