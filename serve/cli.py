@@ -132,7 +132,7 @@ def run_serve(a) -> int:
     load = LoadOptions(backend=a.backend, device=a.device, precision=a.precision, threads=a.threads, processes=a.processes)
     try:
         if a.engine == "ray":
-            from .ray_engine import serve_blocking
+            from .ray_deploy import serve_blocking
             serve_blocking(a.artifact, options, load, replicas=a.replicas or 1, host=a.host, port=a.port,
                            address=a.ray_address, autoscaling=autoscaling)
             return 0

@@ -44,7 +44,7 @@ def artifact(tmp_path_factory):
 def ray_url(artifact):
     from ray import serve
 
-    from nezha.serve.ray_engine import deploy, shutdown
+    from nezha.serve.ray_deploy import deploy, shutdown
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -13,6 +13,7 @@ import socket
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict
 
 import pytest
 
@@ -36,7 +37,7 @@ def cluster(tmp_path_factory):
     from ray import serve
     from ray.cluster_utils import Cluster
 
-    from nezha.serve.ray_engine import shutdown
+    from nezha.serve.ray_deploy import shutdown
     from nezha.serve.ray_proxy import CALLBACK, CALLBACK_ENV
     from nezha.serve.transfer import CACHE_ENV, FETCH_ENV
 
@@ -80,7 +81,7 @@ def seen_artifacts(client, n=24) -> dict[str, str]:
 
 
 def test_replicas_spread_and_a_node_without_the_folder_fetches_it(cluster):
-    from nezha.serve.ray_engine import deploy
+    from nezha.serve.ray_deploy import deploy
 
     artifact, cache_far = cluster["artifact"], cluster["root"] / "cache-far"
     staged = {node: (how, copied) for node, how, copied in deploy(artifact, OPTIONS, LOAD, replicas=2,
@@ -179,7 +180,7 @@ def load(url, stop: threading.Event, clients: int, record: list) -> list:
 
 
 def test_autoscaling_from_one_replica_up_under_load_and_back_when_idle(cluster):
-    from nezha.serve.ray_engine import deploy
+    from nezha.serve.ray_deploy import deploy
 
     scaling = {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 1, "metrics_interval_s": 0.5,
                "look_back_period_s": 2, "upscale_delay_s": 1, "downscale_delay_s": 3}
@@ -206,9 +207,13 @@ def test_autoscaling_from_one_replica_up_under_load_and_back_when_idle(cluster):
 
 
 def test_a_killed_worker_node_costs_only_the_requests_in_flight_on_it(cluster):
-    from nezha.serve.ray_engine import deploy
+    from ray import serve
 
-    deploy(cluster["artifact"], OPTIONS, LOAD, replicas=2, cpus_per_replica=0.5)
+    from nezha.serve.ray_deploy import build_app
+
+    # deployed as a Ray Serve config deploys it (KubeRay RayService): the application builder
+    serve.run(build_app({"artifact": str(cluster["artifact"]), "replicas": 2, "cpus_per_replica": 0.5,
+                         "options": asdict(OPTIONS), "load": asdict(LOAD)}), name="nezha", route_prefix="/")
     assert replica_nodes() == sorted([cluster["near"], cluster["far"]])
     stop, record, clients_n = threading.Event(), [], 4
     clients = load(cluster["url"], stop, clients_n, record)

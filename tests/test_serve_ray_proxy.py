@@ -86,7 +86,7 @@ def test_a_reload_is_not_retried_and_a_client_gone_gets_nothing():
 def _serve(tmp_path, monkeypatch, *options):
     """Run `nezha serve ART --engine ray OPTIONS` with serve_blocking replaced -> its arguments or the exit code."""
     pytest.importorskip("ray")
-    import nezha.serve.ray_engine as engine
+    import nezha.serve.ray_deploy as engine
     (tmp_path / "manifest.json").write_text("{}")
     seen = {}
     monkeypatch.setattr(engine, "serve_blocking", lambda *a, **kw: seen.update(kw))
@@ -114,3 +114,14 @@ def test_cluster_and_autoscaling_options(tmp_path, monkeypatch, capsys):
         assert _serve(tmp_path, monkeypatch, *bad) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1 and "Traceback" not in err, err
+
+
+def test_the_config_builder_checks_its_args():
+    pytest.importorskip("ray")
+    from nezha.runtime.errors import OptionError
+    from nezha.serve.ray_deploy import build_app
+    for args, message in (({"artifact": "relative/art"}, "absolute path"), ({}, "absolute path"),
+                          ({"artifact": "/a", "replica": 2}, "unknown replica"),
+                          ({"artifact": "/a", "options": {"max_queues": 1}}, r"unknown ServeOptions field\(s\) max_queues")):
+        with pytest.raises(OptionError, match=message):
+            build_app(args)
