@@ -19,8 +19,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 
 from starlette.middleware import Middleware
+
+log = logging.getLogger("ray.serve")                 # the proxy's own log (logs/serve/proxy_*.log)
+RETRY_LOG = "request lost with its replica"
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "nezha.serve.ray_proxy.middlewares"
@@ -58,6 +62,7 @@ class RetryLostReplica:
         if await self._attempt(scope, body, client, send, None) or gone.is_set():
             return
         retry = complete and scope["path"] not in NOT_RETRIED
+        log.warning("%s %s: %s", RETRY_LOG, scope["path"], "sending it again" if retry else "503")
         if retry and (await self._attempt(scope, body, client, send, RETRY_WAIT_S) or gone.is_set()):
             return
         why = "its replica was lost and no other answered in time" if retry else "its replica was lost"
