@@ -24,7 +24,6 @@ import logging
 from starlette.middleware import Middleware
 
 log = logging.getLogger("ray.serve")                 # the proxy's own log (logs/serve/proxy_*.log)
-RETRY_LOG = "request lost with its replica"
 
 CALLBACK_ENV = "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH"
 CALLBACK = "nezha.serve.ray_proxy.middlewares"
@@ -59,11 +58,11 @@ class RetryLostReplica:
                 gone.set()
             return message
 
-        if await self._attempt(scope, body, client, send, None) or gone.is_set():
+        if await self._attempt(scope, body, client, send, None, retried=False) or gone.is_set():
             return
         retry = complete and scope["path"] not in NOT_RETRIED
-        log.warning("%s %s: %s", RETRY_LOG, scope["path"], "sending it again" if retry else "503")
-        if retry and (await self._attempt(scope, body, client, send, RETRY_WAIT_S) or gone.is_set()):
+        log.warning("request %s lost with its replica: %s", scope["path"], "sending it again" if retry else "503")
+        if retry and (await self._attempt(scope, body, client, send, RETRY_WAIT_S, retried=True) or gone.is_set()):
             return
         why = "its replica was lost and no other answered in time" if retry else "its replica was lost"
         answer = json.dumps({"error": f"the request could not be served: {why} (a node failed?); retry",
@@ -73,8 +72,9 @@ class RetryLostReplica:
                                 (b"content-length", str(len(answer)).encode())]})
         await send({"type": "http.response.body", "body": answer})
 
-    async def _attempt(self, scope, body, receive, send, wait_s) -> bool:
-        """Run the proxy on the buffered request -> whether it started an answer (then it finishes it)."""
+    async def _attempt(self, scope, body, receive, send, wait_s, retried: bool) -> bool:
+        """Run the proxy on the buffered request -> whether it started an answer (then it finishes it). The
+        answer to a retry carries ``x-nezha-retried: 1``."""
         started, pending = asyncio.Event(), list(body)
 
         async def replay():
@@ -83,6 +83,8 @@ class RetryLostReplica:
         async def watch(message):
             if message["type"] == "http.response.start":
                 started.set()
+                if retried:
+                    message = {**message, "headers": [*message.get("headers", []), (b"x-nezha-retried", b"1")]}
             await send(message)
 
         task = asyncio.ensure_future(self.app(scope, replay, watch))

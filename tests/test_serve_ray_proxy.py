@@ -56,8 +56,10 @@ def call(app, path="/v1/recommend", body=b'{"histories": [[1]]}', disconnect=Fal
 
 def test_a_request_lost_with_its_replica_is_sent_again_with_its_body():
     proxy = FakeProxy(None, 200)
-    (status, _), _ = call(proxy)
+    (status, headers), _ = call(proxy)
     assert status == 200 and proxy.calls == 2 and proxy.bodies == [b'{"histories": [[1]]}'] * 2
+    assert headers[b"x-nezha-retried"] == b"1"
+    assert b"x-nezha-retried" not in call(FakeProxy(200))[0][1]
 
 
 def test_the_services_own_answers_are_never_retried():
