@@ -26,6 +26,7 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray                                                  # noqa: E402
 from ray import serve                                       # noqa: E402  (after the environment)
+from ray.exceptions import RayActorError                    # noqa: E402
 from starlette.requests import Request                      # noqa: E402
 
 from . import protocol as P                                 # noqa: E402
@@ -64,8 +65,12 @@ class RayService(Service):
         if artifact is not None and not Path(artifact).is_absolute():
             raise P.BadRequest(f"reload under Ray Serve needs an absolute artifact path (it is read on the node "
                                f"that deployed the service), got {artifact!r}")
-        deployer = ray.get_actor(self.deployer[0], namespace=self.deployer[1])
-        outcome, detail = await deployer.reload.remote(artifact)
+        try:
+            deployer = ray.get_actor(self.deployer[0], namespace=self.deployer[1])
+            outcome, detail = await deployer.reload.remote(artifact)
+        except (ValueError, RayActorError):                      # its node died, or it was stopped
+            raise P.Unavailable("reload needs the application's Deployer, which is gone (did the node that "
+                                "deployed die?); deploy again") from None
         if outcome == "busy":
             raise P.Conflict("a reload is already rolling out; retry once /v2/models/{name} names its version")
         if outcome != "rolling":
