@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -241,3 +244,30 @@ def test_a_killed_worker_node_costs_only_the_requests_in_flight_on_it(cluster):
     assert len(failed) <= clients_n                                              # at most those in flight
     assert all(r[2] == 503 and r[3] for r in failed)                             # clean: 503 + Retry-After
     assert all(r[1] - r[0] < 30 for r in record)                                 # nothing hangs
+
+
+def test_nezha_serve_joins_the_cluster_with_ray_address(cluster):
+    """The command itself, on the cluster that lost "far": a new node with far's settings (and cache) joins."""
+    from nezha.serve.ray_deploy import shutdown
+    from nezha.serve.transfer import CACHE_ENV, FETCH_ENV
+
+    shutdown()                                                                   # the command starts its own Serve
+    cluster["cluster"].add_node(num_cpus=2, env_vars={CACHE_ENV: str(cluster["root"] / "cache-far"), FETCH_ENV: "always"})
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = subprocess.Popen([sys.executable, "-m", "nezha.cli", "serve", str(cluster["artifact"]), "--engine", "ray",
+                                "--ray-address", cluster["cluster"].address, "--replicas", "2", "--port", str(port),
+                                "--log-level", "warning"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        lines = []
+        while not lines or "on http" not in lines[-1]:
+            lines.append(command.stdout.readline())
+            assert lines[-1] or command.poll() is None, "".join(lines[-20:])
+        assert "2 replica(s), artifact on 2 node(s)" in lines[-1], lines[-1]
+        assert sorted(lines[-1].split("node(s): ")[1].split(")")[0].split(", ")) == ["cached", "in place"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/recommend", json={"histories": [[100, 101]], "k": 3}, timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        command.send_signal(signal.SIGTERM)
+        assert command.wait(timeout=120) == 0
