@@ -159,7 +159,8 @@ def ray_autoscaling(a) -> dict | None:
         return None
     if a.engine != "ray" or a.replicas is not None:
         raise ValueError("autoscaling (--max-replicas) is for --engine ray, without --replicas (a fixed count)")
-    low, target = a.min_replicas or 1, a.target_ongoing_requests or TARGET_ONGOING
+    low = a.min_replicas or 1
+    target = TARGET_ONGOING if a.target_ongoing_requests is None else a.target_ongoing_requests
     if not low <= a.max_replicas:
         raise ValueError(f"--min-replicas {low} is above --max-replicas {a.max_replicas}")
     if not 0 < target <= 10_000:                                     # also refuses nan

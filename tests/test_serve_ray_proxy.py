@@ -112,6 +112,7 @@ def test_cluster_and_autoscaling_options(tmp_path, monkeypatch, capsys):
                          (["--replicas", "2", "--max-replicas", "4"], "without --replicas"),
                          (["--min-replicas", "5", "--max-replicas", "4"], "above --max-replicas"),
                          (["--max-replicas", "4", "--target-ongoing-requests", "nan"], "target-ongoing-requests"),
+                         (["--max-replicas", "4", "--target-ongoing-requests", "0"], "target-ongoing-requests"),
                          (["--max-replicas", "0"], "--max-replicas must be >= 1")):
         assert _serve(tmp_path, monkeypatch, *bad) == 2
         err = capsys.readouterr().err
