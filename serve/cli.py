@@ -5,6 +5,7 @@ library's argument names).
     nezha serve artifacts/demo --max-batch 1 --workers 1          # batching off: the unbatched baseline
     nezha serve artifacts/demo --processes 1                      # decode in a process of its own (own GIL)
     nezha serve artifacts/demo --engine ray --replicas 2          # the same routes on Ray Serve
+    nezha serve artifacts/demo --engine ray --ray-address HEAD:6379 --max-replicas 8   # a cluster, autoscaled
     nezha loadtest http://127.0.0.1:8000 --concurrency 1 4 16 64 --duration 30 --out runs/loadtest
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -30,7 +32,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--port", type=ascii_int, default=8000, help="1..65535")
     p.add_argument("--name", default="nezha", help="model name in the /v2/models/{name} routes")
     p.add_argument("--engine", default="uvicorn", choices=["uvicorn", "ray"])
-    p.add_argument("--replicas", type=ascii_int, default=1, help="Ray Serve replicas (--engine ray)")
+    p.add_argument("--replicas", type=ascii_int, default=None, help="Ray Serve replicas, a fixed count (--engine ray; default 1)")
+    p.add_argument("--min-replicas", type=ascii_int, default=None,
+                   help="with --max-replicas: Ray Serve autoscales between the two (default 1)")
+    p.add_argument("--max-replicas", type=ascii_int, default=None, help="autoscaling's upper bound (--engine ray)")
+    p.add_argument("--target-ongoing-requests", type=float, default=None,
+                   help=f"autoscaling: ongoing requests per replica Ray Serve aims at (default {TARGET_ONGOING})")
+    p.add_argument("--ray-address", default=os.environ.get("RAY_ADDRESS"),
+                   help="join this Ray cluster (default $RAY_ADDRESS; none: start a local Ray); run on one of its "
+                        "nodes: the artifact folder is read there and sent to the nodes that lack it")
     p.add_argument("--workers", type=ascii_int, default=None,
                    help="decode threads (default: one per core if at least 75%% of a decode runs in the backend, "
                         "outside Python's GIL, as measured at load; else one); with --engine ray: per replica")
@@ -107,6 +117,7 @@ def run_serve(a) -> int:
 
     logging.basicConfig(level=a.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for name, value, low in (("--workers", a.workers, 1), ("--threads", a.threads, 1), ("--replicas", a.replicas, 1),
+                             ("--min-replicas", a.min_replicas, 1), ("--max-replicas", a.max_replicas, 1),
                              ("--max-queue", a.max_queue, 1), ("--max-body-bytes", a.max_body_bytes, 1024),
                              ("--max-connections", a.max_connections, 1)):
         if value is not None and value < low:
@@ -130,6 +141,10 @@ def run_serve(a) -> int:
             return _fail("serve", ValueError(f"{name} must lie in {'(' if open_low else '['}{low:g}, {high:g}], got {value}"))
     if not 1 <= a.port <= 65535:
         return _fail("serve", ValueError(f"--port must lie in 1..65535, got {a.port}"))
+    try:
+        autoscaling = ray_autoscaling(a)
+    except ValueError as e:
+        return _fail("serve", e)
     if not (a.artifact / "manifest.json").is_file():
         return _fail("serve", ValueError(f"{a.artifact} is not an artifact folder (no manifest.json)"))
     try:
@@ -146,8 +161,9 @@ def run_serve(a) -> int:
     load = LoadOptions(backend=a.backend, device=a.device, precision=a.precision, threads=a.threads, processes=a.processes)
     try:
         if a.engine == "ray":
-            from .ray_engine import serve_blocking
-            serve_blocking(a.artifact, options, load, replicas=a.replicas, host=a.host, port=a.port)
+            from .ray_deploy import serve_blocking
+            serve_blocking(a.artifact, options, load, replicas=a.replicas or 1, host=a.host, port=a.port,
+                           address=a.ray_address, autoscaling=autoscaling)
             return 0
         from .app import run
         from .model import load_model
@@ -158,6 +174,27 @@ def run_serve(a) -> int:
     except (NezhaError, ImportError, OSError) as e:
         return _fail("serve", e)
     return 0
+
+
+TARGET_ONGOING = 4.0      # ongoing requests per replica: a replica batches them, one or two batches at little cost
+
+
+def ray_autoscaling(a) -> dict | None:
+    """--min/--max-replicas and --target-ongoing-requests -> Ray Serve's autoscaling_config (None: the fixed
+    --replicas). ValueError for a mix or a range that is empty."""
+    if a.max_replicas is None:
+        if a.min_replicas is not None or a.target_ongoing_requests is not None:
+            raise ValueError("--min-replicas and --target-ongoing-requests need --max-replicas (autoscaling)")
+        return None
+    if a.engine != "ray" or a.replicas is not None:
+        raise ValueError("autoscaling (--max-replicas) is for --engine ray, without --replicas (a fixed count)")
+    low = a.min_replicas or 1
+    target = TARGET_ONGOING if a.target_ongoing_requests is None else a.target_ongoing_requests
+    if not low <= a.max_replicas:
+        raise ValueError(f"--min-replicas {low} is above --max-replicas {a.max_replicas}")
+    if not 0 < target <= 10_000:                                     # also refuses nan
+        raise ValueError(f"--target-ongoing-requests must lie in (0, 10000], got {target}")
+    return {"min_replicas": low, "max_replicas": a.max_replicas, "target_ongoing_requests": target}
 
 
 def run_loadtest(a) -> int:

@@ -1,36 +1,32 @@
-"""The same model and routes on Ray Serve (``nezha serve ARTIFACT --engine ray --replicas N``).
+"""The same model and routes on Ray Serve (``nezha serve ARTIFACT --engine ray``): the replica.
 
 Each replica is one ``NezhaDeployment`` actor holding a ``Service`` whose decoding goes through Ray's own
 request batching (``@serve.batch``) instead of the local Batcher: Ray collects the histories of concurrent
 requests, and the batch handler splits them with the same ``plan_batch`` (one model, one beam, any
-lengths) and decodes each group in a worker thread (``asyncio.to_thread``), never on
-the replica's event loop. Ray's HTTP proxy routes every path to the deployment (``route_prefix="/"``),
-so ``/v1/recommend``, the v2 routes and ``/metrics`` (per replica) answer as with uvicorn. On a Ray
-cluster the same deployment spreads its replicas across machines with no code change (install this
-package on every node).
+lengths) and decodes each group in a worker thread (``asyncio.to_thread``), never on the replica's event
+loop. Ray's HTTP proxy routes every path to the deployment (``route_prefix="/"``), so ``/v1/recommend``,
+the v2 routes and ``/metrics`` (per replica) answer as with uvicorn. A replica first gets the artifact onto
+its node (``transfer.local_artifact``: in place, cached, or fetched from the deploying node and verified),
+then loads and verifies it. Deploying, reloading and the cluster side are ``ray_deploy``'s.
 
-Reload (``POST /admin/reload``): the replica that gets it loads and verifies the artifact (a bad one: 400,
-nothing changes), then hands the redeploy to the application's ``Reloader`` actor and answers 202. Ray
-then rolls the replicas over: new ones load the artifact, old ones stop once their in-flight requests are
-answered; until the roll-out ends, a request may meet either version (``/v2/models/{name}`` names the one
-that answered). If the roll-out fails (a new replica cannot load the artifact), the Reloader redeploys the
-previous one."""
+Reload (``POST /admin/reload``) is handed to the application's Deployer, which verifies the artifact, stages
+it on every node and lets Ray roll the replicas over: new ones load the staged copy, old ones stop once
+their in-flight requests are answered; until the roll-out ends, a request may meet either version
+(``/v2/models/{name}`` names the one that answered)."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import os
-import signal
-import threading
 import time
-from dataclasses import asdict
 from pathlib import Path
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 import ray                                                  # noqa: E402
 from ray import serve                                       # noqa: E402  (after the environment)
+from ray.exceptions import RayActorError                    # noqa: E402
 from starlette.requests import Request                      # noqa: E402
 
 from . import protocol as P                                 # noqa: E402
@@ -38,9 +34,9 @@ from .app import read_body, to_response                     # noqa: E402
 from .batching import Item, Pending, plan_batch, tokens_of  # noqa: E402
 from .model import LoadOptions, load_model                  # noqa: E402
 from .service import Reply, ServeOptions, Service           # noqa: E402
+from .transfer import ArtifactRef, local_artifact          # noqa: E402
 
 from nezha.runtime.decode import items_from_sids            # noqa: E402
-from nezha.runtime.errors import OptionError                # noqa: E402
 
 
 log = logging.getLogger("nezha.serve")
@@ -48,11 +44,11 @@ log = logging.getLogger("nezha.serve")
 
 class RayService(Service):
     """Service whose ``decode`` hands each history to the deployment's ``@serve.batch`` method and whose
-    reload redeploys (``redeploy(path)`` starts Ray's roll-over of every replica)."""
+    reload goes through the application's Deployer (verify, stage on every node, roll the replicas over)."""
 
-    def __init__(self, artifact, options: ServeOptions, load: LoadOptions, submit, redeploy):
-        super().__init__(artifact, options, load)
-        self.submit, self.redeploy = submit, redeploy
+    def __init__(self, ref: ArtifactRef, options: ServeOptions, load: LoadOptions, submit):
+        super().__init__(ref.path, options, load)
+        self.submit, self.deployer = submit, (ref.host, ref.namespace)
         self.outstanding = 0                                     # histories admitted, not yet answered
 
     def start_engine(self) -> None:
@@ -64,21 +60,25 @@ class RayService(Service):
             self.model.retire()
 
     async def admin_reload(self, artifact: str | None) -> Reply:
-        """Verify the artifact here, then let Ray roll every replica over to it: 202, or 400 if it is bad."""
-        if self._reload_lock.locked():
-            raise P.Conflict("a reload is already in progress")
-        async with self._reload_lock:
-            if artifact is not None and not Path(artifact).is_absolute():
-                raise P.BadRequest(f"reload under Ray Serve needs an absolute artifact path (each replica resolves it "
-                                   f"on its own node), got {artifact!r}")
-            path = Path(artifact) if artifact is not None else self.artifact
-            checked = await self.checked_load(path)
-            info = checked.info()
-            checked.retire()                                     # only checked: new replicas load their own
-            if not await self.redeploy(path):
-                raise P.Conflict("a reload is already rolling out; retry once /v2/models/{name} names its version")
-            self.metrics.reloads.labels("rolling").inc()
-        return Reply(202, {"reloading": True, "model": info, "serving": self.model.info(),
+        """202 once the artifact verified on the deploying node and reached every node; 400 if it is bad,
+        503 if a node could not get it, 409 while another reload is under way."""
+        if artifact is not None and not Path(artifact).is_absolute():
+            raise P.BadRequest(f"reload under Ray Serve needs an absolute artifact path (it is read on the node "
+                               f"that deployed the service), got {artifact!r}")
+        try:
+            deployer = ray.get_actor(self.deployer[0], namespace=self.deployer[1])
+            outcome, detail = await deployer.reload.remote(artifact)
+        except (ValueError, RayActorError):                      # its node died, or it was stopped
+            raise P.Unavailable("reload needs the application's Deployer, which is gone (did the node that "
+                                "deployed die?); deploy again") from None
+        if outcome == "busy":
+            raise P.Conflict("a reload is already rolling out; retry once /v2/models/{name} names its version")
+        if outcome != "rolling":
+            self.metrics.reloads.labels("refused").inc()
+            refused = P.BadRequest if outcome == "refused" else P.Unavailable
+            raise refused(f"reload refused, still serving version {self.model.version}: {detail}")
+        self.metrics.reloads.labels("rolling").inc()
+        return Reply(202, {"reloading": True, "model": detail, "serving": self.model.info(),
                            "note": "Ray replaces the replicas one by one; /v2/models/{name} names the version that answers"})
 
     async def decode(self, model, query: P.Query, deadline: float) -> list:
@@ -130,106 +130,26 @@ def decode_items(items: list[Item], max_batch: int, observe) -> list:
 
 @serve.deployment(name="nezha", max_ongoing_requests=256)
 class NezhaDeployment:
-    """One replica: loads the artifact (verified), answers every route."""
+    """One replica: gets the artifact onto its node (transfer.local_artifact), loads and verifies it, answers
+    every route."""
 
-    def __init__(self, artifact: str, options: dict, load: dict, app: dict):
-        self.options, self.load_options, self.app = ServeOptions(**options), LoadOptions(**load), app
-        self.service = RayService(artifact, self.options, self.load_options, self.decode_one, self.redeploy)
-        self.service.model = load_model(artifact, self.load_options)
+    def __init__(self, ref: ArtifactRef, options: dict, load: dict):
+        self.options, self.load_options = ServeOptions(**options), LoadOptions(**load)
+        path, how, copied = local_artifact(ref)
+        log.info("artifact %s on node %s: %s (%d bytes copied)", ref.key[:12],
+                 ray.get_runtime_context().get_node_id()[:12], how, copied)
+        self.service = RayService(ref, self.options, self.load_options, self.decode_one)
+        self.service.model = load_model(path, self.load_options)
         self.service.start_engine()
-        max_batch = self.service.model.rec.max_batch if self.options.max_batch is None else \
-            min(self.options.max_batch, self.service.model.rec.max_batch)
-        self.max_batch = max_batch
-        self.decode_one.set_max_batch_size(max(4 * max_batch, 1))   # Ray's batch is split into model batches
+        self.max_batch = min(self.options.max_batch or self.service.model.rec.max_batch, self.service.model.rec.max_batch)
+        self.decode_one.set_max_batch_size(max(4 * self.max_batch, 1))   # Ray's batch is split into model batches
         self.decode_one.set_batch_wait_timeout_s(max(self.options.max_wait_ms, 0.5) / 1e3)
 
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.002, max_concurrent_batches=2)
     async def decode_one(self, items: list[Item]) -> list:
         return await asyncio.to_thread(decode_items, items, self.max_batch, self.service.metrics.observe)
 
-    async def redeploy(self, artifact: Path) -> bool:
-        """Hand the roll-out to this application's Reloader (False: one is already under way)."""
-        reloader = Reloader.options(name=reloader_name(self.app["name"]), namespace=RELOADER_NAMESPACE,
-                                    lifetime="detached", get_if_exists=True).remote()
-        return await reloader.start.remote(str(artifact), str(self.service.artifact), self.options, self.load_options,
-                                           self.app)
-
     async def __call__(self, request: Request):
         reply = await self.service.handle(request.method, request.url.path, lambda limit: read_body(request, limit),
                                           dict(request.headers))
         return to_response(reply)
-
-
-RELOADER_NAMESPACE = "nezha"
-
-
-def reloader_name(app: str) -> str:
-    return f"nezha-reloader-{app}"
-
-
-@ray.remote(num_cpus=0, max_concurrency=4)
-class Reloader:
-    """Rolls an application over to a new artifact from outside its replicas (the roll-over stops the one
-    that asked), one roll-out at a time. If Ray reports the roll-out failed (a new replica could not load the
-    artifact: say the path is missing on its node, or it was deleted after the check), it redeploys the
-    previous artifact, so that the service comes back instead of staying down. Detached: it outlives the
-    replica that created it; ``serve_blocking`` removes it at shutdown."""
-
-    def __init__(self):
-        self._busy = threading.Lock()
-
-    def start(self, artifact: str, previous: str, options: ServeOptions, load: LoadOptions, app: dict) -> bool:
-        if not self._busy.acquire(blocking=False):
-            return False
-        threading.Thread(target=self._roll, args=(artifact, previous, options, load, app), daemon=True).start()
-        return True
-
-    def _roll(self, artifact, previous, options, load, app) -> None:
-        try:
-            try:
-                run(artifact, options, load, **app)
-                log.info("reload: every replica now serves %s", artifact)
-            except Exception as e:
-                log.error("reload of %s failed (%s); redeploying %s", artifact, e, previous)
-                run(previous, options, load, **app)
-        except Exception as e:                                       # logged: nobody is waiting for it
-            log.error("redeploying %s failed too: %s", previous, e)
-        finally:
-            self._busy.release()
-
-
-def run(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
-        cpus_per_replica: float = 1.0, name: str = "nezha", route_prefix: str = "/"):
-    """Deploy (or redeploy: Ray rolls the replicas over) the application on the running Ray Serve and wait
-    until every replica runs. ``/admin/reload`` calls it again with the same arguments but the artifact."""
-    if load.processes:
-        raise OptionError("decode processes (--processes) are for the uvicorn engine; under Ray Serve each replica "
-                          "is a process already: scale with --replicas")
-    app = {"replicas": replicas, "cpus_per_replica": cpus_per_replica, "name": name, "route_prefix": route_prefix}
-    bound = NezhaDeployment.options(num_replicas=replicas, ray_actor_options={"num_cpus": cpus_per_replica},
-                                    max_queued_requests=options.max_queue).bind(
-        str(Path(artifact).resolve()), asdict(options), asdict(load), app)
-    return serve.run(bound, name=name, route_prefix=route_prefix)
-
-
-def serve_blocking(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
-                   host: str = "127.0.0.1", port: int = 8000, address: str | None = None) -> None:
-    """Start (or join, with ``address``) Ray, deploy, and serve until SIGINT/SIGTERM; then shut down."""
-
-    ray.init(address=address, include_dashboard=False, ignore_reinit_error=True,
-             **({} if address else {"num_cpus": max(os.cpu_count() or 1, replicas)}))
-    try:
-        serve.start(http_options={"host": host, "port": port})
-        run(artifact, options, load, replicas)
-        print(f"nezha serve (Ray Serve, {replicas} replica(s)) on http://{host}:{port}", flush=True)
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
-        stop.wait()
-    finally:
-        serve.shutdown()
-        try:
-            ray.kill(ray.get_actor(reloader_name("nezha"), namespace=RELOADER_NAMESPACE))
-        except ValueError:                                           # no reload happened: no reloader
-            pass
-        ray.shutdown()

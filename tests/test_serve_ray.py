@@ -48,20 +48,21 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/
 def ray_url(artifact, tmp_path_factory):
     from ray import serve
 
-    from nezha.serve.ray_engine import run
+    from nezha.serve.ray_deploy import deploy, shutdown
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         from nezha.serve.admin import token_digest
         admin = {"admin_token_sha256": token_digest(ADMIN_TOKEN), "artifact_root": str(tmp_path_factory.getbasetemp())}
-        run(artifact, ServeOptions(max_wait_ms=20, workers=2, **admin), LoadOptions(threads=1), replicas=1)
+        staged = deploy(artifact, ServeOptions(max_wait_ms=20, workers=2, **admin), LoadOptions(threads=1), replicas=1)
+        assert [how for _, how, _ in staged] == ["in place"]             # one node, the folder is there: no copy
         yield f"http://127.0.0.1:{port}"
     finally:
-        serve.shutdown()
+        shutdown()
         ray.shutdown()
 
 
