@@ -13,7 +13,7 @@ class ManifestError(NezhaError, ValueError):
 
 
 def fail(path: str, message: str):
-    raise ManifestError(f"manifest.json: {path}: {message}")
+    raise ManifestError(f"manifest.json: {path + ': ' if path else ''}{message}")
 
 
 def exact_keys(value, path: str, keys: tuple[str, ...]) -> dict:

@@ -417,3 +417,34 @@ def test_the_python_tables_of_the_cpp_binding_are_checked_too(cpp_build, artifac
             f.write(b"\x7f")
         with pytest.raises(NezhaError, match="sid_items.npy: sha256 mismatch"):
             cc.sid_table
+
+
+# --- one conformance corpus, both readers ---------------------------------------------------------------
+
+def _verdict(check, folder, verify) -> tuple[str, str]:
+    """("ok", "") or ("refused", the one-line message); any other exception is a bug and fails the test."""
+    try:
+        check(folder, verify)
+    except NezhaError as e:
+        return "refused", str(e)
+    return "ok", ""
+
+
+def test_both_readers_give_every_corpus_case_the_same_verdict(cpp_build, artifact, tmp_path):
+    """tests/manifest_corpus.py: good and bad manifests, contracts, tables and folders, each loaded by the
+    Python loader and by the C++ loader (C ABI, through ctypes), with file hashing on and off."""
+    from manifest_corpus import CASES, make_case
+    from nezha.runtime.artifact import Artifact
+    from nezha.runtime.backends.cpp import check_artifact
+    python = lambda folder, verify: Artifact.open(folder, verify=verify).tables()
+    rows = []
+    for i, name in enumerate(CASES):
+        folder = make_case(artifact, tmp_path / f"case{i}", name)
+        want = CASES[name][0]
+        for verify in (True, False):
+            expected = ("refused" if verify else "ok") if want == "refused if verified" else want
+            rows.append((name, verify, expected, _verdict(python, folder, verify), _verdict(check_artifact, folder, verify)))
+    differ = [r for r in rows if not r[2] == r[3][0] == r[4][0]]
+    print(f"\ncorpus: {len(CASES)} cases x verify on/off = {len(rows)} verdicts, "
+          f"{sum(r[3][0] == r[4][0] for r in rows)} identical; {sum(r[2] == 'refused' for r in rows)} refusals")
+    assert not differ, "\n".join(f"{n!r} verify={v}: expected {e}; Python {p}; C++ {c}" for n, v, e, p, c in differ)
