@@ -52,6 +52,13 @@ def write(folder: Path, raw: dict, rebind: bool = True, files: dict[str, bytes] 
     (folder / "manifest.json").write_text(json.dumps(raw))
 
 
+def rebind(folder: Path) -> Path:
+    """Re-record contract.json for the manifest of ``folder`` as it stands (a test that edits the manifest on
+    purpose, to reach a check behind the contract)."""
+    write(folder, json.loads((folder / "manifest.json").read_text()))
+    return folder
+
+
 def _npy(array, fortran=False) -> bytes:
     buf = io.BytesIO()
     np.save(buf, np.asfortranarray(array) if fortran else array)
