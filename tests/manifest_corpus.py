@@ -156,6 +156,17 @@ def _swap_backbones(raw):
     a["file"], b["file"] = b["file"], a["file"]
 
 
+def _renamed_graph(d: Path) -> None:
+    """fp32's head_0 under a name with non-ASCII, non-BMP and control characters: the contract's canonical
+    JSON escapes them, identically in both readers (re-bound from this module's own canonical form)."""
+    raw = json.loads((d / "manifest.json").read_text())
+    old, new = "graphs/fp32/head_0.onnx", "graphs/fp32/h\u00e9ad\u2603\U0001F600\x7f\x01\t\"0.onnx"
+    os.rename(d / old, d / new)
+    raw["graphs"]["fp32"]["head_0"]["file"] = new
+    raw["files"][new] = raw["files"].pop(old)
+    write(d, raw)
+
+
 def _swap_heads(raw):
     g = raw["graphs"]["fp32"]
     g["head_1"]["file"], g["head_2"]["file"] = g["head_2"]["file"], g["head_1"]["file"]
@@ -187,6 +198,7 @@ CASES = {
     "engines, hashed plans": ("ok", "edit", _engines()),
     "engines, no profile": ("ok", "edit", _engines([])),
     "symbolic link inside": ("ok", "folder", _link_inside),
+    "graph file name to escape": ("ok", "folder", _renamed_graph),
     "external data beside its graph": ("ok", "edit", _external_data("graphs/fp32/head_0.onnx.data")),
     "npy header as numpy writes it": ("ok", "files", lambda art: _ids_npy(art)),
     "npy header keys in another order": ("ok", "files", lambda art: _ids_npy(art, "{'shape': (%d,), 'fortran_order': False, 'descr': '<i8'}")),
