@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import tampered, tiny_catalog, tiny_model, write_index
-from manifest_corpus import rebind
+from manifest_edits import rebind, set_key as _set
 from nezha.export.build import build
 from nezha.model.checkpoint import save_checkpoint
 from nezha.runtime import Recommender
@@ -50,18 +50,6 @@ def _npy(array, fortran=False) -> bytes:
 
 def _table(artifact, name):
     return np.load(artifact / "tables" / f"{name}.npy")
-
-
-def _set(path, value):
-    def edit(raw):
-        node = raw
-        for key in path[:-1]:
-            node = node[key]
-        if value is KeyError:
-            del node[path[-1]]
-        else:
-            node[path[-1]] = value
-    return edit
 
 
 MANIFEST_CASES = {
@@ -292,7 +280,7 @@ def test_an_edited_layout_is_refused_at_load_not_answered(artifact, tmp_path, ed
 def test_the_build_records_the_contract_of_what_it_wrote(artifact):
     """contract.json holds each answer-deciding section's sha256, is hashed in `files`, and equals what the
     reader computes: from the typed manifest (runtime) and from the raw JSON (tests/manifest_corpus.py)."""
-    from manifest_corpus import contract_of
+    from manifest_edits import contract_of
     raw = json.loads((artifact / "manifest.json").read_text())
     recorded = json.loads((artifact / "contract.json").read_text())
     assert "contract.json" in raw["files"]

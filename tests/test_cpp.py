@@ -253,7 +253,7 @@ def test_default_precision_is_the_same_in_both_runtimes_whatever_the_json_order(
     for section in ("precisions", "graphs"):                  # int8-cpu's graphs named fp16: sorted keys put it
         raw[section] = {"fp16": raw[section]["int8-cpu"], "fp32": raw[section]["fp32"]}    # first, and so does JSON
     (moved / "manifest.json").write_text(json.dumps(raw))
-    from manifest_corpus import rebind
+    from manifest_edits import rebind
     rebind(moved)                                             # renamed on purpose: the contract follows
     with Recommender.load(moved, threads=1) as py, Recommender.load(moved, backend="cpp", threads=1) as cc:
         assert py.precision == cc.precision == "fp32"
