@@ -64,11 +64,17 @@ def cpp_build() -> Path:
     elif not (BUILD / "libnezha_runtime.so").is_file():
         pytest.skip(f"the C++ runtime is not built ({BUILD}) and cannot be built here: {reason}")
     os.environ.setdefault("NEZHA_CPP_LIBRARY", str(BUILD / "libnezha_runtime.so"))
+    use_the_wheels_onnxruntime()
+    return BUILD
+
+
+def use_the_wheels_onnxruntime() -> None:
+    """The test binaries and the CLI open the installed wheel's ONNX Runtime (the library CMake found at
+    configure time may be absent, e.g. in a worktree whose venv borrows its packages)."""
     from nezha.runtime.backends.cpp import wheel_onnxruntime_library
-    wheel = wheel_onnxruntime_library()           # for the test binary and CLI too (a worktree's venv may lack it)
+    wheel = wheel_onnxruntime_library()
     if wheel and not os.environ.get("NEZHA_ONNXRUNTIME_LIBRARY"):
         os.environ["NEZHA_ONNXRUNTIME_LIBRARY"] = wheel
-    return BUILD
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +118,7 @@ def test_cpp_test_binary_under_sanitizers(artifact):
         pytest.skip(f"no sanitizer build at {ASAN_BUILD} (.ci/run makes it: cmake -DNEZHA_SANITIZE=ON)")
     if toolchain_missing() is None:
         cmake_build(ASAN_BUILD, "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DNEZHA_SANITIZE=ON")
+    use_the_wheels_onnxruntime()
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
     done = subprocess.run([str(binary), str(artifact)], capture_output=True, text=True, timeout=900, env=env)
     print(done.stdout)
