@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 import stat
 import tempfile
@@ -17,10 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .manifest import Manifest, ManifestError, table_names
+from .manifest import CONTRACT, Manifest, ManifestError, table_names
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_JSON_DEPTH = 32             # containers around any value: the C++ reader's limit, the same here
 _MAX_LINKS = 40
 
 
@@ -73,12 +75,63 @@ def sha256(path: str | Path) -> str:
 def _no_duplicates(pairs):
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
-        raise ManifestError(f"manifest.json: key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+        raise ManifestError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
     return dict(pairs)
 
 
 def _bad_constant(name):
-    raise ManifestError(f"manifest.json: {name} is not valid JSON")
+    raise ManifestError(f"{name} is not valid JSON")
+
+
+def _number(text: str):
+    """A JSON number as the C++ reader (nlohmann) reads it: integers past 64 bits become doubles there, so
+    one that no double holds is refused here too, as is any non-finite number."""
+    value = int(text) if text.lstrip("-").isdigit() else float(text)
+    try:
+        finite = math.isfinite(value if -2**63 <= value < 2**64 else float(value))
+    except OverflowError:
+        finite = False
+    if not finite:
+        raise ValueError(f"number {text[:40]!r} is out of range")
+    return value
+
+
+def parse_json(data: bytes, shown: str):
+    """Strict JSON as both readers take it: UTF-8 (a leading BOM is skipped), no duplicate key, no NaN,
+    numbers a double or int64 holds, strings of Unicode scalars (no lone surrogate), at most
+    MAX_JSON_DEPTH containers deep. ManifestError naming ``shown`` otherwise."""
+    try:
+        value = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_no_duplicates, parse_constant=_bad_constant,
+                           parse_int=_number, parse_float=_number)
+        todo = [(value, 0)]
+        while todo:
+            v, depth = todo.pop()
+            if depth > MAX_JSON_DEPTH:
+                raise ValueError(f"nested deeper than {MAX_JSON_DEPTH} levels")
+            if isinstance(v, str):
+                v.encode("utf-8")                                   # a lone surrogate ("\ud800") fails here
+            elif isinstance(v, (dict, list)):
+                todo += [(x, depth + 1) for x in (list(v) + list(v.values()) if isinstance(v, dict) else v)]
+    except ManifestError as e:
+        raise ManifestError(f"{shown}: {e}") from None
+    except (ValueError, RecursionError) as e:     # UTF-8, syntax, numbers, nesting (UnicodeError is a ValueError)
+        raise ManifestError(f"{shown} is not valid JSON: {e}") from None
+    return value
+
+
+def read_json(root: str, rel: str, shown: str, max_bytes: int):
+    """``root/rel`` (inside the folder, a regular file of at most ``max_bytes``) parsed by ``parse_json``."""
+    path = resolve_inside(root, rel)
+    try:
+        st = os.stat(path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
+            raise ManifestError(f"{shown} is not a regular file under {max_bytes >> 20 or 1} MB")
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        raise ManifestError(f"{shown} not found") from None
+    except OSError as e:
+        raise ManifestError(f"{shown}: {e.strerror}") from None
+    return parse_json(data, shown)
 
 
 class Artifact:
@@ -98,17 +151,10 @@ class Artifact:
             raise ManifestError(f"{folder} is not an artifact folder ({'not a folder' if folder.exists() else 'does not exist'}); "
                                 "build one with python export/build.py")
         root = os.path.realpath(folder)
-        path = resolve_inside(root, MANIFEST)
-        try:
-            st = os.stat(path)
-            if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_MANIFEST_BYTES:
-                raise ManifestError(f"{folder / MANIFEST} is not a regular file under {MAX_MANIFEST_BYTES >> 20} MB")
-            raw = json.loads(Path(path).read_bytes(), object_pairs_hook=_no_duplicates, parse_constant=_bad_constant)
-        except FileNotFoundError:
+        if not os.path.exists(resolve_inside(root, MANIFEST)):
             raise ManifestError(f"{folder / MANIFEST} not found: {folder} is not a nezha artifact folder "
-                                "(build one with python export/build.py)") from None
-        except (ValueError, RecursionError) as e:          # JSON, UTF-8, numbers past Python's digit limit
-            raise ManifestError(f"{folder / MANIFEST} is not valid JSON: {e}") from None
+                                "(build one with python export/build.py)")
+        raw = read_json(root, MANIFEST, str(folder / MANIFEST), MAX_MANIFEST_BYTES)
         try:
             manifest = Manifest.from_json(raw)
         except ManifestError as e:
@@ -119,6 +165,10 @@ class Artifact:
             artifact.path(rel)                          # every listed path stays inside, before any hashing
         if verify:
             artifact.verify()
+        try:                                            # hashed above; compared even when verify is off
+            manifest.check_contract(read_json(root, CONTRACT, CONTRACT, 1 << 20))
+        except ManifestError as e:
+            raise ManifestError(f"artifact {folder}: {e}") from None
         return artifact
 
     def check_tree(self) -> None:
@@ -223,16 +273,22 @@ def write_manifest(folder: str | Path, manifest: Manifest) -> Path:
     """Write ``manifest`` with the sha256 of every other file under ``folder`` (atomically, mode 0644
     less the umask); the result is checked by the same strict parse the runtime uses."""
     folder = Path(folder)
+    _write_atomic(folder / CONTRACT, json.dumps(manifest.contract(), indent=2) + "\n")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST)
     manifest = dataclasses.replace(manifest, files={p.relative_to(folder).as_posix(): sha256(p) for p in files})
     text = json.dumps(manifest.to_json(), indent=2)
     Manifest.from_json(json.loads(text))                  # the writer never writes what the reader refuses
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".manifest.")
+    _write_atomic(folder / MANIFEST, text)
+    return folder / MANIFEST
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """``text`` to ``path`` through a temporary file beside it (mode 0644 less the umask)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.chmod(tmp, 0o666 & ~_umask())
-    os.replace(tmp, folder / MANIFEST)
-    return folder / MANIFEST
+    os.replace(tmp, path)
 
 
 def _umask() -> int:

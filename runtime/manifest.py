@@ -5,6 +5,8 @@ or a contradiction between limits, layout and graphs is a ManifestError naming t
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -35,10 +37,13 @@ from .strict import (
 )
 
 FORMAT = "nezha-artifact"
-VERSION = 3
+VERSION = 4                          # 4: contract.json binds the sections that decide the answers
 PRECISIONS = ("fp32", "fp16", "int8", "int8-cpu")
 EXECUTIONS = ("any", "cpu-only")
 MAX_TENSOR_BYTES = 16 << 30          # one buffer of the largest shapes; above this a manifest is refused
+CONTRACT = "contract.json"           # section -> sha256 of its canonical JSON, written with the manifest (hashed)
+CONTRACT_SECTIONS = ("layout", "limits", "precisions", "graphs", "engines", "tables")
+VERSION_KEYS = ("torch", "transformers", "onnx", "onnxruntime", "tensorrt", "nezha-deploy")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -96,8 +101,13 @@ class EngineEntry:
             if not isinstance(v, bool):
                 fail(p, f"expected true or false, got {v!r}")
             return v
+        def profile(v, p):                  # input name -> {"min", "opt", "max"}: shapes (lists of ints)
+            for name, shapes in obj(v, p).items():
+                for k in exact_keys(shapes, f"{p}.{name}", ("min", "opt", "max")):
+                    [integer(d, f"{p}.{name}.{k}[{i}]") for i, d in enumerate(array(shapes[k], f"{p}.{name}.{k}"))]
+            return v
         return typed(cls, value, path, file=relpath, compute_capability=string, tensorrt=string, strongly_typed=flag,
-                     profiles=lambda v, p: tuple(obj(x, f"{p}[{i}]") for i, x in enumerate(array(v, p))))
+                     profiles=lambda v, p: tuple(profile(x, f"{p}[{i}]") for i, x in enumerate(array(v, p))))
 
     def to_json(self) -> dict:
         return {"file": self.file, "compute_capability": self.compute_capability, "tensorrt": self.tensorrt,
@@ -179,8 +189,7 @@ class Manifest:
             relpath(path, f"files[{path!r}]")
             if not isinstance(digest, str) or not _SHA256.match(digest):
                 fail(f"files[{path!r}]", f"expected a lower-case hex sha256, got {digest!r}")
-        versions = obj(raw["versions"], "versions")
-        strings(versions, "versions", tuple(versions), nullable=tuple(versions))
+        versions = strings(raw["versions"], "versions", VERSION_KEYS, nullable=VERSION_KEYS)
         source = strings(raw["source"], "source", SOURCE_KEYS, nullable=("index",))
         string(source["item_ids"], "source.item_ids", ("index", "positions"))
         machine = strings(raw["machine"], "machine", ("system", "arch", "cpu"), extra=("isa",))
@@ -216,6 +225,16 @@ class Manifest:
                     if have != want:
                         fail(f"graphs.{p}.{n}.{what}", f"{show(have)} contradicts limits {self.limits.to_json()} "
                                                          f"and layout codes {list(self.layout.codes)}: expected {show(want)}")
+        for p, graphs in self.graphs.items():
+            for n, g in graphs.items():
+                if g.external_data not in (None, g.file + ".data"):
+                    fail(f"graphs.{p}.{n}.external_data", f"{g.external_data!r}; external data lies beside its graph, "
+                                                         f"as {g.file + '.data'!r}")
+        lim = self.limits          # the C++ runtime's indices: 32-bit candidates, tokens well below 2^31
+        if lim.max_batch * lim.max_beam >= 2**31 or max(self.layout.codes) * lim.max_beam >= 2**31:
+            fail("limits", "max_batch * max_beam and max_beam * codes (per level) must be < 2^31")
+        if lim.max_history >= 2**24:
+            fail("limits.max_history", f"{lim.max_history}; must be < 2^24")
         tensor, size = largest_tensor(self.layout, self.limits)
         if size > MAX_TENSOR_BYTES:
             fail("limits", f"{tensor} needs {size / 2**30:.1f} GiB at its largest shape (limit "
@@ -226,7 +245,7 @@ class Manifest:
             if sorted(engines) != sorted(names):
                 fail(f"engines.{p}", f"engines {sorted(engines)}; expected exactly {names}")
         self._check_tables()
-        used = [self.validation] + [t.file for t in self.tables.values()] + [
+        used = [self.validation, CONTRACT] + [t.file for t in self.tables.values()] + [
             path for gs in self.graphs.values() for g in gs.values() for path in g.paths] + [
             e.file for es in self.engines.values() for e in es.values()]
         unlisted = [u for u in used if u not in self.files]
@@ -250,6 +269,25 @@ class Manifest:
             if (t.dtype, t.shape) != (dtype, shape) or I < 1 or S < 1:
                 fail(f"tables.{name}", f"{t.dtype} {list(t.shape)}; expected {dtype} {list(shape)} "
                                         f"for {I} items, {S} SIDs and {L} levels")
+
+    def contract(self) -> dict[str, str]:
+        """Section -> sha256 of its canonical JSON (keys sorted, no spaces, non-ASCII escaped): the sections
+        that decide the answers, of which ``precisions`` contributes only each ``execution`` (quantization
+        is informational). The build records it in contract.json, a hashed file; both readers recompute it."""
+        raw = {**self.to_json(), "precisions": {p: e.execution for p, e in self.precisions.items()}}
+        canonical = lambda v: json.dumps(v, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode()
+        return {s: hashlib.sha256(canonical(raw[s])).hexdigest() for s in CONTRACT_SECTIONS}
+
+    def check_contract(self, recorded) -> None:
+        """``recorded`` (contract.json, parsed) against this manifest: an edited section is refused by name."""
+        if not isinstance(recorded, dict) or sorted(recorded) != sorted(CONTRACT_SECTIONS) or not all(
+                isinstance(v, str) and _SHA256.match(v) for v in recorded.values()):
+            raise ManifestError(f"{CONTRACT}: expected an object of a sha256 per section {', '.join(CONTRACT_SECTIONS)}")
+        for section, digest in self.contract().items():
+            if recorded[section] != digest:
+                fail(section, f"differs from what the build recorded in {CONTRACT} (sha256 {digest[:12]}..., recorded "
+                              f"{recorded[section][:12]}...): the manifest was edited after the build; answers depend "
+                              "on it, so rebuild the artifact (python export/build.py) rather than edit it")
 
     def graph(self, precision: str, name: str) -> GraphEntry:
         if precision not in self.graphs:

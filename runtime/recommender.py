@@ -32,8 +32,8 @@ def check_load_options(precision, threads, dense_budget_bytes) -> None:
         raise OptionError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {threads!r}")
     if precision is not None and precision not in PRECISIONS:
         raise OptionError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)} (or None: fp32 first if built)")
-    if type(dense_budget_bytes) is not int or dense_budget_bytes < 0:
-        raise OptionError(f"dense_budget_bytes must be a non-negative integer, got {dense_budget_bytes!r}")
+    if type(dense_budget_bytes) is not int or not 0 <= dense_budget_bytes < 2**63:    # int64 in the C ABI: never wrapped
+        raise OptionError(f"dense_budget_bytes must be an integer in 0..2^63-1, got {dense_budget_bytes!r}")
 
 
 class Recommender:

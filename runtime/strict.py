@@ -13,7 +13,7 @@ class ManifestError(NezhaError, ValueError):
 
 
 def fail(path: str, message: str):
-    raise ManifestError(f"manifest.json: {path}: {message}")
+    raise ManifestError(f"manifest.json: {path + ': ' if path else ''}{message}")
 
 
 def exact_keys(value, path: str, keys: tuple[str, ...]) -> dict:
@@ -27,9 +27,12 @@ def exact_keys(value, path: str, keys: tuple[str, ...]) -> dict:
     return value
 
 
+INT64_MAX = 2**63 - 1      # the C++ reader's integers are int64: a larger one is refused by both readers
+
+
 def integer(value, path: str, lo: int = 0) -> int:
-    if type(value) is not int or value < lo:
-        fail(path, f"expected an integer >= {lo}, got {value!r}")
+    if type(value) is not int or not lo <= value <= INT64_MAX:
+        fail(path, f"expected an integer in {lo}..2^63-1, got {value!r}")
     return value
 
 

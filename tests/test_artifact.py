@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from conftest import tampered, tiny_catalog, tiny_model, write_index
+from manifest_edits import rebind, set_key as _set
 from nezha.export.build import build
 from nezha.model.checkpoint import save_checkpoint
 from nezha.runtime import Recommender
@@ -51,18 +52,6 @@ def _table(artifact, name):
     return np.load(artifact / "tables" / f"{name}.npy")
 
 
-def _set(path, value):
-    def edit(raw):
-        node = raw
-        for key in path[:-1]:
-            node = node[key]
-        if value is KeyError:
-            del node[path[-1]]
-        else:
-            node[path[-1]] = value
-    return edit
-
-
 MANIFEST_CASES = {
     "absolute path": (_set(["tables", "item_ids", "file"], "/etc/passwd"), "not a plain relative path"),
     "parent path": (_set(["tables", "item_ids", "file"], "../outside.npy"), "not a plain relative path"),
@@ -81,18 +70,18 @@ MANIFEST_CASES = {
     "hidden size vs graphs": (_set(["limits", "hidden_size"], 64), "contradicts limits"),
     "codes vs graphs": (lambda raw: raw["layout"].update(codes=[9, 8, 8], offsets=[2, 11, 19], placeholder_start=27), "contradicts"),
     "broken layout": (_set(["layout", "offsets"], [2, 3, 4]), "code tokens must be contiguous"),
-    "absurd buffers": (lambda raw: (raw["limits"].update(max_batch=10 ** 6, max_beam=10 ** 6),
-                                   [g["dynamic"].update({d: [1, 10 ** 12] for d in g["dynamic"]})
+    "absurd buffers": (lambda raw: (raw["limits"].update(max_batch=2 ** 15, max_beam=2 ** 15),
+                                   [g["dynamic"].update({d: [1, 2 ** 30] for d in g["dynamic"]})
                                     for n, g in raw["graphs"]["fp32"].items() if n.startswith("head")],
-                                   raw["graphs"]["fp32"]["backbone"]["dynamic"].update(batch=[1, 10 ** 6])),
+                                   raw["graphs"]["fp32"]["backbone"]["dynamic"].update(batch=[1, 2 ** 15])),
                        "GiB at its largest shape"),
     "table shape vs manifest": (_set(["tables", "sid_items", "shape"], [3]), "tables.sid_items"),
     "missing table": (lambda raw: raw["tables"].pop("valid_prefixes_1"), "expected exactly"),
     "unknown precision": (lambda raw: (raw["precisions"].update(fp8=raw["precisions"]["fp32"]),
                                        raw["graphs"].update(fp8=raw["graphs"]["fp32"])), "fp8"),
     "cpu-only engine": (lambda raw: raw["precisions"]["fp32"].update(execution="gpu"), "one of any, cpu-only"),
-    "other version": (_set(["version"], 2), "reads version 3"),
-    "float version": (_set(["version"], 3.0), "reads version 3"),
+    "other version": (_set(["version"], 3), "version: 3; this runtime reads version 4: rebuild the artifact"),
+    "float version": (_set(["version"], 4.0), "reads version 4"),
     "path through a file": (lambda raw: raw["files"].update({"validation.json/x": "0" * 64}), "Not a directory"),
     "name too long": (lambda raw: raw["files"].update({"a" * 300: "0" * 64}), "too long"),
     "huge table": (lambda raw: [raw["tables"][t].update(shape=[2 ** 40] + raw["tables"][t]["shape"][1:])
@@ -118,7 +107,7 @@ def test_a_manifest_that_lies_about_its_graphs_is_refused_at_load(artifact, tmp_
             for t in g["inputs"] + g["outputs"]:
                 t["shape"] = [64 if d == 32 else d for d in t["shape"]]
     with pytest.raises(ManifestError, match="the graph's (inputs|outputs) .* differ from the manifest's"):
-        Recommender.load(tampered(artifact, tmp_path, edit))
+        Recommender.load(rebind(tampered(artifact, tmp_path, edit)))
 
 
 def test_json_that_is_not_strict_json_is_refused(artifact, tmp_path):
@@ -270,3 +259,30 @@ def test_modified_or_missing_files_fail_verification_but_not_with_verify_off(art
 def test_the_manifest_round_trips_through_its_types(artifact):
     raw = json.loads((artifact / "manifest.json").read_text())
     assert Manifest.from_json(raw).to_json() == raw
+
+
+@pytest.mark.parametrize("edit", [
+    lambda raw: raw["layout"].update(offsets=[o + 1 for o in raw["layout"]["offsets"]],
+                                     placeholder_start=raw["layout"]["placeholder_start"] + 1),
+    lambda raw: raw["layout"].update(offsets=[o - 1 for o in raw["layout"]["offsets"]],
+                                     placeholder_start=raw["layout"]["placeholder_start"] - 1),
+], ids=["offsets raised by one", "offsets lowered by one"])
+def test_an_edited_layout_is_refused_at_load_not_answered(artifact, tmp_path, edit):
+    """Offsets moved by one: before contract.json, +1 raised a raw ONNX Runtime error at the first request and
+    -1 loaded and answered other items. Now the load names the section, with hashing on or off."""
+    bad = tampered(artifact, tmp_path, edit)
+    for verify in (True, False):
+        with pytest.raises(ManifestError, match="manifest.json: layout: differs from what the build recorded in "
+                                                "contract.json .* rebuild the artifact"):
+            Recommender.load(bad, verify=verify)
+
+
+def test_the_build_records_the_contract_of_what_it_wrote(artifact):
+    """contract.json holds each answer-deciding section's sha256, is hashed in `files`, and equals what the
+    reader computes: from the typed manifest (runtime) and from the raw JSON (tests/manifest_corpus.py)."""
+    from manifest_edits import contract_of
+    raw = json.loads((artifact / "manifest.json").read_text())
+    recorded = json.loads((artifact / "contract.json").read_text())
+    assert "contract.json" in raw["files"]
+    assert recorded == Manifest.from_json(raw).contract() == contract_of(raw)
+    assert sorted(recorded) == ["engines", "graphs", "layout", "limits", "precisions", "tables"]

@@ -64,7 +64,17 @@ def cpp_build() -> Path:
     elif not (BUILD / "libnezha_runtime.so").is_file():
         pytest.skip(f"the C++ runtime is not built ({BUILD}) and cannot be built here: {reason}")
     os.environ.setdefault("NEZHA_CPP_LIBRARY", str(BUILD / "libnezha_runtime.so"))
+    use_the_wheels_onnxruntime()
     return BUILD
+
+
+def use_the_wheels_onnxruntime() -> None:
+    """The test binaries and the CLI open the installed wheel's ONNX Runtime (the library CMake found at
+    configure time may be absent, e.g. in a worktree whose venv borrows its packages)."""
+    from nezha.runtime.backends.cpp import wheel_onnxruntime_library
+    wheel = wheel_onnxruntime_library()
+    if wheel and not os.environ.get("NEZHA_ONNXRUNTIME_LIBRARY"):
+        os.environ["NEZHA_ONNXRUNTIME_LIBRARY"] = wheel
 
 
 @pytest.fixture(scope="module")
@@ -108,6 +118,7 @@ def test_cpp_test_binary_under_sanitizers(artifact):
         pytest.skip(f"no sanitizer build at {ASAN_BUILD} (.ci/run makes it: cmake -DNEZHA_SANITIZE=ON)")
     if toolchain_missing() is None:
         cmake_build(ASAN_BUILD, "-DCMAKE_BUILD_TYPE=RelWithDebInfo", "-DNEZHA_SANITIZE=ON")
+    use_the_wheels_onnxruntime()
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1", "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
     done = subprocess.run([str(binary), str(artifact)], capture_output=True, text=True, timeout=900, env=env)
     print(done.stdout)
@@ -249,6 +260,8 @@ def test_default_precision_is_the_same_in_both_runtimes_whatever_the_json_order(
     for section in ("precisions", "graphs"):                  # int8-cpu's graphs named fp16: sorted keys put it
         raw[section] = {"fp16": raw[section]["int8-cpu"], "fp32": raw[section]["fp32"]}    # first, and so does JSON
     (moved / "manifest.json").write_text(json.dumps(raw))
+    from manifest_edits import rebind
+    rebind(moved)                                             # renamed on purpose: the contract follows
     with Recommender.load(moved, threads=1) as py, Recommender.load(moved, backend="cpp", threads=1) as cc:
         assert py.precision == cc.precision == "fp32"
 
@@ -415,3 +428,73 @@ def test_the_python_tables_of_the_cpp_binding_are_checked_too(cpp_build, artifac
             f.write(b"\x7f")
         with pytest.raises(NezhaError, match="sid_items.npy: sha256 mismatch"):
             cc.sid_table
+
+
+# --- one conformance corpus, both readers ---------------------------------------------------------------
+
+def _verdict(check, folder, verify) -> tuple[str, str]:
+    """("ok", "") or ("refused", the one-line message); any other exception is a bug and fails the test."""
+    try:
+        check(folder, verify)
+    except NezhaError as e:
+        return "refused", str(e)
+    return "ok", ""
+
+
+def test_both_readers_give_every_corpus_case_the_same_verdict(cpp_build, artifact, tmp_path):
+    """tests/manifest_corpus.py: good and bad manifests, contracts, tables and folders, each loaded by the
+    Python loader and by the C++ loader (C ABI, through ctypes), with file hashing on and off."""
+    from manifest_corpus import CASES, make_case
+    from nezha.runtime.artifact import Artifact
+    from nezha.runtime.backends.cpp import check_artifact
+    python = lambda folder, verify: Artifact.open(folder, verify=verify).tables()
+    rows = []
+    for i, name in enumerate(CASES):
+        folder = make_case(artifact, tmp_path / f"case{i}", name)
+        want = CASES[name][0]
+        for verify in (True, False):
+            expected = ("refused" if verify else "ok") if want == "refused if verified" else want
+            rows.append((name, verify, expected, _verdict(python, folder, verify), _verdict(check_artifact, folder, verify)))
+    differ = [r for r in rows if not r[2] == r[3][0] == r[4][0]]
+    print(f"\ncorpus: {len(CASES)} cases x verify on/off = {len(rows)} verdicts, "
+          f"{sum(r[3][0] == r[4][0] for r in rows)} identical; {sum(r[2] == 'refused' for r in rows)} refusals")
+    assert not differ, "\n".join(f"{n!r} verify={v}: expected {e}; Python {p}; C++ {c}" for n, v, e, p, c in differ)
+
+
+def test_the_binding_decodes_any_error_message(cpp_build, artifact, tmp_path):
+    """C messages carry bytes from the artifact (a Latin-1 byte nlohmann quotes, a folder name that is not
+    UTF-8): decoded with replacement, never a UnicodeDecodeError."""
+    from manifest_corpus import make_case
+    from nezha.runtime.backends.cpp import CppRuntimeError
+    with pytest.raises(CppRuntimeError, match="ill-formed UTF-8") as e:
+        cpp(make_case(artifact, tmp_path / "latin1", "Latin-1 byte in a string"))
+    assert "\ufffd" in str(e.value)
+    with pytest.raises(CppRuntimeError, match="is not valid JSON") as e:
+        cpp(make_case(artifact, tmp_path / "utf16", "UTF-16"))
+    with pytest.raises(CppRuntimeError, match="does not exist") as e:
+        cpp(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))           # a str holding a surrogate escape
+    assert "caf\ufffd" in str(e.value)
+
+
+def test_the_binding_checks_arguments_as_python_does(cpp_build, artifact):
+    """The same error class and message as the Python runtime, before anything reaches the C ABI: an int64
+    argument is never wrapped (2**64 + 5 would be 5), an array is not a policy."""
+    item = int(tiny_catalog().item_ids[0])
+    with Recommender.load(artifact, threads=1) as py, cpp(artifact) as cc:
+        for kwargs in ({"unknown": np.array(["skip"])}, {"unknown": b"skip"}, {"unknown": None}):
+            with pytest.raises(NezhaError) as want:
+                py.recommend([[item]], k=2, **kwargs)
+            with pytest.raises(NezhaError) as got:
+                cc.recommend([[item]], k=2, **kwargs)
+            assert (type(got.value), str(got.value)) == (type(want.value), str(want.value)), kwargs
+            with pytest.raises(type(want.value)):
+                cc.backbone([[item]], **kwargs)
+    for budget in (2**64 + 5, 2**63, -1, 1.5, True):
+        with pytest.raises(NezhaError) as want:
+            Recommender.load(artifact, dense_budget_bytes=budget)
+        with pytest.raises(NezhaError) as got:
+            cpp(artifact, dense_budget_bytes=budget)
+        assert (type(got.value), str(got.value)) == (type(want.value), str(want.value)), budget
+        assert "0..2^63-1" in str(got.value)
+    with cpp(artifact, dense_budget_bytes=2**63 - 1) as cc:       # the largest budget: dense everywhere
+        assert cc.verifier_kinds == ["dense"] * 3

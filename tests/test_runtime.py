@@ -259,7 +259,7 @@ def test_corrupt_or_mismatched_artifacts_are_refused(artifact, tmp_path):
         Recommender.load(bad)
     manifest = json.loads((artifact / "manifest.json").read_text())
     (bad / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
-    with pytest.raises(ManifestError, match="version: 99; this runtime reads version 3"):
+    with pytest.raises(ManifestError, match="version: 99; this runtime reads version 4"):
         Recommender.load(bad)
     with pytest.raises(ManifestError, match="not a nezha artifact"):
         Recommender.load(tmp_path)

@@ -25,7 +25,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nezha.runtime.encoding import EncodingError, check_batch, code_array, integer_array
+from nezha.runtime.encoding import UNKNOWN_POLICIES, EncodingError, check_batch, code_array, integer_array
 from nezha.runtime.errors import NezhaError, OptionError
 from nezha.runtime.recommender import RequestError
 
@@ -90,6 +90,7 @@ def _load_library():
         "nezha_stage_seconds": (ctypes.c_int, [ctypes.c_void_p, ctypes.POINTER(ctypes.c_double), ctypes.c_int,
                                                ctypes.c_char_p, ctypes.c_size_t]),
         "nezha_rebinds": (ctypes.c_int64, [ctypes.c_void_p]),
+        "nezha_check_artifact": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_int]),
     }
     for name, (restype, argtypes) in sig.items():
         fn = getattr(lib, name)
@@ -100,6 +101,35 @@ def _load_library():
 
 def _ptr(a: np.ndarray, ctype=None) -> int:
     return a.__array_interface__["data"][0]
+
+
+def _last_error(lib) -> str:
+    """This thread's C error message: bytes from an artifact (a UTF-16 manifest, a file name) need not be
+    UTF-8, so undecodable bytes are replaced rather than raising UnicodeDecodeError."""
+    return lib.nezha_last_error().decode("utf-8", errors="replace")
+
+
+def _unknown_skip(unknown) -> int:
+    """The unknown-item policy checked as the Python runtime checks it (a str of UNKNOWN_POLICIES)."""
+    if not isinstance(unknown, str) or unknown not in UNKNOWN_POLICIES:
+        raise EncodingError(f"unknown-item policy {unknown!r}; allowed: {', '.join(UNKNOWN_POLICIES)}")
+    return int(unknown == "skip")
+
+
+def _folder_argument(artifact_dir) -> bytes:
+    if not isinstance(artifact_dir, (str, os.PathLike)) or isinstance(artifact_dir, bytes):
+        raise OptionError(f"an artifact folder is a path (str or pathlib.Path), got {type(artifact_dir).__name__}")
+    if "\0" in str(artifact_dir):                    # a C string would end there: another folder
+        raise OptionError("an artifact folder path must not contain a NUL character")
+    return os.fsencode(str(artifact_dir))
+
+
+def check_artifact(artifact_dir: str | Path, verify: bool = True) -> None:
+    """The C++ loader's checks of an artifact without ONNX Runtime (manifest, folder, sha256, contract,
+    tables): what ``Artifact.open(artifact_dir, verify).tables()`` checks in Python. CppRuntimeError if refused."""
+    lib = _load_library()
+    if lib.nezha_check_artifact(_folder_argument(artifact_dir), int(bool(verify))) != 0:
+        raise CppRuntimeError(_last_error(lib))
 
 
 def _flat_histories(histories) -> tuple[np.ndarray, np.ndarray]:
@@ -177,21 +207,18 @@ class CppRecommender:
             raise OptionError(f"device {device!r}; the C++ runtime runs on cpu only")
         from nezha.runtime.recommender import check_load_options
         check_load_options(precision, threads, dense_budget_bytes)
-        if not isinstance(artifact_dir, (str, os.PathLike)) or isinstance(artifact_dir, bytes):
-            raise OptionError(f"an artifact folder is a path (str or pathlib.Path), got {type(artifact_dir).__name__}")
-        if "\0" in str(artifact_dir):                    # a C string would end there: another folder
-            raise OptionError("an artifact folder path must not contain a NUL character")
+        folder = _folder_argument(artifact_dir)
         lib = _load_library()
         ort = onnxruntime_library or os.environ.get("NEZHA_ONNXRUNTIME_LIBRARY") or wheel_onnxruntime_library()
-        handle = lib.nezha_load(str(artifact_dir).encode(), (precision or "").encode(), int(threads or 0), int(bool(verify)),
-                                int(dense_budget_bytes), (ort or "").encode())
+        handle = lib.nezha_load(folder, (precision or "").encode(), int(threads or 0), int(bool(verify)),
+                                dense_budget_bytes, os.fsencode(ort or ""))
         if not handle:
-            raise CppRuntimeError(lib.nezha_last_error().decode())
+            raise CppRuntimeError(_last_error(lib))
         return cls(handle, Path(artifact_dir), verify)
 
     def _check(self, rc: int) -> None:
         if rc != 0:
-            raise CppRuntimeError(self._lib.nezha_last_error().decode())
+            raise CppRuntimeError(_last_error(self._lib))
 
     def beam_for(self, k, beam) -> int:
         """k and beam checked as Recommender checks them (plain integers, never bools); beam defaults to
@@ -214,8 +241,7 @@ class CppRecommender:
         """Per history up to k (item id, summed log-prob) pairs, best first (as ``Recommender.recommend``).
         ``stages`` (if given) accumulates this thread's seconds per stage of the C++ loop."""
         beam = self.beam_for(k, beam)
-        if unknown not in ("error", "skip"):
-            raise EncodingError(f"unknown-item policy {unknown!r}; allowed: error, skip")
+        skip = _unknown_skip(unknown)
         items, offsets = _flat_histories(histories)
         n = len(offsets) - 1
         out_items = np.empty((max(n, 1), k), np.int64)
@@ -225,7 +251,7 @@ class CppRecommender:
             self._lib.nezha_set_stage_timing(self._handle, 1)
         try:
             self._check(self._lib.nezha_recommend(self._handle, _ptr(items, ctypes.c_int64), _ptr(offsets, ctypes.c_int64), n,
-                                                  int(k), int(beam), int(unknown == "skip"), _ptr(out_items, ctypes.c_int64),
+                                                  int(k), int(beam), skip, _ptr(out_items, ctypes.c_int64),
                                                   _ptr(out_scores, ctypes.c_float), _ptr(lengths, ctypes.c_int32)))
         finally:
             if stages is not None:
@@ -259,12 +285,13 @@ class CppRecommender:
 
     def backbone(self, histories: Sequence[Sequence[int]], unknown: str = "error", stages: dict | None = None) -> None:
         """The latency floor through the C++ runtime: encode + one backbone run (results discarded)."""
+        skip = _unknown_skip(unknown)
         items, offsets = _flat_histories(histories)
         if stages is not None:
             self._lib.nezha_set_stage_timing(self._handle, 1)
         try:
             self._check(self._lib.nezha_backbone(self._handle, _ptr(items, ctypes.c_int64), _ptr(offsets, ctypes.c_int64),
-                                                 len(offsets) - 1, int(unknown == "skip")))
+                                                 len(offsets) - 1, skip))
         finally:
             if stages is not None:
                 self._collect_stages(stages)
@@ -274,7 +301,7 @@ class CppRecommender:
         names = ctypes.create_string_buffer(4096)
         count = self._lib.nezha_stage_seconds(self._handle, seconds, 64, names, len(names))
         self._lib.nezha_set_stage_timing(self._handle, 0)
-        for name, s in zip(names.value.decode().split("\n"), seconds[:max(count, 0)]):
+        for name, s in zip(names.value.decode("utf-8", errors="replace").split("\n"), seconds[:max(count, 0)]):
             if s > 0:
                 stages[name] = stages.get(name, 0.0) + s
 

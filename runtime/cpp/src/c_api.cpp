@@ -5,6 +5,7 @@
 #include <string>
 
 #include "nezha/recommender.h"
+#include "tables.h"
 
 struct nezha_recommender {
   std::unique_ptr<nezha::Recommender> rec;
@@ -64,6 +65,13 @@ nezha_recommender* nezha_load(const char* artifact_dir, const char* precision, i
 }
 
 void nezha_free(nezha_recommender* r) { delete r; }
+
+int nezha_check_artifact(const char* artifact_dir, int verify) {
+  return guarded([&] {
+    if (!artifact_dir) throw nezha::Error("artifact_dir is NULL");
+    nezha::check_artifact(artifact_dir, verify != 0);
+  });
+}
 
 int nezha_recommend(nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count, int k, int beam,
                     int unknown_skip, int64_t* out_items, float* out_scores, int32_t* out_lengths) {

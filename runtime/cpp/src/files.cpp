@@ -16,6 +16,8 @@
 #include <sstream>
 #include <vector>
 
+#include <nlohmann/json.hpp>
+
 #include "manifest.h"
 #include "nezha/recommender.h"
 
@@ -91,16 +93,16 @@ std::string resolve_inside(const std::string& root, const std::string& rel) {
   return joined(root, done);
 }
 
-std::string sha256_file(const std::string& path) {
-  std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
-  if (!f) throw Error("cannot open " + path + ": " + std::strerror(errno));
+namespace {
+
+// sha256 of the bytes `next(buffer)` yields (how many it wrote; 0 at the end), as lower-case hex.
+template <typename Next>
+std::string sha256_of(Next&& next) {
   std::unique_ptr<EVP_MD_CTX, void (*)(EVP_MD_CTX*)> ctx(EVP_MD_CTX_new(), &EVP_MD_CTX_free);
   if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) throw Error("OpenSSL: cannot start sha256");
   std::vector<unsigned char> buf(1 << 20);
-  std::size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), f.get())) > 0)
+  for (std::size_t n; (n = next(buf)) > 0;)
     if (EVP_DigestUpdate(ctx.get(), buf.data(), n) != 1) throw Error("OpenSSL: sha256 update failed");
-  if (std::ferror(f.get())) throw Error("cannot read " + path);
   unsigned char digest[EVP_MAX_MD_SIZE];
   unsigned int len = 0;
   if (EVP_DigestFinal_ex(ctx.get(), digest, &len) != 1) throw Error("OpenSSL: sha256 final failed");
@@ -111,6 +113,26 @@ std::string sha256_file(const std::string& path) {
     out += hex[digest[i] & 15];
   }
   return out;
+}
+
+}  // namespace
+
+std::string sha256_file(const std::string& path) {
+  std::unique_ptr<FILE, int (*)(FILE*)> f(std::fopen(path.c_str(), "rb"), &std::fclose);
+  if (!f) throw Error("cannot open " + path + ": " + std::strerror(errno));
+  const std::string out = sha256_of([&](std::vector<unsigned char>& buf) { return std::fread(buf.data(), 1, buf.size(), f.get()); });
+  if (std::ferror(f.get())) throw Error("cannot read " + path);
+  return out;
+}
+
+std::string sha256_hex(const std::string& bytes) {
+  std::size_t at = 0;
+  return sha256_of([&](std::vector<unsigned char>& buf) {
+    const std::size_t n = std::min(buf.size(), bytes.size() - at);
+    std::memcpy(buf.data(), bytes.data() + at, n);
+    at += n;
+    return n;
+  });
 }
 
 std::string read_file(const std::string& path) {
@@ -172,15 +194,41 @@ void check_tree(const std::string& root, const Manifest& manifest) {
   if (ec) throw Error("cannot list the artifact folder " + root + ": " + ec.message());
 }
 
-std::string read_manifest_text(const std::string& root, const std::string& shown_dir) {
-  constexpr std::size_t kMaxManifestBytes = 64u << 20;
-  const std::string path = resolve_inside(root, "manifest.json");
+namespace {
+
+// `rel` inside `root`: a regular file of at most `max_bytes`, read whole. Throws nezha::Error naming `shown`.
+std::string read_json_text(const std::string& root, const std::string& rel, const std::string& shown, std::size_t max_bytes) {
+  const std::string path = resolve_inside(root, rel);
   struct stat st {};
-  if (stat(path.c_str(), &st) != 0)
-    throw Error(shown_dir + "/manifest.json not found: " + shown_dir + " is not a nezha artifact folder (build one with python export/build.py)");
-  if (!S_ISREG(st.st_mode) || std::size_t(st.st_size) > kMaxManifestBytes)
-    throw Error(shown_dir + "/manifest.json is not a regular file under 64 MB");
+  if (stat(path.c_str(), &st) != 0) throw Error(shown + " not found");
+  if (!S_ISREG(st.st_mode) || std::size_t(st.st_size) > max_bytes)
+    throw Error(shown + " is not a regular file under " + std::to_string(std::max<std::size_t>(max_bytes >> 20, 1)) + " MB");
   return read_file(path);
+}
+
+}  // namespace
+
+std::string read_manifest_text(const std::string& root, const std::string& shown_dir) {
+  struct stat st {};
+  if (stat(resolve_inside(root, "manifest.json").c_str(), &st) != 0)
+    throw Error(shown_dir + "/manifest.json not found: " + shown_dir + " is not a nezha artifact folder (build one with python export/build.py)");
+  return read_json_text(root, "manifest.json", shown_dir + "/manifest.json", 64u << 20);
+}
+
+void check_contract(const std::string& root, const Manifest& manifest) {
+  const nlohmann::json recorded = parse_json(read_json_text(root, kContract, kContract, 1u << 20), kContract);
+  bool ok = recorded.is_object() && recorded.size() == manifest.contract.size();
+  for (const auto& [section, digest] : manifest.contract)
+    ok = ok && recorded.contains(section) && recorded[section].is_string() && is_sha256(recorded[section].get<std::string>());
+  if (!ok) throw Error(std::string(kContract) + ": expected an object of a sha256 per section layout, limits, precisions, graphs, engines, tables");
+  for (const char* section : {"layout", "limits", "precisions", "graphs", "engines", "tables"}) {
+    const std::string& digest = manifest.contract.at(section);
+    const std::string want = recorded[section].get<std::string>();
+    if (want != digest)
+      throw Error(std::string("manifest.json: ") + section + ": differs from what the build recorded in " + kContract + " (sha256 " +
+                  digest.substr(0, 12) + "..., recorded " + want.substr(0, 12) + "...): the manifest was edited after the build; "
+                  "answers depend on it, so rebuild the artifact (python export/build.py) rather than edit it");
+  }
 }
 
 }  // namespace nezha

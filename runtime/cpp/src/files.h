@@ -19,6 +19,12 @@ std::string resolve_inside(const std::string& root, const std::string& rel);
 // Lower-case hex sha256 of a file's bytes. Throws nezha::Error if it cannot be read.
 std::string sha256_file(const std::string& path);
 
+// Lower-case hex sha256 of `bytes`.
+std::string sha256_hex(const std::string& bytes);
+
+// True for 64 lower-case hex digits.
+bool is_sha256(const std::string& s);
+
 // The whole file. Throws nezha::Error naming `path`.
 std::string read_file(const std::string& path);
 
@@ -34,5 +40,9 @@ void check_tree(const std::string& root, const Manifest& manifest);
 
 // manifest.json of the folder `root`: inside it, a regular file of at most 64 MiB. Throws nezha::Error.
 std::string read_manifest_text(const std::string& root, const std::string& shown_dir);
+
+// contract.json of the folder against the manifest's own section digests (Manifest::contract): an edited
+// section is refused by name. Read whether or not files are hashed. Throws nezha::Error.
+void check_contract(const std::string& root, const Manifest& manifest);
 
 }  // namespace nezha

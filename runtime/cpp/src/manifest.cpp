@@ -8,6 +8,7 @@
 #include <set>
 #include <sstream>
 
+#include "files.h"
 #include "nezha/recommender.h"
 
 namespace nezha {
@@ -184,8 +185,9 @@ Limits read_limits(const Reader& r, const json& v) {
   l.max_batch = r.integer(v["max_batch"], "limits.max_batch", 1);
   l.max_beam = r.integer(v["max_beam"], "limits.max_beam", 1);
   l.hidden_size = r.integer(v["hidden_size"], "limits.hidden_size", 1);
-  if (l.max_batch > (std::int64_t{1} << 31) / l.max_beam) r.fail("limits", "max_batch * max_beam must be < 2^31");
-  if (l.max_history > (std::int64_t{1} << 24)) r.fail("limits.max_history", "must be < 2^24");
+  if (__int128{l.max_batch} * l.max_beam >= (std::int64_t{1} << 31))
+    r.fail("limits", "max_batch * max_beam and max_beam * codes (per level) must be < 2^31");
+  if (l.max_history >= (std::int64_t{1} << 24)) r.fail("limits.max_history", std::to_string(l.max_history) + "; must be < 2^24");
   return l;
 }
 
@@ -255,7 +257,7 @@ void check_graph(const Reader& r, const GraphEntry& g, const std::string& name, 
   }
   for (const auto* side : {&g.inputs, &g.outputs})
     for (const auto& t : *side) {
-      double bytes = 8;        // int64; float32 is 4, this bound is conservative
+      double bytes = t.dtype == "float32" ? 4 : 8;          // as runtime/shapes.py's largest_tensor
       for (const auto& d : t.shape) bytes *= double(d.name.empty() ? d.size : g.dynamic.at(d.name).second);
       if (bytes > double(kMaxTensorBytes))
         r.fail(path, "tensor " + t.name + " needs " + std::to_string(std::int64_t(bytes / (1 << 20))) +
@@ -272,14 +274,14 @@ TableEntry read_table(const Reader& r, const json& v, const std::string& path) {
   return t;
 }
 
+}  // namespace
+
 bool is_sha256(const std::string& s) {
   if (s.size() != 64) return false;
   for (char c : s)
     if (!((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'))) return false;
   return true;
 }
-
-}  // namespace
 
 std::vector<std::string> graph_names(int levels) {
   std::vector<std::string> names{"backbone"};
@@ -304,8 +306,9 @@ void check_relative_path(const std::string& path, const std::string& where) {
   }
 }
 
-Manifest parse_manifest(const std::string& text, const std::string& source) {
-  Reader r(source);
+json parse_json(const std::string& text, const std::string& source) {
+  // nlohmann ends a document at a NUL byte (for C strings); JSON has no NUL outside escapes, so refuse it.
+  if (text.find('\0') != std::string::npos) throw Error(source + " is not valid JSON: it contains a NUL byte");
   json root;
   std::vector<std::set<std::string>> keys;      // the keys of each open object: a repeated key is an error
   std::string problem;
@@ -323,6 +326,16 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
     throw Error(source + " is not valid JSON: " + e.what());
   }
   if (!problem.empty()) throw Error(source + ": " + problem);
+  return root;
+}
+
+static std::string canonical_sha256(const json& section) {
+  return sha256_hex(section.dump(-1, ' ', /*ensure_ascii=*/true));    // keys sorted (std::map), no spaces
+}
+
+Manifest parse_manifest(const std::string& text, const std::string& source) {
+  Reader r(source);
+  const json root = parse_json(text, source);
   r.object(root, "");
   // Format and version first, so that another version gets this message rather than a key error.
   if (!root.contains("format") || !root["format"].is_string() || root["format"].get<std::string>() != kFormat)
@@ -336,6 +349,8 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
   Manifest m;
   m.layout = read_layout(r, root["layout"]);
   m.limits = read_limits(r, root["limits"]);
+  if (__int128{*std::max_element(m.layout.codes.begin(), m.layout.codes.end())} * m.limits.max_beam >= (std::int64_t{1} << 31))
+    r.fail("limits", "max_batch * max_beam and max_beam * codes (per level) must be < 2^31");
   const int L = m.layout.levels();
   const std::vector<std::string> names = graph_names(L);
 
@@ -368,6 +383,8 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
       if (!gs.contains(name)) r.fail(pp + "." + name, "missing key");
       GraphEntry g = read_graph(r, gs[name], pp + "." + name);
       check_graph(r, g, name, pp + "." + name, m.layout, m.limits);
+      if (!g.external_data.empty() && g.external_data != g.file + ".data")
+        r.fail(pp + "." + name + ".external_data", "'" + g.external_data + "'; external data lies beside its graph, as '" + g.file + ".data'");
       m.graphs[p][name] = std::move(g);
     }
   }
@@ -442,6 +459,14 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
   for (const std::string& f : m.engine_files) listed(f, "engines");
   for (const auto& [name, t] : m.tables) listed(t.file, "tables." + name + ".file");
   listed(m.validation, "validation");
+  listed(kContract, "files");
+
+  // What decides the answers, as Manifest.contract computes it: each section's canonical JSON, of the
+  // precisions only each execution (quantization is informational).
+  json executions = json::object();
+  for (const auto& [p, e] : m.precisions) executions[p] = e.execution;
+  for (const char* section : {"layout", "limits", "graphs", "engines", "tables"}) m.contract[section] = canonical_sha256(root[section]);
+  m.contract["precisions"] = canonical_sha256(executions);
   return m;
 }
 

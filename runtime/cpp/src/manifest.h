@@ -1,7 +1,9 @@
-// The strict reader of manifest.json (docs/artifact.md, format version 3): every key checked, every
+// The strict reader of manifest.json (docs/artifact.md, format version 4): every key checked, every
 // unknown or missing key an error naming its path, typed values out. Paths are checked lexically here;
 // their containment after symbolic links and the sha256 of each file are checked by artifact_files.h.
 #pragma once
+
+#include <nlohmann/json_fwd.hpp>
 
 #include <cstdint>
 #include <map>
@@ -11,7 +13,8 @@
 namespace nezha {
 
 constexpr const char* kFormat = "nezha-artifact";
-constexpr int kVersion = 3;
+constexpr int kVersion = 4;                 // 4: contract.json binds the sections that decide the answers
+constexpr const char* kContract = "contract.json";
 
 struct Layout {
   std::vector<std::int64_t> codes;          // codes per level (L entries)
@@ -64,7 +67,14 @@ struct Manifest {
   std::map<std::string, TableEntry> tables;
   std::string validation;
   std::map<std::string, std::string> files;                 // path -> sha256 (lower-case hex)
+  // Section (layout, limits, precisions, graphs, engines, tables) -> sha256 of its canonical JSON, to
+  // compare with contract.json (docs/artifact.md, "The contract").
+  std::map<std::string, std::string> contract;
 };
+
+// Strict JSON (both readers take the same documents): UTF-8, no NUL byte, no repeated key, at most 32
+// containers deep. Throws nezha::Error naming `source`.
+nlohmann::json parse_json(const std::string& text, const std::string& source);
 
 // Parses and checks `text` (the contents of `source`, used in messages). Throws nezha::Error.
 Manifest parse_manifest(const std::string& text, const std::string& source);

@@ -178,11 +178,11 @@ std::unique_ptr<Recommender> Recommender::load(const std::string& artifact_dir, 
       options.precision != "int8-cpu")
     throw Error("precision '" + options.precision + "'; allowed: fp32, fp16, int8, int8-cpu (or empty: the artifact's first)");
   auto impl = std::make_unique<Impl>();
-  impl->root = artifact_root(artifact_dir);
-  impl->manifest = parse_manifest(read_manifest_text(impl->root, artifact_dir), artifact_dir + "/manifest.json");
+  CheckedArtifact checked = check_artifact(artifact_dir, options.verify);
+  impl->root = std::move(checked.root);
+  impl->manifest = std::move(checked.manifest);
+  impl->tables = std::move(checked.tables);
   const Manifest& m = impl->manifest;
-  check_tree(impl->root, m);
-  verify_files(impl->root, m, options.verify);
   impl->precision = options.precision;
   if (impl->precision.empty())  // the first built of fp32, fp16, int8, int8-cpu: the same rule as Python, whatever the JSON order
     for (const char* p : {"fp32", "fp16", "int8", "int8-cpu"})
@@ -192,19 +192,12 @@ std::unique_ptr<Recommender> Recommender::load(const std::string& artifact_dir, 
     for (const auto& p : m.precision_order) have += (have.empty() ? "" : ", ") + p;
     throw Error("artifact " + impl->root + " has no '" + impl->precision + "' graphs; it has " + have);
   }
-  for (const auto& [name, g] : m.graphs.at(impl->precision))
-    if (!g.external_data.empty() && g.external_data.find('/') != std::string::npos &&
-        g.external_data.substr(0, g.external_data.rfind('/')) != g.file.substr(0, g.file.rfind('/')))
-      throw Error("graph " + impl->precision + "/" + name + ": external data " + g.external_data + " must lie beside " + g.file);
-  impl->tables = load_tables(impl->root, m);
   impl->verifier = std::make_unique<Verifier>(m.layout, impl->tables.valid_prefixes, options.dense_budget_bytes);
   impl->L = m.layout.levels();
   impl->H = m.limits.hidden_size;
   impl->max_tokens = (m.limits.max_history + 1) * impl->L;
   impl->max_beams = m.limits.max_batch * m.limits.max_beam;
-  impl->max_codes = *std::max_element(m.layout.codes.begin(), m.layout.codes.end());
-  if (impl->max_codes * m.limits.max_beam > std::numeric_limits<std::int32_t>::max())
-    throw Error("max_beam * codes must be < 2^31 (candidate indices are 32-bit)");
+  impl->max_codes = *std::max_element(m.layout.codes.begin(), m.layout.codes.end());   // * max_beam < 2^31: checked
   impl->stage_names = {"encode", "backbone"};
   for (int i = 0; i < impl->L; ++i) impl->stage_names.push_back("head_" + std::to_string(i));
   for (int i = 0; i < impl->L; ++i) impl->stage_names.push_back("verify_" + std::to_string(i));

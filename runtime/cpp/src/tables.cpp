@@ -117,4 +117,15 @@ Tables load_tables(const std::string& root, const Manifest& m) {
   return t;
 }
 
+CheckedArtifact check_artifact(const std::string& artifact_dir, bool verify) {
+  CheckedArtifact a;
+  a.root = artifact_root(artifact_dir);
+  a.manifest = parse_manifest(read_manifest_text(a.root, artifact_dir), artifact_dir + "/manifest.json");
+  check_tree(a.root, a.manifest);
+  verify_files(a.root, a.manifest, verify);
+  check_contract(a.root, a.manifest);
+  a.tables = load_tables(a.root, a.manifest);
+  return a;
+}
+
 }  // namespace nezha

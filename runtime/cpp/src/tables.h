@@ -25,4 +25,14 @@ struct Tables {
 // invariants of docs/artifact.md. Throws nezha::Error naming the table and the broken invariant.
 Tables load_tables(const std::string& root, const Manifest& manifest);
 
+// An artifact folder checked as far as it goes without ONNX Runtime: the strict manifest, the folder's
+// entries, every file (sha256 with `verify`), contract.json, the tables. What the Python runtime's
+// Artifact.open(dir, verify).tables() checks; tests/test_cpp.py runs both on one corpus.
+struct CheckedArtifact {
+  std::string root;
+  Manifest manifest;
+  Tables tables;
+};
+CheckedArtifact check_artifact(const std::string& artifact_dir, bool verify);
+
 }  // namespace nezha

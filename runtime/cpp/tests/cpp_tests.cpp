@@ -1,5 +1,5 @@
 // C++ tests of the runtime: nezha_cpp_tests ARTIFACT [TEST ...] (or ctest with NEZHA_TEST_ARTIFACT set)
-// ARTIFACT is a valid artifact (format version 3; tests/test_cpp.py builds a tiny one); each refusal test
+// ARTIFACT is a valid artifact (format version 4; tests/test_cpp.py builds a tiny one); each refusal test
 // copies it, breaks one thing and expects nezha::Error with a message naming the problem. Also: the
 // .npy reader, sha256, request policies, N threads == serial, and zero allocation in the steady state
 // (a malloc hook counting this thread's allocations outside ONNX Runtime's own calls).
@@ -134,6 +134,14 @@ void edit(const fs::path& dir, const std::function<void(json&)>& change, const s
   change(m);
   for (const auto& rel : rehash) m["files"][rel] = nezha::sha256_file((dir / rel).string());
   write_manifest(dir, m);
+}
+
+// Re-record contract.json for the manifest as it stands: a test that edits the manifest on purpose to
+// reach a check behind the contract (the graphs' own interface, engines).
+void rebind(const fs::path& dir) {
+  const nezha::Manifest parsed = nezha::parse_manifest(nezha::read_file((dir / "manifest.json").string()), "test");
+  std::ofstream(dir / nezha::kContract) << json(parsed.contract).dump();
+  edit(dir, [](json&) {}, {nezha::kContract});
 }
 
 std::unique_ptr<nezha::Recommender> load(const fs::path& dir, nezha::Options o = {}) {
@@ -292,9 +300,11 @@ void test_refuses_a_symlink_outside_but_follows_one_inside() {
 void test_refuses_wrong_table_dtype_and_shape() {
   const fs::path d = copy_artifact("dtype");
   edit(d, [](json& m) { m["tables"]["item_ids"]["dtype"] = "uint64"; });
+  rebind(d);                                       // forged: the table reader still refuses it
   EXPECT_ERROR(load(d), "the format requires int64");
   const fs::path s = copy_artifact("shape");
   edit(s, [](json& m) { m["tables"]["item_codes"]["shape"][1] = 7; });
+  rebind(s);
   EXPECT_ERROR(load(s), "table item_codes");
   // The file disagrees with the manifest: a float64 .npy, a Fortran-order one, a shorter one.
   const fs::path f = copy_artifact("npy-float");
@@ -378,8 +388,11 @@ void test_refuses_limits_that_disagree_with_the_graphs() {
   EXPECT_ERROR(load(c), "graphs.fp32.head_0.outputs");
   const fs::path io = copy_artifact("graph-io-lie");             // the manifest names another head's file
   edit(io, [](json& m) { m["graphs"]["fp32"]["head_1"]["file"] = m["graphs"]["fp32"]["head_2"]["file"]; });
+  EXPECT_ERROR(load(io), "manifest.json: graphs: differs from what the build recorded in contract.json");
+  rebind(io);                                                    // forged: the graph's own interface still refuses it
   EXPECT_ERROR(load(io), "outputs: 1, the manifest lists 2");
   edit(io, [](json& m) { m["graphs"]["fp32"]["head_0"]["file"] = m["graphs"]["fp32"]["head_1"]["file"]; });
+  rebind(io);
   EXPECT_ERROR(load(io), "head_0");
   const fs::path t = copy_artifact("huge-tensor");
   edit(t, [](json& m) {
@@ -392,6 +405,24 @@ void test_refuses_limits_that_disagree_with_the_graphs() {
       }
   });
   EXPECT_ERROR(load(t), "at most 16 GiB per tensor");
+}
+
+// An edit of what decides the answers (here offsets moved by one: ONNX Runtime raised at the first request,
+// or the load decoded other items) is refused at load by name, whether files are hashed or not.
+void test_refuses_a_manifest_edited_after_the_build() {
+  const fs::path d = copy_artifact("offsets");
+  edit(d, [](json& m) {
+    for (auto& o : m["layout"]["offsets"]) o = o.get<int>() - 1;
+    m["layout"]["placeholder_start"] = m["layout"]["placeholder_start"].get<int>() - 1;
+  });
+  nezha::Options unverified;
+  unverified.verify = false;
+  for (const auto& o : {nezha::Options{}, unverified})
+    EXPECT_ERROR(load(d, o), "manifest.json: layout: differs from what the build recorded in contract.json");
+  const fs::path c = copy_artifact("contract-gone");
+  fs::remove(c / nezha::kContract);
+  edit(c, [](json& m) { m["files"].erase(nezha::kContract); });
+  EXPECT_ERROR(load(c), "'contract.json' has no entry in files");
 }
 
 void test_refuses_unknown_missing_and_mistyped_keys() {
@@ -412,7 +443,7 @@ void test_refuses_unknown_missing_and_mistyped_keys() {
   EXPECT_ERROR(load(b), "layout.pad_token_id: expected an integer, got a boolean");
   const fs::path v = copy_artifact("version");
   edit(v, [](json& m) { m["version"] = 1; });
-  EXPECT_ERROR(load(v), "reads artifact format version 3");
+  EXPECT_ERROR(load(v), "reads artifact format version 4");
   const fs::path u = copy_artifact("unlisted");
   edit(u, [](json& m) { m["files"].erase(m["tables"]["sid_keys"]["file"].get<std::string>()); });
   EXPECT_ERROR(load(u), "has no entry in files");
@@ -427,6 +458,7 @@ void test_refuses_unknown_missing_and_mistyped_keys() {
     m["engines"]["fp32"] = m["engines"]["int8-cpu"];
     m["engines"].erase("int8-cpu");
   });
+  rebind(g);
   CHECK(load(g) != nullptr);
   const fs::path dup = copy_artifact("duplicate-key");
   {
@@ -442,6 +474,9 @@ void test_refuses_unknown_missing_and_mistyped_keys() {
     m["precisions"]["fp32"]["quantization"] = {{"x", nested}};
   });
   EXPECT_ERROR(load(deep), "nested deeper than 32 levels");
+  const fs::path nul = copy_artifact("nul-then-text");            // nlohmann alone would stop at the NUL
+  std::ofstream(nul / "manifest.json", std::ios::app) << std::string(1, '\0') << "anything";
+  EXPECT_ERROR(load(nul), "contains a NUL byte");
   const fs::path j = copy_artifact("not-json");
   std::ofstream(j / "manifest.json") << "{\"format\": ";
   EXPECT_ERROR(load(j), "is not valid JSON");
@@ -641,6 +676,7 @@ int main(int argc, char** argv) {
       {"npy_reader_is_strict", test_npy_reader_is_strict},
       {"refuses_broken_table_invariants", test_refuses_broken_table_invariants},
       {"refuses_limits_that_disagree_with_the_graphs", test_refuses_limits_that_disagree_with_the_graphs},
+      {"refuses_a_manifest_edited_after_the_build", test_refuses_a_manifest_edited_after_the_build},
       {"refuses_unknown_missing_and_mistyped_keys", test_refuses_unknown_missing_and_mistyped_keys},
       {"damaged_inputs_never_crash", test_damaged_inputs_never_crash},
       {"request_policies", test_request_policies},

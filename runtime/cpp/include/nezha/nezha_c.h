@@ -21,6 +21,10 @@ nezha_recommender* nezha_load(const char* artifact_dir, const char* precision, i
                               int64_t dense_budget_bytes, const char* onnxruntime_library);
 void nezha_free(nezha_recommender* r);
 
+/* The checks nezha_load makes before ONNX Runtime (manifest, folder, sha256 if `verify`, contract.json,
+ * tables): 0 if the artifact passes, else -1 and nezha_last_error(). Loads no ONNX Runtime. */
+int nezha_check_artifact(const char* artifact_dir, int verify);
+
 /* History b is items[offsets[b] .. offsets[b+1]); writes out_items/out_scores [count, k] and
  * out_lengths [count]. beam 0: the default max(k, 20) capped at max_beam. unknown_skip: 0 = error. */
 int nezha_recommend(nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count, int k, int beam,

@@ -1,4 +1,4 @@
-// The NEZHA runtime in C++: loads an artifact folder (docs/artifact.md, format version 3) and answers
+// The NEZHA runtime in C++: loads an artifact folder (docs/artifact.md, format version 4) and answers
 // "next items for these histories" with the same decode loop, verifier and policies as the Python
 // runtime (runtime/recommender.py, runtime/decode.py). ONNX Runtime runs the graphs through its C++ API;
 // the library opens ONNX Runtime's shared library at load time (dlopen), so it links no ONNX Runtime.
