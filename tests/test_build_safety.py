@@ -20,7 +20,8 @@ import pytest
 
 from conftest import tiny_catalog, tiny_model, write_index
 from nezha.export.build import build, main
-from nezha.export.staging import BuildError, artifact_problem, check_output, clean_stale, publish, staging
+from nezha.export.staging import (BuildError, _discard, artifact_problem, check_output, clean_stale, publish,
+                                  staging)
 from nezha.model.checkpoint import CheckpointError, save_checkpoint
 from nezha.runtime import Recommender
 from nezha.runtime.artifact import Artifact
@@ -340,3 +341,14 @@ def test_publish_puts_the_new_artifact_in_place_only_over_what_it_may_replace(ar
     (out / "b").unlink()                                                     # an empty folder loses nothing
     publish(new, out, force=True, existed=False)
     assert _max_batch(out) == 3 and not new.exists() and _leftovers(tmp_path) == []
+
+
+def test_what_changed_during_the_swap_is_kept_beside_out(artifacts, tmp_path):
+    out = shutil.copytree(artifacts["new"], tmp_path / "o")
+    container = tmp_path / ".o.old-1-x"
+    replaced = shutil.copytree(artifacts["old"], container / "o")
+    (replaced / "thesis.txt").write_text("work")               # written between the last check and the rename
+    lines = []
+    _discard(replaced, container, out, lines.append)
+    (kept,) = tmp_path.glob("o.replaced-*/o")
+    assert (kept / "thesis.txt").read_text() == "work" and not container.exists() and str(kept) in lines[0]
