@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import threading
-import time
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -141,33 +141,41 @@ def test_a_folder_or_fifo_input_is_refused_without_being_opened(checkpoint, watc
     path = checkpoint / name
     path.unlink()
     path.mkdir() if kind == "folder" else os.mkfifo(path)
-    opened = watch_fifo(path) if kind == "FIFO" else []
+    opened = watch_fifo(path) if kind == "FIFO" else lambda: 0
     with pytest.raises(CheckpointError) as e:
         load_catalog(None, checkpoint, load_checkpoint(checkpoint).layout)
-    assert _one_line(e).endswith(f"{path} is a {kind}, not a regular file") and opened == []
+    assert _one_line(e).endswith(f"{path} is a {kind}, not a regular file") and opened() == 0
+
+
+WATCHER = """
+import os, sys, time
+fifo, log = sys.argv[1], sys.argv[2]
+while True:
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))   # ENXIO while no reader waits
+        with open(log, "a") as f:
+            f.write("opened\\n")
+    except OSError:
+        time.sleep(0.01)
+"""
 
 
 @pytest.fixture
-def watch_fifo():
-    """watch_fifo(path) -> a list that gets True as soon as anyone has the FIFO ``path`` open for reading:
-    the watcher then opens it for writing, which unblocks that reader, so a regression fails the test
-    instead of hanging it. Watching stops with the test."""
-    stop = threading.Event()
+def watch_fifo(tmp_path):
+    """watch_fifo(path) -> a function that returns how often anyone opened the FIFO ``path`` for reading.
+    A separate process opens it for writing whenever a reader waits, which unblocks that reader (a
+    thread could not: a native reader may hold the GIL), so a regression fails the test instead of
+    hanging it. The watcher stops with the test."""
+    procs = []
 
     def watch(path):
-        opened = []
-
-        def loop():
-            while not stop.is_set() and not opened:
-                try:
-                    os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))     # ENXIO while no reader waits
-                    opened.append(True)
-                except OSError:
-                    time.sleep(0.01)
-        threading.Thread(target=loop, daemon=True).start()
-        return opened
+        log = tmp_path / f"{path.name}.opened"
+        procs.append(subprocess.Popen([sys.executable, "-c", WATCHER, str(path), str(log)]))
+        return lambda: log.read_text().count("opened") if log.exists() else 0
     yield watch
-    stop.set()
+    for proc in procs:
+        proc.kill()
+        proc.wait()
 
 
 @pytest.mark.parametrize("key, value", [
@@ -216,5 +224,5 @@ def test_the_cli_says_one_line_and_exits_2(good, checkpoint, watch_fifo, tmp_pat
     assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.*"))
     if case == "weights FIFO":
-        assert opened == []
+        assert opened() == 0
 
