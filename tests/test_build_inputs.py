@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from conftest import tiny_catalog, tiny_model, write_index
 from nezha.export.build import main
 from nezha.model.checkpoint import CheckpointError, load_catalog, load_checkpoint, save_checkpoint
-from nezha.runtime.catalog import Catalog, CatalogError, read_json_object
+from nezha.runtime.catalog import Catalog, CatalogError
 from nezha.runtime.data import DataError, read_interactions
 
 CLI = ["--precision", "fp32", "--exporter", "torchscript", "--max-batch", "2", "--max-beam", "4"]
