@@ -1,19 +1,13 @@
 """Where a build writes: a staging folder beside ``--out``, swapped into place at the end. The build
-never deletes what it did not write (the rules and why: docs/build.md).
+never deletes what it did not write; the rules, and why, are in docs/build.md.
 
-* ``--out`` may not be, contain or lie inside an input (checkpoint, index, data).
 * An existing ``--out`` is replaced only with ``force`` and only if it is empty or provably an artifact
-  a build wrote: its manifest.json parses strictly and its ``files`` list every file in the folder
-  (``artifact_problem``); otherwise the build refuses and names the files it does not know. The same
-  check runs again just before the swap, so a folder that appeared at ``--out`` during the build, or
-  files added to the old artifact meanwhile, are never swapped away.
-* The swap is one ``renameat2(RENAME_EXCHANGE)`` on Linux: ``--out`` is at every instant the old
-  artifact or the new one. Where that call is missing, the old artifact is first renamed into
-  ``.<name>.old-<pid>-*/<name>`` and the new one then renamed to ``--out``.
-* Leftovers of killed builds (``.<name>.building-<pid>-*``, ``.<name>.old-<pid>-*``, process gone) are
-  cleaned by the next build, which never deletes the last complete artifact: a complete one beside
-  ``--out`` is removed only while ``--out`` itself is a complete artifact; otherwise it is kept and the
-  build says where it is. Every folder removed or kept is logged.
+  (``artifact_problem``: its manifest.json parses strictly and lists every file in the folder); the
+  check runs again just before the swap, so what appeared or changed meanwhile is never swapped away.
+* The swap is one ``renameat2(RENAME_EXCHANGE)`` on Linux; where that is missing, two renames through
+  ``.<name>.old-<pid>-*/<name>``.
+* Leftovers of killed builds are cleaned by the next build (``clean_stale``), which never deletes the
+  last complete artifact and logs every folder it removes or keeps.
 * The artifact gets the usual permissions (folders 0777, files 0666, less the umask) so that a service
   running under another user can read it.
 """
@@ -73,9 +67,16 @@ def replace_problem(out: Path, force: bool, appeared: bool = False) -> str | Non
     if out.is_symlink() or not out.is_dir():
         return f"output {out}{when} and is not a folder: refusing to replace it"
     problem = artifact_problem(out)
-    if problem and any(out.iterdir()):
+    if problem and not _empty(out):
         return f"output {out}{when} and is not a nezha artifact this build can replace ({problem}): refusing to replace it"
     return None
+
+
+def _empty(folder: Path) -> bool:
+    try:
+        return not any(folder.iterdir())
+    except OSError:                                        # unreadable: its content is unknown
+        return False
 
 
 def artifact_problem(folder: Path, complete: bool = False) -> str | None:
@@ -168,8 +169,8 @@ def clean_stale(out: Path, log=None) -> list[Path]:
         artifact = folder if kind == "building" else folder / out.name
         complete = artifact.is_dir() and artifact_problem(artifact, complete=True) is None
         if complete and not out_complete:
-            say(f"kept {artifact}: a complete artifact left by a build that was killed while {out} is "
-                f"{'not a complete artifact' if os.path.lexists(out) else 'missing'}; move it to {out} to use it, "
+            say(f"kept {artifact}: a complete artifact a killed build left, and {out} is "
+                f"{'not a complete artifact' if os.path.lexists(out) else 'missing'}: move it to {out} to use it, "
                 "or delete it")
             continue
         shutil.rmtree(folder, ignore_errors=True)
@@ -221,7 +222,7 @@ def _discard(replaced: Path, container: Path, out: Path, log) -> None:
     ``out`` and logged. Never raises: the new artifact is in place."""
     say = log or (lambda *a, **k: None)
     try:
-        if artifact_problem(replaced) is None or not any(replaced.iterdir()):
+        if artifact_problem(replaced) is None or _empty(replaced):
             shutil.rmtree(container, ignore_errors=True)
             return
         kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.replaced-", dir=out.parent))

@@ -61,11 +61,9 @@ def _check_config_fields(raw: dict, cfg_path: Path) -> None:
     def fail(key, expected):
         raise CheckpointError(f"{cfg_path}: {key} = {raw.get(key)!r}; expected {expected}")
 
-    def integer(key, lo=1, hi=MAX_SIZE, value=None):
-        value = raw.get(key) if value is None else value
-        if type(value) is not int or not lo <= value <= hi:
+    def integer(key, lo=1, hi=MAX_SIZE):
+        if type(raw.get(key)) is not int or not lo <= raw[key] <= hi:      # type(): bool is no integer here
             fail(key, f"an integer in {lo}..{hi}")
-        return value
 
     arch = raw.get("model_type")
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
