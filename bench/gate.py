@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from nezha.runtime.catalog import read_text
+from nezha.runtime.datafile import read_text
 from nezha.runtime.errors import NezhaError
 
 from .report import write_atomic

@@ -15,8 +15,9 @@ int8-cpu (dynamic int8) needs no calibration data and runs on ONNX Runtime CPU o
 it cpu-only and no TensorRT engine is built for it.
 
 Everything is built in a staging folder beside --out and swapped into place at the end (export/staging.py):
-a failed or killed build leaves the old artifact, or nothing. ``build(...)`` is the same thing as a
-function; the CLI only parses.
+a failed or killed build leaves the old artifact (where RENAME_EXCHANGE is missing, perhaps complete beside
+--out), or nothing; --force replaces only an artifact (docs/build.md). ``build(...)`` is the same thing as
+a function; the CLI only parses.
 """
 
 from __future__ import annotations
@@ -280,7 +281,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--calibration-exclude", type=ascii_int, default=0,
                    help="int8: keep this many weight MatMuls float, the ones whose quantization alone costs the "
                         "most hidden-state cosine (a sensitivity pass: one quantized graph per MatMul)")
-    p.add_argument("--force", action="store_true", help="replace --out if it exists")
+    p.add_argument("--force", action="store_true", help="replace --out if it is an artifact (its manifest.json "
+                   "lists every file in it) or empty; any other folder is refused, naming the unknown files")
     return p
 
 

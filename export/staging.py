@@ -1,14 +1,13 @@
-"""Where a build writes: a staging folder beside ``--out``, swapped into place atomically at the end.
+"""Where a build writes: a staging folder beside ``--out``, swapped into place at the end. The build
+never deletes what it did not write; the rules, and why, are in docs/build.md.
 
-* ``--out`` may not be, contain or lie inside an input (checkpoint, index, data): a forced rebuild
-  would delete it. An existing ``--out`` is replaced only with ``force`` and only if it is an artifact
-  (it has a manifest.json) or empty: a user's other folder is never deleted.
-* The swap of a forced rebuild is one ``renameat2(RENAME_EXCHANGE)`` on Linux: at every instant
-  ``--out`` is either the old artifact or the new one, even if the build is killed. Where the call is
-  missing (other systems, some file systems) the old artifact is renamed aside first and a kill in
-  that window leaves it in ``.<name>.old-<pid>-*`` beside ``--out``, which the next build cleans.
-* Staging folders of killed builds (``.<name>.building-<pid>-*``, ``.<name>.old-<pid>-*``) are removed
-  by the next build when their process is gone; a live build's are left alone.
+* An existing ``--out`` is replaced only with ``force`` and only if it is empty or provably an artifact
+  (``artifact_problem``: its manifest.json parses strictly and lists every file in the folder); the
+  check runs again just before the swap, so what appeared or changed meanwhile is never swapped away.
+* The swap is one ``renameat2(RENAME_EXCHANGE)`` on Linux; where that is missing, two renames through
+  ``.<name>.old-<pid>-*/<name>``.
+* Leftovers of killed builds are cleaned by the next build (``clean_stale``), which never deletes the
+  last complete artifact and logs every folder it removes or keeps.
 * The artifact gets the usual permissions (folders 0777, files 0666, less the umask) so that a service
   running under another user can read it.
 """
@@ -17,17 +16,24 @@ from __future__ import annotations
 
 import ctypes
 import errno
-import json
 import os
+import re
 import shutil
+import stat
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
+from nezha.runtime.artifact import MANIFEST, MAX_MANIFEST_BYTES
+from nezha.runtime.catalog import read_json
 from nezha.runtime.errors import NezhaError
+from nezha.runtime.manifest import FORMAT, VERSION, Manifest
+from nezha.runtime.strict import ManifestError, relpath
 
 _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_SHOWN = 5                          # unknown files named in a refusal
 
 
 class BuildError(NezhaError, ValueError):
@@ -35,7 +41,7 @@ class BuildError(NezhaError, ValueError):
 
 
 def check_output(out: Path, force: bool, inputs: dict[str, Path | None]) -> None:
-    """Refuse an ``out`` that overlaps an input, exists without ``force``, or is not an artifact."""
+    """Refuse an ``out`` that overlaps an input, is a link, exists without ``force``, or is not an artifact."""
     real = Path(os.path.realpath(out))
     for what, path in inputs.items():
         if path is None:
@@ -46,25 +52,82 @@ def check_output(out: Path, force: bool, inputs: dict[str, Path | None]) -> None
                              "choose an output folder outside the inputs")
     if out.is_symlink():
         raise BuildError(f"--out {out} is a symbolic link: name the real folder (the artifact is swapped into place)")
-    if not out.exists():
-        return
+    if os.path.lexists(out):
+        problem = replace_problem(out, force)
+        if problem:
+            raise BuildError(problem)
+
+
+def replace_problem(out: Path, force: bool, appeared: bool = False) -> str | None:
+    """Why the existing ``out`` may not be replaced, or None: it needs ``force`` and must be an empty
+    folder or provably an artifact. ``appeared``: it was not there when the build started."""
+    when = " appeared while this build ran" if appeared else " exists"
     if not force:
-        raise BuildError(f"output {out} exists; pass --force (force=True) to replace it")
-    if not out.is_dir():
-        raise BuildError(f"output {out} exists and is not a folder")
-    if any(out.iterdir()) and not _is_artifact(out):
-        raise BuildError(f"output {out} is a non-empty folder that is not a nezha artifact (no manifest.json of "
-                         "format nezha-artifact): refusing to replace it")
+        return f"output {out}{when}; pass --force (force=True) to replace it"
+    if out.is_symlink() or not out.is_dir():
+        return f"output {out}{when} and is not a folder: refusing to replace it"
+    problem = artifact_problem(out)
+    if problem and not _empty(out):
+        return f"output {out}{when} and is not a nezha artifact this build can replace ({problem}): refusing to replace it"
+    return None
 
 
-def _is_artifact(folder: Path) -> bool:
-    """A folder whose manifest.json says it is a nezha artifact (of any version: old ones may be rebuilt)."""
+def _empty(folder: Path) -> bool:
     try:
-        with open(folder / "manifest.json", "rb") as f:
-            head = json.loads(f.read(64 << 20))
-    except (OSError, ValueError, RecursionError):
+        return not any(folder.iterdir())
+    except OSError:                                        # unreadable: its content is unknown
         return False
-    return isinstance(head, dict) and head.get("format") == "nezha-artifact"
+
+
+def artifact_problem(folder: Path, complete: bool = False) -> str | None:
+    """None if ``folder`` is provably an artifact a build wrote: manifest.json is a regular file that
+    parses strictly (the current format through Manifest.from_json; an older or newer one needs format
+    nezha-artifact and a ``files`` object {path: sha256}), every other entry below the folder is a
+    folder or a regular file that ``files`` lists, and (``complete``) every listed file is there.
+    Otherwise a short reason naming the unknown files. Nothing is hashed: the names prove the build
+    wrote the folder; ``Artifact.open`` proves its content."""
+    reason, listed = _listed_files(folder)
+    found, unknown = set(), []
+    # an unreadable folder is unknown content, never skipped
+    for root, dirs, files in os.walk(folder, onerror=lambda e: unknown.append(os.path.relpath(e.filename, folder))):
+        for name in sorted(dirs + files):
+            path = os.path.join(root, name)
+            rel = os.path.relpath(path, folder).replace(os.sep, "/")
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                continue
+            if stat.S_ISREG(mode) and rel in listed:
+                found.add(rel)
+            elif not stat.S_ISDIR(mode):                  # unlisted files, links, FIFOs, sockets, devices
+                unknown.append(rel)
+    problems = [reason] if reason else []
+    if unknown:
+        problems.append(f"files {MANIFEST} does not list: " + ", ".join(unknown[:_SHOWN])
+                        + (f" and {len(unknown) - _SHOWN} more" if len(unknown) > _SHOWN else ""))
+    missing = sorted(set(listed) - found)
+    if complete and missing and not problems:
+        problems.append(f"incomplete: {missing[0]} is missing" + (f" and {len(missing) - 1} more" if len(missing) > 1 else ""))
+    return "; ".join(problems) or None
+
+
+def _listed_files(folder: Path) -> tuple[str | None, set[str]]:
+    """(None, the paths manifest.json lists, itself included) or (why it proves nothing, empty set)."""
+    manifest = folder / MANIFEST
+    try:
+        raw = read_json(manifest, MANIFEST, ManifestError, MAX_MANIFEST_BYTES)
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            return f"{MANIFEST} is not of format {FORMAT}", set()
+        listed = raw.get("files")
+        if not isinstance(listed, dict) or not all(isinstance(h, str) and _SHA256.fullmatch(h) for h in listed.values()):
+            return f"{MANIFEST} has no files object of sha256 digests", set()
+        for rel in listed:
+            relpath(rel, f"files.{rel}")
+        if raw.get("version") == VERSION:
+            Manifest.from_json(raw)
+    except ManifestError as e:
+        return str(e).replace(f"{MANIFEST} {manifest}", MANIFEST), set()
+    return None, set(listed) | {MANIFEST}
 
 
 def _alive(pid: int) -> bool:
@@ -77,15 +140,43 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def clean_stale(out: Path) -> list[Path]:
-    """Remove the staging folders of earlier builds of ``out`` whose process is gone; returns them."""
+def _stale(out: Path) -> list[tuple[Path, str]]:
+    """(folder, kind) for each staging folder of ``out`` whose build process is gone. Names are matched
+    as plain prefixes, never as glob patterns (an --out called ``a[1]`` must not match ``a1``)."""
+    found = []
+    try:
+        entries = sorted(os.scandir(out.parent), key=lambda e: e.name)
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        for kind in ("building", "old"):
+            prefix = f".{out.name}.{kind}-"
+            pid = entry.name[len(prefix):].split("-")[0]
+            if (entry.name.startswith(prefix) and pid.isdigit() and int(pid) != os.getpid()
+                    and entry.is_dir(follow_symlinks=False) and not _alive(int(pid))):
+                found.append((Path(entry.path), kind))
+    return found
+
+
+def clean_stale(out: Path, log=None) -> list[Path]:
+    """Remove what killed builds of ``out`` left beside it, except the last complete artifact; returns
+    the folders removed. A complete artifact left there (the old one renamed aside, or a new one not yet
+    moved) is removed only while ``out`` is itself a complete artifact; otherwise it is kept and logged."""
+    say = log or (lambda *a, **k: None)
+    out_complete = out.is_dir() and not out.is_symlink() and artifact_problem(out, complete=True) is None
     removed = []
-    for kind in ("building", "old"):
-        for p in out.parent.glob(f".{out.name}.{kind}-*"):
-            pid = p.name[len(f".{out.name}.{kind}-"):].split("-")[0]
-            if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)) and p.is_dir():
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
+    for folder, kind in _stale(out):
+        artifact = folder if kind == "building" else folder / out.name
+        complete = artifact.is_dir() and artifact_problem(artifact, complete=True) is None
+        if complete and not out_complete:
+            say(f"kept {artifact}: a complete artifact a killed build left, and {out} is "
+                f"{'not a complete artifact' if os.path.lexists(out) else 'missing'}: move it to {out} to use it, "
+                "or delete it")
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+        say(f"removed {folder.name}, left by a build that was killed"
+            + (f" (a complete artifact; {out.name} holds a complete one)" if complete else ""))
     return removed
 
 
@@ -109,21 +200,62 @@ def exchange(a: Path, b: Path) -> bool:
     return _renameat2(a, b, _RENAME_EXCHANGE)
 
 
-def rename_new(a: Path, b: Path, force: bool) -> None:
-    """Put ``a`` at ``b``, which did not exist when the build started: RENAME_NOREPLACE, so a ``b`` that
-    another build made meanwhile is never replaced without ``force``."""
+def _rename_new(a: Path, b: Path) -> bool:
+    """Put ``a`` at ``b`` if nothing is there (RENAME_NOREPLACE; a plain rename where that is missing,
+    which replaces at most an empty folder); False if something is."""
     try:
-        done = _renameat2(a, b, _RENAME_NOREPLACE)
-    except FileExistsError:
-        done = False
-        if not force:
-            raise BuildError(f"output {b} appeared while this build ran (another build?); pass --force to "
-                             "replace it") from None
-    if not done:
-        if b.exists() and not force:
-            raise BuildError(f"output {b} appeared while this build ran (another build?); pass --force to replace it")
-        if not b.exists() or not exchange(a, b):
-            os.rename(a, b)
+        if _renameat2(a, b, _RENAME_NOREPLACE):
+            return True
+        if os.path.lexists(b):
+            return False
+        os.rename(a, b)
+        return True
+    except OSError as e:
+        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
+            return False
+        raise
+
+
+def _discard(replaced: Path, container: Path, out: Path, log) -> None:
+    """Delete ``container``, which holds ``replaced`` (what was at ``out`` before the swap), after checking
+    once more that it is an artifact or empty; anything else (changed during the swap) is kept beside
+    ``out`` and logged. Never raises: the new artifact is in place."""
+    say = log or (lambda *a, **k: None)
+    try:
+        if artifact_problem(replaced) is None or _empty(replaced):
+            shutil.rmtree(container, ignore_errors=True)
+            return
+        kept = Path(tempfile.mkdtemp(prefix=f"{out.name}.replaced-", dir=out.parent))
+        os.rename(replaced, kept / out.name)
+        shutil.rmtree(container, ignore_errors=True)
+        say(f"{out} changed while the build replaced it; what was there is kept in {kept / out.name}")
+    except OSError as e:
+        say(f"the previous content of {out} is left in {container} ({e.strerror or e})")
+
+
+def publish(tmp: Path, out: Path, force: bool, existed: bool, log=None) -> None:
+    """Put the finished staging folder ``tmp`` at ``out``, or raise BuildError leaving ``out`` as it was
+    (``existed``: ``out`` was there when the build started). On return ``tmp`` is gone."""
+    try:
+        if not os.path.lexists(out) and _rename_new(tmp, out):
+            return
+        problem = replace_problem(out, force, appeared=not existed)
+        if problem:
+            raise BuildError(problem + "; the new artifact was not kept")
+        if exchange(tmp, out):
+            _discard(tmp, tmp, out, log)                  # tmp now holds what was at out
+            return
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
+        os.rename(out, old / out.name)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            os.rename(old / out.name, out)                 # put the old artifact back before failing
+            old.rmdir()
+            raise
+    except OSError as e:
+        raise BuildError(f"cannot move the new artifact to {out}: {e.strerror or e}; {out} is as it was") from None
+    _discard(old / out.name, old, out, log)
 
 
 def _umask() -> int:
@@ -145,28 +277,19 @@ def publishable(folder: Path) -> None:
 
 @contextmanager
 def staging(out: Path, force: bool = False, log=None):
-    """Yield an empty staging folder beside ``out``; on success put it at ``out`` (atomically replacing
-    an old artifact), on any failure remove it. Fails early if ``out``'s folder is not writable."""
+    """Yield an empty staging folder beside ``out``; on success put it at ``out`` (``publish``), on any
+    failure remove it. Fails early if ``out``'s folder is not writable."""
+    existed = os.path.lexists(out)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        for p in clean_stale(out):
-            if log:
-                log(f"removed {p.name}, left by a build that was killed")
+        clean_stale(out, log)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
     except OSError as e:
         raise BuildError(f"cannot write the artifact beside {out}: {e.strerror or e} ({e.filename or out.parent})") from None
     try:
         yield tmp
         publishable(tmp)
-        if not out.exists():
-            rename_new(tmp, out, force)
-        elif exchange(tmp, out):
-            shutil.rmtree(tmp, ignore_errors=True)              # tmp now holds the old artifact
-        else:
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-{os.getpid()}-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
+        publish(tmp, out, force, existed, log)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)             # publish raises only before any swap
         raise

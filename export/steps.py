@@ -269,7 +269,8 @@ def load_with_runtime(s: State, notes: list) -> State:
         with Recommender.load(s.tmp, precision=p, threads=1) as rec:
             got = rec.recommend(histories, k=min(10, rec.max_beam), beam=min(20, rec.max_beam))
         if len(got) != len(histories) or not all(got):
-            raise RuntimeError(f"the runtime loaded the {p} graphs but decoded no items: {got}")
+            raise BuildError(f"the runtime loaded the {p} graphs but decoded no items for {len(histories)} "
+                             "validation histories: the model's scores are not usable (non-finite?)")
     notes.append(f"Recommender.load + recommend: {len(s.options.precisions)} precision(s), {len(histories)} histories")
     return s
 

@@ -6,6 +6,7 @@ A folder holds ``config.json`` (backbone config + ``docid_num``, ``offset``, ``m
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -13,16 +14,27 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from nezha.runtime.catalog import Catalog, read_json_object
+from nezha.runtime.datafile import regular_file
 from nezha.runtime.errors import NezhaError
 from nezha.runtime.layout import LayoutError, SidLayout
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from .nezha import ARCHITECTURES, NezhaModel, layout_from_config
 
 REFERENCE_RADIX = 512          # hard-coded in the public training code's ava_sid packing
 SID_FIELDS = ("docid_num", "offset", "max_sid", "vocab_size")
+# config.json's sizes: integers >= 1 (or >= 0), at most MAX_SIZE: token ids and dims fit int32, as the
+# graphs' Gather and the engines' shapes need; the weights' shapes bound them further (load_checkpoint).
+MAX_SIZE = 2 ** 31 - 1
+SIZES = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size",
+         "max_position_embeddings")
+OPTIONAL_SIZES = ("num_key_value_heads", "head_dim")
+FLAGS = ("use_mtp", "tie_word_embeddings")
+POSITIVE_REALS = ("rms_norm_eps", "rope_theta")
+WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
 class CheckpointError(NezhaError, ValueError):
@@ -45,20 +57,60 @@ def make_config(layout: SidLayout, architecture: str = "qwen3", hidden_size: int
         old_vocab_size=layout.offsets[0], use_mtp=use_mtp, **extra)
 
 
+def _check_config_fields(raw: dict, cfg_path: Path) -> None:
+    """The fields this reader uses, typed and bounded, before any of them reaches transformers or torch."""
+    def fail(key, expected):
+        raise CheckpointError(f"{cfg_path}: {key} = {raw.get(key)!r}; expected {expected}")
+
+    def integer(key, lo=1, hi=MAX_SIZE):
+        if type(raw.get(key)) is not int or not lo <= raw[key] <= hi:      # type(): bool is no integer here
+            fail(key, f"an integer in {lo}..{hi}")
+
+    arch = raw.get("model_type")
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        raise CheckpointError(f"{cfg_path}: model_type {arch!r} is not supported; expected one of "
+                              f"{', '.join(ARCHITECTURES)}")
+    missing = [k for k in SID_FIELDS if k not in raw]
+    if missing:
+        raise CheckpointError(f"{cfg_path}: missing NEZHA field(s) {missing}; expected {list(SID_FIELDS)}")
+    for key in SIZES + tuple(k for k in OPTIONAL_SIZES if raw.get(k) is not None):
+        integer(key)
+    offsets, codes = raw["offset"], raw["docid_num"]
+    if not isinstance(offsets, list) or not offsets or any(type(o) is not int or not 0 <= o <= MAX_SIZE for o in offsets):
+        fail("offset", f"a non-empty list of integers in 0..{MAX_SIZE}, one per SID level")
+    if not (type(codes) is int or isinstance(codes, list) and len(codes) == len(offsets)) or any(
+            type(c) is not int or not 1 <= c <= MAX_SIZE for c in (codes if isinstance(codes, list) else [codes])):
+        fail("docid_num", f"an integer in 1..{MAX_SIZE} or a list of {len(offsets)} of them (codes per level)")
+    integer("max_sid", 0)
+    for key in ("old_vocab_size", "pad_token_id"):
+        if raw.get(key) is not None:
+            integer(key, 0, raw["vocab_size"] - 1 if key == "pad_token_id" else MAX_SIZE)
+    for key in FLAGS:
+        if key in raw and type(raw[key]) is not bool:
+            fail(key, "true or false")
+    for key in POSITIVE_REALS:
+        value = raw.get(key)
+        if key in raw and (type(value) not in (int, float) or not math.isfinite(value) or value <= 0):
+            fail(key, "a finite number > 0")
+    heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
+    if heads % kv_heads:
+        fail("num_key_value_heads", f"a divisor of num_attention_heads ({heads})")
+    if raw.get("head_dim") is None and raw["hidden_size"] % heads:
+        fail("hidden_size", f"a multiple of num_attention_heads ({heads}) when head_dim is not given")
+
+
 def _read_config(path: Path):
     cfg_path = path / "config.json"
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
     raw = read_json_object(cfg_path, "checkpoint config (a NEZHA checkpoint folder needs config.json)",
                            "the backbone config plus docid_num, offset, max_sid", CheckpointError)
-    arch = raw.get("model_type")
-    if arch not in ARCHITECTURES:
-        raise CheckpointError(f"{cfg_path}: model_type {arch!r} is not supported; expected one of "
-                              f"{', '.join(ARCHITECTURES)}")
-    missing = [k for k in SID_FIELDS if k not in raw]
-    if missing:
-        raise CheckpointError(f"{cfg_path}: missing NEZHA field(s) {missing}; expected {list(SID_FIELDS)}")
-    config = ARCHITECTURES[arch][0].from_dict(raw)
+    _check_config_fields(raw, cfg_path)
+    arch = raw["model_type"]
+    try:
+        config = ARCHITECTURES[arch][0].from_dict(raw)
+    except (ValueError, TypeError, StrictDataclassError) as e:     # transformers' own checks of the other keys
+        raise CheckpointError(f"{cfg_path}: not a valid {arch} config: {' '.join(str(e).split())}") from None
     try:
         layout = layout_from_config(config)
     except LayoutError as e:
@@ -73,32 +125,64 @@ def _read_config(path: Path):
     return config
 
 
+def _expected_shapes(config, cfg_path: Path) -> dict[str, tuple[int, ...]]:
+    """Every weight's shape as config.json implies it, from a model on the meta device (nothing allocated,
+    so a config claiming huge sizes costs nothing before the weights refute it)."""
+    try:
+        with torch.device("meta"):
+            model = NezhaModel(config)
+    except (ValueError, TypeError, ArithmeticError) as e:
+        raise CheckpointError(f"{cfg_path}: not a valid {config.model_type} config: {' '.join(str(e).split())}") from None
+    return {k: tuple(t.shape) for k, t in model.state_dict().items()}
+
+
+def _check_weights_header(weights_path: Path, expected: dict, config, use_mtp: bool) -> None:
+    """The safetensors header (names, shapes, dtypes) against ``expected``, before any tensor is read."""
+    regular_file(weights_path, "weights (a NEZHA checkpoint folder needs model.safetensors)", CheckpointError)
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
+    if getattr(config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in header:
+        header.setdefault("lm_head.weight", header["model.embed_tokens.weight"])
+    for key, shape in expected.items():
+        if key not in header:
+            what = "draft-head" if key.startswith("mtp_head.") else "backbone"
+            raise CheckpointError(f"{weights_path}: missing {what} weight {key!r} of shape {shape}")
+        if header[key][0] != shape:
+            raise CheckpointError(f"{weights_path}: {key!r} has shape {header[key][0]}, expected {shape} from "
+                                  "config.json")
+        if header[key][1] not in WEIGHT_DTYPES:
+            raise CheckpointError(f"{weights_path}: {key!r} is {header[key][1]}; weights are floating point "
+                                  f"({', '.join(WEIGHT_DTYPES)})")
+    unexpected = sorted(set(header) - set(expected))
+    if unexpected and not (all(k.startswith("mtp_head.") for k in unexpected) and not use_mtp):
+        raise CheckpointError(f"{weights_path}: unexpected weight(s) {unexpected[:5]} for a {config.model_type} "
+                              f"model with use_mtp={use_mtp}")
+
+
 def load_checkpoint(path: str | Path) -> NezhaModel:
-    """Load a checkpoint folder in the public NEZHA format into a NezhaModel (eval mode, float32)."""
+    """Load a checkpoint folder in the public NEZHA format into a NezhaModel (eval mode, float32).
+    Everything is checked before the model is built: config.json's fields, then the weights' names,
+    shapes and dtypes against it, then every weight's values (finite)."""
     path = Path(path)
     config = _read_config(path)
+    expected = _expected_shapes(config, path / "config.json")
     weights_path = path / "model.safetensors"
+    _check_weights_header(weights_path, expected, config, bool(getattr(config, "use_mtp", True)))
     try:
         weights = load_file(str(weights_path))
-    except FileNotFoundError:
-        raise CheckpointError(f"{weights_path} is missing: a NEZHA checkpoint folder needs model.safetensors") from None
-    except SafetensorError as e:
+    except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
-    model = NezhaModel(config)
-    expected = model.state_dict()
     if getattr(config, "tie_word_embeddings", False):
-        weights.setdefault("lm_head.weight", weights.get("model.embed_tokens.weight"))
-    for key, tensor in expected.items():
-        if key not in weights:
-            what = "draft-head" if key.startswith("mtp_head.") else "backbone"
-            raise CheckpointError(f"{weights_path}: missing {what} weight {key!r} of shape {tuple(tensor.shape)}")
-        if tuple(weights[key].shape) != tuple(tensor.shape):
-            raise CheckpointError(f"{weights_path}: {key!r} has shape {tuple(weights[key].shape)}, expected "
-                                  f"{tuple(tensor.shape)} from config.json")
-    unexpected = sorted(set(weights) - set(expected))
-    if unexpected and not (all(k.startswith("mtp_head.") for k in unexpected) and not model.use_mtp):
-        raise CheckpointError(f"{weights_path}: unexpected weight(s) {unexpected[:5]} for a {config.model_type} "
-                              f"model with use_mtp={model.use_mtp}")
+        weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+    bad = [k for k in expected if not torch.isfinite(weights[k]).all()]
+    if bad:
+        count = int((~torch.isfinite(weights[bad[0]])).sum())
+        raise CheckpointError(f"{weights_path}: weight {bad[0]!r} holds {count} non-finite value(s) (Inf or NaN)"
+                              + (f", and {len(bad) - 1} more weight(s) too" if len(bad) > 1 else ""))
+    model = NezhaModel(config)
     model.load_state_dict({k: weights[k].float() for k in expected}, strict=True)
     return model.float().eval()
 
@@ -136,10 +220,9 @@ def pack_reference_sids(codes: np.ndarray) -> torch.Tensor:
 def catalog_from_reference_sids(path: str | Path, layout: SidLayout) -> Catalog:
     """Read ``ava_sid{L}.pt`` safely (weights_only) into a Catalog; item ids are positions in the file."""
     path = Path(path)
+    regular_file(path, "valid-SID file", CheckpointError)          # a FIFO would make torch.load wait
     try:
         packed = torch.load(path, weights_only=True, map_location="cpu")
-    except FileNotFoundError:
-        raise CheckpointError(f"valid-SID file {path} does not exist") from None
     except Exception as e:  # torch raises several unpickling error types for a bad file
         raise CheckpointError(f"{path} is not a tensor file readable with weights_only=True: {e}") from None
     if not isinstance(packed, torch.Tensor) or packed.ndim != 1 or packed.dtype.is_floating_point:

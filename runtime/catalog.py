@@ -1,4 +1,8 @@
-"""The item catalog: item id -> SID codes, and SID -> items (several items may share one SID)."""
+"""The item catalog: item id -> SID codes, and SID -> items (several items may share one SID).
+
+Also the one strict reader of the JSON files a user hands over (item index, interactions, checkpoint
+config): regular files only, UTF-8, each key once, no NaN, and Python's own limits (integer digits,
+nesting depth) reported as one line."""
 
 from __future__ import annotations
 
@@ -10,25 +14,67 @@ from pathlib import Path
 import numpy as np
 from nezha.runtime.errors import NezhaError
 
-from .datafile import read_text
+from .datafile import read_bytes
 from .layout import SidLayout
 
-_TOKEN = re.compile(r"^<([a-z])_(\d+)>$")
+# ASCII digits only (``\d`` would take "١٠٠"), no sign, space, "_" or leading zero, at most 18 digits: an
+# int64 for sure (19-digit ids are checked against 2**63 - 1 where they are read).
+_ITEM_ID = re.compile(r"0|[1-9][0-9]{0,18}")
+_TOKEN = re.compile(r"<([a-z])_(0|[1-9][0-9]{0,17})>")
+INT64_MAX = 2 ** 63 - 1
 
 
 class CatalogError(NezhaError, ValueError):
     """A malformed item index or catalog table."""
 
 
-def read_json_object(path: Path, what: str, shape: str, error: type[Exception]) -> dict:
-    """A non-empty JSON object from ``path`` (.json or .json.gz), or ``error`` naming the file and what was
-    expected."""
+class _DuplicateKey(ValueError):
+    pass
+
+
+class _NotJson(ValueError):
+    pass
+
+
+def _unique_keys(pairs: list) -> dict:
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen.add(key)
+    return dict(pairs)
+
+
+def _no_constant(name: str):
+    raise _NotJson(f"{name} is not a JSON value")
+
+
+def parse_json(data: bytes, where: str, error: type[Exception]):
+    """Strict JSON from UTF-8 ``data``: each key once per object, no NaN/Infinity; every refusal (also
+    Python's 4300-digit integer limit and its nesting limit) is ``error`` naming ``where``."""
     try:
-        raw = json.loads(read_text(path, what, error))
-    except FileNotFoundError:
-        raise error(f"{what} {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise error(f"{what} {path} is not valid JSON: {e}") from None
+        return json.loads(data.decode("utf-8"), object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+    except _DuplicateKey as e:
+        raise error(f"{where}: key {e.args[0]!r} appears twice in one object; each key may appear once") from None
+    except UnicodeDecodeError as e:
+        raise error(f"{where} is not UTF-8 text: {e.reason} at byte {e.start}") from None
+    except RecursionError:
+        raise error(f"{where} is not valid JSON: nested deeper than this reader allows") from None
+    except ValueError as e:       # JSONDecodeError, _NotJson, an integer over Python's digit limit
+        why = "an integer has more digits than Python reads (4300)" if "digits" in str(e) else str(e)
+        raise error(f"{where} is not valid JSON: {why}") from None
+
+
+def read_json(path: str | Path, what: str, error: type[Exception], max_bytes: int | None = None):
+    """The JSON value in the regular file ``path`` (.json or .json.gz, checked against a SHA256SUMS beside it:
+    ``datafile.read_bytes``; ``parse_json``), or ``error`` naming ``what`` and the file."""
+    return parse_json(read_bytes(path, what, error, max_bytes), f"{what} {path}", error)
+
+
+def read_json_object(path: Path, what: str, shape: str, error: type[Exception]) -> dict:
+    """A non-empty JSON object from ``path`` (read strictly: ``read_json``), or ``error`` naming the file
+    and what was expected."""
+    raw = read_json(path, what, error)
     if not isinstance(raw, dict) or not raw:
         raise error(f"{what} {path} must be a non-empty JSON object: {shape}")
     return raw
@@ -70,20 +116,20 @@ class Catalog:
         ids, codes = [], []
         levels = None
         for item, tokens in raw.items():
-            try:
-                ids.append(int(item))
-            except ValueError:
-                raise CatalogError(f"item index {path}: item id {item!r} is not an integer") from None
+            if not _ITEM_ID.fullmatch(item) or int(item) > INT64_MAX:
+                raise CatalogError(f"item index {path}: item id {item!r} is not an integer 0..{INT64_MAX} written "
+                                   "in ASCII digits (no sign, space, '_' or leading zero)")
+            ids.append(int(item))
             if not isinstance(tokens, list) or (levels is not None and len(tokens) != levels):
                 raise CatalogError(f"item index {path}: item {item} has codes {tokens!r}; expected a list of "
                                    f"{levels or 'L'} tokens like '<a_12>'")
             levels = len(tokens)
             row = []
             for level, tok in enumerate(tokens):
-                m = _TOKEN.match(str(tok))
+                m = _TOKEN.fullmatch(tok) if isinstance(tok, str) else None
                 if not m or ord(m.group(1)) - ord("a") != level:
                     raise CatalogError(f"item index {path}: item {item} level {level} token {tok!r}; expected "
-                                       f"'<{chr(ord('a') + level)}_N>'")
+                                       f"'<{chr(ord('a') + level)}_N>' with N in ASCII digits")
                 row.append(int(m.group(2)))
             codes.append(row)
         return cls(np.array(ids), np.array(codes))

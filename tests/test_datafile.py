@@ -47,7 +47,7 @@ def test_a_malformed_checksum_file_is_refused_naming_the_line(tmp_path, sums, me
 def test_a_checksum_file_that_is_not_a_regular_file_is_refused(tmp_path):
     path = folder_with(tmp_path)
     os.mkfifo(tmp_path / "SHA256SUMS")                # never opened: a FIFO would block
-    with pytest.raises(DataError, match="SHA256SUMS is not a regular file"):
+    with pytest.raises(DataError, match="SHA256SUMS is a FIFO, not a regular file"):
         read_text(path, "interactions file", DataError)
 
 

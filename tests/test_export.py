@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import os
@@ -288,8 +289,9 @@ def test_unwritable_output(tmp_path, checkpoint):
 def test_existing_output_needs_force(tmp_path, checkpoint, capsys):
     out = tmp_path / "art"
     out.mkdir()
-    (out / "manifest.json").write_text('{"format": "nezha-artifact", "version": 1}')   # an old artifact
-    (out / "keep.txt").write_text("old")
+    (out / "keep.txt").write_text("old")                                  # an old artifact: its manifest lists it
+    (out / "manifest.json").write_text(json.dumps({"format": "nezha-artifact", "version": 1, "files": {
+        "keep.txt": hashlib.sha256(b"old").hexdigest()}}))
     assert main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 2
     assert "exists; pass --force" in capsys.readouterr().err and (out / "keep.txt").read_text() == "old"
     summary = build(checkpoint, None, out, precision=("fp32",), exporter="torchscript", max_batch=4, max_beam=8,
