@@ -28,6 +28,8 @@ def add_parsers(sub) -> None:
     p.add_argument("artifact", type=Path, help="artifact folder written by python export/build.py")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; put TLS and auth in a gateway)")
     p.add_argument("--port", type=ascii_int, default=8000)
+    p.add_argument("--grpc-port", type=ascii_int, default=None,
+                   help="also serve KServe v2 over gRPC (inference.GRPCInferenceService) on this port, same host")
     p.add_argument("--name", default="nezha", help="model name in the /v2/models/{name} routes")
     p.add_argument("--engine", default="uvicorn", choices=["uvicorn", "ray"])
     p.add_argument("--replicas", type=ascii_int, default=1, help="Ray Serve replicas (--engine ray)")
@@ -97,6 +99,9 @@ def run_serve(a) -> int:
             return _fail("serve", ValueError(f"{name} must be >= {low}, got {value}"))
     if a.processes < 0:
         return _fail("serve", ValueError(f"--processes must be >= 0, got {a.processes}"))
+    if a.grpc_port is not None and (a.engine == "ray" or not 0 < a.grpc_port < 65536 or a.grpc_port == a.port):
+        return _fail("serve", ValueError("--grpc-port: a port in 1..65535 other than --port, with the uvicorn "
+                                         "engine (Ray Serve has its own gRPC proxy: see docs/protocols.md)"))
     if a.processes and a.engine == "ray":
         return _fail("serve", ValueError("--processes is for the uvicorn engine; under Ray Serve each replica is a "
                                          "process already: scale with --replicas"))
@@ -124,8 +129,11 @@ def run_serve(a) -> int:
         from .model import load_model
         from .service import Service
         model = load_model(a.artifact, load)            # before uvicorn starts: a bad artifact is one line, exit 2
+        if a.grpc_port is not None:
+            from .grpc_server import check_port
+            check_port(a.host, a.grpc_port)                # taken: one line here, not a failed app startup
         run(Service(a.artifact, options, load, model=model), host=a.host, port=a.port,
-            drain_timeout=a.drain_timeout, log_level=a.log_level)
+            drain_timeout=a.drain_timeout, log_level=a.log_level, grpc_port=a.grpc_port)
     except (NezhaError, ImportError, OSError) as e:
         return _fail("serve", e)
     return 0

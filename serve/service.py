@@ -25,6 +25,7 @@ from nezha.runtime.errors import NezhaError
 
 from . import protocol as P
 from .batching import Batcher, Item, Pending, tokens_of
+from .binary import EXTENSION, answer_v2
 from .metrics import Metrics
 from .model import LoadedModel, LoadOptions, load_model
 from .pool import wait_closed
@@ -174,8 +175,9 @@ class Service:
             pending.fail(P.DeadlineExceeded("client went away"))
             raise
 
-    async def answer(self, parse: Callable, body: bytes, timeout_ms: float | None = None):
-        """Parse a body against the current model, decode, and map SIDs to items with each request's k."""
+    async def answer(self, parse: Callable, body: bytes | dict, timeout_ms: float | None = None):
+        """Parse a body (bytes, or JSON already parsed by another encoding: serve.binary, serve.grpc_server)
+        against the current model, decode, and map SIDs to items with each request's k."""
         if not self.ready:
             raise P.Unavailable("not ready: " + ("draining for shutdown" if self.draining else "no model loaded"))
         timeout_ms = self.options.timeout_ms if timeout_ms is None else min(timeout_ms, self.options.timeout_ms)
@@ -183,7 +185,8 @@ class Service:
         model = self.model                                       # one model for the whole request
         model.acquire()
         try:
-            query = parse(P.parse_json(body, self.options.max_body_bytes), model.rec, self.options.max_queue)
+            obj = P.parse_json(body, self.options.max_body_bytes) if isinstance(body, bytes) else body
+            query = parse(obj, model.rec, self.options.max_queue)
             return model, query, await self.decode(model, query, deadline)
         finally:
             model.release()
@@ -231,7 +234,7 @@ class Service:
             return path, Reply(200 if self.ready else 503, {"ready": self.ready})
         if path == "/v2":
             _allow(method, "GET")
-            return path, Reply(200, {"name": "nezha-serve", "version": _version(), "extensions": []})
+            return path, Reply(200, {"name": "nezha-serve", "version": _version(), "extensions": [EXTENSION]})
         if path == "/admin/reload":
             _allow(method, "POST")
             body = await read_body(self.options.max_body_bytes)
@@ -257,9 +260,8 @@ class Service:
                 _allow(method, "GET")
                 return "/v2/models/{name}/ready", Reply(200 if self.ready else 503, {"name": name, "ready": self.ready})
             _allow(method, "POST")
-            model, query, results = await self.answer(P.parse_v2_infer, await read_body(self.options.max_body_bytes),
-                                                      timeout_ms)
-            return "/v2/models/{name}/infer", Reply(200, P.v2_response(name, model.version, query.id, results, query.k))
+            body = await read_body(self.options.max_body_bytes)            # JSON, or binary tensors: serve.binary
+            return "/v2/models/{name}/infer", await answer_v2(self, name, body, headers, timeout_ms)
         raise P.NotFound(f"no route {method} {path}; see /v2/models/{self.options.name} and /v1/recommend")
 
 
