@@ -6,6 +6,8 @@ library's argument names).
     nezha serve artifacts/demo --processes 1                      # decode in a process of its own (own GIL)
     nezha serve artifacts/demo --engine ray --replicas 2          # the same routes on Ray Serve
     nezha loadtest http://127.0.0.1:8000 --concurrency 1 4 16 64 --duration 30 --out runs/loadtest
+    nezha serve artifacts/demo --grpc-port 8001                   # also KServe v2 over gRPC
+    nezha loadtest http://127.0.0.1:8000 --grpc-port 8001 --protocol json binary grpc
 """
 
 from __future__ import annotations
@@ -74,6 +76,11 @@ def add_parsers(sub) -> None:
     q.add_argument("--k", type=ascii_int, default=10)
     q.add_argument("--beam", type=ascii_int, default=20)
     q.add_argument("--histories-per-request", type=ascii_int, default=1)
+    q.add_argument("--protocol", nargs="+", default=["recommend"], choices=["recommend", "json", "binary", "grpc"],
+                   help="recommend: POST /v1/recommend (default); json, binary: KServe v2 infer with JSON or binary "
+                        "tensors; grpc: KServe v2 ModelInfer. Several are measured side by side on each URL")
+    q.add_argument("--grpc-port", type=ascii_int, help="the server's --grpc-port (for --protocol grpc)")
+    q.add_argument("--model", default="nezha", help="model name for the v2 protocols (the server's --name)")
     q.add_argument("--data", type=Path, help="LETTER dataset folder (default: Beauty, test split)")
     q.add_argument("--history-limit", type=ascii_int, default=5000, help="test histories drawn from the data")
     q.add_argument("--title", default="", help="label of the run in the reports")
