@@ -15,6 +15,7 @@ request's future, deadline and metrics live where the HTTP ones do."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
@@ -142,6 +143,9 @@ def _handler(service, name: str, method, request_class, response_class):
             status, kind, message = e.status, e.kind, str(e)
         except NezhaError as e:                            # a library user error not caught in parsing
             status, kind, message = 400, "bad_request", str(e)
+        except asyncio.CancelledError:                     # the client went away or its deadline passed
+            status = 499                                   # nginx's "client closed request", as a label only
+            raise
         except Exception:
             log.exception("internal error on gRPC %s", name)
             status, kind, message = 500, "internal", "internal error; the server log has the details"
