@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from types import SimpleNamespace
 
 import grpc
 import numpy as np
@@ -130,34 +131,47 @@ class InferenceServicer:
         return infer_response(request.model_name, model.version, query.id, output_arrays(results, query.k), names, raw)
 
 
-def _handler(service, name: str, method, request_class, response_class):
-    """One RPC: errors -> status codes (as the HTTP route's), metrics under the route ``grpc:NAME`` with
-    the HTTP status the same answer has over HTTP (one label set for both protocols)."""
+def refusal(e: Exception) -> tuple[int, str, str]:
+    """An exception from a servicer method -> (HTTP status, error kind, message), as ``Service.handle``
+    maps them; ``CODES[status]`` is its gRPC code."""
+    if isinstance(e, P.ServeError):
+        return e.status, e.kind, str(e)
+    if isinstance(e, NezhaError):                          # a library user error not caught in parsing
+        return 400, "bad_request", str(e)
+    log.error("internal error on a gRPC call", exc_info=e)
+    return 500, "internal", "internal error; the server log has the details"
+
+
+def _metered(service, name: str, method):
+    """One RPC for grpc.aio: errors -> status codes, metrics under the route ``grpc:NAME`` with the HTTP
+    status the same answer has over HTTP (one label set for both protocols)."""
     route = f"grpc:{name}"
 
     async def call(request, context):
         t0, status = time.perf_counter(), 200
         try:
             return await method(request, context)
-        except P.ServeError as e:
-            status, kind, message = e.status, e.kind, str(e)
-        except NezhaError as e:                            # a library user error not caught in parsing
-            status, kind, message = 400, "bad_request", str(e)
         except asyncio.CancelledError:                     # the client went away or its deadline passed
             status = 499                                   # nginx's "client closed request", as a label only
             raise
-        except Exception:
-            log.exception("internal error on gRPC %s", name)
-            status, kind, message = 500, "internal", "internal error; the server log has the details"
+        except Exception as e:
+            status, kind, message = refusal(e)
         finally:
             if name == "ModelInfer":
                 service.metrics.latency.labels(route).observe(time.perf_counter() - t0)
             service.metrics.requests.labels(route, str(status)).inc()
         service.metrics.errors.labels(kind).inc()
         await context.abort(CODES.get(status, grpc.StatusCode.INTERNAL), message)
+    return call
 
-    return grpc.unary_unary_rpc_method_handler(call, request_deserializer=request_class.FromString,
-                                               response_serializer=response_class.SerializeToString)
+
+def add_GRPCInferenceServiceServicer_to_server(servicer, server) -> None:
+    """Register ``servicer``'s methods (ServerLive ... ModelInfer) as ``inference.GRPCInferenceService``,
+    as a generated ``*_pb2_grpc`` module would; Ray Serve's gRPC proxy takes this function's import path."""
+    handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=req.FromString,
+                                                          response_serializer=resp.SerializeToString)
+                for name, (req, resp) in kserve.METHODS.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(kserve.SERVICE, handlers),))
 
 
 async def start_grpc(service, host: str, port: int) -> grpc.aio.Server:
@@ -167,9 +181,8 @@ async def start_grpc(service, host: str, port: int) -> grpc.aio.Server:
     server = grpc.aio.server(maximum_concurrent_rpcs=4 * service.options.max_queue,
                              options=[("grpc.max_receive_message_length", limit)])
     servicer = InferenceServicer(service)
-    handlers = {name: _handler(service, name, getattr(servicer, name), req, resp)
-                for name, (req, resp) in kserve.METHODS.items()}
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(kserve.SERVICE, handlers),))
+    add_GRPCInferenceServiceServicer_to_server(
+        SimpleNamespace(**{name: _metered(service, name, getattr(servicer, name)) for name in kserve.METHODS}), server)
     try:
         server.add_insecure_port(f"{host}:{port}")
     except RuntimeError as e:                              # grpc's "Failed to bind": the port is taken

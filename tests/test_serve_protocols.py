@@ -284,3 +284,44 @@ def test_grpc_port_option_errors_are_one_line(tmp_path):
                           (["--grpc-port", "8001", "--engine", "ray"], "Ray Serve has its own gRPC proxy")):
         r = _cli("serve", str(tmp_path / "missing"), *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+@pytest.mark.ray
+def test_ray_serve_grpc_proxy_speaks_v2(artifact, library):
+    import os
+
+    os.environ["RAY_USAGE_STATS_ENABLED"] = "0"
+    ray = pytest.importorskip("ray")
+    from ray import serve
+    from ray.serve.config import gRPCOptions
+
+    from nezha.serve.ray_grpc import SERVICER_FUNCTION, GrpcMethods
+
+    class NezhaV2(GrpcMethods):
+        """The v2 RPCs over a uvicorn-engine Service in a replica (NezhaDeployment in serve.ray_engine gets
+        the same by adding GrpcMethods to its bases). Defined here: Ray ships it by value."""
+
+        def __init__(self, artifact: str):
+            from nezha.serve.model import load_model
+
+            self.service = Service(artifact, ServeOptions(workers=1), LoadOptions(threads=1))
+            self.service.model = load_model(artifact, LoadOptions(threads=1))
+            self.service.start_engine()
+    deployment = serve.deployment(NezhaV2)
+    port = _free_port()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()},
+                    grpc_options=gRPCOptions(port=port, grpc_servicer_functions=[SERVICER_FUNCTION]))
+        serve.run(deployment.bind(str(artifact)), name="nezha-v2")
+        client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
+        assert client.is_server_ready() and client.is_model_ready("nezha")
+        histories = tiny_histories(tiny_catalog(), n=3)
+        result = client.infer("nezha", _tensors(grpcclient, histories), parameters={"k": 5})
+        assert _answers(result, 5) == [library.recommend([h], k=5)[0] for h in histories]
+        status, text = _status(lambda: client.infer("nezha", _tensors(grpcclient, [[100]], np.int32)))
+        assert status == "StatusCode.INVALID_ARGUMENT" and "datatype must be INT64, got 'INT32'" in text
+        client.close()
+    finally:
+        serve.shutdown()
+        ray.shutdown()
