@@ -182,6 +182,8 @@ def test_bad_tensors_get_the_library_message(serve, protocol):
         status, text = _status(lambda: client.infer("nezha", inputs, parameters=params))
         assert status == bad and message in text, (status, text)
     assert _status(lambda: client.infer("other", _tensors(module, one)))[0] in ("404", "StatusCode.NOT_FOUND")
+    if protocol == "grpc":                                # no control calls over gRPC
+        assert _status(lambda: client.load_model("nezha"))[0] == "StatusCode.UNIMPLEMENTED"
 
 
 def _binary_body(header: dict, *blobs: bytes) -> tuple[bytes, dict]:
@@ -325,3 +327,22 @@ def test_ray_serve_grpc_proxy_speaks_v2(artifact, library):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
+    from nezha.serve.loadtest import LoadTestError, run_loadtest
+    from test_serve import _tiny_data
+
+    s = serve()
+    data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=40))
+    result = run_loadtest([f"http://{s.url}"], concurrency=[2], duration=0.6, warmup=0.1, k=5, beam=8, data=data,
+                          histories_per_request=3, protocol=["json", "binary", "grpc"], grpc_port=s.grpc_port,
+                          out=tmp_path / "lt")
+    servers = result["points"][0]["servers"]
+    assert list(servers) == ["json", "binary", "grpc"]
+    for r in servers.values():
+        assert r["errors"] == 0 and r["requests"] > 0 and r["p50_ms"] <= r["p99_ms"]
+    metrics = s.raw.get("/metrics").text
+    assert 'route="grpc:ModelInfer",status="200"' in metrics and 'route="/v2/models/{name}/infer",status="200"' in metrics
+    with pytest.raises(LoadTestError, match="needs --grpc-port"):
+        run_loadtest([f"http://{s.url}"], protocol=["grpc"], data=data, out=None)
