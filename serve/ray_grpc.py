@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import grpc
 
+from . import kserve
 from .grpc_server import CODES, InferenceServicer, refusal
 
 SERVICER_FUNCTION = "nezha.serve.grpc_server.add_GRPCInferenceServiceServicer_to_server"
@@ -32,7 +33,8 @@ class Refused(RuntimeError):
 
 
 class GrpcMethods:
-    """Mixin for a Ray Serve deployment with ``self.service``: the six KServe v2 RPCs."""
+    """Mixin for a Ray Serve deployment with ``self.service``: the six KServe v2 RPCs (methods named like
+    them, added below from the .proto's service)."""
 
     async def _rpc(self, name: str, request, grpc_context):
         try:
@@ -44,20 +46,13 @@ class GrpcMethods:
             grpc_context.set_details(message)
             raise Refused(message) from None
 
-    async def ServerLive(self, request, grpc_context):
-        return await self._rpc("ServerLive", request, grpc_context)
 
-    async def ServerReady(self, request, grpc_context):
-        return await self._rpc("ServerReady", request, grpc_context)
+def _rpc_method(name: str):
+    async def rpc(self, request, grpc_context):          # Ray passes grpc_context when the method names it
+        return await self._rpc(name, request, grpc_context)
+    rpc.__name__ = rpc.__qualname__ = name
+    return rpc
 
-    async def ModelReady(self, request, grpc_context):
-        return await self._rpc("ModelReady", request, grpc_context)
 
-    async def ServerMetadata(self, request, grpc_context):
-        return await self._rpc("ServerMetadata", request, grpc_context)
-
-    async def ModelMetadata(self, request, grpc_context):
-        return await self._rpc("ModelMetadata", request, grpc_context)
-
-    async def ModelInfer(self, request, grpc_context):
-        return await self._rpc("ModelInfer", request, grpc_context)
+for _name in kserve.METHODS:                              # ServerLive ... ModelInfer, as the .proto lists them
+    setattr(GrpcMethods, _name, _rpc_method(_name))
