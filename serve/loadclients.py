@@ -14,11 +14,26 @@ and the header lines are empty."""
 from __future__ import annotations
 
 import json
+from urllib.parse import urlsplit
 
 import numpy as np
 
 PROTOCOLS = ("recommend", "json", "binary", "grpc")
 GRPC_OK = 200            # a gRPC OK is counted as HTTP's 200, so that one summary counts both protocols
+
+
+def check_protocols(protocols, grpc_port: int | None, error: type[Exception]) -> None:
+    if not protocols or any(p not in PROTOCOLS for p in protocols) or len(set(protocols)) != len(protocols):
+        raise error(f"--protocol: one or more of {', '.join(PROTOCOLS)}, each once; got {' '.join(protocols)}")
+    if "grpc" in protocols and grpc_port is None:
+        raise error("--protocol grpc needs --grpc-port (the server's, as given to nezha serve)")
+
+
+def address(url: str, protocol: str, grpc_port: int | None) -> str:
+    """Where ``protocol``'s requests go, for the reports."""
+    if protocol == "grpc":
+        return f"grpc://{urlsplit(url).hostname}:{grpc_port}"
+    return url if protocol == "recommend" else f"{url} ({protocol})"
 
 
 def _padded(histories: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:

@@ -21,7 +21,7 @@ import numpy as np
 
 from nezha.runtime.errors import NezhaError
 
-from .loadclients import PROTOCOLS, GrpcConnection, check_grpc, encode
+from .loadclients import GrpcConnection, address, check_grpc, check_protocols, encode
 
 
 class LoadTestError(NezhaError, ValueError):
@@ -166,10 +166,7 @@ def run_loadtest(urls: list[str], concurrency=(1, 4, 16, 64), duration: float = 
         raise LoadTestError(f"{len(labels)} labels for {len(urls)} URLs")
     if rounds < 1 or duration <= 0 or any(c < 1 for c in concurrency):
         raise LoadTestError("rounds and concurrency must be >= 1 and duration > 0")
-    if not protocol or any(p not in PROTOCOLS for p in protocol) or len(set(protocol)) != len(protocol):
-        raise LoadTestError(f"--protocol: one or more of {', '.join(PROTOCOLS)}, each once; got {' '.join(protocol)}")
-    if "grpc" in protocol and grpc_port is None:
-        raise LoadTestError("--protocol grpc needs --grpc-port (the server's, as given to nezha serve)")
+    check_protocols(protocol, grpc_port, LoadTestError)
     # one target per URL and protocol, labelled by the protocol when there is one URL
     targets = [(label if len(protocol) == 1 else p if len(urls) == 1 else f"{label} {p}", url, p)
                for url, label in zip(urls, labels) for p in protocol]
@@ -215,7 +212,7 @@ def run_loadtest(urls: list[str], concurrency=(1, 4, 16, 64), duration: float = 
         points = asyncio.run(main())
     result = {"title": title, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                           "python": platform.python_version()},
-              "setup": {"urls": {label: _address(url, p, grpc_port) for label, url, p in targets}, "duration_s": duration,
+              "setup": {"urls": {label: address(url, p, grpc_port) for label, url, p in targets}, "duration_s": duration,
                         "rounds": rounds, "k": k, "beam": beam, "histories_per_request": histories_per_request,
                         "protocols": list(protocol), "bodies": len(bodies[protocol[0]])},
               "points": points, "ratios": ratios(points, [t[0] for t in targets]),
@@ -230,12 +227,6 @@ def run_loadtest(urls: list[str], concurrency=(1, 4, 16, 64), duration: float = 
         except ImportError:
             pass                                         # matplotlib (the 'bench' extra) missing: no PNG
     return result
-
-
-def _address(url: str, protocol: str, grpc_port: int | None) -> str:
-    if protocol == "grpc":
-        return f"grpc://{urlsplit(url).hostname}:{grpc_port}"
-    return url if protocol == "recommend" else f"{url} ({protocol})"
 
 
 def ratios(points: list[dict], labels: list[str]) -> list[dict]:
