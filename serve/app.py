@@ -51,12 +51,18 @@ async def dispatch(service: Service, request: Request) -> Response:
     return to_response(reply)
 
 
-def create_app(service: Service, reload_on_sighup: bool = False) -> Starlette:
-    """The ASGI app: every path goes to ``service.handle``; startup loads the model, shutdown drains."""
+def create_app(service: Service, reload_on_sighup: bool = False, grpc_port: int | None = None,
+               grpc_host: str = "127.0.0.1", drain_timeout: float = 30.0) -> Starlette:
+    """The ASGI app: every path goes to ``service.handle``; startup loads the model, shutdown drains.
+    With ``grpc_port`` the KServe v2 gRPC service (serve.grpc_server) runs alongside, in the same loop."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
         await service.start()
+        grpc_server = None
+        if grpc_port is not None:
+            from .grpc_server import start_grpc
+            grpc_server = await start_grpc(service, grpc_host, grpc_port)
         loop = asyncio.get_running_loop()
         if reload_on_sighup:
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_sighup_reload(service)))
@@ -65,6 +71,8 @@ def create_app(service: Service, reload_on_sighup: bool = False) -> Starlette:
         finally:
             if reload_on_sighup:
                 loop.remove_signal_handler(signal.SIGHUP)
+            if grpc_server is not None:                      # in-flight RPCs finish before the batcher closes
+                await grpc_server.stop(drain_timeout)
             await service.stop()
 
     async def endpoint(request: Request) -> Response:
@@ -83,7 +91,8 @@ async def _sighup_reload(service: Service) -> None:
 
 
 def uvicorn_config(service: Service, host: str = "127.0.0.1", port: int = 8000, limits: ConnectionLimits | None = None,
-                   drain_timeout: float = 30.0, log_level: str = "info", reload_on_sighup: bool = False):
+                   drain_timeout: float = 30.0, log_level: str = "info", reload_on_sighup: bool = False,
+                   grpc_port: int | None = None):
     """uvicorn's Config for ``service``, its connections held to ``limits`` (serve.connections)."""
     import uvicorn
 
@@ -91,14 +100,17 @@ def uvicorn_config(service: Service, host: str = "127.0.0.1", port: int = 8000, 
     metrics = service.metrics
     guard = Guard(limits, on_close=lambda reason: metrics.connections_closed.labels(reason).inc(),
                   on_count=metrics.connections.set)
-    return uvicorn.Config(create_app(service, reload_on_sighup=reload_on_sighup), host=host, port=port,
+    app = create_app(service, reload_on_sighup=reload_on_sighup, grpc_port=grpc_port, grpc_host=host,
+                     drain_timeout=drain_timeout)
+    return uvicorn.Config(app, host=host, port=port,
                           log_level=log_level, timeout_graceful_shutdown=drain_timeout, access_log=False, lifespan="on",
                           http=guard.protocol(), timeout_keep_alive=limits.keep_alive_timeout_s)
 
 
 def run(service: Service, host: str = "127.0.0.1", port: int = 8000, limits: ConnectionLimits | None = None,
-        drain_timeout: float = 30.0, log_level: str = "info") -> None:
+        drain_timeout: float = 30.0, log_level: str = "info", grpc_port: int | None = None) -> None:
     """Serve until SIGINT/SIGTERM (then drain: in-flight requests finish, new ones get 503); SIGHUP reloads."""
     import uvicorn
 
-    uvicorn.Server(uvicorn_config(service, host, port, limits, drain_timeout, log_level, reload_on_sighup=True)).run()
+    uvicorn.Server(uvicorn_config(service, host, port, limits, drain_timeout, log_level, reload_on_sighup=True,
+                                  grpc_port=grpc_port)).run()

@@ -7,6 +7,8 @@ library's argument names).
     nezha serve artifacts/demo --engine ray --replicas 2          # the same routes on Ray Serve
     nezha serve artifacts/demo --engine ray --ray-address HEAD:6379 --max-replicas 8   # a cluster, autoscaled
     nezha loadtest http://127.0.0.1:8000 --concurrency 1 4 16 64 --duration 30 --out runs/loadtest
+    nezha serve artifacts/demo --grpc-port 8001                   # also KServe v2 over gRPC
+    nezha loadtest http://127.0.0.1:8000 --grpc-port 8001 --protocol json binary grpc
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def add_parsers(sub) -> None:
     p.add_argument("artifact", type=Path, help="artifact folder written by python export/build.py")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; put TLS and auth in a gateway)")
     p.add_argument("--port", type=ascii_int, default=8000, help="1..65535")
+    p.add_argument("--grpc-port", type=ascii_int, default=None,
+                   help="also serve KServe v2 over gRPC (inference.GRPCInferenceService) on this port, same host")
     p.add_argument("--name", default="nezha", help="model name in the /v2/models/{name} routes")
     p.add_argument("--engine", default="uvicorn", choices=["uvicorn", "ray"])
     p.add_argument("--replicas", type=ascii_int, default=None, help="Ray Serve replicas, a fixed count (--engine ray; default 1)")
@@ -95,6 +99,11 @@ def add_parsers(sub) -> None:
     q.add_argument("--k", type=ascii_int, default=10)
     q.add_argument("--beam", type=ascii_int, default=20)
     q.add_argument("--histories-per-request", type=ascii_int, default=1)
+    q.add_argument("--protocol", nargs="+", default=["recommend"], choices=["recommend", "json", "binary", "grpc"],
+                   help="recommend: POST /v1/recommend (default); json, binary: KServe v2 infer with JSON or binary "
+                        "tensors; grpc: KServe v2 ModelInfer. Several are measured side by side on each URL")
+    q.add_argument("--grpc-port", type=ascii_int, help="the server's --grpc-port (for --protocol grpc)")
+    q.add_argument("--model", default="nezha", help="model name for the v2 protocols (the server's --name)")
     q.add_argument("--data", type=Path, help="LETTER dataset folder (default: Beauty, test split)")
     q.add_argument("--history-limit", type=ascii_int, default=5000, help="test histories drawn from the data")
     q.add_argument("--title", default="", help="label of the run in the reports")
@@ -124,6 +133,9 @@ def run_serve(a) -> int:
             return _fail("serve", ValueError(f"{name} must be >= {low}, got {value}"))
     if a.processes < 0:
         return _fail("serve", ValueError(f"--processes must be >= 0, got {a.processes}"))
+    if a.grpc_port is not None and (a.engine == "ray" or not 0 < a.grpc_port < 65536 or a.grpc_port == a.port):
+        return _fail("serve", ValueError("--grpc-port: a port in 1..65535 other than --port, with the uvicorn "
+                                         "engine (Ray Serve has its own gRPC proxy: see docs/protocols.md)"))
     if a.processes and a.engine == "ray":
         return _fail("serve", ValueError("--processes is for the uvicorn engine; under Ray Serve each replica is a "
                                          "process already: scale with --replicas"))
@@ -169,8 +181,11 @@ def run_serve(a) -> int:
         from .model import load_model
         from .service import Service
         model = load_model(a.artifact, load)            # before uvicorn starts: a bad artifact is one line, exit 2
+        if a.grpc_port is not None:
+            from .grpc_server import check_port
+            check_port(a.host, a.grpc_port)                # taken: one line here, not a failed app startup
         run(Service(a.artifact, options, load, model=model), host=a.host, port=a.port, limits=limits,
-            drain_timeout=a.drain_timeout, log_level=a.log_level)
+            drain_timeout=a.drain_timeout, log_level=a.log_level, grpc_port=a.grpc_port)
     except (NezhaError, ImportError, OSError) as e:
         return _fail("serve", e)
     return 0

@@ -1,7 +1,7 @@
 """``nezha loadtest``: a closed-loop load generator on real Beauty test histories.
 
-C clients each hold one keep-alive connection, send a ``/v1/recommend`` request, wait for the answer and
-send the next, for ``duration`` seconds; per concurrency it reports throughput and p50/p90/p99 latency.
+C clients each hold one keep-alive connection, send a request (``/v1/recommend``, or KServe v2 JSON,
+binary or gRPC with ``protocols``: serve.loadclients), wait for the answer and send the next, for ``duration`` seconds; per concurrency it reports throughput and p50/p90/p99 latency.
 Several URLs are measured side by side (alternating in ``rounds`` slices so that machine drift cancels),
 and the first URL's throughput is compared with each other's. The client is a few lines of asyncio
 HTTP/1.1 over raw streams with the bodies prepared in advance, so that it takes little of the CPU the
@@ -21,20 +21,24 @@ import numpy as np
 
 from nezha.runtime.errors import NezhaError
 
+from .loadclients import GrpcConnection, address, check_grpc, check_protocols, encode
+
 
 class LoadTestError(NezhaError, ValueError):
     """A load test that cannot run (bad URL, unreachable server, no data)."""
 
 
-def request_bodies(data: Path | None, history_limit: int, k: int, beam: int, per_request: int) -> list[bytes]:
-    """Real test histories (leave-one-out, all but each user's last item) as /v1/recommend bodies."""
+def request_bodies(data: Path | None, history_limit: int, k: int, beam: int, per_request: int,
+                   protocol: str = "recommend", model: str = "nezha") -> list[tuple[bytes, bytes]]:
+    """Real test histories (leave-one-out, all but each user's last item) as (header lines, body) requests
+    of ``protocol`` (serve.loadclients)."""
     from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 
     split = leave_one_out(read_interactions(find_pair(data or DEFAULT_DATA)[1]), "test")
     rng = np.random.default_rng(0)
     order = rng.permutation(len(split.histories))[:history_limit]
     histories = [split.histories[i] for i in order]
-    return [json.dumps({"histories": histories[i:i + per_request], "k": k, "beam": beam}).encode()
+    return [encode(protocol, histories[i:i + per_request], k, beam, model)
             for i in range(0, len(histories) - per_request + 1, per_request)]
 
 
@@ -45,11 +49,11 @@ class Connection:
         self.host, self.port, self.path = host, port, path
         self.reader = self.writer = None
 
-    async def post(self, body: bytes) -> int:
+    async def post(self, body: bytes, headers: bytes = b"") -> int:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
-        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                          % (self.path.encode(), self.host.encode(), len(body)) + body)
+        self.writer.write(b"POST %s HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\nContent-Length: %d\r\n%s\r\n"
+                          % (self.path.encode(), self.host.encode(), len(body), headers) + body)
         status_line = await self.reader.readline()
         if not status_line:
             await self.close()
@@ -81,25 +85,30 @@ class Connection:
         self.reader = self.writer = None
 
 
-async def closed_loop(url: str, bodies: list[bytes], concurrency: int, duration: float, offset: int = 0) -> dict:
+async def closed_loop(url: str, bodies: list[tuple[bytes, bytes]], concurrency: int, duration: float, offset: int = 0,
+                      protocol: str = "recommend", model: str = "nezha", grpc_port: int | None = None) -> dict:
     """Run ``concurrency`` clients for ``duration`` s. Returns latencies (s) of 200 answers, counts by status."""
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
-    path = (parts.path.rstrip("/") or "") + "/v1/recommend"
+    path = (parts.path.rstrip("/") or "") + ("/v1/recommend" if protocol == "recommend" else f"/v2/models/{model}/infer")
+    channel = None
+    if protocol == "grpc":
+        import grpc
+        channel = grpc.aio.insecure_channel(f"{host}:{grpc_port}")
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     stop = time.perf_counter() + duration
 
     async def client(c: int):
-        conn = Connection(host, port, path)
+        conn = GrpcConnection(channel) if channel is not None else Connection(host, port, path)
         i = offset + c * 7919
         try:
             while time.perf_counter() < stop:
-                body = bodies[i % len(bodies)]
+                headers, body = bodies[i % len(bodies)]
                 i += 1
                 t0 = time.perf_counter()
                 try:
-                    status = await conn.post(body)
+                    status = await conn.post(body, headers)
                 except (ConnectionError, OSError, asyncio.IncompleteReadError, ValueError, IndexError):
                     status = "connection error"
                     await conn.close()
@@ -111,7 +120,11 @@ async def closed_loop(url: str, bodies: list[bytes], concurrency: int, duration:
             await conn.close()
 
     t0 = time.perf_counter()
-    await asyncio.gather(*(client(c) for c in range(concurrency)))
+    try:
+        await asyncio.gather(*(client(c) for c in range(concurrency)))
+    finally:
+        if channel is not None:
+            await channel.close()
     return {"latencies": latencies, "statuses": statuses, "seconds": time.perf_counter() - t0}
 
 
@@ -143,28 +156,40 @@ async def _check_ready(url: str) -> None:
 def run_loadtest(urls: list[str], concurrency=(1, 4, 16, 64), duration: float = 30.0, rounds: int = 1,
                  warmup: float = 1.0, k: int = 10, beam: int = 20, histories_per_request: int = 1,
                  data: Path | None = None, history_limit: int = 5000, labels: list[str] | None = None,
-                 title: str = "", out: Path | None = Path("runs/loadtest"), progress: bool = False) -> dict:
-    """Measure every URL at every concurrency; returns the result dict (and writes the reports to ``out``)."""
+                 title: str = "", out: Path | None = Path("runs/loadtest"), progress: bool = False,
+                 protocol: list[str] | tuple[str, ...] = ("recommend",), grpc_port: int | None = None,
+                 model: str = "nezha") -> dict:
+    """Measure every URL with every protocol at every concurrency; returns the result dict (and writes the
+    reports to ``out``). gRPC goes to each URL's host at ``grpc_port``; ``model`` names the v2 model."""
     labels = labels or list(urls)
     if len(labels) != len(urls):
         raise LoadTestError(f"{len(labels)} labels for {len(urls)} URLs")
     if rounds < 1 or duration <= 0 or any(c < 1 for c in concurrency):
         raise LoadTestError("rounds and concurrency must be >= 1 and duration > 0")
-    bodies = request_bodies(data, history_limit, k, beam, histories_per_request)
-    if not bodies:
+    check_protocols(protocol, grpc_port, LoadTestError)
+    # one target per URL and protocol, labelled by the protocol when there is one URL
+    targets = [(label if len(protocol) == 1 else p if len(urls) == 1 else f"{label} {p}", url, p)
+               for url, label in zip(urls, labels) for p in protocol]
+    bodies = {p: request_bodies(data, history_limit, k, beam, histories_per_request, p, model) for p in protocol}
+    if not bodies[protocol[0]]:
         raise LoadTestError("no test histories in the data")
+
+    def loop(url, p, c, seconds, offset=0):
+        return closed_loop(url, bodies[p], c, seconds, offset, protocol=p, model=model, grpc_port=grpc_port)
 
     async def main():
         for url in urls:
             await _check_ready(url)
+            if grpc_port is not None and "grpc" in protocol:
+                await check_grpc(urlsplit(url).hostname, grpc_port, LoadTestError)
         points = []
         for c in concurrency:
-            acc = {label: {"latencies": [], "statuses": {}, "seconds": 0.0} for label in labels}
-            for url in urls:                              # untimed: connections, buffers, caches
-                await closed_loop(url, bodies, c, warmup)
+            acc = {label: {"latencies": [], "statuses": {}, "seconds": 0.0} for label, _, _ in targets}
+            for _, url, p in targets:                     # untimed: connections, buffers, caches
+                await loop(url, p, c, warmup)
             for r in range(rounds):
-                for url, label in zip(urls, labels):
-                    got = await closed_loop(url, bodies, c, duration / rounds, offset=r * 104729)
+                for label, url, p in targets:
+                    got = await loop(url, p, c, duration / rounds, offset=r * 104729)
                     a = acc[label]
                     a["latencies"] += got["latencies"]
                     a["seconds"] += got["seconds"]
@@ -187,9 +212,11 @@ def run_loadtest(urls: list[str], concurrency=(1, 4, 16, 64), duration: float = 
         points = asyncio.run(main())
     result = {"title": title, "machine": {"cpu_count": os.cpu_count(), "platform": platform.platform(),
                                           "python": platform.python_version()},
-              "setup": {"urls": dict(zip(labels, urls)), "duration_s": duration, "rounds": rounds, "k": k,
-                        "beam": beam, "histories_per_request": histories_per_request, "bodies": len(bodies)},
-              "points": points, "ratios": ratios(points, labels), "knee": {l: knee(points, l) for l in labels}}
+              "setup": {"urls": {label: address(url, p, grpc_port) for label, url, p in targets}, "duration_s": duration,
+                        "rounds": rounds, "k": k, "beam": beam, "histories_per_request": histories_per_request,
+                        "protocols": list(protocol), "bodies": len(bodies[protocol[0]])},
+              "points": points, "ratios": ratios(points, [t[0] for t in targets]),
+              "knee": {t[0]: knee(points, t[0]) for t in targets}}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)

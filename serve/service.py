@@ -30,6 +30,7 @@ from nezha.runtime.errors import NezhaError
 from . import admin
 from . import protocol as P
 from .batching import Batcher, Item, Pending, tokens_of
+from .binary import EXTENSION, answer_v2
 from .metrics import Metrics
 from .model import LoadedModel, LoadOptions, load_model
 from .pool import wait_closed
@@ -199,8 +200,10 @@ class Service:
             pending.fail(P.DeadlineExceeded("client went away"))
             raise
 
-    async def answer(self, parse: Callable, body: bytes, timeout_ms: float | None = None):
-        """Parse a body against the current model, decode, and map SIDs to items with each request's k."""
+    async def answer(self, parse: Callable, body: bytes | dict, timeout_ms: float | None = None, size: int = 0):
+        """Parse a body (bytes, or JSON already parsed by another encoding: serve.binary, serve.grpc_server;
+        ``size``: its size on the wire) against the current model, decode, and map SIDs to items with each
+        request's k."""
         if not self.ready:
             raise P.Unavailable("not ready: " + ("draining for shutdown" if self.draining else "no model loaded"))
         timeout_ms = self.options.timeout_ms if timeout_ms is None else min(timeout_ms, self.options.timeout_ms)
@@ -208,17 +211,19 @@ class Service:
         model = self.model                                       # one model for the whole request
         model.acquire()
         try:
-            query = await self._parse(parse, body, model)
+            query = await self._parse(parse, body, model, size)
             return model, query, await self.decode(model, query, deadline)
         finally:
             model.release()
 
-    async def _parse(self, parse: Callable, body: bytes, model: LoadedModel) -> P.Query:
+    async def _parse(self, parse: Callable, body: bytes | dict, model: LoadedModel, size: int = 0) -> P.Query:
         """Parse and check a body; a large one in a worker thread, so that the event loop answers other
         requests meanwhile (json.loads of 1 MiB holds the GIL ~10-20 ms; the checks after it yield it)."""
         def work():
-            return parse(P.parse_json(body, self.options.max_body_bytes), model.rec, self.options.max_queue)
-        return await asyncio.to_thread(work) if len(body) >= OFFLOAD_BYTES else work()
+            obj = P.parse_json(body, self.options.max_body_bytes) if isinstance(body, bytes) else body
+            return parse(obj, model.rec, self.options.max_queue)
+        large = max(size, len(body) if isinstance(body, bytes) else 0) >= OFFLOAD_BYTES
+        return await asyncio.to_thread(work) if large else work()
 
     # --- routes ---------------------------------------------------------------------------------------
     async def handle(self, method: str, path: str, read_body: Callable[[int], Awaitable[bytes]],
@@ -271,7 +276,7 @@ class Service:
             return Reply(200 if self.ready else 503, {"ready": self.ready})
         if route == "/v2":
             _allow(method, "GET")
-            return Reply(200, {"name": "nezha-serve", "version": _version(), "extensions": []})
+            return Reply(200, {"name": "nezha-serve", "version": _version(), "extensions": [EXTENSION]})
         if route == "/admin/reload" and self.options.admin_token_sha256 is not None:
             admin.check_request(headers, self.options.admin_token_sha256)
             _allow(method, "POST")
@@ -298,9 +303,8 @@ class Service:
                 _allow(method, "GET")
                 return Reply(200 if self.ready else 503, {"name": name, "ready": self.ready})
             _allow(method, "POST")
-            model, query, results = await self.answer(P.parse_v2_infer, await read_body(self.options.max_body_bytes),
-                                                      timeout_ms)
-            return Reply(200, P.v2_response(name, model.version, query.id, results, query.k, query.extra.get("outputs")))
+            body = await read_body(self.options.max_body_bytes)            # JSON, or binary tensors: serve.binary
+            return await answer_v2(self, name, body, headers, timeout_ms)
         # the same answer for /admin/* when the admin API is off: its existence is not revealed
         raise P.NotFound(f"no route {method} {path[:80]}; see /v2/models/{self.options.name} and /v1/recommend")
 
