@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +33,18 @@ from nezha.runtime import Recommender                          # noqa: E402
 from nezha.serve import LoadOptions, ServeOptions              # noqa: E402
 
 pytestmark = pytest.mark.ray
-OPTIONS, LOAD = ServeOptions(max_wait_ms=5, workers=1, timeout_ms=20_000), LoadOptions(threads=1)   # 2 busy cores: no 504
+ADMIN_TOKEN = "cluster-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}", "Content-Type": "application/json"}
+ARTIFACT_ROOT = os.path.realpath(tempfile.gettempdir())    # reloads name artifacts built under pytest's tmp folder
+
+
+def _options() -> ServeOptions:
+    from nezha.serve.admin import token_digest
+    return ServeOptions(max_wait_ms=5, workers=1, timeout_ms=20_000, admin_token_sha256=token_digest(ADMIN_TOKEN),
+                        artifact_root=ARTIFACT_ROOT)                   # 2 busy cores: no 504
+
+
+OPTIONS, LOAD = _options(), LoadOptions(threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -137,7 +149,7 @@ def test_a_reload_reaches_every_node_or_none(cluster, tmp_path):
     second = _build(tmp_path, seed=1)
     key = describe(second, "-", "-").key
     cache_far = cluster["root"] / "cache-far"
-    with httpx.Client(base_url=cluster["url"], timeout=60) as client:
+    with httpx.Client(base_url=cluster["url"], timeout=60, headers=ADMIN) as client:
         before = set(seen_artifacts(client).values())
         [old_version] = before
         # a node that cannot take the artifact (here: its cache folder is a file): 503, nothing rolls
