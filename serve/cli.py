@@ -133,9 +133,8 @@ def run_serve(a) -> int:
             return _fail("serve", ValueError(f"{name} must be >= {low}, got {value}"))
     if a.processes < 0:
         return _fail("serve", ValueError(f"--processes must be >= 0, got {a.processes}"))
-    if a.grpc_port is not None and (a.engine == "ray" or not 0 < a.grpc_port < 65536 or a.grpc_port == a.port):
-        return _fail("serve", ValueError("--grpc-port: a port in 1..65535 other than --port, with the uvicorn "
-                                         "engine (Ray Serve has its own gRPC proxy: see docs/protocols.md)"))
+    if a.grpc_port is not None and (not 0 < a.grpc_port < 65536 or a.grpc_port == a.port):
+        return _fail("serve", ValueError(f"--grpc-port must be a port in 1..65535 other than --port, got {a.grpc_port}"))
     if a.processes and a.engine == "ray":
         return _fail("serve", ValueError("--processes is for the uvicorn engine; under Ray Serve each replica is a "
                                          "process already: scale with --replicas"))
@@ -175,7 +174,7 @@ def run_serve(a) -> int:
         if a.engine == "ray":
             from .ray_deploy import serve_blocking
             serve_blocking(a.artifact, options, load, replicas=a.replicas or 1, host=a.host, port=a.port,
-                           address=a.ray_address, autoscaling=autoscaling)
+                           address=a.ray_address, autoscaling=autoscaling, grpc_port=a.grpc_port)
             return 0
         from .app import run
         from .model import load_model

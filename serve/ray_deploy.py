@@ -189,17 +189,29 @@ def shutdown(name: str = "nezha") -> None:
         pass
 
 
+def grpc_options(port: int | None) -> dict:
+    """serve.start's keyword for Ray Serve's gRPC proxy serving the KServe v2 service on ``port`` (none: {})."""
+    if port is None:
+        return {}
+    from ray.serve.config import gRPCOptions
+
+    from .ray_grpc import SERVICER_FUNCTION
+    return {"grpc_options": gRPCOptions(port=port, grpc_servicer_functions=[SERVICER_FUNCTION])}
+
+
 def serve_blocking(artifact: str | Path, options: ServeOptions, load: LoadOptions, replicas: int = 1,
                    host: str = "127.0.0.1", port: int = 8000, address: str | None = None,
-                   autoscaling: dict | None = None, proxy_location: str | None = None) -> None:
-    """Start Ray (or join the cluster at ``address``), deploy, and serve until SIGINT/SIGTERM; then shut down."""
+                   autoscaling: dict | None = None, proxy_location: str | None = None,
+                   grpc_port: int | None = None) -> None:
+    """Start Ray (or join the cluster at ``address``), deploy, and serve until SIGINT/SIGTERM; then shut down.
+    ``grpc_port``: also KServe v2 over gRPC, through Ray Serve's gRPC proxy (serve.ray_grpc)."""
     most = autoscaling["max_replicas"] if autoscaling else replicas
     if not address:                                   # a Ray of our own: its proxy retries lost requests
         os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     ray.init(address=address or "local", include_dashboard=False, ignore_reinit_error=True,   # local: never a stray cluster
              **({} if address else {"num_cpus": max(os.cpu_count() or 1, most)}))
     try:
-        serve.start(http_options={"host": host, "port": port},
+        serve.start(http_options={"host": host, "port": port}, **grpc_options(grpc_port),
                     **({"proxy_location": proxy_location} if proxy_location else {}))
         staged = deploy(artifact, options, load, replicas, autoscaling)
         scale = f"{autoscaling['min_replicas']}..{most} replicas" if autoscaling else f"{replicas} replica(s)"

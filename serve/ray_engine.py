@@ -35,6 +35,7 @@ from .batching import Item, Pending, plan_batch, tokens_of  # noqa: E402
 from .model import LoadOptions, load_model                  # noqa: E402
 from .service import Reply, ServeOptions, Service           # noqa: E402
 from .transfer import ArtifactRef, local_artifact          # noqa: E402
+from .ray_grpc import GrpcMethods
 
 from nezha.runtime.decode import items_from_sids            # noqa: E402
 
@@ -129,9 +130,9 @@ def decode_items(items: list[Item], max_batch: int, observe) -> list:
 
 
 @serve.deployment(name="nezha", max_ongoing_requests=256)
-class NezhaDeployment:
+class NezhaDeployment(GrpcMethods):
     """One replica: gets the artifact onto its node (transfer.local_artifact), loads and verifies it, answers
-    every route."""
+    every HTTP route and, through Ray Serve's gRPC proxy, the KServe v2 RPCs (serve.ray_grpc)."""
 
     def __init__(self, ref: ArtifactRef, options: dict, load: dict):
         self.options, self.load_options = ServeOptions(**options), LoadOptions(**load)
