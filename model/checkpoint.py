@@ -149,23 +149,15 @@ def _read_header(weights_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
 
 
-def _check_sizes_against_header(raw: dict, header: dict, weights_path: Path) -> None:
-    """config.json's layer count and main sizes against the weights, before any module is built: building
-    a model (even on the meta device) costs time and memory per layer, so a config claiming 2**31 layers
-    must be refuted by the header, not by construction."""
+def _check_layers_against_header(raw: dict, header: dict, weights_path: Path) -> None:
+    """config.json's layer count against the weights, before transformers or torch see it: the config
+    and the model (even on the meta device) cost time and memory per layer, so a config claiming 2**31
+    layers must be refuted by the header, not by construction. The other sizes cost nothing on the meta
+    device and are compared weight by weight (_check_weights_header)."""
     layers = len({m.group(1) for k in header if (m := re.match(r"model\.layers\.(\d+)\.", k))})
     if raw["num_hidden_layers"] != layers:
         raise CheckpointError(f"{weights_path.parent / 'config.json'}: num_hidden_layers = {raw['num_hidden_layers']} "
                               f"but {weights_path.name} holds {layers} layer(s) (model.layers.N.*)")
-    hidden = raw["hidden_size"]
-    for key, shape in (("model.embed_tokens.weight", (raw["vocab_size"], hidden)),
-                       ("model.layers.0.mlp.gate_proj.weight", (raw["intermediate_size"], hidden))):
-        if key in header and header[key][0] != shape:
-            raise CheckpointError(_shape_mismatch(weights_path, key, header[key][0], shape))
-
-
-def _shape_mismatch(weights_path: Path, key: str, got, expected) -> str:
-    return f"{weights_path}: {key!r} has shape {got}, expected {expected} from config.json"
 
 
 def _expected_shapes(config, cfg_path: Path) -> dict[str, tuple[int, ...]]:
@@ -188,7 +180,8 @@ def _check_weights_header(weights_path: Path, header: dict, expected: dict, conf
             what = "draft-head" if key.startswith("mtp_head.") else "backbone"
             raise CheckpointError(f"{weights_path}: missing {what} weight {key!r} of shape {shape}")
         if header[key][0] != shape:
-            raise CheckpointError(_shape_mismatch(weights_path, key, header[key][0], shape))
+            raise CheckpointError(f"{weights_path}: {key!r} has shape {header[key][0]}, expected {shape} from "
+                                  "config.json")
         if header[key][1] not in WEIGHT_DTYPES:
             raise CheckpointError(f"{weights_path}: {key!r} is {header[key][1]}; weights are floating point "
                                   f"({', '.join(WEIGHT_DTYPES)})")
@@ -200,14 +193,14 @@ def _check_weights_header(weights_path: Path, header: dict, expected: dict, conf
 
 def load_checkpoint(path: str | Path) -> NezhaModel:
     """Load a checkpoint folder in the public NEZHA format into a NezhaModel (eval mode, float32).
-    Everything is checked before the model is built: config.json's fields, its sizes against the
-    weights' header, then the weights' names, shapes and dtypes, then every weight's values (finite
+    Everything is checked before the model is built: config.json's fields, its layer count against
+    the weights' header, then the weights' names, shapes and dtypes, then every weight's values (finite
     in float32, the dtype the build uses)."""
     path = Path(path)
     raw = _read_raw_config(path)
     weights_path = path / "model.safetensors"
     header = _read_header(weights_path)
-    _check_sizes_against_header(raw, header, weights_path)
+    _check_layers_against_header(raw, header, weights_path)
     config = _config_from_raw(raw, path / "config.json")
     expected = _expected_shapes(config, path / "config.json")
     _check_weights_header(weights_path, header, expected, config, bool(getattr(config, "use_mtp", True)))
