@@ -15,11 +15,6 @@ class RunnerError(NezhaError, ValueError):
     """A feed that does not match the graph (names, dtypes, ranks, dims outside the built ranges)."""
 
 
-class GraphRunError(NezhaError, RuntimeError):
-    """A graph that failed while running a feed that passed ``check``: the artifact's graphs do not fit its
-    manifest (e.g. an edited layout naming tokens beyond the embedding), said in one line."""
-
-
 _DEVICE = re.compile(r"(cpu|cuda)(?::([0-9]{1,3}))?")
 
 

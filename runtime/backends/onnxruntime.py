@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, GraphRunError
 from ..manifest import GraphEntry, ManifestError
 from .base import (
-    GraphRunError,
     GraphRunner,
     GraphSteps,
     buffer_key,
