@@ -34,6 +34,10 @@ _RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
 _AT_FDCWD = -100
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHOWN = 5                          # unknown files named in a refusal
+# Every file a build writes into its staging folder: graphs, tables and engines in their folders, the three
+# JSON files at the top, and _write_atomic's temporary files of them (".manifest.XXXX").
+_BUILD_FILE = re.compile(r"(graphs|tables|engines)/.+|(manifest|contract|validation)\.json"
+                         r"|\.(manifest|contract|validation)\.[^/]+")
 
 
 class BuildError(NezhaError, ValueError):
@@ -158,14 +162,39 @@ def _stale(out: Path) -> list[tuple[Path, str]]:
     return found
 
 
+def _not_written_by_a_build(folder: Path, kind: str, out: Path) -> list[str]:
+    """What in a leftover-named ``folder`` no build writes (empty: the build may delete it). A staging
+    folder holds only files a build writes (_BUILD_FILE); an aside folder only ``out``'s name, holding the
+    same. A user's ``.o.old-999999-notes/notes.txt`` matches the name, never the content."""
+    if kind == "old":
+        others = [e.name for e in os.scandir(folder) if e.name != out.name]
+        if others or not (folder / out.name).exists():
+            return others
+        folder = folder / out.name
+    unknown = []
+    for root, dirs, files in os.walk(folder, onerror=lambda e: unknown.append(os.path.relpath(e.filename, folder))):
+        for name in files:
+            rel = os.path.relpath(os.path.join(root, name), folder).replace(os.sep, "/")
+            if not _BUILD_FILE.fullmatch(rel) or not os.path.isfile(os.path.join(root, name)):
+                unknown.append(rel)
+    return unknown
+
+
 def clean_stale(out: Path, log=None) -> list[Path]:
-    """Remove what killed builds of ``out`` left beside it, except the last complete artifact; returns
-    the folders removed. A complete artifact left there (the old one renamed aside, or a new one not yet
-    moved) is removed only while ``out`` is itself a complete artifact; otherwise it is kept and logged."""
+    """Remove what killed builds of ``out`` left beside it, except the last complete artifact and anything
+    no build writes; returns the folders removed. A complete artifact left there (the old one renamed
+    aside, or a new one not yet moved) is removed only while ``out`` is itself a complete artifact;
+    otherwise it is kept and logged. A folder named like a leftover that holds other files is kept and named."""
     say = log or (lambda *a, **k: None)
     out_complete = out.is_dir() and not out.is_symlink() and artifact_problem(out, complete=True) is None
     removed = []
     for folder, kind in _stale(out):
+        unknown = _not_written_by_a_build(folder, kind, out)
+        if unknown:
+            say(f"kept {folder}: named like a leftover of a killed build, but it holds what no build writes ("
+                + ", ".join(unknown[:_SHOWN]) + (f" and {len(unknown) - _SHOWN} more" if len(unknown) > _SHOWN else "")
+                + "); delete it yourself if it is not yours")
+            continue
         artifact = folder if kind == "building" else folder / out.name
         complete = artifact.is_dir() and artifact_problem(artifact, complete=True) is None
         if complete and not out_complete:
@@ -249,8 +278,13 @@ def publish(tmp: Path, out: Path, force: bool, existed: bool, log=None) -> None:
         os.rename(out, old / out.name)
         try:
             os.rename(tmp, out)
-        except OSError:
-            os.rename(old / out.name, out)                 # put the old artifact back before failing
+        except OSError as e:
+            try:
+                os.rename(old / out.name, out)             # put the old artifact back before failing
+            except OSError:                                # something took its place at out meanwhile
+                raise BuildError(f"cannot move the new artifact to {out}: {e.strerror or e}; something appeared "
+                                 f"there while the build replaced it, and the previous artifact is in "
+                                 f"{old / out.name}: move it back to use it") from None
             old.rmdir()
             raise
     except OSError as e:

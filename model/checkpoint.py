@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -21,6 +22,7 @@ from nezha.runtime.errors import NezhaError
 from nezha.runtime.layout import LayoutError, SidLayout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
+from transformers.activations import ACT2FN
 
 from .nezha import ARCHITECTURES, NezhaModel, layout_from_config
 
@@ -88,10 +90,14 @@ def _check_config_fields(raw: dict, cfg_path: Path) -> None:
     for key in FLAGS:
         if key in raw and type(raw[key]) is not bool:
             fail(key, "true or false")
-    for key in POSITIVE_REALS:
-        value = raw.get(key)
-        if key in raw and (type(value) not in (int, float) or not math.isfinite(value) or value <= 0):
-            fail(key, "a finite number > 0")
+    rope = raw.get("rope_parameters")
+    for key, section in [(k, raw) for k in POSITIVE_REALS] + [("rope_theta", rope if isinstance(rope, dict) else {})]:
+        value = section.get(key)
+        if key in section and (type(value) not in (int, float) or not math.isfinite(value) or value <= 0):
+            name = key if section is raw else f"rope_parameters.{key}"
+            raise CheckpointError(f"{cfg_path}: {name} = {value!r}; expected a finite number > 0")
+    if "hidden_act" in raw and not (isinstance(raw["hidden_act"], str) and raw["hidden_act"] in ACT2FN):
+        fail("hidden_act", f"one of {', '.join(sorted(ACT2FN))}")
     heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
     if heads % kv_heads:
         fail("num_key_value_heads", f"a divisor of num_attention_heads ({heads})")
@@ -99,18 +105,21 @@ def _check_config_fields(raw: dict, cfg_path: Path) -> None:
         fail("hidden_size", f"a multiple of num_attention_heads ({heads}) when head_dim is not given")
 
 
-def _read_config(path: Path):
-    cfg_path = path / "config.json"
+def _read_raw_config(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"checkpoint folder {path} does not exist")
-    raw = read_json_object(cfg_path, "checkpoint config (a NEZHA checkpoint folder needs config.json)",
+    raw = read_json_object(path / "config.json", "checkpoint config (a NEZHA checkpoint folder needs config.json)",
                            "the backbone config plus docid_num, offset, max_sid", CheckpointError)
-    _check_config_fields(raw, cfg_path)
+    _check_config_fields(raw, path / "config.json")
+    return raw
+
+
+def _config_from_raw(raw: dict, cfg_path: Path):
     arch = raw["model_type"]
     try:
         config = ARCHITECTURES[arch][0].from_dict(raw)
-    except (ValueError, TypeError, StrictDataclassError) as e:     # transformers' own checks of the other keys
-        raise CheckpointError(f"{cfg_path}: not a valid {arch} config: {' '.join(str(e).split())}") from None
+    except (ValueError, TypeError, LookupError, StrictDataclassError) as e:     # transformers' own checks of the other keys
+        raise CheckpointError(f"{cfg_path}: not a valid {arch} config: {_one_line(e)}") from None
     try:
         layout = layout_from_config(config)
     except LayoutError as e:
@@ -125,27 +134,47 @@ def _read_config(path: Path):
     return config
 
 
+def _one_line(e: Exception) -> str:
+    """An exception's message on one line; a KeyError's without the quotes its str() adds."""
+    return " ".join(str(e.args[0] if isinstance(e, KeyError) and e.args else e).split())
+
+
+def _read_header(weights_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The safetensors header: name -> (shape, dtype), no tensor read."""
+    regular_file(weights_path, "weights (a NEZHA checkpoint folder needs model.safetensors)", CheckpointError)
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
+
+
+def _check_layers_against_header(raw: dict, header: dict, weights_path: Path) -> None:
+    """config.json's layer count against the weights, before transformers or torch see it: the config
+    and the model (even on the meta device) cost time and memory per layer, so a config claiming 2**31
+    layers must be refuted by the header, not by construction. The other sizes cost nothing on the meta
+    device and are compared weight by weight (_check_weights_header)."""
+    layers = len({m.group(1) for k in header if (m := re.match(r"model\.layers\.(\d+)\.", k))})
+    if raw["num_hidden_layers"] != layers:
+        raise CheckpointError(f"{weights_path.parent / 'config.json'}: num_hidden_layers = {raw['num_hidden_layers']} "
+                              f"but {weights_path.name} holds {layers} layer(s) (model.layers.N.*)")
+
+
 def _expected_shapes(config, cfg_path: Path) -> dict[str, tuple[int, ...]]:
     """Every weight's shape as config.json implies it, from a model on the meta device (nothing allocated,
     so a config claiming huge sizes costs nothing before the weights refute it)."""
     try:
         with torch.device("meta"):
             model = NezhaModel(config)
-    except (ValueError, TypeError, ArithmeticError) as e:
-        raise CheckpointError(f"{cfg_path}: not a valid {config.model_type} config: {' '.join(str(e).split())}") from None
+    except (ValueError, TypeError, LookupError, ArithmeticError) as e:
+        raise CheckpointError(f"{cfg_path}: not a valid {config.model_type} config: {_one_line(e)}") from None
     return {k: tuple(t.shape) for k, t in model.state_dict().items()}
 
 
-def _check_weights_header(weights_path: Path, expected: dict, config, use_mtp: bool) -> None:
+def _check_weights_header(weights_path: Path, header: dict, expected: dict, config, use_mtp: bool) -> None:
     """The safetensors header (names, shapes, dtypes) against ``expected``, before any tensor is read."""
-    regular_file(weights_path, "weights (a NEZHA checkpoint folder needs model.safetensors)", CheckpointError)
-    try:
-        with safe_open(str(weights_path), framework="pt") as f:
-            header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
     if getattr(config, "tie_word_embeddings", False) and "model.embed_tokens.weight" in header:
-        header.setdefault("lm_head.weight", header["model.embed_tokens.weight"])
+        header = {"lm_head.weight": header["model.embed_tokens.weight"], **header}
     for key, shape in expected.items():
         if key not in header:
             what = "draft-head" if key.startswith("mtp_head.") else "backbone"
@@ -164,26 +193,32 @@ def _check_weights_header(weights_path: Path, expected: dict, config, use_mtp: b
 
 def load_checkpoint(path: str | Path) -> NezhaModel:
     """Load a checkpoint folder in the public NEZHA format into a NezhaModel (eval mode, float32).
-    Everything is checked before the model is built: config.json's fields, then the weights' names,
-    shapes and dtypes against it, then every weight's values (finite)."""
+    Everything is checked before the model is built: config.json's fields, its layer count against
+    the weights' header, then the weights' names, shapes and dtypes, then every weight's values (finite
+    in float32, the dtype the build uses)."""
     path = Path(path)
-    config = _read_config(path)
-    expected = _expected_shapes(config, path / "config.json")
+    raw = _read_raw_config(path)
     weights_path = path / "model.safetensors"
-    _check_weights_header(weights_path, expected, config, bool(getattr(config, "use_mtp", True)))
+    header = _read_header(weights_path)
+    _check_layers_against_header(raw, header, weights_path)
+    config = _config_from_raw(raw, path / "config.json")
+    expected = _expected_shapes(config, path / "config.json")
+    _check_weights_header(weights_path, header, expected, config, bool(getattr(config, "use_mtp", True)))
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
         raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
     if getattr(config, "tie_word_embeddings", False):
         weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
+    weights = {k: weights[k].float() for k in expected}       # an F64 1e300 is finite, and Inf once cast
     bad = [k for k in expected if not torch.isfinite(weights[k]).all()]
     if bad:
         count = int((~torch.isfinite(weights[bad[0]])).sum())
-        raise CheckpointError(f"{weights_path}: weight {bad[0]!r} holds {count} non-finite value(s) (Inf or NaN)"
+        raise CheckpointError(f"{weights_path}: weight {bad[0]!r} holds {count} non-finite value(s) (Inf or NaN) "
+                              "in float32, the dtype the build uses"
                               + (f", and {len(bad) - 1} more weight(s) too" if len(bad) > 1 else ""))
     model = NezhaModel(config)
-    model.load_state_dict({k: weights[k].float() for k in expected}, strict=True)
+    model.load_state_dict(weights, strict=True)
     return model.float().eval()
 
 

@@ -104,7 +104,24 @@ class Recommender:
             engine_entries = manifest.engines[precision]
             shared = Engines(engine_entries, {g: artifact.path(e.file) for g, e in engine_entries.items()}, device_id)
             make_steps = lambda: trt_steps(entries, shared, device_id)
-        return cls(artifact, backend, precision, make_steps, shared, dense_budget_bytes)
+        recommender = cls(artifact, backend, precision, make_steps, shared, dense_budget_bytes)
+        recommender._check_layout_fits_backbone()
+        return recommender
+
+    def _check_layout_fits_backbone(self) -> None:
+        """Run the backbone once on the highest tokens the layout names (each level's last code, then the
+        placeholders), so that a layout reaching past the graph's vocabulary (manifest.json edited with
+        contract.json forged to match) is refused here, not by the backend at the first request."""
+        layout = self.layout
+        feed = encode_codes([np.array([[c - 1 for c in layout.codes]])], layout, self.max_history)
+        steps = self._make_steps()
+        try:
+            steps.backbone(feed)
+        except NezhaError as e:
+            raise ManifestError(f"artifact {self.artifact.root}: manifest.json's layout (tokens up to "
+                                f"{layout.vocab_size - 1}) does not fit the backbone graph: {e}") from None
+        finally:
+            steps.close()
 
     @property
     def steps(self) -> GraphSteps:

@@ -23,7 +23,7 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import GraphRunError, NezhaError
 
 from . import kserve
 from . import protocol as P
@@ -136,7 +136,7 @@ def refusal(e: Exception) -> tuple[int, str, str]:
     maps them; ``CODES[status]`` is its gRPC code."""
     if isinstance(e, P.ServeError):
         return e.status, e.kind, str(e)
-    if isinstance(e, NezhaError):                          # a library user error not caught in parsing
+    if isinstance(e, NezhaError) and not isinstance(e, GraphRunError):    # a user error not caught in parsing
         return 400, "bad_request", str(e)
     log.error("internal error on a gRPC call", exc_info=e)
     return 500, "internal", "internal error; the server log has the details"

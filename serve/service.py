@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import GraphRunError, NezhaError
 
 from . import admin
 from . import protocol as P
@@ -243,7 +243,11 @@ class Service:
         except P.ServeError as e:
             reply = self._error(e.status, e.kind, str(e), e.headers)
         except NezhaError as e:                                  # a library user error not caught in parsing
-            reply = self._error(400, "bad_request", str(e))
+            if isinstance(e, GraphRunError):                     # ... but a graph failing mid-run is the server's
+                log.error("internal error on %s %s: %s", method, route, e)
+                reply = self._error(500, "internal", "internal error; the server log has the details")
+            else:
+                reply = self._error(400, "bad_request", str(e))
         except Exception:
             log.exception("internal error on %s %s", method, route)
             reply = self._error(500, "internal", "internal error; the server log has the details")

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import shutil
+import subprocess
 import sys
 
 import numpy as np
@@ -286,3 +287,36 @@ def test_the_build_records_the_contract_of_what_it_wrote(artifact):
     assert "contract.json" in raw["files"]
     assert recorded == Manifest.from_json(raw).contract() == contract_of(raw)
     assert sorted(recorded) == ["engines", "graphs", "layout", "limits", "precisions", "tables"]
+
+
+def _forged_layout(artifact, tmp_path, shift):
+    """A consistent forgery: layout offsets moved by ``shift``, contract.json recomputed and re-hashed."""
+    def move(raw):
+        raw["layout"].update(offsets=[o + shift for o in raw["layout"]["offsets"]],
+                             placeholder_start=raw["layout"]["placeholder_start"] + shift)
+    raw = json.loads((artifact / "manifest.json").read_text())
+    move(raw)
+    return tampered(artifact, tmp_path, move, files={"contract.json": json.dumps(Manifest.from_json(raw).contract()).encode()})
+
+
+def test_a_forged_layout_beyond_the_graphs_vocabulary_is_refused_at_load(artifact, tmp_path):
+    """contract.json re-forged to match: the load runs the backbone once on the layout's highest tokens, so
+    the Gather beyond the embedding is one ManifestError here, not a raw ONNX Runtime error at the first request."""
+    bad = _forged_layout(artifact, tmp_path, +1)
+    for verify in (True, False):
+        with pytest.raises(ManifestError, match=r"manifest.json's layout \(tokens up to \d+\) does not fit the backbone "
+                                                r"graph: graph backbone failed in ONNX Runtime: .*Gather"):
+            Recommender.load(bad, verify=verify)
+    out = subprocess.run([sys.executable, "-m", "nezha.cli", "recommend", str(bad), "--history", "100"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr    # ONNX Runtime's own log silenced
+    assert "does not fit the backbone graph" in out.stderr
+
+
+def test_a_graph_that_fails_while_running_is_one_nezha_error(artifact, tmp_path, monkeypatch):
+    """Past the load check, a backend's run failure is still one line (GraphRunError), never a RuntimeError."""
+    from nezha.runtime.errors import GraphRunError
+    monkeypatch.setattr(Recommender, "_check_layout_fits_backbone", lambda self: None)
+    with Recommender.load(_forged_layout(artifact, tmp_path, +1)) as rec:
+        with pytest.raises(GraphRunError, match=r"^graph backbone failed in ONNX Runtime: [^\n]*idx=\d+ must be within"):
+            rec.recommend([[100]], k=2)

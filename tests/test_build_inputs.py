@@ -54,9 +54,9 @@ def _one_line(error) -> str:
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"num_hidden_layers": 3}, "num_hidden_layers.* must be equal to the number of .layer_types"),
-    ({"num_hidden_layers": 3, "layer_types": ...}, "missing backbone weight 'model.layers.2."),
-    ({"num_hidden_layers": 1, "layer_types": ...}, r"unexpected weight\(s\) \['model.layers.1."),
+    ({"num_hidden_layers": 3}, r"num_hidden_layers = 3 but model.safetensors holds 2 layer\(s\)"),
+    ({"num_hidden_layers": 3, "layer_types": ...}, r"num_hidden_layers = 3 but model.safetensors holds 2 layer\(s\)"),
+    ({"num_hidden_layers": 1, "layer_types": ...}, r"num_hidden_layers = 1 but model.safetensors holds 2 layer\(s\)"),
     ({"intermediate_size": 1e13}, r"intermediate_size = 10000000000000.0; expected an integer in 1..2147483647"),
     ({"intermediate_size": 10 ** 13}, "intermediate_size = 10000000000000; expected an integer"),
     ({"intermediate_size": 64}, r"'model.layers.0.mlp.gate_proj.weight' has shape \(128, 32\), expected \(64, 32\)"),
@@ -78,12 +78,31 @@ def _one_line(error) -> str:
     ({"use_mtp": "no"}, "use_mtp = 'no'; expected true or false"),
     ({"rms_norm_eps": -1}, "rms_norm_eps = -1; expected a finite number > 0"),
     ({"max_position_embeddings": 0}, "max_position_embeddings = 0; expected an integer"),
+    ({"hidden_act": "nope"}, "hidden_act = 'nope'; expected one of .*silu"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}},
+     r"not a valid qwen3 config: Missing required keys in `rope_parameters` for 'rope_type'='yarn': \{'factor'\}$"),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": -1.0}},
+     r"rope_parameters.rope_theta = -1.0; expected a finite number > 0"),
 ])
 def test_config_fields_are_typed_bounded_and_checked_against_the_weights(checkpoint, changes, message):
     _edit_config(checkpoint, **changes)
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(checkpoint)
     assert re.search(message, _one_line(e)) and str(checkpoint) in str(e.value)
+
+
+def test_a_layer_count_the_weights_refute_is_refused_before_any_model_is_built(checkpoint, monkeypatch):
+    """2**31-1 layers once took ever more memory (the config and the meta model are built layer by layer);
+    now the safetensors header refutes the count before transformers sees the config."""
+    import nezha.model.checkpoint as module
+
+    def built(*args):
+        raise AssertionError("the config was turned into a model before its sizes were checked")
+    monkeypatch.setattr(module, "_config_from_raw", built)
+    _edit_config(checkpoint, num_hidden_layers=2 ** 31 - 1, layer_types=...)
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(checkpoint)
+    assert "num_hidden_layers = 2147483647 but model.safetensors holds 2 layer(s) (model.layers.N.*)" in _one_line(e)
 
 
 DEEP = "[" * 100_000 + "]" * 100_000
@@ -190,6 +209,15 @@ def test_a_non_finite_weight_is_refused_by_name(checkpoint, key, value):
     with pytest.raises(CheckpointError) as e:
         load_checkpoint(checkpoint)
     assert f"weight {key!r} holds 1 non-finite value(s) (Inf or NaN)" in _one_line(e)
+
+
+def test_a_weight_finite_in_f64_but_not_in_float32_is_refused_by_name(checkpoint):
+    weights = load_file(str(checkpoint / "model.safetensors"))
+    weights["model.norm.weight"] = weights["model.norm.weight"].double() * 1e300
+    save_file(weights, str(checkpoint / "model.safetensors"))
+    with pytest.raises(CheckpointError) as e:
+        load_checkpoint(checkpoint)
+    assert "weight 'model.norm.weight' holds 32 non-finite value(s) (Inf or NaN) in float32" in _one_line(e)
 
 
 def test_integer_weights_are_refused(checkpoint):

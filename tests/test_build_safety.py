@@ -352,3 +352,44 @@ def test_what_changed_during_the_swap_is_kept_beside_out(artifacts, tmp_path):
     _discard(replaced, container, out, lines.append)
     (kept,) = tmp_path.glob("o.replaced-*/o")
     assert (kept / "thesis.txt").read_text() == "work" and not container.exists() and str(kept) in lines[0]
+
+
+def test_cleaning_keeps_and_names_a_users_folder_named_like_a_leftover(artifacts, tmp_path):
+    """Only the name matched a dead build's leftover: what a build never writes proves it is someone else's."""
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    out = shutil.copytree(artifacts["new"], tmp_path / "o")
+    notes, draft = tmp_path / f".o.old-{dead}-notes", tmp_path / f".o.building-{dead}-x"
+    (draft / "graphs").mkdir(parents=True)
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    (draft / "graphs" / "backbone.onnx").write_text("a build's")
+    (draft / "draft.txt").write_text("mine")
+    ours = tmp_path / f".o.old-{dead}-a"                                      # the old artifact moved aside
+    shutil.copytree(artifacts["old"], ours / "o")
+    lines = []
+    assert clean_stale(out, lines.append) == [ours]
+    assert (notes / "notes.txt").read_text() == "mine" and (draft / "draft.txt").read_text() == "mine"
+    assert sum(f"kept {f}: named like a leftover of a killed build, but it holds what no build writes ({name})"
+               in line for f, name in ((notes, "notes.txt"), (draft, "draft.txt")) for line in lines) == 2
+
+
+def test_a_folder_appearing_between_the_fallback_renames_is_kept_and_the_old_artifact_named(artifacts, tmp_path,
+                                                                                            monkeypatch):
+    from nezha.export import staging as module
+    new, out = shutil.copytree(artifacts["new"], tmp_path / "new"), shutil.copytree(artifacts["old"], tmp_path / "o")
+    monkeypatch.setattr(module, "exchange", lambda a, b: False)               # renameat2(RENAME_EXCHANGE) missing
+    rename = os.rename
+
+    def rename_then_appear(a, b):
+        rename(a, b)
+        if Path(a) == out:                                                    # old moved aside: someone writes at --out
+            out.mkdir()
+            (out / "thesis.txt").write_text("work")
+    monkeypatch.setattr(module.os, "rename", rename_then_appear)
+    with pytest.raises(BuildError) as e:
+        publish(new, out, force=True, existed=True)
+    monkeypatch.undo()
+    (old,) = tmp_path.glob(".o.old-*/o")
+    assert f"the previous artifact is in {old}: move it back" in str(e.value) and "as it was" not in str(e.value)
+    assert (out / "thesis.txt").read_text() == "work" and _max_batch(old) == 2

@@ -23,6 +23,7 @@ from conftest import tiny_catalog, tiny_histories, tiny_model, write_index
 from nezha.export.build import build
 from nezha.model.checkpoint import save_checkpoint
 from nezha.runtime import Recommender
+from nezha.runtime.errors import GraphRunError
 from nezha.serve import LoadOptions, ServeOptions, Service
 from nezha.serve.admin import token_digest
 from nezha.serve.app import uvicorn_config
@@ -332,9 +333,12 @@ def test_v2_infer_checks_its_tensors(serve):
         assert r.status_code == 400 and message in r.json()["error"], (message, r.text)
 
 
-def test_an_internal_error_is_500_without_a_traceback(serve):
+@pytest.mark.parametrize("fail", [RuntimeError("secret internal detail"),
+                                  GraphRunError("graph backbone failed in ONNX Runtime: secret internal detail")])
+def test_an_internal_error_is_500_without_a_traceback(serve, fail):
+    """A graph failing mid-run (e.g. the device out of memory) is a NezhaError for the CLI, but the server's fault."""
     s = serve()
-    _slow(s.service, 0.0, fail=RuntimeError("secret internal detail"))
+    _slow(s.service, 0.0, fail=fail)
     r = s.post("/v1/recommend", {"histories": [[100, 101]], "k": 3})
     assert r.status_code == 500
     assert r.json() == {"error": "internal error; the server log has the details", "kind": "internal"}

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..errors import BackendUnavailable
+from ..errors import BackendUnavailable, GraphRunError
 from ..manifest import GraphEntry, ManifestError
 from .base import (
     GraphRunner,
@@ -122,6 +122,8 @@ class OrtRunner(GraphRunner):
         super().__init__(name, entry)
         self.session = session
         self.binding = session.io_binding()
+        self._run_options = _ort().RunOptions()
+        self._run_options.log_severity_level = 4       # fatal only: a failed run is raised below, in one line
         self._buffers = {t.name: buffers.get(name, t) for t in entry.inputs + entry.outputs}
         self._views: dict[str, np.ndarray] = {}
 
@@ -138,7 +140,10 @@ class OrtRunner(GraphRunner):
     def _execute(self, feed):
         for name in self.inputs:
             np.copyto(self._views[name], feed[name])
-        self.session.run_with_iobinding(self.binding)
+        try:
+            self.session.run_with_iobinding(self.binding, self._run_options)
+        except RuntimeError as e:          # ONNX Runtime's kernel failures (e.g. a Gather index out of range)
+            raise GraphRunError(f"graph {self.name} failed in ONNX Runtime: {' '.join(str(e).split())}") from None
         return {name: self._views[name] for name in self.outputs}
 
 
