@@ -287,3 +287,11 @@ def test_engines_are_built_checked_and_run(tmp_path):
             assert T.version_tuple(entry.tensorrt) >= (10, 8) and entry.profiles[0]
         with Recommender.load(summary.out, backend="tensorrt", precision=precision) as rec:
             assert rec.recommend([[100, 101]], k=3, beam=8)
+
+
+def test_gpu_check_says_why_tensorrt_is_not_timed(fake_gpu_stack, monkeypatch):
+    from nezha.bench.gpu_check import runtime_available
+    assert "tensorrt" in runtime_available("cuda")[0]
+    monkeypatch.setitem(sys.modules, "polygraphy", None)
+    backends, why_not = runtime_available("cuda")
+    assert "tensorrt" not in backends and "Polygraphy is not installed" in why_not["tensorrt"]
