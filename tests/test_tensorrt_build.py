@@ -213,7 +213,15 @@ def fake_gpu_stack(monkeypatch, tmp_path):
     def count(n):
         n._obj.value = state.gpus
         return 0 if state.gpus else 100                                  # cudaErrorNoDevice
-    handle = SimpleNamespace(cudaGetDeviceCount=count)
+    def properties(buffer, device_id):
+        C.ctypes.memmove(buffer, b"NVIDIA Fake GPU\0".ljust(C.NAME_BYTES, b"\0") + bytes(range(16)), C.NAME_BYTES + 16)
+        return 0
+
+    def attribute(value, attr, device_id):
+        value._obj.value = {C.CC_MAJOR: 9, C.CC_MINOR: 0}[attr]
+        return 0
+    handle = SimpleNamespace(cudaGetDeviceCount=count, cudaGetDeviceProperties_v2=properties,
+                             cudaDeviceGetAttribute=attribute)
     cuda = fake_module(monkeypatch, "polygraphy.cuda", wrapper=lambda: SimpleNamespace(handle=handle))
     fake_module(monkeypatch, "polygraphy", cuda=cuda)
     return state
@@ -221,7 +229,7 @@ def fake_gpu_stack(monkeypatch, tmp_path):
 
 def test_the_fake_stack_is_complete(fake_gpu_stack):
     assert T.load_tensorrt().__version__ == "10.13.0"
-    C.require_gpu(0)
+    assert C.device(0) == C.Device("NVIDIA Fake GPU", "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f", "9.0")
     import os
     assert os.environ["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(fake_gpu_stack.lib)   # Polygraphy will find it
 
