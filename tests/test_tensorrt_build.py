@@ -129,21 +129,12 @@ def test_check_engine_refuses_with_the_rebuild_hint(monkeypatch):
 
 # ---------------------------------------------------------------- return values and the timing cache
 
-class FakeContext:
-    def __init__(self, fail=None, output_shape=None):
-        self.fail, self.output_shape = fail, output_shape
-
-    def set_tensor_address(self, name, ptr):
-        return self.fail != ("address", name)
-
-    def set_input_shape(self, name, shape):
-        return self.fail != ("shape", name)
-
-    def get_tensor_shape(self, name):
-        return self.output_shape or (0,)
-
-    def execute_async_v3(self, stream):
-        return self.fail != "execute"
+def FakeContext(fail=None, output_shape=None):
+    """An IExecutionContext stand-in whose calls fail where ``fail`` says."""
+    return SimpleNamespace(set_tensor_address=lambda name, ptr: fail != ("address", name),
+                           set_input_shape=lambda name, shape: fail != ("shape", name),
+                           get_tensor_shape=lambda name: output_shape or (0,),
+                           execute_async_v3=lambda stream: fail != "execute")
 
 
 @pytest.fixture
@@ -228,9 +219,9 @@ def fake_gpu_stack(monkeypatch, tmp_path):
 
 
 def test_the_fake_stack_is_complete(fake_gpu_stack):
+    import os
     assert T.load_tensorrt().__version__ == "10.13.0"
     assert C.device(0) == C.Device("NVIDIA Fake GPU", "GPU-00010203-0405-0607-0809-0a0b0c0d0e0f", "9.0")
-    import os
     assert os.environ["LD_LIBRARY_PATH"].split(os.pathsep)[0] == str(fake_gpu_stack.lib)   # Polygraphy will find it
 
 

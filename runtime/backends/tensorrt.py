@@ -28,8 +28,7 @@ HARDWARE_LEVELS = {"none": "NONE", "same_compute_capability": "SAME_COMPUTE_CAPA
 
 
 class EngineMismatchError(NezhaError, RuntimeError):
-    """An engine that does not fit this machine (TensorRT version, GPU) or the manifest (its tensors):
-    it must be rebuilt, not loaded."""
+    """An engine that does not fit this machine (TensorRT version, GPU) or the manifest: rebuild it."""
 
 
 def version_tuple(version: str) -> tuple[int, ...]:
@@ -51,8 +50,7 @@ def load_tensorrt():
 
 
 def use_device(device_id: int) -> None:
-    """Make GPU ``device_id`` this thread's current CUDA device (contexts and buffers follow it)."""
-    C.call("cudaSetDevice", device_id)
+    C.call("cudaSetDevice", device_id)            # the thread's current GPU: contexts and buffers follow it
 
 
 # ---------------------------------------------------------------- what an engine needs of the machine
@@ -107,8 +105,7 @@ def check_engine(entry: EngineEntry, device_id: int = 0) -> None:
     built, here = compatibility_of(entry), C.device(device_id)
     if not built.device.name:                   # transitional: the manifest does not record the GPU model yet
         here = C.Device("", here.uuid, here.compute_capability)
-    problems = check_compatibility(built, trt.__version__, here)
-    if problems:
+    if problems := check_compatibility(built, trt.__version__, here):
         raise EngineMismatchError(f"engine {entry.file}: " + "; ".join(problems) +
                                   ": rebuild it with python export/build.py --backend tensorrt on this machine")
 
@@ -178,10 +175,8 @@ def engine_io_problems(profiles: int, tensors: list[EngineTensor], graph: GraphE
 
 def check_engine_io(engine, trt, graph: GraphEntry, entry: EngineEntry) -> None:
     """EngineMismatchError listing every tensor of ``engine`` that differs from the manifest."""
-    problems = engine_io_problems(*describe_engine(engine, trt), graph, entry)
-    if problems:
-        raise EngineMismatchError(f"engine {entry.file} does not match the manifest: " + "; ".join(problems) +
-                                  ": rebuild the artifact")
+    if problems := engine_io_problems(*describe_engine(engine, trt), graph, entry):
+        raise EngineMismatchError(f"engine {entry.file} does not match the manifest: {'; '.join(problems)}: rebuild it")
 
 
 # ---------------------------------------------------------------- engines, buffers, runners
