@@ -147,14 +147,15 @@ def engine_from_onnx(onnx_path: Path, plan_path: Path, graph: GraphEntry, file: 
                         ({name: {"min": lo, "opt": opt, "max": hi} for name, (lo, opt, hi) in shapes.items()},))
 
 
-def engine_sources(graphs: dict[str, dict[str, Path]], scratch: Path) -> dict[str, dict[str, Path]]:
-    """precision -> graph -> the ONNX file its engine is built from: the artifact's own graphs, except
-    int8, whose engines come from its Q/DQ pairs on the fp16 graph (written under ``scratch``)."""
+def engine_sources(graphs: dict[str, dict[str, Path]], fp32: dict[str, Path], scratch: Path) -> dict[str, dict[str, Path]]:
+    """precision -> graph -> the ONNX file its engine is built from: the artifact's own ``graphs``, except
+    int8, whose engines come from its Q/DQ pairs on the fp16 version of the ``fp32`` graphs (written
+    under ``scratch``)."""
     from .precision import CPU_ONLY_PRECISIONS, int8_tensorrt_graphs
 
     sources = {p: g for p, g in graphs.items() if p not in CPU_ONLY_PRECISIONS}
     if "int8" in sources:
-        sources["int8"] = int8_tensorrt_graphs(graphs["int8"], graphs["fp32"], scratch / "int8")
+        sources["int8"] = int8_tensorrt_graphs(graphs["int8"], fp32, scratch / "int8")
     return sources
 
 

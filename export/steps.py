@@ -226,7 +226,7 @@ def engines_from_onnx(s: State, notes: list) -> State:
         cache.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(previous, cache)
     scratch = s.tmp / "engines" / "onnx"                      # graphs only engines are built from; not kept
-    sources = engine_sources({p: s.graphs[p] for p in o.precisions}, scratch)
+    sources = engine_sources({p: s.graphs[p] for p in o.precisions}, s.graphs["fp32"], scratch)
     if "int8" in sources:                                     # the fp16-based Q/DQ graph on CPU before any engine
         feeds = list(validation_feeds(s.histories, s.catalog, s.model, s.limits).values())
         check = validate_int8(s.graphs["fp32"]["backbone"], sources["int8"]["backbone"], feeds)["hidden"]

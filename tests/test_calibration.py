@@ -322,3 +322,40 @@ def test_int8_cpu_gives_the_same_answers_on_the_avx2_only_path(graphs, tmp_path)
         ["hidden"], dict(np.load(tmp_path / "feed.npz")))[0]
     assert np.array_equal(outputs["native"], outputs["avx2"])
     assert output_errors([fp32], [outputs["avx2"]])["mean_cosine"] >= 0.99
+
+
+def test_int8_engines_come_from_the_fp16_qdq_graph(tmp_path, monkeypatch):
+    """The build's engine step on CPU, ONNX Runtime standing in for TensorRT: int8 engines are built from
+    the fp16-based Q/DQ graph (checked against fp32 first), which is not kept; the manifest says which
+    graphs serve which backend; fp16 engines come from the fp16 graphs."""
+    from conftest import tiny_model
+    from nezha.export import engines, steps
+    from nezha.export.build import build
+    from nezha.export.validate import ort_validation_steps
+    from nezha.model.checkpoint import save_checkpoint
+    from nezha.runtime.artifact import Artifact
+    from nezha.runtime.manifest import EngineEntry
+    sources = {}
+
+    def fake_engine(onnx_path, plan, spec, file, **options):
+        sources[file] = onnx.load(str(onnx_path), load_external_data=False)
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        plan.write_bytes(Path(onnx_path).read_bytes())
+        return EngineEntry(file, "0.0", "0.0", True, ())
+    monkeypatch.setattr(engines, "engine_from_onnx", fake_engine)
+    monkeypatch.setattr(steps, "gpu_for_engines", lambda: None)
+    monkeypatch.setattr(steps, "trt_validation_steps", lambda entries, es, paths: ort_validation_steps(entries, paths))
+    users = {f"u{u}": list(range((u * 7) % 60, (u * 7) % 60 + 8)) for u in range(80)}
+    data = write_interactions(tmp_path / "calib.inter.json", users)
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "ckpt", tiny_catalog())
+    summary = build(ckpt, None, tmp_path / "art", precision=("fp16", "int8"), backend=("onnxruntime", "tensorrt"),
+                    exporter="torchscript", max_batch=4, max_beam=8, calibration_data=data, calibration_size=16, log=None)
+    manifest = Artifact.open(summary.out).manifest
+    assert set(manifest.engines) == {"fp16", "int8"} and manifest.precisions["int8"].quantization["backends"]["tensorrt"]
+    backbone = sources["engines/int8/backbone.plan"]
+    assert {n.op_type for n in backbone.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    assert next(o.version for o in backbone.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    assert not {n.op_type for n in sources["engines/fp16/backbone.plan"].graph.node} & {"QuantizeLinear"}
+    report = json.loads((summary.out / "validation.json").read_text())
+    assert report["hidden_state_vs_fp32"]["int8-tensorrt-graph"]["hidden"]["ok"] and report["tensorrt"]["ok"]
+    assert not (summary.out / "engines" / "onnx").exists()
