@@ -1,7 +1,9 @@
 """The GPU check: one prepared command that times the PyTorch reference NEZHA, the floor and the AR
-baseline on CUDA (plus the runtime through ONNX Runtime CUDA / TensorRT when those are installed and
-the exporter is available) on a random-weight backbone of Qwen3-0.6B's shape, and writes
-bench.json + bench.md + bench.png to a folder.
+baseline on CUDA, plus the runtime through TensorRT (fp16 and int8 engines) and ONNX Runtime CUDA (fp32)
+where those are installed, on a random-weight backbone of Qwen3-0.6B's shape, and writes bench.json +
+bench.md + bench.png to a folder, with the GPU's memory (NVML, else cudaMemGetInfo) after each phase.
+``preflight.json``/``preflight.md`` are written first (GPU, versions, which backends run and why not),
+so a run cut short by a time limit still says what it found.
 
     python -m nezha.bench.gpu_check --out runs/gpu                  # on a CUDA machine (a few minutes)
     python -m nezha.bench.gpu_check --out runs/gpu --no-runtime     # torch contenders only (no export)
@@ -62,53 +64,113 @@ def random_model(layout, shape: dict, seed: int = 0):
     return NezhaModel(config).float().eval()
 
 
-def runtime_available(device: str) -> list[str]:
-    """Runtime backends usable on ``device`` here: onnxruntime (with the CUDA provider on cuda), tensorrt."""
-    found = []
+def runtime_available(device: str) -> tuple[list[str], dict[str, str]]:
+    """Runtime backends usable on ``device`` here -> (backends, {backend: why not}): onnxruntime (with the
+    CUDA provider on cuda), tensorrt (TensorRT 10.8+, Polygraphy, the CUDA runtime and a GPU)."""
+    found, why_not = [], {}
     try:
         import onnxruntime
         if device == "cpu" or "CUDAExecutionProvider" in onnxruntime.get_available_providers():
             found.append("onnxruntime")
-    except ImportError:
-        pass
+        else:
+            why_not["onnxruntime"] = "no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+    except ImportError as e:
+        why_not["onnxruntime"] = str(e)
     if device != "cpu":
+        from nezha.export.engines import TensorRTUnavailable, gpu_for_engines
         try:
-            import tensorrt  # noqa: F401
+            gpu_for_engines()
             found.append("tensorrt")
-        except ImportError:
-            pass
+        except TensorRTUnavailable as e:
+            why_not["tensorrt"] = str(e)
+    return found, why_not
+
+
+# The precisions each backend is timed at: TensorRT's fp16 and int8 engines (int8: Q/DQ on the fp16 graph),
+# ONNX Runtime CUDA's fp32 graphs.
+RUNTIME_PRECISIONS = {"onnxruntime": ("fp32",), "tensorrt": ("fp16", "int8")}
+
+
+def gpu_memory(device: str) -> dict | None:
+    """The GPU's memory in use and total in MB (all processes), from NVML when nvidia-ml-py is installed,
+    else the CUDA runtime's cudaMemGetInfo; None on CPU or when neither answers."""
+    if not device.startswith("cuda"):
+        return None
+    index = int(device.partition(":")[2] or 0)
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
+        return {"source": "nvml", "used_mb": round(info.used / 2**20, 1), "total_mb": round(info.total / 2**20, 1)}
+    except Exception:            # no nvidia-ml-py, or NVML unusable in this container: ask the CUDA runtime
+        pass
+    try:
+        from nezha.runtime.backends.cuda import memory_info
+        m = memory_info(index)
+        return {"source": "cudaMemGetInfo", "used_mb": round(m["total_mb"] - m["free_mb"], 1), "total_mb": m["total_mb"]}
+    except Exception as e:       # the report says why rather than failing the whole check
+        return {"source": None, "error": f"{type(e).__name__}: {e}"}
+
+
+def preflight(device: str, out: Path, log) -> dict:
+    """What this machine offers, written to ``out``/preflight.{json,md} before any timing."""
+    import json
+    import platform
+
+    from .stats import machine
+    backends, why_not = runtime_available(device)
+    found = {"device": device, "machine": machine(), "python": platform.python_version(),
+             "runtime_backends": backends, "not_available": why_not, "gpu_memory": gpu_memory(device)}
+    if device.startswith("cuda"):
+        import torch
+        found["gpu"] = torch.cuda.get_device_name(int(device.partition(":")[2] or 0))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "preflight.json").write_text(json.dumps(found, indent=1, default=str))
+    lines = [f"# gpu_check preflight ({device})", "", f"- GPU: {found.get('gpu', '-')}",
+             f"- runtime backends: {', '.join(backends) or 'none'}",
+             *[f"- {b} not available: {why}" for b, why in why_not.items()], f"- GPU memory: {found['gpu_memory']}"]
+    (out / "preflight.md").write_text("\n".join(lines) + "\n")
+    log(" | ".join(lines[2:]))
     return found
 
 
-def build_artifact(model, catalog, folder: Path, backends: list[str], max_beam: int, log) -> Path:
-    """Save ``model`` as a checkpoint and build an artifact from it with nezha.export.build."""
+def build_artifact(model, catalog, folder: Path, backends: list[str], max_beam: int, max_batch: int, log) -> Path:
+    """Save ``model`` as a checkpoint and build an artifact from it with nezha.export.build: the precisions
+    of RUNTIME_PRECISIONS for ``backends``; validation and int8 calibration kept small (time, not quality:
+    the weights are random)."""
+    from nezha.calibration import MIN_SAMPLES
     from nezha.export.build import build
     from nezha.model.checkpoint import save_checkpoint
 
     ckpt = save_checkpoint(model, folder / "checkpoint", catalog, overwrite=True)
-    log(f"building artifact for {backends} (max_beam {max_beam}) ...")
+    precisions = tuple(dict.fromkeys(p for b in backends for p in RUNTIME_PRECISIONS[b]))
+    log(f"building artifact {precisions} for {backends} (max_beam {max_beam}, max_batch {max_batch}) ...")
     index = catalog.to_index_json(folder / "items.index.json")     # so that the artifact keeps the Beauty item ids
-    build(checkpoint=ckpt, index=index, out=folder / "artifact", precision=("fp32",), backend=tuple(backends),
-          max_beam=max_beam, force=True, log=log)
+    build(checkpoint=ckpt, index=index, out=folder / "artifact", precision=precisions, backend=tuple(backends),
+          max_beam=max_beam, max_batch=max_batch, validation_users=4, calibration_size=MIN_SAMPLES,
+          calibration_method="minmax", force=True, log=log)
     return folder / "artifact"
 
 
-def _runtime_contenders(model, catalog, device: str, work, max_beam: int, desc: dict, log) -> list:
+def _runtime_contenders(model, catalog, device: str, work, max_beam: int, max_batch: int, desc: dict, log) -> list:
     """The runtime's contenders on ``device`` from a freshly built artifact (its folder in ``desc``), or none
     with the reason in ``desc["runtime"]``: the torch figures are still worth having."""
     import tempfile
 
     from .contenders import runtime_contenders
-    contenders, backends = [], runtime_available(device)
+    contenders, (backends, why_not) = [], runtime_available(device)
+    desc["runtime_not_available"] = why_not
     if not backends:
-        desc["runtime"] = f"skipped: no runtime backend usable on {device} (onnxruntime-gpu / tensorrt)"
+        desc["runtime"] = f"skipped: no runtime backend usable on {device}: {why_not}"
         return contenders
     try:
         work_dir = Path(work) if work else Path(tempfile.mkdtemp(prefix="nezha-gpu-check-"))
-        artifact = build_artifact(model, catalog, work_dir, backends, max_beam, log)
+        t0 = time.perf_counter()
+        artifact = build_artifact(model, catalog, work_dir, backends, max_beam, max_batch, log)
+        desc["artifact"], desc["build_seconds"] = str(artifact), round(time.perf_counter() - t0, 1)
         for b in backends:
-            contenders += runtime_contenders(artifact, b, "fp32", device)
-        desc["artifact"] = str(artifact)
+            for precision in RUNTIME_PRECISIONS[b]:
+                contenders += runtime_contenders(artifact, b, precision, device)
     except Exception as e:       # any failure of the GPU stack: record why, go on with torch
         desc["runtime"] = f"skipped: {type(e).__name__}: {e}"
         log(desc["runtime"])
@@ -143,9 +205,12 @@ def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: 
             "device": device, "backbone": backbone_description(model), "layout": sid_layout.to_json(),
             "ar": "same backbone weights, random LM head over the full vocabulary (latency only)", "max_history": 20}
     log(f"model: {desc['backbone']}")
+    found = preflight(device, out, log)
+    desc["gpu"], desc["gpu_memory"] = found.get("gpu"), {"start": found["gpu_memory"]}
     contenders = []
     if runtime:
-        contenders += _runtime_contenders(model, catalog, device, work, max(beams), desc, log)
+        contenders += _runtime_contenders(model, catalog, device, work, max(beams), max(batch_sizes), desc, log)
+        desc["gpu_memory"]["runtime_loaded"] = gpu_memory(device)
     ar_model = ar_model_from(model, seed)
     contenders += reference_contenders(model, catalog, device)
     contenders.append(ar_contender(ar_model, catalog, device, note=desc["ar"]))
@@ -153,8 +218,9 @@ def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: 
     desc["histories"] = f"{data} leave-one-out test users (shuffled, first {len(histories)})"
     log(f"timing {[c.name for c in contenders]} at beams {list(beams)}, batch sizes {list(batch_sizes)}")
     result = benchmark(contenders, histories, batch_sizes, beams, requests, warmup, desc, progress=True)
-    if device.startswith("cuda"):
+    if device.startswith("cuda"):            # torch's own peak; the TensorRT/ONNX Runtime share is in gpu_memory
         result["memory"]["cuda_peak_allocated_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+        result["memory"]["gpu"] = {**desc["gpu_memory"], "after_timing": gpu_memory(device)}
     for c in contenders:
         c.close()
     if runtime and not work and "artifact" in desc:

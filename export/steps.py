@@ -29,9 +29,9 @@ from nezha.runtime.manifest import (
 )
 from nezha.runtime.recommender import Recommender
 
-from .engines import TensorRTUnavailable, engine_from_onnx
+from .engines import TensorRTUnavailable, engine_sources, engines_from_sources, gpu_for_engines, typical_dims
 from .graphs import graph_specs, model_limits, onnx_from_model
-from .precision import CPU_ONLY_PRECISIONS, fp16_from_onnx, precision_entry
+from .precision import CPU_ONLY_PRECISIONS, INT8_BACKENDS, fp16_from_onnx, precision_entry
 from .staging import BuildError
 from .tables import tables_from_catalog
 from .validate import (
@@ -46,6 +46,7 @@ from .validate import (
 VALIDATION = "validation.json"
 CALIBRATION_CACHE = "calibration/cache.json"      # inside the artifact; a --force rebuild starts from it
 CALIBRATION_SEED = 0
+TIMING_CACHE = "engines/timing.cache"             # inside the artifact; a --force rebuild starts from it
 
 
 @dataclass
@@ -162,7 +163,7 @@ def int8_from_fp32(s: State, notes: list) -> State:
         "samples": s.reader.samples, "data": str(o.calibration_data), "split": "train", "seed": CALIBRATION_SEED,
         "batch_size": s.reader.batch_size, "exclude_sensitive": o.calibration_exclude, "excluded": done["excluded"],
         "quantized_nodes": done["quantized_nodes"], "heads": done["heads"], "cache": CALIBRATION_CACHE,
-        "cache_hit": done["cache_hit"]}
+        "cache_hit": done["cache_hit"], "backends": dict(INT8_BACKENDS)}
     return s
 
 
@@ -206,21 +207,33 @@ def validate_against_torch(s: State, notes: list) -> State:
 
 
 def engines_from_onnx(s: State, notes: list) -> State:
-    specs, cache = graph_specs(s.model, s.limits), s.tmp / "engines" / "timing.cache"
-    for p in [p for p in s.options.precisions if p in CPU_ONLY_PRECISIONS]:
+    """TensorRT engines of every GPU precision, validated against torch through the runtime's TensorRT
+    runners; skipped with one message when TensorRT, Polygraphy, the CUDA runtime or a GPU is missing."""
+    o, specs, cache = s.options, graph_specs(s.model, s.limits), s.tmp / TIMING_CACHE
+    for p in [p for p in o.precisions if p in CPU_ONLY_PRECISIONS]:
         s.engines_note[p] = "cpu-only graphs (dynamic int8, MatMulInteger): TensorRT cannot build them; use int8"
         notes.append(f"{p}: skipped, {s.engines_note[p]}")
-    for p in [p for p in s.options.precisions if p not in CPU_ONLY_PRECISIONS]:
-        try:
-            for name, onnx_path in s.graphs[p].items():
-                plan = s.tmp / "engines" / p / f"{name}.plan"
-                s.engines.setdefault(p, {})[name] = engine_from_onnx(
-                    onnx_path, plan, specs[name], plan.relative_to(s.tmp).as_posix(), timing_cache=cache)
-        except TensorRTUnavailable as e:
-            s.engines, s.engines_note["all"] = {}, str(e)
-            shutil.rmtree(s.tmp / "engines", ignore_errors=True)
-            notes.append(f"skipped: {e}")
-            return s
+    try:
+        gpu_for_engines()
+    except TensorRTUnavailable as e:
+        s.engines_note["all"] = str(e)
+        notes.append(f"skipped: {e}")
+        return s
+    previous = o.out / TIMING_CACHE
+    if o.force and previous.is_file() and not previous.is_symlink():      # a rebuild starts from the last timings
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(previous, cache)
+    scratch = s.tmp / "engines" / "onnx"                      # graphs only engines are built from; not kept
+    sources = engine_sources({p: s.graphs[p] for p in o.precisions}, s.graphs["fp32"], scratch)
+    if "int8" in sources:                                     # the fp16-based Q/DQ graph on CPU before any engine
+        feeds = list(validation_feeds(s.histories, s.catalog, s.model, s.limits).values())
+        check = validate_int8(s.graphs["fp32"]["backbone"], sources["int8"]["backbone"], feeds)["hidden"]
+        s.hidden_state["int8-tensorrt-graph"] = {"hidden": check}
+        notes.append(f"int8 for TensorRT (Q/DQ on the fp16 graph) vs fp32 hidden states: mean cosine "
+                     f"{check['mean_cosine']:.5f}")
+    typical = typical_dims(s.model.layout.levels, s.limits, [len(h) for h in s.histories])
+    s.engines = engines_from_sources(sources, specs, s.tmp, cache, typical, notes=notes)
+    shutil.rmtree(scratch, ignore_errors=True)
     steps = {p: trt_validation_steps(specs, es, {g: s.tmp / e.file for g, e in es.items()}) for p, es in s.engines.items()}
     try:
         s.report["tensorrt"] = validate_artifact(s.model, s.catalog, steps, s.histories, s.limits,
@@ -228,7 +241,7 @@ def engines_from_onnx(s: State, notes: list) -> State:
     finally:
         for st in steps.values():
             st.close()
-    notes.append("engines validated against PyTorch: top-k agreement " + ", ".join(
+    notes.append(f"profiles tuned (opt) for {typical}; engines validated against PyTorch: top-k agreement " + ", ".join(
         f"{p} {e['topk_agreement']:.3f}" for p, e in s.report["tensorrt"]["precisions"].items()))
     return s
 

@@ -1,8 +1,9 @@
 """Validation of exported graphs against the PyTorch model, always run by the build.
 
 Every graph runs in ONNX Runtime (CPU) on real histories; every output is compared with the torch
-model's (max |diff| vs the precision's tolerance) and the decoded top-k items are compared with the
-torch Reference. All results are collected first; one ValidationError then lists every output."""
+model's (max |diff| against a bound relative to the output's RMS, and the mean cosine of its vectors:
+``Tolerance``) and the decoded top-k items are compared with the torch Reference. All results are
+collected first; one ValidationError then lists every output."""
 
 from __future__ import annotations
 
@@ -27,17 +28,34 @@ from nezha.runtime.manifest import EngineEntry, GraphEntry, Limits, token_range
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Allowed max |diff| of every graph output (hidden states, states, log-probs) and the smallest
-    allowed mean top-k agreement (|ours & reference| / |reference| per history) with the torch Reference."""
+    """Bounds on every graph output (hidden states, states, log-probs) against the torch model, relative
+    to the output's own scale (Polygraphy's comparator in spirit: an absolute and a relative term, plus a
+    direction check), and on the decoded items.
+
+    * max |ours - torch| <= ``atol`` + ``rtol`` x scale, where scale is the RMS of torch's output in that
+      case: a bound that follows each output's magnitude (hidden states after a trained final norm, draft
+      states and log-probs in nats differ by orders of magnitude) instead of one constant for all;
+    * the mean cosine of the output's vectors (last axis) >= ``min_cosine``: the quality gate of the
+      quantized precisions, insensitive to the few largest elements;
+    * the mean top-k agreement (|ours & reference| / |reference| per history) >= ``min_topk_agreement``."""
 
     atol: float
     min_topk_agreement: float
+    rtol: float = 0.0
+    min_cosine: float = -1.0
+
+    def allowed(self, scale: float) -> float:
+        """The largest max |diff| allowed for an output whose reference has RMS ``scale``."""
+        return self.atol + self.rtol * scale
 
 
-# int8-cpu quantizes the same weight MatMuls as int8 (dynamically, per batch): the same bounds apply. The
-# hidden-state checks against fp32 (cosine, relative error) are calibration's validate_int8, run by the build.
-TOLERANCES = {"fp32": Tolerance(1e-3, 1.0), "fp16": Tolerance(5e-2, 0.9), "int8": Tolerance(0.5, 0.7),
-              "int8-cpu": Tolerance(0.5, 0.7)}
+# Why these values (docs/tensorrt.md, "Validation tolerances"): fp32 and fp16 differ from torch by rounding,
+# so their bounds are tight; int8's per-element error is noise of about sqrt(2 (1 - cosine)) x RMS, and the
+# largest of N such elements grows with N (batch, history, width): 0.52 x RMS for the 768x12 README model
+# at --max-batch 8, 0.57 at 16, at mean cosine 0.994. Its max |diff| bound (2 x RMS) only catches gross
+# errors (an overflow, a wrong tensor); the mean cosine, as in calibration's gate, is its quality bound.
+TOLERANCES = {"fp32": Tolerance(1e-4, 1.0, 1e-3, 0.99999), "fp16": Tolerance(5e-2, 0.9, 5e-2, 0.999),
+              "int8": Tolerance(0.0, 0.7, 2.0, 0.99), "int8-cpu": Tolerance(0.0, 0.7, 2.0, 0.99)}
 
 
 class ValidationError(NezhaError, RuntimeError):
@@ -118,6 +136,30 @@ def graph_cases(model: NezhaModel, feeds: dict[str, dict[str, np.ndarray]], seed
             parents = hidden[:, 0] if state is None else state
 
 
+def output_errors(got: np.ndarray, want: np.ndarray) -> dict:
+    """One output in one case: max |got - want|, the RMS of ``want`` (its scale) and the mean and worst
+    cosine of the vectors along the last axis. A wrong shape or a NaN/inf gives inf and cosine -1."""
+    if got.shape != want.shape or not np.isfinite(got).all():
+        return {"max_abs_diff": float("inf"), "scale": 0.0, "mean_cosine": -1.0, "min_cosine": -1.0}
+    g, w = got.astype(np.float64).reshape(-1, got.shape[-1]), want.astype(np.float64).reshape(-1, want.shape[-1])
+    norms = np.linalg.norm(g, axis=1) * np.linalg.norm(w, axis=1)
+    cosine = np.where(norms > 0, (g * w).sum(1) / np.maximum(norms, 1e-300), 1.0)     # two zero vectors agree
+    return {"max_abs_diff": float(np.max(np.abs(g - w))), "scale": float(np.sqrt(np.mean(w * w))),
+            "mean_cosine": float(cosine.mean()), "min_cosine": float(cosine.min())}
+
+
+def merge_errors(total: dict, case: dict, tol: Tolerance) -> None:
+    """Fold one case's ``output_errors`` into an output's running record: the worst case by its share
+    of the allowed max |diff| gives max_abs_diff, scale and allowed; the cosines are the worst case's."""
+    allowed = tol.allowed(case["scale"])
+    share = case["max_abs_diff"] / allowed if allowed > 0 else (0.0 if case["max_abs_diff"] == 0 else float("inf"))
+    if not total or share > total["share"]:
+        total.update(max_abs_diff=case["max_abs_diff"], scale=case["scale"], allowed=allowed, share=share)
+    total["mean_cosine"] = min(total.get("mean_cosine", 1.0), case["mean_cosine"])
+    total["min_cosine"] = min(total.get("min_cosine", 1.0), case["min_cosine"])
+    total["ok"] = total["share"] <= 1.0 and total["mean_cosine"] >= tol.min_cosine
+
+
 def topk_agreement(ours: list[list[tuple[int, float]]], reference: list[list[tuple[int, float]]]) -> float:
     """Mean over histories of |our top-k items & reference top-k items| / |reference top-k items|."""
     return float(np.mean(overlap_shares([[i for i, _ in r] for r in ours], [[i for i, _ in r] for r in reference])))
@@ -145,25 +187,23 @@ def validate_artifact(model: NezhaModel, catalog: Catalog, steps: dict[str, Grap
               "cases": {c: list(f["input_ids"].shape) for c, f in feeds.items()}, "precisions": {}}
     lines, ok = [], True
     for precision, precision_steps in steps.items():
-        tol, outputs = tolerances[precision], {}
+        tol, stats = tolerances[precision], {}
         for name, case, feed, want in cases:
             got = run_graph(precision_steps, name, feed)
             names = [t.name for t in precision_steps.runners[name].entry.outputs]
             for out_name, g, w in zip(names, got, want):
-                key = f"{name}.{out_name}"
-                finite = g.shape == w.shape and np.isfinite(g).all()      # NaN/inf or a wrong shape never pass
-                diff = float(np.max(np.abs(g.astype(np.float64) - w))) if finite else float("inf")
-                outputs[key] = max(outputs.get(key, 0.0), diff)
+                merge_errors(stats.setdefault(f"{name}.{out_name}", {}), output_errors(g, w), tol)
         keys, scores = beam_search(precision_steps, feeds["batch"], model.layout, reference.verifier, beam)
         agreement = topk_agreement(items_from_sids(keys, scores, reference.sid_table, k), expected_items)
-        entry = {"tolerance": tol.atol, "min_topk_agreement": tol.min_topk_agreement, "topk_agreement": agreement,
-                 "outputs": {key: {"max_abs_diff": d, "ok": d <= tol.atol} for key, d in outputs.items()}}
-        entry["ok"] = all(o["ok"] for o in entry["outputs"].values()) and agreement >= tol.min_topk_agreement
+        entry = {"tolerance": {"atol": tol.atol, "rtol": tol.rtol, "min_cosine": tol.min_cosine},
+                 "min_topk_agreement": tol.min_topk_agreement, "topk_agreement": agreement, "outputs": stats}
+        entry["ok"] = all(o["ok"] for o in stats.values()) and agreement >= tol.min_topk_agreement
         ok &= entry["ok"]
         report["precisions"][precision] = entry
-        for key, o in entry["outputs"].items():
+        for key, o in stats.items():
             lines.append(f"  {'ok  ' if o['ok'] else 'FAIL'} {precision} {key}: max |diff| {o['max_abs_diff']:.3g} "
-                         f"(tolerance {tol.atol:g})")
+                         f"(allowed {o['allowed']:.3g} = {tol.atol:g} + {tol.rtol:g} x RMS {o['scale']:.3g}), "
+                         f"mean cosine {o['mean_cosine']:.5f} (at least {tol.min_cosine:g})")
         lines.append(f"  {'ok  ' if agreement >= tol.min_topk_agreement else 'FAIL'} {precision} top-{k} items: "
                      f"agreement {agreement:.3f} (at least {tol.min_topk_agreement:g})")
     report["ok"] = ok

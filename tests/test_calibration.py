@@ -225,6 +225,70 @@ def test_other_methods_and_the_cache(graphs, reader, tmp_path, method):
         int8_from_onnx(graphs, tmp_path / "bad", reader, method="kl", log=None)
 
 
+# ---------------------------------------------------------------- the int8 graphs TensorRT builds from
+
+def fp32_tensors_at_fp16_ops(path: Path) -> dict[str, int]:
+    """op type -> how many nodes outside the float32 list (FP32_OPS) and Cast read or write a float32
+    tensor (types from ONNX shape inference): none in a graph whose every other op runs in fp16."""
+    from nezha.export.precision import FP32_OPS
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(path))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types |= {i.name: i.data_type for i in graph.initializer}
+    types |= {n.output[0]: a.t.data_type for n in graph.node if n.op_type == "Constant" for a in n.attribute if a.name == "value"}
+    found: dict[str, int] = {}
+    for node in graph.node:
+        if node.op_type not in FP32_OPS + ("Cast",) and any(types.get(x) == onnx.TensorProto.FLOAT
+                                                           for x in [*node.input, *node.output]):
+            found[node.op_type] = found.get(node.op_type, 0) + 1
+    return found
+
+
+@pytest.fixture(scope="module")
+def int8_tensorrt(graphs, int8, tmp_path_factory):
+    from nezha.export.precision import int8_tensorrt_graphs
+    return int8_tensorrt_graphs(int8[0], graphs, tmp_path_factory.mktemp("int8-tensorrt"))
+
+
+def test_tensorrt_int8_graph_is_the_same_qdq_on_the_fp16_graph(graphs, int8, int8_tensorrt):
+    """TensorRT's int8 engines run every op that is not quantized in fp16 (a strongly typed network keeps
+    each op in its graph's type): the same Q/DQ pairs on the same MatMuls, float16 scales, the rest fp16."""
+    from nezha.export.precision import QDQ_FP16_OPSET
+    assert sorted(int8_tensorrt) == sorted(graphs)
+    model = onnx.load(str(int8_tensorrt["backbone"]))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= QDQ_FP16_OPSET
+    consumers, inits = _consumers(model), {i.name: i for i in model.graph.initializer}
+    dqs = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    quantized = lambda m: {u.name for dq in m.graph.node if dq.op_type == "DequantizeLinear"
+                           for u in _consumers(m)[dq.output[0]]}
+    assert quantized(model) == quantized(onnx.load(str(int8[0]["backbone"]))) and dqs
+    for q in [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]:
+        scale = inits.get(q.input[1])
+        assert scale is not None and scale.data_type == onnx.TensorProto.FLOAT16, q.name
+    for name, path in int8_tensorrt.items():                  # backbone and heads: nothing else in float32
+        assert fp32_tensors_at_fp16_ops(path) == {}, name
+        assert _io(path)[1] == _io(graphs[name])[1], name     # the runtime's float32 / int64 I/O, as every precision
+    assert fp32_tensors_at_fp16_ops(int8[0]["backbone"])      # the ONNX Runtime int8 graph stays fp32-based
+    assert {c.op_type for dq in dqs for c in consumers[dq.output[0]]} == {"MatMul"}
+
+
+def test_tensorrt_int8_graph_passes_validation_on_cpu(graphs, reader, int8_tensorrt):
+    """The graph TensorRT builds int8 engines from, run by ONNX Runtime on CPU: hidden states against the
+    fp32 graph (the build's gate) and every output and the decoded items against torch (Tolerance)."""
+    from conftest import tiny_model
+    from nezha.export.graphs import graph_specs, model_limits
+    from nezha.export.validate import ort_validation_steps, validate_artifact
+    result = validate_int8(graphs["backbone"], int8_tensorrt["backbone"], reader)
+    assert result["hidden"]["ok"] and result["hidden"]["mean_cosine"] > 0.99
+    model = tiny_model()
+    limits = model_limits(model, MAX_HISTORY, 8, 16)
+    steps = {"int8": ort_validation_steps(graph_specs(model, limits), int8_tensorrt)}
+    try:
+        report = validate_artifact(model, tiny_catalog(), steps, tiny_histories(tiny_catalog(), 8), limits)
+    finally:
+        steps["int8"].close()
+    assert report["ok"] and report["precisions"]["int8"]["outputs"]["backbone.hidden"]["mean_cosine"] > 0.99
+
+
 RUN_BACKBONE = """
 import sys, numpy as np
 from nezha.runtime.backends.onnxruntime import open_session
@@ -257,3 +321,40 @@ def test_int8_cpu_gives_the_same_answers_on_the_avx2_only_path(graphs, tmp_path)
         ["hidden"], dict(np.load(tmp_path / "feed.npz")))[0]
     assert np.array_equal(outputs["native"], outputs["avx2"])
     assert output_errors([fp32], [outputs["avx2"]])["mean_cosine"] >= 0.99
+
+
+def test_int8_engines_come_from_the_fp16_qdq_graph(tmp_path, monkeypatch):
+    """The build's engine step on CPU, ONNX Runtime standing in for TensorRT: int8 engines are built from
+    the fp16-based Q/DQ graph (checked against fp32 first), which is not kept; the manifest says which
+    graphs serve which backend; fp16 engines come from the fp16 graphs."""
+    from conftest import tiny_model
+    from nezha.export import engines, steps
+    from nezha.export.build import build
+    from nezha.export.validate import ort_validation_steps
+    from nezha.model.checkpoint import save_checkpoint
+    from nezha.runtime.artifact import Artifact
+    from nezha.runtime.manifest import EngineEntry
+    sources = {}
+
+    def fake_engine(onnx_path, plan, spec, file, **options):
+        sources[file] = onnx.load(str(onnx_path), load_external_data=False)
+        plan.parent.mkdir(parents=True, exist_ok=True)
+        plan.write_bytes(Path(onnx_path).read_bytes())
+        return EngineEntry(file, "0.0", "0.0", True, ())
+    monkeypatch.setattr(engines, "engine_from_onnx", fake_engine)
+    monkeypatch.setattr(steps, "gpu_for_engines", lambda: None)
+    monkeypatch.setattr(steps, "trt_validation_steps", lambda entries, es, paths: ort_validation_steps(entries, paths))
+    users = {f"u{u}": list(range((u * 7) % 60, (u * 7) % 60 + 8)) for u in range(80)}
+    data = write_interactions(tmp_path / "calib.inter.json", users)
+    ckpt = save_checkpoint(tiny_model(), tmp_path / "ckpt", tiny_catalog())
+    summary = build(ckpt, None, tmp_path / "art", precision=("fp16", "int8"), backend=("onnxruntime", "tensorrt"),
+                    exporter="torchscript", max_batch=4, max_beam=8, calibration_data=data, calibration_size=16, log=None)
+    manifest = Artifact.open(summary.out).manifest
+    assert set(manifest.engines) == {"fp16", "int8"} and manifest.precisions["int8"].quantization["backends"]["tensorrt"]
+    backbone = sources["engines/int8/backbone.plan"]
+    assert {n.op_type for n in backbone.graph.node} >= {"QuantizeLinear", "DequantizeLinear"}
+    assert next(o.version for o in backbone.opset_import if o.domain in ("", "ai.onnx")) >= 19
+    assert not {n.op_type for n in sources["engines/fp16/backbone.plan"].graph.node} & {"QuantizeLinear"}
+    report = json.loads((summary.out / "validation.json").read_text())
+    assert report["hidden_state_vs_fp32"]["int8-tensorrt-graph"]["hidden"]["ok"] and report["tensorrt"]["ok"]
+    assert not (summary.out / "engines" / "onnx").exists()

@@ -518,10 +518,11 @@ def test_nan_outputs_never_pass_validation(built, monkeypatch):
 def test_built_engines_are_validated_against_torch(tmp_path, checkpoint, monkeypatch):
     """The engine validation wiring, with ONNX Runtime standing in for TensorRT (absent here): the build
     validates engines through the same comparisons and fails the build when an engine disagrees."""
+    from nezha.export import engines as engines_module
     from nezha.export import steps as steps_module
     from nezha.runtime.manifest import EngineEntry
 
-    def fake_engine(onnx_path, plan, spec, file, timing_cache=None):
+    def fake_engine(onnx_path, plan, spec, file, **options):
         plan.parent.mkdir(parents=True, exist_ok=True)
         plan.write_bytes(onnx_path.read_bytes())                 # the "engine" is the ONNX graph itself
         return EngineEntry(file, "0.0", "0.0", True, ())
@@ -536,7 +537,8 @@ def test_built_engines_are_validated_against_torch(tmp_path, checkpoint, monkeyp
                                                    for k, v in _real(feed).items()}
         return steps
 
-    monkeypatch.setattr(steps_module, "engine_from_onnx", fake_engine)
+    monkeypatch.setattr(engines_module, "engine_from_onnx", fake_engine)
+    monkeypatch.setattr(steps_module, "gpu_for_engines", lambda: None)
     monkeypatch.setattr(steps_module, "trt_validation_steps", ort_as_engines)
     kw = dict(precision=("fp32",), backend=("onnxruntime", "tensorrt"), exporter="torchscript", max_batch=4,
               max_beam=8, log=None)

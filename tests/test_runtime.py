@@ -314,8 +314,8 @@ def test_engines_for_another_gpu_or_tensorrt_are_refused(monkeypatch, versions, 
 
     from nezha.runtime.backends import tensorrt as trt_backend
     from nezha.runtime.manifest import EngineEntry
-    monkeypatch.setattr(trt_backend, "_trt", lambda: SimpleNamespace(__version__="10.13.0"))
-    monkeypatch.setattr(trt_backend, "device_compute_capability", lambda device_id=0: "9.0")
+    monkeypatch.setattr(trt_backend, "load_tensorrt", lambda: SimpleNamespace(__version__="10.13.0"))
+    monkeypatch.setattr(trt_backend.C, "device", lambda device_id=0: trt_backend.C.Device("NVIDIA H100", "GPU-0", "9.0"))
     with pytest.raises(trt_backend.EngineMismatchError, match=message):
         trt_backend.check_engine(EngineEntry("engines/fp32/backbone.plan", versions[1], versions[0], True, ()))
     trt_backend.check_engine(EngineEntry("engines/fp32/backbone.plan", "9.0", "10.13.0", True, ()))
