@@ -102,7 +102,8 @@ class Recommender:
                 raise OptionError(f"device {device!r}; allowed with tensorrt: cuda, cuda:N")
             from .backends.tensorrt import Engines, trt_steps
             engine_entries = manifest.engines[precision]
-            shared = Engines(engine_entries, {g: artifact.path(e.file) for g, e in engine_entries.items()}, device_id)
+            shared = Engines(engine_entries, {g: artifact.path(e.file) for g, e in engine_entries.items()}, device_id,
+                             graphs=entries)                 # each engine's tensors checked at load
             make_steps = lambda: trt_steps(entries, shared, device_id)
         recommender = cls(artifact, backend, precision, make_steps, shared, dense_budget_bytes)
         recommender._check_layout_fits_backbone()
