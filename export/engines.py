@@ -94,14 +94,9 @@ def write_atomically(path: Path, data: bytes) -> None:
 
 
 def engine_entry(file: str, compatibility: Compatibility, profiles: tuple[dict, ...]) -> EngineEntry:
-    """The manifest's engine entry. Transitional until the manifest's engine entries gain ``device``
-    {name, uuid} and ``hardware_compatibility`` (docs/tensorrt.md, "Manifest"): those two go in only
-    when EngineEntry has them."""
-    extra = {"device": {"name": compatibility.device.name, "uuid": compatibility.device.uuid},
-             "hardware_compatibility": compatibility.hardware}
-    fields = EngineEntry.__dataclass_fields__
+    """The manifest's engine entry: the file, its profiles and the compatibility record the runtime enforces."""
     return EngineEntry(file, compatibility.device.compute_capability, compatibility.tensorrt, True, profiles,
-                       **{k: v for k, v in extra.items() if k in fields})
+                       {"name": compatibility.device.name, "uuid": compatibility.device.uuid}, compatibility.hardware)
 
 
 def engine_from_onnx(onnx_path: Path, plan_path: Path, graph: GraphEntry, file: str, timing_cache: Path | None = None,

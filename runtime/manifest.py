@@ -85,6 +85,9 @@ class GraphEntry:
         return [self.file] + ([self.external_data] if self.external_data else [])
 
 
+HARDWARE_LEVELS = ("none", "same_compute_capability", "ampere_plus")
+
+
 @dataclass(frozen=True)
 class EngineEntry:
     """A TensorRT engine and what it needs of the machine that runs it."""
@@ -94,6 +97,8 @@ class EngineEntry:
     tensorrt: str
     strongly_typed: bool
     profiles: tuple[dict, ...]          # per profile: input name -> {"min", "opt", "max"} shapes
+    device: dict = field(default_factory=lambda: {"name": "", "uuid": ""})   # the GPU it was built on
+    hardware_compatibility: str = "none"                                     # TensorRT's level: HARDWARE_LEVELS
 
     @classmethod
     def from_json(cls, value, path: str) -> "EngineEntry":
@@ -107,11 +112,14 @@ class EngineEntry:
                     [integer(d, f"{p}.{name}.{k}[{i}]") for i, d in enumerate(array(shapes[k], f"{p}.{name}.{k}"))]
             return v
         return typed(cls, value, path, file=relpath, compute_capability=string, tensorrt=string, strongly_typed=flag,
-                     profiles=lambda v, p: tuple(profile(x, f"{p}[{i}]") for i, x in enumerate(array(v, p))))
+                     profiles=lambda v, p: tuple(profile(x, f"{p}[{i}]") for i, x in enumerate(array(v, p))),
+                     device=lambda v, p: dict(strings(v, p, ("name", "uuid"))),
+                     hardware_compatibility=lambda v, p: string(v, p, HARDWARE_LEVELS))
 
     def to_json(self) -> dict:
         return {"file": self.file, "compute_capability": self.compute_capability, "tensorrt": self.tensorrt,
-                "strongly_typed": self.strongly_typed, "profiles": list(self.profiles)}
+                "strongly_typed": self.strongly_typed, "profiles": list(self.profiles), "device": dict(self.device),
+                "hardware_compatibility": self.hardware_compatibility}
 
 
 @dataclass(frozen=True)

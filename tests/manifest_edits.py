@@ -113,15 +113,19 @@ def max_history(value):
     return edit
 
 
-def engines(profiles=None):
-    """An engines section for fp32 whose plan files exist and are hashed (the loaders do not open them)."""
+def engines(profiles=None, entry=lambda e: None):
+    """An engines section for fp32 whose plan files exist and are hashed (the loaders do not open them);
+    ``entry`` edits each engine entry in place."""
     def edit(raw):
         names = list(raw["graphs"]["fp32"])
         shapes = {"min": [1, 6], "opt": [2, 9], "max": [4, 63]}
         raw["engines"] = {"fp32": {n: {"file": f"engines/fp32/{n}.plan", "compute_capability": "9.0", "tensorrt": "10.3",
-                                       "strongly_typed": False,
+                                       "strongly_typed": False, "hardware_compatibility": "none",
+                                       "device": {"name": "NVIDIA H100 80GB HBM3", "uuid": "GPU-0"},
                                        "profiles": copy.deepcopy(profiles) if profiles is not None else
                                        [{"input_ids": shapes, "attention_mask": shapes}]} for n in names}}
+        for e in raw["engines"]["fp32"].values():
+            entry(e)
         return {f"engines/fp32/{n}.plan": b"plan " + n.encode() for n in names}
     return edit
 

@@ -91,19 +91,17 @@ def check_compatibility(built: Compatibility, tensorrt_version: str, here: C.Dev
 
 
 def compatibility_of(entry: EngineEntry) -> Compatibility:
-    """The compatibility record in a manifest engine entry. Transitional: until the manifest's engine
-    entries carry ``device`` {name, uuid} and ``hardware_compatibility`` (docs/tensorrt.md, "Manifest"),
-    only the compute capability and the version are known, and the GPU name is not compared."""
-    device = getattr(entry, "device", None) or {"name": "", "uuid": ""}
-    return Compatibility(entry.tensorrt, C.Device(device["name"], device["uuid"], entry.compute_capability),
-                         getattr(entry, "hardware_compatibility", "none"))
+    """The compatibility record of a manifest engine entry (the GPU it was built on, the TensorRT version and
+    the hardware-compatibility level)."""
+    return Compatibility(entry.tensorrt, C.Device(entry.device["name"], entry.device["uuid"], entry.compute_capability),
+                         entry.hardware_compatibility)
 
 
 def check_engine(entry: EngineEntry, device_id: int = 0) -> None:
     """Refuse an engine built with another TensorRT version or for another GPU (EngineMismatchError)."""
     trt = load_tensorrt()
     built, here = compatibility_of(entry), C.device(device_id)
-    if not built.device.name:                   # transitional: the manifest does not record the GPU model yet
+    if not built.device.name:                   # an entry without the GPU's name (tests): compare the rest
         here = C.Device("", here.uuid, here.compute_capability)
     if problems := check_compatibility(built, trt.__version__, here):
         raise EngineMismatchError(f"engine {entry.file}: " + "; ".join(problems) +

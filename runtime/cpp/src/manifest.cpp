@@ -400,11 +400,18 @@ Manifest parse_manifest(const std::string& text, const std::string& source) {
     for (const auto& item : prec.value().items()) {
       const std::string ep = pp + "." + item.key();
       if (std::find(names.begin(), names.end(), item.key()) == names.end()) r.fail(ep, "unknown graph");
-      const json& e = r.exact(item.value(), ep, {"file", "compute_capability", "tensorrt", "strongly_typed", "profiles"});
+      const json& e = r.exact(item.value(), ep, {"file", "compute_capability", "tensorrt", "strongly_typed", "profiles",
+                                                  "device", "hardware_compatibility"});
       m.engine_files.push_back(r.path_value(e["file"], ep + ".file"));
       r.string(e["compute_capability"], ep + ".compute_capability");
       r.string(e["tensorrt"], ep + ".tensorrt");
       if (!e["strongly_typed"].is_boolean()) r.fail(ep + ".strongly_typed", std::string("expected a boolean, got ") + type_name(e["strongly_typed"]));
+      const json& device = r.exact(e["device"], ep + ".device", {"name", "uuid"});
+      r.string(device["name"], ep + ".device.name");
+      r.string(device["uuid"], ep + ".device.uuid");
+      const std::string hw = r.string(e["hardware_compatibility"], ep + ".hardware_compatibility");
+      if (hw != "none" && hw != "same_compute_capability" && hw != "ampere_plus")
+        r.fail(ep + ".hardware_compatibility", "\"" + hw + "\"; allowed: \"none\", \"same_compute_capability\", \"ampere_plus\"");
       r.list_of(e["profiles"], ep + ".profiles");
       for (std::size_t i = 0; i < e["profiles"].size(); ++i) {
         const std::string pr = ep + ".profiles[" + std::to_string(i) + "]";
