@@ -77,6 +77,11 @@ class RequestTimeout(ServeError, TimeoutError):
     headers = {"Connection": "close"}                   # the rest of the body may still be on its way
 
 
+class ClientGone(ServeError, ConnectionError):
+    """Nobody reads this answer; counted under nginx's 499 ("client closed request")."""
+    status, kind = 499, "client_gone"
+
+
 class UnsupportedMediaType(ServeError, ValueError):
     status, kind = 415, "media_type"
 

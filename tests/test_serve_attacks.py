@@ -1,0 +1,86 @@
+"""nezha serve under the second hostile review (issue 21): clients that stall their body at the connection
+cap, strings JSON allows but UTF-8 cannot encode, values whose error message would cost more to build than
+the request. Every network call is local and bounded by a timeout; no test asserts a duration."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+
+import httpx
+
+from test_serve import _metric, _slow, artifacts, serve   # noqa: F401
+from nezha.serve.connections import ConnectionLimits
+
+STALLS = (   # headers complete, the body never does
+    b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000\r\n\r\n{",
+    b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n1\r\n{\r\n",
+    b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 100\r\n\r\n",
+)
+
+
+def _connect(url: str) -> socket.socket:
+    host, port = url.removeprefix("http://").split(":")
+    return socket.create_connection((host, int(port)), timeout=20)
+
+
+def _answer(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def test_stalled_bodies_are_evicted_at_the_connection_cap(serve):
+    """Twice the cap in connections whose body never completes, and a body timeout long past the test: a
+    healthy client is still answered, and the oldest stalled ones were closed with a 408 to make room."""
+    cap = 6
+    s = serve(body_timeout_s=600, limits=ConnectionLimits(max_connections=cap))
+    stalled = []
+    try:
+        for i in range(2 * cap):
+            sock = _connect(s.url)
+            sock.sendall(STALLS[i % len(STALLS)])
+            stalled.append(sock)
+        with httpx.Client(base_url=s.url, timeout=10) as client:     # a fresh connection
+            assert client.post("/v1/recommend", json={"histories": [[100, 101]], "k": 3}).status_code == 200
+            first = _answer(stalled[0])
+            assert first.startswith(b"HTTP/1.1 408") and b"evicted" in first, first
+            metrics = client.get("/metrics").text
+        assert _metric(metrics, 'nezha_connections_closed_total{reason="evicted"}') >= cap + 1, metrics   # 2 cap - cap + the healthy one
+        assert 'status="500"' not in metrics, metrics                  # the evicted requests' handlers saw a 499
+    finally:
+        for sock in stalled:
+            sock.close()
+
+
+def test_a_request_being_processed_is_never_evicted(serve):
+    """At a cap of one, a connection whose whole request arrived (now decoding) keeps its slot: the newcomer
+    gets 503 and the first its answer."""
+    s = serve(limits=ConnectionLimits(max_connections=1))
+    _slow(s.service, 1.5)
+    results = []
+    with _connect(s.url) as first:
+        body = json.dumps({"histories": [[100, 101]], "k": 3}).encode()
+        first.sendall(b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                      b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+        reader = threading.Thread(target=lambda: results.append(_answer(first)))
+        reader.start()
+        while not s.service.decode_threads:                             # the decode has begun
+            threading.Event().wait(0.02)
+        with _connect(s.url) as newcomer:                               # refused on connect, before it sends
+            assert _answer(newcomer).startswith(b"HTTP/1.1 503")
+        reader.join(30)
+    assert results[0].startswith(b"HTTP/1.1 200"), results
+
+
+def test_a_lone_surrogate_in_the_id_is_echoed_escaped_and_counted_as_sent(serve):
+    s = serve()
+    body = ('{"id": "\\ud800", "inputs": [{"name": "histories", "datatype": "INT64", "shape": [1, 2], "data": [100, 101]},'
+            ' {"name": "lengths", "datatype": "INT64", "shape": [1], "data": [2]}]}')
+    r = s.post("/v2/models/nezha/infer", body.encode())
+    assert r.status_code == 200 and r.headers["content-type"] == "application/json", r.text
+    assert b'"id":"\\ud800"' in r.content and r.content.isascii(), r.content[:200]
+    metrics = s.client.get("/metrics").text
+    assert _metric(metrics, 'nezha_requests_total{route="/v2/models/{name}/infer",status="200"}') == 1, metrics
