@@ -9,8 +9,11 @@ import socket
 import threading
 
 import httpx
+import pytest
 
-from test_serve import _metric, _slow, artifacts, serve   # noqa: F401
+from test_serve import _metric, _slow, artifacts, library, serve   # noqa: F401
+from nezha.runtime.errors import NezhaError, clipped
+from nezha.serve import protocol as P
 from nezha.serve.connections import ConnectionLimits
 
 STALLS = (   # headers complete, the body never does
@@ -84,3 +87,16 @@ def test_a_lone_surrogate_in_the_id_is_echoed_escaped_and_counted_as_sent(serve)
     assert b'"id":"\\ud800"' in r.content and r.content.isascii(), r.content[:200]
     metrics = s.client.get("/metrics").text
     assert _metric(metrics, 'nezha_requests_total{route="/v2/models/{name}/infer",status="200"}') == 1, metrics
+
+
+def test_error_messages_show_a_clipped_value_however_large(library):
+    """A 524k-element list sent as k or beam, or as a v2 input's name: the message is built from its first
+    elements (building repr() of the whole held the GIL ~60 ms, stalling every other request)."""
+    huge = [1] * 524_000
+    for call in (lambda: library.beam_for(huge, None), lambda: library.beam_for(3, huge),
+                 lambda: P.parse_v2_infer({"inputs": [{"name": huge}]}, library, 8),
+                 lambda: P.parse_v2_infer({"inputs": [{"name": "histories", "datatype": huge}]}, library, 8)):
+        with pytest.raises(NezhaError) as e:
+            call()
+        assert "[1, 1, 1" in str(e.value) and len(str(e.value)) < 300, str(e.value)[:400]
+    assert clipped(10 ** 5000) == "<an integer of 16610 bits>"                   # repr() would raise past 4300 digits
