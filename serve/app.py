@@ -91,8 +91,13 @@ def create_app(service: Service, reload_on_sighup: bool = False, grpc_port: int 
     async def endpoint(request: Request) -> Response:
         return await dispatch(service, request)
 
+    async def other_method(request: Request, exc) -> Response:
+        return await dispatch(service, request)
+
+    # every other method (OPTIONS, TRACE, ...) also goes to the service: its JSON 405, counted in the metrics
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
-    return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)], lifespan=lifespan)
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)], lifespan=lifespan,
+                     exception_handlers={405: other_method})
 
 
 async def _sighup_reload(service: Service) -> None:

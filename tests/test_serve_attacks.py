@@ -5,15 +5,17 @@ the request. Every network call is local and bounded by a timeout; no test asser
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 
 import httpx
 import pytest
 
-from test_serve import _metric, _slow, artifacts, library, serve   # noqa: F401
+from test_serve import ADMIN, ADMIN_TOKEN, _cli, _metric, _slow, artifacts, library, serve   # noqa: F401
 from nezha.runtime.errors import NezhaError, clipped
 from nezha.serve import protocol as P
+from nezha.serve.admin import read_token, token_digest
 from nezha.serve.connections import ConnectionLimits
 
 STALLS = (   # headers complete, the body never does
@@ -100,3 +102,43 @@ def test_error_messages_show_a_clipped_value_however_large(library):
             call()
         assert "[1, 1, 1" in str(e.value) and len(str(e.value)) < 300, str(e.value)[:400]
     assert clipped(10 ** 5000) == "<an integer of 16610 bits>"                   # repr() would raise past 4300 digits
+
+
+def test_reload_names_too_long_or_not_unicode_are_a_400(serve, tmp_path):
+    s = serve(admin_token_sha256=token_digest(ADMIN_TOKEN), artifact_root=str(tmp_path))
+    for body, phrase in (({"artifact": "a" * 300}, "File name too long"), ({"artifact": "a/" * 3000}, "File name too long"),
+                         ('{"artifact": "\\ud800"}', "must be valid Unicode")):
+        r = s.post("/admin/reload", body, headers=ADMIN)
+        assert r.status_code == 400 and phrase in r.json()["error"], r.text
+
+
+def test_model_metadata_names_the_artifact_folder_not_its_path(serve, artifacts):
+    r = serve().client.get("/v2/models/nezha")
+    assert r.status_code == 200 and r.json()["parameters"]["artifact"] == artifacts[0].name, r.text
+
+
+def test_every_other_method_gets_a_json_405_counted_in_the_metrics(serve, tmp_path):
+    s = serve(admin_token_sha256=token_digest(ADMIN_TOKEN), artifact_root=str(tmp_path))
+    r = s.client.get("/admin/reload", headers={"Authorization": ADMIN["Authorization"]})   # no content type
+    assert r.status_code == 405 and "use POST" in r.json()["error"], r.text
+    for method, path in (("OPTIONS", "/v2/health/live"), ("TRACE", "/v1/recommend"), ("OPTIONS", "/nowhere")):
+        r = s.client.request(method, path)
+        assert r.status_code in (404, 405) and r.json()["kind"] in ("method", "not_found"), (method, path, r.text)
+    metrics = s.client.get("/metrics").text
+    assert _metric(metrics, 'nezha_requests_total{route="/v2/health/live",status="405"}') == 1, metrics
+    assert _metric(metrics, 'nezha_requests_total{route="/v1/recommend",status="405"}') == 1, metrics
+
+
+def test_token_files_that_are_not_regular_text_or_hold_non_ascii_are_refused(artifacts, tmp_path, monkeypatch):
+    os.mkfifo(tmp_path / "fifo")                                    # open() would wait for a writer forever
+    r = _cli("serve", str(artifacts[0]), "--admin-token-file", str(tmp_path / "fifo"), timeout=60)
+    assert r.returncode == 2 and "is not a regular file" in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    (tmp_path / "binary").write_bytes(b"\xff\xfe" + b"\x00" * 30)
+    (tmp_path / "accented").write_text("token-with-accent-\u00e9-0123456789\n")
+    for name, phrase in (("binary", "is not a text file"), ("accented", "printable ASCII")):
+        with pytest.raises(ValueError, match=phrase) as e:
+            read_token(tmp_path / name)
+        assert name in str(e.value)
+    monkeypatch.setenv("NEZHA_ADMIN_TOKEN", "token\u00e9-0123456789abcdef")
+    with pytest.raises(ValueError, match="printable ASCII"):
+        read_token(None)
