@@ -1,18 +1,19 @@
-"""nezha serve under the second hostile review (issue 21): clients that stall their body at the connection
-cap, strings JSON allows but UTF-8 cannot encode, values whose error message would cost more to build than
-the request. Every network call is local and bounded by a timeout; no test asserts a duration."""
+"""nezha serve under the second hostile review (issue 21): bodies that stall at the connection cap, strings
+JSON allows but UTF-8 cannot encode, values whose error message would cost more to build than the request,
+admin edge cases (long or non-Unicode names, GET with the token, token files that are FIFOs or binary).
+Every network call is local and bounded by a timeout; no test asserts a duration."""
 
 from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 
 import httpx
 import pytest
 
 from test_serve import ADMIN, ADMIN_TOKEN, _cli, _metric, _slow, artifacts, library, serve   # noqa: F401
+from test_serve_hardening import _answer, _raw
 from nezha.runtime.errors import NezhaError, clipped
 from nezha.serve import protocol as P
 from nezha.serve.admin import read_token, token_digest
@@ -25,18 +26,6 @@ STALLS = (   # headers complete, the body never does
 )
 
 
-def _connect(url: str) -> socket.socket:
-    host, port = url.removeprefix("http://").split(":")
-    return socket.create_connection((host, int(port)), timeout=20)
-
-
-def _answer(sock: socket.socket) -> bytes:
-    data = b""
-    while chunk := sock.recv(65536):
-        data += chunk
-    return data
-
-
 def test_stalled_bodies_are_evicted_at_the_connection_cap(serve):
     """Twice the cap in connections whose body never completes, and a body timeout long past the test: a
     healthy client is still answered, and the oldest stalled ones were closed with a 408 to make room."""
@@ -45,7 +34,7 @@ def test_stalled_bodies_are_evicted_at_the_connection_cap(serve):
     stalled = []
     try:
         for i in range(2 * cap):
-            sock = _connect(s.url)
+            sock = _raw(s.url)
             sock.sendall(STALLS[i % len(STALLS)])
             stalled.append(sock)
         with httpx.Client(base_url=s.url, timeout=10) as client:     # a fresh connection
@@ -66,7 +55,7 @@ def test_a_request_being_processed_is_never_evicted(serve):
     s = serve(limits=ConnectionLimits(max_connections=1))
     _slow(s.service, 1.5)
     results = []
-    with _connect(s.url) as first:
+    with _raw(s.url) as first:
         body = json.dumps({"histories": [[100, 101]], "k": 3}).encode()
         first.sendall(b"POST /v1/recommend HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nConnection: close\r\n"
                       b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
@@ -74,7 +63,7 @@ def test_a_request_being_processed_is_never_evicted(serve):
         reader.start()
         while not s.service.decode_threads:                             # the decode has begun
             threading.Event().wait(0.02)
-        with _connect(s.url) as newcomer:                               # refused on connect, before it sends
+        with _raw(s.url) as newcomer:                               # refused on connect, before it sends
             assert _answer(newcomer).startswith(b"HTTP/1.1 503")
         reader.join(30)
     assert results[0].startswith(b"HTTP/1.1 200"), results
