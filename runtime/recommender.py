@@ -14,7 +14,7 @@ from .backends.base import GraphSteps, parse_device
 from .catalog import Catalog
 from .decode import backbone_by_length, beam_search, items_from_sids, stage
 from .encoding import check_batch, encode_codes, history_codes, integer_array
-from .errors import NezhaError, OptionError
+from .errors import NezhaError, OptionError, clipped
 from .manifest import PRECISIONS, ManifestError, graph_names
 from .verifier import Verifier
 
@@ -29,11 +29,11 @@ class RequestError(NezhaError, ValueError):
 def check_load_options(precision, threads, dense_budget_bytes) -> None:
     """The load options every runtime (Python or C++) takes, checked before the artifact is opened."""
     if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
-        raise OptionError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {threads!r}")
+        raise OptionError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {clipped(threads)}")
     if precision is not None and precision not in PRECISIONS:
         raise OptionError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)} (or None: fp32 first if built)")
     if type(dense_budget_bytes) is not int or not 0 <= dense_budget_bytes < 2**63:    # int64 in the C ABI: never wrapped
-        raise OptionError(f"dense_budget_bytes must be an integer in 0..2^63-1, got {dense_budget_bytes!r}")
+        raise OptionError(f"dense_budget_bytes must be an integer in 0..2^63-1, got {clipped(dense_budget_bytes)}")
 
 
 class Recommender:
@@ -151,16 +151,16 @@ class Recommender:
         if beam is not None:
             self._check_beam(beam)
         if not integral(k) or not 1 <= k <= (self.max_beam if beam is None else beam):
-            raise RequestError(f"k must be an integer in 1..beam ({self.max_beam if beam is None else beam}), got {k!r}")
+            raise RequestError(f"k must be an integer in 1..beam ({self.max_beam if beam is None else beam}), got {clipped(k)}")
         beam = min(max(int(k), 20), self.max_beam) if beam is None else beam
         self._check_beam(beam)
         if k > beam:
-            raise RequestError(f"k must be an integer in 1..beam ({beam}), got {k!r}")
+            raise RequestError(f"k must be an integer in 1..beam ({beam}), got {clipped(k)}")
         return int(beam)
 
     def _check_beam(self, beam) -> None:
         if isinstance(beam, (bool, np.bool_)) or not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
-            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
+            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {clipped(beam)}")
 
     @staticmethod
     def _check_count(n: int) -> None:
@@ -213,7 +213,7 @@ class Recommender:
             rows = [integer_array(item, f"history {b} item {i}", "codes") for i, item in enumerate(h)]
             if any(len(r) != self.layout.levels for r in rows):
                 raise RequestError(f"history {b}: each item needs {self.layout.levels} codes, got "
-                                   f"{[len(r) for r in rows]}")
+                                   f"{clipped([len(r) for r in rows])}")
             a = np.stack(rows) if rows else np.zeros((0, self.layout.levels), np.int64)
             if np.any(a < 0) or np.any(a >= np.asarray(self.layout.codes)):
                 raise RequestError(f"history {b}: codes must lie in 0..codes-1 per level {list(self.layout.codes)}")

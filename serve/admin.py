@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import os
+import stat
 from pathlib import Path
 
 from . import protocol as P
@@ -29,25 +30,39 @@ def token_digest(token: str) -> str:
 
 def read_token(path: Path | None, environ=os.environ) -> str | None:
     """The admin token from ``path`` (first line, whitespace stripped) or else $NEZHA_ADMIN_TOKEN; None: admin off.
-    Raises OSError for an unreadable file and ValueError for a token too short to guess at."""
+    Raises OSError for an unreadable file and ValueError for one that is not a regular text file, or a token
+    that is not printable ASCII or too short to guess at."""
     if path is not None:
-        with open(path, encoding="utf-8") as f:
-            token = f.readline(4096).strip()
-        where = str(path)
+        token, where = _token_file(Path(path)), str(path)
     elif environ.get(TOKEN_ENV):
         token, where = environ[TOKEN_ENV].strip(), f"${TOKEN_ENV}"
     else:
         return None
+    if not (token.isascii() and token.isprintable()):      # headers arrive as Latin-1: it could never match
+        raise ValueError(f"the admin token in {where} must be printable ASCII characters")
     if len(token) < MIN_TOKEN_CHARS:
         raise ValueError(f"the admin token in {where} has {len(token)} characters; at least {MIN_TOKEN_CHARS} "
                          f"(e.g. python -c 'import secrets; print(secrets.token_urlsafe(32))')")
     return token
 
 
-def check_request(headers: dict, digest: str) -> None:
-    """401 without a bearer token, 403 with a wrong one or from a browser page (an Origin header), 415 unless
-    the body is declared JSON. The token is compared as a sha256 digest with hmac.compare_digest: the time
-    taken depends neither on where the first wrong character is nor on the given token's length."""
+def _token_file(path: Path) -> str:
+    """The first line of a token file. stat() first, and only a regular file is opened: open() of a FIFO
+    blocks until a writer comes (a server hung at startup)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ValueError(f"--admin-token-file {path} is not a regular file")
+    with open(path, "rb") as f:
+        line = f.readline(4096)
+    try:
+        return line.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise ValueError(f"--admin-token-file {path} is not a text file (not UTF-8)") from None
+
+
+def check_token(headers: dict, digest: str) -> None:
+    """401 without a bearer token, 403 with a wrong one or from a browser page (an Origin header). The token
+    is compared as a sha256 digest with hmac.compare_digest: the time taken depends neither on where the
+    first wrong character is nor on the given token's length."""
     scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
         raise P.Unauthorized("admin requests need 'Authorization: Bearer <token>' (--admin-token-file)")
@@ -55,6 +70,10 @@ def check_request(headers: dict, digest: str) -> None:
         raise P.Forbidden("wrong admin token")
     if "origin" in headers:
         raise P.Forbidden("admin requests from a browser page (an Origin header) are refused")
+
+
+def check_json(headers: dict) -> None:
+    """415 unless the body is declared JSON (checked after the method: a GET with the token is a 405)."""
     media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
         raise P.UnsupportedMediaType(f"admin requests must be Content-Type: application/json, got {media_type or 'none'!r}")
@@ -79,10 +98,17 @@ def artifact_under(root: Path | None, name: str) -> Path:
                           f"(without it, a reload loads the served artifact again)")
     if "\0" in name:
         raise P.BadRequest("an artifact folder path must not contain a NUL character")
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:                            # a lone surrogate ("\ud800" is valid JSON): no file name
+        raise P.BadRequest(f"reload of {shown} refused: an artifact folder path must be valid Unicode") from None
     resolved = Path(os.path.realpath(root / name))        # never raises: a link loop stays unresolved in the path
     if resolved != root and root not in resolved.parents:
         raise P.Forbidden(f"reload of {shown} refused: artifacts are loaded only from under the server's "
                           f"--artifact-root")
-    if resolved.is_dir():
-        return resolved
+    try:
+        if resolved.is_dir():
+            return resolved
+    except OSError as e:                                  # a name or component too long (ENAMETOOLONG)
+        raise P.BadRequest(f"reload of {shown} refused: {e.strerror}") from None
     raise P.BadRequest(f"reload refused: no artifact folder {shown} under the artifact root")

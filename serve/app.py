@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import signal
 
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .connections import ConnectionLimits, Guard
-from .protocol import PayloadTooLarge
+from .protocol import ClientGone, PayloadTooLarge
 from .service import Reply, Service
 
 log = logging.getLogger("nezha.serve")
@@ -31,18 +32,30 @@ async def read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isascii() and declared.isdigit() and (len(declared) > 18 or int(declared) > limit):
         raise PayloadTooLarge(f"request body is {declared} bytes; at most {limit} allowed (--max-body-bytes)")
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise PayloadTooLarge(f"request body is over {limit} bytes (--max-body-bytes)")
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is over {limit} bytes (--max-body-bytes)")
+            chunks.append(chunk)
+    except ClientDisconnect:                 # gone, or evicted by serve.connections at the connection cap
+        raise ClientGone("the client closed the connection before its request body was complete") from None
     return b"".join(chunks)
+
+
+class AsciiJSONResponse(JSONResponse):
+    """JSON with every non-ASCII character escaped: a string echoed from a request may hold a lone surrogate
+    (``"\\ud800"`` is valid JSON), which Starlette's UTF-8 encoding cannot encode (a 500 after the reply was
+    counted); escaped, every answer encodes, so the metrics count what was sent."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, allow_nan=False, separators=(",", ":")).encode("ascii")
 
 
 def to_response(reply: Reply) -> Response:
     if isinstance(reply.body, bytes):
         return Response(reply.body, reply.status, reply.headers, media_type=reply.content_type)
-    return JSONResponse(reply.body, reply.status, reply.headers)
+    return AsciiJSONResponse(reply.body, reply.status, reply.headers)
 
 
 async def dispatch(service: Service, request: Request) -> Response:
@@ -78,8 +91,13 @@ def create_app(service: Service, reload_on_sighup: bool = False, grpc_port: int 
     async def endpoint(request: Request) -> Response:
         return await dispatch(service, request)
 
+    async def other_method(request: Request, exc) -> Response:
+        return await dispatch(service, request)
+
+    # every other method (OPTIONS, TRACE, ...) also goes to the service: its JSON 405, counted in the metrics
     methods = ["GET", "POST", "PUT", "DELETE", "PATCH"]
-    return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)], lifespan=lifespan)
+    return Starlette(routes=[Route("/{path:path}", endpoint, methods=methods)], lifespan=lifespan,
+                     exception_handlers={405: other_method})
 
 
 async def _sighup_reload(service: Service) -> None:

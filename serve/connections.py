@@ -7,9 +7,12 @@ by one ``Guard`` per server:
 
 - at most ``cap`` connections are open, below the descriptor limit (``RLIMIT_NOFILE`` less a reserve for
   model files, pipes and logs), so that the server can always accept;
-- when a new one arrives at the cap, the oldest connection *waiting for request headers* (slow, or idle
-  between keep-alive requests) is closed to make room; a connection inside a request is never closed for
-  another; if every one is inside a request, the newcomer gets 503;
+- when a new one arrives at the cap, the oldest connection that has *not delivered a complete request* is
+  closed to make room: one waiting for request headers (slow, or idle between keep-alive requests), or one
+  whose body is still arriving (a trickled or endless chunked body, ``Expect: 100-continue`` with no body):
+  else a client that sends headers fast and then stalls would hold its slot until ``--body-timeout``. A
+  connection whose whole request has arrived (being processed, or being answered) is never closed for
+  another; if every one is, the newcomer gets 503;
 - request headers must be complete within ``header_timeout_s`` of the connection (or, on a kept-alive
   connection, of the next request's first byte), and within ``max_header_bytes``: else 408 or 431 and close.
 
@@ -59,7 +62,7 @@ class Guard:
 
     def admit(self, conn: "GuardedHTTPProtocol") -> bool:
         if len(self.open) >= self.cap:
-            victim = next((c for c in self.open if c.waiting()), None)
+            victim = next((c for c in self.open if c.incomplete()), None)
             if victim is None:
                 return False
             victim.refuse(408, "evicted", "closed to admit a new connection: the server is at its connection limit "
@@ -114,6 +117,14 @@ class GuardedHTTPProtocol(AutoHTTPProtocol):
     def waiting(self) -> bool:
         """True between requests: no request's headers are complete since the last answer."""
         return self.cycle is None or self.cycle.response_complete
+
+    def incomplete(self) -> bool:
+        """True while no request has arrived whole: between requests, or inside one whose body is still coming
+        and whose answer has not started (an early 413 or 408 may be on its way: that one is let finish).
+        With httptools a pipelined request waits in ``pipeline`` while an earlier one is processed."""
+        if self.waiting():
+            return True
+        return self.cycle.more_body and not self.cycle.response_started and not getattr(self, "pipeline", None)
 
     def refuse(self, status: int, reason: str, message: str) -> None:
         """Answer ``status`` with a JSON error (as Service answers) and close; counted under ``reason``."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from nezha.runtime.encoding import history_codes
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import NezhaError, clipped
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -77,6 +77,11 @@ class RequestTimeout(ServeError, TimeoutError):
     headers = {"Connection": "close"}                   # the rest of the body may still be on its way
 
 
+class ClientGone(ServeError, ConnectionError):
+    """Nobody reads this answer; counted under nginx's 499 ("client closed request")."""
+    status, kind = 499, "client_gone"
+
+
 class UnsupportedMediaType(ServeError, ValueError):
     status, kind = 415, "media_type"
 
@@ -134,7 +139,7 @@ def _describe(x) -> str:
         return f"{x}" if INT64_MIN <= x <= INT64_MAX else f"{str(x)[:30]}... (outside int64)"
     if x is None:
         return "null"
-    text = json.dumps(x)
+    text = json.dumps(x[:41]) if isinstance(x, str) else clipped(x)     # never the whole of a 1 MiB value
     return f"{text[:40]}{'...' if len(text) > 40 else ''} ({_JSON_TYPES.get(type(x), type(x).__name__)})"
 
 
@@ -260,8 +265,7 @@ def parse_v2_infer(obj, rec, max_histories: int) -> Query:
         t = _check_fields(t, ("name", "shape", "datatype", "data", "parameters"), "v2 input tensor")
         name = t.get("name")
         if name not in ("histories", "lengths") or name in tensors:
-            name = name[:40] if isinstance(name, str) else name
-            raise BadRequest(f"v2 input {name!r}: expected the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B], once each")
+            raise BadRequest(f"v2 input {_describe(name)}: expected the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B], once each")
         if t.get("datatype") != "INT64":
             raise BadRequest(f"input {name!r}: datatype must be INT64, got {_describe(t.get('datatype'))}")
         _optional_object(t, "parameters", V2_INPUT_PARAMETERS, f"input {name!r}")

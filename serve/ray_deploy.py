@@ -29,7 +29,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .model import LoadOptions
 from .ray_engine import NezhaDeployment
-from .ray_proxy import CALLBACK, CALLBACK_ENV
+from .ray_proxy import BODY_TIMEOUT_ENV, CALLBACK, CALLBACK_ENV, MAX_BODY_ENV
 from .service import ServeOptions
 from .transfer import ArtifactRef, HostedFiles, describe, stage
 
@@ -208,6 +208,7 @@ def serve_blocking(artifact: str | Path, options: ServeOptions, load: LoadOption
     most = autoscaling["max_replicas"] if autoscaling else replicas
     if not address:                                   # a Ray of our own: its proxy retries lost requests
         os.environ.setdefault(CALLBACK_ENV, CALLBACK)
+        os.environ[MAX_BODY_ENV], os.environ[BODY_TIMEOUT_ENV] = str(options.max_body_bytes), str(options.body_timeout_s)
     ray.init(address=address or "local", include_dashboard=False, ignore_reinit_error=True,   # local: never a stray cluster
              **({} if address else {"num_cpus": max(os.cpu_count() or 1, most)}))
     try:

@@ -282,8 +282,9 @@ class Service:
             _allow(method, "GET")
             return Reply(200, {"name": "nezha-serve", "version": _version(), "extensions": [EXTENSION]})
         if route == "/admin/reload" and self.options.admin_token_sha256 is not None:
-            admin.check_request(headers, self.options.admin_token_sha256)
+            admin.check_token(headers, self.options.admin_token_sha256)
             _allow(method, "POST")
+            admin.check_json(headers)
             body = await read_body(self.options.max_body_bytes)
             obj = P.parse_json(body, self.options.max_body_bytes) if body.strip() else {}
             obj = P._check_fields(obj, ("artifact",), "/admin/reload body")
@@ -302,7 +303,8 @@ class Service:
             if tail is None:
                 _allow(method, "GET")
                 return Reply(200, {"name": name, "versions": [model.version], "platform": "nezha",
-                                   "inputs": P.V2_INPUTS, "outputs": P.V2_OUTPUTS, "parameters": model.info()})
+                                   "inputs": P.V2_INPUTS, "outputs": P.V2_OUTPUTS,
+                                   "parameters": {**model.info(), "artifact": Path(model.artifact).name}})   # no path for anyone
             if tail == "/ready":
                 _allow(method, "GET")
                 return Reply(200 if self.ready else 503, {"name": name, "ready": self.ready})

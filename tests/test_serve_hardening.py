@@ -257,8 +257,8 @@ MALFORMED = [   # (path, raw body, status, a phrase the error must contain)
     ("/v2/models/nezha/infer", json.dumps(_v2(outputs=[{"name": "items"}, {"name": "items"}])), 400, "at most once"),
     ("/v2/models/nezha/infer", json.dumps(_v2(outputs=["items"])), 400, "must be a JSON object"),
     ("/v2/models/nezha/infer", json.dumps(_v2(outputs={"name": "items"})), 400, "'outputs' must be a list"),
-    ("/v2/models/nezha/infer", json.dumps(_v2(outputs=[{"name": "items", "parameters": {"shoe_size": 3}}])), 400,
-     "unknown field 'shoe_size'"),
+    ("/v2/models/nezha/infer", json.dumps(_v2(outputs=[{"name": "items", "parameters": {"classification": 2}}])), 400,
+     "unknown field 'classification'"),  # binary_data is the binary extension's (serve.binary)
     ("/v2/models/nezha/infer", json.dumps(_v2_input(0, parameters={"shm": 1})), 400, "unknown field 'shm'"),
     ("/v2/models/nezha/infer", json.dumps(_v2_input(0, parameters=None)), 400, "'parameters' must be a JSON object"),
     ("/v2/models/nezha/infer", json.dumps(_v2_input(0, shape=[4, 4611686018427387905], data=[100] * 4)), 400,

@@ -85,6 +85,33 @@ def test_a_reload_is_not_retried_and_a_client_gone_gets_nothing():
     assert call(proxy, disconnect=True) == (None, []) and proxy.calls == 1
 
 
+def test_the_buffered_body_is_held_to_the_services_bounds():
+    """Before the service sees it: a declared size over --max-body-bytes 413 unread, a body growing past it
+    413 with at most the limit read (was: up to 16 MiB), one that stalls 408 after --body-timeout (was: never)."""
+    def run(headers, chunks, stall):
+        proxy, received = FakeProxy(200), []
+
+        async def receive():
+            if chunks:
+                received.append(chunks.pop(0))
+                return {"type": "http.request", "body": received[-1], "more_body": bool(chunks) or stall}
+            await asyncio.sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+        sent = []
+        middleware = RetryLostReplica(proxy, max_body_bytes=1000, body_timeout_s=0.2)
+        asyncio.run(middleware({"type": "http", "path": "/v1/recommend", "headers": headers}, receive, send))
+        return sent[0]["status"], json.loads(sent[-1]["body"]), proxy.calls, sum(map(len, received))
+    status, answer, calls, read = run([(b"content-length", b"100000000")], [b"x" * 600] * 5, stall=False)
+    assert (status, answer["kind"], calls, read) == (413, "too_large", 0, 0) and "at most 1000" in answer["error"]
+    status, answer, calls, read = run([], [b"x" * 600] * 5, stall=False)
+    assert (status, answer["kind"], calls, read) == (413, "too_large", 0, 1200)
+    status, answer, calls, read = run([(b"content-length", b"900")], [b"x" * 600], stall=True)
+    assert (status, answer["kind"], calls) == (408, "request_timeout", 0) and "--body-timeout" in answer["error"]
+    assert run([(b"content-length", b"900")], [b"x" * 600, b"x" * 300], stall=False)[::2] == (200, 1)
+
+
 def _serve(tmp_path, monkeypatch, *options):
     """Run `nezha serve ART --engine ray OPTIONS` with serve_blocking replaced -> its arguments or the exit code."""
     pytest.importorskip("ray")
