@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import DATA, needs_beauty
+from conftest import DATA
 from nezha.export.validate import TOLERANCES, Tolerance, merge_errors, output_errors
 
 FULL = os.environ.get("NEZHA_FULL_RECIPE") == "1"
@@ -90,7 +90,6 @@ def recipe(tmp_path_factory):
     return ckpt, out, build
 
 
-@needs_beauty
 def test_readme_recipe_builds_here(recipe):
     _, out, build = recipe
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
@@ -100,7 +99,6 @@ def test_readme_recipe_builds_here(recipe):
     assert hidden["allowed"] == pytest.approx(TOLERANCES["int8-cpu"].allowed(hidden["scale"]))
 
 
-@needs_beauty
 @pytest.mark.skipif(shutil.which("valgrind") is None, reason="valgrind is not installed (apt-get install valgrind): it "
                     "runs ONNX Runtime on a virtual CPU with AVX2 and no AVX-512 or VNNI")
 @pytest.mark.parametrize("precision", ["int8-cpu", "fp32"])
