@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt -e ".[export,dev]"
 	rm -f $(VENV)/.installed-* && touch $@
 
-$(DEMO)/manifest.json: $(STAMP) checkpoints/demo/nezha/model.safetensors
+$(DEMO)/manifest.json: $(STAMP) checkpoints/demo/nezha/model.safetensors runtime/manifest.py $(wildcard export/*.py)
 	$(BIN)/python export/build.py --out $(DEMO) --force
 
 demo: $(DEMO)/manifest.json
