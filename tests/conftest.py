@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+# Ray reads this when it is imported (by whichever test module imports it first): every Ray node the tests
+# start stays on 127.0.0.1 instead of the machine's interface address.
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 try:
     import nezha.runtime  # noqa: F401

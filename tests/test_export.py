@@ -221,7 +221,7 @@ def test_validation_lists_every_output_in_one_error(built):
     text = str(e.value)
     for key in ["backbone.hidden", "head_0.log_probs", "head_1.state", "head_2.log_probs", "top-10 items"]:
         assert key in text
-    assert "FAIL fp32 backbone.hidden" in text and "tolerance 0.001" in text
+    assert "FAIL fp32 backbone.hidden" in text and "0.001 x RMS" in text
     assert not e.value.report["ok"]
 
 

@@ -450,7 +450,8 @@ void test_refuses_unknown_missing_and_mistyped_keys() {
   const fs::path g = copy_artifact("engines-cpu-only");
   edit(g, [](json& m) {
     json entry = {{"file", m["validation"]}, {"compute_capability", "9.0"}, {"tensorrt", "10.8"}, {"strongly_typed", true},
-                  {"profiles", json::array()}};
+                  {"profiles", json::array()}, {"device", {{"name", "NVIDIA H100"}, {"uuid", "GPU-0"}}},
+                  {"hardware_compatibility", "none"}};
     for (const auto& [name, graph] : m["graphs"]["fp32"].items()) m["engines"]["int8-cpu"][name] = entry;
   });
   EXPECT_ERROR(load(g), "engines.int8-cpu: engines exist only");
