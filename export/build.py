@@ -23,6 +23,7 @@ a function; the CLI only parses.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import time
 from contextlib import contextmanager
@@ -30,45 +31,34 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-import onnx
-from nezha.calibration import METHODS, MIN_SAMPLES, CalibrationError
-from nezha.calibration.data import default_interactions
 from nezha.export import steps as S
-from nezha.export.graphs import EXPORTERS
-from nezha.export.precision import check_precisions
-from nezha.export.staging import BuildError, check_output, staging
-from nezha.model.checkpoint import CheckpointError
-from nezha.runtime.catalog import CatalogError
-from nezha.runtime.cli import Parser, ascii_int
-from nezha.runtime.data import DEFAULT_DATA, find_pair
+from nezha.export.options import BuildOptions, check
+from nezha.export.staging import staging
+from nezha.runtime.cli import Parser
 from nezha.runtime.errors import NezhaError
-from nezha.runtime.manifest import PRECISIONS
+from nezha.runtime.options import add_arguments
 
-REPO = Path(__file__).resolve().parents[1]
-DEMO_CHECKPOINT = REPO / "checkpoints" / "demo" / "nezha"
-BACKENDS = ("onnxruntime", "tensorrt")
 QUANTIZED = ("int8", "int8-cpu")
-OPSETS = (18, onnx.defs.onnx_opset_version())     # the dynamo exporter writes opset 18 and up
 
 
 @dataclass(frozen=True)
 class Step:
     name: str
     run: Callable[[S.State, list], S.State]
-    enabled: Callable[[S.Options], bool] = lambda o: True
+    enabled: Callable[[BuildOptions], bool] = lambda o: True
 
 
 STEPS = (
     Step("model_from_checkpoint", S.model_from_checkpoint),
-    Step("calibration_feeds_from_data", S.calibration_feeds_from_data, lambda o: "int8" in o.precisions),
+    Step("calibration_feeds_from_data", S.calibration_feeds_from_data, lambda o: "int8" in o.precision),
     Step("tables_from_catalog", S.tables_from_catalog_step),
     Step("onnx_from_model", S.onnx_from_checkpoint_model),
-    Step("fp16_from_onnx", S.fp16_from_fp32, lambda o: "fp16" in o.precisions),
-    Step("int8_from_onnx", S.int8_from_fp32, lambda o: "int8" in o.precisions),
-    Step("int8_cpu_from_onnx", S.int8_cpu_from_fp32, lambda o: "int8-cpu" in o.precisions),
-    Step("validate_int8", S.validate_int8_hidden_states, lambda o: any(p in QUANTIZED for p in o.precisions)),
+    Step("fp16_from_onnx", S.fp16_from_fp32, lambda o: "fp16" in o.precision),
+    Step("int8_from_onnx", S.int8_from_fp32, lambda o: "int8" in o.precision),
+    Step("int8_cpu_from_onnx", S.int8_cpu_from_fp32, lambda o: "int8-cpu" in o.precision),
+    Step("validate_int8", S.validate_int8_hidden_states, lambda o: any(p in QUANTIZED for p in o.precision)),
     Step("validate_artifact", S.validate_against_torch),
-    Step("engine_from_onnx", S.engines_from_onnx, lambda o: "tensorrt" in o.backends),
+    Step("engine_from_onnx", S.engines_from_onnx, lambda o: "tensorrt" in o.backend),
     Step("write_manifest", S.write_manifest_step),
     Step("load_with_runtime", S.load_with_runtime),
 )
@@ -133,60 +123,10 @@ class Progress:
                 self.log("    " + line.lstrip())
 
 
-def check_options(checkpoint, index, out, precision, backend, max_batch, max_history, max_beam, opset, exporter,
-                  histories, validation_users, calibration_data, calibration_size, calibration_method,
-                  calibration_exclude, force) -> S.Options:
-    """Every option checked before the slow steps start (inputs exist, --out is safe to write)."""
-    precisions = check_precisions(precision)
-    bad = [b for b in backend if b not in BACKENDS]
-    if bad or not backend:
-        raise BuildError(f"unsupported backend(s) {bad or '(none)'}; allowed: {', '.join(BACKENDS)}")
-    if exporter not in EXPORTERS:
-        raise BuildError(f"exporter {exporter!r}; allowed: {', '.join(EXPORTERS)}")
-    for name, value in (("max_batch", max_batch), ("max_history", max_history), ("max_beam", max_beam),
-                        ("validation_users", validation_users)):
-        if type(value) is not int or value < 1:
-            raise BuildError(f"{name} must be a positive integer, got {value!r}")
-    if type(opset) is not int or not OPSETS[0] <= opset <= OPSETS[1]:
-        raise BuildError(f"opset must be an integer in {OPSETS[0]}..{OPSETS[1]} (this onnx package's newest), got {opset!r}")
-    demo = checkpoint is None
-    checkpoint = Path(checkpoint) if checkpoint is not None else DEMO_CHECKPOINT
-    if demo:
-        index = index if index is not None else find_pair(DEFAULT_DATA)[0]
-        histories = histories if histories is not None else find_pair(DEFAULT_DATA)[1]
-    if not checkpoint.is_dir():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist or is not a folder: pass a checkpoint in "
-                              "the public NEZHA format")
-    if index is not None and not Path(index).is_file():
-        raise CatalogError(f"item index {index} {'is not a file' if Path(index).exists() else 'does not exist'}: "
-                           "pass a LETTER *.index.json")
-    if isinstance(histories, (str, Path)):
-        histories = Path(histories)
-        if not histories.is_file():
-            raise BuildError(f"validation histories {histories} {'are not a file' if histories.exists() else 'do not exist'}"
-                             ": pass a LETTER *.inter.json")
-    if "int8" in precisions:
-        calibration_data = _check_calibration(calibration_data, calibration_size, calibration_method,
-                                              calibration_exclude)
-    out = Path(out).absolute()
-    check_output(out, force, {"checkpoint": checkpoint, "item index": index, "validation histories":
-                              histories if isinstance(histories, Path) else None,
-                              "calibration data": calibration_data if "int8" in precisions else None,
-                              "demo data folder": DEFAULT_DATA if demo else None})
-    return S.Options(checkpoint, Path(index) if index is not None else None, out, precisions, tuple(backend),
-                     max_history, max_batch, max_beam, opset, exporter, histories, validation_users,
-                     calibration_data, calibration_size, calibration_method, calibration_exclude, force)
-
-
-def build(checkpoint: str | Path | None = None, index: str | Path | None = None, out: str | Path = "artifacts/nezha",
-          precision: tuple[str, ...] = ("fp32", "fp16"), backend: tuple[str, ...] = ("onnxruntime",),
-          max_batch: int = 64, max_history: int = 20, max_beam: int = 512, opset: int = 18,
-          exporter: str = "dynamo", histories: str | Path | list | None = None, validation_users: int = 16,
-          calibration_data: str | Path | None = None, calibration_size: int = 512,
-          calibration_method: str = "entropy", calibration_exclude: int = 0,
-          force: bool = False, log=print) -> Summary:
+def build(*args, log=print, **options) -> Summary:
     """Build the artifact folder ``out`` from ``checkpoint`` (default: the demo checkpoint) and the item
     ``index`` (LETTER *.index.json; default: Beauty's; None with an explicit checkpoint: its ava_sid file).
+    The arguments are BuildOptions' fields (export/options.py: defaults and meaning), ``log`` prints progress.
 
     ``histories`` for validation: a LETTER *.inter.json path, a list of item-id lists, or None (the default
     dataset's interactions with the demo checkpoint, synthetic ones otherwise).
@@ -195,9 +135,7 @@ def build(checkpoint: str | Path | None = None, index: str | Path | None = None,
     'minmax', 'percentile'), the ``calibration_exclude`` most sensitive weight MatMuls kept float.
     Returns a Summary; raises a NezhaError with a clear message, leaving ``out`` as it was.
     """
-    options = check_options(checkpoint, index, out, precision, backend, max_batch, max_history, max_beam, opset,
-                            exporter, histories, validation_users, calibration_data, calibration_size,
-                            calibration_method, calibration_exclude, force)
+    options = check(BuildOptions(*args, **options))
     steps = [step for step in STEPS if step.enabled(options)]
     summary = Summary(options.out)
     progress = Progress(len(steps), summary, lambda *a, **k: log(*a, **k) if log else None)
@@ -208,6 +146,10 @@ def build(checkpoint: str | Path | None = None, index: str | Path | None = None,
                 state = step.run(state, notes)
         summarize(state, summary)
     return summary
+
+
+build.__signature__ = inspect.Signature([*inspect.signature(BuildOptions).parameters.values(),   # for help()
+                                         inspect.Parameter("log", inspect.Parameter.KEYWORD_ONLY, default=print)])
 
 
 def summarize(s: S.State, summary: Summary) -> None:
@@ -228,61 +170,10 @@ def summarize(s: S.State, summary: Summary) -> None:
     summary.engines_not_built = {p: why for p, why in s.engines_note.items() if p != "all"}
 
 
-def _check_calibration(data: str | Path | None, size: int, method: str, exclude: int) -> Path:
-    """Check the int8 calibration settings before any work; returns the interactions file to sample
-    (``data``, or the default dataset's)."""
-    if method not in METHODS:
-        raise CalibrationError(f"calibration method {method!r}; allowed: {', '.join(METHODS)}")
-    if type(size) is not int or size < MIN_SAMPLES:
-        raise CalibrationError(f"calibration size {size!r} is too small: need at least {MIN_SAMPLES} histories")
-    if type(exclude) is not int or exclude < 0:
-        raise CalibrationError(f"calibration exclude must be a non-negative integer (weight MatMuls kept float), "
-                               f"got {exclude!r}")
-    path = Path(data).absolute() if data is not None else default_interactions().resolve()
-    if not path.is_file():
-        raise CalibrationError(f"calibration data {path} does not exist: pass a LETTER *.inter.json")
-    return path
-
-
 def parser() -> argparse.ArgumentParser:
     p = Parser(prog="python export/build.py", description=__doc__.split("\n\n")[0],
                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=None,
-                   help=f"checkpoint folder in the public NEZHA format (default: the demo checkpoint {DEMO_CHECKPOINT}, "
-                        "validated on the Beauty interactions)")
-    p.add_argument("--index", type=Path, default=None,
-                   help="item index (LETTER *.index.json: item id -> SID code tokens); default with the demo "
-                        "checkpoint: Beauty.index.json; otherwise the checkpoint's ava_sid{L}.pt")
-    p.add_argument("--out", type=Path, default=Path("artifacts/nezha"), help="artifact folder to create")
-    p.add_argument("--precision", nargs="+", default=["fp32", "fp16"], choices=PRECISIONS,
-                   help="graph precisions to build. int8: static Q/DQ int8 calibrated on real histories (ONNX "
-                        "Runtime and TensorRT); int8-cpu: dynamic int8 for ONNX Runtime on CPU only, marked "
-                        "cpu-only in the manifest, never built for TensorRT")
-    p.add_argument("--backend", nargs="+", default=["onnxruntime"], choices=BACKENDS,
-                   help="tensorrt also builds engines (needs TensorRT 10+ and a GPU; skipped with a message otherwise)")
-    p.add_argument("--max-batch", type=ascii_int, default=64, help="largest batch of users per request")
-    p.add_argument("--max-history", type=ascii_int, default=20, help="most recent items kept per history")
-    p.add_argument("--max-beam", type=ascii_int, default=512, help="largest beam width (head graphs accept max-batch * max-beam rows)")
-    p.add_argument("--opset", type=ascii_int, default=18, help="ONNX opset of the exported graphs")
-    p.add_argument("--exporter", default="dynamo", choices=EXPORTERS,
-                   help="torch.onnx exporter; dynamo falls back to torchscript (dynamo=False) per graph on failure")
-    p.add_argument("--histories", type=Path, default=None,
-                   help="LETTER *.inter.json to sample validation histories from (default: the demo data with the "
-                        "demo checkpoint, synthetic histories otherwise)")
-    p.add_argument("--validation-users", type=ascii_int, default=16, help="histories used for validation")
-    p.add_argument("--calibration-data", type=Path, default=None,
-                   metavar="FILE", help="int8: LETTER *.inter.json whose training split (all but each user's "
-                   "last two items) gives the calibration histories; none: the Beauty interactions")
-    p.add_argument("--calibration-size", type=ascii_int, default=512,
-                   help=f"int8: calibration histories, sampled with a fixed seed (at least {MIN_SAMPLES})")
-    p.add_argument("--calibration-method", default="entropy", choices=list(METHODS),
-                   help="int8: how activation ranges are chosen from the calibration histograms "
-                        "(percentile: the 99.999th)")
-    p.add_argument("--calibration-exclude", type=ascii_int, default=0,
-                   help="int8: keep this many weight MatMuls float, the ones whose quantization alone costs the "
-                        "most hidden-state cosine (a sensitivity pass: one quantized graph per MatMul)")
-    p.add_argument("--force", action="store_true", help="replace --out if it is an artifact (its manifest.json "
-                   "lists every file in it) or empty; any other folder is refused, naming the unknown files")
+    add_arguments(p, BuildOptions)
     return p
 
 

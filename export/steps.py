@@ -31,6 +31,7 @@ from nezha.runtime.recommender import Recommender
 
 from .engines import TensorRTUnavailable, engine_sources, engines_from_sources, gpu_for_engines, typical_dims
 from .graphs import graph_specs, model_limits, onnx_from_model
+from .options import BuildOptions
 from .precision import CPU_ONLY_PRECISIONS, INT8_BACKENDS, fp16_from_onnx, precision_entry
 from .staging import BuildError
 from .tables import tables_from_catalog
@@ -50,33 +51,10 @@ TIMING_CACHE = "engines/timing.cache"             # inside the artifact; a --for
 
 
 @dataclass
-class Options:
-    """What the build was asked for (checked by build.check_options before any step runs)."""
-
-    checkpoint: Path
-    index: Path | None
-    out: Path
-    precisions: list[str]
-    backends: tuple[str, ...]
-    max_history: int
-    max_batch: int
-    max_beam: int
-    opset: int
-    exporter: str
-    histories: Path | list | None
-    validation_users: int
-    calibration_data: Path | None
-    calibration_size: int
-    calibration_method: str
-    calibration_exclude: int
-    force: bool
-
-
-@dataclass
 class State:
     """What the steps have made so far, in the staging folder ``tmp``."""
 
-    options: Options
+    options: BuildOptions
     tmp: Path
     model: object = None
     catalog: object = None
@@ -177,7 +155,7 @@ def validate_int8_hidden_states(s: State, notes: list) -> State:
     """Each int8 backbone against the fp32 one on the validation feeds (held out from calibration);
     checks every precision, then raises one Int8ValidationError."""
     feeds, failures = validation_feeds(s.histories, s.catalog, s.model, s.limits), []
-    for p in [p for p in s.options.precisions if p.startswith("int8")]:
+    for p in [p for p in s.options.precision if p.startswith("int8")]:
         try:
             s.hidden_state[p] = validate_int8(s.graphs["fp32"]["backbone"], s.graphs[p]["backbone"], list(feeds.values()))
         except Int8ValidationError as e:
@@ -195,7 +173,7 @@ def validate_int8_hidden_states(s: State, notes: list) -> State:
 def validate_against_torch(s: State, notes: list) -> State:
     """Every precision asked for, through the runtime's own runners, against the PyTorch model."""
     specs = graph_specs(s.model, s.limits)
-    steps = {p: ort_validation_steps(specs, s.graphs[p]) for p in s.options.precisions}
+    steps = {p: ort_validation_steps(specs, s.graphs[p]) for p in s.options.precision}
     try:
         s.report = validate_artifact(s.model, s.catalog, steps, s.histories, s.limits, history_source=s.history_source)
     finally:
@@ -210,7 +188,7 @@ def engines_from_onnx(s: State, notes: list) -> State:
     """TensorRT engines of every GPU precision, validated against torch through the runtime's TensorRT
     runners; skipped with one message when TensorRT, Polygraphy, the CUDA runtime or a GPU is missing."""
     o, specs, cache = s.options, graph_specs(s.model, s.limits), s.tmp / TIMING_CACHE
-    for p in [p for p in o.precisions if p in CPU_ONLY_PRECISIONS]:
+    for p in [p for p in o.precision if p in CPU_ONLY_PRECISIONS]:
         s.engines_note[p] = "cpu-only graphs (dynamic int8, MatMulInteger): TensorRT cannot build them; use int8"
         notes.append(f"{p}: skipped, {s.engines_note[p]}")
     try:
@@ -224,7 +202,7 @@ def engines_from_onnx(s: State, notes: list) -> State:
         cache.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(previous, cache)
     scratch = s.tmp / "engines" / "onnx"                      # graphs only engines are built from; not kept
-    sources = engine_sources({p: s.graphs[p] for p in o.precisions}, s.graphs["fp32"], scratch)
+    sources = engine_sources({p: s.graphs[p] for p in o.precision}, s.graphs["fp32"], scratch)
     if "int8" in sources:                                     # the fp16-based Q/DQ graph on CPU before any engine
         feeds = list(validation_feeds(s.histories, s.catalog, s.model, s.limits).values())
         check = validate_int8(s.graphs["fp32"]["backbone"], sources["int8"]["backbone"], feeds)["hidden"]
@@ -255,16 +233,16 @@ def machine() -> dict:
 
 def write_manifest_step(s: State, notes: list) -> State:
     o, specs = s.options, graph_specs(s.model, s.limits)
-    if "fp32" not in o.precisions:                         # exported always; kept only if asked for
+    if "fp32" not in o.precision:                         # exported always; kept only if asked for
         shutil.rmtree(s.tmp / "graphs" / "fp32")
     (s.tmp / VALIDATION).write_text(json.dumps(s.report, indent=2))
     rel = lambda path: path.relative_to(s.tmp).as_posix()
     graphs = {p: {n: dataclasses.replace(specs[n], file=rel(path), external_data=(
         rel(external_data_path(path)) if external_data_path(path).exists() else None))
-        for n, path in s.graphs[p].items()} for p in o.precisions}
+        for n, path in s.graphs[p].items()} for p in o.precision}
     s.manifest = Manifest(
         layout=s.model.layout, limits=s.limits,
-        precisions={p: precision_entry(p, s.quantization.get(p)) for p in o.precisions}, graphs=graphs,
+        precisions={p: precision_entry(p, s.quantization.get(p)) for p in o.precision}, graphs=graphs,
         engines=s.engines, tables=s.tables, versions=_versions(),
         source={"checkpoint": str(o.checkpoint.resolve()), "architecture": s.model.config.model_type,
                 "index": str(Path(o.index).resolve()) if o.index is not None else None,
@@ -278,13 +256,13 @@ def load_with_runtime(s: State, notes: list) -> State:
     """The runtime reads what the build wrote: every ONNX precision loads (checksums verified) and
     decodes the validation histories to the same items as the validation did."""
     histories = s.histories[:4]
-    for p in s.options.precisions:
+    for p in s.options.precision:
         with Recommender.load(s.tmp, precision=p, threads=1) as rec:
             got = rec.recommend(histories, k=min(10, rec.max_beam), beam=min(20, rec.max_beam))
         if len(got) != len(histories) or not all(got):
             raise BuildError(f"the runtime loaded the {p} graphs but decoded no items for {len(histories)} "
                              "validation histories: the model's scores are not usable (non-finite?)")
-    notes.append(f"Recommender.load + recommend: {len(s.options.precisions)} precision(s), {len(histories)} histories")
+    notes.append(f"Recommender.load + recommend: {len(s.options.precision)} precision(s), {len(histories)} histories")
     return s
 
 
