@@ -4,7 +4,7 @@ never deletes what it did not write; the rules, and why, are in docs/build.md.
 * An existing ``--out`` is replaced only with ``force`` and only if it is empty or provably an artifact
   (``artifact_problem``: its manifest.json parses strictly and lists every file in the folder); the
   check runs again just before the swap, so what appeared or changed meanwhile is never swapped away.
-* The swap is one ``renameat2(RENAME_EXCHANGE)`` on Linux; where that is missing, two renames through
+* The swap is one ``renameat2(RENAME_EXCHANGE)`` on Linux (export/rename.py); where that is missing, two renames through
   ``.<name>.old-<pid>-*/<name>``.
 * Leftovers of killed builds are cleaned by the next build (``clean_stale``), which never deletes the
   last complete artifact and logs every folder it removes or keeps.
@@ -14,8 +14,6 @@ never deletes what it did not write; the rules, and why, are in docs/build.md.
 
 from __future__ import annotations
 
-import ctypes
-import errno
 import os
 import re
 import shutil
@@ -24,14 +22,14 @@ import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
-from nezha.runtime.artifact import MANIFEST, MAX_MANIFEST_BYTES
+from nezha.runtime.artifact import MANIFEST, MAX_MANIFEST_BYTES, umask
 from nezha.runtime.catalog import read_json
 from nezha.runtime.errors import NezhaError
 from nezha.runtime.manifest import FORMAT, VERSION, Manifest
 from nezha.runtime.strict import ManifestError, relpath
 
-_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
-_AT_FDCWD = -100
+from .rename import exchange, rename_new
+
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _SHOWN = 5                          # unknown files named in a refusal
 # Every file a build writes into its staging folder: graphs, tables and engines in their folders, the three
@@ -209,42 +207,6 @@ def clean_stale(out: Path, log=None) -> list[Path]:
     return removed
 
 
-def _renameat2(a: Path, b: Path, flags: int) -> bool:
-    """Linux renameat2; False where the call or the flag is not available, OSError for other failures."""
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), flags) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
-        return False                          # EINVAL / ENOSYS / EOPNOTSUPP: the file system cannot exchange
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def exchange(a: Path, b: Path) -> bool:
-    """Swap two paths atomically (RENAME_EXCHANGE); False where that is not available."""
-    return _renameat2(a, b, _RENAME_EXCHANGE)
-
-
-def _rename_new(a: Path, b: Path) -> bool:
-    """Put ``a`` at ``b`` if nothing is there (RENAME_NOREPLACE; a plain rename where that is missing,
-    which replaces at most an empty folder); False if something is."""
-    try:
-        if _renameat2(a, b, _RENAME_NOREPLACE):
-            return True
-        if os.path.lexists(b):
-            return False
-        os.rename(a, b)
-        return True
-    except OSError as e:
-        if e.errno in (errno.EEXIST, errno.ENOTEMPTY, errno.EISDIR, errno.ENOTDIR):
-            return False
-        raise
-
-
 def _discard(replaced: Path, container: Path, out: Path, log) -> None:
     """Delete ``container``, which holds ``replaced`` (what was at ``out`` before the swap), after checking
     once more that it is an artifact or empty; anything else (changed during the swap) is kept beside
@@ -266,7 +228,7 @@ def publish(tmp: Path, out: Path, force: bool, existed: bool, log=None) -> None:
     """Put the finished staging folder ``tmp`` at ``out``, or raise BuildError leaving ``out`` as it was
     (``existed``: ``out`` was there when the build started). On return ``tmp`` is gone."""
     try:
-        if not os.path.lexists(out) and _rename_new(tmp, out):
+        if not os.path.lexists(out) and rename_new(tmp, out):
             return
         problem = replace_problem(out, force, appeared=not existed)
         if problem:
@@ -292,15 +254,9 @@ def publish(tmp: Path, out: Path, force: bool, existed: bool, log=None) -> None:
     _discard(old / out.name, old, out, log)
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def publishable(folder: Path) -> None:
     """Folders 0777 and files 0666, less the umask (tempfile makes 0700 / 0600)."""
-    mask = _umask()
+    mask = umask()
     os.chmod(folder, 0o777 & ~mask)
     for root, dirs, files in os.walk(folder):
         for d in dirs:

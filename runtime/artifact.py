@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .datafile import read_regular_file
 from .manifest import CONTRACT, Manifest, ManifestError, table_names
 
 MANIFEST = "manifest.json"
@@ -120,18 +121,9 @@ def parse_json(data: bytes, shown: str):
 
 
 def read_json(root: str, rel: str, shown: str, max_bytes: int):
-    """``root/rel`` (inside the folder, a regular file of at most ``max_bytes``) parsed by ``parse_json``."""
-    path = resolve_inside(root, rel)
-    try:
-        st = os.stat(path)
-        if not stat.S_ISREG(st.st_mode) or st.st_size > max_bytes:
-            raise ManifestError(f"{shown} is not a regular file under {max_bytes >> 20 or 1} MB")
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        raise ManifestError(f"{shown} not found") from None
-    except OSError as e:
-        raise ManifestError(f"{shown}: {e.strerror}") from None
-    return parse_json(data, shown)
+    """``root/rel`` (inside the folder, a regular file of at most ``max_bytes``: ``read_regular_file``) parsed
+    by ``parse_json``."""
+    return parse_json(read_regular_file(resolve_inside(root, rel), rel, ManifestError, max_bytes), shown)
 
 
 class Artifact:
@@ -287,11 +279,12 @@ def _write_atomic(path: Path, text: str) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.")
     with os.fdopen(fd, "w") as f:
         f.write(text)
-    os.chmod(tmp, 0o666 & ~_umask())
+    os.chmod(tmp, 0o666 & ~umask())
     os.replace(tmp, path)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read by setting it and back)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask
