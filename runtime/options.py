@@ -44,8 +44,10 @@ def _default(f: dataclasses.Field):
 def add_arguments(parser, cls) -> None:
     """One argument per option of the dataclass ``cls``, in field order (``parser`` may be an argument group)."""
     for f in _options(cls):
-        parser.add_argument(flag_of(f), dest=f.name, default=_default(f), help=f.metadata["help"],
-                            **f.metadata["argparse"])
+        keywords = dict(f.metadata["argparse"])
+        if f.metadata["flag"] and "action" not in keywords:          # named for the flag, not the field
+            keywords.setdefault("metavar", f.metadata["flag"].lstrip("-").replace("-", "_").upper())
+        parser.add_argument(flag_of(f), dest=f.name, default=_default(f), help=f.metadata["help"], **keywords)
 
 
 def from_args(cls, args: argparse.Namespace, **others):

@@ -11,8 +11,8 @@ Names are imported lazily so that ``nezha recommend`` does not pay for the serve
 import importlib
 
 _EXPORTS = {"Batcher": "batching", "plan_batch": "batching",
-            "LoadOptions": "model", "load_model": "model", "ServeOptions": "service", "Service": "service",
-            "ConnectionLimits": "connections"}
+            "LoadOptions": "options", "load_model": "model", "ServeOptions": "options", "Service": "service",
+            "ConnectionLimits": "options"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -24,22 +24,13 @@ from __future__ import annotations
 
 import json
 import resource
-from dataclasses import dataclass
 from typing import Callable
 
 from uvicorn.protocols.http.auto import AutoHTTPProtocol
 
+from .options import ConnectionLimits
+
 FD_RESERVE = 128                  # descriptors kept free of connections: artifacts, decode-process pipes, logs
-
-
-@dataclass
-class ConnectionLimits:
-    """The server's connection knobs (the CLI's option names)."""
-
-    max_connections: int = 1000         # open at once (lowered to fit the descriptor limit)
-    header_timeout_s: float = 10.0      # from connection (or first byte of a next request) to complete headers
-    keep_alive_timeout_s: float = 5.0   # an idle kept-alive connection is closed after this
-    max_header_bytes: int = 64 << 10    # request line and headers; more: 431
 
 
 def connection_cap(max_connections: int) -> int:

@@ -17,20 +17,10 @@ from nezha.runtime.errors import OptionError
 from nezha.runtime.artifact import MAX_MANIFEST_BYTES
 from nezha.runtime.manifest import ManifestError
 
+from .options import LoadOptions
 from .pool import DecodePool, DecodeProcessUnavailable
 
 log = logging.getLogger("nezha.serve")
-
-
-@dataclass
-class LoadOptions:
-    """How to open an artifact (Recommender.load's arguments)."""
-
-    backend: str = "onnxruntime"
-    device: str | None = None
-    precision: str | None = None
-    threads: int | None = 1
-    processes: int = 0                            # decode processes (serve.pool); 0: decode in the server's process
 
 
 @dataclass(eq=False)
@@ -114,10 +104,6 @@ def load_model(artifact: str | Path, options: LoadOptions) -> LoadedModel:
     """Open and verify (sha256 of every file) an artifact, run one request through it and measure how
     much of a decode runs outside the GIL; start the decode processes if asked. Raises the library's
     NezhaError for a bad or corrupt artifact, or one that changes while it loads."""
-    cores = os.cpu_count() or 1
-    if type(options.processes) is not int or not 0 <= options.processes <= cores:
-        raise OptionError(f"processes must be an integer in 0..{cores} (0: decode in the server's process; at most one "
-                          f"per core: more only contend for the cores), got {options.processes!r}")
     if "\0" in str(artifact):
         raise OptionError("an artifact folder path must not contain a NUL character")
     try:

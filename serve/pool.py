@@ -189,7 +189,7 @@ class DecodePool:
     free one (thread-safe: each caller holds one child for the call; more callers than children wait)."""
 
     def __init__(self, artifact: Path, load: dict, processes: int, version: str):
-        """``processes`` >= 1, as ``load_model`` checks it (at most one per core)."""
+        """``processes`` >= 1, as ``LoadOptions`` checks it (at most one per core)."""
         self.artifact, self.load, self.version = Path(artifact), dict(load), version
         self._children = [_Child(i) for i in range(processes)]
         self._free: queue.SimpleQueue[_Child] = queue.SimpleQueue()

@@ -27,10 +27,9 @@ import ray
 from ray import serve
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from .model import LoadOptions
+from .options import LoadOptions, ServeOptions, check_engine
 from .ray_engine import NezhaDeployment
 from .ray_proxy import BODY_TIMEOUT_ENV, CALLBACK, CALLBACK_ENV, MAX_BODY_ENV
-from .service import ServeOptions
 from .transfer import ArtifactRef, HostedFiles, describe, stage
 
 from nezha.runtime.artifact import Artifact
@@ -143,9 +142,7 @@ def deploy(artifact: str | Path, options: ServeOptions, load: LoadOptions, repli
     (or, with ``autoscaling``, Ray Serve's autoscaling_config, e.g. {"min_replicas": 1, "max_replicas": 4,
     "target_ongoing_requests": 4}) and wait until they run -> per node (node id, "in place" | "cached" |
     "fetched", bytes copied)."""
-    if load.processes:
-        raise OptionError("decode processes (--processes) are for the uvicorn engine; under Ray Serve each replica "
-                          "is a process already: scale with --replicas")
+    check_engine("ray", options, load)
     app = {"replicas": replicas, "autoscaling": autoscaling, "cpus_per_replica": cpus_per_replica, "name": name,
            "route_prefix": route_prefix}
     deployer = _deployer(name, ray.get_runtime_context().get_node_id())

@@ -32,8 +32,9 @@ from starlette.requests import Request                      # noqa: E402
 from . import protocol as P                                 # noqa: E402
 from .app import read_body, to_response                     # noqa: E402
 from .batching import Item, Pending, plan_batch, tokens_of  # noqa: E402
-from .model import LoadOptions, load_model                  # noqa: E402
-from .service import Reply, ServeOptions, Service           # noqa: E402
+from .model import load_model                               # noqa: E402
+from .options import LoadOptions, ServeOptions              # noqa: E402
+from .service import Reply, Service                         # noqa: E402
 from .transfer import ArtifactRef, local_artifact          # noqa: E402
 from .ray_grpc import GrpcMethods
 

@@ -43,7 +43,7 @@ NOT_RETRIED = ("/admin/reload",)     # not idempotent: it may have started befor
 def middlewares() -> list:
     """The callback Ray's proxy calls (``CALLBACK``); the body bounds from the environment (ServeOptions'
     defaults without it)."""
-    from .service import ServeOptions
+    from .options import ServeOptions
     defaults = ServeOptions()
     return [Middleware(RetryLostReplica, max_body_bytes=int(os.environ.get(MAX_BODY_ENV, defaults.max_body_bytes)),
                        body_timeout_s=float(os.environ.get(BODY_TIMEOUT_ENV, defaults.body_timeout_s)))]

@@ -32,7 +32,8 @@ from . import protocol as P
 from .batching import Batcher, Item, Pending, tokens_of
 from .binary import EXTENSION, answer_v2
 from .metrics import Metrics
-from .model import LoadedModel, LoadOptions, load_model
+from .model import LoadedModel, load_model
+from .options import LoadOptions, ServeOptions
 from .pool import wait_closed
 
 log = logging.getLogger("nezha.serve")
@@ -60,23 +61,6 @@ class Reply:
     body: dict | bytes
     content_type: str = "application/json"
     headers: dict = field(default_factory=dict)
-
-
-@dataclass
-class ServeOptions:
-    """Server knobs (the CLI's option names)."""
-
-    name: str = "nezha"
-    workers: int | None = None          # decode threads (None: auto_workers); each runs the backend with --threads
-    max_batch: int | None = None        # histories per batch (default: the artifact's max_batch; 1 = off)
-    max_wait_ms: float = 0.0            # how long a partial batch may wait for arrivals (only while frequent)
-    max_queue: int = 256                # histories waiting; beyond it 429 at once
-    timeout_ms: float = 2000.0          # per-request deadline (queue + decode); beyond it 504
-    max_body_bytes: int = 1 << 20
-    max_delay_ms: float = 10.0          # the oldest history is served first once it waited this long
-    body_timeout_s: float = 30.0        # a body not received in full by then: 408
-    admin_token_sha256: str | None = None    # serve.admin.token_digest of the admin token; None: /admin/* is 404
-    artifact_root: str | None = None    # reloads may name only artifacts under this folder; None: none
 
 
 def auto_workers(backend_share: float, decode_seconds: float, cores: int | None = None) -> int:

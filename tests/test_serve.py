@@ -441,7 +441,7 @@ def test_cli_errors_are_one_line(tmp_path):
     data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=4))   # no dependence on the demo data
     for args, message in ((["--processes", "1", "--engine", "ray"], "scale with --replicas"),
                           (["--processes", "2", "--workers", "3"], "give --processes alone"),
-                          (["--processes", "-1"], "--processes must be >= 0")):
+                          (["--processes", "-1"], "--processes must be an integer in 0..")):
         r = _cli("serve", str(tmp_path / "missing"), *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
     r = _cli("loadtest", "http://127.0.0.1:9", "--duration", "1", "--data", str(data))
