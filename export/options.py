@@ -15,7 +15,7 @@ from nezha.runtime.catalog import CatalogError
 from nezha.runtime.cli import ascii_int
 from nezha.runtime.data import DEFAULT_DATA, find_pair
 from nezha.runtime.manifest import PRECISIONS
-from nezha.runtime.options import checked, option
+from nezha.runtime.options import checked, option, rule
 
 from .graphs import EXPORTERS
 from .precision import check_precisions
@@ -38,38 +38,20 @@ def _backends(value, f):
     return tuple(value)
 
 
-def _positive(value, f):
-    if type(value) is not int or value < 1:
-        raise BuildError(f"{f.name} must be a positive integer, got {value!r}")
-    return value
-
-
-def _opset(value, f):
-    if type(value) is not int or not OPSETS[0] <= value <= OPSETS[1]:
-        raise BuildError(f"opset must be an integer in {OPSETS[0]}..{OPSETS[1]} (this onnx package's newest), "
-                         f"got {value!r}")
-    return value
+_positive = rule(lambda v: type(v) is int and v >= 1, lambda v, f: f"{f.name} must be a positive integer, got {v!r}",
+                 BuildError)
+_opset = rule(lambda v: type(v) is int and OPSETS[0] <= v <= OPSETS[1],
+              lambda v, f: f"opset must be an integer in {OPSETS[0]}..{OPSETS[1]} (this onnx package's newest), "
+                           f"got {v!r}", BuildError)
+_calibration_size = rule(lambda v: type(v) is int and v >= MIN_SAMPLES, lambda v, f: f"calibration size {v!r} is too "
+                         f"small: need at least {MIN_SAMPLES} histories", CalibrationError)
+_calibration_exclude = rule(lambda v: type(v) is int and v >= 0, lambda v, f: "calibration exclude must be a "
+                            f"non-negative integer (weight MatMuls kept float), got {v!r}", CalibrationError)
 
 
 def _one_of(allowed, error):
-    def check(value, f):
-        if value not in allowed:
-            raise error(f"{f.name.replace('_', ' ')} {value!r}; allowed: {', '.join(allowed)}")
-        return value
-    return check
-
-
-def _calibration_size(value, f):
-    if type(value) is not int or value < MIN_SAMPLES:
-        raise CalibrationError(f"calibration size {value!r} is too small: need at least {MIN_SAMPLES} histories")
-    return value
-
-
-def _calibration_exclude(value, f):
-    if type(value) is not int or value < 0:
-        raise CalibrationError(f"calibration exclude must be a non-negative integer (weight MatMuls kept float), "
-                               f"got {value!r}")
-    return value
+    return rule(lambda v: v in allowed, lambda v, f: f"{f.name.replace('_', ' ')} {v!r}; allowed: {', '.join(allowed)}",
+                error)
 
 
 def _int8(o) -> bool:

@@ -11,6 +11,8 @@ import argparse
 import dataclasses
 from typing import Any, Callable
 
+from .errors import OptionError
+
 Check = Callable[[Any, dataclasses.Field], Any]      # (value, field) -> the value to keep; raises a NezhaError
 
 
@@ -24,6 +26,15 @@ def option(default=dataclasses.MISSING, help: str | None = None, check: Check | 
     if factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
+
+
+def rule(ok: Callable[[Any], bool], message: Callable[[Any, dataclasses.Field], str], error=OptionError) -> Check:
+    """A check that keeps the value where ``ok(value)`` and else raises ``error(message(value, field))``."""
+    def check(value, f):
+        if not ok(value):
+            raise error(message(value, f))
+        return value
+    return check
 
 
 def flag_of(f: dataclasses.Field) -> str:

@@ -1,5 +1,5 @@
 """``nezha serve ARTIFACT`` and ``nezha loadtest URL``: thin layers over nezha.serve (option names are the
-library's argument names).
+library's argument names; ``serve``'s options, their defaults and checks are declared in serve/options.py).
 
     nezha serve artifacts/demo --port 8000                        # dynamic batching, one worker per core
     nezha serve artifacts/demo --max-batch 1 --workers 1          # batching off: the unbatched baseline
@@ -84,9 +84,9 @@ def run_serve(a) -> int:
     if not (a.artifact / "manifest.json").is_file():
         return _fail("serve", ValueError(f"{a.artifact} is not an artifact folder (no manifest.json)"))
     try:
-        token = admin.read_token(run.admin_token_file)
+        token, root = admin.read_token(run.admin_token_file), options.artifact_root
         options = replace(options, admin_token_sha256=admin.token_digest(token) if token else None,
-                          artifact_root=str(admin.artifact_root(options.artifact_root)) if options.artifact_root is not None else None)
+                          artifact_root=str(admin.artifact_root(root)) if root is not None else None)
     except (OSError, ValueError) as e:
         return _fail("serve", e)
     try:

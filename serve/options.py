@@ -16,41 +16,28 @@ from pathlib import Path
 
 from nezha.runtime.cli import ascii_int
 from nezha.runtime.errors import OptionError
-from nezha.runtime.options import checked, flag_of, option
+from nezha.runtime.options import checked, flag_of, option, rule
 
 TARGET_ONGOING = 4.0      # ongoing requests per replica: a replica batches them, one or two batches at little cost
 
 
 def at_least(low: int, none: bool = False):
     """An integer >= ``low`` (``none``: or None)."""
-    def check(value, f):
-        if not (none and value is None) and (type(value) is not int or value < low):
-            raise OptionError(f"{flag_of(f)} must be >= {low}, got {value}")
-        return value
-    return check
+    return rule(lambda v: (none and v is None) or (type(v) is int and v >= low),
+                lambda v, f: f"{flag_of(f)} must be >= {low}, got {v}")
 
 
 def within(low: float, high: float, open_low: bool = False):
     """A number in [low, high] (``open_low``: (low, high]); nan is refused."""
-    def check(value, f):
-        if type(value) not in (int, float) or not low <= value <= high or (open_low and value == low):
-            raise OptionError(f"{flag_of(f)} must lie in {'(' if open_low else '['}{low:g}, {high:g}], got {value}")
-        return value
-    return check
+    return rule(lambda v: type(v) in (int, float) and low <= v <= high and not (open_low and v == low),
+                lambda v, f: f"{flag_of(f)} must lie in {'(' if open_low else '['}{low:g}, {high:g}], got {v}")
 
 
-def _port(value, f):
-    if type(value) is not int or not 1 <= value <= 65535:
-        raise OptionError(f"{flag_of(f)} must lie in 1..65535, got {value}")
-    return value
-
-
-def _processes(value, f):
-    cores = os.cpu_count() or 1
-    if type(value) is not int or not 0 <= value <= cores:
-        raise OptionError(f"{flag_of(f)} must be an integer in 0..{cores} (0: decode in the server's process; at most "
-                          f"one per core: more only contend for the cores), got {value!r}")
-    return value
+_port = rule(lambda v: type(v) is int and 1 <= v <= 65535, lambda v, f: f"{flag_of(f)} must lie in 1..65535, got {v}")
+CORES = os.cpu_count() or 1
+_processes = rule(lambda v: type(v) is int and 0 <= v <= CORES,
+                  lambda v, f: f"{flag_of(f)} must be an integer in 0..{CORES} (0: decode in the server's process; at "
+                               f"most one per core: more only contend for the cores), got {v!r}")
 
 
 @dataclass
@@ -141,7 +128,8 @@ class RunOptions:
         None, f"autoscaling: ongoing requests per replica Ray Serve aims at (default {TARGET_ONGOING})", type=float)
     ray_address: str | None = option(
         help="join this Ray cluster (default $RAY_ADDRESS; none: start a local Ray); run on one of its nodes: the "
-        "artifact folder is read there and sent to the nodes that lack it", factory=lambda: os.environ.get("RAY_ADDRESS"))
+        "artifact folder is read there and sent to the nodes that lack it",
+        factory=lambda: os.environ.get("RAY_ADDRESS"))
     drain_timeout: float = option(30.0, "seconds to let in-flight requests finish on shutdown", within(0, 3600),
                                   type=float)
     admin_token_file: Path | None = option(

@@ -94,3 +94,50 @@ def test_the_command_scan_finds_the_main_commands():
     commands = [" ".join(w) for _, w in shown_commands()]
     assert any("export/build.py" in c for c in commands) and any(" serve " in f" {c} " for c in commands)
     assert len(commands) >= 15
+
+
+def _option_tables(page: Path):
+    """(header cells, row cells) of each Markdown table with an 'option' and a 'default' column."""
+    rows, tables = [], []
+    for line in page.read_text().splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append([c.strip() for c in line.strip().strip("|").split("|")])
+            continue
+        if rows and {"option", "default"} <= {c.lower() for c in rows[0]}:
+            tables.append((rows[0], [r for r in rows[2:] if len(r) == len(rows[0])]))
+        rows = []
+    return tables
+
+
+UNITS = {"KiB": 1 << 10, "MiB": 1 << 20, "GiB": 1 << 30}
+
+
+def test_the_serving_option_tables_name_real_flags_with_their_defaults():
+    """docs/serving.md's option tables: every flag is a `nezha serve` flag, and a default the table states
+    (a number, with KiB/MiB, or a word) is the one the options declare (serve/options.py)."""
+    pytest.importorskip("uvicorn")
+    from nezha.serve.cli import add_parsers
+    sub = argparse.ArgumentParser().add_subparsers()
+    add_parsers(sub)
+    defaults = {a.option_strings[0]: a.default for a in sub.choices["serve"]._actions if a.option_strings}
+    checked, wrong = 0, []
+    for header, rows in _option_tables(ROOT / "docs" / "serving.md"):
+        column = {c.lower(): i for i, c in enumerate(header)}
+        for row in rows:
+            flags = re.findall(r"`(--[a-z-]+)`", row[column["option"]])
+            texts = [t.strip() for t in row[column["default"]].split(",")][:len(flags)] if len(flags) > 1 \
+                else [row[column["default"]]]
+            for flag, text in zip(flags, texts):
+                if flag not in defaults:
+                    wrong.append(f"{flag}: not a nezha serve flag")
+                    continue
+                number = re.match(r"(\d+(?:\.\d+)?)\s*(KiB|MiB|GiB)?\b", text)
+                default = defaults[flag]
+                if number:
+                    ok = default is not None and float(number[1]) * UNITS.get(number[2], 1) == float(default)
+                else:
+                    ok = default is None or text == str(default)
+                checked += 1
+                if not ok:
+                    wrong.append(f"{flag}: the table says {text!r}, the option's default is {default!r}")
+    assert wrong == [] and checked >= 12, (wrong, checked)

@@ -273,6 +273,42 @@ def test_unsupported_precision(tmp_path, checkpoint, capsys):
     assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
 
 
+BAD_OPTIONS = [  # every check of BuildOptions (export/options.py), through build(): one error, nothing written
+    (dict(backend=("x",)), BuildError, r"unsupported backend\(s\) \['x'\]; allowed: onnxruntime, tensorrt"),
+    (dict(backend=()), BuildError, r"unsupported backend\(s\) \(none\); allowed"),
+    (dict(precision=()), PrecisionError, r"unsupported precision\(s\) \(none\); allowed"),
+    (dict(exporter="x"), BuildError, "exporter 'x'; allowed: dynamo, torchscript"),
+    (dict(max_batch=0), BuildError, "max_batch must be a positive integer, got 0"),
+    (dict(max_history=-1), BuildError, "max_history must be a positive integer, got -1"),
+    (dict(max_beam=2.0), BuildError, "max_beam must be a positive integer, got 2.0"),
+    (dict(validation_users=True), BuildError, "validation_users must be a positive integer, got True"),
+    (dict(opset="18"), BuildError, r"opset must be an integer in 18\.\.\d+ .*got '18'"),
+    (dict(precision=("int8",), calibration_size=3), "calibration", "calibration size 3 is too small: need at least 16"),
+    (dict(precision=("int8",), calibration_method="kl"), "calibration", "calibration method 'kl'; allowed: minmax"),
+    (dict(precision=("int8",), calibration_exclude=-1), "calibration", "calibration exclude must be a non-negative"),
+]
+
+
+@pytest.mark.parametrize("options,error,message", BAD_OPTIONS, ids=[next(iter(o)) + str(i) for i, (o, _, _) in
+                                                                    enumerate(BAD_OPTIONS)])
+def test_each_bad_option_is_one_clear_error(tmp_path, options, error, message):
+    from nezha.calibration import CalibrationError
+    (tmp_path / "ckpt").mkdir()                       # the values are checked before any input is read
+    with pytest.raises(CalibrationError if error == "calibration" else error, match=message):
+        build(tmp_path / "ckpt", None, tmp_path / "art", log=None, **options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+
+
+def test_options_are_resolved_once_and_int8_settings_checked_only_for_int8(tmp_path, capsys):
+    from nezha.export.options import BuildOptions, check
+    (tmp_path / "ckpt").mkdir()
+    o = check(BuildOptions(tmp_path / "ckpt", None, "art", precision=["fp16", "fp32", "fp16"], backend=["onnxruntime"],
+                           calibration_method="kl", calibration_size=0))
+    assert (o.precision, o.backend, o.out) == (["fp32", "fp16"], ("onnxruntime",), Path("art").absolute())
+    assert main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "art"), "--max-batch", "0"]) == 2
+    assert capsys.readouterr().err == "error: max_batch must be a positive integer, got 0\n"
+
+
 def test_unwritable_output(tmp_path, checkpoint):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
