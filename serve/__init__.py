@@ -5,7 +5,8 @@ Never imports torch.
 protocol (strict parsing, the library's messages, KServe v2 shapes) -> batching (plan_batch,
 Batcher) -> model (a loaded artifact, reload bookkeeping) -> service (routes, deadlines, reload, drain) ->
 app (Starlette + uvicorn, its connections bounded by connections) or ray_engine (Ray Serve); admin (the
-admin API's gate); metrics (Prometheus); loadtest; cli is the thin command.
+admin API's gate); metrics (Prometheus); loadtest; options (every option, declared once); cli is the
+thin command.
 Names are imported lazily so that ``nezha recommend`` does not pay for the server's imports."""
 
 import importlib
