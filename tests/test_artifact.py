@@ -162,6 +162,20 @@ def test_symlinks_out_of_the_folder_are_refused_before_anything_outside_is_opene
     Recommender.load(inside).close()
 
 
+def test_manifest_json_is_read_as_a_bounded_regular_file(artifact, tmp_path, monkeypatch):
+    """The artifact's JSON files go through the one reader of regular files (datafile.read_regular_file): a
+    FIFO is refused from its stat, never opened (no hang), and an oversized manifest before it is read."""
+    from nezha.runtime import artifact as artifact_module
+    fifo = tampered(artifact, tmp_path / "a")
+    (fifo / "manifest.json").unlink()
+    os.mkfifo(fifo / "manifest.json")
+    with pytest.raises(ManifestError, match=r"^manifest.json \S+ is a FIFO, not a regular file$"):
+        Artifact.open(fifo, verify=False)
+    monkeypatch.setattr(artifact_module, "MAX_MANIFEST_BYTES", 100)
+    with pytest.raises(ManifestError, match=r"^manifest.json \S+ is \d+ bytes; at most 100 are read$"):
+        Artifact.open(artifact, verify=False)
+
+
 def _rows(artifact, name, change):
     a = _table(artifact, name).copy()
     change(a)
