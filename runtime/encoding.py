@@ -88,7 +88,8 @@ def codes_from_catalog(items: np.ndarray, offsets: np.ndarray, catalog: Catalog,
                                 f"{' ...' if unknown.sum() > 5 else ''} (pass unknown='skip' to drop them)")
         offsets = np.concatenate([[0], np.cumsum(known)])[offsets]
         codes = codes[known]
-    return np.split(codes, offsets[1:-1])
+    bounds = offsets.tolist()
+    return [codes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def history_codes(histories: Sequence[Sequence[int]], catalog: Catalog, unknown: str = "error") -> list[np.ndarray]:

@@ -189,7 +189,8 @@ class CppRecommender(Recommender):
         code_offsets = np.empty(n + 1, np.int64)
         self._check(self._lib.nezha_item_codes(self._handle, _ptr(items), _ptr(offsets), n, int(skip), _ptr(codes),
                                                _ptr(code_offsets)))
-        return np.split(codes[:code_offsets[-1]], code_offsets[1:-1])
+        bounds = code_offsets.tolist()
+        return [codes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _decode_batch(self, codes, beam, ks, stages):
         flat, offsets = _flat_codes(codes, self.levels)
