@@ -3,11 +3,15 @@
 ``Recommender.load(artifact, backend="cpp")`` gives a ``CppRecommender``: the Recommender contract
 (runtime/contract.py) with the same answers and the same checks as the Python backend (the C++ loop
 reproduces runtime/decode.py), without the Python loop's fixed cost per level. The C++ runtime owns the
-artifact: catalog lookup, decode and SID -> item mapping run there; Python never re-opens the tables. ctypes rather than pybind11/nanobind: the shared library then carries one plain C ABI that any
-language can call, and it does not depend on the Python version or on Python headers at build time; a
-request crosses the boundary once (flat int64 arrays in, caller-owned result arrays out), so ctypes'
-microseconds per call are small against a decode. ctypes releases the GIL during the call, so Python
-threads run the C++ loop in parallel, each on its own bound buffers.
+artifact: the catalog lookup (``prepare``: nezha_item_codes), the decode and the SID -> item mapping
+(``decode_batch``: nezha_decode_batch) run there; Python never re-opens the tables. An error the C ABI
+reports comes back as its kind's Python class (the Python backend's class for the same mistake).
+
+ctypes rather than pybind11/nanobind: the shared library then carries one plain C ABI that any language
+can call, and it does not depend on the Python version or on Python headers at build time; a request
+crosses the boundary twice (flat int64 arrays in, caller-owned result arrays out), so ctypes' microseconds
+per call are small against a decode. ctypes releases the GIL during the call, so Python threads run the
+C++ loop in parallel, each on its own bound buffers.
 
 Build the library first: ``runtime/cpp/setup_ort.sh`` then CMake (README, section "C++"); set
 ``NEZHA_CPP_LIBRARY`` to use a library built elsewhere. Imports numpy only; never onnxruntime or torch.
