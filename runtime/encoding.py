@@ -3,6 +3,7 @@ validation, calibration and the benchmark, so that all of them see byte-identica
 
 from __future__ import annotations
 
+from itertools import accumulate
 from typing import Sequence
 
 import numpy as np
@@ -71,7 +72,7 @@ def flat_histories(histories) -> tuple[np.ndarray, np.ndarray]:
     if arrays is None:
         arrays = [integer_array(h, f"history {b}") for b, h in enumerate(histories)]
         items = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-    offsets = np.cumsum([0] + [len(h) for h in arrays], dtype=np.int64)
+    offsets = np.array([0, *accumulate(map(len, arrays))], np.int64)
     return items.astype(np.int64, copy=False).reshape(-1), offsets
 
 

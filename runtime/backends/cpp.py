@@ -25,6 +25,7 @@ import importlib.util
 import os
 import weakref
 from contextlib import contextmanager
+from itertools import accumulate
 from pathlib import Path
 from typing import Sequence
 
@@ -197,18 +198,22 @@ class CppRecommender(Recommender):
         return [codes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _decode_batch(self, codes, beam, ks, stages):
-        flat, offsets = _flat_codes(codes, self.levels)
-        n = len(ks)
-        starts = np.cumsum([0] + ks)
+        flat = np.ascontiguousarray(codes[0] if len(codes) == 1 else np.concatenate(codes))    # int64 [N, L]: checked
+        offsets = np.array([0, *accumulate(len(c) for c in codes)], np.int64)
+        starts = [0, *accumulate(ks)]
         out_items = np.empty(starts[-1], np.int64)
         out_scores = np.empty(starts[-1], np.float32)
-        lengths = np.zeros(n, np.int32)
+        lengths = np.empty(len(ks), np.int32)
         ks_array = np.array(ks, np.int32)
-        with self._timed(stages):
-            self._check(self._lib.nezha_decode_batch(self._handle, _ptr(flat), _ptr(offsets), n, beam, _ptr(ks_array),
-                                                     _ptr(out_items), _ptr(out_scores), _ptr(lengths)))
+        call = lambda: self._lib.nezha_decode_batch(self._handle, _ptr(flat), _ptr(offsets), len(ks), beam, _ptr(ks_array),
+                                                    _ptr(out_items), _ptr(out_scores), _ptr(lengths))
+        if stages is None:
+            self._check(call())
+        else:
+            with self._timed(stages):
+                self._check(call())
         items, scores = out_items.tolist(), out_scores.tolist()
-        return [list(zip(items[s:s + m], scores[s:s + m])) for s, m in zip(starts.tolist(), lengths.tolist())]
+        return [list(zip(items[s:s + m], scores[s:s + m])) for s, m in zip(starts, lengths.tolist())]
 
     def decode_codes(self, code_histories: Sequence[np.ndarray], beam: int,
                      stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
