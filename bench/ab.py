@@ -68,8 +68,8 @@ def compare_sides(seconds: dict, confidence: float = 0.95) -> dict:
         else:
             est, lo, hi = paired_bootstrap(lambda a, b: np.median(a / b), [cur[c], base[c]], confidence)
         verdict = "slower" if lo > 1.0 else "faster" if hi < 1.0 else "no significant change"
-        out[c] = {"current_median_ms": float(np.median(cur[c]) * 1e3), "base_median_ms": float(np.median(base[c]) * 1e3),
-                  "ratio": est, "low": lo, "high": hi, "verdict": verdict}
+        out[c] = {"current_median_ms": float(np.median(cur[c]) * 1e3),
+                  "base_median_ms": float(np.median(base[c]) * 1e3), "ratio": est, "low": lo, "high": hi, "verdict": verdict}
     return out
 
 
@@ -136,7 +136,8 @@ class Side:
         self.module, self.inject = ready.get("runtime_module", ""), ready.get("inject")
         if not Path(self.module).is_relative_to(module_under):
             self.close()
-            raise AbError(f"the {name} worker imported nezha.runtime from {self.module}, expected it under {module_under}")
+            raise AbError(f"the {name} worker imported nezha.runtime from {self.module}, "
+                          f"expected it under {module_under}")
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()

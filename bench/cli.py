@@ -98,7 +98,8 @@ def run(args) -> int:
     def given(value, default):
         return default if value is None else value
 
-    workload = {"requests": given(args.requests, DEFAULTS["requests"]), "warmup": given(args.warmup, DEFAULTS["warmup"]),
+    workload = {"requests": given(args.requests, DEFAULTS["requests"]),
+                "warmup": given(args.warmup, DEFAULTS["warmup"]),
                 "beam": _one(args.beams, "--beams", DEFAULTS["beam"]),
                 "batch_size": _one(args.batch_sizes, "--batch-sizes", DEFAULTS["batch_size"]),
                 "history_limit": given(args.history_limit, DEFAULTS["histories"]),
@@ -120,7 +121,8 @@ def run(args) -> int:
                       own_tolerance=args.own_tolerance, end_to_end_tolerance=args.end_to_end_tolerance, out=out,
                       stages=args.stages, progress=say, **workload)
     print(report(result, load_baseline(args.baseline) if args.baseline else None))
-    print(f"wrote {out}/instructions.json, instructions.md" + (f"; baseline {args.save_baseline}" if args.save_baseline else ""))
+    saved = f"; baseline {args.save_baseline}" if args.save_baseline else ""
+    print(f"wrote {out}/instructions.json, instructions.md{saved}")
     gate = result.get("gate")
     for msg in gate["regressions"] if gate else []:
         print(f"REGRESSED {msg}", file=sys.stderr)
@@ -136,7 +138,8 @@ def run_wall_clock(args) -> int:
     kwargs.update({k: v for k, v in WALL_CLOCK_DEFAULTS.items() if kwargs[k] is None})
     result, regressions = run_bench(**kwargs, progress=True)
     print(markdown(result))
-    print(f"wrote {args.out}/bench.json, bench.md, bench.png" + (f"; baseline {args.save_baseline}" if args.save_baseline else ""))
+    saved = f"; baseline {args.save_baseline}" if args.save_baseline else ""
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png{saved}")
     for r in regressions:
         print(f"REGRESSED {r.message()}", file=sys.stderr)
     return 1 if regressions else 0

@@ -129,8 +129,9 @@ def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: 
             log(f"building artifact {precisions} for {backends} (max_beam {max(beams)}, max_batch {max(batch_sizes)})")
             try:      # validation and int8 calibration kept small: time, not quality (the weights are random)
                 build(checkpoint=ckpt, index=folder / "checkpoint.index.json", out=folder / "artifact",
-                      precision=precisions, backend=tuple(backends), max_beam=max(beams), max_batch=max(batch_sizes),
-                      validation_users=4, calibration_size=MIN_SAMPLES, calibration_method="minmax", force=True, log=log)
+                      precision=precisions, backend=tuple(backends), max_beam=max(beams),
+                      max_batch=max(batch_sizes), validation_users=4, calibration_size=MIN_SAMPLES,
+                      calibration_method="minmax", force=True, log=log)
             except Exception as e:       # any failure of the GPU stack: record why, go on with torch
                 backends, skipped = [], f"skipped: {type(e).__name__}: {e}"
         elif runtime:
