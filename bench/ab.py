@@ -1,13 +1,13 @@
 """``nezha bench --against REV``: wall-clock A/B of the current tree against a base revision, in one run.
 
 What instruction counts miss (memory traffic, threads, a kernel choice) shows in time; on a shared machine
-time drifts, so both sides run at once and are compared request by request: the base revision is checked
-out in a git worktree in a temporary folder, its artifact is built by its own ``export/build.py``, and two
-worker processes (``bench/worker.py serve``: one imports the current ``nezha.runtime``, the other the
-base's, through a package folder of links made from the base's own package mapping) run the same requests,
-alternately: for request i, contender c, the two sides run back to back, in an order that flips with i.
-The report is the ratio current / base per contender (the median of the per-request ratios) with a
-paired bootstrap confidence interval, as ``pyperf compare_to`` and ``asv continuous`` report theirs."""
+time drifts, so both sides run at once and are compared request by request: REV is checked out in a git
+worktree in a temporary folder, its artifact built by its own ``export/build.py``, and two worker processes
+(``bench/worker.py serve``: one imports the current ``nezha.runtime``, the other REV's, through a package
+folder of links made from REV's own package mapping) run the same requests; for request i and contender c
+the two sides run back to back, the first side alternating with i. The report is current / base per
+contender (the median of per-request ratios) with a paired bootstrap interval, as ``pyperf compare_to``
+and ``asv continuous`` report theirs."""
 
 from __future__ import annotations
 
@@ -22,22 +22,22 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from nezha.runtime.errors import NezhaError
 
 from .callgrind import WORKER, print_tail, worker_env
 from .report import write_result
+from .run import load_histories, requests_of
 from .stats import machine
-from nezha.runtime.errors import NezhaError
 
 ROOT = Path(__file__).resolve().parents[1]       # the current tree (an editable install's source folder)
 CONTENDERS = ("floor", "runtime")
-FORMAT = "nezha-ab"
+NAMES = {"floor": "floor (encode + backbone)", "runtime": "runtime (full decode)",
+         "runtime_own": "runtime own (runtime - floor)"}
 
 
 class AbError(NezhaError, RuntimeError):
     """The A/B run cannot be made (unknown revision, a build or worker that fails); the message says why."""
 
-
-# --- statistics --------------------------------------------------------------------------------------------
 
 def paired_bootstrap(stat, arrays: Sequence[np.ndarray], confidence: float = 0.95, resamples: int = 4000,
                      seed: int = 0) -> tuple[float, float, float]:
@@ -47,50 +47,31 @@ def paired_bootstrap(stat, arrays: Sequence[np.ndarray], confidence: float = 0.9
     n = len(arrays[0])
     if n < 2 or any(len(a) != n for a in arrays):
         raise AbError(f"a paired bootstrap needs >= 2 requests of equal count per side, got {[len(a) for a in arrays]}")
-    idx = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    boots = np.array([stat(*(a[i] for a in arrays)) for i in idx])
+    boots = [stat(*(a[i] for a in arrays)) for i in np.random.default_rng(seed).integers(0, n, size=(resamples, n))]
     alpha = (1.0 - confidence) / 2
     return float(stat(*arrays)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
 
 
-def median_ratio(current: np.ndarray, base: np.ndarray) -> float:
-    """median(current_i / base_i): the typical per-request ratio; a request that a neighbour's job
-    preempted on one side moves it by one rank, not by its size."""
-    return float(np.median(current / base))
-
-
-def own_ratio(cur_runtime, cur_floor, base_runtime, base_floor) -> float:
-    """median(runtime - floor) of the current side over the base side's: the runtime's own time, as a ratio."""
-    return float(np.median(cur_runtime - cur_floor) / np.median(base_runtime - base_floor))
-
-
-def verdict(low: float, high: float) -> str:
-    if low > 1.0:
-        return "slower"
-    if high < 1.0:
-        return "faster"
-    return "no significant change"
-
-
 def compare_sides(seconds: dict, confidence: float = 0.95) -> dict:
-    """{side: {contender: [seconds per request]}} -> per contender (and the runtime's own time):
-    medians of both sides, the ratio current / base with its interval, and the verdict."""
-    cur, base = seconds["current"], seconds["base"]
+    """{side: {contender: [seconds per request]}} -> per contender and for the runtime's own time (runtime -
+    floor): both sides' medians (ms), current / base with its interval, and the verdict. A contender's ratio
+    is median(current_i / base_i): a request preempted on one side moves it by one rank, not by its size;
+    the own time's is the ratio of the sides' median runtime - floor."""
+    cur = {c: np.asarray(v, dtype=np.float64) for c, v in seconds["current"].items()}
+    base = {c: np.asarray(v, dtype=np.float64) for c, v in seconds["base"].items()}
+    cur["runtime_own"], base["runtime_own"] = cur["runtime"] - cur["floor"], base["runtime"] - base["floor"]
     out = {}
-    for c in CONTENDERS:
-        a, b = np.asarray(cur[c]), np.asarray(base[c])
-        est, lo, hi = paired_bootstrap(median_ratio, [a, b], confidence)
-        out[c] = {"current_median_ms": float(np.median(a) * 1e3), "base_median_ms": float(np.median(b) * 1e3),
-                  "ratio": est, "low": lo, "high": hi, "verdict": verdict(lo, hi)}
-    arrays = [np.asarray(x) for x in (cur["runtime"], cur["floor"], base["runtime"], base["floor"])]
-    est, lo, hi = paired_bootstrap(own_ratio, arrays, confidence)
-    out["runtime_own"] = {"current_median_ms": float(np.median(arrays[0] - arrays[1]) * 1e3),
-                          "base_median_ms": float(np.median(arrays[2] - arrays[3]) * 1e3),
-                          "ratio": est, "low": lo, "high": hi, "verdict": verdict(lo, hi)}
+    for c in (*CONTENDERS, "runtime_own"):
+        if c == "runtime_own":
+            est, lo, hi = paired_bootstrap(lambda a, b, x, y: np.median(a - b) / np.median(x - y),
+                                           [cur["runtime"], cur["floor"], base["runtime"], base["floor"]], confidence)
+        else:
+            est, lo, hi = paired_bootstrap(lambda a, b: np.median(a / b), [cur[c], base[c]], confidence)
+        verdict = "slower" if lo > 1.0 else "faster" if hi < 1.0 else "no significant change"
+        out[c] = {"current_median_ms": float(np.median(cur[c]) * 1e3),
+                  "base_median_ms": float(np.median(base[c]) * 1e3), "ratio": est, "low": lo, "high": hi, "verdict": verdict}
     return out
 
-
-# --- the two trees -------------------------------------------------------------------------------------------
 
 def _git(*args, cwd: Path = ROOT) -> str:
     proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
@@ -123,10 +104,8 @@ def package_folder(tree: Path, dest: Path) -> Path:
     for entry in (tree / mapping.get("nezha", "nezha")).iterdir():
         (pkg / entry.name).symlink_to(entry)
     for name, folder in mapping.items():
-        if name.startswith("nezha."):
-            link = pkg / name.split(".", 1)[1]
-            if not link.exists():
-                link.symlink_to(tree / folder)
+        if name.startswith("nezha.") and not (pkg / name.split(".", 1)[1]).exists():
+            (pkg / name.split(".", 1)[1]).symlink_to(tree / folder)
     return dest
 
 
@@ -142,23 +121,23 @@ def build_artifact(tree: Path, out: Path, build_args: Sequence[str], env: dict, 
 
 
 class Side:
-    """One worker process serving requests on one artifact with one tree's runtime."""
+    """One worker process serving requests on one artifact with one tree's runtime (``module_under``: where
+    its ``nezha.runtime`` must come from)."""
 
-    def __init__(self, name: str, artifact: Path, spec_dir: Path, requests_file: Path, beam: int, threads: int,
-                 env: dict, expect_module_under: Path):
-        spec = spec_dir / f"{name}.spec.json"
+    def __init__(self, name: str, artifact: Path, tmp: Path, requests_file: Path, beam: int, threads: int,
+                 env: dict, module_under: Path):
+        spec = tmp / f"{name}.spec.json"
         spec.write_text(json.dumps({"artifact": str(artifact), "requests": str(requests_file), "beam": beam,
                                     "threads": threads, "warmup": 0}))
         self.name = name
         self.proc = subprocess.Popen([sys.executable, str(WORKER), "serve", str(spec)], env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         ready = self._read()
-        module = ready.get("runtime_module", "")
-        if not Path(module).is_relative_to(expect_module_under):
+        self.module, self.inject = ready.get("runtime_module", ""), ready.get("inject")
+        if not Path(self.module).is_relative_to(module_under):
             self.close()
-            raise AbError(f"the {name} worker imported nezha.runtime from {module}, expected it under "
-                          f"{expect_module_under}")
-        self.module, self.inject = module, ready.get("inject")
+            raise AbError(f"the {name} worker imported nezha.runtime from {self.module}, "
+                          f"expected it under {module_under}")
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
@@ -167,52 +146,29 @@ class Side:
             raise AbError(f"the {self.name} worker stopped (its last lines above)")
         return json.loads(line)
 
-    def run(self, contender: str, request: int) -> float:
-        self.proc.stdin.write(json.dumps({"contender": contender, "request": request}) + "\n")
+    def _send(self, msg: dict) -> None:
+        self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
+
+    def run(self, contender: str, request: int) -> float:
+        self._send({"contender": contender, "request": request})
         return float(self._read()["seconds"])
 
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                self.proc.stdin.write(json.dumps({"stop": True}) + "\n")
-                self.proc.stdin.flush()
+                self._send({"stop": True})
                 self.proc.wait(timeout=30)
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.proc.kill()
                 self.proc.wait()
 
 
-def base_side_env(base_path: Path) -> dict:
-    """The base side's worker environment: its own package folder first, never the test-only slowdown."""
-    env = worker_env()
-    env.pop("NEZHA_BENCH_INJECT", None)
-    env["PYTHONPATH"] = os.pathsep.join([str(base_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
-    return env
-
-
-def interleave(sides: list, warmup: int, requests: int, say=None) -> tuple[dict, float]:
-    """Time every contender on every side request by request, both sides back to back, the first side
-    alternating -> ({side: {contender: [seconds]}} of the counted requests, wall seconds)."""
-    seconds = {s.name: {c: [] for c in CONTENDERS} for s in sides}
-    t0 = time.perf_counter()
-    for i in range(warmup + requests):
-        order = sides if i % 2 == 0 else sides[::-1]
-        for c in CONTENDERS:
-            for s in order:
-                t = s.run(c, i)
-                if i >= warmup:
-                    seconds[s.name][c].append(t)
-        if say and (i + 1) % 10 == 0:
-            say(f"request {i + 1}/{warmup + requests}")
-    return seconds, time.perf_counter() - t0
-
-
 def legacy_data(folder: Path) -> None:
     """Revisions before the project carried its demo data (data/beauty) read plain JSON from a workspace
     folder beside the tree (``folder``): give a base tree of that age the carried data there, uncompressed."""
-    from nezha.runtime.datafile import read_text
     from nezha.runtime.data import DEFAULT_DATA, DataError, find_pair
+    from nezha.runtime.datafile import read_text
 
     folder.mkdir(parents=True)
     for path in find_pair(DEFAULT_DATA):
@@ -229,49 +185,53 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
     ``build_args``); the base side's is always built by the base's own export/build.py with ``build_args``.
     Returns {"base": {"rev", "sha"}, "seconds": {side: {contender: [s]}}, "comparison": compare_sides(...)};
     writes ``out``/ab.json and ab.md if ``out``."""
-    from .run import load_histories, requests_of
-
     say = progress or (lambda msg: None)
     if requests < 2 or warmup < 0:
         raise AbError(f"need requests >= 2 and warmup >= 0, got requests={requests}, warmup={warmup}")
     sha = resolve(rev)
     tmp = Path(tempfile.mkdtemp(prefix="nezha-ab-"))
-    base_tree = tmp / "base"
-    sides: list[Side] = []
+    base_tree, sides = tmp / "base", []
     try:
         legacy_data(tmp / "shared" / "data" / "beauty")
         say(f"checking out {rev} ({sha[:12]}) into {base_tree}")
         _git("worktree", "add", "--detach", str(base_tree), sha)
         base_path = package_folder(base_tree, tmp / "base-path")
-        base_env = base_side_env(base_path)
+        base_env = {k: v for k, v in worker_env().items() if k != "NEZHA_BENCH_INJECT"}   # the slowdown: current only
+        base_env["PYTHONPATH"] = os.pathsep.join([str(base_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])
         base_artifact = build_artifact(base_tree, tmp / "base-artifact", build_args, base_env, say)
         if artifact is None:
             artifact = build_artifact(ROOT, tmp / "current-artifact", build_args, worker_env(), say)
         if histories is None:
             from nezha.runtime.data import DEFAULT_DATA
             histories = load_histories(Path(data) if data is not None else DEFAULT_DATA, "test", history_limit)
-        requests_file = tmp / "requests.json"
-        requests_file.write_text(json.dumps(requests_of(histories, batch_size, warmup + requests)))
-        cur_env = worker_env()                  # the test-only slowdown hook, if set, slows this side only
-        sides.append(Side("current", Path(artifact), tmp, requests_file, beam, threads, cur_env, ROOT))
-        sides.append(Side("base", base_artifact, tmp, requests_file, beam, threads, base_env, base_path))
-        seconds, wall = interleave(sides, warmup, requests, say if progress else None)
-        inject = sides[0].inject
+        (tmp / "requests.json").write_text(json.dumps(requests_of(histories, batch_size, warmup + requests)))
+        sides.append(Side("current", Path(artifact), tmp, tmp / "requests.json", beam, threads, worker_env(), ROOT))
+        sides.append(Side("base", base_artifact, tmp, tmp / "requests.json", beam, threads, base_env, base_path))
+        seconds = {s.name: {c: [] for c in CONTENDERS} for s in sides}
+        t0 = time.perf_counter()
+        for i in range(warmup + requests):
+            for c in CONTENDERS:
+                for s in sides if i % 2 == 0 else sides[::-1]:
+                    t = s.run(c, i)
+                    if i >= warmup:
+                        seconds[s.name][c].append(t)
+            if (i + 1) % 10 == 0:
+                say(f"request {i + 1}/{warmup + requests}")
+        wall, inject = time.perf_counter() - t0, sides[0].inject
     finally:
         for s in sides:
             s.close()
         if base_tree.exists():
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    result = {"format": FORMAT, "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    result = {"format": "nezha-ab", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "machine": machine(), "base": {"rev": rev, "sha": sha},
               "current": {"tree": str(ROOT), "head": _git("rev-parse", "HEAD"), "inject": inject,
                           "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))},
               "setup": {"requests": requests, "warmup": warmup, "beam": beam, "batch_size": batch_size,
                         "threads": threads, "build_args": list(build_args), "confidence": confidence,
                         "order": "per request and contender, both sides back to back; the first side alternates"},
-              "seconds": seconds, "wall_seconds": round(wall, 1),
-              "comparison": compare_sides(seconds, confidence)}
+              "seconds": seconds, "wall_seconds": round(wall, 1), "comparison": compare_sides(seconds, confidence)}
     if out is not None:
         write_result(out, "ab", result, report(result))
     return result
@@ -279,8 +239,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
 
 def report(result: dict) -> str:
     """Markdown: per contender both medians and current / base with its confidence interval."""
-    s, m = result["setup"], result["machine"]
-    cur = result["current"]
+    s, m, cur = result["setup"], result["machine"], result["current"]
     lines = [f"# A/B: current tree vs {result['base']['rev']} ({result['base']['sha'][:12]})", "",
              f"- current: {cur['head'][:12]}" + (" + uncommitted changes" if cur["dirty"] else "") +
              (f"; **test-only slowdown injected: NEZHA_BENCH_INJECT={cur['inject']}**" if cur.get("inject") else ""),
@@ -289,10 +248,8 @@ def report(result: dict) -> str:
              f"ONNX Runtime {s['threads']} thread(s); {s['order']}", "",
              f"| contender | base p50 | current p50 | current / base | {s['confidence']:.0%} CI | verdict |",
              "|---|---:|---:|---:|---|---|"]
-    names = {"floor": "floor (encode + backbone)", "runtime": "runtime (full decode)",
-             "runtime_own": "runtime own (runtime - floor)"}
     for key, r in result["comparison"].items():
-        lines.append(f"| {names[key]} | {r['base_median_ms']:.3f} ms | {r['current_median_ms']:.3f} ms | "
+        lines.append(f"| {NAMES[key]} | {r['base_median_ms']:.3f} ms | {r['current_median_ms']:.3f} ms | "
                      f"{r['ratio']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | {r['verdict']} |")
     lines += ["", "Ratios: median of per-request ratios (own: ratio of the sides' median runtime - floor); intervals: "
               "paired bootstrap over requests. A report, not a gate: the instruction count is the gate."]

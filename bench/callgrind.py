@@ -76,28 +76,20 @@ def valgrind_version() -> str:
     return subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout.strip()
 
 
-def group_of(obj: str) -> str:
-    """Which library an object file (callgrind's ``ob=``) is: onnxruntime, numpy (with its OpenBLAS),
-    python (the interpreter and its extension modules), system (libc, libm, libstdc++, the loader) or other."""
-    name = obj.rsplit("/", 1)[-1]
-    if "onnxruntime" in obj:
-        return "onnxruntime"
-    if "/numpy" in obj:
-        return "numpy"
-    if re.match(r"(python3|libpython3)", name) or "/lib-dynload/" in obj:
-        return "python"
-    if re.match(r"(libc|libm|libstdc\+\+|libgcc_s|ld-linux|libpthread|libdl|libffi)[.-]", name):
-        return "system"
-    return "other"
-
-
 def function_label(obj: str, function: str) -> str:
-    """"group: name"; code without a symbol (ONNX Runtime's PyPI library is stripped) is "(unnamed)",
-    as callgrind's names for it are load addresses."""
+    """"group: name", the group being which library the object file (callgrind's ``ob=``) is: onnxruntime,
+    numpy (with its OpenBLAS), python (the interpreter and its extension modules), system (libc, libm,
+    libstdc++, the loader) or other. Code without a symbol (ONNX Runtime's PyPI library is stripped) is
+    "(unnamed)", as callgrind's names for it are load addresses."""
+    name = obj.rsplit("/", 1)[-1]
+    group = ("onnxruntime" if "onnxruntime" in obj else "numpy" if "/numpy" in obj else
+             "python" if re.match(r"(python3|libpython3)", name) or "/lib-dynload/" in obj else
+             "system" if re.match(r"(libc|libm|libstdc\+\+|libgcc_s|ld-linux|libpthread|libdl|libffi)[.-]", name)
+             else "other")
     function = re.sub(r"'[0-9]+$", "", function)           # callgrind's recursion depth suffix ('2)
     if re.fullmatch(r"0x[0-9a-fA-F]+", function) or function == "???":
         function = "(unnamed)"
-    return f"{group_of(obj)}: {function}"
+    return f"{group}: {function}"
 
 
 def read_callgrind(path: str | Path) -> tuple[str, int, dict[str, int]]:
@@ -175,15 +167,6 @@ def run_worker(artifact: Path, requests_file: Path, workdir: Path, phases: list[
     return out
 
 
-def requests_file_of(histories: Sequence[Sequence[int]], batch_size: int, n: int, path: Path) -> str:
-    """Write n requests of batch_size histories (taken in order, wrapping) as JSON; returns its sha256."""
-    from .run import requests_of
-
-    text = json.dumps(requests_of(histories, batch_size, n))
-    path.write_text(text)
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
 def artifact_digest(artifact: Path) -> str:
     """sha256 over the artifact's files (names and bytes), to tell in a report whether two runs measured
     the same graphs. Reads no manifest key: the manifest's format is the runtime's business."""
@@ -212,15 +195,16 @@ def measure(artifact: str | Path, histories: Sequence[Sequence[int]], requests: 
     artifact = Path(artifact).resolve()
     if not artifact.is_dir():
         raise InstructionsError(f"artifact folder {artifact} does not exist")
+    from .run import requests_of
+
     vg = valgrind_version()
-    tmp = None
-    if workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="nezha-instr-")
-        workdir = tmp.name
-    workdir = Path(workdir)
+    tmp = tempfile.TemporaryDirectory(prefix="nezha-instr-") if workdir is None else None
+    workdir = Path(tmp.name if tmp else workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     try:
-        req_sha = requests_file_of(histories, batch_size, warmup + requests, workdir / "requests.json")
+        text = json.dumps(requests_of(histories, batch_size, warmup + requests))
+        (workdir / "requests.json").write_text(text)
+        req_sha = hashlib.sha256(text.encode()).hexdigest()
         kw = dict(warmup=warmup, beam=beam, threads=threads, inject=inject)
         say = progress or (lambda msg: None)
         say("dry run (native): checks the artifact and writes the .pyc files the counted run reads")

@@ -76,16 +76,6 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 WALL_CLOCK_DEFAULTS = {"batch_sizes": [1], "beams": [20, 512], "requests": 30, "warmup": 3, "history_limit": 2000}
 
 
-def run(args) -> int:
-    if args.instructions and args.against:
-        raise _OptionError("--instructions and --against are two different runs: give one")
-    if args.instructions:
-        return run_instructions(args)
-    if args.against:
-        return run_against(args)
-    return run_wall_clock(args)
-
-
 class _OptionError(NezhaError, ValueError):
     """Options that do not go together (nezha.cli prints it as one line, exit 2)."""
 
@@ -98,65 +88,58 @@ def _one(values, name: str, default):
     return values[0]
 
 
-def _workload(args) -> dict:
-    from .instructions import DEFAULTS
+def run(args) -> int:
+    if args.instructions and args.against:
+        raise _OptionError("--instructions and --against are two different runs: give one")
+    if not (args.instructions or args.against):
+        return run_wall_clock(args)
+    from .callgrind import DEFAULTS
 
-    return {"requests": DEFAULTS["requests"] if args.requests is None else args.requests,
-            "warmup": DEFAULTS["warmup"] if args.warmup is None else args.warmup,
-            "beam": _one(args.beams, "--beams", DEFAULTS["beam"]),
-            "batch_size": _one(args.batch_sizes, "--batch-sizes", DEFAULTS["batch_size"]),
-            "history_limit": DEFAULTS["histories"] if args.history_limit is None else args.history_limit,
-            "threads": DEFAULTS["threads"] if args.threads is None else args.threads}
+    def given(value, default):
+        return default if value is None else value
 
+    workload = {"requests": given(args.requests, DEFAULTS["requests"]),
+                "warmup": given(args.warmup, DEFAULTS["warmup"]),
+                "beam": _one(args.beams, "--beams", DEFAULTS["beam"]),
+                "batch_size": _one(args.batch_sizes, "--batch-sizes", DEFAULTS["batch_size"]),
+                "history_limit": given(args.history_limit, DEFAULTS["histories"]),
+                "threads": given(args.threads, DEFAULTS["threads"])}
+    say = lambda msg: print(msg, file=sys.stderr)                                       # noqa: E731
+    out = args.out if args.out != Path("runs/bench") else Path("runs/instructions" if args.instructions else "runs/ab")
+    if args.against:
+        from .ab import report, run_against
 
-def run_instructions(args) -> int:
-    from .instructions import report, run_gate
+        print(report(run_against(args.against, artifact=args.artifact, data=args.data, out=out, progress=say,
+                                 build_args=shlex.split(args.build_args), **workload)))
+        print(f"wrote {out}/ab.json, ab.md")
+        return 0
+    from .instructions import load_baseline, report, run_gate
 
     if args.artifact is None:
         raise _OptionError("--instructions needs an ARTIFACT folder")
-    out = args.out if args.out != Path("runs/bench") else Path("runs/instructions")
     result = run_gate(args.artifact, data=args.data, baseline=args.baseline, save_baseline_to=args.save_baseline,
                       own_tolerance=args.own_tolerance, end_to_end_tolerance=args.end_to_end_tolerance, out=out,
-                      stages=args.stages, progress=lambda msg: print(msg, file=sys.stderr), **_workload(args))
-    from .instructions import load_baseline
+                      stages=args.stages, progress=say, **workload)
     print(report(result, load_baseline(args.baseline) if args.baseline else None))
-    print(f"wrote {out}/instructions.json, instructions.md" +
-          (f"; baseline {args.save_baseline}" if args.save_baseline else ""))
+    saved = f"; baseline {args.save_baseline}" if args.save_baseline else ""
+    print(f"wrote {out}/instructions.json, instructions.md{saved}")
     gate = result.get("gate")
-    if gate and not gate["passed"]:
-        for msg in gate["regressions"]:
-            print(f"REGRESSED {msg}", file=sys.stderr)
-        return 1
-    return 0
-
-
-def run_against(args) -> int:
-    from .ab import report
-    from .ab import run_against as ab
-
-    w = _workload(args)
-    out = args.out if args.out != Path("runs/bench") else Path("runs/ab")
-    result = ab(args.against, artifact=args.artifact, data=args.data, requests=w["requests"], warmup=w["warmup"],
-                beam=w["beam"], batch_size=w["batch_size"], threads=w["threads"], history_limit=w["history_limit"],
-                build_args=shlex.split(args.build_args), out=out, progress=lambda msg: print(msg, file=sys.stderr))
-    print(report(result))
-    print(f"wrote {out}/ab.json, ab.md")
-    return 0
+    for msg in gate["regressions"] if gate else []:
+        print(f"REGRESSED {msg}", file=sys.stderr)
+    return 1 if gate and not gate["passed"] else 0
 
 
 def run_wall_clock(args) -> int:
+    from .report import markdown
     from .suite import run_bench
 
     skip = ("run", "command", "instructions", "own_tolerance", "end_to_end_tolerance", "stages", "against", "build_args")
     kwargs = {k: v for k, v in vars(args).items() if k not in skip}
     kwargs.update({k: v for k, v in WALL_CLOCK_DEFAULTS.items() if kwargs[k] is None})
     result, regressions = run_bench(**kwargs, progress=True)
-    from .report import markdown
     print(markdown(result))
-    print(f"wrote {args.out}/bench.json, bench.md, bench.png" + (f"; baseline {args.save_baseline}"
-                                                                   if args.save_baseline else ""))
-    if regressions:
-        for r in regressions:
-            print(f"REGRESSED {r.message()}", file=sys.stderr)
-        return 1
-    return 0
+    saved = f"; baseline {args.save_baseline}" if args.save_baseline else ""
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png{saved}")
+    for r in regressions:
+        print(f"REGRESSED {r.message()}", file=sys.stderr)
+    return 1 if regressions else 0

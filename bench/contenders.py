@@ -45,51 +45,39 @@ class Contender:
 
 def runtime_contenders(artifact: str | Path, backend: str, precision: str, device: str = "cpu",
                        threads: int | None = None) -> list[Contender]:
-    """The floor (encode + backbone) and NEZHA (rec.decode) through one loaded Recommender
-    (``threads``: ONNX Runtime intra-op threads; None = its default)."""
-    from nezha.runtime import Recommender
-
+    """The floor (encode + backbone) and NEZHA through one loaded Recommender (``threads``: ONNX Runtime
+    intra-op threads; None = its default); ``backend`` "cpp": the C++ runtime, which times its stages inside."""
     if backend == "cpp":
-        return cpp_contenders(artifact, precision, threads)
-    device = device if backend == "onnxruntime" or device.startswith("cuda") else "cuda"
-    rec = Recommender.load(artifact, backend=backend, device=device, precision=precision, threads=threads)
-    engine = f"{backend}-{precision}-{device}"
+        from nezha.runtime.backends.cpp import CppRecommender
+
+        rec, engine = CppRecommender.load(artifact, precision=precision, threads=threads), f"cpp-{precision}-cpu"
+
+        def floor(histories, beam):
+            rec.backbone(histories, stages=(stages := {}))
+            return stages
+
+        def nezha(histories, beam):
+            rec.recommend(histories, k=min(10, beam), beam=beam, stages=(stages := {}))
+            return stages
+    else:
+        from nezha.runtime import Recommender
+
+        device = device if backend == "onnxruntime" or device.startswith("cuda") else "cuda"
+        rec = Recommender.load(artifact, backend=backend, device=device, precision=precision, threads=threads)
+        engine = f"{backend}-{precision}-{device}"
+
+        def floor(histories, beam):
+            stages: dict = {}
+            with stage(stages, "encode"):
+                feed = rec.encode(histories)
+            with stage(stages, "backbone"):
+                rec.backbone(feed)
+            return stages
+
+        def nezha(histories, beam):
+            rec.decode(histories, beam, stages=(stages := {}))
+            return stages
     limits = {"max_batch": rec.max_batch, "max_beam": rec.max_beam}
-
-    def floor(histories, beam):
-        stages: dict = {}
-        with stage(stages, "encode"):
-            feed = rec.encode(histories)
-        with stage(stages, "backbone"):
-            rec.backbone(feed)
-        return stages
-
-    def nezha(histories, beam):
-        stages: dict = {}
-        rec.decode(histories, beam, stages=stages)
-        return stages
-
-    return [Contender("floor", engine, floor, limits),
-            Contender("nezha", engine, nezha, limits, close=rec.close)]
-
-
-def cpp_contenders(artifact: str | Path, precision: str, threads: int | None = None) -> list[Contender]:
-    """The floor (encode + backbone) and NEZHA through the C++ runtime (runtime/cpp), stages timed inside it."""
-    from nezha.runtime import Recommender
-
-    rec = Recommender.load(artifact, backend="cpp", precision=precision, threads=threads)
-    engine, limits = f"cpp-{precision}-cpu", {"max_batch": rec.max_batch, "max_beam": rec.max_beam}
-
-    def floor(histories, beam):
-        stages: dict = {}
-        rec.backbone(histories, stages=stages)
-        return stages
-
-    def nezha(histories, beam):
-        stages: dict = {}
-        rec.recommend(histories, k=min(10, beam), beam=beam, stages=stages)
-        return stages
-
     return [Contender("floor", engine, floor, limits), Contender("nezha", engine, nezha, limits, close=rec.close)]
 
 

@@ -68,9 +68,6 @@ class Figure:
         return {**asdict(self), "change": self.change, "regressed": self.regressed, "message": self.message()}
 
 
-Regression = Figure                 # a Figure that regressed, as the wall-clock gate returns them
-
-
 @dataclass(frozen=True)
 class Gate:
     """A regression gate's baseline file and judgement. ``schema``: the keys a baseline must have, each
@@ -101,27 +98,26 @@ class Gate:
             raise self.error(f"{path} is not {self.what} (format {found!r}, expected {self.format!r})")
         if self.version is not None and raw.get("version") != self.version:
             raise self.error(f"{path}: baseline version {raw.get('version')!r}, this nezha reads {self.version}")
-        self._check(raw, self.schema, str(path), "")
+        todo = [(raw, self.schema, "")]
+        while todo:                                 # (document, its schema, its key path)
+            doc, schema, trail = todo.pop()
+            for key, kind in schema.items():
+                want, where = dict if isinstance(kind, dict) else kind, f"{path}: {trail}" if trail else str(path)
+                if key not in doc:
+                    raise self.error(f"{where}: missing key {key!r}")
+                if not isinstance(doc[key], want):
+                    raise self.error(f"{where}: {key!r} must be {getattr(want, '__name__', want)}, "
+                                     f"got {type(doc[key]).__name__}")
+                if isinstance(kind, dict):
+                    todo.append((doc[key], kind, f"{trail}.{key}" if trail else key))
         return raw
-
-    def _check(self, doc: dict, schema: dict, path: str, trail: str) -> None:
-        where = f"{path}: {trail}" if trail else path
-        for key, kind in schema.items():
-            want = dict if isinstance(kind, dict) else kind
-            if key not in doc:
-                raise self.error(f"{where}: missing key {key!r}")
-            if not isinstance(doc[key], want):
-                raise self.error(f"{where}: {key!r} must be {getattr(want, '__name__', want)}, "
-                                 f"got {type(doc[key]).__name__}")
-            if isinstance(kind, dict):
-                self._check(doc[key], kind, path, f"{trail}.{key}" if trail else key)
 
     def judge(self, now: dict[str, float], base: dict[str, tuple[float, bool, float]]) -> list[Figure]:
         """Every baseline figure {name: (value, higher_is_better, tolerance)} against this run's value
         (``now``; a missing one regresses). Figures new in this run are not judged (nothing to judge by)."""
-        for name, (_, _, tolerance) in base.items():
-            if tolerance < 0:
-                raise self.error(f"tolerances must be >= 0, got {tolerance} for {name}")
+        bad = [f"{tol} for {name}" for name, (_, _, tol) in base.items() if tol < 0]
+        if bad:
+            raise self.error(f"tolerances must be >= 0, got {bad[0]}")
         return [Figure(name, now.get(name), value, hib, tol, self.unit) for name, (value, hib, tol) in base.items()]
 
 

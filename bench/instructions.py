@@ -91,23 +91,30 @@ def notes(result: dict, base: dict) -> list[str]:
     return out
 
 
-CONTENDERS = (("floor", "floor (encode + backbone)"), ("runtime", "runtime (full NEZHA decode)"),
-              ("runtime_own", "runtime own (runtime - floor)"))
+CONTENDERS = {"floor": "floor (encode + backbone)", "runtime": "runtime (full NEZHA decode)",
+              "runtime_own": "runtime own (runtime - floor)"}
+STAGE_NAMES = {"head": "head (draft-head graph runs)", "verify": "verify (expand: candidate scores + verifier mask)",
+               "select": "select (top-k + gathers)", "loop": "loop (the rest: Python glue, beam reindexing)"}
 
 
-def _m(x: float | None) -> str:
-    return "-" if x is None else f"{x / 1e6:.4f}M"
+def _m(x: float | None, sign: str = "") -> str:
+    return "-" if x is None else f"{x / 1e6:{sign}.4f}M"
 
 
-def _pct(now: float, base: float | None) -> str:
-    if base is None or base == 0:
-        return "-"
-    return f"{now / base - 1:+.2%}"
+def _table(head: str, rows: list[list[str]]) -> list[str]:
+    """A Markdown table: a header line ("a | b | c"; columns after the first right-aligned) and its rows."""
+    cols = head.count("|") + 1
+    return ["", f"| {head} |", "|---|" + "---:|" * (cols - 1)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _vs(now: float, base: float | None) -> list[str]:
+    """[now, baseline, change] cells."""
+    return [_m(now), _m(base), "-" if not base else f"{now / base - 1:+.2%}"]
 
 
 def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
     """Markdown: instructions per request per contender (and vs the baseline), the verdict, then what
-    moved: per library group and the functions that moved most, per contender."""
+    moved: per library group, per stage of the runtime, and the functions that moved most, per contender."""
     w, env, m = result["workload"], result["environment"], result["machine"]
     base = baseline["result"] if baseline else None
     lines = ["# NEZHA instruction counts (callgrind)", "",
@@ -120,10 +127,9 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
              "deterministic to the instruction; each phase counts only its requests"]
     if result.get("inject"):
         lines.append(f"- **test-only slowdown injected**: NEZHA_BENCH_INJECT={result['inject']}")
-    lines += ["", "| contender | instructions / request | baseline | change |", "|---|---:|---:|---:|"]
-    for key, name in CONTENDERS:
-        b = base["per_request"][key] if base else None
-        lines.append(f"| {name} | {_m(result['per_request'][key])} | {_m(b)} | {_pct(result['per_request'][key], b)} |")
+    lines += _table("contender | instructions / request | baseline | change",
+                    [[name, *_vs(result["per_request"][key], base["per_request"][key] if base else None)]
+                     for key, name in CONTENDERS.items()])
     gate = result.get("gate")
     if gate:
         lines += ["", "**Gate: " + ("passed" if gate["passed"] else "FAILED") + "** (own tolerance "
@@ -131,72 +137,40 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
                   f"{gate['baseline_created']})", ""]
         lines += [("- REGRESSED " if f["regressed"] else "- ok ") + f["message"] for f in gate["figures"]]
         lines += [f"- note: {n}" for n in gate["notes"]]
-    lines += _group_lines(result, base)
-    if result.get("stages"):
-        names = {"head": "head (draft-head graph runs)", "verify": "verify (expand: candidate scores + verifier mask)",
-                 "select": "select (top-k + gathers)", "loop": "loop (the rest: Python glue, beam reindexing)"}
-        bst = (base or {}).get("stages") or {}
-        lines += ["", "## What moved: the runtime's own instructions per request by stage", "",
-                  "| stage | now | baseline | change |", "|---|---:|---:|---:|"]
-        for st, v in result["stages"].items():
-            b = bst.get(st)
-            lines.append(f"| {names.get(st, st)} | {_m(v)} | {_m(b)} | {_pct(v, b)} |")
-    lines += _function_lines(result, base, top)
-    return "\n".join(lines) + "\n"
-
-
-def _group_lines(result: dict, base: dict | None) -> list[str]:
-    """Instructions per request per library group (and the change from the baseline), per contender."""
-    lines = ["", "## What moved: instructions per request by library", "",
-              "| contender | " + " | ".join(GROUPS) + " |", "|---|" + "---:|" * len(GROUPS)]
-    for key, name in CONTENDERS:
-        now = result["groups"][key]
-        cells = []
-        for g in GROUPS:
-            cell = _m(now.get(g, 0.0))
-            if base:
-                cell += f" ({_delta(now.get(g, 0.0) - base['groups'][key].get(g, 0.0))})"
-            cells.append(cell)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## What moved: instructions per request by library"]
+    lines += _table("contender | " + " | ".join(GROUPS), [
+        [name] + [_m(result["groups"][key].get(g, 0.0)) + (f" ({_m(result['groups'][key].get(g, 0.0) - base['groups'][key].get(g, 0.0), '+')})" if base else "")
+                  for g in GROUPS] for key, name in CONTENDERS.items()])
     lines += ["", "By the object callgrind names: onnxruntime (its kernels; the PyPI library is stripped, so they "
               "show as \"(unnamed)\"), numpy (with its OpenBLAS), python (the interpreter and its extension "
               "modules), system (libc's malloc/memcpy, libm, libstdc++)." +
               (" In brackets: the change from the baseline." if base else "")]
-    return lines
-
-
-def _function_lines(result: dict, base: dict | None, top: int) -> list[str]:
-    """Per contender, the functions that moved most against the baseline (or the top ones without one)."""
-    lines: list[str] = []
-    for key, name in CONTENDERS:
+    if result.get("stages"):
+        was = (base or {}).get("stages") or {}
+        lines += ["", "## What moved: the runtime's own instructions per request by stage"]
+        lines += _table("stage | now | baseline | change",
+                        [[STAGE_NAMES.get(st, st), *_vs(v, was.get(st))] for st, v in result["stages"].items()])
+    for key, name in CONTENDERS.items():
         now = result["functions"][key]
-        if base:
-            was = base["functions"][key]
-            # a function kept on one side only may lie just below the other side's cut: not a move
-            cut_now, cut_was = _cut(now), _cut(was)
-            known = [k for k in set(now) | set(was) if (k in now and k in was) or
-                     (k in now and abs(now[k]) > 2 * cut_was) or (k in was and abs(was[k]) > 2 * cut_now)]
-            moved = sorted(known, key=lambda k: -abs(now.get(k, 0.0) - was.get(k, 0.0)))[:top]
-            lines += ["", f"### {name}: functions that moved most (instructions per request)", "",
-                      "| function | now | baseline | change |", "|---|---:|---:|---:|"]
-            for k in moved:
-                lines.append(f"| `{_short(k)}` | {_m(now.get(k))} | {_m(was.get(k))} | "
-                             f"{_delta(now.get(k, 0.0) - was.get(k, 0.0))} |")
-        else:
-            lines += ["", f"### {name}: top functions (instructions per request)", "",
-                      "| function | instructions / request |", "|---|---:|"]
-            for k in list(now)[:top]:
-                lines.append(f"| `{_short(k)}` | {_m(now[k])} |")
-    return lines
+        if not base:
+            lines += ["", f"### {name}: top functions (instructions per request)"]
+            lines += _table("function | instructions / request", [[f"`{_short(k)}`", _m(now[k])] for k in list(now)[:top]])
+            continue
+        was = base["functions"][key]
+        # a function kept on one side only may lie just below the other side's cut: not a move
+        cut_now, cut_was = _cut(now), _cut(was)
+        known = [k for k in set(now) | set(was) if (k in now and k in was) or
+                 (k in now and abs(now[k]) > 2 * cut_was) or (k in was and abs(was[k]) > 2 * cut_now)]
+        moved = sorted(known, key=lambda k: -abs(now.get(k, 0.0) - was.get(k, 0.0)))[:top]
+        lines += ["", f"### {name}: functions that moved most (instructions per request)"]
+        lines += _table("function | now | baseline | change", [[f"`{_short(k)}`", _m(now.get(k)), _m(was.get(k)),
+                                                                _m(now.get(k, 0.0) - was.get(k, 0.0), "+")] for k in moved])
+    return "\n".join(lines) + "\n"
 
 
 def _cut(functions: dict) -> float:
     """The smallest |instructions per request| a result kept (0 if it kept every function)."""
     return min((abs(v) for v in functions.values()), default=0.0) if len(functions) >= TOP_FUNCTIONS else 0.0
-
-
-def _delta(x: float) -> str:
-    return f"{x / 1e6:+.4f}M"
 
 
 def _short(label: str, width: int = 90) -> str:

@@ -14,10 +14,40 @@ import argparse
 import sys
 from pathlib import Path
 
-from .gpu_check import layout_and_catalog, random_model
-
+import numpy as np
 
 SHAPE = {"hidden_size": 768, "num_layers": 12, "num_heads": 12, "num_kv_heads": 4, "intermediate_size": 3072}
+
+
+def layout_and_catalog(kind: str, data: Path, vocab: int, seed: int = 0):
+    """("3x512" | "beauty") -> (SidLayout with code tokens after ``vocab`` tokens, Catalog of the Beauty items)."""
+    from nezha.runtime.catalog import Catalog
+    from nezha.runtime.data import find_pair
+    from nezha.runtime.layout import SidLayout
+
+    beauty = Catalog.from_index_json(find_pair(data)[0])
+    if kind == "beauty":
+        catalog, codes = beauty, tuple(int(c) for c in beauty.item_codes.max(0) + 1)
+    elif kind == "3x512":
+        codes, rng = (512, 512, 512), np.random.default_rng(seed)
+        catalog = Catalog(beauty.item_ids, np.stack([rng.integers(0, c, len(beauty.item_ids)) for c in codes], 1))
+    else:
+        raise ValueError(f"layout {kind!r}; allowed: 3x512, beauty")
+    offsets = tuple(vocab + sum(codes[:i]) for i in range(len(codes)))
+    return SidLayout(codes, offsets, placeholder_start=offsets[-1] + codes[-1], pad_token_id=0), catalog
+
+
+def random_model(layout, shape: dict, seed: int = 0):
+    """A random-weight NEZHA model (float32, eval) of the given backbone shape (``head_dim`` may differ from
+    hidden_size / num_heads: Qwen3-0.6B has 16 heads x 128 in a hidden size of 1024)."""
+    import torch
+    from nezha.model.checkpoint import make_config
+    from nezha.model.nezha import NezhaModel
+
+    config = make_config(layout, "qwen3", **{k: shape[k] for k in SHAPE})
+    config.head_dim = shape["head_dim"]
+    torch.manual_seed(seed)
+    return NezhaModel(config).float().eval()
 
 
 def random_checkpoint(out: Path, hidden_size: int = 768, num_layers: int = 12, num_heads: int = 12,

@@ -63,10 +63,6 @@ def ratio_specs(names: Sequence[str]) -> list[stats.RatioSpec]:
     return specs
 
 
-def config_key(batch_size: int, beam: int) -> str:
-    return f"batch={batch_size} beam={beam}"
-
-
 def measure(contenders: Sequence[Contender], histories: Sequence[Sequence[int]], batch_size: int, beam: int,
             requests: int, warmup: int, progress=None) -> dict:
     """One configuration: ``warmup`` + ``requests`` requests, each run by every contender (rotating order).
@@ -134,17 +130,14 @@ def benchmark(contenders: Sequence[Contender], histories: Sequence[Sequence[int]
     if len(set(names)) != len(names):
         raise BenchError(f"contender names must be unique, got {names}")
     rss_start = stats.current_rss_bytes()
-    configs = []
+    def tick(b, k):
+        def say(i, n):
+            if sys.stderr.isatty() or i == n:
+                print(f"\r  batch {b} beam {k}: request {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
+        return say if progress else None
+
     t0 = time.perf_counter()
-    for b in batch_sizes:
-        for k in beams:
-            tick = None
-            if progress:
-                def tick(i, n, b=b, k=k):
-                    if sys.stderr.isatty() or i == n:
-                        print(f"\r  batch {b} beam {k}: request {i}/{n}", end="" if i < n else "\n",
-                              file=sys.stderr, flush=True)
-            configs.append(measure(contenders, histories, b, k, requests, warmup, tick))
+    configs = [measure(contenders, histories, b, k, requests, warmup, tick(b, k)) for b in batch_sizes for k in beams]
     return {"format": RESULT_FORMAT, "version": RESULT_VERSION,
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": stats.machine(),
             "setup": {**(description or {}), "batch_sizes": list(batch_sizes), "beams": list(beams),
@@ -159,5 +152,5 @@ def benchmark(contenders: Sequence[Contender], histories: Sequence[Sequence[int]
 
 def flat_ratios(result: dict) -> dict[str, dict]:
     """{"batch=B beam=K: A / B": {"value", "higher_is_better"}} over every configuration of a result."""
-    return {f"{config_key(c['batch_size'], c['beam'])}: {name}": r
+    return {f"batch={c['batch_size']} beam={c['beam']}: {name}": r
             for c in result["configs"] for name, r in c["ratios"].items()}

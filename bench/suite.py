@@ -7,23 +7,11 @@ from pathlib import Path
 from typing import Sequence
 
 from . import gate, report
-from .contenders import (
-    Contender,
-    ar_contender,
-    ar_model_from,
-    hf_generate_contender,
-    reference_contenders,
-    runtime_contenders,
-)
+from .contenders import Contender, ar_contender, ar_model_from, hf_generate_contender, reference_contenders
+from .contenders import runtime_contenders
 from .run import BenchError, benchmark, load_histories
 
 QUICK = {"batch_sizes": (1,), "beams": (20,), "requests": 100, "warmup": 10, "histories": 500}
-
-
-def checkpoint_of(manifest) -> Path | None:
-    """The checkpoint an artifact was built from (the manifest's ``source.checkpoint``), if it still exists."""
-    p = manifest.source["checkpoint"]
-    return Path(p) if p and (Path(p) / "config.json").is_file() else None
 
 
 def runtime_engines(manifest, backends: Sequence[str] | None, precisions: Sequence[str] | None) -> list[tuple[str, str]]:
@@ -38,39 +26,39 @@ def runtime_engines(manifest, backends: Sequence[str] | None, precisions: Sequen
             except ImportError:
                 pass
     have = list(manifest.precisions)
-    if precisions is not None:
-        missing = [p for p in precisions if p not in have]
-        if missing:
-            raise BenchError(f"precision(s) {missing} not in the artifact; it has {have}")
-        have = list(precisions)
-    return [(b, p) for b in backends for p in have]
+    missing = [p for p in precisions or () if p not in have]
+    if missing:
+        raise BenchError(f"precision(s) {missing} not in the artifact; it has {have}")
+    return [(b, p) for b in backends for p in precisions or have]
 
 
 def build_contenders(artifact=None, checkpoint=None, ar_checkpoint=None, data=None, backends=None, precisions=None,
                      device: str = "cpu", reference: bool = True, ar: bool = True, hf_generate: bool = False,
-                     max_history: int | None = None, catalog=None, threads: int | None = None
+                     max_history: int | None = None, catalog=None, threads: int | None = None, engines=None
                      ) -> tuple[list[Contender], dict]:
-    """The contenders and a description of where each came from. ``catalog`` (else the artifact's, else the
-    dataset's index when it fits the checkpoint's layout, else the checkpoint's ava_sid) feeds the torch side.
-    ``threads``: intra-op threads of ONNX Runtime and torch (None: each library's default)."""
+    """The contenders and a description of where each came from. ``engines``: the (backend, precision) pairs
+    of the runtime (default: runtime_engines). ``catalog`` (else the artifact's, else the dataset's index when
+    it fits the checkpoint's layout, else the checkpoint's ava_sid) feeds the torch side. ``checkpoint``
+    defaults to the one the artifact's manifest records, if it still exists. ``threads``: intra-op threads of
+    ONNX Runtime and torch (None: each library's default)."""
     contenders: list[Contender] = []
     desc: dict = {"artifact": str(artifact) if artifact else None, "device": device, "threads": threads}
     if artifact is not None:
         from nezha.runtime.artifact import Artifact
+        from nezha.runtime.catalog import Catalog
 
         opened = Artifact.open(artifact)
         manifest = opened.manifest
         desc.update(layout=manifest.layout.to_json(), limits=manifest.limits.to_json())
         max_history = max_history or manifest.limits.max_history
-        for backend, precision in runtime_engines(manifest, backends, precisions):
+        for backend, precision in engines or runtime_engines(manifest, backends, precisions):
             contenders += runtime_contenders(artifact, backend, precision, device, threads)
         if catalog is None:
-            from nezha.runtime.catalog import Catalog
-            tables = opened.tables()
-            catalog = Catalog(tables["item_ids"], tables["item_codes"])
-        checkpoint = checkpoint or checkpoint_of(manifest)
-    max_history = max_history or 20
-    desc["max_history"] = max_history
+            catalog = Catalog(opened.tables()["item_ids"], opened.tables()["item_codes"])
+        recorded = manifest.source["checkpoint"]
+        if checkpoint is None and recorded and (Path(recorded) / "config.json").is_file():
+            checkpoint = Path(recorded)
+    desc["max_history"] = max_history = max_history or 20
     if (reference or ar or hf_generate) and checkpoint is None:
         if artifact is None:
             raise BenchError("nothing to benchmark: give an artifact and/or a checkpoint")
@@ -83,20 +71,17 @@ def build_contenders(artifact=None, checkpoint=None, ar_checkpoint=None, data=No
         if threads is not None:
             torch.set_num_threads(threads)
         model = load_checkpoint(checkpoint)
-        desc["checkpoint"] = str(checkpoint)
-        desc["backbone"] = backbone_description(model)
-        if catalog is None:
-            catalog = catalog_for(model.layout, data, checkpoint, load_catalog)
+        desc["checkpoint"], desc["backbone"] = str(checkpoint), backbone_description(model)
+        catalog = catalog if catalog is not None else catalog_for(model.layout, data, checkpoint, load_catalog)
         if reference:
             contenders += reference_contenders(model, catalog, device, max_history)
         if ar or hf_generate:
             if ar_checkpoint is not None:
-                ar_model, note = load_checkpoint(ar_checkpoint), f"AR checkpoint {ar_checkpoint}"
+                ar_model, desc["ar"] = load_checkpoint(ar_checkpoint), f"AR checkpoint {ar_checkpoint}"
             else:
-                ar_model, note = ar_model_from(model), "same backbone weights, random LM head (latency only)"
-            desc["ar"] = note
+                ar_model, desc["ar"] = ar_model_from(model), "same backbone weights, random LM head (latency only)"
             if ar:
-                contenders.append(ar_contender(ar_model, catalog, device, max_history, note))
+                contenders.append(ar_contender(ar_model, catalog, device, max_history, desc["ar"]))
             if hf_generate:
                 contenders.append(hf_generate_contender(ar_model, catalog, device, max_history))
     return contenders, desc
@@ -133,11 +118,12 @@ def run_bench(artifact=None, checkpoint=None, ar_checkpoint=None, data=None, his
               ar: bool = True, hf_generate: bool = False, quick: bool = False, out: str | Path | None = None,
               baseline: str | Path | None = None, tolerance: float = 0.10, save_baseline: str | Path | None = None,
               catalog=None, max_history: int | None = None, threads: int | None = None, title: str | None = None,
-              progress: bool = False) -> tuple[dict, list[gate.Regression]]:
+              progress: bool = False, engines=None) -> tuple[dict, list[gate.Figure]]:
     """Run the benchmark; write ``out``/bench.json, bench.md, bench.png if ``out``; compare with ``baseline``.
 
     Histories: ``histories`` if given, else the leave-one-out test histories of ``data`` (default Beauty).
-    ``quick`` overrides the grid with QUICK (one small configuration, for CI). Returns (result, regressions)."""
+    ``quick`` overrides the grid with QUICK (one small configuration, for CI). Returns (result, the ratios
+    that regressed)."""
     if quick:
         batch_sizes, beams = QUICK["batch_sizes"], QUICK["beams"]
         requests, warmup, history_limit = QUICK["requests"], QUICK["warmup"], QUICK["histories"]
@@ -146,7 +132,7 @@ def run_bench(artifact=None, checkpoint=None, ar_checkpoint=None, data=None, his
         data = DEFAULT_DATA
     contenders, desc = build_contenders(artifact, checkpoint, ar_checkpoint, data if histories is None else None,
                                         backends, precisions, device, reference, ar, hf_generate, max_history,
-                                        catalog, threads)
+                                        catalog, threads, engines)
     if histories is None:
         histories = load_histories(data, "test", history_limit)
         desc["histories"] = f"{data} leave-one-out test users (shuffled, first {len(histories)})"
@@ -156,7 +142,7 @@ def run_bench(artifact=None, checkpoint=None, ar_checkpoint=None, data=None, his
         for c in contenders:
             c.close()
     result["setup"]["title"] = title or ("quick" if quick else "full")
-    regressions: list[gate.Regression] = []
+    regressions = []
     if baseline is not None:
         regressions = gate.compare(result, gate.load_baseline(baseline), tolerance)
         result["gate"] = {"baseline": str(baseline), "tolerance": tolerance,

@@ -478,3 +478,17 @@ def test_the_binding_checks_arguments_as_python_does(cpp_build, artifact):
         assert "0..2^63-1" in str(got.value)
     with cpp(artifact, dense_budget_bytes=2**63 - 1) as cc:       # the largest budget: dense everywhere
         assert cc.verifier_kinds == ["dense"] * 3
+
+
+def test_the_public_header_holds_only_the_embedders_calls(cpp_build):
+    """nezha_c.h: what an embedder calls; the test and benchmark hooks are in nezha_testing.h (unstable).
+    Every function of both headers is exported by the library under its C name."""
+    import ctypes
+    import re
+    code = {h: re.sub(r"/\*.*?\*/", "", (CPP / "include" / "nezha" / h).read_text(), flags=re.S)
+            for h in ("nezha_c.h", "nezha_testing.h")}
+    declared = {h: set(re.findall(r"\b(nezha_[a-z_]+)\(", text)) for h, text in code.items()}
+    hooks = {"nezha_check_artifact", "nezha_backbone", "nezha_set_stage_timing", "nezha_stage_seconds", "nezha_rebinds"}
+    assert declared["nezha_testing.h"] == hooks and not declared["nezha_c.h"] & hooks
+    lib = ctypes.CDLL(str(cpp_build / "libnezha_runtime.so"))
+    assert [f for f in sorted(declared["nezha_c.h"] | hooks) if not hasattr(lib, f)] == []

@@ -1,4 +1,5 @@
 #include "nezha/nezha_c.h"
+#include "nezha/nezha_testing.h"
 
 #include <cstring>
 #include <new>

@@ -36,10 +36,6 @@ nezha_recommender* nezha_load(const char* artifact_dir, const char* precision, i
                               int64_t dense_budget_bytes, const char* onnxruntime_library);
 void nezha_free(nezha_recommender* r);
 
-/* The checks nezha_load makes before ONNX Runtime (manifest, folder, sha256 if `verify`, contract.json,
- * tables): 0 if the artifact passes, else -1 and nezha_last_error(). Loads no ONNX Runtime. */
-int nezha_check_artifact(const char* artifact_dir, int verify);
-
 /* History b is items[offsets[b] .. offsets[b+1]); writes out_items/out_scores [count, k] and
  * out_lengths [count]. beam 0: the default max(k, 20) capped at max_beam. unknown_skip: 0 = error. */
 int nezha_recommend(nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count, int k, int beam,
@@ -68,22 +64,10 @@ int nezha_decode_batch(nezha_recommender* r, const int64_t* codes, const int64_t
 int64_t nezha_item_count(const nezha_recommender* r);
 int nezha_codebook_size(const nezha_recommender* r, int level);
 
-/* The latency floor: encode + one backbone run, results discarded. */
-int nezha_backbone(nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count, int unknown_skip);
-
 /* levels, max_history, max_batch, max_beam (any pointer may be NULL). */
 int nezha_info(const nezha_recommender* r, int* levels, int* max_history, int* max_batch, int* max_beam);
 const char* nezha_precision(const nezha_recommender* r);
 const char* nezha_verifier_kind(const nezha_recommender* r, int level);   /* "dense" or "hash" */
-
-/* Stage timing of the calling thread (off by default). nezha_stage_seconds writes up to `capacity`
- * (name, seconds) pairs, names separated by '\n' into `names` (of `names_size` bytes), resets the
- * counters and returns how many stages there are (-1 on error). */
-int nezha_set_stage_timing(nezha_recommender* r, int enabled);
-int nezha_stage_seconds(nezha_recommender* r, double* seconds, int capacity, char* names, size_t names_size);
-
-/* ONNX Runtime rebinds of the calling thread's bindings so far (-1 on error). */
-int64_t nezha_rebinds(nezha_recommender* r);
 
 #ifdef __cplusplus
 }
