@@ -75,9 +75,9 @@ def runtime_contenders(artifact: str | Path, backend: str, precision: str, devic
 
 def cpp_contenders(artifact: str | Path, precision: str, threads: int | None = None) -> list[Contender]:
     """The floor (encode + backbone) and NEZHA through the C++ runtime (runtime/cpp), stages timed inside it."""
-    from nezha.runtime.backends.cpp import CppRecommender
+    from nezha.runtime import Recommender
 
-    rec = CppRecommender.load(artifact, precision=precision, threads=threads)
+    rec = Recommender.load(artifact, backend="cpp", precision=precision, threads=threads)
     engine, limits = f"cpp-{precision}-cpu", {"max_batch": rec.max_batch, "max_beam": rec.max_beam}
 
     def floor(histories, beam):

@@ -27,7 +27,7 @@ from nezha.runtime.manifest import (
     TableEntry,
     largest_tensor,
 )
-from nezha.runtime.recommender import Recommender
+from nezha.runtime.contract import Recommender
 
 from .engines import TensorRTUnavailable, engine_sources, engines_from_sources, gpu_for_engines, typical_dims
 from .graphs import graph_specs, model_limits, onnx_from_model

@@ -2,6 +2,6 @@
 lazily), never torch. Import it as ``nezha.runtime`` after ``pip install -e .``: the folder name is not the
 import name."""
 
-from .recommender import Recommender, RequestError
+from .contract import Recommender, RequestError
 
 __all__ = ["Recommender", "RequestError"]

@@ -57,7 +57,7 @@ def add_parser(sub) -> argparse.ArgumentParser:
 
 
 def run(a) -> int:
-    from .recommender import Recommender
+    from .contract import Recommender
     with Recommender.load(a.artifact, backend=a.backend, device=a.device, precision=a.precision) as rec:
         results = rec.recommend(a.history, k=a.k, beam=a.beam, unknown=a.unknown)
     if a.json:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import time
 from contextlib import contextmanager
-from typing import Any, Callable, Protocol
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -189,14 +189,16 @@ def beam_search(steps: DecodeSteps, feed: dict[str, np.ndarray], layout: SidLayo
 
 
 def items_from_sids(sid_keys: np.ndarray, scores: np.ndarray, table: tuple[np.ndarray, np.ndarray, np.ndarray],
-                    k: int) -> list[list[tuple[int, float]]]:
-    """Map decoded SIDs to items: per user up to k (item id, score), best first; items sharing a SID
-    share its score, ascending by id. SIDs that are no real item (verifier off) are skipped."""
+                    k: int | Sequence[int]) -> list[list[tuple[int, float]]]:
+    """Map decoded SIDs to items: per user up to k (one k for all, or one per user) (item id, score), best
+    first; items sharing a SID share its score, ascending by id. SIDs that are no real item (verifier off)
+    are skipped."""
     sid_table_keys, offsets, items = table
     at = np.searchsorted(sid_table_keys, sid_keys)                          # [B, K], one call for all
     real = sid_table_keys[np.minimum(at, len(sid_table_keys) - 1)] == sid_keys
     out = []
-    for user_at, user_real, user_scores in zip(at.tolist(), real.tolist(), scores.tolist()):
+    ks = [k] * len(sid_keys) if isinstance(k, (int, np.integer)) else k
+    for user_at, user_real, user_scores, k in zip(at.tolist(), real.tolist(), scores.tolist(), ks):
         recs: list[tuple[int, float]] = []
         for s, ok, score in zip(user_at, user_real, user_scores):
             if not math.isfinite(score) or len(recs) >= k:                  # -inf: no valid SID from here on

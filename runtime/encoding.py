@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import numpy as np
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import NezhaError, clipped
 
 from .catalog import Catalog
 from .layout import SidLayout
@@ -42,7 +42,7 @@ def integer_array(values, where: str, what: str = "item ids") -> np.ndarray:
         raise EncodingError(f"{where} must be a list of integer {what}, got {type(values).__name__}")
     for x in values:
         if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
-            raise EncodingError(f"{where} holds {x!r} ({type(x).__name__}); {what} are integers "
+            raise EncodingError(f"{where} holds {clipped(x)} ({type(x).__name__}); {what} are integers "
                                 "(not bools, floats, strings or nested lists)")
     try:
         return np.array(values, dtype=np.int64)
@@ -50,23 +50,71 @@ def integer_array(values, where: str, what: str = "item ids") -> np.ndarray:
         raise EncodingError(f"{where}: {what} must fit int64") from None
 
 
+def check_unknown(unknown) -> bool:
+    """The unknown-item policy, a str of UNKNOWN_POLICIES -> True for "skip"."""
+    if not isinstance(unknown, str) or unknown not in UNKNOWN_POLICIES:
+        raise EncodingError(f"unknown-item policy {clipped(unknown)}; allowed: {', '.join(UNKNOWN_POLICIES)}")
+    return unknown == "skip"
+
+
+def flat_histories(histories) -> tuple[np.ndarray, np.ndarray]:
+    """Item-id histories, checked (check_batch, integer_array) -> (items [N] int64, offsets [B+1] int64):
+    history b is items[offsets[b]:offsets[b+1]]."""
+    check_batch(histories)
+    arrays = None
+    if isinstance(histories, list) and all(type(h) is list and all(type(x) is int for x in h) for h in histories):
+        try:                                                       # the common case: no per-item checks
+            items = np.array([x for h in histories for x in h], dtype=np.int64)
+            arrays = histories
+        except OverflowError:                                      # the checks below name the history
+            pass
+    if arrays is None:
+        arrays = [integer_array(h, f"history {b}") for b, h in enumerate(histories)]
+        items = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
+    offsets = np.cumsum([0] + [len(h) for h in arrays], dtype=np.int64)
+    return items.astype(np.int64, copy=False).reshape(-1), offsets
+
+
+def codes_from_catalog(items: np.ndarray, offsets: np.ndarray, catalog: Catalog, skip: bool) -> list[np.ndarray]:
+    """Flat histories (flat_histories) -> per history its known items' codes [n, L] int64; an unknown item
+    raises EncodingError naming its history unless ``skip`` (then it is dropped)."""
+    codes, known = catalog.codes_of(items)
+    if not known.all():
+        if not skip:
+            b = int(np.searchsorted(offsets, np.flatnonzero(~known)[0], side="right")) - 1
+            unknown = ~known[offsets[b]:offsets[b + 1]]
+            missing = items[offsets[b]:offsets[b + 1]][unknown][:5].tolist()
+            raise EncodingError(f"history {b} has item ids not in the catalog: {missing}"
+                                f"{' ...' if unknown.sum() > 5 else ''} (pass unknown='skip' to drop them)")
+        offsets = np.concatenate([[0], np.cumsum(known)])[offsets]
+        codes = codes[known]
+    return np.split(codes, offsets[1:-1])
+
+
 def history_codes(histories: Sequence[Sequence[int]], catalog: Catalog, unknown: str = "error") -> list[np.ndarray]:
     """Item-id histories -> per history an [n, L] int64 code array (unknown items dropped under 'skip')."""
-    if not isinstance(unknown, str) or unknown not in UNKNOWN_POLICIES:
-        raise EncodingError(f"unknown-item policy {unknown!r}; allowed: {', '.join(UNKNOWN_POLICIES)}")
-    check_batch(histories)
-    out = []
-    for b, history in enumerate(histories):
-        items = integer_array(history, f"history {b}")
-        codes, known = catalog.codes_of(items)
-        if not known.all():
-            if unknown == "error":
-                missing = items[~known][:5].tolist()
-                raise EncodingError(f"history {b} has item ids not in the catalog: {missing}"
-                                    f"{' ...' if (~known).sum() > 5 else ''} (pass unknown='skip' to drop them)")
-            codes = codes[known]
-        out.append(codes)
-    return out
+    skip = check_unknown(unknown)
+    return codes_from_catalog(*flat_histories(histories), catalog, skip)
+
+
+def empty_history(b: int) -> EncodingError:
+    return EncodingError(f"history {b} is empty (after dropping unknown items): NEZHA needs at least one item")
+
+
+def check_not_empty(histories: Sequence[np.ndarray]) -> None:
+    """Every code history [n, L] holds an item (after unknown items were dropped)."""
+    for b, codes in enumerate(histories):
+        if len(codes) == 0:
+            raise empty_history(b)
+
+
+def check_code_range(codes: np.ndarray, b: int, codebook_sizes: Sequence[int]) -> None:
+    """History b's codes [n, L] each within 0..codebook_sizes[level]-1."""
+    outside = (codes < 0) | (codes >= np.asarray(codebook_sizes))
+    if outside.any():
+        i, level = np.argwhere(outside)[0]
+        raise EncodingError(f"history {b} item {i}: code {codes[i, level]} at level {level} is outside "
+                            f"0..{codebook_sizes[level] - 1}")
 
 
 def code_array(codes, b: int, levels: int) -> np.ndarray:
@@ -100,12 +148,8 @@ def encode_codes(histories: Sequence[np.ndarray], layout: SidLayout, max_history
     for b, codes in enumerate(histories):
         codes = code_array(codes, b, layout.levels)
         if len(codes) == 0:
-            raise EncodingError(f"history {b} is empty (after dropping unknown items): NEZHA needs at least one item")
-        outside = (codes < 0) | (codes >= np.asarray(layout.codes))
-        if outside.any():
-            i, level = np.argwhere(outside)[0]
-            raise EncodingError(f"history {b} item {i}: code {codes[i, level]} at level {level} is outside "
-                                f"0..{layout.codes[level] - 1}")
+            raise empty_history(b)
+        check_code_range(codes, b, layout.codes)
         codes = codes[-max_history:]
         rows.append(np.concatenate([layout.code_tokens(codes).reshape(-1), layout.placeholder_tokens()]))
     longest = max(len(r) for r in rows)

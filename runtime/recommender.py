@@ -1,10 +1,10 @@
-"""The Recommender: what services embed. Loads an artifact folder, answers "next items for these
-histories". NumPy plus one inference library, imported lazily; never torch."""
+"""The Python graph backend of the Recommender contract (runtime/contract.py): onnxruntime or tensorrt runs
+the graphs, the decode loop (runtime/decode.py) runs in NumPy. NumPy plus one inference library, imported
+lazily; never torch."""
 
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -12,49 +12,32 @@ import numpy as np
 from .artifact import Artifact
 from .backends.base import GraphSteps, parse_device
 from .catalog import Catalog
+from .contract import Recommender
 from .decode import backbone_by_length, beam_search, items_from_sids, stage
-from .encoding import check_batch, encode_codes, history_codes, integer_array
-from .errors import NezhaError, OptionError, clipped
+from .encoding import codes_from_catalog, encode_codes, history_codes
+from .errors import NezhaError, OptionError
 from .manifest import PRECISIONS, ManifestError, graph_names
 from .verifier import Verifier
 
-BACKENDS = ("onnxruntime", "tensorrt")
-MAX_THREADS = 256               # intra-op threads per session; far beyond any machine's useful count
 
-
-class RequestError(NezhaError, ValueError):
-    """A request outside what the artifact allows (k, beam, types); the message says what is allowed."""
-
-
-def check_load_options(precision, threads, dense_budget_bytes) -> None:
-    """The load options every runtime (Python or C++) takes, checked before the artifact is opened."""
-    if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
-        raise OptionError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {clipped(threads)}")
-    if precision is not None and precision not in PRECISIONS:
-        raise OptionError(f"precision {precision!r}; allowed: {', '.join(PRECISIONS)} (or None: fp32 first if built)")
-    if type(dense_budget_bytes) is not int or not 0 <= dense_budget_bytes < 2**63:    # int64 in the C ABI: never wrapped
-        raise OptionError(f"dense_budget_bytes must be an integer in 0..2^63-1, got {clipped(dense_budget_bytes)}")
-
-
-class Recommender:
-    """``Recommender.load(artifact_dir)`` then ``recommend(histories, k=10, beam=20)``.
-
-    Policies: histories keep their most recent ``max_history`` items; unknown item ids raise unless
-    ``unknown='skip'``; an empty history raises; a batch larger than the artifact's ``max_batch`` is
-    split; fewer valid items than k gives fewer results, never an invalid one. Thread-safe: each
-    thread gets its own bound buffers (ONNX Runtime) or execution contexts (TensorRT), sized once for
-    the largest request and kept until ``close()``: serve from a fixed pool of threads, and do not call
-    ``close()`` while requests are running.
+class GraphRecommender(Recommender):
+    """The contract over the artifact's graphs: ONNX Runtime (CPU or CUDA) or TensorRT engines. Each thread
+    gets its own bound buffers (ONNX Runtime) or execution contexts (TensorRT), sized once for the
+    largest request. Keeps, outside the contract, the lower-level steps that bench and validation time:
+    ``encode``, ``backbone``, ``decode``, ``decode_codes``; and the artifact's ``catalog``, ``sid_table``,
+    ``layout`` and ``verifier``.
     """
 
     def __init__(self, artifact: Artifact, backend: str, precision: str, make_steps, shared=None,
                  dense_budget_bytes: int = 64 << 20):
         self.artifact, self.manifest = artifact, artifact.manifest
-        self.backend, self.precision = backend, precision
+        self.backend, self.precision, self.root = backend, precision, artifact.root
         self.layout, limits = self.manifest.layout, self.manifest.limits
+        self.levels, self.codebook_sizes = self.layout.levels, tuple(self.layout.codes)
         self.max_history, self.max_batch, self.max_beam = limits.max_history, limits.max_batch, limits.max_beam
         tables = artifact.tables()
         self.catalog = Catalog(tables["item_ids"], tables["item_codes"])
+        self.item_count = len(self.catalog.item_ids)
         self.sid_table = (tables["sid_keys"], tables["sid_offsets"], tables["sid_items"])
         self.verifier = Verifier(self.layout, [tables[f"valid_prefixes_{i}"] for i in range(self.layout.levels)],
                                  dense_budget_bytes)
@@ -64,19 +47,7 @@ class Recommender:
         self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, backend: str = "onnxruntime", device: str | None = None,
-             precision: str | None = None, threads: int | None = None, verify: bool = True,
-             dense_budget_bytes: int = 64 << 20) -> "Recommender":
-        """Open an artifact. ``device``: cpu, cuda or cuda:N (default: cpu for onnxruntime, cuda for
-        tensorrt). ``precision`` defaults to the first built of fp32, fp16, int8, int8-cpu; ``threads``
-        sets ONNX Runtime's intra-op threads per session (default: its own choice); ``verify`` checks
-        every file's sha256 against the manifest (``False`` only for trusted hot reloads)."""
-        if backend == "cpp":                   # the C++ runtime (runtime/cpp): same API, its own loop and loader
-            from .backends.cpp import CppRecommender
-            return CppRecommender.load(artifact_dir, precision, threads, verify, dense_budget_bytes, device)
-        if backend not in BACKENDS:
-            raise OptionError(f"backend {backend!r}; allowed: {', '.join(BACKENDS)}")
-        check_load_options(precision, threads, dense_budget_bytes)
+    def _open(cls, artifact_dir, backend, device, precision, threads, verify, dense_budget_bytes) -> "GraphRecommender":
         artifact = Artifact.open(artifact_dir, verify=verify)
         manifest = artifact.manifest
         names = graph_names(manifest.layout.levels)
@@ -144,29 +115,6 @@ class Recommender:
         overwrites (copy it to keep it)."""
         return backbone_by_length(self.steps, feed)
 
-    def beam_for(self, k, beam) -> int:
-        """Check k and beam (plain integers, never bools) before any work and return the beam to use:
-        ``beam`` defaults to max(k, 20) capped at max_beam. RequestError names what is allowed."""
-        integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-        if beam is not None:
-            self._check_beam(beam)
-        if not integral(k) or not 1 <= k <= (self.max_beam if beam is None else beam):
-            raise RequestError(f"k must be an integer in 1..beam ({self.max_beam if beam is None else beam}), got {clipped(k)}")
-        beam = min(max(int(k), 20), self.max_beam) if beam is None else beam
-        self._check_beam(beam)
-        if k > beam:
-            raise RequestError(f"k must be an integer in 1..beam ({beam}), got {clipped(k)}")
-        return int(beam)
-
-    def _check_beam(self, beam) -> None:
-        if isinstance(beam, (bool, np.bool_)) or not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
-            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {clipped(beam)}")
-
-    @staticmethod
-    def _check_count(n: int) -> None:
-        if n == 0:
-            raise RequestError("no histories given: pass a list of item-id lists")
-
     def decode_codes(self, code_histories: Sequence[np.ndarray], beam: int,
                      stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """[n_b, L] code histories -> (sid_keys [B, K] uint64, scores [B, K] float32), best first.
@@ -191,35 +139,12 @@ class Recommender:
             codes = history_codes(histories, self.catalog, unknown)
         return self.decode_codes(codes, beam, stages)
 
-    def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int | None = None,
-                  unknown: str = "error") -> list[list[tuple[int, float]]]:
-        """Per history up to k (item id, summed log-prob) pairs, best first. ``beam`` defaults to
-        max(k, 20) capped at the artifact's max_beam."""
-        beam = self.beam_for(k, beam)
-        check_batch(histories)
-        self._check_count(len(histories))
-        keys, scores = self.decode(histories, beam, unknown=unknown)
-        return items_from_sids(keys, scores, self.sid_table, k)
+    def _item_codes(self, items: np.ndarray, offsets: np.ndarray, skip: bool) -> list[np.ndarray]:
+        return codes_from_catalog(items, offsets, self.catalog, skip)
 
-    def recommend_codes(self, code_histories: Sequence[Sequence[Sequence[int]]], k: int = 10,
-                        beam: int | None = None) -> list[list[tuple[int, float]]]:
-        """SID-level variant: histories of code tuples (each of L codes) instead of item ids."""
-        beam = self.beam_for(k, beam)
-        check_batch(code_histories)
-        self._check_count(len(code_histories))
-        arrays = []
-        for b, h in enumerate(code_histories):
-            check_batch(h, f"history {b}")
-            rows = [integer_array(item, f"history {b} item {i}", "codes") for i, item in enumerate(h)]
-            if any(len(r) != self.layout.levels for r in rows):
-                raise RequestError(f"history {b}: each item needs {self.layout.levels} codes, got "
-                                   f"{clipped([len(r) for r in rows])}")
-            a = np.stack(rows) if rows else np.zeros((0, self.layout.levels), np.int64)
-            if np.any(a < 0) or np.any(a >= np.asarray(self.layout.codes)):
-                raise RequestError(f"history {b}: codes must lie in 0..codes-1 per level {list(self.layout.codes)}")
-            arrays.append(a)
-        keys, scores = self.decode_codes(arrays, beam)
-        return items_from_sids(keys, scores, self.sid_table, k)
+    def _decode_batch(self, codes, beam, ks, stages):
+        keys, scores = self.decode_codes(codes, beam, stages)
+        return items_from_sids(keys, scores, self.sid_table, ks)
 
     def close(self) -> None:
         with self._lock:
@@ -228,8 +153,3 @@ class Recommender:
             self._all_steps.clear()
         self._local = threading.local()
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -91,8 +91,7 @@ def artifact(tmp_path_factory) -> Path:
 
 
 def cpp(artifact, precision="fp32", **kw):
-    from nezha.runtime.backends.cpp import CppRecommender
-    return CppRecommender.load(artifact, precision=precision, threads=1, **kw)
+    return Recommender.load(artifact, backend="cpp", precision=precision, threads=1, **kw)
 
 
 def assert_same(expected, got, tolerance=1e-5, label=""):
@@ -284,8 +283,8 @@ def test_cli_prints_what_nezha_recommend_prints(cpp_build, artifact):
 
 
 def test_binding_loads_neither_torch_nor_the_onnxruntime_module(cpp_build, artifact):
-    code = ("import sys; from nezha.runtime.backends.cpp import CppRecommender; "
-            f"r = CppRecommender.load({str(artifact)!r}, threads=1); r.recommend([[{int(tiny_catalog().item_ids[0])}]], k=2); "
+    code = ("import sys; from nezha.runtime import Recommender; "
+            f"r = Recommender.load({str(artifact)!r}, backend='cpp', threads=1); r.recommend([[{int(tiny_catalog().item_ids[0])}]], k=2); "
             "print(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ})
     assert done.returncode == 0, done.stderr
@@ -358,7 +357,6 @@ def test_all_beauty_users_get_the_python_items(cpp_build, demo_artifact, precisi
 def test_decode_codes_is_the_python_loop_bit_for_bit(cpp_build, artifact):
     """The step below items (the server's call): the same SID keys and scores as Recommender.decode_codes,
     batches split at max_batch included; codes outside a codebook refused with the same message."""
-    from nezha.runtime.backends.cpp import CppRuntimeError
     from nezha.runtime.encoding import EncodingError, history_codes
     histories = tiny_histories(tiny_catalog(), n=2 * MAX_BATCH + 2, seed=11)
     with cpp(artifact) as cc, Recommender.load(artifact) as py:
@@ -367,16 +365,15 @@ def test_decode_codes_is_the_python_loop_bit_for_bit(cpp_build, artifact):
             keys, scores = cc.decode_codes(codes, beam)
             want_keys, want_scores = py.decode_codes(codes, beam)
             assert keys.shape == want_keys.shape and (keys == want_keys).all() and np.array_equal(scores, want_scores)
-        assert (cc.sid_table[0] == py.sid_table[0]).all() and cc.layout == py.layout
+        assert cc.codebook_sizes == py.codebook_sizes == tuple(py.layout.codes) and cc.item_count == py.item_count
         bad = [codes[0].copy()]
         bad[0][-1, 1] = py.layout.codes[1]
         message = f"history 0 item {len(bad[0]) - 1}: code {py.layout.codes[1]} at level 1 is outside 0..{py.layout.codes[1] - 1}"
-        with pytest.raises(CppRuntimeError, match=message):
-            cc.decode_codes(bad, 4)
-        with pytest.raises(EncodingError, match=message):
-            py.decode_codes(bad, 4)
-        with pytest.raises(CppRuntimeError, match="history 1 is empty"):
-            cc.decode_codes([codes[0], codes[0][:0]], 4)
+        for r in (cc, py):                                           # the C ABI's kind: the Python class
+            with pytest.raises(EncodingError, match=message):
+                r.decode_codes(bad, 4)
+            with pytest.raises(EncodingError, match="history 1 is empty"):
+                r.decode_codes([codes[0], codes[0][:0]], 4)
         for r in (cc, py):
             with pytest.raises(NezhaError, match=r"code history 0 must be an integer array \[items, "):
                 r.decode_codes([codes[0][:, :2]], 4)
@@ -388,6 +385,8 @@ def test_decode_codes_is_the_python_loop_bit_for_bit(cpp_build, artifact):
             cpp(str(artifact) + "\0/elsewhere")
 
 
+@pytest.mark.skip(reason="issue 22: serve/ moves onto the Recommender contract (helper servepath); the cpp "
+                  "backend no longer offers catalog/sid_table/layout")
 def test_the_server_runs_the_cpp_loop(cpp_build, artifact):
     """nezha serve --backend cpp: the same routes and the library's answers, concurrent requests batched,
     decode threads on all cores but one (the whole C++ loop runs without the GIL; a tiny model's decode
@@ -415,19 +414,6 @@ def test_the_server_runs_the_cpp_loop(cpp_build, artifact):
         assert r.status_code == 400 and "not in the catalog" in r.json()["error"]
     finally:
         s.stop()
-
-
-def test_the_python_tables_of_the_cpp_binding_are_checked_too(cpp_build, artifact, tmp_path):
-    """The binding reads catalog and SID tables in Python (for the server): each is hashed again, so a table
-    changed after the C++ load is refused rather than mapped against the C++ runtime's own copy."""
-    copy = tmp_path / "art"
-    shutil.copytree(artifact, copy)
-    with cpp(copy) as cc:
-        with open(copy / "tables" / "sid_items.npy", "r+b") as f:
-            f.seek(-1, 2)
-            f.write(b"\x7f")
-        with pytest.raises(NezhaError, match="sid_items.npy: sha256 mismatch"):
-            cc.sid_table
 
 
 # --- one conformance corpus, both readers ---------------------------------------------------------------

@@ -171,7 +171,7 @@ def test_code_level_variant_equals_item_level(artifact):
     with Recommender.load(artifact) as rec:
         codes = [[catalog.codes_of(np.array([i]))[0][0].tolist() for i in h] for h in histories]
         assert rec.recommend_codes(codes, k=5, beam=10) == rec.recommend(histories, k=5, beam=10)
-        with pytest.raises(RequestError, match="codes must lie in"):
+        with pytest.raises(EncodingError, match=r"history 0 item 0: code 99 at level 0 is outside 0\.\.7"):
             rec.recommend_codes([[[99, 0, 0]]], k=1, beam=2)
         for bad, message in (([[[1.7, 0, 0]]], "codes are integers"), ([[["1", 0, 0]]], "codes are integers"),
                              ([[[True, 0, 0]]], "codes are integers"), ([[[1, 0]]], "needs 3 codes"),

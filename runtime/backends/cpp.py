@@ -1,8 +1,9 @@
 """The C++ runtime (runtime/cpp) from Python, through its C ABI and ctypes.
 
-``CppRecommender.load(artifact)`` then ``recommend(histories, k, beam)``: the same answers and policies
-as ``Recommender`` (the C++ loop reproduces runtime/decode.py), without the Python loop's fixed cost per
-level. ctypes rather than pybind11/nanobind: the shared library then carries one plain C ABI that any
+``Recommender.load(artifact, backend="cpp")`` gives a ``CppRecommender``: the Recommender contract
+(runtime/contract.py) with the same answers and the same checks as the Python backend (the C++ loop
+reproduces runtime/decode.py), without the Python loop's fixed cost per level. The C++ runtime owns the
+artifact: catalog lookup, decode and SID -> item mapping run there; Python never re-opens the tables. ctypes rather than pybind11/nanobind: the shared library then carries one plain C ABI that any
 language can call, and it does not depend on the Python version or on Python headers at build time; a
 request crosses the boundary once (flat int64 arrays in, caller-owned result arrays out), so ctypes'
 microseconds per call are small against a decode. ctypes releases the GIL during the call, so Python
@@ -18,23 +19,24 @@ import ctypes
 import glob
 import importlib.util
 import os
-import threading
 import weakref
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
-from nezha.runtime.encoding import UNKNOWN_POLICIES, EncodingError, check_batch, code_array, integer_array
-from nezha.runtime.errors import NezhaError, OptionError
-from nezha.runtime.recommender import RequestError
+from nezha.runtime.contract import Recommender, RequestError
+from nezha.runtime.encoding import EncodingError, check_unknown, code_array, flat_histories
+from nezha.runtime.errors import GraphRunError, NezhaError, OptionError
 
 _LIBRARY_NAME = "libnezha_runtime.so"
 _DEFAULT_BUILD = Path(__file__).resolve().parents[1] / "cpp" / "build"
 
 
 class CppRuntimeError(NezhaError, ValueError):
-    """An error reported by the C++ runtime (bad artifact, request or option); the message says why."""
+    """An artifact the C++ loader refuses; the message says why. (Request, history and option errors raise
+    the Python runtime's classes: RequestError, EncodingError, OptionError.)"""
 
 
 class CppUnavailable(NezhaError, RuntimeError):
@@ -75,6 +77,12 @@ def _load_library():
     i64p = f32p = i32p = ctypes.c_void_p          # array addresses, passed as ints (ndarray.ctypes is slow)
     sig = {
         "nezha_last_error": (ctypes.c_char_p, []),
+        "nezha_last_error_kind": (ctypes.c_int, []),
+        "nezha_item_codes": (ctypes.c_int, [ctypes.c_void_p, i64p, i64p, ctypes.c_size_t, ctypes.c_int, i64p, i64p]),
+        "nezha_decode_batch": (ctypes.c_int, [ctypes.c_void_p, i64p, i64p, ctypes.c_size_t, ctypes.c_int, i32p, i64p, f32p,
+                                              i32p]),
+        "nezha_item_count": (ctypes.c_int64, [ctypes.c_void_p]),
+        "nezha_codebook_size": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
         "nezha_load": (ctypes.c_void_p, [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_int, ctypes.c_int, ctypes.c_int64,
                                          ctypes.c_char_p]),
         "nezha_free": (None, [ctypes.c_void_p]),
@@ -99,21 +107,27 @@ def _load_library():
     return lib
 
 
-def _ptr(a: np.ndarray, ctype=None) -> int:
+def _ptr(a: np.ndarray) -> int:
     return a.__array_interface__["data"][0]
 
 
-def _last_error(lib) -> str:
-    """This thread's C error message: bytes from an artifact (a UTF-16 manifest, a file name) need not be
-    UTF-8, so undecodable bytes are replaced rather than raising UnicodeDecodeError."""
-    return lib.nezha_last_error().decode("utf-8", errors="replace")
+def _flat_codes(code_histories: Sequence, levels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Code histories -> (codes [N, L] int64 C-contiguous, offsets [B+1] int64) for the C ABI."""
+    rows = [code_array(c, b, levels) for b, c in enumerate(code_histories)]
+    codes = np.ascontiguousarray(np.concatenate(rows), dtype=np.int64)
+    return codes, np.cumsum([0] + [len(c) for c in rows], dtype=np.int64)
 
 
-def _unknown_skip(unknown) -> int:
-    """The unknown-item policy checked as the Python runtime checks it (a str of UNKNOWN_POLICIES)."""
-    if not isinstance(unknown, str) or unknown not in UNKNOWN_POLICIES:
-        raise EncodingError(f"unknown-item policy {unknown!r}; allowed: {', '.join(UNKNOWN_POLICIES)}")
-    return int(unknown == "skip")
+# nezha_error_kind (nezha_c.h) -> the class the Python backend raises for the same mistake; an internal
+# error (out of memory, a bug) is no user error.
+_ERROR_CLASSES = {1: RequestError, 2: EncodingError, 3: OptionError, 4: CppRuntimeError, 5: GraphRunError, 6: RuntimeError}
+
+
+def _error(lib, kind: int | None = None) -> Exception:
+    """This thread's C error as the Python runtime's class for its kind. Bytes from an artifact (a UTF-16
+    manifest, a file name) need not be UTF-8: undecodable bytes are replaced, never a UnicodeDecodeError."""
+    kind = lib.nezha_last_error_kind() if kind is None else kind
+    return _ERROR_CLASSES.get(kind, RuntimeError)(lib.nezha_last_error().decode("utf-8", errors="replace"))
 
 
 def _folder_argument(artifact_dir) -> bytes:
@@ -128,182 +142,109 @@ def check_artifact(artifact_dir: str | Path, verify: bool = True) -> None:
     """The C++ loader's checks of an artifact without ONNX Runtime (manifest, folder, sha256, contract,
     tables): what ``Artifact.open(artifact_dir, verify).tables()`` checks in Python. CppRuntimeError if refused."""
     lib = _load_library()
-    if lib.nezha_check_artifact(_folder_argument(artifact_dir), int(bool(verify))) != 0:
-        raise CppRuntimeError(_last_error(lib))
+    rc = lib.nezha_check_artifact(_folder_argument(artifact_dir), int(bool(verify)))
+    if rc != 0:
+        raise _error(lib, rc)
 
 
-def _flat_histories(histories) -> tuple[np.ndarray, np.ndarray]:
-    """Histories -> (items [N] int64, offsets [B+1] int64), checked as the Python runtime checks them."""
-    check_batch(histories)
-    if isinstance(histories, list) and all(type(h) is list and all(type(x) is int for x in h) for h in histories):
-        arrays = histories                                         # the common case: skip the per-item checks
-    else:
-        arrays = [integer_array(h, f"history {b}") for b, h in enumerate(histories)]
-    offsets = np.cumsum([0] + [len(h) for h in arrays], dtype=np.int64)
-    try:
-        items = np.array([x for h in arrays for x in h], dtype=np.int64) if offsets[-1] else np.zeros(0, np.int64)
-    except OverflowError:
-        raise EncodingError("item ids must fit int64") from None
-    return items, offsets
+class CppRecommender(Recommender):
+    """The Recommender contract on the C++ runtime (CPU, ONNX Runtime): ``Recommender.load(artifact,
+    backend="cpp")``. Thread-safe. Keeps, outside the contract, ``decode_codes`` (SID keys and scores) and
+    ``backbone`` (the latency floor) for bench and validation, and ``rebinds``."""
 
+    backend = default_backend = "cpp"
 
-class CppRecommender:
-    """``CppRecommender.load(artifact_dir)`` then ``recommend(histories, k=10, beam=20)``: the C++ runtime
-    with the Python ``Recommender``'s API and policies (CPU, ONNX Runtime). Thread-safe."""
-
-    backend = "cpp"
-
-    def __init__(self, handle: int, artifact_dir: Path, verify: bool = True):
-        self._lib, self._handle, self.root, self._verify = _load_library(), handle, artifact_dir, verify
+    def __init__(self, handle: int, artifact_dir: Path):
+        self._lib, self._handle, self.root = _load_library(), handle, Path(artifact_dir)
         info = [ctypes.c_int() for _ in range(4)]
         self._lib.nezha_info(handle, *[ctypes.byref(i) for i in info])
         self.levels, self.max_history, self.max_batch, self.max_beam = (i.value for i in info)
+        self.codebook_sizes = tuple(self._lib.nezha_codebook_size(handle, i) for i in range(self.levels))
+        self.item_count = int(self._lib.nezha_item_count(handle))
         self.precision = self._lib.nezha_precision(handle).decode()
         self.verifier_kinds = [self._lib.nezha_verifier_kind(handle, i).decode() for i in range(self.levels)]
         self._free = weakref.finalize(self, self._lib.nezha_free, handle)      # freed once: close() or collection
-        self._tables = None
-        self._tables_lock = threading.Lock()
-
-    def _python_tables(self):
-        """The artifact's layout, catalog and SID table read by the Python loader, for callers that work on
-        codes and SID keys (the server's parsing and decode_codes): loaded on first use, the sha256 of each
-        table read checked (the C++ loader has checked the rest; the graphs are not hashed twice)."""
-        with self._tables_lock:
-            if self._tables is None:
-                from nezha.runtime.artifact import Artifact, sha256
-                from nezha.runtime.catalog import Catalog
-                from nezha.runtime.strict import ManifestError
-                artifact = Artifact.open(self.root, verify=False)
-                t = {}
-                for name in ("item_ids", "item_codes", "sid_keys", "sid_offsets", "sid_items"):
-                    rel = artifact.manifest.tables[name].file
-                    if self._verify and sha256(artifact.path(rel)) != artifact.manifest.files[rel]:
-                        raise ManifestError(f"artifact {artifact.root} failed verification: {rel}: sha256 mismatch "
-                                            "(file modified or corrupt)")
-                    t[name] = artifact.table(name)
-                self._tables = (artifact.manifest.layout, Catalog(t["item_ids"], t["item_codes"]),
-                                (t["sid_keys"], t["sid_offsets"], t["sid_items"]))
-            return self._tables
-
-    @property
-    def layout(self):
-        return self._python_tables()[0]
-
-    @property
-    def catalog(self):
-        return self._python_tables()[1]
-
-    @property
-    def sid_table(self):
-        return self._python_tables()[2]
 
     @classmethod
-    def load(cls, artifact_dir: str | Path, precision: str | None = None, threads: int | None = None,
-             verify: bool = True, dense_budget_bytes: int = 64 << 20, device: str | None = None,
-             onnxruntime_library: str | None = None) -> "CppRecommender":
-        """Open an artifact (see ``Recommender.load``; CPU only). ``onnxruntime_library`` defaults to the
-        installed onnxruntime wheel's library."""
+    def _open(cls, artifact_dir, backend, device, precision, threads, verify, dense_budget_bytes) -> "CppRecommender":
+        """CPU only; ONNX Runtime's library: $NEZHA_ONNXRUNTIME_LIBRARY, else the installed wheel's."""
         if device not in (None, "cpu"):
             raise OptionError(f"device {device!r}; the C++ runtime runs on cpu only")
-        from nezha.runtime.recommender import check_load_options
-        check_load_options(precision, threads, dense_budget_bytes)
         folder = _folder_argument(artifact_dir)
         lib = _load_library()
-        ort = onnxruntime_library or os.environ.get("NEZHA_ONNXRUNTIME_LIBRARY") or wheel_onnxruntime_library()
+        ort = os.environ.get("NEZHA_ONNXRUNTIME_LIBRARY") or wheel_onnxruntime_library()
         handle = lib.nezha_load(folder, (precision or "").encode(), int(threads or 0), int(bool(verify)),
                                 dense_budget_bytes, os.fsencode(ort or ""))
         if not handle:
-            raise CppRuntimeError(_last_error(lib))
-        return cls(handle, Path(artifact_dir), verify)
+            raise _error(lib)
+        return cls(handle, Path(artifact_dir))
 
     def _check(self, rc: int) -> None:
         if rc != 0:
-            raise CppRuntimeError(_last_error(self._lib))
+            raise _error(self._lib, rc)
 
-    def beam_for(self, k, beam) -> int:
-        """k and beam checked as Recommender checks them (plain integers, never bools); beam defaults to
-        max(k, 20) capped at max_beam."""
-        integral = lambda v: isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
-        if beam is not None:
-            self._check_beam(beam)
-        if not integral(k) or not 1 <= k <= (self.max_beam if beam is None else beam):
-            raise RequestError(f"k must be an integer in 1..beam ({self.max_beam if beam is None else beam}), got {k!r}")
-        beam = min(max(int(k), 20), self.max_beam) if beam is None else beam
-        self._check_beam(beam)
-        return int(beam)
-
-    def _check_beam(self, beam) -> None:
-        if isinstance(beam, (bool, np.bool_)) or not isinstance(beam, (int, np.integer)) or not 1 <= beam <= self.max_beam:
-            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {beam!r}")
-
-    def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int | None = None,
-                  unknown: str = "error", stages: dict | None = None) -> list[list[tuple[int, float]]]:
-        """Per history up to k (item id, summed log-prob) pairs, best first (as ``Recommender.recommend``).
-        ``stages`` (if given) accumulates this thread's seconds per stage of the C++ loop."""
-        beam = self.beam_for(k, beam)
-        skip = _unknown_skip(unknown)
-        items, offsets = _flat_histories(histories)
+    def _item_codes(self, items: np.ndarray, offsets: np.ndarray, skip: bool) -> list[np.ndarray]:
         n = len(offsets) - 1
-        out_items = np.empty((max(n, 1), k), np.int64)
-        out_scores = np.empty((max(n, 1), k), np.float32)
-        lengths = np.zeros(max(n, 1), np.int32)
-        if stages is not None:
-            self._lib.nezha_set_stage_timing(self._handle, 1)
-        try:
-            self._check(self._lib.nezha_recommend(self._handle, _ptr(items, ctypes.c_int64), _ptr(offsets, ctypes.c_int64), n,
-                                                  int(k), int(beam), skip, _ptr(out_items, ctypes.c_int64),
-                                                  _ptr(out_scores, ctypes.c_float), _ptr(lengths, ctypes.c_int32)))
-        finally:
-            if stages is not None:
-                self._collect_stages(stages)
-        return [list(zip(out_items[b, :lengths[b]].tolist(), out_scores[b, :lengths[b]].astype(np.float64).tolist()))
-                for b in range(n)]
+        codes = np.empty((len(items), self.levels), np.int64)
+        code_offsets = np.empty(n + 1, np.int64)
+        self._check(self._lib.nezha_item_codes(self._handle, _ptr(items), _ptr(offsets), n, int(skip), _ptr(codes),
+                                               _ptr(code_offsets)))
+        return np.split(codes[:code_offsets[-1]], code_offsets[1:-1])
+
+    def _decode_batch(self, codes, beam, ks, stages):
+        flat, offsets = _flat_codes(codes, self.levels)
+        n = len(ks)
+        starts = np.cumsum([0] + ks)
+        out_items = np.empty(starts[-1], np.int64)
+        out_scores = np.empty(starts[-1], np.float32)
+        lengths = np.zeros(n, np.int32)
+        ks_array = np.array(ks, np.int32)
+        with self._timed(stages):
+            self._check(self._lib.nezha_decode_batch(self._handle, _ptr(flat), _ptr(offsets), n, beam, _ptr(ks_array),
+                                                     _ptr(out_items), _ptr(out_scores), _ptr(lengths)))
+        items, scores = out_items.tolist(), out_scores.tolist()
+        return [list(zip(items[s:s + m], scores[s:s + m])) for s, m in zip(starts.tolist(), lengths.tolist())]
 
     def decode_codes(self, code_histories: Sequence[np.ndarray], beam: int,
                      stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
         """[n_b, L] code histories -> (sid_keys [B, K] uint64, scores [B, K] float32), best first: the
-        C++ loop from codes (as ``Recommender.decode_codes``; codes outside a codebook are refused)."""
+        C++ loop from codes (as ``GraphRecommender.decode_codes``; codes outside a codebook are refused)."""
         self._check_beam(beam)
-        if len(code_histories) == 0:
-            raise RequestError("no histories given: pass a list of item-id lists")
-        rows = [code_array(c, b, self.levels) for b, c in enumerate(code_histories)]
-        codes = np.ascontiguousarray(np.concatenate(rows), dtype=np.int64)
-        offsets = np.cumsum([0] + [len(c) for c in rows], dtype=np.int64)
-        n = len(rows)
+        self._check_count(len(code_histories))
+        codes, offsets = _flat_codes(code_histories, self.levels)
+        n = len(code_histories)
         keys = np.empty((n, int(beam)), np.uint64)
         scores = np.empty((n, int(beam)), np.float32)
         width = ctypes.c_int64(0)
-        if stages is not None:
-            self._lib.nezha_set_stage_timing(self._handle, 1)
-        try:
+        with self._timed(stages):
             self._check(self._lib.nezha_decode_codes(self._handle, _ptr(codes), _ptr(offsets), n, int(beam), _ptr(keys),
                                                      _ptr(scores), ctypes.byref(width)))
-        finally:
-            if stages is not None:
-                self._collect_stages(stages)
         return keys[:, :width.value], scores[:, :width.value]
 
     def backbone(self, histories: Sequence[Sequence[int]], unknown: str = "error", stages: dict | None = None) -> None:
         """The latency floor through the C++ runtime: encode + one backbone run (results discarded)."""
-        skip = _unknown_skip(unknown)
-        items, offsets = _flat_histories(histories)
-        if stages is not None:
-            self._lib.nezha_set_stage_timing(self._handle, 1)
-        try:
-            self._check(self._lib.nezha_backbone(self._handle, _ptr(items, ctypes.c_int64), _ptr(offsets, ctypes.c_int64),
-                                                 len(offsets) - 1, skip))
-        finally:
-            if stages is not None:
-                self._collect_stages(stages)
+        skip = check_unknown(unknown)
+        items, offsets = flat_histories(histories)
+        with self._timed(stages):
+            self._check(self._lib.nezha_backbone(self._handle, _ptr(items), _ptr(offsets), len(offsets) - 1, int(skip)))
 
-    def _collect_stages(self, stages: dict) -> None:
-        seconds = (ctypes.c_double * 64)()
-        names = ctypes.create_string_buffer(4096)
-        count = self._lib.nezha_stage_seconds(self._handle, seconds, 64, names, len(names))
-        self._lib.nezha_set_stage_timing(self._handle, 0)
-        for name, s in zip(names.value.decode("utf-8", errors="replace").split("\n"), seconds[:max(count, 0)]):
-            if s > 0:
-                stages[name] = stages.get(name, 0.0) + s
+    @contextmanager
+    def _timed(self, stages: dict | None):
+        """Adds this thread's seconds per stage of the C++ loop to ``stages`` (if a dict) over the body."""
+        if stages is None:
+            yield
+            return
+        self._lib.nezha_set_stage_timing(self._handle, 1)
+        try:
+            yield
+        finally:
+            seconds = (ctypes.c_double * 64)()
+            names = ctypes.create_string_buffer(4096)
+            count = self._lib.nezha_stage_seconds(self._handle, seconds, 64, names, len(names))
+            self._lib.nezha_set_stage_timing(self._handle, 0)
+            for name, s in zip(names.value.decode("utf-8", errors="replace").split("\n"), seconds[:max(count, 0)]):
+                if s > 0:
+                    stages[name] = stages.get(name, 0.0) + s
 
     @property
     def rebinds(self) -> int:
@@ -314,9 +255,3 @@ class CppRecommender:
         """Free the C++ recommender (sessions, every thread's buffers); do not call it while requests run."""
         self._free()
         self._handle = None
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -14,29 +14,45 @@ struct nezha_recommender {
 namespace {
 
 thread_local std::string g_error;
+thread_local int g_kind = NEZHA_OK;
 
-// Runs `f`, turning every exception into -1 and this thread's error message: nothing crosses the C ABI.
+int fail(int kind, std::string message) {
+  g_kind = kind;
+  g_error = std::move(message);
+  return kind;
+}
+
+// Runs `f`, turning every exception into its nezha_error_kind and this thread's error message: nothing
+// crosses the C ABI.
 template <typename F>
 int guarded(F&& f) {
   try {
     g_error.clear();
+    g_kind = NEZHA_OK;
     f();
-    return 0;
+    return NEZHA_OK;
+  } catch (const nezha::RequestError& e) {
+    return fail(NEZHA_ERROR_REQUEST, e.what());
+  } catch (const nezha::HistoryError& e) {
+    return fail(NEZHA_ERROR_HISTORY, e.what());
+  } catch (const nezha::OptionError& e) {
+    return fail(NEZHA_ERROR_OPTION, e.what());
+  } catch (const nezha::RunError& e) {
+    return fail(NEZHA_ERROR_RUN, e.what());
   } catch (const nezha::Error& e) {
-    g_error = e.what();
+    return fail(NEZHA_ERROR_ARTIFACT, e.what());
   } catch (const std::bad_alloc&) {
-    g_error = "out of memory";
+    return fail(NEZHA_ERROR_INTERNAL, "out of memory");
   } catch (const std::exception& e) {
-    g_error = std::string("internal error: ") + e.what();
+    return fail(NEZHA_ERROR_INTERNAL, std::string("internal error: ") + e.what());
   } catch (...) {
-    g_error = "internal error: unknown exception";
+    return fail(NEZHA_ERROR_INTERNAL, "internal error: unknown exception");
   }
-  return -1;
 }
 
 bool check_handle(const void* r) {
   if (r) return true;
-  g_error = "null recommender handle";
+  fail(NEZHA_ERROR_REQUEST, "null recommender handle");
   return false;
 }
 
@@ -46,12 +62,14 @@ extern "C" {
 
 const char* nezha_last_error(void) { return g_error.c_str(); }
 
+int nezha_last_error_kind(void) { return g_kind; }
+
 nezha_recommender* nezha_load(const char* artifact_dir, const char* precision, int intra_op_threads, int verify,
                               int64_t dense_budget_bytes, const char* onnxruntime_library) {
   nezha_recommender* out = nullptr;
   guarded([&] {
-    if (!artifact_dir) throw nezha::Error("artifact_dir is NULL");
-    if (dense_budget_bytes < 0) throw nezha::Error("dense_budget_bytes must be >= 0");
+    if (!artifact_dir) throw nezha::OptionError("artifact_dir is NULL");
+    if (dense_budget_bytes < 0) throw nezha::OptionError("dense_budget_bytes must be >= 0");
     nezha::Options o;
     o.precision = precision ? precision : "";
     o.intra_op_threads = intra_op_threads;
@@ -68,17 +86,17 @@ void nezha_free(nezha_recommender* r) { delete r; }
 
 int nezha_check_artifact(const char* artifact_dir, int verify) {
   return guarded([&] {
-    if (!artifact_dir) throw nezha::Error("artifact_dir is NULL");
+    if (!artifact_dir) throw nezha::OptionError("artifact_dir is NULL");
     nezha::check_artifact(artifact_dir, verify != 0);
   });
 }
 
 int nezha_recommend(nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count, int k, int beam,
                     int unknown_skip, int64_t* out_items, float* out_scores, int32_t* out_lengths) {
-  if (!check_handle(r)) return -1;
+  if (!check_handle(r)) return NEZHA_ERROR_REQUEST;
   return guarded([&] {
     if (!offsets || !out_items || !out_scores || !out_lengths || (!items && count && offsets[count] > 0))
-      throw nezha::Error("nezha_recommend: NULL array");
+      throw nezha::RequestError("nezha_recommend: NULL array");
     r->rec->recommend_into(nezha::HistoryBatch{items, offsets, count}, k, beam,
                            unknown_skip ? nezha::Unknown::skip : nezha::Unknown::error,
                            nezha::ResultArrays{out_items, out_scores, out_lengths});
@@ -87,23 +105,47 @@ int nezha_recommend(nezha_recommender* r, const int64_t* items, const int64_t* o
 
 int nezha_decode_codes(nezha_recommender* r, const int64_t* codes, const int64_t* offsets, size_t count, int beam,
                        uint64_t* out_keys, float* out_scores, int64_t* out_width) {
-  if (!check_handle(r)) return -1;
+  if (!check_handle(r)) return NEZHA_ERROR_REQUEST;
   return guarded([&] {
-    if (!offsets || !codes || !out_keys || !out_scores || !out_width) throw nezha::Error("nezha_decode_codes: NULL array");
+    if (!offsets || !codes || !out_keys || !out_scores || !out_width) throw nezha::RequestError("nezha_decode_codes: NULL array");
     *out_width = r->rec->decode_codes_into(nezha::CodeBatch{codes, offsets, count}, beam, nezha::SidArrays{out_keys, out_scores});
   });
 }
 
-int nezha_backbone(nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count, int unknown_skip) {
-  if (!check_handle(r)) return -1;
+int nezha_item_codes(const nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count,
+                     int unknown_skip, int64_t* out_codes, int64_t* out_code_offsets) {
+  if (!check_handle(r)) return NEZHA_ERROR_REQUEST;
   return guarded([&] {
-    if (!offsets) throw nezha::Error("nezha_backbone: NULL offsets");
+    if (!offsets || !out_code_offsets || ((!items || !out_codes) && count && offsets[count] > 0))
+      throw nezha::RequestError("nezha_item_codes: NULL array");
+    r->rec->item_codes_into(nezha::HistoryBatch{items, offsets, count}, unknown_skip ? nezha::Unknown::skip : nezha::Unknown::error,
+                            out_codes, out_code_offsets);
+  });
+}
+
+int nezha_decode_batch(nezha_recommender* r, const int64_t* codes, const int64_t* offsets, size_t count, int beam,
+                       const int32_t* ks, int64_t* out_items, float* out_scores, int32_t* out_lengths) {
+  if (!check_handle(r)) return NEZHA_ERROR_REQUEST;
+  return guarded([&] {
+    if (!offsets || !codes || !ks || !out_items || !out_scores || !out_lengths) throw nezha::RequestError("nezha_decode_batch: NULL array");
+    r->rec->decode_batch_into(nezha::CodeBatch{codes, offsets, count}, beam, ks, nezha::ResultArrays{out_items, out_scores, out_lengths});
+  });
+}
+
+int64_t nezha_item_count(const nezha_recommender* r) { return r ? r->rec->item_count() : 0; }
+
+int nezha_codebook_size(const nezha_recommender* r, int level) { return r ? r->rec->codebook_size(level) : 0; }
+
+int nezha_backbone(nezha_recommender* r, const int64_t* items, const int64_t* offsets, size_t count, int unknown_skip) {
+  if (!check_handle(r)) return NEZHA_ERROR_REQUEST;
+  return guarded([&] {
+    if (!offsets) throw nezha::RequestError("nezha_backbone: NULL offsets");
     r->rec->backbone_only(nezha::HistoryBatch{items, offsets, count}, unknown_skip ? nezha::Unknown::skip : nezha::Unknown::error);
   });
 }
 
 int nezha_info(const nezha_recommender* r, int* levels, int* max_history, int* max_batch, int* max_beam) {
-  if (!check_handle(r)) return -1;
+  if (!check_handle(r)) return NEZHA_ERROR_REQUEST;
   if (levels) *levels = r->rec->levels();
   if (max_history) *max_history = r->rec->max_history();
   if (max_batch) *max_batch = r->rec->max_batch();
@@ -119,7 +161,7 @@ const char* nezha_verifier_kind(const nezha_recommender* r, int level) {
 }
 
 int nezha_set_stage_timing(nezha_recommender* r, int enabled) {
-  if (!check_handle(r)) return -1;
+  if (!check_handle(r)) return NEZHA_ERROR_REQUEST;
   return guarded([&] { r->rec->set_stage_timing(enabled != 0); });
 }
 

@@ -179,7 +179,7 @@ void GraphRunner::run(const std::int64_t* dims) {
   for (std::size_t i = 0; i < dim_names_.size(); ++i) {
     const auto& range = ranges_[i];
     if (dims[i] < range.first || dims[i] > range.second)
-      throw Error("dim " + dim_names_[i] + " = " + std::to_string(dims[i]) + " is outside the built range [" +
+      throw RunError("dim " + dim_names_[i] + " = " + std::to_string(dims[i]) + " is outside the built range [" +
                   std::to_string(range.first) + ", " + std::to_string(range.second) + "]");
   }
   OrtCall in_ort;
@@ -187,7 +187,7 @@ void GraphRunner::run(const std::int64_t* dims) {
     if (!std::equal(bound_dims_.begin(), bound_dims_.end(), dims)) bind(dims);
     session_.Run(run_options_, binding_);
   } catch (const Ort::Exception& e) {
-    throw Error(std::string("ONNX Runtime failed: ") + e.what());
+    throw RunError(std::string("ONNX Runtime failed: ") + e.what());
   }
 }
 

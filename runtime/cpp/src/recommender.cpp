@@ -88,6 +88,9 @@ struct Recommender::Impl {
   std::unique_ptr<Workspace> make_workspace();
   void check_request(std::size_t count, int k, int beam) const;
   void check_histories(const HistoryBatch& h, Unknown unknown) const;
+  std::int32_t write_items(const Workspace& ws, std::size_t b, std::int64_t K, std::int32_t k, std::int64_t* items,
+                           float* scores) const;
+  void check_ks(const std::int32_t* ks, std::size_t count, int beam) const;
   void keep(Workspace& ws, const HistoryBatch& h, std::size_t first, std::size_t count) const;
   void check_codes(const CodeBatch& h) const;
   void keep_codes(Workspace& ws, const CodeBatch& h, std::size_t first, std::size_t count) const;
@@ -173,10 +176,10 @@ Workspace& Recommender::Impl::workspace() {
 
 std::unique_ptr<Recommender> Recommender::load(const std::string& artifact_dir, const Options& options) {
   if (options.intra_op_threads < 0 || options.intra_op_threads > 256)
-    throw Error("intra_op_threads must be in 1..256, or 0 for ONNX Runtime's default; got " + std::to_string(options.intra_op_threads));
+    throw OptionError("intra_op_threads must be in 1..256, or 0 for ONNX Runtime's default; got " + std::to_string(options.intra_op_threads));
   if (!options.precision.empty() && options.precision != "fp32" && options.precision != "fp16" && options.precision != "int8" &&
       options.precision != "int8-cpu")
-    throw Error("precision '" + options.precision + "'; allowed: fp32, fp16, int8, int8-cpu (or empty: the artifact's first)");
+    throw OptionError("precision '" + options.precision + "'; allowed: fp32, fp16, int8, int8-cpu (or empty: the artifact's first)");
   auto impl = std::make_unique<Impl>();
   CheckedArtifact checked = check_artifact(artifact_dir, options.verify);
   impl->root = std::move(checked.root);
@@ -215,6 +218,10 @@ int Recommender::levels() const { return impl_->L; }
 int Recommender::max_history() const { return int(impl_->manifest.limits.max_history); }
 int Recommender::max_batch() const { return int(impl_->manifest.limits.max_batch); }
 int Recommender::max_beam() const { return int(impl_->manifest.limits.max_beam); }
+std::int64_t Recommender::item_count() const { return std::int64_t(impl_->tables.item_ids.size()); }
+int Recommender::codebook_size(int level) const {
+  return level >= 0 && level < impl_->L ? int(impl_->manifest.layout.codes[std::size_t(level)]) : 0;
+}
 int Recommender::default_beam(int k) const { return std::min(std::max(k, 20), max_beam()); }
 const std::vector<std::string>& Recommender::verifier_kinds() const { return impl_->verifier->kinds(); }
 
@@ -236,30 +243,36 @@ std::vector<std::pair<std::string, double>> Recommender::take_stage_seconds() {
 
 void Recommender::Impl::check_request(std::size_t count, int k, int beam) const {
   if (beam < 1 || beam > manifest.limits.max_beam)
-    throw Error("beam must be an integer in 1.." + std::to_string(manifest.limits.max_beam) + " (the artifact's max_beam), got " + std::to_string(beam));
-  if (k < 1 || k > beam) throw Error("k must be an integer in 1..beam (" + std::to_string(beam) + "), got " + std::to_string(k));
-  if (count == 0) throw Error("no histories given: pass a list of item-id lists");
+    throw RequestError("beam must be an integer in 1.." + std::to_string(manifest.limits.max_beam) + " (the artifact's max_beam), got " + std::to_string(beam));
+  if (k < 1 || k > beam) throw RequestError("k must be an integer in 1..beam (" + std::to_string(beam) + "), got " + std::to_string(k));
+  if (count == 0) throw RequestError("no histories given: pass a list of item-id lists");
 }
 
-// Every history's items known (policy error) and at least one known item per history, before any work.
+namespace {
+HistoryError empty_history(std::size_t b) {
+  return HistoryError("history " + std::to_string(b) + " is empty (after dropping unknown items): NEZHA needs at least one item");
+}
+}  // namespace
+
+// Every history's items known (policy error), then at least one known item per history, before any work
+// (the Python runtime's order: an unknown item anywhere is named before an empty history).
 void Recommender::Impl::check_histories(const HistoryBatch& h, Unknown unknown) const {
-  if (h.offsets[0] != 0) throw Error("history offsets must start at 0");
-  for (std::size_t b = 0; b < h.count; ++b) {
-    if (h.offsets[b + 1] < h.offsets[b]) throw Error("history offsets must not decrease (history " + std::to_string(b) + ")");
-    std::int64_t known = 0, missing = 0;
+  if (h.offsets[0] != 0) throw RequestError("history offsets must start at 0");
+  for (std::size_t b = 0; b < h.count; ++b)
+    if (h.offsets[b + 1] < h.offsets[b]) throw RequestError("history offsets must not decrease (history " + std::to_string(b) + ")");
+  for (std::size_t b = 0; b < h.count && unknown == Unknown::error; ++b) {
+    std::int64_t missing = 0;
     std::string listed;
-    for (std::int64_t j = h.offsets[b]; j < h.offsets[b + 1]; ++j) {
-      if (tables.find_item(h.items[j]) >= 0) {
-        ++known;
-      } else if (unknown == Unknown::error && ++missing <= 5) {
-        listed += (listed.empty() ? "" : ", ") + std::to_string(h.items[j]);
-      }
-    }
+    for (std::int64_t j = h.offsets[b]; j < h.offsets[b + 1]; ++j)
+      if (tables.find_item(h.items[j]) < 0 && ++missing <= 5) listed += (listed.empty() ? "" : ", ") + std::to_string(h.items[j]);
     if (missing)
-      throw Error("history " + std::to_string(b) + " has item ids not in the catalog: [" + listed + "]" + (missing > 5 ? " ..." : "") +
-                  " (pass unknown='skip' to drop them)");
-    if (known == 0)
-      throw Error("history " + std::to_string(b) + " is empty (after dropping unknown items): NEZHA needs at least one item");
+      throw HistoryError("history " + std::to_string(b) + " has item ids not in the catalog: [" + listed + "]" + (missing > 5 ? " ..." : "") +
+                         " (pass unknown='skip' to drop them)");
+  }
+  for (std::size_t b = 0; b < h.count; ++b) {
+    std::int64_t j = h.offsets[b];
+    while (j < h.offsets[b + 1] && tables.find_item(h.items[j]) < 0) ++j;
+    if (j == h.offsets[b + 1]) throw empty_history(b);
   }
 }
 
@@ -291,15 +304,14 @@ void Recommender::Impl::keep(Workspace& ws, const HistoryBatch& h, std::size_t f
 
 // Code histories: offsets well formed, every history non-empty, every code inside its level's codebook.
 void Recommender::Impl::check_codes(const CodeBatch& h) const {
-  if (h.offsets[0] != 0) throw Error("code history offsets must start at 0");
+  if (h.offsets[0] != 0) throw RequestError("code history offsets must start at 0");
   for (std::size_t b = 0; b < h.count; ++b) {
-    if (h.offsets[b + 1] < h.offsets[b]) throw Error("code history offsets must not decrease (history " + std::to_string(b) + ")");
-    if (h.offsets[b + 1] == h.offsets[b])
-      throw Error("history " + std::to_string(b) + " is empty (after dropping unknown items): NEZHA needs at least one item");
+    if (h.offsets[b + 1] < h.offsets[b]) throw RequestError("code history offsets must not decrease (history " + std::to_string(b) + ")");
+    if (h.offsets[b + 1] == h.offsets[b]) throw empty_history(b);
     for (std::int64_t j = h.offsets[b] * L; j < h.offsets[b + 1] * L; ++j) {
       const std::int64_t C = manifest.layout.codes[std::size_t(j % L)];
       if (h.codes[j] < 0 || h.codes[j] >= C)
-        throw Error("history " + std::to_string(b) + " item " + std::to_string(j / L - h.offsets[b]) + ": code " + std::to_string(h.codes[j]) +
+        throw HistoryError("history " + std::to_string(b) + " item " + std::to_string(j / L - h.offsets[b]) + ": code " + std::to_string(h.codes[j]) +
                     " at level " + std::to_string(j % L) + " is outside 0.." + std::to_string(C - 1));
     }
   }
@@ -448,14 +460,13 @@ void Recommender::recommend_into(const HistoryBatch& h, int k, int beam, Unknown
   Impl& im = *impl_;
   if (beam == 0) {                                  // the default; k is checked against max_beam first
     if (k < 1 || k > max_beam())
-      throw Error("k must be an integer in 1..beam (" + std::to_string(max_beam()) + "), got " + std::to_string(k));
+      throw RequestError("k must be an integer in 1..beam (" + std::to_string(max_beam()) + "), got " + std::to_string(k));
     beam = default_beam(k);
   }
   im.check_request(h.count, k, beam);
   Workspace& ws = im.workspace();
   Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};
   im.check_histories(h, unknown);
-  const Tables& t = im.tables;
   for (std::size_t first = 0; first < h.count; first += std::size_t(im.manifest.limits.max_batch)) {
     const std::size_t B = std::min(h.count - first, std::size_t(im.manifest.limits.max_batch));
     im.keep(ws, h, first, B);
@@ -463,23 +474,78 @@ void Recommender::recommend_into(const HistoryBatch& h, int k, int beam, Unknown
     im.backbone(ws, B, t0);
     const std::int64_t K = im.decode(ws, B, beam);
     if (ws.timing) t0 = Clock::now();
-    // items: SIDs -> items (items of one SID share its score, ascending by id), stop at the first -inf, cut at k
     for (std::size_t b = 0; b < B; ++b) {
-      const std::size_t u = first + b;
-      std::int32_t n = 0;
-      for (std::int64_t j = 0; j < K && n < k; ++j) {
-        const float score = ws.scores[b * std::size_t(K) + std::size_t(j)];
-        if (!std::isfinite(score)) break;
-        const std::uint64_t key = ws.keys[b * std::size_t(K) + std::size_t(j)];
-        auto it = std::lower_bound(t.sid_keys.begin(), t.sid_keys.end(), key);
-        if (it == t.sid_keys.end() || *it != key) continue;
-        const std::size_t s = std::size_t(it - t.sid_keys.begin());
-        for (std::int64_t i = t.sid_offsets[s]; i < t.sid_offsets[s + 1] && n < k; ++i, ++n) {
-          out.items[u * std::size_t(k) + std::size_t(n)] = t.sid_items[std::size_t(i)];
-          out.scores[u * std::size_t(k) + std::size_t(n)] = score;
-        }
-      }
-      out.lengths[u] = n;
+      const std::size_t at = (first + b) * std::size_t(k);
+      out.lengths[first + b] = im.write_items(ws, b, K, k, out.items + at, out.scores + at);
+    }
+    im.stage(ws, im.s_items(), t0);
+  }
+}
+
+// items: user b's SIDs (K beams left by decode) -> up to k (item, score), best first: items of one SID share
+// its score, ascending by id; stops at the first -inf. Returns how many were written.
+std::int32_t Recommender::Impl::write_items(const Workspace& ws, std::size_t b, std::int64_t K, std::int32_t k, std::int64_t* items,
+                                            float* scores) const {
+  const Tables& t = tables;
+  std::int32_t n = 0;
+  for (std::int64_t j = 0; j < K && n < k; ++j) {
+    const float score = ws.scores[b * std::size_t(K) + std::size_t(j)];
+    if (!std::isfinite(score)) break;
+    const std::uint64_t key = ws.keys[b * std::size_t(K) + std::size_t(j)];
+    auto it = std::lower_bound(t.sid_keys.begin(), t.sid_keys.end(), key);
+    if (it == t.sid_keys.end() || *it != key) continue;
+    const std::size_t s = std::size_t(it - t.sid_keys.begin());
+    for (std::int64_t i = t.sid_offsets[s]; i < t.sid_offsets[s + 1] && n < k; ++i, ++n) {
+      items[n] = t.sid_items[std::size_t(i)];
+      scores[n] = score;
+    }
+  }
+  return n;
+}
+
+void Recommender::Impl::check_ks(const std::int32_t* ks, std::size_t count, int beam) const {
+  if (!ks) throw RequestError("ks is NULL");
+  for (std::size_t b = 0; b < count; ++b)
+    if (ks[b] < 1 || ks[b] > beam)
+      throw RequestError("k must be an integer in 1..beam (" + std::to_string(beam) + "), got " + std::to_string(ks[b]) + " (history " +
+                         std::to_string(b) + ")");
+}
+
+void Recommender::item_codes_into(const HistoryBatch& h, Unknown unknown, std::int64_t* codes, std::int64_t* code_offsets) const {
+  const Impl& im = *impl_;
+  if (h.count == 0) throw RequestError("no histories given: pass a list of item-id lists");
+  im.check_histories(h, unknown);
+  const std::size_t L = std::size_t(im.L);
+  std::int64_t rows = 0;
+  code_offsets[0] = 0;
+  for (std::size_t b = 0; b < h.count; ++b) {
+    for (std::int64_t j = h.offsets[b]; j < h.offsets[b + 1]; ++j) {
+      const std::int64_t row = im.tables.find_item(h.items[j]);
+      if (row < 0) continue;                                        // skipped: check_histories refused it under Unknown::error
+      std::memcpy(codes + std::size_t(rows++) * L, im.tables.item_codes.data() + std::size_t(row) * L, L * sizeof(std::int64_t));
+    }
+    code_offsets[b + 1] = rows;
+  }
+}
+
+void Recommender::decode_batch_into(const CodeBatch& h, int beam, const std::int32_t* ks, const ResultArrays& out) {
+  Impl& im = *impl_;
+  im.check_request(h.count, 1, beam);
+  im.check_ks(ks, h.count, beam);
+  im.check_codes(h);
+  Workspace& ws = im.workspace();
+  Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};
+  std::size_t at = 0;                                               // ks[0] + .. + ks[u-1]
+  for (std::size_t first = 0; first < h.count; first += std::size_t(im.manifest.limits.max_batch)) {
+    const std::size_t B = std::min(h.count - first, std::size_t(im.manifest.limits.max_batch));
+    im.keep_codes(ws, h, first, B);
+    im.stage(ws, im.s_encode(), t0);
+    im.backbone(ws, B, t0);
+    const std::int64_t K = im.decode(ws, B, beam);
+    if (ws.timing) t0 = Clock::now();
+    for (std::size_t b = 0; b < B; ++b) {
+      out.lengths[first + b] = im.write_items(ws, b, K, ks[first + b], out.items + at, out.scores + at);
+      at += std::size_t(ks[first + b]);
     }
     im.stage(ws, im.s_items(), t0);
   }
@@ -511,7 +577,7 @@ std::int64_t Recommender::decode_codes_into(const CodeBatch& h, int beam, const 
 
 void Recommender::backbone_only(const HistoryBatch& h, Unknown unknown) {
   Impl& im = *impl_;
-  if (h.count == 0) throw Error("no histories given: pass a list of item-id lists");
+  if (h.count == 0) throw RequestError("no histories given: pass a list of item-id lists");
   Workspace& ws = im.workspace();
   Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};
   im.check_histories(h, unknown);

@@ -583,10 +583,72 @@ void test_c_abi_reports_errors() {
   std::int64_t offsets[2] = {0, 1}, out_items[4];
   float out_scores[4];
   std::int32_t lengths[1];
-  CHECK(nezha_recommend(r, items.data(), offsets, 1, 9, 4, 0, out_items, out_scores, lengths) == -1);
+  CHECK(nezha_recommend(r, items.data(), offsets, 1, 9, 4, 0, out_items, out_scores, lengths) == NEZHA_ERROR_REQUEST);
   CHECK(std::string(nezha_last_error()).find("k must be") != std::string::npos);
+  CHECK(nezha_last_error_kind() == NEZHA_ERROR_REQUEST);
+  const std::int64_t unknown[1] = {items.back() + 1000};
+  CHECK(nezha_recommend(r, unknown, offsets, 1, 4, 4, 0, out_items, out_scores, lengths) == NEZHA_ERROR_HISTORY);
+  CHECK(std::string(nezha_last_error()).find("not in the catalog") != std::string::npos);
+  CHECK(nezha_load(g_artifact.c_str(), "fp64", 1, 1, 1 << 20, nullptr) == nullptr);
+  CHECK(nezha_last_error_kind() == NEZHA_ERROR_OPTION);
+  CHECK(nezha_load((g_tmp / "no-such").c_str(), nullptr, 1, 1, 1 << 20, nullptr) == nullptr);
+  CHECK(nezha_last_error_kind() == NEZHA_ERROR_ARTIFACT);
   CHECK(nezha_recommend(r, items.data(), offsets, 1, 4, 4, 0, out_items, out_scores, lengths) == 0);
   CHECK(lengths[0] >= 1 && lengths[0] <= 4);
+  nezha_free(r);
+}
+
+// nezha_item_codes + nezha_decode_batch (the Python binding's prepare and decode_batch): a batch of mixed
+// lengths with a k per history gives each history its nezha_recommend answer alone, bit for bit.
+void test_c_abi_decode_batch_is_recommend() {
+  nezha_recommender* r = nezha_load(g_artifact.c_str(), nullptr, 1, 1, 64 << 20, nullptr);
+  CHECK(r != nullptr);
+  const auto items = catalog_items(g_artifact);
+  CHECK(nezha_item_count(r) == std::int64_t(items.size()));
+  int levels = 0, max_batch = 0;
+  nezha_info(r, &levels, nullptr, &max_batch, nullptr);
+  CHECK(nezha_codebook_size(r, 0) > 0 && nezha_codebook_size(r, levels) == 0);
+  const auto hs = histories(items, max_batch * 2 + 1, 9, 21);
+  std::vector<std::int64_t> flat, offsets{0};
+  for (const auto& h : hs) {
+    flat.insert(flat.end(), h.begin(), h.end());
+    offsets.push_back(std::int64_t(flat.size()));
+  }
+  std::vector<std::int64_t> codes(flat.size() * std::size_t(levels)), code_offsets(hs.size() + 1);
+  CHECK(nezha_item_codes(r, flat.data(), offsets.data(), hs.size(), 0, codes.data(), code_offsets.data()) == NEZHA_OK);
+  CHECK(code_offsets.back() == std::int64_t(flat.size()));
+  const int beam = 8;
+  std::vector<std::int32_t> ks, lengths(hs.size());
+  for (std::size_t b = 0; b < hs.size(); ++b) ks.push_back(std::int32_t(1 + b % beam));
+  std::vector<std::int64_t> out_items(std::size_t(beam) * hs.size());
+  std::vector<float> out_scores(out_items.size());
+  CHECK(nezha_decode_batch(r, codes.data(), code_offsets.data(), hs.size(), beam, ks.data(), out_items.data(), out_scores.data(),
+                           lengths.data()) == NEZHA_OK);
+  std::size_t at = 0;
+  for (std::size_t b = 0; b < hs.size(); ++b) {
+    std::int64_t solo_items[beam];
+    float solo_scores[beam];
+    std::int32_t solo_length = 0;
+    const std::int64_t solo_offsets[2] = {0, std::int64_t(hs[b].size())};
+    CHECK(nezha_recommend(r, hs[b].data(), solo_offsets, 1, ks[b], beam, 0, solo_items, solo_scores, &solo_length) == NEZHA_OK);
+    CHECK(lengths[b] == solo_length);
+    for (std::int32_t j = 0; j < solo_length; ++j)
+      CHECK(out_items[at + std::size_t(j)] == solo_items[j] && out_scores[at + std::size_t(j)] == solo_scores[j]);
+    at += std::size_t(ks[b]);
+  }
+  ks[1] = beam + 1;
+  CHECK(nezha_decode_batch(r, codes.data(), code_offsets.data(), hs.size(), beam, ks.data(), out_items.data(), out_scores.data(),
+                           lengths.data()) == NEZHA_ERROR_REQUEST);
+  CHECK(std::string(nezha_last_error()) == "k must be an integer in 1..beam (8), got 9 (history 1)");
+  const std::int64_t unknown[2] = {items[0], items.back() + 1000}, two[2] = {0, 2};
+  CHECK(nezha_item_codes(r, unknown, two, 1, 0, codes.data(), code_offsets.data()) == NEZHA_ERROR_HISTORY);
+  CHECK(nezha_item_codes(r, unknown, two, 1, 1, codes.data(), code_offsets.data()) == NEZHA_OK && code_offsets[1] == 1);
+  CHECK(nezha_item_codes(r, unknown + 1, two, 1, 1, codes.data(), code_offsets.data()) == NEZHA_ERROR_HISTORY);
+  CHECK(std::string(nezha_last_error()).find("history 0 is empty") == 0);
+  codes[0] = nezha_codebook_size(r, 0);
+  ks.assign(hs.size(), 1);
+  CHECK(nezha_decode_batch(r, codes.data(), code_offsets.data(), 1, beam, ks.data(), out_items.data(), out_scores.data(),
+                           lengths.data()) == NEZHA_ERROR_HISTORY);
   nezha_free(r);
 }
 
@@ -683,6 +745,7 @@ int main(int argc, char** argv) {
       {"request_policies", test_request_policies},
       {"threads_equal_serial", test_threads_equal_serial},
       {"c_abi_reports_errors", test_c_abi_reports_errors},
+      {"c_abi_decode_batch_is_recommend", test_c_abi_decode_batch_is_recommend},
       {"steady_state_allocates_nothing", test_steady_state_allocates_nothing},
   };
   const std::vector<std::string> only(argc > 2 ? argv + 2 : argv + argc, argv + argc);

@@ -20,6 +20,25 @@ class Error : public std::runtime_error {
   using std::runtime_error::runtime_error;
 };
 
+// The kinds of user error a caller can tell apart (the C ABI returns which; the Python binding raises the
+// Python runtime's class for each). A plain Error is an artifact the loader refuses.
+class RequestError : public Error {         // k, beam, the batch's shape: what a request may ask
+ public:
+  using Error::Error;
+};
+class HistoryError : public Error {         // a history that cannot be encoded: unknown items, empty, bad codes
+ public:
+  using Error::Error;
+};
+class OptionError : public Error {          // a load option outside what is allowed
+ public:
+  using Error::Error;
+};
+class RunError : public Error {             // a graph that failed while running a feed the runtime built
+ public:
+  using Error::Error;
+};
+
 // What to do with history item ids that are not in the artifact's catalog.
 enum class Unknown { error, skip };
 
@@ -92,6 +111,18 @@ class Recommender {
   // are key 0, score -inf). Allocation-free like recommend_into. Codes outside a level's codebook throw.
   std::int64_t decode_codes_into(const CodeBatch& histories, int beam, const SidArrays& out);
 
+  // Item histories -> their items' codes, the catalog lookup of recommend_into and its checks (unknown
+  // items under Unknown::error, a history empty after dropping them: HistoryError): writes codes
+  // [kept, L] (every kept item's L codes, oldest first; the caller sizes it for offsets[count] items) and
+  // code_offsets [count + 1] (history b is rows code_offsets[b] .. code_offsets[b+1]).
+  void item_codes_into(const HistoryBatch& histories, Unknown unknown, std::int64_t* codes, std::int64_t* code_offsets) const;
+
+  // Beam search from code histories, then SIDs -> items with a k per history (ks[b] in 1..beam): the
+  // unit a server's batcher runs. Writes history b's up to ks[b] (item, score) pairs, best first, at
+  // out.items/out.scores[ks[0] + .. + ks[b-1] ..] and their count at out.lengths[b]; each history's
+  // answer is bit for bit its answer alone. Allocation-free like recommend_into.
+  void decode_batch_into(const CodeBatch& histories, int beam, const std::int32_t* ks, const ResultArrays& out);
+
   // The latency floor: encode + one backbone run for the batch (no head, no verifier).
   void backbone_only(const HistoryBatch& histories, Unknown unknown = Unknown::error);
 
@@ -108,6 +139,8 @@ class Recommender {
   int max_history() const;
   int max_batch() const;
   int max_beam() const;
+  std::int64_t item_count() const;                            // items in the catalog
+  int codebook_size(int level) const;                         // codes at `level`
   int default_beam(int k) const;
   const std::vector<std::string>& verifier_kinds() const;     // per level "dense" or "hash"
 
