@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .layout import SidLayout
+from .encoding import SidLayout
 from .shapes import (  # noqa: F401
     DTYPE_BYTES,
     Limits,
