@@ -171,7 +171,7 @@ def _flatten(data, shape: list[int], name: str) -> list:
 
 
 def parse_v2_infer(obj, rec, max_histories: int) -> Query:
-    """A v2 inference request (see V2_INPUTS) -> Query."""
+    """A v2 inference request (see V2_INPUTS; its ``outputs`` taken out first by requested_outputs) -> Query."""
     obj = check_fields(obj, ("id", "inputs", "outputs", "parameters"), "v2 inference request")
     rid = obj.get("id")
     if rid is not None and not isinstance(rid, str):

@@ -47,11 +47,14 @@ class RayBatcher:
     def __init__(self, handler, max_queue: int):
         self.handler, self.max_queue = handler, max_queue
         self.waiting = 0                                         # histories handed to Ray, not yet decoded
+        self._tasks: set[asyncio.Task] = set()                   # held: the loop keeps only weak references
 
     def submit(self, items: list[Item]) -> None:
         check_room(self.waiting, len(items), self.max_queue)
         self.waiting += len(items)
-        asyncio.ensure_future(self._run(items))
+        task = asyncio.ensure_future(self._run(items))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def _run(self, items: list[Item]) -> None:
         try:
