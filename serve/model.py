@@ -50,6 +50,11 @@ WORKERS_SHARE = 0.75
 SHORT_DECODE_SECONDS = 0.002
 
 
+def batch_limit(model: LoadedModel, max_batch: int | None) -> int:
+    """Histories per batch: ``max_batch`` (--max-batch; None: the artifact's) capped at the artifact's."""
+    return model.rec.max_batch if max_batch is None else min(max_batch, model.rec.max_batch)
+
+
 def decode_workers(model: LoadedModel, workers: int | None, max_batch: int) -> int:
     """Worker threads of the uvicorn engine: one per decode process, else ``workers`` or auto_workers."""
     pool = model.pool

@@ -31,7 +31,7 @@ from starlette.requests import Request                      # noqa: E402
 from .app import read_body, to_response                     # noqa: E402
 from .batching import Item, check_room, decode_items        # noqa: E402
 from .errors import BadRequest, Conflict, Unavailable      # noqa: E402
-from .model import LoadOptions, load_model                  # noqa: E402
+from .model import LoadOptions, batch_limit, load_model     # noqa: E402
 from .service import Reply, ServeOptions, Service           # noqa: E402
 from .transfer import ArtifactRef, local_artifact          # noqa: E402
 from .ray_grpc import GrpcMethods                          # noqa: E402
@@ -118,7 +118,7 @@ class NezhaDeployment(GrpcMethods):
         self.service = RayService(ref, self.options, self.load_options, self.decode_one)
         self.service.model = load_model(path, self.load_options)
         self.service.start_engine()
-        self.max_batch = min(self.options.max_batch or self.service.model.rec.max_batch, self.service.model.rec.max_batch)
+        self.max_batch = batch_limit(self.service.model, self.options.max_batch)
         self.decode_one.set_max_batch_size(max(4 * self.max_batch, 1))   # Ray's batch is split into model batches
         self.decode_one.set_batch_wait_timeout_s(max(self.options.max_wait_ms, 0.5) / 1e3)
 

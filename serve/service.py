@@ -28,7 +28,7 @@ from .errors import DeadlineExceeded, NotFound, RequestTimeout, ServeError, Unav
 from .batching import Batcher, Item, LoadedModel, Pending
 from .binary import EXTENSION, HEADER, binary_response, fill_binary_inputs, header_length, output_arrays
 from .metrics import Metrics
-from .model import LoadOptions, decode_workers, load_model
+from .model import LoadOptions, batch_limit, decode_workers, load_model
 from .pool import wait_closed
 
 log = logging.getLogger("nezha.serve")
@@ -98,7 +98,7 @@ class Service:
 
     def start_engine(self) -> None:
         o = self.options
-        max_batch = self.model.rec.max_batch if o.max_batch is None else min(o.max_batch, self.model.rec.max_batch)
+        max_batch = batch_limit(self.model, o.max_batch)
         workers = decode_workers(self.model, o.workers, max_batch)
         self.batcher = Batcher(workers, max_batch, o.max_queue, self.metrics, o.max_wait_ms / 1e3, o.max_delay_ms / 1e3)
 
