@@ -5,12 +5,12 @@ same file drives the current tree and, in ``nezha bench --against REV``, a base 
     python bench/worker.py count SPEC.json     # run phases once and exit (under callgrind: counts per phase)
     python bench/worker.py serve SPEC.json     # answer JSON lines on stdin: {"contender", "request"} -> seconds
 
-Contenders: ``floor`` (encode + one backbone pass) and ``runtime`` (``Recommender.decode``). SPEC: {"artifact",
+Contenders: ``floor`` (encode + one backbone pass) and ``runtime`` (``GraphRecommender.decode``). SPEC: {"artifact",
 "requests" (JSON file: a list of requests, each a list of histories), "beam", "threads", "warmup", "phases"
 and "out" (count only)}.
 
 The stage counts and the test-only slowdown go through the runtime's own stage hook (``stages=`` of
-``Recommender.decode``, runtime/decode.py): ``NEZHA_BENCH_INJECT=verify:x0.5`` repeats the decode loop's
+``GraphRecommender.decode``, runtime/decode.py): ``NEZHA_BENCH_INJECT=verify:x0.5`` repeats the decode loop's
 verify step (candidate scores + the verifier's mask) on half of its calls (``select:x1``: the top-k
 selection on every call). Nothing of the runtime is patched."""
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
+from itertools import accumulate
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
@@ -164,7 +165,7 @@ def flat_histories(histories) -> tuple[np.ndarray, np.ndarray]:
     if arrays is None:
         arrays = [integer_array(h, f"history {b}") for b, h in enumerate(histories)]
         items = np.concatenate(arrays) if arrays else np.zeros(0, np.int64)
-    offsets = np.cumsum([0] + [len(h) for h in arrays], dtype=np.int64)
+    offsets = np.array([0, *accumulate(map(len, arrays))], np.int64)
     return items.astype(np.int64, copy=False).reshape(-1), offsets
 
 
@@ -190,7 +191,8 @@ def codes_from_catalog(items: np.ndarray, offsets: np.ndarray, catalog: Catalog,
                                 f"{' ...' if unknown.sum() > 5 else ''} (pass unknown='skip' to drop them)")
         offsets = np.concatenate([[0], np.cumsum(known)])[offsets]
         codes = codes[known]
-    return np.split(codes, offsets[1:-1])
+    bounds = offsets.tolist()
+    return [codes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
 def history_codes(histories: Sequence[Sequence[int]], catalog: Catalog, unknown: str = "error") -> list[np.ndarray]:

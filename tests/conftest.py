@@ -91,6 +91,16 @@ def write_index(catalog: Catalog, path: Path) -> Path:
     return catalog.to_index_json(path)
 
 
+def tiny_artifact(root: Path, precision=("fp32",), max_batch: int = 4, max_beam: int = 16) -> Path:
+    """root/art: the tiny checkpoint (public format, saved to root/ckpt) built with --index, ONNX graphs only."""
+    from nezha.export.build import build
+    from nezha.model.checkpoint import save_checkpoint
+    ckpt = save_checkpoint(tiny_model(), root / "ckpt", tiny_catalog())
+    build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / "art", precision=precision,
+          backend=("onnxruntime",), max_batch=max_batch, max_beam=max_beam, log=None)
+    return root / "art"
+
+
 def tampered(artifact, tmp_path, edit=None, files=None, rehash=True):
     """A copy of ``artifact`` with ``files`` {path: bytes} replaced (re-hashed if ``rehash``) and the
     manifest JSON passed through ``edit``."""

@@ -316,7 +316,8 @@ def test_a_forged_layout_beyond_the_graphs_vocabulary_is_refused_at_load(artifac
 def test_a_graph_that_fails_while_running_is_one_nezha_error(artifact, tmp_path, monkeypatch):
     """Past the load check, a backend's run failure is still one line (GraphRunError), never a RuntimeError."""
     from nezha.runtime.errors import GraphRunError
-    monkeypatch.setattr(Recommender, "_check_layout_fits_backbone", lambda self: None)
+    from nezha.runtime.recommender import GraphRecommender
+    monkeypatch.setattr(GraphRecommender, "_check_layout_fits_backbone", lambda self: None)
     with Recommender.load(_forged_layout(artifact, tmp_path, +1)) as rec:
         with pytest.raises(GraphRunError, match=r"^graph backbone failed in ONNX Runtime: [^\n]*idx=\d+ must be within"):
             rec.recommend([[100]], k=2)

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import tiny_catalog, tiny_histories, tiny_layout, tiny_model, write_index
+from conftest import tiny_artifact, tiny_catalog, tiny_histories, tiny_layout
 from nezha.runtime import Recommender, RequestError
 from nezha.runtime.encoding import EncodingError
 from nezha.runtime.errors import NezhaError, OptionError
@@ -23,13 +23,7 @@ BACKENDS = ("onnxruntime", "cpp")
 
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
-    from nezha.export.build import build
-    from nezha.model.checkpoint import save_checkpoint
-    root = tmp_path_factory.mktemp("contract")
-    ckpt = save_checkpoint(tiny_model(), root / "ckpt", tiny_catalog())
-    build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / "art", precision=("fp32",),
-          backend=("onnxruntime",), max_batch=MAX_BATCH, max_beam=MAX_BEAM, log=None)
-    return root / "art"
+    return tiny_artifact(tmp_path_factory.mktemp("contract"), ("fp32",), MAX_BATCH, MAX_BEAM)
 
 
 @pytest.fixture(params=BACKENDS)

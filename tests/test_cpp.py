@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import BEAUTY_INDEX, DATA, corrupted, tampered, tiny_catalog, tiny_histories, tiny_model, write_index
+from conftest import (BEAUTY_INDEX, DATA, corrupted, tampered, tiny_artifact, tiny_catalog, tiny_histories, tiny_model,
+                      write_index)
 from nezha.runtime import Recommender
 from nezha.runtime.errors import NezhaError
 
@@ -80,14 +81,7 @@ def use_the_wheels_onnxruntime() -> None:
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory) -> Path:
     """A tiny public-format checkpoint built with --index, fp32 and int8-cpu."""
-    from nezha.export.build import build
-    from nezha.model.checkpoint import save_checkpoint
-
-    root = tmp_path_factory.mktemp("cpp")
-    ckpt = save_checkpoint(tiny_model(), root / "ckpt", tiny_catalog())
-    build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / "art", precision=PRECISIONS,
-          backend=("onnxruntime",), max_batch=MAX_BATCH, max_beam=MAX_BEAM, log=None)
-    return root / "art"
+    return tiny_artifact(tmp_path_factory.mktemp("cpp"), PRECISIONS, MAX_BATCH, MAX_BEAM)
 
 
 def cpp(artifact, precision="fp32", **kw):

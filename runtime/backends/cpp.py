@@ -3,11 +3,15 @@
 ``Recommender.load(artifact, backend="cpp")`` gives a ``CppRecommender``: the Recommender contract
 (runtime/contract.py) with the same answers and the same checks as the Python backend (the C++ loop
 reproduces runtime/decode.py), without the Python loop's fixed cost per level. The C++ runtime owns the
-artifact: catalog lookup, decode and SID -> item mapping run there; Python never re-opens the tables. ctypes rather than pybind11/nanobind: the shared library then carries one plain C ABI that any
-language can call, and it does not depend on the Python version or on Python headers at build time; a
-request crosses the boundary once (flat int64 arrays in, caller-owned result arrays out), so ctypes'
-microseconds per call are small against a decode. ctypes releases the GIL during the call, so Python
-threads run the C++ loop in parallel, each on its own bound buffers.
+artifact: the catalog lookup (``prepare``: nezha_item_codes), the decode and the SID -> item mapping
+(``decode_batch``: nezha_decode_batch) run there; Python never re-opens the tables. An error the C ABI
+reports comes back as its kind's Python class (the Python backend's class for the same mistake).
+
+ctypes rather than pybind11/nanobind: the shared library then carries one plain C ABI that any language
+can call, and it does not depend on the Python version or on Python headers at build time; a request
+crosses the boundary twice (flat int64 arrays in, caller-owned result arrays out), so ctypes' microseconds
+per call are small against a decode. ctypes releases the GIL during the call, so Python threads run the
+C++ loop in parallel, each on its own bound buffers.
 
 Build the library first: ``runtime/cpp/setup_ort.sh`` then CMake (README, section "C++"); set
 ``NEZHA_CPP_LIBRARY`` to use a library built elsewhere. Imports numpy only; never onnxruntime or torch.
@@ -21,6 +25,7 @@ import importlib.util
 import os
 import weakref
 from contextlib import contextmanager
+from itertools import accumulate
 from pathlib import Path
 from typing import Sequence
 
@@ -189,21 +194,26 @@ class CppRecommender(Recommender):
         code_offsets = np.empty(n + 1, np.int64)
         self._check(self._lib.nezha_item_codes(self._handle, _ptr(items), _ptr(offsets), n, int(skip), _ptr(codes),
                                                _ptr(code_offsets)))
-        return np.split(codes[:code_offsets[-1]], code_offsets[1:-1])
+        bounds = code_offsets.tolist()
+        return [codes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def _decode_batch(self, codes, beam, ks, stages):
-        flat, offsets = _flat_codes(codes, self.levels)
-        n = len(ks)
-        starts = np.cumsum([0] + ks)
+        flat = np.ascontiguousarray(codes[0] if len(codes) == 1 else np.concatenate(codes))    # int64 [N, L]: checked
+        offsets = np.array([0, *accumulate(len(c) for c in codes)], np.int64)
+        starts = [0, *accumulate(ks)]
         out_items = np.empty(starts[-1], np.int64)
         out_scores = np.empty(starts[-1], np.float32)
-        lengths = np.zeros(n, np.int32)
+        lengths = np.empty(len(ks), np.int32)
         ks_array = np.array(ks, np.int32)
-        with self._timed(stages):
-            self._check(self._lib.nezha_decode_batch(self._handle, _ptr(flat), _ptr(offsets), n, beam, _ptr(ks_array),
-                                                     _ptr(out_items), _ptr(out_scores), _ptr(lengths)))
+        call = lambda: self._lib.nezha_decode_batch(self._handle, _ptr(flat), _ptr(offsets), len(ks), beam, _ptr(ks_array),
+                                                    _ptr(out_items), _ptr(out_scores), _ptr(lengths))
+        if stages is None:
+            self._check(call())
+        else:
+            with self._timed(stages):
+                self._check(call())
         items, scores = out_items.tolist(), out_scores.tolist()
-        return [list(zip(items[s:s + m], scores[s:s + m])) for s, m in zip(starts.tolist(), lengths.tolist())]
+        return [list(zip(items[s:s + m], scores[s:s + m])) for s, m in zip(starts, lengths.tolist())]
 
     def decode_codes(self, code_histories: Sequence[np.ndarray], beam: int,
                      stages: dict | None = None) -> tuple[np.ndarray, np.ndarray]:

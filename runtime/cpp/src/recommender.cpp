@@ -99,6 +99,22 @@ struct Recommender::Impl {
   void expand(Workspace& ws, int level, std::size_t B, std::int64_t K, std::int64_t K_prev) const;
   std::int64_t verify(Workspace& ws, int level, std::size_t b, std::int64_t K) const;
   void select(Workspace& ws, int level, std::size_t b, std::int64_t K, std::int64_t K_next, std::int64_t m) const;
+  // A batch in chunks of max_batch: per chunk keep(first, B) fills ws.kept, then the backbone and the decode
+  // run and each(first, B, K) reads the chunk's K beams per row (ws.keys, ws.scores).
+  template <typename Keep, typename Each>
+  void decode_chunks(Workspace& ws, std::size_t count, int beam, Keep keep, Each each) const {
+    Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};
+    for (std::size_t first = 0; first < count; first += std::size_t(manifest.limits.max_batch)) {
+      const std::size_t B = std::min(count - first, std::size_t(manifest.limits.max_batch));
+      keep(first, B);
+      stage(ws, s_encode(), t0);
+      backbone(ws, B, t0);
+      const std::int64_t K = decode(ws, B, beam);
+      if (ws.timing) t0 = Clock::now();
+      each(first, B, K);
+      stage(ws, s_items(), t0);
+    }
+  }
   void stage(Workspace& ws, std::size_t index, Clock::time_point& t0) const {
     if (!ws.timing) return;
     const Clock::time_point t1 = Clock::now();
@@ -464,22 +480,13 @@ void Recommender::recommend_into(const HistoryBatch& h, int k, int beam, Unknown
     beam = default_beam(k);
   }
   im.check_request(h.count, k, beam);
-  Workspace& ws = im.workspace();
-  Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};
   im.check_histories(h, unknown);
-  for (std::size_t first = 0; first < h.count; first += std::size_t(im.manifest.limits.max_batch)) {
-    const std::size_t B = std::min(h.count - first, std::size_t(im.manifest.limits.max_batch));
-    im.keep(ws, h, first, B);
-    im.stage(ws, im.s_encode(), t0);
-    im.backbone(ws, B, t0);
-    const std::int64_t K = im.decode(ws, B, beam);
-    if (ws.timing) t0 = Clock::now();
-    for (std::size_t b = 0; b < B; ++b) {
-      const std::size_t at = (first + b) * std::size_t(k);
-      out.lengths[first + b] = im.write_items(ws, b, K, k, out.items + at, out.scores + at);
-    }
-    im.stage(ws, im.s_items(), t0);
-  }
+  Workspace& ws = im.workspace();
+  im.decode_chunks(ws, h.count, beam, [&](std::size_t first, std::size_t B) { im.keep(ws, h, first, B); },
+                   [&](std::size_t first, std::size_t B, std::int64_t K) {
+                     for (std::size_t u = first; u < first + B; ++u)
+                       out.lengths[u] = im.write_items(ws, u - first, K, k, out.items + u * std::size_t(k), out.scores + u * std::size_t(k));
+                   });
 }
 
 // items: user b's SIDs (K beams left by decode) -> up to k (item, score), best first: items of one SID share
@@ -534,21 +541,12 @@ void Recommender::decode_batch_into(const CodeBatch& h, int beam, const std::int
   im.check_ks(ks, h.count, beam);
   im.check_codes(h);
   Workspace& ws = im.workspace();
-  Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};
   std::size_t at = 0;                                               // ks[0] + .. + ks[u-1]
-  for (std::size_t first = 0; first < h.count; first += std::size_t(im.manifest.limits.max_batch)) {
-    const std::size_t B = std::min(h.count - first, std::size_t(im.manifest.limits.max_batch));
-    im.keep_codes(ws, h, first, B);
-    im.stage(ws, im.s_encode(), t0);
-    im.backbone(ws, B, t0);
-    const std::int64_t K = im.decode(ws, B, beam);
-    if (ws.timing) t0 = Clock::now();
-    for (std::size_t b = 0; b < B; ++b) {
-      out.lengths[first + b] = im.write_items(ws, b, K, ks[first + b], out.items + at, out.scores + at);
-      at += std::size_t(ks[first + b]);
-    }
-    im.stage(ws, im.s_items(), t0);
-  }
+  im.decode_chunks(ws, h.count, beam, [&](std::size_t first, std::size_t B) { im.keep_codes(ws, h, first, B); },
+                   [&](std::size_t first, std::size_t B, std::int64_t K) {
+                     for (std::size_t u = first; u < first + B; at += std::size_t(ks[u++]))
+                       out.lengths[u] = im.write_items(ws, u - first, K, ks[u], out.items + at, out.scores + at);
+                   });
 }
 
 std::int64_t Recommender::decode_codes_into(const CodeBatch& h, int beam, const SidArrays& out) {
@@ -556,22 +554,17 @@ std::int64_t Recommender::decode_codes_into(const CodeBatch& h, int beam, const 
   im.check_request(h.count, 1, beam);
   im.check_codes(h);
   Workspace& ws = im.workspace();
-  Clock::time_point t0 = ws.timing ? Clock::now() : Clock::time_point{};
-  std::int64_t K = 0;
-  for (std::size_t first = 0; first < h.count; first += std::size_t(im.manifest.limits.max_batch)) {
-    const std::size_t B = std::min(h.count - first, std::size_t(im.manifest.limits.max_batch));
-    im.keep_codes(ws, h, first, B);
-    im.stage(ws, im.s_encode(), t0);
-    im.backbone(ws, B, t0);
-    K = im.decode(ws, B, beam);                                     // the same for every chunk: beam and codebooks fix it
-    for (std::size_t b = 0; b < B; ++b)
-      for (std::int64_t j = 0; j < beam; ++j) {
-        const std::size_t at = (first + b) * std::size_t(beam) + std::size_t(j), from = b * std::size_t(K) + std::size_t(j);
-        out.keys[at] = j < K ? ws.keys[from] : 0;
-        out.scores[at] = j < K ? ws.scores[from] : -std::numeric_limits<float>::infinity();
-      }
-    if (ws.timing) t0 = Clock::now();
-  }
+  std::int64_t K = 0;                                               // the same for every chunk: beam and codebooks fix it
+  im.decode_chunks(ws, h.count, beam, [&](std::size_t first, std::size_t B) { im.keep_codes(ws, h, first, B); },
+                   [&](std::size_t first, std::size_t B, std::int64_t K_chunk) {
+                     K = K_chunk;
+                     for (std::size_t b = 0; b < B; ++b)
+                       for (std::int64_t j = 0; j < beam; ++j) {
+                         const std::size_t at = (first + b) * std::size_t(beam) + std::size_t(j), from = b * std::size_t(K) + std::size_t(j);
+                         out.keys[at] = j < K ? ws.keys[from] : 0;
+                         out.scores[at] = j < K ? ws.scores[from] : -std::numeric_limits<float>::infinity();
+                       }
+                   });
   return K;
 }
 
