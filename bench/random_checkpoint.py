@@ -23,7 +23,7 @@ def layout_and_catalog(kind: str, data: Path, vocab: int, seed: int = 0):
     """("3x512" | "beauty") -> (SidLayout with code tokens after ``vocab`` tokens, Catalog of the Beauty items)."""
     from nezha.runtime.catalog import Catalog
     from nezha.runtime.data import find_pair
-    from nezha.runtime.layout import SidLayout
+    from nezha.runtime.encoding import SidLayout
 
     beauty = Catalog.from_index_json(find_pair(data)[0])
     if kind == "beauty":

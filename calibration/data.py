@@ -19,7 +19,7 @@ from nezha.runtime.data import (
 )
 from nezha.runtime.encoding import encode_codes, history_codes
 from nezha.runtime.errors import NezhaError
-from nezha.runtime.layout import SidLayout
+from nezha.runtime.encoding import SidLayout
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
 

@@ -2,7 +2,7 @@
 little-endian C-order array), readable from C++ without NumPy.
 
 Layout (I items, S distinct SIDs, L levels; keys are mixed radix, most significant level first,
-``key = ((c_0 * codes_1 + c_1) * codes_2 + c_2) ...``, see runtime/layout.py):
+``key = ((c_0 * codes_1 + c_1) * codes_2 + c_2) ...``, see runtime/encoding.py):
 
   item_ids           [I]    int64   ascending item ids
   item_codes         [I, L] int64   SID codes of item_ids[i]
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 from nezha.runtime.catalog import Catalog
-from nezha.runtime.layout import SidLayout
+from nezha.runtime.encoding import SidLayout
 
 
 def tables_from_catalog(catalog: Catalog, layout: SidLayout, out_dir: Path, prefix: str = "tables") -> dict[str, dict]:

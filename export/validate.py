@@ -20,8 +20,8 @@ from nezha.runtime.backends.base import GraphSteps
 from nezha.runtime.backends.onnxruntime import open_sessions, ort_steps
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.data import read_interactions
-from nezha.runtime.decode import beam_search, items_from_sids
-from nezha.runtime.encoding import encode_histories
+from nezha.runtime.decode import beam_search
+from nezha.runtime.encoding import encode_histories, items_from_sids
 from nezha.runtime.errors import NezhaError
 from nezha.runtime.manifest import EngineEntry, GraphEntry, Limits, token_range
 

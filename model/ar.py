@@ -9,9 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from nezha.runtime.catalog import Catalog
-from nezha.runtime.decode import expand, items_from_sids, select
-from nezha.runtime.encoding import encode_histories
-from nezha.runtime.verifier import Verifier
+from nezha.runtime.decode import Verifier, expand, select
+from nezha.runtime.encoding import encode_histories, items_from_sids
 from transformers import DynamicCache
 
 from .nezha import NezhaModel, positions_from_mask

@@ -19,7 +19,7 @@ from huggingface_hub.errors import StrictDataclassError
 from nezha.runtime.catalog import Catalog, read_json_object
 from nezha.runtime.datafile import regular_file
 from nezha.runtime.errors import NezhaError
-from nezha.runtime.layout import LayoutError, SidLayout
+from nezha.runtime.encoding import LayoutError, SidLayout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers.activations import ACT2FN

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
-from nezha.runtime.decode import items_from_sids
+from nezha.runtime.encoding import items_from_sids
 from nezha.runtime.errors import NezhaError
 from tqdm import tqdm
 

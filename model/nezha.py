@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from nezha.runtime.layout import SidLayout
+from nezha.runtime.encoding import SidLayout
 from torch import nn
 from transformers import (
     LlamaConfig,

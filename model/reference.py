@@ -8,9 +8,8 @@ from typing import Sequence
 import numpy as np
 import torch
 from nezha.runtime.catalog import Catalog
-from nezha.runtime.decode import beam_search, items_from_sids
-from nezha.runtime.encoding import encode_histories
-from nezha.runtime.verifier import Verifier
+from nezha.runtime.decode import Verifier, beam_search
+from nezha.runtime.encoding import encode_histories, items_from_sids
 
 from .nezha import NezhaModel
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
-from nezha.runtime.layout import SidLayout
+from nezha.runtime.encoding import SidLayout
 from tqdm import tqdm
 
 from .checkpoint import make_config, save_checkpoint

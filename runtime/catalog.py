@@ -15,7 +15,7 @@ import numpy as np
 from nezha.runtime.errors import NezhaError
 
 from .datafile import read_bytes
-from .layout import SidLayout
+from .encoding import SidLayout, lookup_codes
 
 # ASCII digits only (``\d`` would take "١٠٠"), no sign, space, "_" or leading zero, at most 18 digits: an
 # int64 for sure (19-digit ids are checked against 2**63 - 1 where they are read).
@@ -152,11 +152,7 @@ class Catalog:
 
     def codes_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N] item ids -> ([N, L] codes, [N] bool known). Unknown items get codes 0 and known=False."""
-        items = np.asarray(items, dtype=np.int64)
-        pos = np.searchsorted(self.item_ids, items)
-        pos = np.minimum(pos, len(self.item_ids) - 1)
-        known = self.item_ids[pos] == items
-        return np.where(known[:, None], self.item_codes[pos], 0), known
+        return lookup_codes(self.item_ids, self.item_codes, items)
 
     def sid_table(self, layout: SidLayout) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """SID -> items as CSR: (sid_keys [S] uint64 ascending, offsets [S+1] int64, items [I] int64).

@@ -1,16 +1,109 @@
-"""The one encoder: histories -> backbone inputs. Used by the runtime, the torch reference, export
-validation, calibration and the benchmark, so that all of them see byte-identical inputs."""
+"""The SID layout and the one encoder: how item ids become codes (the catalog lookup) and codes become
+backbone tokens, and how SID prefixes pack into integer keys. Used by the runtime, the torch reference,
+export validation, calibration and the benchmark, so that all of them see byte-identical inputs."""
 
 from __future__ import annotations
 
+import math
+from dataclasses import asdict, dataclass
 from itertools import accumulate
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 from nezha.runtime.errors import NezhaError, clipped
 
-from .catalog import Catalog
-from .layout import SidLayout
+from .strict import array, exact_keys, fail, integer
+
+if TYPE_CHECKING:
+    from .catalog import Catalog
+
+
+class LayoutError(NezhaError, ValueError):
+    """A SID layout that is inconsistent (offsets, code counts, placeholder ids)."""
+
+
+@dataclass(frozen=True)
+class SidLayout:
+    """Token layout of a NEZHA vocabulary.
+
+    Level ``i``, code ``c`` is token ``offsets[i] + c``; the L placeholders
+    ``<sp_0>..<sp_{L-1}>`` are tokens ``placeholder_start + i``. Prefix keys are
+    mixed-radix, most significant level first: ``key_i = key_{i-1} * codes[i] + c_i``.
+    """
+
+    codes: tuple[int, ...]          # codes per level, e.g. (256, 256, 256, 256)
+    offsets: tuple[int, ...]        # token id of code 0 of each level
+    placeholder_start: int          # token id of <sp_0> (the reference code's max_sid)
+    pad_token_id: int = 0
+
+    def __post_init__(self):
+        if not self.codes or len(self.codes) != len(self.offsets):
+            raise LayoutError(f"codes {list(self.codes)} and offsets {list(self.offsets)} must be non-empty "
+                              "and of the same length (one per SID level)")
+        if any(c < 1 for c in self.codes):
+            raise LayoutError(f"every level needs at least one code, got codes {list(self.codes)}")
+        for i in range(1, self.levels):
+            if self.offsets[i] != self.offsets[i - 1] + self.codes[i - 1]:
+                raise LayoutError(f"offset[{i}] = {self.offsets[i]} but offset[{i - 1}] + codes[{i - 1}] = "
+                                  f"{self.offsets[i - 1] + self.codes[i - 1]}: code tokens must be contiguous")
+        if self.placeholder_start < self.offsets[-1] + self.codes[-1]:
+            raise LayoutError(f"placeholder_start (max_sid) = {self.placeholder_start} overlaps the code tokens, "
+                              f"which end at {self.offsets[-1] + self.codes[-1]}")
+        if float(np.prod([float(c) for c in self.codes])) >= 2.0 ** 63:
+            raise LayoutError(f"codes {list(self.codes)}: the SID space does not fit 63-bit keys")
+
+    @property
+    def levels(self) -> int:
+        return len(self.codes)
+
+    @property
+    def vocab_size(self) -> int:
+        """Smallest vocabulary that holds every code and placeholder token."""
+        return self.placeholder_start + self.levels
+
+    def code_tokens(self, codes: np.ndarray) -> np.ndarray:
+        """[..., L] int codes -> [..., L] int64 token ids."""
+        return np.asarray(codes, dtype=np.int64) + np.asarray(self.offsets, dtype=np.int64)
+
+    def placeholder_tokens(self) -> np.ndarray:
+        """[L] int64 token ids of <sp_0>..<sp_{L-1}>."""
+        return self.placeholder_start + np.arange(self.levels, dtype=np.int64)
+
+    def prefix_keys(self, codes: np.ndarray, level: int) -> np.ndarray:
+        """[..., >=level+1] codes -> [...] uint64 keys of the prefix codes[..., :level+1]."""
+        codes = np.asarray(codes)
+        key = np.zeros(codes.shape[:-1], dtype=np.uint64)
+        for i in range(level + 1):
+            key = key * np.uint64(self.codes[i]) + codes[..., i].astype(np.uint64)
+        return key
+
+    def sid_keys(self, codes: np.ndarray) -> np.ndarray:
+        """[..., L] codes -> [...] uint64 keys of whole SIDs."""
+        return self.prefix_keys(codes, self.levels - 1)
+
+    def codes_from_keys(self, keys: np.ndarray) -> np.ndarray:
+        """[...] uint64 SID keys -> [..., L] int64 codes (inverse of sid_keys)."""
+        keys = np.asarray(keys, dtype=np.uint64).copy()
+        out = np.empty(keys.shape + (self.levels,), dtype=np.int64)
+        for i in reversed(range(self.levels)):
+            out[..., i] = (keys % np.uint64(self.codes[i])).astype(np.int64)
+            keys //= np.uint64(self.codes[i])
+        return out
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in d.items()}
+
+    @classmethod
+    def from_json(cls, value, path: str = "layout") -> "SidLayout":
+        """Strict: exactly the four keys, integers only (ManifestError naming the key otherwise)."""
+        raw = exact_keys(value, path, ("codes", "offsets", "placeholder_start", "pad_token_id"))
+        ints = lambda key, lo: tuple(integer(c, f"{path}.{key}[{i}]", lo) for i, c in enumerate(array(raw[key], f"{path}.{key}")))
+        try:
+            return cls(ints("codes", 1), ints("offsets", 0), integer(raw["placeholder_start"], f"{path}.placeholder_start"),
+                       integer(raw["pad_token_id"], f"{path}.pad_token_id"))
+        except LayoutError as e:
+            fail(path, str(e))
 
 
 class EncodingError(NezhaError, ValueError):
@@ -76,10 +169,19 @@ def flat_histories(histories) -> tuple[np.ndarray, np.ndarray]:
     return items.astype(np.int64, copy=False).reshape(-1), offsets
 
 
+def lookup_codes(item_ids: np.ndarray, item_codes: np.ndarray, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The catalog lookup: item_ids [I] int64 ascending, item_codes [I, L], items [N] -> ([N, L] codes, [N]
+    bool known). Unknown items get codes 0 and known=False."""
+    items = np.asarray(items, dtype=np.int64)
+    pos = np.minimum(np.searchsorted(item_ids, items), len(item_ids) - 1)
+    known = item_ids[pos] == items
+    return np.where(known[:, None], item_codes[pos], 0), known
+
+
 def codes_from_catalog(items: np.ndarray, offsets: np.ndarray, catalog: Catalog, skip: bool) -> list[np.ndarray]:
     """Flat histories (flat_histories) -> per history its known items' codes [n, L] int64; an unknown item
     raises EncodingError naming its history unless ``skip`` (then it is dropped)."""
-    codes, known = catalog.codes_of(items)
+    codes, known = lookup_codes(catalog.item_ids, catalog.item_codes, items)
     if not known.all():
         if not skip:
             b = int(np.searchsorted(offsets, np.flatnonzero(~known)[0], side="right")) - 1
@@ -170,3 +272,24 @@ def encode_histories(histories: Sequence[Sequence[int]], catalog: Catalog, layou
                      unknown: str = "error", pad_to: int | None = None) -> dict[str, np.ndarray]:
     """Item-id histories -> backbone feed (see encode_codes)."""
     return encode_codes(history_codes(histories, catalog, unknown), layout, max_history, pad_to)
+
+
+def items_from_sids(sid_keys: np.ndarray, scores: np.ndarray, table: tuple[np.ndarray, np.ndarray, np.ndarray],
+                    k: int | Sequence[int]) -> list[list[tuple[int, float]]]:
+    """Map decoded SIDs to items: per user up to k (one k for all, or one per user) (item id, score), best
+    first; items sharing a SID share its score, ascending by id. SIDs that are no real item (verifier off)
+    are skipped."""
+    sid_table_keys, offsets, items = table
+    at = np.searchsorted(sid_table_keys, sid_keys)                          # [B, K], one call for all
+    real = sid_table_keys[np.minimum(at, len(sid_table_keys) - 1)] == sid_keys
+    out = []
+    ks = [k] * len(sid_keys) if isinstance(k, (int, np.integer)) else k
+    for user_at, user_real, user_scores, k in zip(at.tolist(), real.tolist(), scores.tolist(), ks):
+        recs: list[tuple[int, float]] = []
+        for s, ok, score in zip(user_at, user_real, user_scores):
+            if not math.isfinite(score) or len(recs) >= k:                  # -inf: no valid SID from here on
+                break
+            if ok:
+                recs.extend((item, score) for item in items[offsets[s]:offsets[s + 1]].tolist())
+        out.append(recs[:k])
+    return out

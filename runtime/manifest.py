@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import dataclass, field
 
-from .layout import SidLayout
+from .encoding import SidLayout
 from .shapes import (DTYPE_BYTES, Limits, Tensor, expected_graphs, graph_names, largest_tensor,  # noqa: F401
                      table_names, token_range)
 from .strict import ManifestError, array, exact_keys, fail, integer, obj, relpath, show, string, strings, typed

@@ -13,11 +13,10 @@ from .artifact import Artifact
 from .backends.base import GraphSteps, parse_device
 from .catalog import Catalog
 from .contract import Recommender
-from .decode import backbone_by_length, beam_search, items_from_sids, stage
-from .encoding import codes_from_catalog, encode_codes, history_codes
+from .decode import Verifier, backbone_by_length, beam_search, stage
+from .encoding import codes_from_catalog, encode_codes, history_codes, items_from_sids
 from .errors import NezhaError, OptionError
 from .manifest import PRECISIONS, ManifestError, graph_names
-from .verifier import Verifier
 
 
 class GraphRecommender(Recommender):

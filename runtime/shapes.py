@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from .layout import SidLayout
+from .encoding import SidLayout
 from .strict import array, integer, string, typed
 
 DTYPE_BYTES = {"int64": 8, "uint64": 8, "float32": 4}

@@ -2,11 +2,12 @@
 dynamic batching in worker threads), the same routes on Ray Serve (``--engine ray``), and ``nezha loadtest``.
 Never imports torch.
 
-protocol (strict parsing, the library's messages, KServe v2 shapes) -> batching (plan_batch,
-Batcher) -> model (a loaded artifact, reload bookkeeping) -> service (routes, deadlines, reload, drain) ->
-app (Starlette + uvicorn, its connections bounded by connections) or ray_engine (Ray Serve); admin (the
-admin API's gate); metrics (Prometheus); loadtest; options (every option, declared once); cli is the
-thin command.
+errors (refusals and their statuses) -> protocol (strict parsing through the Recommender contract, KServe
+v2 shapes) -> batching (the one decode path: LoadedModel, decode_items, the Batcher) -> model (loading) ->
+service (routes, admission, deadlines, drain) -> app (Starlette + uvicorn, its connections bounded by
+connections) or ray_engine (Ray Serve); pool and child (decode processes); admin (the admin API: its gate,
+reload); binary (v2's binary tensors); metrics (Prometheus); loadtest; options (every option, declared once); cli is
+the thin command.
 Names are imported lazily so that ``nezha recommend`` does not pay for the server's imports."""
 
 import importlib

@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .connections import ConnectionLimits, Guard
-from .protocol import ClientGone, PayloadTooLarge
+from .errors import ClientGone, PayloadTooLarge
 from .service import Reply, Service
 
 log = logging.getLogger("nezha.serve")

@@ -1,12 +1,11 @@
-"""Dynamic batching that never pays for padding.
+"""The one decode path of both engines: requests become ``Item``s (one per history), batches of one model
+and one beam are decoded by the model's ``decode_batch`` in worker threads, and each answer goes back to
+its request. The uvicorn engine queues items in the ``Batcher``; the Ray engine hands them to Ray Serve's
+``@serve.batch`` (serve.ray_engine). Both call ``decode_items``, so both answer alike.
 
-Every history of every request becomes one ``Item``; worker threads (never the event loop) pull items
-from one bounded queue and run them as one batch through ``Recommender.decode_codes``. A batch holds
-items of one model and one beam (beam changes the search), of any lengths: the runtime runs the
-backbone once per history length with no padding token (``backbone_by_length``) and the draft head over
-all of them at once. So a batch costs its real tokens plus one head loop, never more than its histories
-one by one (equal-length backbone runs and a wider head loop only amortize fixed costs), and every
-answer is bit for bit the history's solo answer.
+A batch holds histories of any lengths: the runtime runs the backbone once per history length with no
+padding token and the draft head over all of them at once, so a batch costs its real tokens plus one
+head loop, and every answer is bit for bit the history's solo answer.
 """
 
 from __future__ import annotations
@@ -16,16 +15,81 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from nezha.runtime.decode import items_from_sids
+from nezha.runtime import Recommender
 
-from .pool import GRACE_S
-from .protocol import DeadlineExceeded, Overloaded, Unavailable
+from .pool import GRACE_S, DecodePool, DecodeProcessUnavailable
+from .errors import DeadlineExceeded, Overloaded, Unavailable
 
 log = logging.getLogger("nezha.serve")
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """A loaded artifact as the server holds it, with a count of the requests still using it so that a
+    reload closes the old one only when they are done (``serve.model.load_model`` makes one)."""
+
+    rec: Recommender
+    artifact: Path
+    version: str                                  # short hash of manifest.json: changes with the artifact
+    backend_share: float = 1.0                    # of a decode's time, the share inside the backend (GIL released)
+    decode_seconds: float = 0.0                   # one solo decode (mid-length history, beam 20), best of 5
+    pool: DecodePool | None = None                # decode processes, if any: they decode, ``rec`` parses
+    loaded_at: float = field(default_factory=time.time)
+    _users: int = 0
+    _retired: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def acquire(self) -> None:
+        with self._lock:
+            self._users += 1
+
+    def release(self) -> None:
+        with self._lock:
+            self._users -= 1
+            close = self._retired and self._users == 0
+        if close:
+            self._close()
+
+    def retire(self) -> None:
+        """No new requests will use this model; close it once the last one is done."""
+        with self._lock:
+            self._retired = True
+            close = self._users == 0
+        if close:
+            self._close()
+
+    def decode_batch(self, codes: list[np.ndarray], beam: int, ks: list[int], idle: bool = False,
+                     timeout: float | None = None) -> list[list[tuple[int, float]]]:
+        """Recommender.decode_batch, in a decode process when there is a pool (one that has not answered in
+        ``timeout`` s is killed), except when the server is ``idle`` (a lone history, nothing queued): then
+        the hop to a process costs more than the GIL it frees (measured on the demo at concurrency 1: 0.82x
+        of decoding in the server's process). A decode process that cannot be started again leaves its
+        batches to the server's process (same answers) until it can."""
+        if self.pool is not None and not idle:
+            try:
+                return self.pool.decode_batch(codes, beam, ks, timeout)
+            except DecodeProcessUnavailable:
+                pass
+        return self.rec.decode_batch(codes, beam, ks)
+
+    def _close(self) -> None:
+        log.info("closing model %s (%s)", self.version, self.artifact)
+        if self.pool is not None:
+            self.pool.close()
+        self.rec.close()
+
+    def info(self) -> dict:
+        rec = self.rec
+        return {"artifact": str(self.artifact), "version": self.version, "loaded_at": self.loaded_at, "backend": rec.backend,
+                "precision": rec.precision, "max_batch": rec.max_batch, "max_beam": rec.max_beam,
+                "max_history": rec.max_history, "levels": rec.levels, "items": rec.item_count,
+                "backend_share": round(self.backend_share, 3), "decode_ms": round(1e3 * self.decode_seconds, 3),
+                "decode_processes": self.pool.processes if self.pool else 0}
 
 
 class Pending:
@@ -61,21 +125,24 @@ class Pending:
 
 @dataclass
 class Item:
-    """One history to decode: its codes [n, L] int64, backbone tokens, beam, k, model, owner and index."""
+    """One history to decode: its codes [n, L] int64, backbone tokens, beam, k, model, owner and index.
+    Each holds its model (``model.acquire()``) until ``decode_items`` or a queue drops it releases it."""
 
     codes: np.ndarray
     tokens: int
     beam: int
     k: int
-    model: object                    # serve.model.LoadedModel
+    model: LoadedModel
     pending: Pending
     index: int
     arrived: float = field(default_factory=time.perf_counter)
 
 
-def tokens_of(codes: np.ndarray, max_history: int, levels: int) -> int:
-    """Backbone tokens of one encoded history: its kept items' codes plus L placeholders."""
-    return (min(len(codes), max_history) + 1) * levels
+def check_room(waiting: int, n: int, max_queue: int) -> None:
+    """Overloaded (429 at once: latency stays bounded, clients retry) when ``n`` more histories would put
+    more than ``max_queue`` in wait."""
+    if waiting + n > max_queue:
+        raise Overloaded(f"queue full: {waiting} histories waiting, at most {max_queue} (--max-queue); retry later")
 
 
 def plan_batch(queue: list[Item], max_batch: int) -> list[int]:
@@ -102,30 +169,55 @@ def pick_seed(queue: list[Item], now: float, max_delay: float) -> int:
     return max(groups.values(), key=len)[0]
 
 
+def decode_items(items: list[Item], max_batch: int, metrics, idle: bool = False) -> None:
+    """Decode ``items`` in batches of one model and beam (``plan_batch``, in queue order) through each model's
+    ``decode_batch``, record each batch in ``metrics`` (serve.metrics.Metrics), hand every history its
+    answer (or its batch's failure: a 500), and release every item's model. Items whose request has already
+    finished (deadline, client gone) are dropped. Runs in a worker thread. ``idle``: nothing else waits."""
+    try:
+        live = [it for it in items if not it.pending.finished]
+        while live:
+            chosen = set(plan_batch(live, max_batch))
+            batch = [live[i] for i in sorted(chosen)]
+            live = [it for i, it in enumerate(live) if i not in chosen]
+            model, t0 = batch[0].model, time.perf_counter()
+            # a decode process that outlives every deadline in the batch (+ a grace) is killed: no one waits
+            timeout = max(max(it.pending.deadline for it in batch) - t0 + GRACE_S, GRACE_S)
+            try:
+                results = model.decode_batch([it.codes for it in batch], batch[0].beam, [it.k for it in batch],
+                                             idle and len(batch) == 1 and not live, timeout)
+            except Exception as e:                       # a bug or a backend failure: 500 for these requests
+                log.exception("batch of %d failed", len(batch))
+                for it in batch:
+                    it.pending.fail(e)
+                continue
+            metrics.batch_size.observe(len(batch))
+            metrics.batch_seconds.observe(time.perf_counter() - t0)
+            metrics.tokens.inc(sum(it.tokens for it in batch))
+            for it, result in zip(batch, results):
+                it.pending.set_result(it.index, result)
+    finally:
+        for it in items:
+            it.model.release()
+
+
 class Batcher:
-    """A bounded queue of Items and ``workers`` threads that decode them in batches.
+    """The uvicorn engine's bounded queue of Items and ``workers`` threads that decode them in batches
+    (``decode_items``). A batch is built around the largest group of one model and beam waiting, unless the
+    oldest history has waited ``max_delay`` seconds: then around it (bounded unfairness, larger batches).
 
-    A batch is built around the largest group of one model and beam waiting, unless the oldest history
-    has waited ``max_delay`` seconds: then around it (bounded unfairness, larger batches).
+    ``submit`` raises Overloaded at once when the queue would exceed ``max_queue`` histories and Unavailable
+    once closing. ``max_wait`` (seconds) lets a worker hold a partial batch for more arrivals, but only while
+    arrivals are frequent enough to fill it (so a lone client never waits). ``close()`` drains: queued items
+    are still decoded, then the threads end."""
 
-    Each submitted item must hold its model (``item.model.acquire()``); the batcher releases it once
-    the item is decoded or dropped, so that a reloaded-away model closes only when nothing uses it.
-
-    ``submit`` raises Overloaded at once when the queue would exceed ``max_queue`` histories and
-    Unavailable once closing. ``max_wait`` (seconds) lets a worker hold a partial batch for more
-    arrivals, but only while arrivals are frequent enough to fill it (so a lone client never waits).
-    ``close()`` drains: queued items are still decoded, then the threads end.
-    """
-
-    def __init__(self, workers: int, max_batch: int, max_queue: int, max_wait: float = 0.0,
-                 observe: Callable | None = None, max_delay: float = 0.01):
+    def __init__(self, workers: int, max_batch: int, max_queue: int, metrics, max_wait: float = 0.0,
+                 max_delay: float = 0.01):
         self.max_batch, self.max_queue, self.max_wait = max_batch, max_queue, max_wait
-        self.max_delay = max_delay
-        self.observe = observe or (lambda **kw: None)       # metrics hook: batch sizes, tokens, queue depth
+        self.max_delay, self.metrics = max_delay, metrics
         self._queue: deque[Item] = deque()
         self._cond = threading.Condition()
         self._closing = False
-        self._busy = 0
         self._rate = 0.0                                     # EWMA of arrivals per second
         self._last_arrival = time.perf_counter()
         self._threads = [threading.Thread(target=self._work, name=f"nezha-worker-{i}", daemon=True)
@@ -133,31 +225,21 @@ class Batcher:
         for t in self._threads:
             t.start()
 
-    @property
-    def depth(self) -> int:
-        return len(self._queue)
-
-    @property
-    def busy(self) -> int:
-        return self._busy
-
     def submit(self, items: list[Item]) -> None:
         with self._cond:
             if self._closing:
                 raise Unavailable("the server is shutting down")
-            if len(self._queue) + len(items) > self.max_queue:
-                raise Overloaded(f"queue full: {len(self._queue)} histories waiting, at most {self.max_queue} "
-                                 f"(--max-queue); retry later")
+            check_room(len(self._queue), len(items), self.max_queue)
             now = time.perf_counter()
             gap = max(now - self._last_arrival, 1e-6)
             self._rate = 0.8 * self._rate + 0.2 * (len(items) / gap)
             self._last_arrival = now
             self._queue.extend(items)
-            self.observe(queue_depth=len(self._queue))
+            self.metrics.queue_depth.set(len(self._queue))
             self._cond.notify(len(items))
 
-    def _take(self) -> list[Item] | None:
-        """Block until a batch is ready (or closing with an empty queue: None)."""
+    def _take(self) -> tuple[list[Item], bool] | None:
+        """Block until a batch is ready -> (batch, whether nothing else waits); None once closing and empty."""
         with self._cond:
             while True:
                 if not self._queue:
@@ -180,56 +262,21 @@ class Batcher:
                 seed = pick_seed(queue, now, self.max_delay)
                 if seed:                                      # seed first, the rest in arrival order
                     queue.insert(0, queue.pop(seed))
-                first = queue[0]
                 chosen = plan_batch(queue, self.max_batch)
-                wait_left = first.arrived + self.max_wait - now
+                wait_left = queue[0].arrived + self.max_wait - now
                 # Hold a partial batch only while enough arrivals are expected within the wait.
                 if (len(chosen) < self.max_batch and wait_left > 0 and not self._closing
                         and self._rate * wait_left >= 1.0):
                     self._cond.wait(wait_left)
                     continue
                 picked = set(chosen)
-                batch = [queue[i] for i in chosen]
                 self._queue = deque(it for i, it in enumerate(queue) if i not in picked)
-                self._busy += 1
-                self.observe(queue_depth=len(self._queue))
-                return batch
+                self.metrics.queue_depth.set(len(self._queue))
+                return [queue[i] for i in chosen], not self._queue
 
     def _work(self) -> None:
-        while True:
-            batch = self._take()
-            if batch is None:
-                return
-            try:
-                self._run(batch)
-            finally:
-                with self._cond:
-                    self._busy -= 1
-                    self._cond.notify_all()
-
-    def _run(self, batch: list[Item]) -> None:
-        try:
-            self._decode(batch)
-        finally:
-            for it in batch:                                 # each queued item holds its model open
-                it.model.release()
-
-    def _decode(self, batch: list[Item]) -> None:
-        model = batch[0].model
-        t0 = time.perf_counter()
-        try:
-            idle = len(batch) == 1 and not self._queue     # a lone history, nothing waiting
-            # a decode process that outlives every deadline in the batch (+ a grace) is killed: no one waits
-            timeout = max(it.pending.deadline for it in batch) - time.perf_counter() + GRACE_S
-            keys, scores = model.decode_codes([it.codes for it in batch], batch[0].beam, idle, max(timeout, GRACE_S))
-        except Exception as e:                               # a bug or a backend failure: 500 for these requests
-            log.exception("batch of %d failed", len(batch))
-            for it in batch:
-                it.pending.fail(e)
-            return
-        self.observe(batch_size=len(batch), seconds=time.perf_counter() - t0, tokens=sum(it.tokens for it in batch))
-        for j, it in enumerate(batch):               # SIDs -> items here, not on the event loop
-            it.pending.set_result(it.index, items_from_sids(keys[j:j + 1], scores[j:j + 1], model.rec.sid_table, it.k)[0])
+        while (taken := self._take()) is not None:
+            decode_items(taken[0], self.max_batch, self.metrics, idle=taken[1])
 
     def close(self, timeout: float | None = None) -> None:
         """Stop taking requests, decode what is queued, join the threads."""

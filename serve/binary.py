@@ -1,5 +1,6 @@
-"""The binary tensor data extension of the Open Inference Protocol over HTTP (KServe v2 / Triton), and
-the v2 infer route that speaks it next to JSON.
+"""The binary tensor data extension of the Open Inference Protocol over HTTP (KServe v2 / Triton): its wire
+format. The v2 infer route (``Service.infer_v2``) speaks it next to JSON; the extension's request fields
+(``binary_data_output``, ``binary_data``, ``timeout``) are read with ``outputs`` by ``protocol.requested_outputs``.
 
 A binary request is a JSON header of ``Inference-Header-Content-Length`` bytes followed by each input's
 raw little-endian bytes, in input order, ``parameters.binary_data_size`` bytes each. Outputs come back
@@ -14,13 +15,13 @@ messages), so that both encodings refuse the same requests with the same words."
 
 from __future__ import annotations
 
-import asyncio
 import json
 import math
 
 import numpy as np
 
 from . import protocol as P
+from .errors import BadRequest
 
 EXTENSION = "binary_tensor_data"
 HEADER = "inference-header-content-length"
@@ -45,10 +46,10 @@ def output_arrays(results: list[list[tuple[int, float]]], k: int) -> dict[str, n
 def header_length(value: str, body_size: int) -> int:
     """The Inference-Header-Content-Length header -> the JSON header's size in bytes (within the body)."""
     if not (value.isascii() and value.isdigit() and len(value) <= _MAX_HEADER_DIGITS):
-        raise P.BadRequest(f"Inference-Header-Content-Length must be a byte count, got {value[:40]!r}")
+        raise BadRequest(f"Inference-Header-Content-Length must be a byte count, got {value[:40]!r}")
     n = int(value)
     if n > body_size:
-        raise P.BadRequest(f"Inference-Header-Content-Length is {n} bytes but the whole body is {body_size}")
+        raise BadRequest(f"Inference-Header-Content-Length is {n} bytes but the whole body is {body_size}")
     return n
 
 
@@ -56,11 +57,11 @@ def int64_data(name, datatype, shape, raw: memoryview) -> list | None:
     """Raw little-endian INT64 bytes -> a flat list for parse_v2_infer, after checking that their size is
     what the shape needs. None when the datatype or shape is wrong: parse_v2_infer refuses those with its
     own message."""
-    if datatype != "INT64" or not (isinstance(shape, list) and all(P._is_int(s) and s >= 0 for s in shape)):
+    if datatype != "INT64" or not (isinstance(shape, list) and all(P.is_int64(s) and s >= 0 for s in shape)):
         return None
     needed = math.prod(shape) * 8                             # Python ints: a huge shape cannot overflow
     if len(raw) != needed:
-        raise P.BadRequest(f"input {name!r}: {len(raw)} bytes of binary data; INT64 shape {shape} needs {needed}")
+        raise BadRequest(f"input {name!r}: {len(raw)} bytes of binary data; INT64 shape {shape} needs {needed}")
     return np.frombuffer(raw, dtype="<i8").tolist()
 
 
@@ -74,57 +75,20 @@ def fill_binary_inputs(obj, blob: memoryview) -> None:
         if not isinstance(params, dict) or "binary_data_size" not in params:
             continue
         name, size = t.get("name"), params.pop("binary_data_size")
-        if not P._is_int(size) or size < 0:
-            raise P.BadRequest(f"input {name!r}: binary_data_size must be a byte count, got {size!r}")
+        if not P.is_int64(size) or size < 0:
+            raise BadRequest(f"input {name!r}: binary_data_size must be a byte count, got {size!r}")
         if "data" in t:
-            raise P.BadRequest(f"input {name!r}: both 'data' and binary_data_size given; send one")
+            raise BadRequest(f"input {name!r}: both 'data' and binary_data_size given; send one")
         if size > len(blob) - offset:
-            raise P.BadRequest(f"input {name!r}: binary_data_size {size} runs past the end of the body "
+            raise BadRequest(f"input {name!r}: binary_data_size {size} runs past the end of the body "
                                f"({len(blob) - offset} bytes of binary data left)")
         t["data"] = int64_data(name, t.get("datatype"), t.get("shape"), blob[offset:offset + size])
         offset += size
         if not params:
             del t["parameters"]
     if offset != len(blob):
-        raise P.BadRequest(f"{len(blob) - offset} bytes of the body follow the inputs' binary data: "
+        raise BadRequest(f"{len(blob) - offset} bytes of the body follow the inputs' binary data: "
                            f"binary_data_size and Inference-Header-Content-Length do not add up to the body")
-
-
-def requested_outputs(obj) -> tuple[list[tuple[str, bool]] | None, float | None]:
-    """Take the extension's fields out of a parsed v2 request (``obj`` is changed): the outputs to answer,
-    each with whether it goes binary (None: every output as JSON, the plain v2 answer), and Triton's
-    ``timeout`` parameter (microseconds) as milliseconds."""
-    if not isinstance(obj, dict):
-        return None, None                                    # parse_v2_infer says what a request is
-    params = obj.get("parameters")
-    binary_all, timeout_ms = False, None
-    if isinstance(params, dict):
-        params = obj["parameters"] = dict(params)
-        binary_all = params.pop("binary_data_output", False)
-        if not isinstance(binary_all, bool):
-            raise P.BadRequest(f"parameter binary_data_output must be true or false, got {binary_all!r}")
-        if "timeout" in params:
-            us = params.pop("timeout")
-            if not P._is_int(us) or us <= 0:
-                raise P.BadRequest(f"parameter timeout must be a positive number of microseconds, got {us!r}")
-            timeout_ms = us / 1e3
-    outputs = obj.pop("outputs", None)
-    if outputs is None:
-        return ([(name, True) for name in OUTPUTS] if binary_all else None), timeout_ms
-    if not isinstance(outputs, list):
-        raise P.BadRequest(f"'outputs' must be a list of {{\"name\": ...}} objects, got {type(outputs).__name__}")
-    wanted = []
-    for out in outputs:
-        out = P._check_fields(out, ("name", "parameters"), "v2 requested output")
-        name = out.get("name")
-        if name not in OUTPUTS or name in dict(wanted):
-            raise P.BadRequest(f"requested output {name!r}: the outputs are {', '.join(OUTPUTS)}, each at most once")
-        flags = P._check_fields(out.get("parameters") or {}, ("binary_data",), f"output {name!r} parameters")
-        binary = flags.get("binary_data", binary_all)
-        if not isinstance(binary, bool):
-            raise P.BadRequest(f"output {name!r}: binary_data must be true or false, got {binary!r}")
-        wanted.append((name, binary))
-    return wanted, timeout_ms
 
 
 def binary_response(model_name: str, version: str, rid: str | None, arrays: dict[str, np.ndarray],
@@ -145,31 +109,3 @@ def binary_response(model_name: str, version: str, rid: str | None, arrays: dict
         head["id"] = rid
     header = json.dumps(head, separators=(",", ":")).encode()
     return header + b"".join(blobs), len(header)
-
-
-async def answer_v2(service, name: str, body: bytes, headers: dict, timeout_ms: float | None):
-    """POST /v2/models/{name}/infer, JSON or binary -> Reply. A request that asks for no binary output
-    gets the plain JSON answer (``protocol.v2_response``), byte for byte as before the extension."""
-    from .service import OFFLOAD_BYTES, Reply
-
-    def decode_body():
-        limit = service.options.max_body_bytes
-        if HEADER in headers:
-            n = header_length(headers[HEADER], len(body))
-            obj = P.parse_json(body[:n], limit)
-            fill_binary_inputs(obj, memoryview(body)[n:])
-        else:
-            obj = P.parse_json(body, limit)
-        return obj, *requested_outputs(obj)
-
-    # a large body is read in a worker thread (as service._parse does), so health answers meanwhile
-    obj, wanted, timeout_param = (await asyncio.to_thread(decode_body) if len(body) >= OFFLOAD_BYTES
-                                  else decode_body())
-    if timeout_param is not None:
-        timeout_ms = timeout_param if timeout_ms is None else min(timeout_ms, timeout_param)
-    model, query, results = await service.answer(P.parse_v2_infer, obj, timeout_ms, size=len(body))
-    if wanted is None or not any(binary for _, binary in wanted):
-        names = None if wanted is None else [name for name, _ in wanted]
-        return Reply(200, P.v2_response(name, model.version, query.id, results, query.k, names))
-    payload, n = binary_response(name, model.version, query.id, output_arrays(results, query.k), wanted)
-    return Reply(200, payload, "application/octet-stream", {"Inference-Header-Content-Length": str(n)})

@@ -27,6 +27,7 @@ from nezha.runtime.errors import GraphRunError, NezhaError
 
 from . import kserve
 from . import protocol as P
+from .errors import BadRequest, ServeError
 from .binary import OUTPUTS, int64_data, output_arrays
 
 log = logging.getLogger("nezha.serve")
@@ -47,13 +48,13 @@ def v2_request(request) -> tuple[dict, bool]:
     """ModelInferRequest -> (the JSON-shaped v2 request parse_v2_infer reads, whether its inputs were raw)."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise P.BadRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input, in order")
+        raise BadRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input, in order")
     inputs = []
     for i, t in enumerate(request.inputs):
         tensor = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
         if raw:
             if t.HasField("contents"):
-                raise P.BadRequest(f"input {t.name!r}: both contents and raw_input_contents given; send one")
+                raise BadRequest(f"input {t.name!r}: both contents and raw_input_contents given; send one")
             tensor["data"] = int64_data(t.name, t.datatype, tensor["shape"], memoryview(raw[i]))
         else:
             tensor["data"] = list(t.contents.int64_contents)
@@ -88,13 +89,6 @@ class InferenceServicer:
     def __init__(self, service):
         self.service = service
 
-    def _check_model(self, name: str, version: str):
-        s, model = self.service, self.service.model
-        if name != s.options.name or model is None or (version and version != model.version):
-            raise P.NotFound(f"model {name!r}" + (f" version {version!r}" if version else "") +
-                             f" is not served here; serving {s.options.name!r}" + (f" version {model.version!r}" if model else ""))
-        return model
-
     async def ServerLive(self, request, context):
         return kserve.ServerLiveResponse(live=True)
 
@@ -102,27 +96,24 @@ class InferenceServicer:
         return kserve.ServerReadyResponse(ready=self.service.ready)
 
     async def ModelReady(self, request, context):
-        self._check_model(request.name, request.version)
+        self.service.served_model(request.name, request.version)
         return kserve.ModelReadyResponse(ready=self.service.ready)
 
     async def ServerMetadata(self, request, context):
         from .binary import EXTENSION
-        from .service import _version
-        return kserve.ServerMetadataResponse(name="nezha-serve", version=_version(), extensions=[EXTENSION])
+        return kserve.ServerMetadataResponse(name="nezha-serve", version=P.server_version(), extensions=[EXTENSION])
 
     async def ModelMetadata(self, request, context):
-        model = self._check_model(request.name, request.version)
+        model = self.service.served_model(request.name, request.version)
         meta = kserve.ModelMetadataResponse
         return meta(name=request.name, versions=[model.version], platform="nezha",
                     inputs=[meta.TensorMetadata(**t) for t in P.V2_INPUTS],
                     outputs=[meta.TensorMetadata(**t) for t in P.V2_OUTPUTS])
 
     async def ModelInfer(self, request, context):
-        from .binary import requested_outputs
-
-        self._check_model(request.model_name, request.model_version)
+        self.service.served_model(request.model_name, request.model_version)
         obj, raw = v2_request(request)
-        wanted, timeout_ms = requested_outputs(obj)       # Triton's timeout parameter; binary_data: moot here
+        wanted, timeout_ms = P.requested_outputs(obj)       # Triton's timeout parameter; binary_data: moot here
         remaining = context.time_remaining()               # the client's gRPC deadline, seconds (None: none)
         if remaining is not None:
             timeout_ms = min(timeout_ms or np.inf, max(remaining, 1e-3) * 1e3)
@@ -134,7 +125,7 @@ class InferenceServicer:
 def refusal(e: Exception) -> tuple[int, str, str]:
     """An exception from a servicer method -> (HTTP status, error kind, message), as ``Service.handle``
     maps them; ``CODES[status]`` is its gRPC code."""
-    if isinstance(e, P.ServeError):
+    if isinstance(e, ServeError):
         return e.status, e.kind, str(e)
     if isinstance(e, NezhaError) and not isinstance(e, GraphRunError):    # a user error not caught in parsing
         return 400, "bad_request", str(e)

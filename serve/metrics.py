@@ -1,5 +1,6 @@
 """Prometheus metrics of one server (its own registry, so that several servers can live in one process).
-Every label takes values from a fixed set (route templates, statuses, error kinds, reasons), never from
+The batch series are recorded by the one decode path (``batching.decode_items``), the queue depth by the
+Batcher. Every label takes values from a fixed set (route templates, statuses, error kinds, reasons), never from
 request text: clients cannot add series."""
 
 from __future__ import annotations
@@ -30,15 +31,6 @@ class Metrics:
         self.connections = Gauge("nezha_open_connections", "HTTP connections open (uvicorn engine)", registry=r)
         self.connections_closed = Counter("nezha_connections_closed", "Connections the server's bounds closed, by "
                                           "reason (evicted, busy, header_timeout, header_too_large)", ["reason"], registry=r)
-
-    def observe(self, batch_size=None, seconds=None, tokens=None, queue_depth=None) -> None:
-        """The batcher's hook (called from worker threads; prometheus_client is thread-safe)."""
-        if batch_size is not None:
-            self.batch_size.observe(batch_size)
-            self.batch_seconds.observe(seconds)
-            self.tokens.inc(tokens)
-        if queue_depth is not None:
-            self.queue_depth.set(queue_depth)
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,5 +1,5 @@
-"""A loaded artifact as the server holds it: the Recommender, a version, and
-a count of requests still using it so that a reload can close the old one only when they are done."""
+"""Loading an artifact for the server: open and verify it, time one decode, start the decode processes if
+asked -> a ``batching.LoadedModel`` (the Recommender, a version, and a count of the requests using it)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,7 @@ import hashlib
 import logging
 import os
 import stat
-import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from nezha.runtime import Recommender
@@ -17,70 +15,42 @@ from nezha.runtime.errors import OptionError
 from nezha.runtime.artifact import MAX_MANIFEST_BYTES
 from nezha.runtime.manifest import ManifestError
 
+from .batching import LoadedModel
+from .child import probe_codes
 from .options import LoadOptions
-from .pool import DecodePool, DecodeProcessUnavailable
+from .pool import DecodePool
 
 log = logging.getLogger("nezha.serve")
 
 
-@dataclass(eq=False)
-class LoadedModel:
-    rec: Recommender
-    artifact: Path
-    version: str                                  # short hash of manifest.json: changes with the artifact
-    backend_share: float = 1.0                    # of a decode's time, the share inside the backend (GIL released)
-    decode_seconds: float = 0.0                   # one solo decode (mid-length history, beam 20), best of 5
-    pool: DecodePool | None = None                # decode processes, if any: they decode, ``rec`` parses and maps
-    loaded_at: float = field(default_factory=time.time)
-    _users: int = 0
-    _retired: bool = False
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+def auto_workers(backend_share: float, decode_seconds: float, cores: int | None = None) -> int:
+    """Decode threads by default. One per core when a decode runs mostly in the backend with the GIL
+    released (large models, the C++ loop): the threads compute in parallel; else one (the Python loop on a
+    small model: a second thread only contends for the GIL with the first and the event loop). And when a
+    decode is short, one core fewer: the event loop's HTTP work per request is then a sizeable share of
+    the CPU, and a decode thread on every core starves it (measured: demo model, C++ loop, 2 cores)."""
+    cores = cores or os.cpu_count() or 1
+    if backend_share < WORKERS_SHARE:
+        return 1
+    return max(1, cores - 1) if decode_seconds < SHORT_DECODE_SECONDS else cores
 
-    def acquire(self) -> None:
-        with self._lock:
-            self._users += 1
 
-    def release(self) -> None:
-        with self._lock:
-            self._users -= 1
-            close = self._retired and self._users == 0
-        if close:
-            self._close()
+WORKERS_SHARE = 0.75
+SHORT_DECODE_SECONDS = 0.002
 
-    def retire(self) -> None:
-        """No new requests will use this model; close it once the last one is done."""
-        with self._lock:
-            self._retired = True
-            close = self._users == 0
-        if close:
-            self._close()
 
-    def decode_codes(self, code_histories, beam: int, idle: bool = False, timeout: float | None = None):
-        """Recommender.decode_codes, in a decode process when there is a pool (one that has not answered
-        in ``timeout`` s is killed), except when the server is ``idle`` (a lone history, nothing queued):
-        then the hop to a process costs more than the GIL it frees (measured on the demo at concurrency
-        1: 0.82x of decoding in the server's process). A decode process that cannot be started again
-        leaves its batches to the server's process (same answers) until it can."""
-        if self.pool is not None and not idle:
-            try:
-                return self.pool.decode_codes(code_histories, beam, timeout)
-            except DecodeProcessUnavailable:
-                pass
-        return self.rec.decode_codes(code_histories, beam)
+def batch_limit(model: LoadedModel, max_batch: int | None) -> int:
+    """Histories per batch: ``max_batch`` (--max-batch; None: the artifact's) capped at the artifact's."""
+    return model.rec.max_batch if max_batch is None else min(max_batch, model.rec.max_batch)
 
-    def _close(self) -> None:
-        log.info("closing model %s (%s)", self.version, self.artifact)
-        if self.pool is not None:
-            self.pool.close()
-        self.rec.close()
 
-    def info(self) -> dict:
-        rec = self.rec
-        return {"artifact": str(self.artifact), "version": self.version, "loaded_at": self.loaded_at, "backend": rec.backend,
-                "precision": rec.precision, "max_batch": rec.max_batch, "max_beam": rec.max_beam,
-                "max_history": rec.max_history, "levels": rec.layout.levels, "items": len(rec.catalog.item_ids),
-                "backend_share": round(self.backend_share, 3), "decode_ms": round(1e3 * self.decode_seconds, 3),
-                "decode_processes": self.pool.processes if self.pool else 0}
+def decode_workers(model: LoadedModel, workers: int | None, max_batch: int) -> int:
+    """Worker threads of the uvicorn engine: one per decode process, else ``workers`` or auto_workers."""
+    pool = model.pool
+    n = pool.processes if pool else workers or auto_workers(model.backend_share, model.decode_seconds)
+    log.info("%d decode %s, batches of up to %d histories", n, "process(es), one worker thread each" if pool
+             else "thread(s)", max_batch)
+    return n
 
 
 def backend_share(rec: Recommender, repeats: int = 5) -> tuple[float, float]:
@@ -88,12 +58,12 @@ def backend_share(rec: Recommender, repeats: int = 5) -> tuple[float, float]:
     runs, where the GIL is released: the rest is the Python loop, which decode threads cannot overlap.
     The C++ runtime (backend "cpp") runs its whole loop in one call without the GIL: every stage counts.
     -> (share, seconds of that decode)."""
-    history = rec.catalog.item_codes[:max(1, rec.max_history // 2)]
+    history = probe_codes(rec, max(1, rec.max_history // 2))
     best = (0.0, float("inf"))
     for _ in range(repeats):
         stages: dict = {}
         t0 = time.perf_counter()
-        rec.decode_codes([history], min(20, rec.max_beam), stages)
+        rec.decode_batch(history, min(20, rec.max_beam), [1], stages)
         total = time.perf_counter() - t0
         inside = sum(v for k, v in stages.items() if rec.backend == "cpp" or k == "backbone" or k.startswith("head_"))
         best = min(best, (inside, total), key=lambda x: x[1])
@@ -115,7 +85,7 @@ def load_model(artifact: str | Path, options: LoadOptions) -> LoadedModel:
                            precision=options.precision, threads=options.threads, verify=True)
     pool = None
     try:
-        rec.decode_codes([rec.catalog.item_codes[:1]], min(20, rec.max_beam))       # smoke test, binds buffers
+        rec.decode_batch(probe_codes(rec), min(20, rec.max_beam), [1])       # smoke test, binds buffers
         share, seconds = backend_share(rec)
         if _manifest_bytes(artifact) != manifest:
             raise ManifestError(f"{artifact}/manifest.json changed while the artifact was loading; try again")

@@ -26,7 +26,6 @@ import json
 import logging
 import os
 import queue
-import signal
 import socket
 import subprocess
 import sys
@@ -39,6 +38,8 @@ from typing import Sequence
 import numpy as np
 
 from nezha.runtime.errors import NezhaError
+
+from .child import CHILD_CODE
 
 log = logging.getLogger("nezha.serve")
 START_TIMEOUT_S = 120.0              # a child loads and hashes the artifact (the 104.6M one: about 3 s)
@@ -60,61 +61,6 @@ class PoolStartError(NezhaError, RuntimeError):
     """The decode processes could not load the artifact: the load (or reload) is refused."""
 
 
-def _child_main(conn: Connection, artifact: str, load: dict) -> None:
-    """A decode process: load the artifact, report ("ready", version), then answer (codes, beam) messages
-    with ("ok", keys, scores) or ("error", exception) until None or the server's end of the socket closes."""
-    import hashlib
-
-    from nezha.runtime import Recommender
-
-    try:
-        rec = Recommender.load(artifact, verify=True, **load)
-        rec.decode_codes([rec.catalog.item_codes[:1]], min(20, rec.max_beam))        # binds this process's buffers
-        version = hashlib.sha256((Path(artifact) / "manifest.json").read_bytes()).hexdigest()[:12]
-    except BaseException as e:                     # reported to the server, which refuses the load
-        conn.send(("error", _portable(e)))
-        return
-    conn.send(("ready", version))
-    try:
-        while True:
-            try:
-                message = conn.recv()
-            except (EOFError, OSError):            # the server is gone
-                return
-            if message is None:
-                return
-            codes, beam = message
-            try:
-                keys, scores = rec.decode_codes(codes, beam)
-                conn.send(("ok", keys, scores))
-            except Exception as e:
-                conn.send(("error", _portable(e)))
-    finally:
-        rec.close()
-
-
-def child_entry() -> None:
-    """``python -c ... FD ARTIFACT LOAD``: a decode process (see the module docstring for the signals)."""
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, signal.SIG_IGN)
-    _child_main(Connection(int(sys.argv[1])), sys.argv[2], json.loads(sys.argv[3]))
-
-
-# sys.path[0] is '' (the working directory) under -c: dropped before anything is imported from it (with
-# PYTHONSAFEPATH it is not there, and the first entry stays).
-_CHILD_CODE = "import sys\nif sys.path[:1] == ['']:\n    del sys.path[0]\nfrom nezha.serve.pool import child_entry\nchild_entry()"
-
-
-def _portable(e: BaseException) -> BaseException:
-    """The exception itself if it pickles (the library's errors do), else a RuntimeError with its text."""
-    import pickle
-    try:
-        pickle.loads(pickle.dumps(e))
-        return e
-    except Exception:
-        return RuntimeError(f"{type(e).__name__}: {e}")
-
-
 class _Child:
     """One decode process and the server's end of its socket."""
 
@@ -131,7 +77,7 @@ class _Child:
         ours, theirs = socket.socketpair()
         with ours, theirs:
             self.process = subprocess.Popen(
-                [sys.executable, "-c", _CHILD_CODE, str(theirs.fileno()), str(artifact), json.dumps(load)],
+                [sys.executable, "-c", CHILD_CODE, str(theirs.fileno()), str(artifact), json.dumps(load)],
                 pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
             self.conn = Connection(os.dup(ours.fileno()))
         self.ready, self.ready_by = False, time.monotonic() + START_TIMEOUT_S
@@ -185,7 +131,7 @@ class _Child:
 
 
 class DecodePool:
-    """``processes`` decode processes on one artifact. ``decode_codes(codes, beam, timeout)`` runs on a
+    """``processes`` decode processes on one artifact. ``decode_batch(codes, beam, ks, timeout)`` runs on a
     free one (thread-safe: each caller holds one child for the call; more callers than children wait)."""
 
     def __init__(self, artifact: Path, load: dict, processes: int, version: str):
@@ -217,17 +163,17 @@ class DecodePool:
     def pids(self) -> list[int | None]:
         return [c.process.pid if c.process is not None else None for c in self._children]
 
-    def decode_codes(self, code_histories: Sequence[np.ndarray], beam: int,
-                     timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Recommender.decode_codes in a child: (sid_keys [B, K] uint64, scores [B, K] float32). A child
-        that has not answered within ``timeout`` seconds (None: no limit) is killed: DecodeProcessError."""
+    def decode_batch(self, codes: Sequence[np.ndarray], beam: int, ks: Sequence[int],
+                     timeout: float | None = None) -> list[list[tuple[int, float]]]:
+        """Recommender.decode_batch in a child. A child that has not answered within ``timeout`` seconds
+        (None: no limit) is killed: DecodeProcessError."""
         child = self._free.get()
         try:
             if self._closed:
                 raise DecodeProcessUnavailable("the decode pool is closed")
             self._ensure_ready(child)
             try:
-                child.conn.send((list(code_histories), beam))
+                child.conn.send((list(codes), beam, list(ks)))
                 if not child.conn.poll(None if timeout is None else min(timeout, MAX_WAIT_S)):
                     child.kill()
                     raise DecodeProcessError(f"decode process {child.index} did not answer within {timeout:.1f} s; "
@@ -244,7 +190,7 @@ class DecodePool:
             self._free.put(child)
         if reply[0] == "error":
             raise reply[1]
-        return reply[1], reply[2]
+        return reply[1]
 
     def _ensure_ready(self, child: _Child) -> None:
         """A child ready for a batch, or DecodeProcessUnavailable at once (the caller decodes the batch in the

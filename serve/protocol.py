@@ -4,86 +4,22 @@ Parsing is strict and happens in one place: a body is bounded in size, must be U
 NaN/Infinity, and every field is checked for its exact JSON type (``true`` is not an item id, ``5.0``
 is not an integer: the library's own strict checks of item ids, with their messages) and answered with
 HTTP 400 and the library's message (``RequestError``, ``EncodingError``). All errors here derive from
-``NezhaError``."""
+``NezhaError`` (serve.errors)."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
-from nezha.runtime.encoding import history_codes
 from nezha.runtime.errors import NezhaError, clipped
 
+from .errors import BadRequest, MethodNotAllowed, PayloadTooLarge
+
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
-
-
-class ServeError(NezhaError):
-    """A request the server refuses; ``status`` is its HTTP status, ``kind`` its metrics label and ``headers``
-    what the answer must carry besides."""
-
-    status, kind = 500, "internal"
-    headers: dict = {}
-
-
-class BadRequest(ServeError, ValueError):
-    status, kind = 400, "bad_request"
-
-
-class PayloadTooLarge(ServeError, ValueError):
-    status, kind = 413, "too_large"
-
-
-class NotFound(ServeError, LookupError):
-    status, kind = 404, "not_found"
-
-
-class Overloaded(ServeError, RuntimeError):
-    """The bounded queue is full: answered at once so that latency stays bounded (clients retry)."""
-
-    status, kind = 429, "overloaded"
-
-
-class Unavailable(ServeError, RuntimeError):
-    """Not ready: starting, draining for shutdown, or without a model."""
-
-    status, kind = 503, "unavailable"
-
-
-class DeadlineExceeded(ServeError, TimeoutError):
-    status, kind = 504, "deadline"
-
-
-class Conflict(ServeError, RuntimeError):
-    status, kind = 409, "conflict"
-
-
-class Unauthorized(ServeError, PermissionError):
-    status, kind = 401, "unauthorized"
-    headers = {"WWW-Authenticate": 'Bearer realm="nezha-admin"'}            # RFC 6750: names the scheme
-
-
-class Forbidden(ServeError, PermissionError):
-    status, kind = 403, "forbidden"
-
-
-class RequestTimeout(ServeError, TimeoutError):
-    """The body did not arrive in time (--body-timeout); the connection is closed after the answer."""
-
-    status, kind = 408, "request_timeout"
-    headers = {"Connection": "close"}                   # the rest of the body may still be on its way
-
-
-class ClientGone(ServeError, ConnectionError):
-    """Nobody reads this answer; counted under nginx's 499 ("client closed request")."""
-    status, kind = 499, "client_gone"
-
-
-class UnsupportedMediaType(ServeError, ValueError):
-    status, kind = 415, "media_type"
 
 
 def parse_json(body: bytes, limit: int) -> object:
@@ -122,14 +58,14 @@ def _unique_keys(pairs: list) -> dict:
     return obj
 
 
-def _is_int(x) -> bool:
+def is_int64(x) -> bool:
     return type(x) is int and INT64_MIN <= x <= INT64_MAX          # bool is a subclass of int: refused
 
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", type(None): "null"}
 
 
-def _describe(x) -> str:
+def describe(x) -> str:
     """A JSON value as a message shows it: short, with its JSON type."""
     if isinstance(x, bool):
         return f"{json.dumps(x)} (a boolean)"
@@ -143,42 +79,18 @@ def _describe(x) -> str:
     return f"{text[:40]}{'...' if len(text) > 40 else ''} ({_JSON_TYPES.get(type(x), type(x).__name__)})"
 
 
-def check_k_beam(k, beam, rec) -> tuple[int, int]:
-    """k and beam checked by the library itself (``Recommender.beam_for``): the same rules, order and
-    messages as ``recommend``; beam defaults to max(k, 20) capped at max_beam."""
-    try:
-        return k, rec.beam_for(k, beam)
-    except NezhaError as e:
-        raise BadRequest(str(e)) from None
-
-
 @dataclass
 class Query:
-    """A validated request: per history its [n, L] int64 codes, and k, beam for all of them."""
+    """A validated request: per history its [n, L] int64 codes (``Recommender.prepare``'s), and k, beam for
+    all of them."""
 
     codes: list[np.ndarray]
     k: int
     beam: int
     id: str | None = None
-    extra: dict = field(default_factory=dict)
 
 
-def codes_of(histories: list[list[int]], rec, unknown: str) -> list[np.ndarray]:
-    """Item ids -> codes with the library's encoder (its messages for unknown items); empty histories
-    are refused with the library's message and the request's own history index."""
-    if not histories:
-        raise BadRequest("no histories given: pass a list of item-id lists")
-    try:
-        codes = history_codes(histories, rec.catalog, unknown)
-    except NezhaError as e:
-        raise BadRequest(str(e)) from None
-    for b, c in enumerate(codes):
-        if len(c) == 0:
-            raise BadRequest(f"history {b} is empty (after dropping unknown items): NEZHA needs at least one item")
-    return codes
-
-
-def _check_fields(obj, allowed: tuple[str, ...], what: str) -> dict:
+def check_fields(obj, allowed: tuple[str, ...], what: str) -> dict:
     if not isinstance(obj, dict):
         raise BadRequest(f"{what} must be a JSON object with {', '.join(allowed)}; got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(allowed))
@@ -194,13 +106,13 @@ def _optional_object(obj: dict, key: str, allowed: tuple[str, ...], what: str) -
         return {}
     value = obj[key]
     if not isinstance(value, dict):
-        raise BadRequest(f"{what}: {key!r} must be a JSON object, got {_describe(value)}")
-    return _check_fields(value, allowed, f"{what} {key}")
+        raise BadRequest(f"{what}: {key!r} must be a JSON object, got {describe(value)}")
+    return check_fields(value, allowed, f"{what} {key}")
 
 
 def parse_recommend(obj, rec, max_histories: int) -> Query:
     """``{"histories": [[item, ...], ...], "k": 10, "beam": 20, "unknown": "error"}`` -> Query."""
-    obj = _check_fields(obj, ("histories", "k", "beam", "unknown"), "/v1/recommend body")
+    obj = check_fields(obj, ("histories", "k", "beam", "unknown"), "/v1/recommend body")
     if "histories" not in obj:
         raise BadRequest("/v1/recommend body: missing field 'histories' (a list of item-id lists)")
     histories = obj["histories"]
@@ -208,9 +120,18 @@ def parse_recommend(obj, rec, max_histories: int) -> Query:
         raise BadRequest(f"histories must be a list of item-id lists, got {type(histories).__name__}")
     if len(histories) > max_histories:
         raise BadRequest(f"{len(histories)} histories in one request; at most {max_histories} allowed")
-    k, beam = check_k_beam(obj.get("k", 10), obj.get("beam"), rec)
-    # item ids (bools, floats, strings, nesting, int64 range, unknown items): the library's checks and messages
-    return Query(codes_of(histories, rec, obj.get("unknown", "error")), k, beam)
+    return prepared(rec, histories, obj.get("k", 10), obj.get("beam"), obj.get("unknown", "error"))
+
+
+def prepared(rec, histories: list, k, beam, unknown) -> Query:
+    """k, beam and the item-id histories checked and mapped to codes by the library itself
+    (``Recommender.beam_for``, ``Recommender.prepare``: bools, floats, strings, nesting, int64 range, unknown
+    items, empty histories), with its rules, order and messages, before anything is queued: 400."""
+    try:
+        beam = rec.beam_for(k, beam)
+        return Query(rec.prepare(histories, unknown), k, beam)
+    except NezhaError as e:
+        raise BadRequest(str(e)) from None
 
 
 def recommend_response(results: list[list[tuple[int, float]]]) -> dict:
@@ -226,10 +147,10 @@ V2_INPUTS = [{"name": "histories", "datatype": "INT64", "shape": [-1, -1]},
              {"name": "lengths", "datatype": "INT64", "shape": [-1]}]
 V2_PARAMETERS = ("k", "beam", "unknown")
 V2_INPUT_PARAMETERS: tuple[str, ...] = ()        # per-tensor parameters understood (none yet)
-V2_OUTPUT_PARAMETERS: tuple[str, ...] = ()
 V2_OUTPUTS = [{"name": "items", "datatype": "INT64", "shape": [-1, -1]},
               {"name": "scores", "datatype": "FP32", "shape": [-1, -1]},
               {"name": "counts", "datatype": "INT64", "shape": [-1]}]
+V2_OUTPUT_NAMES = [o["name"] for o in V2_OUTPUTS]
 
 
 def _flatten(data, shape: list[int], name: str) -> list:
@@ -244,34 +165,33 @@ def _flatten(data, shape: list[int], name: str) -> list:
     if len(data) != expected:
         raise BadRequest(f"input {name!r}: {len(data)} values for shape {shape} ({expected} expected)")
     for pos, x in enumerate(data):
-        if not _is_int(x):
-            raise BadRequest(f"input {name!r} must hold INT64 values, got {_describe(x)} at position {pos}")
+        if not is_int64(x):
+            raise BadRequest(f"input {name!r} must hold INT64 values, got {describe(x)} at position {pos}")
     return data
 
 
 def parse_v2_infer(obj, rec, max_histories: int) -> Query:
-    """A v2 inference request (see V2_INPUTS) -> Query."""
-    obj = _check_fields(obj, ("id", "inputs", "outputs", "parameters"), "v2 inference request")
+    """A v2 inference request (see V2_INPUTS; its ``outputs`` taken out first by requested_outputs) -> Query."""
+    obj = check_fields(obj, ("id", "inputs", "outputs", "parameters"), "v2 inference request")
     rid = obj.get("id")
     if rid is not None and not isinstance(rid, str):
         raise BadRequest(f"v2 inference request: id must be a string, got {type(rid).__name__}")
     params = _optional_object(obj, "parameters", V2_PARAMETERS, "v2 inference request")
-    outputs = _requested_outputs(obj)
     inputs = obj.get("inputs")
     if not isinstance(inputs, list):
         raise BadRequest("v2 inference request: 'inputs' must be a list of tensors 'histories' and 'lengths'")
     tensors = {}
     for t in inputs:
-        t = _check_fields(t, ("name", "shape", "datatype", "data", "parameters"), "v2 input tensor")
+        t = check_fields(t, ("name", "shape", "datatype", "data", "parameters"), "v2 input tensor")
         name = t.get("name")
         if name not in ("histories", "lengths") or name in tensors:
-            raise BadRequest(f"v2 input {_describe(name)}: expected the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B], once each")
+            raise BadRequest(f"v2 input {describe(name)}: expected the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B], once each")
         if t.get("datatype") != "INT64":
-            raise BadRequest(f"input {name!r}: datatype must be INT64, got {_describe(t.get('datatype'))}")
+            raise BadRequest(f"input {name!r}: datatype must be INT64, got {describe(t.get('datatype'))}")
         _optional_object(t, "parameters", V2_INPUT_PARAMETERS, f"input {name!r}")
         shape, rank = t.get("shape"), 2 if name == "histories" else 1
-        if not isinstance(shape, list) or len(shape) != rank or not all(_is_int(s) and s >= 0 for s in shape):
-            raise BadRequest(f"input {name!r}: shape must be {rank} non-negative integers, got {_describe(shape)}")
+        if not isinstance(shape, list) or len(shape) != rank or not all(is_int64(s) and s >= 0 for s in shape):
+            raise BadRequest(f"input {name!r}: shape must be {rank} non-negative integers, got {describe(shape)}")
         tensors[name] = (shape, _flatten(t.get("data"), shape, name))
     if set(tensors) != {"histories", "lengths"}:
         raise BadRequest("v2 inference request: needs the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B]")
@@ -286,27 +206,47 @@ def parse_v2_infer(obj, rec, max_histories: int) -> Query:
         if not 0 <= n <= T:
             raise BadRequest(f"lengths[{b}] = {n}; must lie in 0..{T} (the histories tensor's second dimension)")
         histories.append(hdata[b * T:b * T + n])
-    k, beam = check_k_beam(params.get("k", 10), params.get("beam"), rec)
-    return Query(codes_of(histories, rec, params.get("unknown", "error")), k, beam, id=rid, extra={"outputs": outputs})
+    query = prepared(rec, histories, params.get("k", 10), params.get("beam"), params.get("unknown", "error"))
+    query.id = rid
+    return query
 
 
-def _requested_outputs(obj: dict) -> list[str] | None:
-    """The request's ``outputs``: each {"name": one of V2_OUTPUTS, "parameters": {...}} at most once; None when
-    absent (then every output is returned)."""
-    if "outputs" not in obj:
-        return None
-    outputs, known = obj["outputs"], [o["name"] for o in V2_OUTPUTS]
+def requested_outputs(obj) -> tuple[list[tuple[str, bool]] | None, float | None]:
+    """Take the outputs and the binary extension's fields out of a parsed v2 request (``obj`` is changed,
+    before parse_v2_infer reads the rest): the outputs to answer, each at most once with whether it goes
+    binary (None: every output as JSON, the plain v2 answer), and Triton's ``timeout`` parameter
+    (microseconds) as milliseconds. The one check of ``outputs`` (HTTP JSON, HTTP binary, gRPC)."""
+    if not isinstance(obj, dict):
+        return None, None                                    # parse_v2_infer says what a request is
+    params = obj.get("parameters")
+    binary_all, timeout_ms = False, None
+    if isinstance(params, dict):
+        params = obj["parameters"] = dict(params)
+        binary_all = params.pop("binary_data_output", False)
+        if not isinstance(binary_all, bool):
+            raise BadRequest(f"parameter binary_data_output must be true or false, got {binary_all!r}")
+        if "timeout" in params:
+            us = params.pop("timeout")
+            if not is_int64(us) or us <= 0:
+                raise BadRequest(f"parameter timeout must be a positive number of microseconds, got {us!r}")
+            timeout_ms = us / 1e3
+    outputs = obj.pop("outputs", None)
+    if outputs is None:
+        return ([(name, True) for name in V2_OUTPUT_NAMES] if binary_all else None), timeout_ms
     if not isinstance(outputs, list):
-        raise BadRequest(f"v2 inference request: 'outputs' must be a list of {{\"name\": ...}} objects, got {_describe(outputs)}")
-    names = []
-    for o in outputs:
-        o = _check_fields(o, ("name", "parameters"), "v2 requested output")
-        name = o.get("name")
-        if not isinstance(name, str) or name not in known or name in names:
-            raise BadRequest(f"v2 requested output {_describe(name)}: the outputs are {', '.join(known)}, each at most once")
-        _optional_object(o, "parameters", V2_OUTPUT_PARAMETERS, f"output {name!r}")
-        names.append(name)
-    return names
+        raise BadRequest(f"'outputs' must be a list of {{\"name\": ...}} objects, got {type(outputs).__name__}")
+    wanted = []
+    for out in outputs:
+        out = check_fields(out, ("name", "parameters"), "v2 requested output")
+        name = out.get("name")
+        if name not in V2_OUTPUT_NAMES or name in dict(wanted):
+            raise BadRequest(f"requested output {name!r}: the outputs are {', '.join(V2_OUTPUT_NAMES)}, each at most once")
+        flags = check_fields(out.get("parameters") or {}, ("binary_data",), f"output {name!r} parameters")
+        binary = flags.get("binary_data", binary_all)
+        if not isinstance(binary, bool):
+            raise BadRequest(f"output {name!r}: binary_data must be true or false, got {binary!r}")
+        wanted.append((name, binary))
+    return wanted, timeout_ms
 
 
 def v2_response(model_name: str, version: str, rid: str | None, results, k: int,
@@ -327,3 +267,27 @@ def v2_response(model_name: str, version: str, rid: str | None, results, k: int,
     if rid is not None:
         out["id"] = rid
     return out
+
+
+def timeout_header(value: str | None) -> float | None:
+    """The x-nezha-timeout-ms header -> milliseconds (None: not given)."""
+    if value is None:
+        return None
+    try:
+        ms = float(value)
+    except ValueError:
+        raise BadRequest(f"x-nezha-timeout-ms must be a number of milliseconds, got {value!r}") from None
+    if not 0 < ms <= 600_000:
+        raise BadRequest(f"x-nezha-timeout-ms must lie in (0, 600000], got {value!r}")
+    return ms
+
+
+def server_version() -> str:
+    from nezha import __version__
+    return __version__
+
+
+def allow(method: str, allowed: str) -> None:
+    """MethodNotAllowed (405) unless ``method`` is ``allowed``."""
+    if method != allowed:
+        raise MethodNotAllowed(f"method {method} not allowed here; use {allowed}")

@@ -8,16 +8,11 @@ Routes:
   POST /v2/models/{name}/infer        Open Inference Protocol (see serve.protocol: INT64 histories + lengths)
   GET  /metrics                       Prometheus text format
   POST /admin/reload                  {"artifact": "path"} optional: load, verify, swap atomically; off (404)
-                                      unless an admin token is configured (serve.admin)
-
-Metrics count requests by route template (a fixed set, ``unmatched`` for every other path), so that no
-request can add a label value.
-"""
+                                      unless an admin token is configured (serve.admin)"""
 
 from __future__ import annotations
 
 import asyncio
-import os
 import logging
 import re
 import time
@@ -29,10 +24,11 @@ from nezha.runtime.errors import GraphRunError, NezhaError
 
 from . import admin
 from . import protocol as P
-from .batching import Batcher, Item, Pending, tokens_of
-from .binary import EXTENSION, answer_v2
+from .errors import DeadlineExceeded, NotFound, RequestTimeout, ServeError, Unavailable
+from .batching import Batcher, Item, LoadedModel, Pending
+from .binary import EXTENSION, HEADER, binary_response, fill_binary_inputs, header_length, output_arrays
 from .metrics import Metrics
-from .model import LoadedModel, load_model
+from .model import batch_limit, decode_workers, load_model
 from .options import LoadOptions, ServeOptions
 from .pool import wait_closed
 
@@ -46,7 +42,7 @@ MAX_MESSAGE_CHARS = 1000
 
 def route_template(path: str) -> str:
     """A request path -> its route's template (``/v2/models/{name}/infer``), or "unmatched": the only values
-    the metrics' ``route`` label takes, whatever paths clients send."""
+    the metrics' ``route`` label takes, whatever paths clients send (no request adds a label value)."""
     if path in FIXED_ROUTES:
         return path
     m = _MODEL_ROUTE.match(path)
@@ -63,20 +59,6 @@ class Reply:
     headers: dict = field(default_factory=dict)
 
 
-def auto_workers(backend_share: float, decode_seconds: float, cores: int | None = None) -> int:
-    """Decode threads by default. One per core when a decode runs mostly in the backend with the GIL
-    released (large models, the C++ loop): the threads compute in parallel; else one (the Python loop on a
-    small model: a second thread only contends for the GIL with the first and the event loop). And when a
-    decode is short, one core fewer: the event loop's HTTP work per request is then a sizeable share of
-    the CPU, and a decode thread on every core starves it (measured: demo model, C++ loop, 2 cores)."""
-    cores = cores or os.cpu_count() or 1
-    if backend_share < WORKERS_SHARE:
-        return 1
-    return max(1, cores - 1) if decode_seconds < SHORT_DECODE_SECONDS else cores
-
-
-WORKERS_SHARE = 0.75
-SHORT_DECODE_SECONDS = 0.002
 
 
 class Service:
@@ -91,7 +73,7 @@ class Service:
         self.model: LoadedModel | None = model          # preloaded (the CLI), else loaded by start()
         self.batcher: Batcher | None = None
         self.draining = False
-        self._reload_lock = asyncio.Lock()
+        self.reload_lock = asyncio.Lock()
 
     # --- lifecycle --------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -102,13 +84,9 @@ class Service:
 
     def start_engine(self) -> None:
         o = self.options
-        max_batch = self.model.rec.max_batch if o.max_batch is None else min(o.max_batch, self.model.rec.max_batch)
-        pool = self.model.pool
-        workers = pool.processes if pool else o.workers or auto_workers(self.model.backend_share, self.model.decode_seconds)
-        log.info("%d decode %s, batches of up to %d histories", workers,
-                 "process(es), one worker thread each" if pool else "thread(s)", max_batch)
-        self.batcher = Batcher(workers, max_batch, o.max_queue, o.max_wait_ms / 1e3, self.metrics.observe,
-                               o.max_delay_ms / 1e3)
+        max_batch = batch_limit(self.model, o.max_batch)
+        workers = decode_workers(self.model, o.workers, max_batch)
+        self.batcher = Batcher(workers, max_batch, o.max_queue, self.metrics, o.max_wait_ms / 1e3, o.max_delay_ms / 1e3)
 
     async def stop(self) -> None:
         """Drain: refuse new work (503), decode what is queued, close the model."""
@@ -125,36 +103,28 @@ class Service:
         return self.model is not None and self.batcher is not None and not self.draining
 
     async def reload(self, artifact: str | Path | None = None) -> LoadedModel:
-        """Load ``artifact`` (default: the current one again), verify it and swap. Requests already
-        admitted finish on the model they started with; a bad artifact raises and the old model stays."""
-        if self._reload_lock.locked():
-            raise P.Conflict("a reload is already in progress")
-        async with self._reload_lock:
-            path = Path(artifact) if artifact is not None else self.artifact
-            new = await self.checked_load(path)
-            old, self.model, self.artifact = self.model, new, path
-            self.metrics.reloads.labels("swapped").inc()
-            log.info("reloaded: version %s -> %s", old.version if old else None, new.version)
-            if old is not None:
-                old.retire()
-            return new
-
-    async def checked_load(self, path: Path) -> LoadedModel:
-        """Load and verify ``path`` for a reload; a bad artifact -> 400 naming the version still served."""
-        try:
-            return await asyncio.to_thread(load_model, path, self.load_options)
-        except NezhaError as e:
-            self.metrics.reloads.labels("refused").inc()
-            raise P.BadRequest(f"reload refused, still serving version {self.model.version}: {e}") from None
+        """Load ``artifact`` (default: the current one again), verify it and swap (serve.admin.swap)."""
+        return await admin.swap(self, artifact)
 
     async def admin_reload(self, artifact: str | None) -> Reply:
         """POST /admin/reload: swap now (the engine here); Ray's replicas roll over instead (RayService)."""
         model = await self.reload(artifact)
         return Reply(200, {"reloaded": True, "model": model.info()})
 
+    def served_model(self, name: str, version: str | None) -> LoadedModel:
+        """The model a v2 route or RPC names (a version, if given, must be the served one), else 404."""
+        model = self.model
+        if name != self.options.name or model is None or (version and version != model.version):
+            raise NotFound(f"model {name[:80]!r}" + (f" version {version[:80]!r}" if version else "") +
+                           f" is not served here; serving {self.options.name!r}" +
+                           (f" version {model.version!r}" if model else ""))
+        return model
+
     # --- decoding -------------------------------------------------------------------------------------
     async def decode(self, model: LoadedModel, query: P.Query, deadline: float) -> list:
-        """Query -> per history up to k (item id, score) pairs, best first, through the batcher."""
+        """Query -> per history up to k (item id, score) pairs, best first: admission (one Item per history,
+        each holding the model; the engine's ``batcher.submit`` refuses a full queue: 429) and the wait
+        for the answers up to the request's deadline (504). Both engines admit here."""
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -164,9 +134,7 @@ class Service:
                     future.set_exception(error) if error is not None else future.set_result(results)
             loop.call_soon_threadsafe(settle)
         pending = Pending(len(query.codes), deadline, on_done)
-        rec = model.rec
-        items = [Item(c, tokens_of(c, rec.max_history, rec.layout.levels), query.beam, query.k, model, pending, i)
-                 for i, c in enumerate(query.codes)]
+        items = [Item(c, model.rec.tokens(c), query.beam, query.k, model, pending, i) for i, c in enumerate(query.codes)]
         for _ in items:
             model.acquire()
         try:
@@ -178,10 +146,10 @@ class Service:
         try:
             return await asyncio.wait_for(future, max(deadline - time.perf_counter(), 0.0))
         except asyncio.TimeoutError:
-            pending.fail(P.DeadlineExceeded("deadline"))       # its queued histories are dropped
-            raise P.DeadlineExceeded("no answer within the request's deadline (--timeout-ms or x-nezha-timeout-ms)") from None
+            pending.fail(DeadlineExceeded("deadline"))       # its queued histories are dropped
+            raise DeadlineExceeded("no answer within the request's deadline (--timeout-ms or x-nezha-timeout-ms)") from None
         except asyncio.CancelledError:
-            pending.fail(P.DeadlineExceeded("client went away"))
+            pending.fail(DeadlineExceeded("client went away"))
             raise
 
     async def answer(self, parse: Callable, body: bytes | dict, timeout_ms: float | None = None, size: int = 0):
@@ -189,7 +157,7 @@ class Service:
         ``size``: its size on the wire) against the current model, decode, and map SIDs to items with each
         request's k."""
         if not self.ready:
-            raise P.Unavailable("not ready: " + ("draining for shutdown" if self.draining else "no model loaded"))
+            raise Unavailable("not ready: " + ("draining for shutdown" if self.draining else "no model loaded"))
         timeout_ms = self.options.timeout_ms if timeout_ms is None else min(timeout_ms, self.options.timeout_ms)
         deadline = time.perf_counter() + timeout_ms / 1e3
         model = self.model                                       # one model for the whole request
@@ -201,13 +169,34 @@ class Service:
             model.release()
 
     async def _parse(self, parse: Callable, body: bytes | dict, model: LoadedModel, size: int = 0) -> P.Query:
-        """Parse and check a body; a large one in a worker thread, so that the event loop answers other
-        requests meanwhile (json.loads of 1 MiB holds the GIL ~10-20 ms; the checks after it yield it)."""
+        """Parse and check a body (bytes, or JSON already parsed), a large one in a worker thread."""
         def work():
             obj = P.parse_json(body, self.options.max_body_bytes) if isinstance(body, bytes) else body
             return parse(obj, model.rec, self.options.max_queue)
-        large = max(size, len(body) if isinstance(body, bytes) else 0) >= OFFLOAD_BYTES
-        return await asyncio.to_thread(work) if large else work()
+        return await _offload(work, max(size, len(body) if isinstance(body, bytes) else 0))
+
+    async def infer_v2(self, name: str, body: bytes, headers: dict, timeout_ms: float | None):
+        """POST /v2/models/{name}/infer, JSON or binary -> Reply. A request that asks for no binary output
+        gets the plain JSON answer (``protocol.v2_response``), byte for byte as before the extension."""
+        def decode_body():
+            limit = self.options.max_body_bytes
+            if HEADER in headers:
+                n = header_length(headers[HEADER], len(body))
+                obj = P.parse_json(body[:n], limit)
+                fill_binary_inputs(obj, memoryview(body)[n:])
+            else:
+                obj = P.parse_json(body, limit)
+            return obj, *P.requested_outputs(obj)
+
+        obj, wanted, timeout_param = await _offload(decode_body, len(body))
+        if timeout_param is not None:
+            timeout_ms = timeout_param if timeout_ms is None else min(timeout_ms, timeout_param)
+        model, query, results = await self.answer(P.parse_v2_infer, obj, timeout_ms, size=len(body))
+        if wanted is None or not any(binary for _, binary in wanted):
+            names = None if wanted is None else [name for name, _ in wanted]
+            return Reply(200, P.v2_response(name, model.version, query.id, results, query.k, names))
+        payload, n = binary_response(name, model.version, query.id, output_arrays(results, query.k), wanted)
+        return Reply(200, payload, "application/octet-stream", {"Inference-Header-Content-Length": str(n)})
 
     # --- routes ---------------------------------------------------------------------------------------
     async def handle(self, method: str, path: str, read_body: Callable[[int], Awaitable[bytes]],
@@ -220,11 +209,11 @@ class Service:
             try:
                 return await asyncio.wait_for(read_body(limit), self.options.body_timeout_s)
             except asyncio.TimeoutError:
-                raise P.RequestTimeout(f"the request body did not arrive within {self.options.body_timeout_s:g} s "
+                raise RequestTimeout(f"the request body did not arrive within {self.options.body_timeout_s:g} s "
                                        f"(--body-timeout)") from None
         try:
             reply = await self._route(method, path, route, body_in_time, headers or {})
-        except P.ServeError as e:
+        except ServeError as e:
             reply = self._error(e.status, e.kind, str(e), e.headers)
         except NezhaError as e:                                  # a library user error not caught in parsing
             if isinstance(e, GraphRunError):                     # ... but a graph failing mid-run is the server's
@@ -248,78 +237,49 @@ class Service:
         return Reply(status, {"error": message, "kind": kind}, headers=headers)
 
     async def _route(self, method, path, route, read_body, headers) -> Reply:
-        timeout_ms = _header_ms(headers.get("x-nezha-timeout-ms"))
+        timeout_ms = P.timeout_header(headers.get("x-nezha-timeout-ms"))
         if route == "/v1/recommend":
-            _allow(method, "POST")
+            P.allow(method, "POST")
             _, _, results = await self.answer(P.parse_recommend, await read_body(self.options.max_body_bytes), timeout_ms)
             return Reply(200, P.recommend_response(results))
         if route == "/metrics":
-            _allow(method, "GET")
+            P.allow(method, "GET")
             return Reply(200, self.metrics.exposition(), self.metrics.content_type)
         if route == "/v2/health/live":
-            _allow(method, "GET")
+            P.allow(method, "GET")
             return Reply(200, {"live": True})
         if route == "/v2/health/ready":
-            _allow(method, "GET")
+            P.allow(method, "GET")
             return Reply(200 if self.ready else 503, {"ready": self.ready})
         if route == "/v2":
-            _allow(method, "GET")
-            return Reply(200, {"name": "nezha-serve", "version": _version(), "extensions": [EXTENSION]})
+            P.allow(method, "GET")
+            return Reply(200, {"name": "nezha-serve", "version": P.server_version(), "extensions": [EXTENSION]})
         if route == "/admin/reload" and self.options.admin_token_sha256 is not None:
             admin.check_token(headers, self.options.admin_token_sha256)
-            _allow(method, "POST")
+            P.allow(method, "POST")
             admin.check_json(headers)
-            body = await read_body(self.options.max_body_bytes)
-            obj = P.parse_json(body, self.options.max_body_bytes) if body.strip() else {}
-            obj = P._check_fields(obj, ("artifact",), "/admin/reload body")
-            if "artifact" in obj and not isinstance(obj["artifact"], str):
-                raise P.BadRequest("/admin/reload body: 'artifact' must be a path string")
-            artifact = obj.get("artifact")
+            artifact = admin.reload_artifact(await read_body(self.options.max_body_bytes), self.options.max_body_bytes)
             return await self.admin_reload(None if artifact is None else
                                            admin.artifact_under(self.artifact_root, artifact))
         if route.startswith("/v2/models/"):
             name, version, tail = _MODEL_ROUTE.match(path).groups()
-            model = self.model
-            if name != self.options.name or model is None or (version is not None and version != model.version):
-                raise P.NotFound(f"model {name[:80]!r}" + (f" version {version[:80]!r}" if version else "") +
-                                 f" is not served here; serving {self.options.name!r}" +
-                                 (f" version {model.version!r}" if model else ""))
+            model = self.served_model(name, version)
             if tail is None:
-                _allow(method, "GET")
+                P.allow(method, "GET")
                 return Reply(200, {"name": name, "versions": [model.version], "platform": "nezha",
                                    "inputs": P.V2_INPUTS, "outputs": P.V2_OUTPUTS,
                                    "parameters": {**model.info(), "artifact": Path(model.artifact).name}})   # no path for anyone
             if tail == "/ready":
-                _allow(method, "GET")
+                P.allow(method, "GET")
                 return Reply(200 if self.ready else 503, {"name": name, "ready": self.ready})
-            _allow(method, "POST")
+            P.allow(method, "POST")
             body = await read_body(self.options.max_body_bytes)            # JSON, or binary tensors: serve.binary
-            return await answer_v2(self, name, body, headers, timeout_ms)
+            return await self.infer_v2(name, body, headers, timeout_ms)
         # the same answer for /admin/* when the admin API is off: its existence is not revealed
-        raise P.NotFound(f"no route {method} {path[:80]}; see /v2/models/{self.options.name} and /v1/recommend")
+        raise NotFound(f"no route {method} {path[:80]}; see /v2/models/{self.options.name} and /v1/recommend")
 
 
-class MethodNotAllowed(P.ServeError):
-    status, kind = 405, "method"
-
-
-def _allow(method: str, allowed: str) -> None:
-    if method != allowed:
-        raise MethodNotAllowed(f"method {method} not allowed here; use {allowed}")
-
-
-def _header_ms(value: str | None) -> float | None:
-    if value is None:
-        return None
-    try:
-        ms = float(value)
-    except ValueError:
-        raise P.BadRequest(f"x-nezha-timeout-ms must be a number of milliseconds, got {value!r}") from None
-    if not 0 < ms <= 600_000:
-        raise P.BadRequest(f"x-nezha-timeout-ms must lie in (0, 600000], got {value!r}")
-    return ms
-
-
-def _version() -> str:
-    from nezha import __version__
-    return __version__
+async def _offload(work: Callable, size: int):
+    """work(), in a worker thread for a body of ``size`` >= OFFLOAD_BYTES, so that the event loop answers
+    other requests meanwhile (json.loads of 1 MiB holds the GIL ~10-20 ms; the checks after it yield it)."""
+    return await asyncio.to_thread(work) if size >= OFFLOAD_BYTES else work()

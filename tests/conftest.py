@@ -24,7 +24,7 @@ except ImportError as e:         # the folders import as nezha.*: only the edita
 
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.data import DEFAULT_DATA, find_pair
-from nezha.runtime.layout import SidLayout
+from nezha.runtime.encoding import SidLayout
 
 DATA = DEFAULT_DATA                               # the Beauty data the project carries (data/beauty)
 BEAUTY_INDEX, BEAUTY_INTER = find_pair(DATA)

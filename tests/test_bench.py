@@ -242,7 +242,7 @@ class FakeSteps:
 def test_decode_stage_hook_sees_each_named_step_and_changes_nothing():
     from conftest import tiny_layout
     from nezha.runtime.decode import beam_search
-    from nezha.runtime.verifier import Verifier
+    from nezha.runtime.decode import Verifier
 
     layout, cat = tiny_layout(), tiny_catalog()
     verifier = Verifier(layout, cat.valid_prefixes(layout))

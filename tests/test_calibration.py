@@ -18,7 +18,7 @@ from nezha.calibration import (INT8_CPU_SETTINGS, MIN_SAMPLES, CalibrationError,
                                sample_histories, validate_int8, weight_matmuls)
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.encoding import encode_histories
-from nezha.runtime.layout import SidLayout
+from nezha.runtime.encoding import SidLayout
 
 MAX_HISTORY = 10
 FLOAT_ONLY = {"SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization", "Softmax", "LogSoftmax",

@@ -379,8 +379,6 @@ def test_decode_codes_is_the_python_loop_bit_for_bit(cpp_build, artifact):
             cpp(str(artifact) + "\0/elsewhere")
 
 
-@pytest.mark.skip(reason="issue 22: serve/ moves onto the Recommender contract (helper servepath); the cpp "
-                  "backend no longer offers catalog/sid_table/layout")
 def test_the_server_runs_the_cpp_loop(cpp_build, artifact):
     """nezha serve --backend cpp: the same routes and the library's answers, concurrent requests batched,
     decode threads on all cores but one (the whole C++ loop runs without the GIL; a tiny model's decode

@@ -92,7 +92,7 @@ def test_missing_checkpoint_folder(tmp_path):
 
 # ---------------------------------------------------------------- catalog
 def test_beauty_index_keeps_every_item_of_shared_sids():
-    from nezha.runtime.layout import SidLayout
+    from nezha.runtime.encoding import SidLayout
     cat = Catalog.from_index_json(BEAUTY_INDEX)
     layout = SidLayout((256,) * 4, tuple(2 + 256 * i for i in range(4)), 2 + 1024)
     keys, offsets, items = cat.sid_table(layout)

@@ -13,8 +13,8 @@ from hypothesis import strategies as st
 from conftest import tiny_catalog, tiny_layout
 from nezha.runtime.decode import top_k_desc
 from nezha.runtime.encoding import EncodingError, encode_histories
-from nezha.runtime.layout import LayoutError, SidLayout
-from nezha.runtime.verifier import PrefixHashSet, Verifier
+from nezha.runtime.encoding import LayoutError, SidLayout
+from nezha.runtime.decode import PrefixHashSet, Verifier
 
 
 def test_layout_rejects_inconsistent_offsets_and_overlapping_placeholders():
@@ -124,6 +124,6 @@ def test_top_k_desc_is_a_stable_sort_cut_at_k_even_inside_ties():
 
 
 def test_importing_and_using_the_runtime_core_loads_no_torch():
-    code = ("import sys, numpy as np; import nezha.runtime as r; from nezha.runtime.verifier import Verifier; "
+    code = ("import sys, numpy as np; import nezha.runtime as r; from nezha.runtime.decode import Verifier; "
             "from nezha.runtime.decode import beam_search; assert 'torch' not in sys.modules, 'torch loaded'")
     subprocess.run([sys.executable, "-c", code], check=True)

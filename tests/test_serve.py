@@ -112,16 +112,16 @@ def with_admin(tmp_path_factory) -> dict:
 def _slow(service: Service, seconds: float, fail: Exception | None = None):
     """Make the served model's decode take ``seconds`` (or raise ``fail``): overload, deadline and drain tests."""
     rec = service.model.rec
-    real = rec.decode_codes
+    real = rec.decode_batch
     service.decode_threads = []
 
-    def decode_codes(codes, beam, stages=None):
+    def decode_batch(codes, beam, ks, stages=None):
         service.decode_threads.append(threading.current_thread().name)
         time.sleep(seconds)
         if fail is not None:
             raise fail
-        return real(codes, beam, stages)
-    rec.decode_codes = decode_codes
+        return real(codes, beam, ks, stages)
+    rec.decode_batch = decode_batch
 
 
 def _pairs(results):
@@ -553,8 +553,8 @@ def test_decode_processes_answer_like_the_library_and_outlive_a_killed_one(serve
 
     # A lone history on an idle server decodes in the server's process (the hop costs more than it frees);
     # a batch goes to a decode process.
-    used, real = [], pool.decode_codes
-    pool.decode_codes = lambda codes, beam, timeout: (used.append(len(codes)), real(codes, beam, timeout))[1]
+    used, real = [], pool.decode_batch
+    pool.decode_batch = lambda codes, beam, ks, timeout: (used.append(len(codes)), real(codes, beam, ks, timeout))[1]
     assert s.post("/v1/recommend", {"histories": [[100, 101]], "k": 3}).status_code == 200 and used == []
     assert s.post("/v1/recommend", {"histories": [[100, 101], [102]], "k": 3}).status_code == 200 and used == [2]
 
@@ -572,8 +572,8 @@ def test_decode_processes_answer_like_the_library_and_outlive_a_killed_one(serve
         r = stuck.result()
     assert r.status_code == 500 and r.json()["kind"] == "internal" and "Traceback" not in r.text
     _wait_dead(pool)                                      # the idle one too (else its next batch fails)
-    in_server, decode_here = [], s.service.model.rec.decode_codes
-    s.service.model.rec.decode_codes = lambda codes, beam: (in_server.append(len(codes)), decode_here(codes, beam))[1]
+    in_server, decode_here = [], s.service.model.rec.decode_batch
+    s.service.model.rec.decode_batch = lambda codes, beam, ks: (in_server.append(len(codes)), decode_here(codes, beam, ks))[1]
     deadline = time.time() + 60
     while not all(child.ready and child.alive for child in pool._children):
         r = s.post("/v1/recommend", pair)                 # decoded in the server's process meanwhile
@@ -662,8 +662,8 @@ def test_decode_processes_import_nothing_from_the_working_directory(artifacts, t
     version = hashlib.sha256((artifacts[0] / "manifest.json").read_bytes()).hexdigest()[:12]
     pool = DecodePool(artifacts[0], {"threads": 1}, 1, version)
     try:
-        keys, scores = pool.decode_codes([np.zeros((2, 3), np.int64)], 4, timeout=1e12)   # capped, not an overflow
-        assert keys.shape == scores.shape == (1, 4)
+        results = pool.decode_batch([np.zeros((2, 3), np.int64)], 4, [4], timeout=1e12)   # capped, not an overflow
+        assert len(results) == 1 and 1 <= len(results[0]) <= 4
     finally:
         pids = pool.pids()
         pool.close()
@@ -683,7 +683,7 @@ def test_a_decode_process_that_cannot_load_refuses_the_load_with_its_error(artif
 
 
 def test_decode_threads_default_to_the_cores_a_decode_can_use():
-    from nezha.serve.service import auto_workers
+    from nezha.serve.model import auto_workers
     assert auto_workers(0.65, 0.0005, cores=8) == 1          # the Python loop on a small model: the GIL binds
     assert auto_workers(0.95, 0.0003, cores=2) == 1          # short GIL-free decodes: a core left for HTTP
     assert auto_workers(0.95, 0.0003, cores=8) == 7

@@ -1,5 +1,8 @@
 """The contract every backend runner meets: it knows its graph's tensors (from the manifest), checks a
-feed against them, runs over buffers allocated once for the largest shapes, and closes with ``with``."""
+feed against them, runs over buffers allocated once for the largest shapes, and closes with ``with``.
+Here too the runner over host buffers that ONNX Runtime binds (``OrtRunner``; its sessions are opened in
+backends/onnxruntime.py), so that a request runs through one module of runners; TensorRT's runner, over
+device buffers, is in backends/tensorrt.py."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ import re
 
 import numpy as np
 
-from ..errors import NezhaError, OptionError
+from ..errors import GraphRunError, NezhaError, OptionError
 from ..manifest import GraphEntry, Tensor
 
 
@@ -138,3 +141,47 @@ class GraphSteps:
             r.close()
         if self.buffers is not None:
             self.buffers.free()
+
+
+class HostBuffers:
+    """One thread's flat host buffers, allocated once for the largest shapes and shared by its heads."""
+
+    def __init__(self, entries: dict[str, GraphEntry]):
+        self.buffers = {key: np.empty(n, dtype=key[2]) for key, n in shared_buffer_sizes(entries).items()}
+
+    def get(self, graph: str, tensor) -> np.ndarray:
+        return self.buffers[buffer_key(graph, tensor)]
+
+    def free(self) -> None:
+        self.buffers = {}
+
+
+class OrtRunner(GraphRunner):
+    """One graph on one thread: its IOBinding points ONNX Runtime at views of the thread's buffers, so
+    inputs are copied in place and outputs are written in place (no output is allocated per run)."""
+
+    def __init__(self, name: str, entry: GraphEntry, session, buffers: HostBuffers):
+        super().__init__(name, entry)
+        self.session = session
+        self.binding = session.io_binding()
+        self._buffers = {t.name: buffers.get(name, t) for t in entry.inputs + entry.outputs}
+        self._views: dict[str, np.ndarray] = {}
+
+    def _bind(self, dims):
+        """Bind the tensors whose shape changed (all at first; then e.g. only a head's parent_state)."""
+        for tensors, bind in ((self.inputs, self.binding.bind_input), (self.outputs, self.binding.bind_output)):
+            for name, t in tensors.items():
+                shape = self.shape(t, dims)
+                if name in self._views and self._views[name].shape == shape:
+                    continue
+                view = self._views[name] = prefix_view(self._buffers[name], shape)
+                bind(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
+
+    def _execute(self, feed):
+        for name in self.inputs:
+            np.copyto(self._views[name], feed[name])
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except RuntimeError as e:          # ONNX Runtime's kernel failures (e.g. a Gather index out of range)
+            raise GraphRunError(f"graph {self.name} failed in ONNX Runtime: {' '.join(str(e).split())}") from None
+        return {name: self._views[name] for name in self.outputs}

@@ -9,18 +9,9 @@ Runtime copies through its device arena (no new device buffers in the steady sta
 
 from __future__ import annotations
 
-import numpy as np
-
-from ..errors import BackendUnavailable, GraphRunError
+from ..errors import BackendUnavailable
 from ..manifest import GraphEntry, ManifestError
-from .base import (
-    GraphRunner,
-    GraphSteps,
-    buffer_key,
-    parse_device,
-    prefix_view,
-    shared_buffer_sizes,
-)
+from .base import GraphSteps, HostBuffers, OrtRunner, parse_device
 
 
 def _ort():
@@ -102,50 +93,6 @@ def check_io(session, entry: GraphEntry, path, name: str) -> None:
     described = session.get_modelmeta().description
     if (name.startswith("head_") or described.startswith(GRAPH_DESCRIPTION)) and described != GRAPH_DESCRIPTION + name:
         raise ManifestError(f"{path}: this graph says it is {described!r}, the manifest uses it as {name!r}")
-
-
-class HostBuffers:
-    """One thread's flat host buffers, allocated once for the largest shapes and shared by its heads."""
-
-    def __init__(self, entries: dict[str, GraphEntry]):
-        self.buffers = {key: np.empty(n, dtype=key[2]) for key, n in shared_buffer_sizes(entries).items()}
-
-    def get(self, graph: str, tensor) -> np.ndarray:
-        return self.buffers[buffer_key(graph, tensor)]
-
-    def free(self) -> None:
-        self.buffers = {}
-
-
-class OrtRunner(GraphRunner):
-    """One graph on one thread: its IOBinding points ONNX Runtime at views of the thread's buffers, so
-    inputs are copied in place and outputs are written in place (no output is allocated per run)."""
-
-    def __init__(self, name: str, entry: GraphEntry, session, buffers: HostBuffers):
-        super().__init__(name, entry)
-        self.session = session
-        self.binding = session.io_binding()
-        self._buffers = {t.name: buffers.get(name, t) for t in entry.inputs + entry.outputs}
-        self._views: dict[str, np.ndarray] = {}
-
-    def _bind(self, dims):
-        """Bind the tensors whose shape changed (all at first; then e.g. only a head's parent_state)."""
-        for tensors, bind in ((self.inputs, self.binding.bind_input), (self.outputs, self.binding.bind_output)):
-            for name, t in tensors.items():
-                shape = self.shape(t, dims)
-                if name in self._views and self._views[name].shape == shape:
-                    continue
-                view = self._views[name] = prefix_view(self._buffers[name], shape)
-                bind(name, "cpu", 0, view.dtype, view.shape, view.ctypes.data)
-
-    def _execute(self, feed):
-        for name in self.inputs:
-            np.copyto(self._views[name], feed[name])
-        try:
-            self.session.run_with_iobinding(self.binding)
-        except RuntimeError as e:          # ONNX Runtime's kernel failures (e.g. a Gather index out of range)
-            raise GraphRunError(f"graph {self.name} failed in ONNX Runtime: {' '.join(str(e).split())}") from None
-        return {name: self._views[name] for name in self.outputs}
 
 
 def ort_steps(entries: dict[str, GraphEntry], sessions: dict) -> GraphSteps:

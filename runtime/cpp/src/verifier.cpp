@@ -39,7 +39,7 @@ Verifier::Verifier(const Layout& layout, const std::vector<std::vector<std::uint
     const std::uint64_t C = std::uint64_t(layout.codes[std::size_t(level)]);
     parents_.push_back(level ? valid_prefixes[std::size_t(level - 1)] : std::vector<std::uint64_t>{0});
     const auto& parents = parents_.back();
-    const std::size_t size = (parents.size() + 1) * C;       // the same budget rule as runtime/verifier.py
+    const std::size_t size = (parents.size() + 1) * C;       // the same budget rule as runtime/decode.py
     const std::size_t words = std::size_t((C + 63) / 64);
     words_.push_back(words);
     if (size <= budget) {

@@ -1,4 +1,4 @@
-// The model-free verifier (runtime/verifier.py): which SID prefixes exist. Per level, a dense table of one
+// The model-free verifier (runtime/decode.py): which SID prefixes exist. Per level, a dense table of one
 // byte row of codes per valid parent prefix where it fits the memory budget (a lookup is one binary
 // search of the parent and a row read), else an open-addressing hash set of the level's prefix keys.
 // The per-level choice is the Python verifier's, so both runtimes make the same one.
