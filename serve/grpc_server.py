@@ -27,7 +27,7 @@ from nezha.runtime.errors import GraphRunError, NezhaError
 
 from . import kserve
 from . import protocol as P
-from .binary import OUTPUTS, int64_data, output_arrays
+from .binary import OUTPUTS, int64_data, output_arrays, requested_outputs
 
 log = logging.getLogger("nezha.serve")
 
@@ -118,8 +118,6 @@ class InferenceServicer:
                     outputs=[meta.TensorMetadata(**t) for t in P.V2_OUTPUTS])
 
     async def ModelInfer(self, request, context):
-        from .binary import requested_outputs
-
         self._check_model(request.model_name, request.model_version)
         obj, raw = v2_request(request)
         wanted, timeout_ms = requested_outputs(obj)       # Triton's timeout parameter; binary_data: moot here

@@ -6,7 +6,10 @@ the client spends its CPU on the network and not on encoding.
   binary     POST /v2/models/{name}/infer, KServe v2 binary tensor data (inputs and outputs), as
              tritonclient.http sends by default
   grpc       inference.GRPCInferenceService/ModelInfer with raw_input_contents, as tritonclient.grpc does;
-             every client of one run shares one channel (HTTP/2 multiplexes), as an application would
+             every client of one run shares one channel (HTTP/2 multiplexes), as an application would.
+             One client makes blocking calls on a plain channel, as tritonclient.grpc's ``infer`` does:
+             grpc.aio costs the client more CPU per call (its completion-queue thread wakes the event
+             loop for every event) and that lengthens every request of a single client (docs/protocols.md)
 
 A request is (extra HTTP header lines, body bytes); for gRPC the body is the serialized ModelInferRequest
 and the header lines are empty."""
@@ -72,23 +75,52 @@ def encode(protocol: str, histories: list[list[int]], k: int, beam: int, model: 
     raise ValueError(f"protocol {protocol!r}: one of {', '.join(PROTOCOLS)}")
 
 
+# the loadtest never retries: without the retry machinery (on by default) a call buffers nothing for it
+GRPC_CHANNEL_OPTIONS = (("grpc.enable_retries", 0),)
+
+
+def grpc_channel(host: str, port: int, concurrency: int):
+    """The run's channel: a plain (blocking) one for a single client, else a grpc.aio one."""
+    import grpc
+
+    target = f"{host}:{port}"
+    if concurrency == 1:
+        return grpc.insecure_channel(target, options=GRPC_CHANNEL_OPTIONS)
+    return grpc.aio.insecure_channel(target, options=GRPC_CHANNEL_OPTIONS)
+
+
+async def close_channel(channel) -> None:
+    import grpc
+
+    if isinstance(channel, grpc.aio.Channel):
+        await channel.close()
+    else:
+        channel.close()
+
+
 class GrpcConnection:
     """The loadtest's client for gRPC: pre-serialized ModelInferRequest bytes over a shared channel."""
 
     def __init__(self, channel, timeout: float = 60.0):
+        import grpc
+
         from . import kserve
 
         # no (de)serializers: the bytes go out as prepared and the answer is not decoded, like the HTTP client
         self.call = channel.unary_unary(f"/{kserve.SERVICE}/ModelInfer")
+        self.blocking = not isinstance(channel, grpc.aio.Channel)
         self.timeout = timeout
 
     async def post(self, body: bytes, headers: bytes = b"") -> int | str:
         import grpc
 
         try:
-            await self.call(body, timeout=self.timeout)
+            if self.blocking:                              # the only client: the event loop has nothing else to run
+                self.call(body, timeout=self.timeout)
+            else:
+                await self.call(body, timeout=self.timeout)
             return GRPC_OK
-        except grpc.aio.AioRpcError as e:
+        except grpc.RpcError as e:                         # AioRpcError, or the blocking call's error
             return e.code().name
 
     async def close(self) -> None:

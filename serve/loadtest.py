@@ -21,7 +21,7 @@ import numpy as np
 
 from nezha.runtime.errors import NezhaError
 
-from .loadclients import GrpcConnection, address, check_grpc, check_protocols, encode
+from .loadclients import GrpcConnection, address, check_grpc, check_protocols, close_channel, encode, grpc_channel
 
 
 class LoadTestError(NezhaError, ValueError):
@@ -91,10 +91,7 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, bytes]], concurrency: 
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = (parts.path.rstrip("/") or "") + ("/v1/recommend" if protocol == "recommend" else f"/v2/models/{model}/infer")
-    channel = None
-    if protocol == "grpc":
-        import grpc
-        channel = grpc.aio.insecure_channel(f"{host}:{grpc_port}")
+    channel = grpc_channel(host, grpc_port, concurrency) if protocol == "grpc" else None
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     stop = time.perf_counter() + duration
@@ -124,7 +121,7 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, bytes]], concurrency: 
         await asyncio.gather(*(client(c) for c in range(concurrency)))
     finally:
         if channel is not None:
-            await channel.close()
+            await close_channel(channel)
     return {"latencies": latencies, "statuses": statuses, "seconds": time.perf_counter() - t0}
 
 
