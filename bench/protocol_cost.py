@@ -38,9 +38,10 @@ def thread_cpu(pid: int) -> Counter:
 
 
 def mean_batch(url: str) -> tuple[float, float]:
-    """(sum, count) of the server's nezha_batch_size histogram."""
+    """(sum, count) of the server's nezha_batch_size histogram; (0, 0) from a server without it (null_server)."""
     text = urllib.request.urlopen(f"{url}/metrics", timeout=5).read().decode()
-    return tuple(float(re.search(rf"nezha_batch_size_{k} (\S+)", text).group(1)) for k in ("sum", "count"))
+    found = [re.search(rf"nezha_batch_size_{k} (\S+)", text) for k in ("sum", "count")]
+    return tuple(float(m.group(1)) if m else 0.0 for m in found)
 
 
 def measure(url: str, pid: int, grpc_port: int | None, protocols: list[str], concurrency: int, per_request: int,
@@ -79,10 +80,11 @@ def report(acc: dict, concurrency: int, per_request: int) -> str:
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for p, a in acc.items():
         n = max(a["requests"], 1)
-        us = lambda s: f"{1e6 * s / n:.0f}"
-        lines.append(f"| {p} | {a['requests'] / a['seconds']:.1f} | {us(sum(a['cpu'].values()))} | {us(a['cpu']['loop'])} | "
-                     f"{us(a['cpu']['grpc'])} | {us(a['cpu']['other'])} | {us(a['client_cpu'])} | "
-                     f"{a['batch'][0] / max(a['batch'][1], 1):.1f} |")
+        cells = [f"{a['requests'] / a['seconds']:.1f}"] + [
+            f"{1e6 * s / n:.0f}" for s in (sum(a["cpu"].values()), a["cpu"]["loop"], a["cpu"]["grpc"], a["cpu"]["other"],
+                                          a["client_cpu"])]
+        cells.append(f"{a['batch'][0] / a['batch'][1]:.1f}" if a["batch"][1] else "-")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
