@@ -7,9 +7,9 @@ the client spends its CPU on the network and not on encoding.
              tritonclient.http sends by default
   grpc       inference.GRPCInferenceService/ModelInfer with raw_input_contents, as tritonclient.grpc does;
              every client of one run shares one channel (HTTP/2 multiplexes), as an application would.
-             One client makes blocking calls on a plain channel, as tritonclient.grpc's ``infer`` does:
-             grpc.aio costs the client more CPU per call (its completion-queue thread wakes the event
-             loop for every event) and that lengthens every request of a single client (docs/protocols.md)
+             The clients run without an event loop: each call's completion callback sends that client's
+             next request, as tritonclient.grpc's async_infer works; grpc.aio's client costs ~30% more
+             CPU per call (its poller thread wakes the event loop for every event; docs/protocols.md)
 
 A request is (extra HTTP header lines, body bytes); for gRPC the body is the serialized ModelInferRequest
 and the header lines are empty."""
@@ -79,52 +79,59 @@ def encode(protocol: str, histories: list[list[int]], k: int, beam: int, model: 
 GRPC_CHANNEL_OPTIONS = (("grpc.enable_retries", 0),)
 
 
-def grpc_channel(host: str, port: int, concurrency: int):
-    """The run's channel: a plain (blocking) one for a single client, else a grpc.aio one."""
+def grpc_closed_loop(host: str, port: int, bodies: list[tuple[bytes, bytes]], concurrency: int, duration: float,
+                     offset: int = 0, timeout: float = 60.0) -> dict:
+    """``concurrency`` gRPC clients for ``duration`` s, each sending pre-serialized ModelInferRequest bytes and
+    the next when its answer is in (from the completion callback, on grpc's own thread; the answer is not
+    decoded, like the HTTP client's). Returns latencies (s) of OK answers, counts by status (OK as 200)."""
+    import threading
+    import time
+
     import grpc
 
-    target = f"{host}:{port}"
-    if concurrency == 1:
-        return grpc.insecure_channel(target, options=GRPC_CHANNEL_OPTIONS)
-    return grpc.aio.insecure_channel(target, options=GRPC_CHANNEL_OPTIONS)
+    from . import kserve
 
+    channel = grpc.insecure_channel(f"{host}:{port}", options=GRPC_CHANNEL_OPTIONS)
+    call = channel.unary_unary(f"/{kserve.SERVICE}/ModelInfer")
+    latencies: list[float] = []
+    statuses: dict[str, int] = {}
+    lock, finished = threading.Lock(), threading.Semaphore(0)
+    stop = time.perf_counter() + duration
 
-async def close_channel(channel) -> None:
-    import grpc
+    def send(i: int) -> None:
+        t0 = time.perf_counter()
+        call.future(bodies[i % len(bodies)][1], timeout=timeout).add_done_callback(lambda f: done(i, t0, f))
 
-    if isinstance(channel, grpc.aio.Channel):
-        await channel.close()
-    else:
-        channel.close()
+    def count(status, t0: float | None = None) -> None:
+        with lock:
+            statuses[str(status)] = statuses.get(str(status), 0) + 1
+            if t0 is not None:
+                latencies.append(time.perf_counter() - t0)
 
-
-class GrpcConnection:
-    """The loadtest's client for gRPC: pre-serialized ModelInferRequest bytes over a shared channel."""
-
-    def __init__(self, channel, timeout: float = 60.0):
-        import grpc
-
-        from . import kserve
-
-        # no (de)serializers: the bytes go out as prepared and the answer is not decoded, like the HTTP client
-        self.call = channel.unary_unary(f"/{kserve.SERVICE}/ModelInfer")
-        self.blocking = not isinstance(channel, grpc.aio.Channel)
-        self.timeout = timeout
-
-    async def post(self, body: bytes, headers: bytes = b"") -> int | str:
-        import grpc
-
+    def done(i: int, t0: float, future) -> None:
         try:
-            if self.blocking:                              # the only client: the event loop has nothing else to run
-                self.call(body, timeout=self.timeout)
-            else:
-                await self.call(body, timeout=self.timeout)
-            return GRPC_OK
-        except grpc.RpcError as e:                         # AioRpcError, or the blocking call's error
-            return e.code().name
+            future.result()
+            count(GRPC_OK, t0)
+        except grpc.RpcError as e:
+            count(e.code().name)
+        except grpc.FutureCancelledError:
+            count("CANCELLED")
+        try:
+            if time.perf_counter() < stop:
+                return send(i + 1)
+        except (grpc.RpcError, ValueError, RuntimeError) as e:     # it cannot send again: it ends, counted
+            count(type(e).__name__)
+        finished.release()
 
-    async def close(self) -> None:
-        pass                                              # the channel is the run's, closed by it
+    t0 = time.perf_counter()
+    try:
+        for c in range(concurrency):
+            send(offset + c * 7919)
+        for _ in range(concurrency):
+            finished.acquire()
+    finally:
+        channel.close()
+    return {"latencies": latencies, "statuses": statuses, "seconds": time.perf_counter() - t0}
 
 
 async def check_grpc(host: str, port: int, error: type[Exception]) -> None:

@@ -286,7 +286,7 @@ def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
 
     s = serve()
     data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=40))
-    # concurrency 1: gRPC's blocking client; 2: its grpc.aio client
+    # one client and two: gRPC's clients send their next request from the last one's completion callback
     result = run_loadtest([f"http://{s.url}"], concurrency=[1, 2], duration=0.6, warmup=0.1, k=5, beam=8, data=data,
                           histories_per_request=3, protocol=["json", "binary", "grpc"], grpc_port=s.grpc_port,
                           out=tmp_path / "lt")
