@@ -21,7 +21,7 @@ import numpy as np
 
 from nezha.runtime.errors import NezhaError
 
-from .loadclients import GrpcConnection, address, check_grpc, check_protocols, encode
+from .loadclients import address, check_grpc, check_protocols, encode, grpc_closed_loop
 
 
 class LoadTestError(NezhaError, ValueError):
@@ -91,16 +91,14 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, bytes]], concurrency: 
     parts = urlsplit(url)
     host, port = parts.hostname or "127.0.0.1", parts.port or 80
     path = (parts.path.rstrip("/") or "") + ("/v1/recommend" if protocol == "recommend" else f"/v2/models/{model}/infer")
-    channel = None
-    if protocol == "grpc":
-        import grpc
-        channel = grpc.aio.insecure_channel(f"{host}:{grpc_port}")
+    if protocol == "grpc":                                # its own clients, off the event loop (serve.loadclients)
+        return await asyncio.to_thread(grpc_closed_loop, host, grpc_port, bodies, concurrency, duration, offset)
     latencies: list[float] = []
     statuses: dict[str, int] = {}
     stop = time.perf_counter() + duration
 
     async def client(c: int):
-        conn = GrpcConnection(channel) if channel is not None else Connection(host, port, path)
+        conn = Connection(host, port, path)
         i = offset + c * 7919
         try:
             while time.perf_counter() < stop:
@@ -120,11 +118,7 @@ async def closed_loop(url: str, bodies: list[tuple[bytes, bytes]], concurrency: 
             await conn.close()
 
     t0 = time.perf_counter()
-    try:
-        await asyncio.gather(*(client(c) for c in range(concurrency)))
-    finally:
-        if channel is not None:
-            await channel.close()
+    await asyncio.gather(*(client(c) for c in range(concurrency)))
     return {"latencies": latencies, "statuses": statuses, "seconds": time.perf_counter() - t0}
 
 

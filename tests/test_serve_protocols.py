@@ -7,6 +7,7 @@ deadline and drain. Every call is local and bounded by a timeout."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 import time
@@ -285,14 +286,27 @@ def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
 
     s = serve()
     data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=40))
-    result = run_loadtest([f"http://{s.url}"], concurrency=[2], duration=0.6, warmup=0.1, k=5, beam=8, data=data,
+    # one client and two: gRPC's clients send their next request from the last one's completion callback
+    result = run_loadtest([f"http://{s.url}"], concurrency=[1, 2], duration=0.6, warmup=0.1, k=5, beam=8, data=data,
                           histories_per_request=3, protocol=["json", "binary", "grpc"], grpc_port=s.grpc_port,
                           out=tmp_path / "lt")
-    servers = result["points"][0]["servers"]
-    assert list(servers) == ["json", "binary", "grpc"]
-    for r in servers.values():
-        assert r["errors"] == 0 and r["requests"] > 0 and r["p50_ms"] <= r["p99_ms"]
+    for point in result["points"]:
+        assert list(point["servers"]) == ["json", "binary", "grpc"]
+        for r in point["servers"].values():
+            assert r["errors"] == 0 and r["requests"] > 0 and r["p50_ms"] <= r["p99_ms"]
     metrics = s.raw.get("/metrics").text
     assert 'route="grpc:ModelInfer",status="200"' in metrics and 'route="/v2/models/{name}/infer",status="200"' in metrics
     with pytest.raises(LoadTestError, match="needs --grpc-port"):
         run_loadtest([f"http://{s.url}"], protocol=["grpc"], data=data, out=None)
+
+
+def test_protocol_cost_reads_the_server_cpu_per_protocol(serve, tmp_path):
+    from nezha.bench.protocol_cost import measure, report
+    from test_serve import _tiny_data
+
+    s = serve()
+    data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=40))
+    acc = measure(f"http://{s.url}", os.getpid(), s.grpc_port, ["json", "grpc"], 2, 3, 0.4, 1, data=data, k=5, beam=8)
+    for a in acc.values():                                # the server runs in this process: its CPU is ours too
+        assert a["requests"] > 0 and sum(a["cpu"].values()) > 0 and a["batch"][1] > 0
+    assert [line.split("|")[1].strip() for line in report(acc, 2, 3).splitlines()[3:]] == ["json", "grpc"]
