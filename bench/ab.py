@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import InputError
 
 from .callgrind import WORKER, print_tail, worker_env
 from .report import write_result
@@ -35,10 +35,6 @@ NAMES = {"floor": "floor (encode + backbone)", "runtime": "runtime (full decode)
          "runtime_own": "runtime own (runtime - floor)"}
 
 
-class AbError(NezhaError, RuntimeError):
-    """The A/B run cannot be made (unknown revision, a build or worker that fails); the message says why."""
-
-
 def paired_bootstrap(stat, arrays: Sequence[np.ndarray], confidence: float = 0.95, resamples: int = 4000,
                      seed: int = 0) -> tuple[float, float, float]:
     """(estimate, low, high): ``stat(*arrays)`` and its percentile bootstrap interval, resampling the
@@ -46,7 +42,7 @@ def paired_bootstrap(stat, arrays: Sequence[np.ndarray], confidence: float = 0.9
     arrays = [np.asarray(a, dtype=np.float64) for a in arrays]
     n = len(arrays[0])
     if n < 2 or any(len(a) != n for a in arrays):
-        raise AbError(f"a paired bootstrap needs >= 2 requests of equal count per side, got {[len(a) for a in arrays]}")
+        raise InputError(f"a paired bootstrap needs >= 2 requests of equal count per side, got {[len(a) for a in arrays]}")
     boots = [stat(*(a[i] for a in arrays)) for i in np.random.default_rng(seed).integers(0, n, size=(resamples, n))]
     alpha = (1.0 - confidence) / 2
     return float(stat(*arrays)), float(np.quantile(boots, alpha)), float(np.quantile(boots, 1 - alpha))
@@ -76,18 +72,18 @@ def compare_sides(seconds: dict, confidence: float = 0.95) -> dict:
 def _git(*args, cwd: Path = ROOT) -> str:
     proc = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise AbError(f"git {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
+        raise InputError(f"git {' '.join(args)} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
     return proc.stdout.strip()
 
 
 def resolve(rev: str) -> str:
-    """A revision -> its full commit sha (AbError if the current tree is no git checkout or rev unknown)."""
+    """A revision -> its full commit sha (InputError if the current tree is no git checkout or rev unknown)."""
     if not (ROOT / ".git").exists():
-        raise AbError(f"{ROOT} is not a git checkout: --against needs the repository's history")
+        raise InputError(f"{ROOT} is not a git checkout: --against needs the repository's history")
     try:
         return _git("rev-parse", "--verify", "--quiet", f"{rev}^{{commit}}")
-    except AbError:
-        raise AbError(f"unknown revision {rev!r} (git rev-parse found no commit)") from None
+    except InputError:
+        raise InputError(f"unknown revision {rev!r} (git rev-parse found no commit)") from None
 
 
 def package_folder(tree: Path, dest: Path) -> Path:
@@ -98,7 +94,7 @@ def package_folder(tree: Path, dest: Path) -> Path:
     try:
         mapping = tomllib.loads((tree / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
     except (OSError, KeyError, tomllib.TOMLDecodeError) as e:
-        raise AbError(f"{tree}/pyproject.toml has no [tool.setuptools.package-dir] table ({e})") from None
+        raise InputError(f"{tree}/pyproject.toml has no [tool.setuptools.package-dir] table ({e})") from None
     pkg = dest / "nezha"
     pkg.mkdir(parents=True)
     for entry in (tree / mapping.get("nezha", "nezha")).iterdir():
@@ -116,7 +112,7 @@ def build_artifact(tree: Path, out: Path, build_args: Sequence[str], env: dict, 
     proc = subprocess.run(cmd, cwd=tree, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         print_tail(proc.stderr or proc.stdout)
-        raise AbError(f"building the artifact of {tree} failed (its last lines above): {' '.join(cmd)}")
+        raise InputError(f"building the artifact of {tree} failed (its last lines above): {' '.join(cmd)}")
     return out
 
 
@@ -136,14 +132,14 @@ class Side:
         self.module, self.inject = ready.get("runtime_module", ""), ready.get("inject")
         if not Path(self.module).is_relative_to(module_under):
             self.close()
-            raise AbError(f"the {name} worker imported nezha.runtime from {self.module}, "
-                          f"expected it under {module_under}")
+            raise InputError(f"the {name} worker imported nezha.runtime from {self.module}, "
+                             f"expected it under {module_under}")
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             print_tail(self.proc.stderr.read())
-            raise AbError(f"the {self.name} worker stopped (its last lines above)")
+            raise InputError(f"the {self.name} worker stopped (its last lines above)")
         return json.loads(line)
 
     def _send(self, msg: dict) -> None:
@@ -167,12 +163,12 @@ class Side:
 def legacy_data(folder: Path) -> None:
     """Revisions before the project carried its demo data (data/beauty) read plain JSON from a workspace
     folder beside the tree (``folder``): give a base tree of that age the carried data there, uncompressed."""
-    from nezha.runtime.data import DEFAULT_DATA, DataError, find_pair
+    from nezha.runtime.data import DEFAULT_DATA, find_pair
     from nezha.runtime.datafile import read_text
 
     folder.mkdir(parents=True)
     for path in find_pair(DEFAULT_DATA):
-        (folder / path.name.removesuffix(".gz")).write_text(read_text(path, "demo data", DataError))
+        (folder / path.name.removesuffix(".gz")).write_text(read_text(path, "demo data", InputError))
 
 
 def run_against(rev: str, artifact: str | Path | None = None, data: str | Path | None = None, histories=None,
@@ -187,7 +183,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
     writes ``out``/ab.json and ab.md if ``out``."""
     say = progress or (lambda msg: None)
     if requests < 2 or warmup < 0:
-        raise AbError(f"need requests >= 2 and warmup >= 0, got requests={requests}, warmup={warmup}")
+        raise InputError(f"need requests >= 2 and warmup >= 0, got requests={requests}, warmup={warmup}")
     sha = resolve(rev)
     tmp = Path(tempfile.mkdtemp(prefix="nezha-ab-"))
     base_tree, sides = tmp / "base", []

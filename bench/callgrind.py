@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import StepError
 from nezha.runtime.machine import describe
 
 FORMAT = "nezha-instructions"
@@ -40,10 +40,6 @@ WORKER_ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREA
 GROUPS = ("onnxruntime", "numpy", "python", "system", "other")
 STAGES = ("head", "verify", "select")          # the runtime's stages counted apart (see bench/worker.py)
 
-
-class InstructionsError(NezhaError, RuntimeError):
-    """The instruction count cannot be taken or compared (no valgrind, a failed worker, a baseline of a
-    different workload); the message says what to do."""
 
 # --- counting --------------------------------------------------------------------------------------------
 
@@ -72,7 +68,7 @@ def print_tail(output: str, lines: int = 12) -> None:
 def valgrind_version() -> str:
     exe = shutil.which("valgrind")
     if exe is None:
-        raise InstructionsError("valgrind not found: install it (Debian/Ubuntu: apt-get install -y valgrind)")
+        raise StepError("valgrind not found: install it (Debian/Ubuntu: apt-get install -y valgrind)")
     return subprocess.run([exe, "--version"], capture_output=True, text=True, check=True).stdout.strip()
 
 
@@ -118,9 +114,9 @@ def read_callgrind(path: str | Path) -> tuple[str, int, dict[str, int]]:
             elif line.startswith(("totals:", "summary:")):
                 total = int(line.split()[1])
             elif line.startswith("events:") and line.split()[1:2] != ["Ir"]:
-                raise InstructionsError(f"{path}: expected Ir as the first event, got {line.strip()!r}")
+                raise StepError(f"{path}: expected Ir as the first event, got {line.strip()!r}")
     if total is None:
-        raise InstructionsError(f"{path} has no totals line: not a complete callgrind dump")
+        raise StepError(f"{path} has no totals line: not a complete callgrind dump")
     labels: dict[str, int] = {}
     for (ob, fn), ir in per_fn.items():
         label = function_label(ob, fn)
@@ -131,7 +127,7 @@ def read_callgrind(path: str | Path) -> tuple[str, int, dict[str, int]]:
 def run_worker(artifact: Path, requests_file: Path, workdir: Path, phases: list[tuple[str, int]], *, warmup: int,
                beam: int, threads: int, inject: str | None = None, valgrind: bool = True) -> dict:
     """The worker process (under callgrind if ``valgrind``): {"facts", "seconds", "parts": {name: (total,
-    {label: instructions})}}. Raises InstructionsError with the worker's last output lines if it fails."""
+    {label: instructions})}}. Raises StepError with the worker's last output lines if it fails."""
     tag = "callgrind" if valgrind else "native"
     spec = {"artifact": str(artifact), "requests": str(requests_file), "beam": beam, "threads": threads,
             "warmup": warmup, "phases": phases, "out": str(workdir / f"{tag}.facts.json")}
@@ -150,20 +146,20 @@ def run_worker(artifact: Path, requests_file: Path, workdir: Path, phases: list[
     seconds = time.perf_counter() - t0
     if proc.returncode != 0:
         print_tail(proc.stderr or proc.stdout)
-        raise InstructionsError(f"the worker failed (exit {proc.returncode}; its last lines above): {' '.join(cmd)}")
+        raise StepError(f"the worker failed (exit {proc.returncode}; its last lines above): {' '.join(cmd)}")
     facts = json.loads(Path(spec["out"]).read_text())
     out = {"facts": facts, "seconds": round(seconds, 2), "parts": {}}
     if valgrind:
         if not facts.get("client_requests"):
-            raise InstructionsError("the worker's valgrind client requests were not seen (not x86-64, or the "
-                                    "python executable is a wrapper that valgrind does not follow)")
+            raise StepError("the worker's valgrind client requests were not seen (not x86-64, or the "
+                            "python executable is a wrapper that valgrind does not follow)")
         for dump in sorted(workdir.glob("callgrind.out.*")):
             name, total, fns = read_callgrind(dump)
             if name is not None:
                 out["parts"][name] = (total, fns)
         missing = {p for p, _ in phases} - set(out["parts"])
         if missing:
-            raise InstructionsError(f"callgrind wrote no part for {sorted(missing)} in {workdir}")
+            raise StepError(f"callgrind wrote no part for {sorted(missing)} in {workdir}")
     return out
 
 
@@ -190,11 +186,11 @@ def measure(artifact: str | Path, histories: Sequence[Sequence[int]], requests: 
     hook (bench/worker.py). ``workdir`` keeps the callgrind dumps (default: a temporary folder, removed).
     Returns the result document (see result_from)."""
     if requests < 1 or warmup < 0 or beam < 1 or batch_size < 1:
-        raise InstructionsError(f"need requests >= 1, warmup >= 0, beam >= 1, batch_size >= 1; got "
-                                f"requests={requests}, warmup={warmup}, beam={beam}, batch_size={batch_size}")
+        raise StepError(f"need requests >= 1, warmup >= 0, beam >= 1, batch_size >= 1; got "
+                        f"requests={requests}, warmup={warmup}, beam={beam}, batch_size={batch_size}")
     artifact = Path(artifact).resolve()
     if not artifact.is_dir():
-        raise InstructionsError(f"artifact folder {artifact} does not exist")
+        raise StepError(f"artifact folder {artifact} does not exist")
     from .run import requests_of
 
     vg = valgrind_version()

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from nezha.runtime.cli import ascii_int
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import InputError, RegressionError
 
 if importlib.util.find_spec("matplotlib") is None:      # nezha.cli leaves 'bench' out without the extra
     raise ImportError("nezha bench needs matplotlib: pip install 'nezha-deploy[bench]'")
@@ -76,21 +76,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 WALL_CLOCK_DEFAULTS = {"batch_sizes": [1], "beams": [20, 512], "requests": 30, "warmup": 3, "history_limit": 2000}
 
 
-class _OptionError(NezhaError, ValueError):
-    """Options that do not go together (nezha.cli prints it as one line, exit 2)."""
-
-
 def _one(values, name: str, default):
     if values is None:
         return default
     if len(values) != 1:
-        raise _OptionError(f"{name} takes one value with --instructions or --against, got {values}")
+        raise InputError(f"{name} takes one value with --instructions or --against, got {values}")
     return values[0]
 
 
 def run(args) -> int:
     if args.instructions and args.against:
-        raise _OptionError("--instructions and --against are two different runs: give one")
+        raise InputError("--instructions and --against are two different runs: give one")
     if not (args.instructions or args.against):
         return run_wall_clock(args)
     from .callgrind import DEFAULTS
@@ -116,7 +112,7 @@ def run(args) -> int:
     from .instructions import load_baseline, report, run_gate
 
     if args.artifact is None:
-        raise _OptionError("--instructions needs an ARTIFACT folder")
+        raise InputError("--instructions needs an ARTIFACT folder")
     result = run_gate(args.artifact, data=args.data, baseline=args.baseline, save_baseline_to=args.save_baseline,
                       own_tolerance=args.own_tolerance, end_to_end_tolerance=args.end_to_end_tolerance, out=out,
                       stages=args.stages, progress=say, **workload)
@@ -124,9 +120,9 @@ def run(args) -> int:
     saved = f"; baseline {args.save_baseline}" if args.save_baseline else ""
     print(f"wrote {out}/instructions.json, instructions.md{saved}")
     gate = result.get("gate")
-    for msg in gate["regressions"] if gate else []:
-        print(f"REGRESSED {msg}", file=sys.stderr)
-    return 1 if gate and not gate["passed"] else 0
+    if gate and not gate["passed"]:
+        _regressed(gate["regressions"])
+    return 0
 
 
 def run_wall_clock(args) -> int:
@@ -140,6 +136,13 @@ def run_wall_clock(args) -> int:
     print(markdown(result))
     saved = f"; baseline {args.save_baseline}" if args.save_baseline else ""
     print(f"wrote {args.out}/bench.json, bench.md, bench.png{saved}")
-    for r in regressions:
-        print(f"REGRESSED {r.message()}", file=sys.stderr)
-    return 1 if regressions else 0
+    if regressions:
+        _regressed([r.message() for r in regressions])
+    return 0
+
+
+def _regressed(messages: list[str]) -> None:
+    """A line per regression, then RegressionError: one more line and exit code 1."""
+    for msg in messages:
+        print(f"REGRESSED {msg}", file=sys.stderr)
+    raise RegressionError(f"{len(messages)} regression(s) past the tolerance against --baseline")

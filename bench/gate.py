@@ -13,20 +13,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from nezha.runtime.datafile import read_text
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import InputError, NezhaError
 
 from .report import write_atomic
 from .run import flat_ratios
 
 
-class GateError(NezhaError, ValueError):
-    """A baseline file that is missing or not a nezha bench baseline."""
-
-
 def regressed(value: float, baseline: float, higher_is_better: bool, tolerance: float) -> bool:
     """Whether ``value`` is worse than ``baseline`` by more than ``tolerance`` (a fraction: 0.10 = 10 %)."""
     if tolerance < 0:
-        raise GateError(f"tolerance must be >= 0, got {tolerance}")
+        raise InputError(f"tolerance must be >= 0, got {tolerance}")
     if higher_is_better:
         return value < baseline * (1.0 - tolerance)
     return value > baseline * (1.0 + tolerance)
@@ -123,7 +119,7 @@ class Gate:
 
 # --- the wall-clock gate ------------------------------------------------------------------------------------
 
-WALL_CLOCK = Gate("nezha-bench-baseline", "a nezha bench baseline", "write one with --save-baseline", GateError,
+WALL_CLOCK = Gate("nezha-bench-baseline", "a nezha bench baseline", "write one with --save-baseline", InputError,
                   schema={"ratios": dict})
 
 

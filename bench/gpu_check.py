@@ -47,11 +47,12 @@ def runtime_available(device: str) -> tuple[list[str], dict[str, str]]:
     except ImportError as e:
         why_not["onnxruntime"] = str(e)
     if device != "cpu":
-        from nezha.export.engines import TensorRTUnavailable, gpu_for_engines
+        from nezha.export.engines import gpu_for_engines
+        from nezha.runtime.errors import Unavailable
         try:
             gpu_for_engines()
             found.append("tensorrt")
-        except TensorRTUnavailable as e:
+        except Unavailable as e:
             why_not["tensorrt"] = str(e)
     return found, why_not
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .callgrind import (BASELINE_FORMAT, DEFAULTS, END_TO_END_TOLERANCE, GROUPS, OWN_TOLERANCE, SAVE_COMMAND, TOP_FUNCTIONS,  # noqa: F401
-                        STAGES, VERSION, InstructionsError, measure, phases_of, read_callgrind, result_from)
+from nezha.runtime.errors import StepError
+
+from .callgrind import (BASELINE_FORMAT, DEFAULTS, END_TO_END_TOLERANCE, GROUPS, OWN_TOLERANCE,  # noqa: F401
+                        SAVE_COMMAND, TOP_FUNCTIONS, STAGES, VERSION, measure, phases_of, read_callgrind,
+                        result_from)
 from .gate import Gate
 from .report import write_result
 
 NUMBER = (int, float)
-INSTRUCTIONS = Gate(BASELINE_FORMAT, "an instruction-count baseline", f"record one: {SAVE_COMMAND}", InstructionsError,
+INSTRUCTIONS = Gate(BASELINE_FORMAT, "an instruction-count baseline", f"record one: {SAVE_COMMAND}", StepError,
                     unit="instructions", version=VERSION,
                     schema={"own_tolerance": NUMBER, "end_to_end_tolerance": NUMBER,
                             "result": {"per_request": {"floor": NUMBER, "runtime": NUMBER, "runtime_own": NUMBER},
@@ -31,8 +34,8 @@ def baseline_from(result: dict, own_tolerance: float = OWN_TOLERANCE,
                   end_to_end_tolerance: float = END_TO_END_TOLERANCE) -> dict:
     """A baseline document: the result plus its tolerances and the command that re-records it."""
     if result.get("inject"):
-        raise InstructionsError(f"refusing to save a baseline measured with the test-only slowdown "
-                                f"NEZHA_BENCH_INJECT={result['inject']!r}")
+        raise StepError(f"refusing to save a baseline measured with the test-only slowdown "
+                        f"NEZHA_BENCH_INJECT={result['inject']!r}")
     return {"format": BASELINE_FORMAT, "version": VERSION, "record_with": SAVE_COMMAND,
             "own_tolerance": own_tolerance, "end_to_end_tolerance": end_to_end_tolerance,
             "result": {k: v for k, v in result.items() if k != "gate"}}
@@ -43,7 +46,7 @@ def save_baseline(result: dict, path: str | Path, **tolerances) -> Path:
 
 
 def load_baseline(path: str | Path) -> dict:
-    """Read and check a baseline file; raises InstructionsError naming the file and the bad key."""
+    """Read and check a baseline file; raises StepError naming the file and the bad key."""
     return INSTRUCTIONS.load(path)
 
 
@@ -52,7 +55,7 @@ def compare(result: dict, baseline: dict, own_tolerance: float | None = None,
     """Judge ``result`` against a loaded baseline. Tolerances default to the baseline's.
 
     Returns {"figures": [Figure.to_json()], "regressions": [messages], "notes": [differences of machine,
-    versions or artifact that can explain a change], "passed": bool}. Raises InstructionsError when
+    versions or artifact that can explain a change], "passed": bool}. Raises StepError when
     the workloads differ (other requests, beam, ...): the counts would not be comparable."""
     base = baseline["result"]
     tol = {"own_tolerance": baseline["own_tolerance"] if own_tolerance is None else own_tolerance,
@@ -61,8 +64,8 @@ def compare(result: dict, baseline: dict, own_tolerance: float | None = None,
     differ = [f"{k} {base['workload'].get(k)!r} -> {result['workload'].get(k)!r}" for k in COMPARABLE
               if base["workload"].get(k) != result["workload"].get(k)]
     if differ:
-        raise InstructionsError("this run measured another workload than the baseline (" + "; ".join(differ) +
-                                f"): rerun with the baseline's settings, or record a new baseline: {SAVE_COMMAND}")
+        raise StepError("this run measured another workload than the baseline (" + "; ".join(differ) +
+                        f"): rerun with the baseline's settings, or record a new baseline: {SAVE_COMMAND}")
     figures = INSTRUCTIONS.judge({name: result["per_request"][key] for key, name, _ in GATED},
                                  {name: (base["per_request"][key], False, tol[t]) for key, name, t in GATED})
     return {"baseline_created": base.get("created"), **tol, "figures": [f.to_json() for f in figures],

@@ -13,17 +13,13 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import InputError
 
 from . import stats
 from .contenders import Contender
 
 RESULT_FORMAT = "nezha-bench"
 RESULT_VERSION = 1
-
-
-class BenchError(NezhaError, ValueError):
-    """A benchmark that cannot run as asked (no contender, no histories, a bad option)."""
 
 
 def load_histories(data: str | Path, part: str = "test", limit: int | None = None, seed: int = 0) -> list[list[int]]:
@@ -40,7 +36,7 @@ def load_histories(data: str | Path, part: str = "test", limit: int | None = Non
 def requests_of(histories: Sequence[Sequence[int]], batch_size: int, n: int) -> list[list[list[int]]]:
     """n requests of batch_size histories each, taken in order and wrapping around."""
     if not histories:
-        raise BenchError("no histories to benchmark on")
+        raise InputError("no histories to benchmark on")
     return [[list(histories[(r * batch_size + j) % len(histories)]) for j in range(batch_size)] for r in range(n)]
 
 
@@ -73,7 +69,7 @@ def measure(contenders: Sequence[Contender], histories: Sequence[Sequence[int]],
     active = [c for c in contenders if c.skip_reason(batch_size, beam) is None]
     skipped = {c.name: c.skip_reason(batch_size, beam) for c in contenders if c not in active}
     if not active:
-        raise BenchError(f"no contender can run batch {batch_size} beam {beam}: {skipped}")
+        raise InputError(f"no contender can run batch {batch_size} beam {beam}: {skipped}")
     reqs = requests_of(histories, batch_size, warmup + requests)
     totals = {c.name: [] for c in active}
     stage_sums: dict[str, dict[str, float]] = {c.name: {} for c in active}
@@ -123,12 +119,12 @@ def benchmark(contenders: Sequence[Contender], histories: Sequence[Sequence[int]
               progress: bool = False) -> dict:
     """Measure every (batch size, beam) configuration; the result is the JSON document (see measure)."""
     if not contenders:
-        raise BenchError("no contenders to benchmark")
+        raise InputError("no contenders to benchmark")
     if requests < 1 or warmup < 0:
-        raise BenchError(f"need requests >= 1 and warmup >= 0, got requests={requests}, warmup={warmup}")
+        raise InputError(f"need requests >= 1 and warmup >= 0, got requests={requests}, warmup={warmup}")
     names = [c.name for c in contenders]
     if len(set(names)) != len(names):
-        raise BenchError(f"contender names must be unique, got {names}")
+        raise InputError(f"contender names must be unique, got {names}")
     rss_start = stats.current_rss_bytes()
     def tick(b, k):
         def say(i, n):

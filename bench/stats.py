@@ -10,23 +10,19 @@ from dataclasses import dataclass
 from importlib import metadata
 
 import numpy as np
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import InputError
 from nezha.runtime.machine import describe
 
 PERCENTILES = (50, 90, 99)
-
-
-class StatsError(NezhaError, ValueError):
-    """Timings that cannot be summarised (empty, negative, mismatched pairs)."""
 
 
 def percentiles(seconds, qs=PERCENTILES) -> dict[str, float]:
     """[N] seconds -> {"p50": s, "p90": s, "p99": s} (linear interpolation between order statistics)."""
     x = np.asarray(seconds, dtype=np.float64).reshape(-1)
     if x.size == 0:
-        raise StatsError("no timings to summarise: the contender ran no timed request")
+        raise InputError("no timings to summarise: the contender ran no timed request")
     if np.any(x < 0) or not np.all(np.isfinite(x)):
-        raise StatsError(f"timings must be finite and >= 0 seconds, got min {x.min()}")
+        raise InputError(f"timings must be finite and >= 0 seconds, got min {x.min()}")
     return {f"p{q}": float(np.percentile(x, q)) for q in qs}
 
 
@@ -46,9 +42,9 @@ def paired_ratio(numerator, denominator) -> float:
     a = np.asarray(numerator, dtype=np.float64).reshape(-1)
     b = np.asarray(denominator, dtype=np.float64).reshape(-1)
     if a.size == 0 or a.size != b.size:
-        raise StatsError(f"a paired ratio needs two equally long, non-empty timing lists; got {a.size} and {b.size}")
+        raise InputError(f"a paired ratio needs two equally long, non-empty timing lists; got {a.size} and {b.size}")
     if np.any(b <= 0):
-        raise StatsError("a paired ratio needs positive denominator timings")
+        raise InputError("a paired ratio needs positive denominator timings")
     return float(np.median(a / b))
 
 

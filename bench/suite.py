@@ -6,10 +6,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+from nezha.runtime.errors import InputError
+
 from . import gate, report
 from .contenders import Contender, ar_contender, ar_model_from, hf_generate_contender, reference_contenders
 from .contenders import runtime_contenders
-from .run import BenchError, benchmark, load_histories
+from .run import benchmark, load_histories
 
 QUICK = {"batch_sizes": (1,), "beams": (20,), "requests": 100, "warmup": 10, "histories": 500}
 
@@ -28,7 +30,7 @@ def runtime_engines(manifest, backends: Sequence[str] | None, precisions: Sequen
     have = list(manifest.precisions)
     missing = [p for p in precisions or () if p not in have]
     if missing:
-        raise BenchError(f"precision(s) {missing} not in the artifact; it has {have}")
+        raise InputError(f"precision(s) {missing} not in the artifact; it has {have}")
     return [(b, p) for b in backends for p in precisions or have]
 
 
@@ -61,7 +63,7 @@ def build_contenders(artifact=None, checkpoint=None, ar_checkpoint=None, data=No
     desc["max_history"] = max_history = max_history or 20
     if (reference or ar or hf_generate) and checkpoint is None:
         if artifact is None:
-            raise BenchError("nothing to benchmark: give an artifact and/or a checkpoint")
+            raise InputError("nothing to benchmark: give an artifact and/or a checkpoint")
         desc["torch_side"] = "skipped: no checkpoint (pass checkpoint=DIR for the reference and AR baseline)"
         return contenders, desc
     if checkpoint is not None:
@@ -89,7 +91,8 @@ def build_contenders(artifact=None, checkpoint=None, ar_checkpoint=None, data=No
 
 def catalog_for(layout, data, checkpoint, load_catalog):
     """The dataset's item index if its SIDs fit ``layout`` (so real histories encode), else ava_sid."""
-    from nezha.runtime.catalog import Catalog, CatalogError
+    from nezha.runtime.catalog import Catalog
+    from nezha.runtime.errors import ArtifactError
 
     if data is not None:
         from nezha.runtime.data import find_pair
@@ -98,7 +101,7 @@ def catalog_for(layout, data, checkpoint, load_catalog):
         try:
             cat.check_layout(layout, str(index))
             return cat
-        except CatalogError:
+        except ArtifactError:
             pass
     return load_catalog(None, checkpoint, layout)
 

@@ -4,9 +4,10 @@ CPU-only dynamic int8 variant, with sensitivity analysis and validation against 
 The build (export/) calls ``int8_from_onnx`` and ``int8_cpu_from_onnx``; calibration never imports export.
 """
 
+from nezha.runtime.errors import InputError, StepError
+
 from .data import (
            MIN_SAMPLES,
-           CalibrationError,
            CalibrationReader,
            FeedList,
            sample_histories,
@@ -20,9 +21,9 @@ from .quantize import (
            qdq_from_ranges,
 )
 from .sensitivity import node_sensitivity, sensitivity_table, weight_matmuls
-from .validate import Int8ValidationError, validate_int8
+from .validate import validate_int8
 
-__all__ = ["INT8_CPU_SETTINGS", "METHODS", "MIN_SAMPLES", "CalibrationError", "CalibrationReader",
-           "FeedList", "Int8ValidationError", "calibrate_ranges", "int8_cpu_from_onnx", "int8_from_onnx",
+__all__ = ["INT8_CPU_SETTINGS", "METHODS", "MIN_SAMPLES", "InputError", "CalibrationReader",
+           "FeedList", "StepError", "calibrate_ranges", "int8_cpu_from_onnx", "int8_from_onnx",
            "node_sensitivity", "qdq_from_ranges", "sample_histories", "sensitivity_table", "validate_int8",
            "weight_matmuls"]

@@ -12,13 +12,12 @@ import numpy as np
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.data import (
     DEFAULT_DATA,
-    DataError,
     find_pair,
     leave_one_out,
     read_interactions,
 )
 from nezha.runtime.encoding import encode_codes, history_codes
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import InputError
 from nezha.runtime.encoding import SidLayout
 from onnxruntime.quantization import CalibrationDataReader
 from tqdm import tqdm
@@ -29,17 +28,12 @@ log = logging.getLogger(__name__)
 MIN_SAMPLES = 16
 
 
-class CalibrationError(NezhaError, ValueError):
-    """Calibration input that cannot be used: unreadable or empty data, no known items, too few samples,
-    a bad calibration method or cache."""
-
-
 def default_interactions() -> Path:
     """The interactions file of the default calibration set (Beauty, runtime.data.DEFAULT_DATA)."""
     try:
         return find_pair(DEFAULT_DATA)[1]
-    except DataError as e:
-        raise CalibrationError(f"no default calibration data: {e}; pass an interactions file") from None
+    except InputError as e:
+        raise InputError(f"no default calibration data: {e}; pass an interactions file") from None
 
 
 def sample_histories(interactions: str | Path | None = None, size: int = 512, seed: int = 0,
@@ -48,16 +42,16 @@ def sample_histories(interactions: str | Path | None = None, size: int = 512, se
     ``part`` split (leave-one-out: 'train' = all but a user's last two items) of ``interactions``
     ({"user": [item, ...]} JSON; default: Beauty). Users too short for the split are skipped."""
     if not isinstance(size, (int, np.integer)) or size < MIN_SAMPLES:
-        raise CalibrationError(f"calibration size {size!r} is too small: need at least {MIN_SAMPLES} histories")
+        raise InputError(f"calibration size {size!r} is too small: need at least {MIN_SAMPLES} histories")
     path = Path(interactions) if interactions is not None else default_interactions()
     try:
         split = leave_one_out(read_interactions(path), part)
-    except DataError as e:
-        raise CalibrationError(f"calibration data: {e}") from None
+    except InputError as e:
+        raise InputError(f"calibration data: {e}") from None
     if len(split.histories) < size:
-        raise CalibrationError(f"calibration data {path}: {len(split.histories)} usable histories in the {part!r} "
-                               f"split (users with enough items), {size} requested; lower the calibration size "
-                               f"or give more data")
+        raise InputError(f"calibration data {path}: {len(split.histories)} usable histories in the {part!r} "
+                         f"split (users with enough items), {size} requested; lower the calibration size "
+                         f"or give more data")
     rng = np.random.default_rng(seed)
     chosen = np.sort(rng.choice(len(split.histories), size=size, replace=False))
     return [split.histories[i] for i in chosen]
@@ -72,15 +66,15 @@ class CalibrationReader(CalibrationDataReader):
     def __init__(self, histories: Sequence[Sequence[int]], catalog: Catalog, layout: SidLayout, max_history: int,
                  batch_size: int = 32, progress: bool = True):
         if batch_size < 1:
-            raise CalibrationError(f"batch_size must be >= 1, got {batch_size}")
+            raise InputError(f"batch_size must be >= 1, got {batch_size}")
         catalog.check_layout(layout, "calibration catalog")
         codes = [c for c in history_codes(histories, catalog, unknown="skip") if len(c)]
         if not codes:
-            raise CalibrationError(f"none of the {len(histories)} calibration histories has an item of the catalog "
-                                   f"({len(catalog.item_ids)} items): wrong interactions file for this model?")
+            raise InputError(f"none of the {len(histories)} calibration histories has an item of the catalog "
+                             f"({len(catalog.item_ids)} items): wrong interactions file for this model?")
         if len(codes) < MIN_SAMPLES:
-            raise CalibrationError(f"only {len(codes)} of {len(histories)} calibration histories have items of the "
-                                   f"catalog; need at least {MIN_SAMPLES}")
+            raise InputError(f"only {len(codes)} of {len(histories)} calibration histories have items of the "
+                             f"catalog; need at least {MIN_SAMPLES}")
         if len(codes) < len(histories):
             log.warning("calibration: %d of %d histories have no item of the catalog and are skipped",
                         len(histories) - len(codes), len(histories))
@@ -132,7 +126,7 @@ class FeedList(CalibrationDataReader):
     def __init__(self, feeds: Iterable[dict[str, np.ndarray]]):
         self.feeds = [dict(f) for f in feeds]
         if not self.feeds:
-            raise CalibrationError("no calibration feeds: the iterable of backbone feeds is empty")
+            raise InputError("no calibration feeds: the iterable of backbone feeds is empty")
         self._next = 0
 
     def __len__(self) -> int:

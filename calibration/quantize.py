@@ -26,6 +26,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from nezha.runtime.artifact import external_data_path, sha256
+from nezha.runtime.errors import InputError
 from onnxruntime.quantization import (
     CalibrationMethod,
     QuantFormat,
@@ -37,7 +38,7 @@ from onnxruntime.quantization import (
 from onnxruntime.quantization.calibrate import CalibrationCacheEncoder, TensorsData
 from tqdm import tqdm
 
-from .data import CalibrationError, FeedList
+from .data import FeedList
 from .sensitivity import node_sensitivity, sensitivity_table, weight_matmuls
 
 # int8-cpu: MatMul weights int8 per channel with a 7-bit range. ONNX Runtime's dynamic MatMulInteger
@@ -70,7 +71,7 @@ def qdq_options() -> dict:
 
 def _check_method(method: str) -> CalibrationMethod:
     if method not in METHODS:
-        raise CalibrationError(f"calibration method {method!r}; allowed: {', '.join(METHODS)}")
+        raise InputError(f"calibration method {method!r}; allowed: {', '.join(METHODS)}")
     return METHODS[method]
 
 
@@ -104,7 +105,7 @@ def _read_cache(cache_path: Path, key: dict) -> TensorsData | None:
     except FileNotFoundError:
         return None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CalibrationError(f"calibration cache {cache_path} is not valid JSON ({e}); delete it to recalibrate") \
+        raise InputError(f"calibration cache {cache_path} is not valid JSON ({e}); delete it to recalibrate") \
             from None
     if raw.get("format") != CACHE_FORMAT or raw.get("version") != CACHE_VERSION or raw.get("key") != key:
         return None
@@ -222,10 +223,10 @@ def int8_from_onnx(fp32_graphs: dict[str, Path], out_dir: Path, feeds: Iterable[
     """
     say = log or (lambda _m: None)
     if "backbone" not in fp32_graphs:
-        raise CalibrationError(f"int8_from_onnx needs the 'backbone' graph; got {sorted(fp32_graphs)}")
+        raise InputError(f"int8_from_onnx needs the 'backbone' graph; got {sorted(fp32_graphs)}")
     _check_method(method)
     if not isinstance(exclude_sensitive, int) or exclude_sensitive < 0:
-        raise CalibrationError(f"exclude_sensitive must be a non-negative integer, got {exclude_sensitive!r}")
+        raise InputError(f"exclude_sensitive must be a non-negative integer, got {exclude_sensitive!r}")
     # (not isinstance: ORT's reader base class claims every object with a get_next as a subclass)
     feeds = feeds if type(feeds) is FeedList else FeedList(feeds)
     out_dir = Path(out_dir)
@@ -259,7 +260,7 @@ def int8_cpu_from_onnx(fp32_graphs: dict[str, Path], out_dir: Path, *,
     weights (int8 per-channel, activations quantized at run time), the heads copied unchanged.
     ONNX Runtime CPU only: the manifest marks the precision "cpu-only". Settings: INT8_CPU_SETTINGS."""
     if "backbone" not in fp32_graphs:
-        raise CalibrationError(f"int8_cpu_from_onnx needs the 'backbone' graph; got {sorted(fp32_graphs)}")
+        raise InputError(f"int8_cpu_from_onnx needs the 'backbone' graph; got {sorted(fp32_graphs)}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     src = Path(fp32_graphs["backbone"])

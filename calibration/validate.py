@@ -9,13 +9,7 @@ from typing import Iterable
 import numpy as np
 import onnxruntime as ort
 from nezha.runtime.backends.onnxruntime import open_session
-from nezha.runtime.errors import NezhaError
-
-from .data import CalibrationError
-
-
-class Int8ValidationError(NezhaError, ValueError):
-    """An int8 graph whose outputs are too far from the fp32 graph's; lists every output and its tolerance."""
+from nezha.runtime.errors import InputError, StepError
 
 
 
@@ -41,13 +35,13 @@ def validate_int8(fp32_path: Path, int8_path: Path, feeds: Iterable[dict[str, np
     worst cosine >= min_cosine, max |int8 - fp32| <= max_relative_error * max |fp32|.
 
     Returns {output name: {mean_cosine, min_cosine, max_abs_error, mean_abs_error, max_abs_reference,
-    tolerances, ok}}; raises Int8ValidationError listing every output when one fails. The inputs and
+    tolerances, ok}}; raises StepError listing every output when one fails. The inputs and
     outputs of the two graphs must match (names, dtypes, ranks)."""
     fp32, int8 = cpu_session(fp32_path, threads), cpu_session(int8_path, threads)
     io = lambda s: ([(a.name, a.type, len(a.shape)) for a in s.get_inputs()],
                     [(a.name, a.type, len(a.shape)) for a in s.get_outputs()])
     if io(fp32) != io(int8):
-        raise Int8ValidationError(f"{int8_path} has inputs/outputs {io(int8)}, the fp32 graph {io(fp32)}")
+        raise StepError(f"{int8_path} has inputs/outputs {io(int8)}, the fp32 graph {io(fp32)}")
     names = [o.name for o in fp32.get_outputs()]
     outs32, outs8 = {n: [] for n in names}, {n: [] for n in names}
     count = 0
@@ -57,7 +51,7 @@ def validate_int8(fp32_path: Path, int8_path: Path, feeds: Iterable[dict[str, np
             outs8[n].append(b)
         count += 1
     if not count:
-        raise CalibrationError("validate_int8: no feeds to compare on")
+        raise InputError("validate_int8: no feeds to compare on")
     result, failures = {}, []
     for n in names:
         e = output_errors(outs32[n], outs8[n])
@@ -74,6 +68,6 @@ def validate_int8(fp32_path: Path, int8_path: Path, feeds: Iterable[dict[str, np
                  f"{r['min_cosine']:.5f} (>= {min_cosine}), max abs error {r['max_abs_error']:.4g} "
                  f"(<= {r['tolerances']['max_abs_error']:.4g} = {max_relative_error} x max |fp32| "
                  f"{r['max_abs_reference']:.4g}){'' if r['ok'] else '  FAILED'}" for n, r in result.items()]
-        raise Int8ValidationError(f"int8 graph {int8_path} differs from {fp32_path} beyond tolerance:\n"
-                                  + "\n".join(lines))
+        raise StepError(f"int8 graph {int8_path} differs from {fp32_path} beyond tolerance:\n"
+                        + "\n".join(lines))
     return result

@@ -33,7 +33,7 @@ from typing import Callable
 
 from nezha.export import steps as S
 from nezha.export.options import BuildOptions, check
-from nezha.export.staging import BuildError, staging  # noqa: F401  (BuildError: the build's error, for callers)
+from nezha.export.staging import staging
 from nezha.runtime.cli import Parser
 from nezha.runtime.errors import NezhaError
 from nezha.runtime.options import add_arguments
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = build(**vars(args))
     except NezhaError as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
     print(summary.table())
     return 0
 

@@ -4,7 +4,7 @@ Networks are strongly typed (NetworkDefinitionCreationFlag.STRONGLY_TYPED): ever
 type the ONNX graph gives it, so an fp16 or int8 (Q/DQ) engine comes from an fp16 or int8 graph and
 no builder precision flag is set (int8 engines come from ``precision.int8_tensorrt_graphs``: Q/DQ on
 the fp16 graph). TensorRT is imported lazily: the rest of the build runs without it, and a missing
-piece (TensorRT, Polygraphy, the CUDA runtime, a GPU) is one BackendUnavailable the build turns into
+piece (TensorRT, Polygraphy, the CUDA runtime, a GPU) is one Unavailable the build turns into
 "engines skipped".
 
 Each engine has one optimization profile: min and max from the manifest's ranges (the --max-* options),
@@ -21,29 +21,21 @@ from typing import Sequence
 
 from nezha.runtime.backends import cuda as C
 from nezha.runtime.backends.tensorrt import HARDWARE_LEVELS, Compatibility, load_tensorrt, version_tuple
-from nezha.runtime.errors import BackendUnavailable, NezhaError
+from nezha.runtime.errors import StepError, Unavailable
 from nezha.runtime.manifest import EngineEntry, GraphEntry, Limits
 
 TYPICAL_BEAM = 20
 SAME_CC_SINCE = (10, 9)        # HardwareCompatibilityLevel.SAME_COMPUTE_CAPABILITY appeared in TensorRT 10.9
 
 
-class TensorRTUnavailable(BackendUnavailable):
-    """TensorRT, Polygraphy, the CUDA runtime or a GPU is missing here; the engine step is skipped."""
-
-
-class EngineBuildError(NezhaError, RuntimeError):
-    """TensorRT could not parse a graph or build its engine; the message carries the parser's errors."""
-
-
 def gpu_for_engines(device_id: int = 0):
-    """Everything an engine build needs, or TensorRTUnavailable naming the missing piece -> (tensorrt
+    """Everything an engine build needs, or Unavailable naming the missing piece -> (tensorrt
     module, the GPU's C.Device)."""
     try:
         trt = load_tensorrt()
         return trt, C.device(device_id)
-    except BackendUnavailable as e:
-        raise TensorRTUnavailable(str(e)) from None
+    except Unavailable as e:
+        raise Unavailable(str(e)) from None
 
 
 def typical_dims(levels: int, limits: Limits, history_lengths: Sequence[int] = ()) -> dict[str, int]:
@@ -82,7 +74,7 @@ def set_timing_cache(trt, config, timing_cache: Path | None):
         return cache, None
     cache = config.create_timing_cache(b"")
     if cache is None or not config.set_timing_cache(cache, ignore_mismatch=False):
-        raise EngineBuildError("TensorRT refused a new, empty timing cache")
+        raise StepError("TensorRT refused a new, empty timing cache")
     return cache, f"timing cache {timing_cache} was refused by TensorRT (another GPU or version?): started a new one"
 
 
@@ -105,20 +97,20 @@ def engine_from_onnx(onnx_path: Path, plan_path: Path, graph: GraphEntry, file: 
     """Parse ``onnx_path`` into a strongly typed network, build an engine for the input ranges of the
     manifest ``graph`` entry (opt at ``typical``) and write ``plan_path`` atomically. ``timing_cache`` is
     read if present and written back. ``hardware``: a HARDWARE_LEVELS key. Returns the manifest's engine
-    entry (``file``: the plan's path in the artifact); TensorRTUnavailable when a piece is missing."""
+    entry (``file``: the plan's path in the artifact); Unavailable when a piece is missing."""
     trt, device = gpu_for_engines()
     if hardware not in HARDWARE_LEVELS:
-        raise EngineBuildError(f"hardware compatibility {hardware!r}; allowed: {', '.join(HARDWARE_LEVELS)}")
+        raise StepError(f"hardware compatibility {hardware!r}; allowed: {', '.join(HARDWARE_LEVELS)}")
     if hardware == "same_compute_capability" and version_tuple(trt.__version__) < SAME_CC_SINCE:
-        raise EngineBuildError(f"hardware compatibility same_compute_capability needs TensorRT 10.9+, "
-                               f"this is {trt.__version__}")
+        raise StepError(f"hardware compatibility same_compute_capability needs TensorRT 10.9+, "
+                        f"this is {trt.__version__}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     network = builder.create_network(1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED))
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):          # from the file: external weights resolve beside it
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
-        raise EngineBuildError(f"TensorRT could not parse {onnx_path}: {errors}")
+        raise StepError(f"TensorRT could not parse {onnx_path}: {errors}")
     config = builder.create_builder_config()
     if workspace_bytes:
         config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
@@ -128,13 +120,13 @@ def engine_from_onnx(onnx_path: Path, plan_path: Path, graph: GraphEntry, file: 
     for name, (lo, opt, hi) in shapes.items():
         profile.set_shape(name, lo, opt, hi)
     if config.add_optimization_profile(profile) < 0:
-        raise EngineBuildError(f"TensorRT refused the optimization profile {shapes} of {onnx_path}")
+        raise StepError(f"TensorRT refused the optimization profile {shapes} of {onnx_path}")
     cache, note = set_timing_cache(trt, config, timing_cache)
     if note and notes is not None:
         notes.append(note)
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
-        raise EngineBuildError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
+        raise StepError(f"TensorRT failed to build an engine from {onnx_path} (see the log above)")
     write_atomically(plan_path, bytes(serialized))
     if timing_cache is not None:
         write_atomically(timing_cache, bytes(cache.serialize()))

@@ -14,16 +14,12 @@ import onnx
 import torch
 from nezha.model.nezha import NezhaModel, positions_from_mask
 from nezha.runtime.artifact import external_data_path
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import StepError
 from nezha.runtime.manifest import GraphEntry, Limits, expected_graphs, token_range  # noqa: F401 (token_range: re-export)
 from torch import nn
 
 EXPORTERS = ("dynamo", "torchscript")
 EXTERNAL_DATA_BYTES = 1_800_000_000     # protobuf's hard limit is 2 GiB; stay clear of it
-
-
-class ExportError(NezhaError, RuntimeError):
-    """A graph that torch.onnx.export could not produce (both exporters failed)."""
 
 
 def model_limits(model: NezhaModel, max_history: int = 20, max_batch: int = 64, max_beam: int = 512) -> Limits:
@@ -209,7 +205,7 @@ def onnx_from_model(model: NezhaModel, out_dir: Path, limits: Limits, opset: int
     if exporter not in EXPORTERS:
         raise ValueError(f"exporter {exporter!r}; allowed: {', '.join(EXPORTERS)}")
     if model.mtp_head is None:
-        raise ExportError("the checkpoint has no draft head (use_mtp=False): NEZHA graphs need mtp_head.* weights")
+        raise StepError("the checkpoint has no draft head (use_mtp=False): NEZHA graphs need mtp_head.* weights")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {}
     for name, spec in graph_specs(model, limits).items():
@@ -220,14 +216,14 @@ def onnx_from_model(model: NezhaModel, out_dir: Path, limits: Limits, opset: int
                 _export(module, args, spec, path, opset, exporter)
             except Exception as first:  # the dynamo exporter fails in many ways; the fallback is the answer
                 if exporter != "dynamo":
-                    raise ExportError(f"{name}: torch.onnx.export (dynamo=False) failed: {first}") from first
+                    raise StepError(f"{name}: torch.onnx.export (dynamo=False) failed: {first}") from first
                 if log:
                     log(f"  {name}: dynamo exporter failed ({type(first).__name__}: {str(first)[:200]}); "
                         "falling back to dynamo=False")
                 try:
                     _export(module, args, spec, path, opset, "torchscript")
                 except Exception as second:
-                    raise ExportError(f"{name}: both exporters failed. dynamo: {first}; dynamo=False: {second}") \
+                    raise StepError(f"{name}: both exporters failed. dynamo: {first}; dynamo=False: {second}") \
                         from second
         finish_graph(path, name, spec)
         paths[name] = path

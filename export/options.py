@@ -8,18 +8,17 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import onnx
-from nezha.calibration import METHODS, MIN_SAMPLES, CalibrationError
+from nezha.calibration import METHODS, MIN_SAMPLES
 from nezha.calibration.data import default_interactions
-from nezha.model.checkpoint import CheckpointError
-from nezha.runtime.catalog import CatalogError
 from nezha.runtime.cli import ascii_int
 from nezha.runtime.data import DEFAULT_DATA, find_pair
 from nezha.runtime.manifest import PRECISIONS
 from nezha.runtime.options import checked, option, rule
+from nezha.runtime.errors import ArtifactError, InputError
 
 from .graphs import EXPORTERS
 from .precision import check_precisions
-from .staging import BuildError, check_output
+from .staging import check_output
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO_CHECKPOINT = REPO / "checkpoints" / "demo" / "nezha"
@@ -34,19 +33,19 @@ def _precisions(value, f):
 def _backends(value, f):
     bad = [b for b in value if b not in BACKENDS]
     if bad or not value:
-        raise BuildError(f"unsupported backend(s) {bad or '(none)'}; allowed: {', '.join(BACKENDS)}")
+        raise InputError(f"unsupported backend(s) {bad or '(none)'}; allowed: {', '.join(BACKENDS)}")
     return tuple(value)
 
 
 _positive = rule(lambda v: type(v) is int and v >= 1, lambda v, f: f"{f.name} must be a positive integer, got {v!r}",
-                 BuildError)
+                 InputError)
 _opset = rule(lambda v: type(v) is int and OPSETS[0] <= v <= OPSETS[1],
               lambda v, f: f"opset must be an integer in {OPSETS[0]}..{OPSETS[1]} (this onnx package's newest), "
-                           f"got {v!r}", BuildError)
+                           f"got {v!r}", InputError)
 _calibration_size = rule(lambda v: type(v) is int and v >= MIN_SAMPLES, lambda v, f: f"calibration size {v!r} is too "
-                         f"small: need at least {MIN_SAMPLES} histories", CalibrationError)
+                         f"small: need at least {MIN_SAMPLES} histories", InputError)
 _calibration_exclude = rule(lambda v: type(v) is int and v >= 0, lambda v, f: "calibration exclude must be a "
-                            f"non-negative integer (weight MatMuls kept float), got {v!r}", CalibrationError)
+                            f"non-negative integer (weight MatMuls kept float), got {v!r}", InputError)
 
 
 def _one_of(allowed, error):
@@ -84,7 +83,7 @@ class BuildOptions:
     opset: int = option(18, "ONNX opset of the exported graphs", _opset, type=ascii_int)
     exporter: str = option(
         "dynamo", "torch.onnx exporter; dynamo falls back to torchscript (dynamo=False) per graph on failure",
-        _one_of(EXPORTERS, BuildError), choices=EXPORTERS)
+        _one_of(EXPORTERS, InputError), choices=EXPORTERS)
     histories: Path | list | None = option(
         None, "LETTER *.inter.json to sample validation histories from (default: the demo data with the demo "
         "checkpoint, synthetic histories otherwise)", type=Path)
@@ -97,7 +96,7 @@ class BuildOptions:
         _int8, type=ascii_int)
     calibration_method: str = option(
         "entropy", "int8: how activation ranges are chosen from the calibration histograms (percentile: the "
-        "99.999th)", _one_of(METHODS, CalibrationError), _int8, choices=list(METHODS))
+        "99.999th)", _one_of(METHODS, InputError), _int8, choices=list(METHODS))
     calibration_exclude: int = option(
         0, "int8: keep this many weight MatMuls float, the ones whose quantization alone costs the most "
         "hidden-state cosine (a sensitivity pass: one quantized graph per MatMul)", _calibration_exclude, _int8,
@@ -123,19 +122,19 @@ def check(options: BuildOptions) -> BuildOptions:
         index = index if index is not None else find_pair(DEFAULT_DATA)[0]
         histories = histories if histories is not None else find_pair(DEFAULT_DATA)[1]
     if not checkpoint.is_dir():
-        raise CheckpointError(f"checkpoint {checkpoint} does not exist or is not a folder: pass a checkpoint in "
-                              "the public NEZHA format")
+        raise ArtifactError(f"checkpoint {checkpoint} does not exist or is not a folder: pass a checkpoint in "
+                            "the public NEZHA format")
     if index is not None:
         index = Path(index)
-        _must_be_file(index, "item index", "pass a LETTER *.index.json", CatalogError)
+        _must_be_file(index, "item index", "pass a LETTER *.index.json", ArtifactError)
     if isinstance(histories, (str, Path)):
         histories = Path(histories)
-        _must_be_file(histories, "validation histories", "pass a LETTER *.inter.json", BuildError, plural=True)
+        _must_be_file(histories, "validation histories", "pass a LETTER *.inter.json", InputError, plural=True)
     calibration_data = o.calibration_data
     if _int8(o):
         calibration_data = Path(calibration_data).absolute() if calibration_data is not None else \
             default_interactions().resolve()
-        _must_be_file(calibration_data, "calibration data", "pass a LETTER *.inter.json", CalibrationError)
+        _must_be_file(calibration_data, "calibration data", "pass a LETTER *.inter.json", InputError)
     out = Path(o.out).absolute()
     check_output(out, o.force, {"checkpoint": checkpoint, "item index": index, "validation histories":
                                 histories if isinstance(histories, Path) else None,

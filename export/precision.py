@@ -15,7 +15,7 @@ from typing import Iterable
 
 import onnx
 from onnx import version_converter
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import InputError
 from nezha.runtime.manifest import PRECISIONS, PrecisionEntry
 
 from .graphs import save_onnx
@@ -34,16 +34,12 @@ FP32_OPS = ("Pow", "ReduceMean", "Sqrt", "Reciprocal", "Div", "Softmax", "LogSof
             "LayerNormalization", "SimplifiedLayerNormalization", "RMSNormalization")
 
 
-class PrecisionError(NezhaError, ValueError):
-    """A precision that is unknown or whose tooling is not available."""
-
-
 def check_precisions(precisions: Iterable[str]) -> list[str]:
     """Validate and order precisions (fp32 first: every other one is derived from it and compared to torch)."""
     precisions = list(dict.fromkeys(precisions))
     unknown = [p for p in precisions if p not in PRECISIONS]
     if unknown or not precisions:
-        raise PrecisionError(f"unsupported precision(s) {unknown or '(none)'}; allowed: {', '.join(PRECISIONS)}")
+        raise InputError(f"unsupported precision(s) {unknown or '(none)'}; allowed: {', '.join(PRECISIONS)}")
     return [p for p in PRECISIONS if p in precisions]
 
 
@@ -92,7 +88,7 @@ def topological_sort(graph: onnx.GraphProto) -> None:
         still = [n for n in pending if not all(i in ready for i in n.input)]
         placed = [n for n in pending if all(i in ready for i in n.input)]
         if not placed:
-            raise PrecisionError(f"graph {graph.name!r} has a cycle or a dangling input at node {still[0].name!r}")
+            raise InputError(f"graph {graph.name!r} has a cycle or a dangling input at node {still[0].name!r}")
         for n in placed:
             ready.update(n.output)
         ordered.extend(placed)

@@ -24,9 +24,9 @@ from pathlib import Path
 
 from nezha.runtime.artifact import MANIFEST, MAX_MANIFEST_BYTES, umask
 from nezha.runtime.catalog import read_json
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import ArtifactError, InputError
 from nezha.runtime.manifest import FORMAT, VERSION, Manifest
-from nezha.runtime.strict import ManifestError, relpath
+from nezha.runtime.strict import relpath
 
 from .rename import exchange, rename_new
 
@@ -38,10 +38,6 @@ _BUILD_FILE = re.compile(r"(graphs|tables|engines)/.+|(manifest|contract|validat
                          r"|\.(manifest|contract|validation)\.[^/]+")
 
 
-class BuildError(NezhaError, ValueError):
-    """A build that cannot start or finish: bad arguments, existing or unwritable output."""
-
-
 def check_output(out: Path, force: bool, inputs: dict[str, Path | None]) -> None:
     """Refuse an ``out`` that overlaps an input, is a link, exists without ``force``, or is not an artifact."""
     real = Path(os.path.realpath(out))
@@ -50,14 +46,14 @@ def check_output(out: Path, force: bool, inputs: dict[str, Path | None]) -> None
             continue
         other = Path(os.path.realpath(path))
         if real == other or real in other.parents or other in real.parents:
-            raise BuildError(f"--out {out} overlaps the {what} {path}: the build would replace its own input; "
+            raise InputError(f"--out {out} overlaps the {what} {path}: the build would replace its own input; "
                              "choose an output folder outside the inputs")
     if out.is_symlink():
-        raise BuildError(f"--out {out} is a symbolic link: name the real folder (the artifact is swapped into place)")
+        raise InputError(f"--out {out} is a symbolic link: name the real folder (the artifact is swapped into place)")
     if os.path.lexists(out):
         problem = replace_problem(out, force)
         if problem:
-            raise BuildError(problem)
+            raise InputError(problem)
 
 
 def replace_problem(out: Path, force: bool, appeared: bool = False) -> str | None:
@@ -117,7 +113,7 @@ def _listed_files(folder: Path) -> tuple[str | None, set[str]]:
     """(None, the paths manifest.json lists, itself included) or (why it proves nothing, empty set)."""
     manifest = folder / MANIFEST
     try:
-        raw = read_json(manifest, MANIFEST, ManifestError, MAX_MANIFEST_BYTES)
+        raw = read_json(manifest, MANIFEST, ArtifactError, MAX_MANIFEST_BYTES)
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
             return f"{MANIFEST} is not of format {FORMAT}", set()
         listed = raw.get("files")
@@ -127,7 +123,7 @@ def _listed_files(folder: Path) -> tuple[str | None, set[str]]:
             relpath(rel, f"files.{rel}")
         if raw.get("version") == VERSION:
             Manifest.from_json(raw)
-    except ManifestError as e:
+    except ArtifactError as e:
         return str(e).replace(f"{MANIFEST} {manifest}", MANIFEST), set()
     return None, set(listed) | {MANIFEST}
 
@@ -225,14 +221,14 @@ def _discard(replaced: Path, container: Path, out: Path, log) -> None:
 
 
 def publish(tmp: Path, out: Path, force: bool, existed: bool, log=None) -> None:
-    """Put the finished staging folder ``tmp`` at ``out``, or raise BuildError leaving ``out`` as it was
+    """Put the finished staging folder ``tmp`` at ``out``, or raise InputError leaving ``out`` as it was
     (``existed``: ``out`` was there when the build started). On return ``tmp`` is gone."""
     try:
         if not os.path.lexists(out) and rename_new(tmp, out):
             return
         problem = replace_problem(out, force, appeared=not existed)
         if problem:
-            raise BuildError(problem + "; the new artifact was not kept")
+            raise InputError(problem + "; the new artifact was not kept")
         if exchange(tmp, out):
             _discard(tmp, tmp, out, log)                  # tmp now holds what was at out
             return
@@ -244,13 +240,13 @@ def publish(tmp: Path, out: Path, force: bool, existed: bool, log=None) -> None:
             try:
                 os.rename(old / out.name, out)             # put the old artifact back before failing
             except OSError:                                # something took its place at out meanwhile
-                raise BuildError(f"cannot move the new artifact to {out}: {e.strerror or e}; something appeared "
+                raise InputError(f"cannot move the new artifact to {out}: {e.strerror or e}; something appeared "
                                  f"there while the build replaced it, and the previous artifact is in "
                                  f"{old / out.name}: move it back to use it") from None
             old.rmdir()
             raise
     except OSError as e:
-        raise BuildError(f"cannot move the new artifact to {out}: {e.strerror or e}; {out} is as it was") from None
+        raise InputError(f"cannot move the new artifact to {out}: {e.strerror or e}; {out} is as it was") from None
     _discard(old / out.name, old, out, log)
 
 
@@ -275,7 +271,7 @@ def staging(out: Path, force: bool = False, log=None):
         clean_stale(out, log)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.building-{os.getpid()}-", dir=out.parent))
     except OSError as e:
-        raise BuildError(f"cannot write the artifact beside {out}: {e.strerror or e} ({e.filename or out.parent})") from None
+        raise InputError(f"cannot write the artifact beside {out}: {e.strerror or e} ({e.filename or out.parent})") from None
     try:
         yield tmp
         publishable(tmp)

@@ -17,7 +17,6 @@ from nezha.calibration import (
     int8_from_onnx,
     validate_int8,
 )
-from nezha.calibration.validate import Int8ValidationError
 from nezha.model.checkpoint import load_catalog, load_checkpoint
 from nezha.runtime.artifact import external_data_path, write_manifest
 from nezha.runtime.manifest import (
@@ -28,12 +27,12 @@ from nezha.runtime.manifest import (
     largest_tensor,
 )
 from nezha.runtime.contract import Recommender
+from nezha.runtime.errors import InputError, StepError, Unavailable
 
-from .engines import TensorRTUnavailable, engine_sources, engines_from_sources, gpu_for_engines, typical_dims
+from .engines import engine_sources, engines_from_sources, gpu_for_engines, typical_dims
 from .graphs import graph_specs, model_limits, onnx_from_model
 from .options import BuildOptions
 from .precision import CPU_ONLY_PRECISIONS, INT8_BACKENDS, fp16_from_onnx, precision_entry
-from .staging import BuildError
 from .tables import tables_from_catalog
 from .validate import (
     histories_from_data,
@@ -79,7 +78,7 @@ def model_from_checkpoint(s: State, notes: list) -> State:
     s.limits = model_limits(s.model, o.max_history, o.max_batch, o.max_beam)
     tensor, size = largest_tensor(s.model.layout, s.limits)
     if size > MAX_TENSOR_BYTES:                # say so before the export, not when validation allocates
-        raise BuildError(f"--max-batch {o.max_batch} x --max-beam {o.max_beam}: {tensor} would need "
+        raise InputError(f"--max-batch {o.max_batch} x --max-beam {o.max_beam}: {tensor} would need "
                          f"{size / 2**30:.1f} GiB at its largest shape (limit {MAX_TENSOR_BYTES >> 30} GiB)")
     if o.index is None:          # the reference format stores SIDs only: item ids become positions in that file
         notes.append(f"no --index: item ids are positions 0..{len(s.catalog.item_ids) - 1} in "
@@ -153,12 +152,12 @@ def int8_cpu_from_fp32(s: State, notes: list) -> State:
 
 def validate_int8_hidden_states(s: State, notes: list) -> State:
     """Each int8 backbone against the fp32 one on the validation feeds (held out from calibration);
-    checks every precision, then raises one Int8ValidationError."""
+    checks every precision, then raises one StepError."""
     feeds, failures = validation_feeds(s.histories, s.catalog, s.model, s.limits), []
     for p in [p for p in s.options.precision if p.startswith("int8")]:
         try:
             s.hidden_state[p] = validate_int8(s.graphs["fp32"]["backbone"], s.graphs[p]["backbone"], list(feeds.values()))
-        except Int8ValidationError as e:
+        except StepError as e:
             failures.append(f"{p}: {e}")
             continue
         h = s.hidden_state[p]["hidden"]
@@ -166,7 +165,7 @@ def validate_int8_hidden_states(s: State, notes: list) -> State:
                      f"(>= {h['tolerances']['min_mean_cosine']}), worst {h['min_cosine']:.5f} "
                      f"(>= {h['tolerances']['min_cosine']})")
     if failures:
-        raise Int8ValidationError("\n".join(failures))
+        raise StepError("\n".join(failures))
     return s
 
 
@@ -193,7 +192,7 @@ def engines_from_onnx(s: State, notes: list) -> State:
         notes.append(f"{p}: skipped, {s.engines_note[p]}")
     try:
         gpu_for_engines()
-    except TensorRTUnavailable as e:
+    except Unavailable as e:
         s.engines_note["all"] = str(e)
         notes.append(f"skipped: {e}")
         return s
@@ -260,7 +259,7 @@ def load_with_runtime(s: State, notes: list) -> State:
         with Recommender.load(s.tmp, precision=p, threads=1) as rec:
             got = rec.recommend(histories, k=min(10, rec.max_beam), beam=min(20, rec.max_beam))
         if len(got) != len(histories) or not all(got):
-            raise BuildError(f"the runtime loaded the {p} graphs but decoded no items for {len(histories)} "
+            raise InputError(f"the runtime loaded the {p} graphs but decoded no items for {len(histories)} "
                              "validation histories: the model's scores are not usable (non-finite?)")
     notes.append(f"Recommender.load + recommend: {len(s.options.precision)} precision(s), {len(histories)} histories")
     return s

@@ -3,7 +3,7 @@
 Every graph runs in ONNX Runtime (CPU) on real histories; every output is compared with the torch
 model's (max |diff| against a bound relative to the output's RMS, and the mean cosine of its vectors:
 ``Tolerance``) and the decoded top-k items are compared with the torch Reference. All results are
-collected first; one ValidationError then lists every output."""
+collected first; one StepError then lists every output."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from nezha.runtime.catalog import Catalog
 from nezha.runtime.data import read_interactions
 from nezha.runtime.decode import beam_search
 from nezha.runtime.encoding import encode_histories, items_from_sids
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import StepError
 from nezha.runtime.manifest import EngineEntry, GraphEntry, Limits, token_range
 
 
@@ -56,14 +56,6 @@ class Tolerance:
 # errors (an overflow, a wrong tensor); the mean cosine, as in calibration's gate, is its quality bound.
 TOLERANCES = {"fp32": Tolerance(1e-4, 1.0, 1e-3, 0.99999), "fp16": Tolerance(5e-2, 0.9, 5e-2, 0.999),
               "int8": Tolerance(0.0, 0.7, 2.0, 0.99), "int8-cpu": Tolerance(0.0, 0.7, 2.0, 0.99)}
-
-
-class ValidationError(NezhaError, RuntimeError):
-    """Exported graphs that disagree with the torch model; ``report`` holds every comparison."""
-
-    def __init__(self, message: str, report: dict):
-        super().__init__(message)
-        self.report = report
 
 
 def ort_validation_steps(entries: dict[str, GraphEntry], paths: dict[str, Path]) -> GraphSteps:
@@ -172,7 +164,7 @@ def validate_artifact(model: NezhaModel, catalog: Catalog, steps: dict[str, Grap
     """Compare each precision's runners {precision: GraphSteps} with ``model`` on ``histories``
     (``ort_validation_steps`` for ONNX graphs, ``trt_validation_steps`` for TensorRT engines).
 
-    Returns the report (validation.json); raises ValidationError listing every output (max |diff| and
+    Returns the report (validation.json); raises StepError listing every output (max |diff| and
     tolerance) if any output or top-k agreement is out of bounds.
     """
     tolerances = {**TOLERANCES, **(tolerances or {})}
@@ -208,5 +200,5 @@ def validate_artifact(model: NezhaModel, catalog: Catalog, steps: dict[str, Grap
                      f"agreement {agreement:.3f} (at least {tol.min_topk_agreement:g})")
     report["ok"] = ok
     if not ok:
-        raise ValidationError(f"{what} disagree with the PyTorch model:\n" + "\n".join(lines), report)
+        raise StepError(f"{what} disagree with the PyTorch model:\n" + "\n".join(lines), report)
     return report

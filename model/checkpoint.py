@@ -18,8 +18,8 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from nezha.runtime.catalog import Catalog, read_json_object
 from nezha.runtime.datafile import regular_file
-from nezha.runtime.errors import NezhaError
-from nezha.runtime.encoding import LayoutError, SidLayout
+from nezha.runtime.errors import ArtifactError, InputError
+from nezha.runtime.encoding import SidLayout
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from transformers.activations import ACT2FN
@@ -39,16 +39,12 @@ POSITIVE_REALS = ("rms_norm_eps", "rope_theta")
 WEIGHT_DTYPES = ("F16", "BF16", "F32", "F64")
 
 
-class CheckpointError(NezhaError, ValueError):
-    """A checkpoint folder that does not follow the NEZHA format; the message names file, key and expectation."""
-
-
 def make_config(layout: SidLayout, architecture: str = "qwen3", hidden_size: int = 128, num_layers: int = 2,
                 num_heads: int = 4, num_kv_heads: int = 2, intermediate_size: int | None = None,
                 use_mtp: bool = True, max_position_embeddings: int = 2048, **extra):
     """A backbone config of the given architecture with the NEZHA SID fields."""
     if architecture not in ARCHITECTURES:
-        raise CheckpointError(f"unknown architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}")
+        raise ArtifactError(f"unknown architecture {architecture!r}; supported: {', '.join(ARCHITECTURES)}")
     config_cls = ARCHITECTURES[architecture][0]
     return config_cls(
         vocab_size=layout.vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
@@ -62,7 +58,7 @@ def make_config(layout: SidLayout, architecture: str = "qwen3", hidden_size: int
 def _check_config_fields(raw: dict, cfg_path: Path) -> None:
     """The fields this reader uses, typed and bounded, before any of them reaches transformers or torch."""
     def fail(key, expected):
-        raise CheckpointError(f"{cfg_path}: {key} = {raw.get(key)!r}; expected {expected}")
+        raise ArtifactError(f"{cfg_path}: {key} = {raw.get(key)!r}; expected {expected}")
 
     def integer(key, lo=1, hi=MAX_SIZE):
         if type(raw.get(key)) is not int or not lo <= raw[key] <= hi:      # type(): bool is no integer here
@@ -70,11 +66,11 @@ def _check_config_fields(raw: dict, cfg_path: Path) -> None:
 
     arch = raw.get("model_type")
     if not isinstance(arch, str) or arch not in ARCHITECTURES:
-        raise CheckpointError(f"{cfg_path}: model_type {arch!r} is not supported; expected one of "
-                              f"{', '.join(ARCHITECTURES)}")
+        raise ArtifactError(f"{cfg_path}: model_type {arch!r} is not supported; expected one of "
+                            f"{', '.join(ARCHITECTURES)}")
     missing = [k for k in SID_FIELDS if k not in raw]
     if missing:
-        raise CheckpointError(f"{cfg_path}: missing NEZHA field(s) {missing}; expected {list(SID_FIELDS)}")
+        raise ArtifactError(f"{cfg_path}: missing NEZHA field(s) {missing}; expected {list(SID_FIELDS)}")
     for key in SIZES + tuple(k for k in OPTIONAL_SIZES if raw.get(k) is not None):
         integer(key)
     offsets, codes = raw["offset"], raw["docid_num"]
@@ -95,7 +91,7 @@ def _check_config_fields(raw: dict, cfg_path: Path) -> None:
         value = section.get(key)
         if key in section and (type(value) not in (int, float) or not math.isfinite(value) or value <= 0):
             name = key if section is raw else f"rope_parameters.{key}"
-            raise CheckpointError(f"{cfg_path}: {name} = {value!r}; expected a finite number > 0")
+            raise ArtifactError(f"{cfg_path}: {name} = {value!r}; expected a finite number > 0")
     if "hidden_act" in raw and not (isinstance(raw["hidden_act"], str) and raw["hidden_act"] in ACT2FN):
         fail("hidden_act", f"one of {', '.join(sorted(ACT2FN))}")
     heads, kv_heads = raw["num_attention_heads"], raw.get("num_key_value_heads") or raw["num_attention_heads"]
@@ -107,9 +103,9 @@ def _check_config_fields(raw: dict, cfg_path: Path) -> None:
 
 def _read_raw_config(path: Path) -> dict:
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint folder {path} does not exist")
+        raise ArtifactError(f"checkpoint folder {path} does not exist")
     raw = read_json_object(path / "config.json", "checkpoint config (a NEZHA checkpoint folder needs config.json)",
-                           "the backbone config plus docid_num, offset, max_sid", CheckpointError)
+                           "the backbone config plus docid_num, offset, max_sid", ArtifactError)
     _check_config_fields(raw, path / "config.json")
     return raw
 
@@ -119,18 +115,18 @@ def _config_from_raw(raw: dict, cfg_path: Path):
     try:
         config = ARCHITECTURES[arch][0].from_dict(raw)
     except (ValueError, TypeError, LookupError, StrictDataclassError) as e:     # transformers' own checks of the other keys
-        raise CheckpointError(f"{cfg_path}: not a valid {arch} config: {_one_line(e)}") from None
+        raise ArtifactError(f"{cfg_path}: not a valid {arch} config: {_one_line(e)}") from None
     try:
         layout = layout_from_config(config)
-    except LayoutError as e:
-        raise CheckpointError(f"{cfg_path}: keys docid_num/offset/max_sid are inconsistent: {e}") from None
+    except InputError as e:
+        raise ArtifactError(f"{cfg_path}: keys docid_num/offset/max_sid are inconsistent: {e}") from None
     old = raw.get("old_vocab_size")
     if old is not None and old != layout.offsets[0]:
-        raise CheckpointError(f"{cfg_path}: offset[0] = {layout.offsets[0]} but old_vocab_size = {old}; the first "
-                              "code token must follow the original vocabulary")
+        raise ArtifactError(f"{cfg_path}: offset[0] = {layout.offsets[0]} but old_vocab_size = {old}; the first "
+                            "code token must follow the original vocabulary")
     if config.vocab_size < layout.vocab_size:
-        raise CheckpointError(f"{cfg_path}: vocab_size = {config.vocab_size} but the codes and placeholders need "
-                              f"at least {layout.vocab_size} (max_sid {layout.placeholder_start} + {layout.levels})")
+        raise ArtifactError(f"{cfg_path}: vocab_size = {config.vocab_size} but the codes and placeholders need "
+                            f"at least {layout.vocab_size} (max_sid {layout.placeholder_start} + {layout.levels})")
     return config
 
 
@@ -141,12 +137,12 @@ def _one_line(e: Exception) -> str:
 
 def _read_header(weights_path: Path) -> dict[str, tuple[tuple[int, ...], str]]:
     """The safetensors header: name -> (shape, dtype), no tensor read."""
-    regular_file(weights_path, "weights (a NEZHA checkpoint folder needs model.safetensors)", CheckpointError)
+    regular_file(weights_path, "weights (a NEZHA checkpoint folder needs model.safetensors)", ArtifactError)
     try:
         with safe_open(str(weights_path), framework="pt") as f:
             return {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
+        raise ArtifactError(f"{weights_path} is not a readable safetensors file: {e}") from None
 
 
 def _check_layers_against_header(raw: dict, header: dict, weights_path: Path) -> None:
@@ -156,8 +152,8 @@ def _check_layers_against_header(raw: dict, header: dict, weights_path: Path) ->
     device and are compared weight by weight (_check_weights_header)."""
     layers = len({m.group(1) for k in header if (m := re.match(r"model\.layers\.(\d+)\.", k))})
     if raw["num_hidden_layers"] != layers:
-        raise CheckpointError(f"{weights_path.parent / 'config.json'}: num_hidden_layers = {raw['num_hidden_layers']} "
-                              f"but {weights_path.name} holds {layers} layer(s) (model.layers.N.*)")
+        raise ArtifactError(f"{weights_path.parent / 'config.json'}: num_hidden_layers = {raw['num_hidden_layers']} "
+                            f"but {weights_path.name} holds {layers} layer(s) (model.layers.N.*)")
 
 
 def _expected_shapes(config, cfg_path: Path) -> dict[str, tuple[int, ...]]:
@@ -167,7 +163,7 @@ def _expected_shapes(config, cfg_path: Path) -> dict[str, tuple[int, ...]]:
         with torch.device("meta"):
             model = NezhaModel(config)
     except (ValueError, TypeError, LookupError, ArithmeticError) as e:
-        raise CheckpointError(f"{cfg_path}: not a valid {config.model_type} config: {_one_line(e)}") from None
+        raise ArtifactError(f"{cfg_path}: not a valid {config.model_type} config: {_one_line(e)}") from None
     return {k: tuple(t.shape) for k, t in model.state_dict().items()}
 
 
@@ -178,17 +174,17 @@ def _check_weights_header(weights_path: Path, header: dict, expected: dict, conf
     for key, shape in expected.items():
         if key not in header:
             what = "draft-head" if key.startswith("mtp_head.") else "backbone"
-            raise CheckpointError(f"{weights_path}: missing {what} weight {key!r} of shape {shape}")
+            raise ArtifactError(f"{weights_path}: missing {what} weight {key!r} of shape {shape}")
         if header[key][0] != shape:
-            raise CheckpointError(f"{weights_path}: {key!r} has shape {header[key][0]}, expected {shape} from "
-                                  "config.json")
+            raise ArtifactError(f"{weights_path}: {key!r} has shape {header[key][0]}, expected {shape} from "
+                                "config.json")
         if header[key][1] not in WEIGHT_DTYPES:
-            raise CheckpointError(f"{weights_path}: {key!r} is {header[key][1]}; weights are floating point "
-                                  f"({', '.join(WEIGHT_DTYPES)})")
+            raise ArtifactError(f"{weights_path}: {key!r} is {header[key][1]}; weights are floating point "
+                                f"({', '.join(WEIGHT_DTYPES)})")
     unexpected = sorted(set(header) - set(expected))
     if unexpected and not (all(k.startswith("mtp_head.") for k in unexpected) and not use_mtp):
-        raise CheckpointError(f"{weights_path}: unexpected weight(s) {unexpected[:5]} for a {config.model_type} "
-                              f"model with use_mtp={use_mtp}")
+        raise ArtifactError(f"{weights_path}: unexpected weight(s) {unexpected[:5]} for a {config.model_type} "
+                            f"model with use_mtp={use_mtp}")
 
 
 def load_checkpoint(path: str | Path) -> NezhaModel:
@@ -207,16 +203,16 @@ def load_checkpoint(path: str | Path) -> NezhaModel:
     try:
         weights = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{weights_path} is not a readable safetensors file: {e}") from None
+        raise ArtifactError(f"{weights_path} is not a readable safetensors file: {e}") from None
     if getattr(config, "tie_word_embeddings", False):
         weights.setdefault("lm_head.weight", weights["model.embed_tokens.weight"])
     weights = {k: weights[k].float() for k in expected}       # an F64 1e300 is finite, and Inf once cast
     bad = [k for k in expected if not torch.isfinite(weights[k]).all()]
     if bad:
         count = int((~torch.isfinite(weights[bad[0]])).sum())
-        raise CheckpointError(f"{weights_path}: weight {bad[0]!r} holds {count} non-finite value(s) (Inf or NaN) "
-                              "in float32, the dtype the build uses"
-                              + (f", and {len(bad) - 1} more weight(s) too" if len(bad) > 1 else ""))
+        raise ArtifactError(f"{weights_path}: weight {bad[0]!r} holds {count} non-finite value(s) (Inf or NaN) "
+                            "in float32, the dtype the build uses"
+                            + (f", and {len(bad) - 1} more weight(s) too" if len(bad) > 1 else ""))
     model = NezhaModel(config)
     model.load_state_dict(weights, strict=True)
     return model.float().eval()
@@ -226,7 +222,7 @@ def save_checkpoint(model: NezhaModel, path: str | Path, catalog: Catalog | None
     """Write ``model`` in the public format (and ``ava_sid{L}.pt`` from ``catalog``), atomically."""
     path = Path(path)
     if path.exists() and not overwrite:
-        raise CheckpointError(f"{path} exists; pass overwrite=True to replace it")
+        raise ArtifactError(f"{path} exists; pass overwrite=True to replace it")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -255,20 +251,20 @@ def pack_reference_sids(codes: np.ndarray) -> torch.Tensor:
 def catalog_from_reference_sids(path: str | Path, layout: SidLayout) -> Catalog:
     """Read ``ava_sid{L}.pt`` safely (weights_only) into a Catalog; item ids are positions in the file."""
     path = Path(path)
-    regular_file(path, "valid-SID file", CheckpointError)          # a FIFO would make torch.load wait
+    regular_file(path, "valid-SID file", ArtifactError)          # a FIFO would make torch.load wait
     try:
         packed = torch.load(path, weights_only=True, map_location="cpu")
     except Exception as e:  # torch raises several unpickling error types for a bad file
-        raise CheckpointError(f"{path} is not a tensor file readable with weights_only=True: {e}") from None
+        raise ArtifactError(f"{path} is not a tensor file readable with weights_only=True: {e}") from None
     if not isinstance(packed, torch.Tensor) or packed.ndim != 1 or packed.dtype.is_floating_point:
-        raise CheckpointError(f"{path}: expected a 1-D integer tensor of packed SIDs, got "
-                              f"{type(packed).__name__} {getattr(packed, 'shape', '')}")
+        raise ArtifactError(f"{path}: expected a 1-D integer tensor of packed SIDs, got "
+                            f"{type(packed).__name__} {getattr(packed, 'shape', '')}")
     if any(c > REFERENCE_RADIX for c in layout.codes):
-        raise CheckpointError(f"{path}: radix-512 packing cannot hold codes {list(layout.codes)}")
+        raise ArtifactError(f"{path}: radix-512 packing cannot hold codes {list(layout.codes)}")
     packed = packed.numpy().astype(np.int64)
     codes = np.stack([(packed // REFERENCE_RADIX ** i) % REFERENCE_RADIX for i in range(layout.levels)], axis=1)
     if np.any(packed >= REFERENCE_RADIX ** layout.levels) or np.any(packed < 0):
-        raise CheckpointError(f"{path}: packed SIDs outside 0..512**{layout.levels} for {layout.levels} levels")
+        raise ArtifactError(f"{path}: packed SIDs outside 0..512**{layout.levels} for {layout.levels} levels")
     catalog = Catalog(np.arange(len(codes)), codes)
     catalog.check_layout(layout, str(path))
     return catalog

@@ -109,7 +109,7 @@ def main(argv=None):
     try:
         results = run(a)
     except NezhaError as e:          # checkpoint, catalog, data, artifact: say what, no traceback
-        p.exit(2, f"error: {e}\n")
+        p.exit(e.exit_code, f"error: {e}\n")
     print(json.dumps(results, indent=2))
     for kind, record in results.get("training", {}).items():
         print(f"{kind} training: {training_line(record)}")

@@ -1,7 +1,8 @@
 """The ``nezha`` command: ``build``, ``recommend``, ``bench``, ``train``, ``evaluate``, ``serve`` and ``loadtest``.
 
 A thin layer: each subcommand's options are its library function's argument names. Every user error
-(a ``NezhaError``) becomes one line ``nezha <command>: error: ...`` and exit code 2; a traceback means a bug."""
+(a ``NezhaError``) becomes one line ``nezha <command>: error: ...`` and its class's exit code (docs/errors.md);
+a traceback means a bug."""
 
 from __future__ import annotations
 

@@ -2,6 +2,8 @@
 lazily), never torch. Import it as ``nezha.runtime`` after ``pip install -e .``: the folder name is not the
 import name."""
 
-from .contract import Recommender, RequestError
+from .errors import InputError
 
-__all__ = ["Recommender", "RequestError"]
+from .contract import Recommender
+
+__all__ = ["Recommender", "InputError"]

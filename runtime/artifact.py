@@ -18,8 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import ArtifactError
+
 from .datafile import read_regular_file
-from .manifest import CONTRACT, Manifest, ManifestError, table_names
+from .manifest import CONTRACT, Manifest, table_names
 
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
@@ -34,20 +36,20 @@ def resolve_inside(root: str, rel: str) -> str:
         part = parts.pop(0)
         nxt = os.path.dirname(cur) if part == ".." else os.path.join(cur, part)
         if not _inside(root, nxt):
-            raise ManifestError(f"{rel}: leaves the artifact folder {root}")
+            raise ArtifactError(f"{rel}: leaves the artifact folder {root}")
         try:
             st = os.lstat(nxt)
         except FileNotFoundError:
             return nxt                                  # the caller reports it missing
         except OSError as e:                            # a file used as a folder, a name too long ...
-            raise ManifestError(f"{rel}: {e.strerror}") from None
+            raise ArtifactError(f"{rel}: {e.strerror}") from None
         if stat.S_ISLNK(st.st_mode):
             links += 1
             target = os.path.normpath(os.path.join(cur, os.readlink(nxt)))
             if links > _MAX_LINKS:
-                raise ManifestError(f"{rel}: too many levels of symbolic links (a loop?)")
+                raise ArtifactError(f"{rel}: too many levels of symbolic links (a loop?)")
             if not _inside(root, target):
-                raise ManifestError(f"{rel}: symbolic link {os.path.relpath(nxt, root)} points outside the "
+                raise ArtifactError(f"{rel}: symbolic link {os.path.relpath(nxt, root)} points outside the "
                                     f"artifact folder {root}")
             parts = [p for p in os.path.relpath(target, root).split("/") if p not in ("", ".")] + parts
             cur = root
@@ -76,12 +78,12 @@ def sha256(path: str | Path) -> str:
 def _no_duplicates(pairs):
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
-        raise ManifestError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
+        raise ArtifactError(f"key {next(k for k in keys if keys.count(k) > 1)!r} appears twice")
     return dict(pairs)
 
 
 def _bad_constant(name):
-    raise ManifestError(f"{name} is not valid JSON")
+    raise ArtifactError(f"{name} is not valid JSON")
 
 
 def _number(text: str):
@@ -100,7 +102,7 @@ def _number(text: str):
 def parse_json(data: bytes, shown: str):
     """Strict JSON as both readers take it: UTF-8 (a leading BOM is skipped), no duplicate key, no NaN,
     numbers a double or int64 holds, strings of Unicode scalars (no lone surrogate), at most
-    MAX_JSON_DEPTH containers deep. ManifestError naming ``shown`` otherwise."""
+    MAX_JSON_DEPTH containers deep. ArtifactError naming ``shown`` otherwise."""
     try:
         value = json.loads(data.decode("utf-8-sig"), object_pairs_hook=_no_duplicates, parse_constant=_bad_constant,
                            parse_int=_number, parse_float=_number)
@@ -113,17 +115,17 @@ def parse_json(data: bytes, shown: str):
                 v.encode("utf-8")                                   # a lone surrogate ("\ud800") fails here
             elif isinstance(v, (dict, list)):
                 todo += [(x, depth + 1) for x in (list(v) + list(v.values()) if isinstance(v, dict) else v)]
-    except ManifestError as e:
-        raise ManifestError(f"{shown}: {e}") from None
+    except ArtifactError as e:
+        raise ArtifactError(f"{shown}: {e}") from None
     except (ValueError, RecursionError) as e:     # UTF-8, syntax, numbers, nesting (UnicodeError is a ValueError)
-        raise ManifestError(f"{shown} is not valid JSON: {e}") from None
+        raise ArtifactError(f"{shown} is not valid JSON: {e}") from None
     return value
 
 
 def read_json(root: str, rel: str, shown: str, max_bytes: int):
     """``root/rel`` (inside the folder, a regular file of at most ``max_bytes``: ``read_regular_file``) parsed
     by ``parse_json``."""
-    return parse_json(read_regular_file(resolve_inside(root, rel), rel, ManifestError, max_bytes), shown)
+    return parse_json(read_regular_file(resolve_inside(root, rel), rel, ArtifactError, max_bytes), shown)
 
 
 class Artifact:
@@ -137,20 +139,20 @@ class Artifact:
         """Read and check ``folder/manifest.json``; with ``verify`` (the default) hash every listed file.
         ``verify=False`` is an explicit opt-out for trusted hot reloads: paths, keys and tables are still checked."""
         if not isinstance(folder, (str, os.PathLike)) or isinstance(folder, bytes):
-            raise ManifestError(f"an artifact folder is a path (str or pathlib.Path), got {type(folder).__name__}")
+            raise ArtifactError(f"an artifact folder is a path (str or pathlib.Path), got {type(folder).__name__}")
         folder = Path(folder)
         if not folder.is_dir():
-            raise ManifestError(f"{folder} is not an artifact folder ({'not a folder' if folder.exists() else 'does not exist'}); "
+            raise ArtifactError(f"{folder} is not an artifact folder ({'not a folder' if folder.exists() else 'does not exist'}); "
                                 "build one with python export/build.py")
         root = os.path.realpath(folder)
         if not os.path.exists(resolve_inside(root, MANIFEST)):
-            raise ManifestError(f"{folder / MANIFEST} not found: {folder} is not a nezha artifact folder "
+            raise ArtifactError(f"{folder / MANIFEST} not found: {folder} is not a nezha artifact folder "
                                 "(build one with python export/build.py)")
         raw = read_json(root, MANIFEST, str(folder / MANIFEST), MAX_MANIFEST_BYTES)
         try:
             manifest = Manifest.from_json(raw)
-        except ManifestError as e:
-            raise ManifestError(f"artifact {folder}: {e}") from None
+        except ArtifactError as e:
+            raise ArtifactError(f"artifact {folder}: {e}") from None
         artifact = cls(Path(root), manifest)
         artifact.check_tree()
         for rel in manifest.files:
@@ -159,8 +161,8 @@ class Artifact:
             artifact.verify()
         try:                                            # hashed above; compared even when verify is off
             manifest.check_contract(read_json(root, CONTRACT, CONTRACT, 1 << 20))
-        except ManifestError as e:
-            raise ManifestError(f"artifact {folder}: {e}") from None
+        except ArtifactError as e:
+            raise ArtifactError(f"artifact {folder}: {e}") from None
         return artifact
 
     def check_tree(self) -> None:
@@ -179,18 +181,18 @@ class Artifact:
                 elif stat.S_ISDIR(mode):
                     continue
                 elif not stat.S_ISREG(mode):
-                    raise ManifestError(f"{rel}: not a regular file or folder (a FIFO, socket or device has no "
+                    raise ArtifactError(f"{rel}: not a regular file or folder (a FIFO, socket or device has no "
                                         "place in an artifact)")
                 if rel != MANIFEST and rel not in self.manifest.files:
-                    raise ManifestError(f"{rel}: a file the manifest does not list (every file of an artifact "
+                    raise ArtifactError(f"{rel}: a file the manifest does not list (every file of an artifact "
                                         "has a sha256 entry)")
 
     def path(self, rel: str) -> Path:
-        """The real path of a manifest path, inside the folder (ManifestError otherwise)."""
+        """The real path of a manifest path, inside the folder (ArtifactError otherwise)."""
         return Path(resolve_inside(str(self.root), rel))
 
     def verify(self) -> None:
-        """Raise ManifestError naming every missing, non-regular or modified file."""
+        """Raise ArtifactError naming every missing, non-regular or modified file."""
         problems = []
         for rel, digest in self.manifest.files.items():
             p = self.path(rel)
@@ -199,7 +201,7 @@ class Artifact:
             elif sha256(p) != digest:
                 problems.append(f"{rel}: sha256 mismatch (file modified or corrupt)")
         if problems:
-            raise ManifestError(f"artifact {self.root} failed verification: " + "; ".join(problems))
+            raise ArtifactError(f"artifact {self.root} failed verification: " + "; ".join(problems))
 
     def table(self, name: str) -> np.ndarray:
         """One table, its .npy header checked against the manifest entry (dtype, shape, C order)."""
@@ -220,7 +222,7 @@ class Artifact:
                     raise ValueError("data size does not match its header (truncated or padded)")
                 array = np.fromfile(f, dtype=dtype, count=count)
         except (OSError, ValueError) as e:
-            raise ManifestError(f"table {name} ({entry.file}): {e}") from None
+            raise ArtifactError(f"table {name} ({entry.file}): {e}") from None
         return array.reshape(shape).astype(entry.dtype, copy=False)
 
     def tables(self) -> dict[str, np.ndarray]:
@@ -228,7 +230,7 @@ class Artifact:
         tables = {name: self.table(name) for name in table_names(self.manifest.layout.levels)}
         problem = table_problem(tables, self.manifest.layout)
         if problem:
-            raise ManifestError(f"artifact {self.root}: {problem}")
+            raise ArtifactError(f"artifact {self.root}: {problem}")
         return tables
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import ArtifactError
 
 from .datafile import read_bytes
 from .encoding import SidLayout, lookup_codes
@@ -22,10 +22,6 @@ from .encoding import SidLayout, lookup_codes
 _ITEM_ID = re.compile(r"0|[1-9][0-9]{0,18}")
 _TOKEN = re.compile(r"<([a-z])_(0|[1-9][0-9]{0,17})>")
 INT64_MAX = 2 ** 63 - 1
-
-
-class CatalogError(NezhaError, ValueError):
-    """A malformed item index or catalog table."""
 
 
 class _DuplicateKey(ValueError):
@@ -95,14 +91,14 @@ class Catalog:
         self.item_ids = np.asarray(self.item_ids, dtype=np.int64)
         self.item_codes = np.asarray(self.item_codes, dtype=np.int64)
         if self.item_ids.ndim != 1 or self.item_codes.ndim != 2 or len(self.item_ids) != len(self.item_codes):
-            raise CatalogError(f"item_ids [I] and item_codes [I, L] disagree: shapes {self.item_ids.shape} "
-                               f"and {self.item_codes.shape}")
+            raise ArtifactError(f"item_ids [I] and item_codes [I, L] disagree: shapes {self.item_ids.shape} "
+                                f"and {self.item_codes.shape}")
         if len(self.item_ids) == 0:
-            raise CatalogError("the catalog has no items")
+            raise ArtifactError("the catalog has no items")
         order = np.argsort(self.item_ids, kind="stable")
         self.item_ids, self.item_codes = self.item_ids[order], self.item_codes[order]
         if np.any(self.item_ids[1:] == self.item_ids[:-1]):
-            raise CatalogError("item ids must be unique")
+            raise ArtifactError("item ids must be unique")
 
     @property
     def levels(self) -> int:
@@ -112,24 +108,24 @@ class Catalog:
     def from_index_json(cls, path: str | Path) -> "Catalog":
         """Read a LETTER-style index: {"<item id>": ["<a_183>", "<b_70>", ...]} (level letter a, b, c ..., code)."""
         path = Path(path)
-        raw = read_json_object(path, "item index", "item id -> list of code tokens", CatalogError)
+        raw = read_json_object(path, "item index", "item id -> list of code tokens", ArtifactError)
         ids, codes = [], []
         levels = None
         for item, tokens in raw.items():
             if not _ITEM_ID.fullmatch(item) or int(item) > INT64_MAX:
-                raise CatalogError(f"item index {path}: item id {item!r} is not an integer 0..{INT64_MAX} written "
-                                   "in ASCII digits (no sign, space, '_' or leading zero)")
+                raise ArtifactError(f"item index {path}: item id {item!r} is not an integer 0..{INT64_MAX} written "
+                                    "in ASCII digits (no sign, space, '_' or leading zero)")
             ids.append(int(item))
             if not isinstance(tokens, list) or (levels is not None and len(tokens) != levels):
-                raise CatalogError(f"item index {path}: item {item} has codes {tokens!r}; expected a list of "
-                                   f"{levels or 'L'} tokens like '<a_12>'")
+                raise ArtifactError(f"item index {path}: item {item} has codes {tokens!r}; expected a list of "
+                                    f"{levels or 'L'} tokens like '<a_12>'")
             levels = len(tokens)
             row = []
             for level, tok in enumerate(tokens):
                 m = _TOKEN.fullmatch(tok) if isinstance(tok, str) else None
                 if not m or ord(m.group(1)) - ord("a") != level:
-                    raise CatalogError(f"item index {path}: item {item} level {level} token {tok!r}; expected "
-                                       f"'<{chr(ord('a') + level)}_N>' with N in ASCII digits")
+                    raise ArtifactError(f"item index {path}: item {item} level {level} token {tok!r}; expected "
+                                        f"'<{chr(ord('a') + level)}_N>' with N in ASCII digits")
                 row.append(int(m.group(2)))
             codes.append(row)
         return cls(np.array(ids), np.array(codes))
@@ -142,13 +138,13 @@ class Catalog:
         return path
 
     def check_layout(self, layout: SidLayout, source: str = "catalog") -> None:
-        """Raise CatalogError if these codes do not fit the layout's levels and code counts."""
+        """Raise ArtifactError if these codes do not fit the layout's levels and code counts."""
         if self.levels != layout.levels:
-            raise CatalogError(f"{source}: items have {self.levels}-level SIDs, the model has {layout.levels} levels")
+            raise ArtifactError(f"{source}: items have {self.levels}-level SIDs, the model has {layout.levels} levels")
         too_big = self.item_codes >= np.asarray(layout.codes)
         if np.any(too_big) or np.any(self.item_codes < 0):
             level = int(np.argwhere(too_big | (self.item_codes < 0))[0, 1])
-            raise CatalogError(f"{source}: a level-{level} code is outside 0..{layout.codes[level] - 1}")
+            raise ArtifactError(f"{source}: a level-{level} code is outside 0..{layout.codes[level] - 1}")
 
     def codes_of(self, items: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """[N] item ids -> ([N, L] codes, [N] bool known). Unknown items get codes 0 and known=False."""

@@ -72,12 +72,12 @@ def run(a) -> int:
 
 
 def guarded(command: str, run) -> int:
-    """Run a CLI command: a user error (NezhaError) becomes one line on stderr and exit code 2."""
+    """Run a CLI command: a NezhaError becomes one line on stderr and its class's exit code."""
     try:
         return int(run() or 0)
     except NezhaError as e:
         print(f"nezha {command}: error: {e}", file=sys.stderr)
-        return 2
+        return e.exit_code
 
 
 if __name__ == "__main__":

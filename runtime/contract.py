@@ -15,29 +15,24 @@ from typing import Sequence
 import numpy as np
 
 from .decode import stage
-from .encoding import (EncodingError, check_batch, check_code_range, check_not_empty, check_unknown, flat_histories,
-                       integer_array)
-from .errors import NezhaError, OptionError, clipped
+from .encoding import check_batch, check_code_range, check_not_empty, check_unknown, flat_histories, integer_array
+from .errors import InputError, clipped
 from .manifest import PRECISIONS
 
 BACKENDS = ("onnxruntime", "tensorrt", "cpp")
 MAX_THREADS = 256               # intra-op threads per session; far beyond any machine's useful count
 
 
-class RequestError(NezhaError, ValueError):
-    """A request outside what the artifact allows (k, beam, types); the message says what is allowed."""
-
-
 def check_load_options(backend, precision, threads, dense_budget_bytes) -> None:
     """The load options every backend takes, checked before the artifact is opened."""
     if not isinstance(backend, str) or backend not in BACKENDS:
-        raise OptionError(f"backend {clipped(backend)}; allowed: {', '.join(BACKENDS)}")
+        raise InputError(f"backend {clipped(backend)}; allowed: {', '.join(BACKENDS)}")
     if threads is not None and (type(threads) is not int or not 1 <= threads <= MAX_THREADS):
-        raise OptionError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {clipped(threads)}")
+        raise InputError(f"threads must be an integer in 1..{MAX_THREADS} or None, got {clipped(threads)}")
     if precision is not None and precision not in PRECISIONS:
-        raise OptionError(f"precision {clipped(precision)}; allowed: {', '.join(PRECISIONS)} (or None: fp32 first if built)")
+        raise InputError(f"precision {clipped(precision)}; allowed: {', '.join(PRECISIONS)} (or None: fp32 first if built)")
     if type(dense_budget_bytes) is not int or not 0 <= dense_budget_bytes < 2**63:    # int64 in the C ABI: never wrapped
-        raise OptionError(f"dense_budget_bytes must be an integer in 0..2^63-1, got {clipped(dense_budget_bytes)}")
+        raise InputError(f"dense_budget_bytes must be an integer in 0..2^63-1, got {clipped(dense_budget_bytes)}")
 
 
 def _integral(value) -> bool:
@@ -84,7 +79,7 @@ class Recommender(abc.ABC):
         else:
             from .recommender import GraphRecommender as implementation
         if not issubclass(implementation, cls):
-            raise OptionError(f"backend {backend!r} is not a {cls.__name__}: open it with nezha.runtime.Recommender.load")
+            raise InputError(f"backend {backend!r} is not a {cls.__name__}: open it with nezha.runtime.Recommender.load")
         return implementation._open(artifact_dir, backend, device, precision, threads, verify, dense_budget_bytes)
 
     @classmethod
@@ -96,7 +91,7 @@ class Recommender(abc.ABC):
     @abc.abstractmethod
     def _item_codes(self, items: np.ndarray, offsets: np.ndarray, skip: bool) -> list[np.ndarray]:
         """The catalog lookup: items [N] int64, history b = items[offsets[b]:offsets[b+1]] -> per history its
-        known items' codes [n_b, L] int64; an unknown item raises EncodingError unless ``skip``."""
+        known items' codes [n_b, L] int64; an unknown item raises InputError unless ``skip``."""
 
     @abc.abstractmethod
     def _decode_batch(self, codes: Sequence[np.ndarray], beam: int, ks: list[int],
@@ -117,7 +112,7 @@ class Recommender(abc.ABC):
 
     def beam_for(self, k, beam) -> int:
         """Check k and beam (plain integers, never bools) before any work and return the beam to use:
-        ``beam`` defaults to max(k, 20) capped at max_beam. RequestError names what is allowed."""
+        ``beam`` defaults to max(k, 20) capped at max_beam. InputError names what is allowed."""
         if beam is not None:
             self._check_beam(beam)
         self._check_k(k, self.max_beam if beam is None else beam)
@@ -125,17 +120,17 @@ class Recommender(abc.ABC):
 
     def _check_beam(self, beam) -> None:
         if not _integral(beam) or not 1 <= beam <= self.max_beam:
-            raise RequestError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {clipped(beam)}")
+            raise InputError(f"beam must be an integer in 1..{self.max_beam} (the artifact's max_beam), got {clipped(beam)}")
 
     @staticmethod
     def _check_k(k, beam: int) -> None:
         if not _integral(k) or not 1 <= k <= beam:
-            raise RequestError(f"k must be an integer in 1..beam ({beam}), got {clipped(k)}")
+            raise InputError(f"k must be an integer in 1..beam ({beam}), got {clipped(k)}")
 
     @staticmethod
     def _check_count(n: int) -> None:
         if n == 0:
-            raise RequestError("no histories given: pass a list of item-id lists")
+            raise InputError("no histories given: pass a list of item-id lists")
 
     def prepare(self, histories: Sequence[Sequence[int]], unknown: str = "error") -> list[np.ndarray]:
         """One request's item-id histories, checked (a list of lists of int64 ids, the unknown-item policy
@@ -157,7 +152,7 @@ class Recommender(abc.ABC):
             check_batch(h, f"history {b}")
             rows = [integer_array(item, f"history {b} item {i}", "codes") for i, item in enumerate(h)]
             if any(len(r) != self.levels for r in rows):
-                raise RequestError(f"history {b}: each item needs {self.levels} codes, got {clipped([len(r) for r in rows])}")
+                raise InputError(f"history {b}: each item needs {self.levels} codes, got {clipped([len(r) for r in rows])}")
             a = np.stack(rows) if rows else np.zeros((0, self.levels), np.int64)
             check_code_range(a, b, self.codebook_sizes)
             arrays.append(a)
@@ -178,13 +173,13 @@ class Recommender(abc.ABC):
         self._check_beam(beam)
         self._check_count(len(codes))
         if len(ks) != len(codes):
-            raise RequestError(f"decode_batch needs one k per history: {len(codes)} histories, {len(ks)} ks")
+            raise InputError(f"decode_batch needs one k per history: {len(codes)} histories, {len(ks)} ks")
         for k in ks:
             self._check_k(k, beam)
         for b, c in enumerate(codes):
             if not isinstance(c, np.ndarray) or c.dtype != np.int64 or c.ndim != 2 or c.shape[1] != self.levels:
-                raise EncodingError(f"code history {b} must be an int64 array [items, {self.levels}] (from prepare), "
-                                    f"got {type(c).__name__} {getattr(c, 'dtype', '')} {list(getattr(c, 'shape', ()))}")
+                raise InputError(f"code history {b} must be an int64 array [items, {self.levels}] (from prepare), "
+                                 f"got {type(c).__name__} {getattr(c, 'dtype', '')} {list(getattr(c, 'shape', ()))}")
         return self._decode_batch(codes, int(beam), [int(k) for k in ks], stages)
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int | None = None,

@@ -10,16 +10,12 @@ from itertools import accumulate
 from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
-from nezha.runtime.errors import NezhaError, clipped
+from nezha.runtime.errors import InputError, clipped
 
 from .strict import array, exact_keys, fail, integer
 
 if TYPE_CHECKING:
     from .catalog import Catalog
-
-
-class LayoutError(NezhaError, ValueError):
-    """A SID layout that is inconsistent (offsets, code counts, placeholder ids)."""
 
 
 @dataclass(frozen=True)
@@ -38,19 +34,19 @@ class SidLayout:
 
     def __post_init__(self):
         if not self.codes or len(self.codes) != len(self.offsets):
-            raise LayoutError(f"codes {list(self.codes)} and offsets {list(self.offsets)} must be non-empty "
-                              "and of the same length (one per SID level)")
+            raise InputError(f"codes {list(self.codes)} and offsets {list(self.offsets)} must be non-empty "
+                             "and of the same length (one per SID level)")
         if any(c < 1 for c in self.codes):
-            raise LayoutError(f"every level needs at least one code, got codes {list(self.codes)}")
+            raise InputError(f"every level needs at least one code, got codes {list(self.codes)}")
         for i in range(1, self.levels):
             if self.offsets[i] != self.offsets[i - 1] + self.codes[i - 1]:
-                raise LayoutError(f"offset[{i}] = {self.offsets[i]} but offset[{i - 1}] + codes[{i - 1}] = "
-                                  f"{self.offsets[i - 1] + self.codes[i - 1]}: code tokens must be contiguous")
+                raise InputError(f"offset[{i}] = {self.offsets[i]} but offset[{i - 1}] + codes[{i - 1}] = "
+                                 f"{self.offsets[i - 1] + self.codes[i - 1]}: code tokens must be contiguous")
         if self.placeholder_start < self.offsets[-1] + self.codes[-1]:
-            raise LayoutError(f"placeholder_start (max_sid) = {self.placeholder_start} overlaps the code tokens, "
-                              f"which end at {self.offsets[-1] + self.codes[-1]}")
+            raise InputError(f"placeholder_start (max_sid) = {self.placeholder_start} overlaps the code tokens, "
+                             f"which end at {self.offsets[-1] + self.codes[-1]}")
         if float(np.prod([float(c) for c in self.codes])) >= 2.0 ** 63:
-            raise LayoutError(f"codes {list(self.codes)}: the SID space does not fit 63-bit keys")
+            raise InputError(f"codes {list(self.codes)}: the SID space does not fit 63-bit keys")
 
     @property
     def levels(self) -> int:
@@ -96,18 +92,14 @@ class SidLayout:
 
     @classmethod
     def from_json(cls, value, path: str = "layout") -> "SidLayout":
-        """Strict: exactly the four keys, integers only (ManifestError naming the key otherwise)."""
+        """Strict: exactly the four keys, integers only (ArtifactError naming the key otherwise)."""
         raw = exact_keys(value, path, ("codes", "offsets", "placeholder_start", "pad_token_id"))
         ints = lambda key, lo: tuple(integer(c, f"{path}.{key}[{i}]", lo) for i, c in enumerate(array(raw[key], f"{path}.{key}")))
         try:
             return cls(ints("codes", 1), ints("offsets", 0), integer(raw["placeholder_start"], f"{path}.placeholder_start"),
                        integer(raw["pad_token_id"], f"{path}.pad_token_id"))
-        except LayoutError as e:
+        except InputError as e:
             fail(path, str(e))
-
-
-class EncodingError(NezhaError, ValueError):
-    """A history that cannot be encoded (unknown items under the 'error' policy, empty, wrong type)."""
 
 
 UNKNOWN_POLICIES = ("error", "skip")
@@ -116,7 +108,7 @@ UNKNOWN_POLICIES = ("error", "skip")
 def check_batch(histories, what: str = "histories") -> None:
     """A batch is a list, tuple or array of histories: never a set or dict (no order), str or bytes."""
     if not isinstance(histories, (list, tuple, np.ndarray)) or (isinstance(histories, np.ndarray) and histories.ndim == 0):
-        raise EncodingError(f"{what} must be a list of item-id lists, got {type(histories).__name__}")
+        raise InputError(f"{what} must be a list of item-id lists, got {type(histories).__name__}")
 
 
 def integer_array(values, where: str, what: str = "item ids") -> np.ndarray:
@@ -124,30 +116,30 @@ def integer_array(values, where: str, what: str = "item ids") -> np.ndarray:
     bools, floats, strings, nested lists, sets, dicts, bytes, 0-d arrays, non-integer dtypes (timedelta64
     is an integer dtype to NumPy), values outside int64."""
     if isinstance(values, np.ma.MaskedArray):
-        raise EncodingError(f"{where} is a masked array: pass the ids to use (the mask would be ignored)")
+        raise InputError(f"{where} is a masked array: pass the ids to use (the mask would be ignored)")
     if isinstance(values, np.ndarray):
         if values.ndim != 1 or values.dtype.kind not in "iu":
-            raise EncodingError(f"{where} must be a 1-D array of integer {what}, got dtype {values.dtype} and "
-                                f"shape {values.shape}")
+            raise InputError(f"{where} must be a 1-D array of integer {what}, got dtype {values.dtype} and "
+                             f"shape {values.shape}")
         if values.dtype.kind == "u" and values.size and int(values.max()) > np.iinfo(np.int64).max:
-            raise EncodingError(f"{where}: {what} must fit int64")
+            raise InputError(f"{where}: {what} must fit int64")
         return values.astype(np.int64)
     if not isinstance(values, (list, tuple)):
-        raise EncodingError(f"{where} must be a list of integer {what}, got {type(values).__name__}")
+        raise InputError(f"{where} must be a list of integer {what}, got {type(values).__name__}")
     for x in values:
         if isinstance(x, (bool, np.bool_)) or not isinstance(x, (int, np.integer)):
-            raise EncodingError(f"{where} holds {clipped(x)} ({type(x).__name__}); {what} are integers "
-                                "(not bools, floats, strings or nested lists)")
+            raise InputError(f"{where} holds {clipped(x)} ({type(x).__name__}); {what} are integers "
+                             "(not bools, floats, strings or nested lists)")
     try:
         return np.array(values, dtype=np.int64)
     except OverflowError:
-        raise EncodingError(f"{where}: {what} must fit int64") from None
+        raise InputError(f"{where}: {what} must fit int64") from None
 
 
 def check_unknown(unknown) -> bool:
     """The unknown-item policy, a str of UNKNOWN_POLICIES -> True for "skip"."""
     if not isinstance(unknown, str) or unknown not in UNKNOWN_POLICIES:
-        raise EncodingError(f"unknown-item policy {clipped(unknown)}; allowed: {', '.join(UNKNOWN_POLICIES)}")
+        raise InputError(f"unknown-item policy {clipped(unknown)}; allowed: {', '.join(UNKNOWN_POLICIES)}")
     return unknown == "skip"
 
 
@@ -180,15 +172,15 @@ def lookup_codes(item_ids: np.ndarray, item_codes: np.ndarray, items: np.ndarray
 
 def codes_from_catalog(items: np.ndarray, offsets: np.ndarray, catalog: Catalog, skip: bool) -> list[np.ndarray]:
     """Flat histories (flat_histories) -> per history its known items' codes [n, L] int64; an unknown item
-    raises EncodingError naming its history unless ``skip`` (then it is dropped)."""
+    raises InputError naming its history unless ``skip`` (then it is dropped)."""
     codes, known = lookup_codes(catalog.item_ids, catalog.item_codes, items)
     if not known.all():
         if not skip:
             b = int(np.searchsorted(offsets, np.flatnonzero(~known)[0], side="right")) - 1
             unknown = ~known[offsets[b]:offsets[b + 1]]
             missing = items[offsets[b]:offsets[b + 1]][unknown][:5].tolist()
-            raise EncodingError(f"history {b} has item ids not in the catalog: {missing}"
-                                f"{' ...' if unknown.sum() > 5 else ''} (pass unknown='skip' to drop them)")
+            raise InputError(f"history {b} has item ids not in the catalog: {missing}"
+                             f"{' ...' if unknown.sum() > 5 else ''} (pass unknown='skip' to drop them)")
         offsets = np.concatenate([[0], np.cumsum(known)])[offsets]
         codes = codes[known]
     bounds = offsets.tolist()
@@ -201,8 +193,8 @@ def history_codes(histories: Sequence[Sequence[int]], catalog: Catalog, unknown:
     return codes_from_catalog(*flat_histories(histories), catalog, skip)
 
 
-def empty_history(b: int) -> EncodingError:
-    return EncodingError(f"history {b} is empty (after dropping unknown items): NEZHA needs at least one item")
+def empty_history(b: int) -> InputError:
+    return InputError(f"history {b} is empty (after dropping unknown items): NEZHA needs at least one item")
 
 
 def check_not_empty(histories: Sequence[np.ndarray]) -> None:
@@ -217,19 +209,19 @@ def check_code_range(codes: np.ndarray, b: int, codebook_sizes: Sequence[int]) -
     outside = (codes < 0) | (codes >= np.asarray(codebook_sizes))
     if outside.any():
         i, level = np.argwhere(outside)[0]
-        raise EncodingError(f"history {b} item {i}: code {codes[i, level]} at level {level} is outside "
-                            f"0..{codebook_sizes[level] - 1}")
+        raise InputError(f"history {b} item {i}: code {codes[i, level]} at level {level} is outside "
+                         f"0..{codebook_sizes[level] - 1}")
 
 
 def code_array(codes, b: int, levels: int) -> np.ndarray:
-    """One code history -> [n, levels] int64; anything but integers in whole items -> EncodingError."""
+    """One code history -> [n, levels] int64; anything but integers in whole items -> InputError."""
     try:
         arr = np.asarray(codes)
     except (ValueError, TypeError):                       # ragged nesting and the like
         arr = None
     if arr is None or (arr.size and arr.dtype.kind not in "iu") or arr.size % levels:
         got = f", got {arr.dtype} {list(arr.shape)}" if arr is not None else ""
-        raise EncodingError(f"code history {b} must be an integer array [items, {levels}]{got}")
+        raise InputError(f"code history {b} must be an integer array [items, {levels}]{got}")
     return arr.astype(np.int64, copy=False).reshape(-1, levels)
 
 
@@ -245,9 +237,9 @@ def encode_codes(histories: Sequence[np.ndarray], layout: SidLayout, max_history
     Position ids are ``cumsum(attention_mask) - 1`` on the real tokens; the graphs compute them from the mask.
     """
     if max_history < 1:
-        raise EncodingError(f"max_history must be >= 1, got {max_history}")
+        raise InputError(f"max_history must be >= 1, got {max_history}")
     if len(histories) == 0:
-        raise EncodingError("no histories to encode: the batch is empty")
+        raise InputError("no histories to encode: the batch is empty")
     rows = []
     for b, codes in enumerate(histories):
         codes = code_array(codes, b, layout.levels)
@@ -259,7 +251,7 @@ def encode_codes(histories: Sequence[np.ndarray], layout: SidLayout, max_history
     longest = max(len(r) for r in rows)
     T = longest if pad_to is None else pad_to
     if T < longest:
-        raise EncodingError(f"pad_to={pad_to} is shorter than the longest encoded history ({longest} tokens)")
+        raise InputError(f"pad_to={pad_to} is shorter than the longest encoded history ({longest} tokens)")
     input_ids = np.full((len(rows), T), layout.pad_token_id, dtype=np.int64)
     attention_mask = np.zeros((len(rows), T), dtype=np.int64)
     for b, r in enumerate(rows):

@@ -1,6 +1,6 @@
 """The artifact manifest (``manifest.json``), typed: the only contract between the build (writer) and
 every runtime (reader). ``Manifest.from_json`` parses strictly (a missing or unknown key, a wrong type
-or a contradiction between limits, layout and graphs is a ManifestError naming the key's path);
+or a contradiction between limits, layout and graphs is an ArtifactError naming the key's path);
 ``to_json`` writes exactly what ``from_json`` reads. The format is documented in docs/artifact.md."""
 
 from __future__ import annotations
@@ -11,10 +11,12 @@ import math
 import re
 from dataclasses import dataclass, field
 
+from .errors import ArtifactError
+
 from .encoding import SidLayout
 from .shapes import (DTYPE_BYTES, Limits, Tensor, expected_graphs, graph_names, largest_tensor,  # noqa: F401
                      table_names, token_range)
-from .strict import ManifestError, array, exact_keys, fail, integer, obj, relpath, show, string, strings, typed
+from .strict import array, exact_keys, fail, integer, obj, relpath, show, string, strings, typed
 
 FORMAT = "nezha-artifact"
 VERSION = 4                          # 4: contract.json binds the sections that decide the answers
@@ -268,7 +270,7 @@ class Manifest:
         """``recorded`` (contract.json, parsed) against this manifest: an edited section is refused by name."""
         if not isinstance(recorded, dict) or sorted(recorded) != sorted(CONTRACT_SECTIONS) or not all(
                 isinstance(v, str) and _SHA256.match(v) for v in recorded.values()):
-            raise ManifestError(f"{CONTRACT}: expected an object of a sha256 per section {', '.join(CONTRACT_SECTIONS)}")
+            raise ArtifactError(f"{CONTRACT}: expected an object of a sha256 per section {', '.join(CONTRACT_SECTIONS)}")
         for section, digest in self.contract().items():
             if recorded[section] != digest:
                 fail(section, f"differs from what the build recorded in {CONTRACT} (sha256 {digest[:12]}..., recorded "
@@ -277,5 +279,5 @@ class Manifest:
 
     def graph(self, precision: str, name: str) -> GraphEntry:
         if precision not in self.graphs:
-            raise ManifestError(f"the artifact has no {precision!r} graphs; it has {sorted(self.graphs)}")
+            raise ArtifactError(f"the artifact has no {precision!r} graphs; it has {sorted(self.graphs)}")
         return self.graphs[precision][name]

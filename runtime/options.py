@@ -11,7 +11,7 @@ import argparse
 import dataclasses
 from typing import Any, Callable
 
-from .errors import OptionError
+from .errors import InputError
 
 Check = Callable[[Any, dataclasses.Field], Any]      # (value, field) -> the value to keep; raises a NezhaError
 
@@ -28,7 +28,7 @@ def option(default=dataclasses.MISSING, help: str | None = None, check: Check | 
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def rule(ok: Callable[[Any], bool], message: Callable[[Any, dataclasses.Field], str], error=OptionError) -> Check:
+def rule(ok: Callable[[Any], bool], message: Callable[[Any, dataclasses.Field], str], error=InputError) -> Check:
     """A check that keeps the value where ``ok(value)`` and else raises ``error(message(value, field))``."""
     def check(value, f):
         if not ok(value):

@@ -15,8 +15,8 @@ from .catalog import Catalog
 from .contract import Recommender
 from .decode import Verifier, backbone_by_length, beam_search, stage
 from .encoding import codes_from_catalog, encode_codes, history_codes, items_from_sids
-from .errors import NezhaError, OptionError
-from .manifest import PRECISIONS, ManifestError, graph_names
+from .errors import ArtifactError, InputError, NezhaError
+from .manifest import PRECISIONS, graph_names
 
 
 class GraphRecommender(Recommender):
@@ -52,16 +52,16 @@ class GraphRecommender(Recommender):
         names = graph_names(manifest.layout.levels)
         available = manifest.graphs if backend == "onnxruntime" else manifest.engines
         if not available:
-            raise ManifestError(f"artifact {artifact.root} has no TensorRT engines: build with --backend tensorrt")
+            raise ArtifactError(f"artifact {artifact.root} has no TensorRT engines: build with --backend tensorrt")
         precision = precision or next(p for p in PRECISIONS if p in available)    # fp32 first if built
         if precision not in available:
-            raise ManifestError(f"artifact {artifact.root} has no {precision!r} {'graphs' if backend == 'onnxruntime' else 'engines'}; "
+            raise ArtifactError(f"artifact {artifact.root} has no {precision!r} {'graphs' if backend == 'onnxruntime' else 'engines'}; "
                                 f"it has {sorted(available)}")
         entries = {g: manifest.graph(precision, g) for g in names}
         device = device or ("cpu" if backend == "onnxruntime" else "cuda")
         parse_device(device)
         if manifest.precisions[precision].execution == "cpu-only" and device != "cpu":
-            raise ManifestError(f"precision {precision} is a CPU-only graph; load it with device='cpu'")
+            raise ArtifactError(f"precision {precision} is a CPU-only graph; load it with device='cpu'")
         if backend == "onnxruntime":
             from .backends.onnxruntime import open_sessions, ort_steps
             shared = open_sessions({g: artifact.path(e.file) for g, e in entries.items()}, device, threads, entries)
@@ -69,7 +69,7 @@ class GraphRecommender(Recommender):
         else:
             kind, device_id = parse_device(device)
             if kind != "cuda":
-                raise OptionError(f"device {device!r}; allowed with tensorrt: cuda, cuda:N")
+                raise InputError(f"device {device!r}; allowed with tensorrt: cuda, cuda:N")
             from .backends.tensorrt import Engines, trt_steps
             engine_entries = manifest.engines[precision]
             shared = Engines(engine_entries, {g: artifact.path(e.file) for g, e in engine_entries.items()}, device_id,
@@ -89,7 +89,7 @@ class GraphRecommender(Recommender):
         try:
             steps.backbone(feed)
         except NezhaError as e:
-            raise ManifestError(f"artifact {self.artifact.root}: manifest.json's layout (tokens up to "
+            raise ArtifactError(f"artifact {self.artifact.root}: manifest.json's layout (tokens up to "
                                 f"{layout.vocab_size - 1}) does not fit the backbone graph: {e}") from None
         finally:
             steps.close()

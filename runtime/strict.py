@@ -1,19 +1,15 @@
-"""Strict readers for the manifest's JSON: each returns a typed value or raises ManifestError naming the
+"""Strict readers for the manifest's JSON: each returns a typed value or raises ArtifactError naming the
 key path of what it rejects (``graphs.fp32.head_1.dynamic.beams``)."""
 
 from __future__ import annotations
 
 from dataclasses import fields
 
-from .errors import NezhaError
-
-
-class ManifestError(NezhaError, ValueError):
-    """An artifact that is missing, corrupt, unsafe or not what this runtime reads."""
+from .errors import ArtifactError
 
 
 def fail(path: str, message: str):
-    raise ManifestError(f"manifest.json: {path + ': ' if path else ''}{message}")
+    raise ArtifactError(f"manifest.json: {path + ': ' if path else ''}{message}")
 
 
 def exact_keys(value, path: str, keys: tuple[str, ...]) -> dict:

@@ -19,10 +19,9 @@ import os
 import stat
 from pathlib import Path
 
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import AccessDenied, InputError, NezhaError, RequestRefused
 
 from . import protocol as P
-from .errors import BadRequest, Conflict, Forbidden, Unauthorized, UnsupportedMediaType
 
 log = logging.getLogger("nezha.serve")
 TOKEN_ENV = "NEZHA_ADMIN_TOKEN"
@@ -71,18 +70,18 @@ def check_token(headers: dict, digest: str) -> None:
     first wrong character is nor on the given token's length."""
     scheme, _, given = headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not given.strip():
-        raise Unauthorized("admin requests need 'Authorization: Bearer <token>' (--admin-token-file)")
+        raise AccessDenied(401, "admin requests need 'Authorization: Bearer <token>' (--admin-token-file)")
     if not hmac.compare_digest(token_digest(given.strip()), digest):
-        raise Forbidden("wrong admin token")
+        raise AccessDenied(403, "wrong admin token")
     if "origin" in headers:
-        raise Forbidden("admin requests from a browser page (an Origin header) are refused")
+        raise AccessDenied(403, "admin requests from a browser page (an Origin header) are refused")
 
 
 def check_json(headers: dict) -> None:
     """415 unless the body is declared JSON (checked after the method: a GET with the token is a 405)."""
     media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
     if media_type != "application/json":
-        raise UnsupportedMediaType(f"admin requests must be Content-Type: application/json, got {media_type or 'none'!r}")
+        raise RequestRefused(415, f"admin requests must be Content-Type: application/json, got {media_type or 'none'!r}")
 
 
 def artifact_root(path: str | Path) -> Path:
@@ -100,31 +99,31 @@ def artifact_under(root: Path | None, name: str) -> Path:
     refusal of a path outside says the same, whether or not the path exists, and echoes only what was sent."""
     shown = repr(name[:80])
     if root is None:
-        raise Forbidden(f"reload of {shown} refused: naming an artifact needs --artifact-root on the server "
+        raise AccessDenied(403, f"reload of {shown} refused: naming an artifact needs --artifact-root on the server "
                           f"(without it, a reload loads the served artifact again)")
     if "\0" in name:
-        raise BadRequest("an artifact folder path must not contain a NUL character")
+        raise InputError("an artifact folder path must not contain a NUL character")
     try:
         os.fsencode(name)
     except UnicodeEncodeError:                            # a lone surrogate ("\ud800" is valid JSON): no file name
-        raise BadRequest(f"reload of {shown} refused: an artifact folder path must be valid Unicode") from None
+        raise InputError(f"reload of {shown} refused: an artifact folder path must be valid Unicode") from None
     resolved = Path(os.path.realpath(root / name))        # never raises: a link loop stays unresolved in the path
     if resolved != root and root not in resolved.parents:
-        raise Forbidden(f"reload of {shown} refused: artifacts are loaded only from under the server's "
+        raise AccessDenied(403, f"reload of {shown} refused: artifacts are loaded only from under the server's "
                           f"--artifact-root")
     try:
         if resolved.is_dir():
             return resolved
     except OSError as e:                                  # a name or component too long (ENAMETOOLONG)
-        raise BadRequest(f"reload of {shown} refused: {e.strerror}") from None
-    raise BadRequest(f"reload refused: no artifact folder {shown} under the artifact root")
+        raise InputError(f"reload of {shown} refused: {e.strerror}") from None
+    raise InputError(f"reload refused: no artifact folder {shown} under the artifact root")
 
 
 def reload_artifact(body: bytes, limit: int) -> str | None:
     """A /admin/reload body (empty, or {"artifact": "path"}) -> the path it names (None: the served one)."""
     obj = P.check_fields(P.parse_json(body, limit) if body.strip() else {}, ("artifact",), "/admin/reload body")
     if "artifact" in obj and not isinstance(obj["artifact"], str):
-        raise BadRequest("/admin/reload body: 'artifact' must be a path string")
+        raise InputError("/admin/reload body: 'artifact' must be a path string")
     return obj.get("artifact")
 
 
@@ -135,14 +134,14 @@ async def swap(service, artifact: str | Path | None = None):
     from .model import load_model
 
     if service.reload_lock.locked():
-        raise Conflict("a reload is already in progress")
+        raise RequestRefused(409, "a reload is already in progress")
     async with service.reload_lock:
         path = Path(artifact) if artifact is not None else service.artifact
         try:
             new = await asyncio.to_thread(load_model, path, service.load_options)
         except NezhaError as e:
             service.metrics.reloads.labels("refused").inc()
-            raise BadRequest(f"reload refused, still serving version {service.model.version}: {e}") from None
+            raise InputError(f"reload refused, still serving version {service.model.version}: {e}") from None
         old, service.model, service.artifact = service.model, new, path
         service.metrics.reloads.labels("swapped").inc()
         log.info("reloaded: version %s -> %s", old.version if old else None, new.version)

@@ -19,8 +19,9 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from nezha.runtime.errors import PayloadTooLarge, RequestRefused
+
 from .connections import ConnectionLimits, Guard
-from .errors import ClientGone, PayloadTooLarge
 from .service import Reply, Service
 
 log = logging.getLogger("nezha.serve")
@@ -39,7 +40,7 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise PayloadTooLarge(f"request body is over {limit} bytes (--max-body-bytes)")
             chunks.append(chunk)
     except ClientDisconnect:                 # gone, or evicted by serve.connections at the connection cap
-        raise ClientGone("the client closed the connection before its request body was complete") from None
+        raise RequestRefused(499, "the client closed the connection before its request body was complete") from None
     return b"".join(chunks)
 
 

@@ -21,9 +21,9 @@ from typing import Callable
 import numpy as np
 
 from nezha.runtime import Recommender
+from nezha.runtime.errors import DeadlineExceeded, Overloaded, Unavailable
 
 from .pool import GRACE_S, DecodePool, DecodeProcessUnavailable
-from .errors import DeadlineExceeded, Overloaded, Unavailable
 
 log = logging.getLogger("nezha.serve")
 

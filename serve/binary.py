@@ -20,8 +20,9 @@ import math
 
 import numpy as np
 
+from nezha.runtime.errors import InputError
+
 from . import protocol as P
-from .errors import BadRequest
 
 EXTENSION = "binary_tensor_data"
 HEADER = "inference-header-content-length"
@@ -46,10 +47,10 @@ def output_arrays(results: list[list[tuple[int, float]]], k: int) -> dict[str, n
 def header_length(value: str, body_size: int) -> int:
     """The Inference-Header-Content-Length header -> the JSON header's size in bytes (within the body)."""
     if not (value.isascii() and value.isdigit() and len(value) <= _MAX_HEADER_DIGITS):
-        raise BadRequest(f"Inference-Header-Content-Length must be a byte count, got {value[:40]!r}")
+        raise InputError(f"Inference-Header-Content-Length must be a byte count, got {value[:40]!r}")
     n = int(value)
     if n > body_size:
-        raise BadRequest(f"Inference-Header-Content-Length is {n} bytes but the whole body is {body_size}")
+        raise InputError(f"Inference-Header-Content-Length is {n} bytes but the whole body is {body_size}")
     return n
 
 
@@ -61,7 +62,7 @@ def int64_data(name, datatype, shape, raw: memoryview) -> list | None:
         return None
     needed = math.prod(shape) * 8                             # Python ints: a huge shape cannot overflow
     if len(raw) != needed:
-        raise BadRequest(f"input {name!r}: {len(raw)} bytes of binary data; INT64 shape {shape} needs {needed}")
+        raise InputError(f"input {name!r}: {len(raw)} bytes of binary data; INT64 shape {shape} needs {needed}")
     return np.frombuffer(raw, dtype="<i8").tolist()
 
 
@@ -76,18 +77,18 @@ def fill_binary_inputs(obj, blob: memoryview) -> None:
             continue
         name, size = t.get("name"), params.pop("binary_data_size")
         if not P.is_int64(size) or size < 0:
-            raise BadRequest(f"input {name!r}: binary_data_size must be a byte count, got {size!r}")
+            raise InputError(f"input {name!r}: binary_data_size must be a byte count, got {size!r}")
         if "data" in t:
-            raise BadRequest(f"input {name!r}: both 'data' and binary_data_size given; send one")
+            raise InputError(f"input {name!r}: both 'data' and binary_data_size given; send one")
         if size > len(blob) - offset:
-            raise BadRequest(f"input {name!r}: binary_data_size {size} runs past the end of the body "
+            raise InputError(f"input {name!r}: binary_data_size {size} runs past the end of the body "
                                f"({len(blob) - offset} bytes of binary data left)")
         t["data"] = int64_data(name, t.get("datatype"), t.get("shape"), blob[offset:offset + size])
         offset += size
         if not params:
             del t["parameters"]
     if offset != len(blob):
-        raise BadRequest(f"{len(blob) - offset} bytes of the body follow the inputs' binary data: "
+        raise InputError(f"{len(blob) - offset} bytes of the body follow the inputs' binary data: "
                            f"binary_data_size and Inference-Header-Content-Length do not add up to the body")
 
 

@@ -21,7 +21,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from nezha.runtime.cli import ascii_int
-from nezha.runtime.errors import OptionError
+from nezha.runtime.errors import InputError
 from nezha.runtime.options import add_arguments, from_args
 
 from .options import ConnectionLimits, LoadOptions, RunOptions, ServeOptions, check_engine
@@ -65,8 +65,9 @@ def add_parsers(sub) -> None:
 
 
 def _fail(command: str, e: BaseException) -> int:
+    """One line and the error class's exit code (2 for an OSError or a missing extra)."""
     print(f"nezha {command}: error: {e}", file=sys.stderr)
-    return 2
+    return getattr(e, "exit_code", 2)
 
 
 def run_serve(a) -> int:
@@ -79,7 +80,7 @@ def run_serve(a) -> int:
         run, load = from_args(RunOptions, a), from_args(LoadOptions, a)
         options, limits = from_args(ServeOptions, a), from_args(ConnectionLimits, a)
         check_engine(run.engine, options, load)
-    except OptionError as e:
+    except InputError as e:
         return _fail("serve", e)
     if not (a.artifact / "manifest.json").is_file():
         return _fail("serve", ValueError(f"{a.artifact} is not an artifact folder (no manifest.json)"))
@@ -110,13 +111,12 @@ def run_serve(a) -> int:
 
 
 def run_loadtest(a) -> int:
-    from .loadtest import LoadTestError
     from .loadtest import run_loadtest as run
 
     kwargs = {k: v for k, v in vars(a).items() if k not in ("run", "command")}
     try:
         result = run(**kwargs, progress=True)
-    except (LoadTestError, OSError) as e:
+    except (InputError, OSError) as e:
         return _fail("loadtest", e)
     from .loadtest import markdown
     print(markdown(result))

@@ -1,75 +1,25 @@
-"""The server's refusals: each error class is one HTTP status (and gRPC code: serve.grpc_server.CODES) and
-one ``kind``, the label of the ``nezha_errors`` metric. All derive from the library's ``NezhaError``."""
+"""What a client is told when a request fails, over HTTP and gRPC alike: the error classes and their
+statuses are the library's table (nezha.runtime.errors, docs/errors.md)."""
 
 from __future__ import annotations
 
+import logging
+
 from nezha.runtime.errors import NezhaError
 
-
-class ServeError(NezhaError):
-    """A request the server refuses; ``status`` is its HTTP status, ``kind`` its metrics label and ``headers``
-    what the answer must carry besides."""
-
-    status, kind = 500, "internal"
-    headers: dict = {}
+INTERNAL = "internal error; the server log has the details"
+log = logging.getLogger("nezha.serve")
 
 
-class BadRequest(ServeError, ValueError):
-    status, kind = 400, "bad_request"
-
-
-class PayloadTooLarge(ServeError, ValueError):
-    status, kind = 413, "too_large"
-
-
-class NotFound(ServeError, LookupError):
-    status, kind = 404, "not_found"
-
-
-class Overloaded(ServeError, RuntimeError):
-    """The bounded queue is full: answered at once so that latency stays bounded (clients retry)."""
-
-    status, kind = 429, "overloaded"
-
-
-class Unavailable(ServeError, RuntimeError):
-    """Not ready: starting, draining for shutdown, or without a model."""
-
-    status, kind = 503, "unavailable"
-
-
-class DeadlineExceeded(ServeError, TimeoutError):
-    status, kind = 504, "deadline"
-
-
-class Conflict(ServeError, RuntimeError):
-    status, kind = 409, "conflict"
-
-
-class Unauthorized(ServeError, PermissionError):
-    status, kind = 401, "unauthorized"
-    headers = {"WWW-Authenticate": 'Bearer realm="nezha-admin"'}            # RFC 6750: names the scheme
-
-
-class Forbidden(ServeError, PermissionError):
-    status, kind = 403, "forbidden"
-
-
-class RequestTimeout(ServeError, TimeoutError):
-    """The body did not arrive in time (--body-timeout); the connection is closed after the answer."""
-
-    status, kind = 408, "request_timeout"
-    headers = {"Connection": "close"}                   # the rest of the body may still be on its way
-
-
-class ClientGone(ServeError, ConnectionError):
-    """Nobody reads this answer; counted under nginx's 499 ("client closed request")."""
-    status, kind = 499, "client_gone"
-
-
-class UnsupportedMediaType(ServeError, ValueError):
-    status, kind = 415, "media_type"
-
-
-class MethodNotAllowed(ServeError):
-    status, kind = 405, "method"
+def refusal(e: Exception, where: str) -> NezhaError:
+    """An exception raised while answering ``where`` -> the error the client is told: its ``http_status``,
+    ``grpc_status``, ``kind``, ``headers`` and message. A NezhaError is told as it is, unless it is the
+    server's fault (HTTP 500: a graph that failed, a bad artifact); that and any other exception (a bug)
+    are logged and told as an internal error without details."""
+    if isinstance(e, NezhaError) and e.http_status != 500:
+        return e
+    if isinstance(e, NezhaError):
+        log.error("internal error on %s: %s", where, e)
+    else:
+        log.error("internal error on %s", where, exc_info=e)
+    return NezhaError(INTERNAL)

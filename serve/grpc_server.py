@@ -23,18 +23,15 @@ from types import SimpleNamespace
 import grpc
 import numpy as np
 
-from nezha.runtime.errors import GraphRunError, NezhaError
+from nezha.runtime.errors import InputError
 
 from . import kserve
 from . import protocol as P
-from .errors import BadRequest, ServeError
+from .errors import refusal
 from .binary import OUTPUTS, int64_data, output_arrays
 
 log = logging.getLogger("nezha.serve")
 
-CODES = {400: grpc.StatusCode.INVALID_ARGUMENT, 404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.ABORTED,
-         413: grpc.StatusCode.RESOURCE_EXHAUSTED, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
-         503: grpc.StatusCode.UNAVAILABLE, 504: grpc.StatusCode.DEADLINE_EXCEEDED}
 _CONTENTS = {"items": "int64_contents", "scores": "fp32_contents", "counts": "int64_contents"}
 
 
@@ -48,13 +45,13 @@ def v2_request(request) -> tuple[dict, bool]:
     """ModelInferRequest -> (the JSON-shaped v2 request parse_v2_infer reads, whether its inputs were raw)."""
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
-        raise BadRequest(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input, in order")
+        raise InputError(f"{len(raw)} raw_input_contents for {len(request.inputs)} inputs: give one per input, in order")
     inputs = []
     for i, t in enumerate(request.inputs):
         tensor = {"name": t.name, "datatype": t.datatype, "shape": list(t.shape)}
         if raw:
             if t.HasField("contents"):
-                raise BadRequest(f"input {t.name!r}: both contents and raw_input_contents given; send one")
+                raise InputError(f"input {t.name!r}: both contents and raw_input_contents given; send one")
             tensor["data"] = int64_data(t.name, t.datatype, tensor["shape"], memoryview(raw[i]))
         else:
             tensor["data"] = list(t.contents.int64_contents)
@@ -122,17 +119,6 @@ class InferenceServicer:
         return infer_response(request.model_name, model.version, query.id, output_arrays(results, query.k), names, raw)
 
 
-def refusal(e: Exception) -> tuple[int, str, str]:
-    """An exception from a servicer method -> (HTTP status, error kind, message), as ``Service.handle``
-    maps them; ``CODES[status]`` is its gRPC code."""
-    if isinstance(e, ServeError):
-        return e.status, e.kind, str(e)
-    if isinstance(e, NezhaError) and not isinstance(e, GraphRunError):    # a user error not caught in parsing
-        return 400, "bad_request", str(e)
-    log.error("internal error on a gRPC call", exc_info=e)
-    return 500, "internal", "internal error; the server log has the details"
-
-
 def _metered(service, name: str, method):
     """One RPC for grpc.aio: errors -> status codes, metrics under the route ``grpc:NAME`` with the HTTP
     status the same answer has over HTTP (one label set for both protocols)."""
@@ -146,13 +132,14 @@ def _metered(service, name: str, method):
             status = 499                                   # nginx's "client closed request", as a label only
             raise
         except Exception as e:
-            status, kind, message = refusal(e)
+            told = refusal(e, route)
+            status = told.http_status
         finally:
             if name == "ModelInfer":
                 service.metrics.latency.labels(route).observe(time.perf_counter() - t0)
             service.metrics.requests.labels(route, str(status)).inc()
-        service.metrics.errors.labels(kind).inc()
-        await context.abort(CODES.get(status, grpc.StatusCode.INTERNAL), message)
+        service.metrics.errors.labels(told.kind).inc()
+        await context.abort(grpc.StatusCode[told.grpc_status], str(told))
     return call
 
 

@@ -19,13 +19,9 @@ from urllib.parse import urlsplit
 
 import numpy as np
 
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import InputError
 
 from .loadclients import address, check_grpc, check_protocols, encode, grpc_closed_loop
-
-
-class LoadTestError(NezhaError, ValueError):
-    """A load test that cannot run (bad URL, unreachable server, no data)."""
 
 
 def request_bodies(data: Path | None, history_limit: int, k: int, beam: int, per_request: int,
@@ -135,16 +131,16 @@ def summarize(latencies: list[float], seconds: float, statuses: dict, histories_
 async def _check_ready(url: str) -> None:
     parts = urlsplit(url)
     if parts.scheme != "http" or not parts.hostname:
-        raise LoadTestError(f"URL {url!r}: expected http://HOST:PORT")
+        raise InputError(f"URL {url!r}: expected http://HOST:PORT")
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(parts.hostname, parts.port or 80), 5)
         writer.write(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         status = (await asyncio.wait_for(reader.readline(), 5)).split()
         writer.close()
     except (OSError, asyncio.TimeoutError) as e:
-        raise LoadTestError(f"server {url} is not reachable: {e}") from None
+        raise InputError(f"server {url} is not reachable: {e}") from None
     if len(status) < 2 or status[1] != b"200":
-        raise LoadTestError(f"server {url} is not ready: /v2/health/ready answered {b' '.join(status[1:]).decode()}")
+        raise InputError(f"server {url} is not ready: /v2/health/ready answered {b' '.join(status[1:]).decode()}")
 
 
 def run_loadtest(urls: list[str], concurrency=(1, 4, 16, 64), duration: float = 30.0, rounds: int = 1,
@@ -157,16 +153,16 @@ def run_loadtest(urls: list[str], concurrency=(1, 4, 16, 64), duration: float = 
     reports to ``out``). gRPC goes to each URL's host at ``grpc_port``; ``model`` names the v2 model."""
     labels = labels or list(urls)
     if len(labels) != len(urls):
-        raise LoadTestError(f"{len(labels)} labels for {len(urls)} URLs")
+        raise InputError(f"{len(labels)} labels for {len(urls)} URLs")
     if rounds < 1 or duration <= 0 or any(c < 1 for c in concurrency):
-        raise LoadTestError("rounds and concurrency must be >= 1 and duration > 0")
-    check_protocols(protocol, grpc_port, LoadTestError)
+        raise InputError("rounds and concurrency must be >= 1 and duration > 0")
+    check_protocols(protocol, grpc_port, InputError)
     # one target per URL and protocol, labelled by the protocol when there is one URL
     targets = [(label if len(protocol) == 1 else p if len(urls) == 1 else f"{label} {p}", url, p)
                for url, label in zip(urls, labels) for p in protocol]
     bodies = {p: request_bodies(data, history_limit, k, beam, histories_per_request, p, model) for p in protocol}
     if not bodies[protocol[0]]:
-        raise LoadTestError("no test histories in the data")
+        raise InputError("no test histories in the data")
 
     def loop(url, p, c, seconds, offset=0):
         return closed_loop(url, bodies[p], c, seconds, offset, protocol=p, model=model, grpc_port=grpc_port)
@@ -175,7 +171,7 @@ def run_loadtest(urls: list[str], concurrency=(1, 4, 16, 64), duration: float = 
         for url in urls:
             await _check_ready(url)
             if grpc_port is not None and "grpc" in protocol:
-                await check_grpc(urlsplit(url).hostname, grpc_port, LoadTestError)
+                await check_grpc(urlsplit(url).hostname, grpc_port, InputError)
         points = []
         for c in concurrency:
             acc = {label: {"latencies": [], "statuses": {}, "seconds": 0.0} for label, _, _ in targets}

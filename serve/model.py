@@ -11,9 +11,8 @@ import time
 from pathlib import Path
 
 from nezha.runtime import Recommender
-from nezha.runtime.errors import OptionError
+from nezha.runtime.errors import ArtifactError, InputError
 from nezha.runtime.artifact import MAX_MANIFEST_BYTES
-from nezha.runtime.manifest import ManifestError
 
 from .batching import LoadedModel
 from .child import probe_codes
@@ -75,11 +74,11 @@ def load_model(artifact: str | Path, options: LoadOptions) -> LoadedModel:
     much of a decode runs outside the GIL; start the decode processes if asked. Raises the library's
     NezhaError for a bad or corrupt artifact, or one that changes while it loads."""
     if "\0" in str(artifact):
-        raise OptionError("an artifact folder path must not contain a NUL character")
+        raise InputError("an artifact folder path must not contain a NUL character")
     try:
         artifact = Path(artifact).resolve()
-    except (RuntimeError, OSError) as e:                 # a link loop (RuntimeError before Python 3.13)
-        raise OptionError(f"{artifact}: cannot resolve the folder's path (a symbolic link loop?)") from None
+    except (RuntimeError, OSError):                 # a link loop (RuntimeError before Python 3.13)
+        raise InputError(f"{artifact}: cannot resolve the folder's path (a symbolic link loop?)") from None
     manifest = _manifest_bytes(artifact)
     rec = Recommender.load(artifact, backend=options.backend, device=options.device,
                            precision=options.precision, threads=options.threads, verify=True)
@@ -88,7 +87,7 @@ def load_model(artifact: str | Path, options: LoadOptions) -> LoadedModel:
         rec.decode_batch(probe_codes(rec), min(20, rec.max_beam), [1])       # smoke test, binds buffers
         share, seconds = backend_share(rec)
         if _manifest_bytes(artifact) != manifest:
-            raise ManifestError(f"{artifact}/manifest.json changed while the artifact was loading; try again")
+            raise ArtifactError(f"{artifact}/manifest.json changed while the artifact was loading; try again")
         version = hashlib.sha256(manifest).hexdigest()[:12]
         if options.processes:
             pool = DecodePool(artifact, {"backend": options.backend, "device": options.device,
@@ -115,4 +114,4 @@ def _manifest_bytes(artifact: Path) -> bytes:
     except FileNotFoundError:
         return b""
     except OSError as e:
-        raise ManifestError(f"{path}: {e.strerror}") from None
+        raise ArtifactError(f"{path}: {e.strerror}") from None

@@ -1,7 +1,7 @@
 """The server's options, declared once (runtime/options.py): each field is a keyword of the library and a
 flag of ``nezha serve`` (its name with dashes unless declared), with its default, its --help text and its
 check. A dataclass checks its fields when it is made, so that the CLI, the library, Ray's config builder and
-each replica refuse the same value with the same one-line OptionError; ``check_engine`` holds the rules
+each replica refuse the same value with the same one-line InputError; ``check_engine`` holds the rules
 between groups (``--processes`` with the engine and ``--workers``).
 
 ServeOptions: batching, bounds and the admin API (``Service``); LoadOptions: how the artifact is opened
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from nezha.runtime.cli import ascii_int
-from nezha.runtime.errors import OptionError
+from nezha.runtime.errors import InputError
 from nezha.runtime.options import checked, flag_of, option, rule
 
 TARGET_ONGOING = 4.0      # ongoing requests per replica: a replica batches them, one or two batches at little cost
@@ -141,32 +141,32 @@ class RunOptions:
     def __post_init__(self):
         checked(self)
         if self.grpc_port is not None and (not 0 < self.grpc_port < 65536 or self.grpc_port == self.port):
-            raise OptionError(f"--grpc-port must be a port in 1..65535 other than --port, got {self.grpc_port}")
+            raise InputError(f"--grpc-port must be a port in 1..65535 other than --port, got {self.grpc_port}")
         self.autoscaling()
 
     def autoscaling(self) -> dict | None:
         """--min/--max-replicas and --target-ongoing-requests -> Ray Serve's autoscaling_config (None: the fixed
-        --replicas). OptionError for a mix or a range that is empty."""
+        --replicas). InputError for a mix or a range that is empty."""
         if self.max_replicas is None:
             if self.min_replicas is not None or self.target_ongoing_requests is not None:
-                raise OptionError("--min-replicas and --target-ongoing-requests need --max-replicas (autoscaling)")
+                raise InputError("--min-replicas and --target-ongoing-requests need --max-replicas (autoscaling)")
             return None
         if self.engine != "ray" or self.replicas is not None:
-            raise OptionError("autoscaling (--max-replicas) is for --engine ray, without --replicas (a fixed count)")
+            raise InputError("autoscaling (--max-replicas) is for --engine ray, without --replicas (a fixed count)")
         low = self.min_replicas or 1
         target = TARGET_ONGOING if self.target_ongoing_requests is None else self.target_ongoing_requests
         if not low <= self.max_replicas:
-            raise OptionError(f"--min-replicas {low} is above --max-replicas {self.max_replicas}")
+            raise InputError(f"--min-replicas {low} is above --max-replicas {self.max_replicas}")
         if not 0 < target <= 10_000:                                     # also refuses nan
-            raise OptionError(f"--target-ongoing-requests must lie in (0, 10000], got {target}")
+            raise InputError(f"--target-ongoing-requests must lie in (0, 10000], got {target}")
         return {"min_replicas": low, "max_replicas": self.max_replicas, "target_ongoing_requests": target}
 
 
 def check_engine(engine: str, serve: ServeOptions, load: LoadOptions) -> None:
     """The rules between groups: decode processes only on the uvicorn engine, and one worker thread each."""
     if load.processes and engine == "ray":
-        raise OptionError("--processes is for the uvicorn engine; under Ray Serve each replica is a process already: "
-                          "scale with --replicas")
+        raise InputError("--processes is for the uvicorn engine; under Ray Serve each replica is a process already: "
+                         "scale with --replicas")
     if load.processes and serve.workers is not None and serve.workers != load.processes:
-        raise OptionError(f"--workers {serve.workers} with --processes {load.processes}: each decode process has one "
-                          "worker thread; give --processes alone")
+        raise InputError(f"--workers {serve.workers} with --processes {load.processes}: each decode process has one "
+                         "worker thread; give --processes alone")

@@ -37,7 +37,7 @@ from typing import Sequence
 
 import numpy as np
 
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.errors import NezhaError, Unavailable
 
 from .child import CHILD_CODE
 
@@ -55,10 +55,6 @@ class DecodeProcessError(RuntimeError):
 
 class DecodeProcessUnavailable(DecodeProcessError):
     """A decode process could not be started again and is not tried for a while: nothing was sent to it."""
-
-
-class PoolStartError(NezhaError, RuntimeError):
-    """The decode processes could not load the artifact: the load (or reload) is refused."""
 
 
 class _Child:
@@ -83,24 +79,24 @@ class _Child:
         self.ready, self.ready_by = False, time.monotonic() + START_TIMEOUT_S
 
     def wait_ready(self, version: str, timeout: float = START_TIMEOUT_S) -> None:
-        """Raise PoolStartError (with the child's own error where it sent one) unless it is ready."""
+        """Raise Unavailable (with the child's own error where it sent one) unless it is ready."""
         if not self.conn.poll(timeout):
             self.kill()
-            raise PoolStartError(f"decode process {self.index} did not load the artifact within {timeout:.0f} s")
+            raise Unavailable(f"decode process {self.index} did not load the artifact within {timeout:.0f} s")
         try:
             reply = self.conn.recv()
         except (EOFError, OSError):
             code = self.kill()
-            raise PoolStartError(f"decode process {self.index} exited while loading the artifact (exit code {code})") from None
+            raise Unavailable(f"decode process {self.index} exited while loading the artifact (exit code {code})") from None
         if reply[0] == "error":
             self.kill()
             if isinstance(reply[1], NezhaError):
                 raise reply[1]
-            raise PoolStartError(f"decode process {self.index} could not load the artifact: {reply[1]}")
+            raise Unavailable(f"decode process {self.index} could not load the artifact: {reply[1]}")
         if reply[1] != version:
             self.kill()
-            raise PoolStartError(f"decode process {self.index} loaded manifest version {reply[1]}, the server "
-                                 f"{version}: the artifact changed while loading")
+            raise Unavailable(f"decode process {self.index} loaded manifest version {reply[1]}, the server "
+                              f"{version}: the artifact changed while loading")
         self.ready = True
 
     @property
@@ -208,7 +204,7 @@ class DecodePool:
                 except Exception as e:
                     self._failed_start(child, e)
             elif now > child.ready_by:
-                self._failed_start(child, PoolStartError(f"not ready within {START_TIMEOUT_S:.0f} s"))
+                self._failed_start(child, Unavailable(f"not ready within {START_TIMEOUT_S:.0f} s"))
             raise DecodeProcessUnavailable(f"decode process {child.index} is starting")
         if now < child.retry_at:
             raise DecodeProcessUnavailable(f"decode process {child.index} could not be started again; next try in "

@@ -3,8 +3,7 @@
 Parsing is strict and happens in one place: a body is bounded in size, must be UTF-8 JSON without
 NaN/Infinity, and every field is checked for its exact JSON type (``true`` is not an item id, ``5.0``
 is not an integer: the library's own strict checks of item ids, with their messages) and answered with
-HTTP 400 and the library's message (``RequestError``, ``EncodingError``). All errors here derive from
-``NezhaError`` (serve.errors)."""
+HTTP 400 and the library's message (``InputError``)."""
 
 from __future__ import annotations
 
@@ -15,9 +14,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from nezha.runtime.errors import NezhaError, clipped
+from nezha.runtime.errors import InputError, NezhaError, PayloadTooLarge, RequestRefused, clipped
 
-from .errors import BadRequest, MethodNotAllowed, PayloadTooLarge
 
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 
@@ -25,27 +23,27 @@ INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
 def parse_json(body: bytes, limit: int) -> object:
     """Bytes -> a JSON value. Bodies over ``limit`` bytes, invalid UTF-8, invalid JSON, NaN/Infinity,
     duplicate keys in an object, integers past Python's digit limit and nesting too deep for the parser
-    are refused with a BadRequest naming the problem."""
+    are refused with an InputError naming the problem."""
     if len(body) > limit:
         raise PayloadTooLarge(f"request body is {len(body)} bytes; at most {limit} allowed (--max-body-bytes)")
     try:
         text = body.decode("utf-8")
     except UnicodeDecodeError as e:
-        raise BadRequest(f"request body is not UTF-8: {e}") from None
+        raise InputError(f"request body is not UTF-8: {e}") from None
 
     def no_constant(name):
-        raise BadRequest(f"request body is not valid JSON: {name} is not a JSON number")
+        raise InputError(f"request body is not valid JSON: {name} is not a JSON number")
     try:
         return json.loads(text, parse_constant=no_constant, object_pairs_hook=_unique_keys)
-    except BadRequest:
+    except InputError:
         raise
     except json.JSONDecodeError as e:
-        raise BadRequest(f"request body is not valid JSON: {e}") from None
+        raise InputError(f"request body is not valid JSON: {e}") from None
     except ValueError:                  # the only other one json raises: int() past sys.get_int_max_str_digits()
-        raise BadRequest(f"request body holds an integer of more than {sys.get_int_max_str_digits()} digits; "
+        raise InputError(f"request body holds an integer of more than {sys.get_int_max_str_digits()} digits; "
                          f"numbers in a request must fit int64") from None
     except RecursionError:
-        raise BadRequest("request body is nested too deeply to be a request") from None
+        raise InputError("request body is nested too deeply to be a request") from None
 
 
 def _unique_keys(pairs: list) -> dict:
@@ -54,7 +52,7 @@ def _unique_keys(pairs: list) -> dict:
     if len(obj) != len(pairs):
         seen = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise BadRequest(f"request body is ambiguous: key {dup[:40]!r} appears twice in one object")
+        raise InputError(f"request body is ambiguous: key {dup[:40]!r} appears twice in one object")
     return obj
 
 
@@ -92,10 +90,10 @@ class Query:
 
 def check_fields(obj, allowed: tuple[str, ...], what: str) -> dict:
     if not isinstance(obj, dict):
-        raise BadRequest(f"{what} must be a JSON object with {', '.join(allowed)}; got {type(obj).__name__}")
+        raise InputError(f"{what} must be a JSON object with {', '.join(allowed)}; got {type(obj).__name__}")
     unknown = sorted(set(obj) - set(allowed))
     if unknown:
-        raise BadRequest(f"{what}: unknown field {unknown[0][:40]!r}; allowed: {', '.join(allowed) or 'none'}")
+        raise InputError(f"{what}: unknown field {unknown[0][:40]!r}; allowed: {', '.join(allowed) or 'none'}")
     return obj
 
 
@@ -106,7 +104,7 @@ def _optional_object(obj: dict, key: str, allowed: tuple[str, ...], what: str) -
         return {}
     value = obj[key]
     if not isinstance(value, dict):
-        raise BadRequest(f"{what}: {key!r} must be a JSON object, got {describe(value)}")
+        raise InputError(f"{what}: {key!r} must be a JSON object, got {describe(value)}")
     return check_fields(value, allowed, f"{what} {key}")
 
 
@@ -114,12 +112,12 @@ def parse_recommend(obj, rec, max_histories: int) -> Query:
     """``{"histories": [[item, ...], ...], "k": 10, "beam": 20, "unknown": "error"}`` -> Query."""
     obj = check_fields(obj, ("histories", "k", "beam", "unknown"), "/v1/recommend body")
     if "histories" not in obj:
-        raise BadRequest("/v1/recommend body: missing field 'histories' (a list of item-id lists)")
+        raise InputError("/v1/recommend body: missing field 'histories' (a list of item-id lists)")
     histories = obj["histories"]
     if not isinstance(histories, list):
-        raise BadRequest(f"histories must be a list of item-id lists, got {type(histories).__name__}")
+        raise InputError(f"histories must be a list of item-id lists, got {type(histories).__name__}")
     if len(histories) > max_histories:
-        raise BadRequest(f"{len(histories)} histories in one request; at most {max_histories} allowed")
+        raise InputError(f"{len(histories)} histories in one request; at most {max_histories} allowed")
     return prepared(rec, histories, obj.get("k", 10), obj.get("beam"), obj.get("unknown", "error"))
 
 
@@ -131,7 +129,7 @@ def prepared(rec, histories: list, k, beam, unknown) -> Query:
         beam = rec.beam_for(k, beam)
         return Query(rec.prepare(histories, unknown), k, beam)
     except NezhaError as e:
-        raise BadRequest(str(e)) from None
+        raise InputError(str(e)) from None
 
 
 def recommend_response(results: list[list[tuple[int, float]]]) -> dict:
@@ -156,17 +154,17 @@ V2_OUTPUT_NAMES = [o["name"] for o in V2_OUTPUTS]
 def _flatten(data, shape: list[int], name: str) -> list:
     """v2 tensor data: flat row-major, or nested to the tensor's shape."""
     if not isinstance(data, list):
-        raise BadRequest(f"input {name!r}: data must be a list, got {type(data).__name__}")
+        raise InputError(f"input {name!r}: data must be a list, got {type(data).__name__}")
     if data and isinstance(data[0], list) and len(shape) == 2:
         if len(data) != shape[0] or any(not isinstance(r, list) or len(r) != shape[1] for r in data):
-            raise BadRequest(f"input {name!r}: nested data does not match shape {shape}")
+            raise InputError(f"input {name!r}: nested data does not match shape {shape}")
         data = [x for r in data for x in r]
     expected = math.prod(shape)                     # Python ints: np.prod wraps around past int64
     if len(data) != expected:
-        raise BadRequest(f"input {name!r}: {len(data)} values for shape {shape} ({expected} expected)")
+        raise InputError(f"input {name!r}: {len(data)} values for shape {shape} ({expected} expected)")
     for pos, x in enumerate(data):
         if not is_int64(x):
-            raise BadRequest(f"input {name!r} must hold INT64 values, got {describe(x)} at position {pos}")
+            raise InputError(f"input {name!r} must hold INT64 values, got {describe(x)} at position {pos}")
     return data
 
 
@@ -175,36 +173,36 @@ def parse_v2_infer(obj, rec, max_histories: int) -> Query:
     obj = check_fields(obj, ("id", "inputs", "outputs", "parameters"), "v2 inference request")
     rid = obj.get("id")
     if rid is not None and not isinstance(rid, str):
-        raise BadRequest(f"v2 inference request: id must be a string, got {type(rid).__name__}")
+        raise InputError(f"v2 inference request: id must be a string, got {type(rid).__name__}")
     params = _optional_object(obj, "parameters", V2_PARAMETERS, "v2 inference request")
     inputs = obj.get("inputs")
     if not isinstance(inputs, list):
-        raise BadRequest("v2 inference request: 'inputs' must be a list of tensors 'histories' and 'lengths'")
+        raise InputError("v2 inference request: 'inputs' must be a list of tensors 'histories' and 'lengths'")
     tensors = {}
     for t in inputs:
         t = check_fields(t, ("name", "shape", "datatype", "data", "parameters"), "v2 input tensor")
         name = t.get("name")
         if name not in ("histories", "lengths") or name in tensors:
-            raise BadRequest(f"v2 input {describe(name)}: expected the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B], once each")
+            raise InputError(f"v2 input {describe(name)}: expected the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B], once each")
         if t.get("datatype") != "INT64":
-            raise BadRequest(f"input {name!r}: datatype must be INT64, got {describe(t.get('datatype'))}")
+            raise InputError(f"input {name!r}: datatype must be INT64, got {describe(t.get('datatype'))}")
         _optional_object(t, "parameters", V2_INPUT_PARAMETERS, f"input {name!r}")
         shape, rank = t.get("shape"), 2 if name == "histories" else 1
         if not isinstance(shape, list) or len(shape) != rank or not all(is_int64(s) and s >= 0 for s in shape):
-            raise BadRequest(f"input {name!r}: shape must be {rank} non-negative integers, got {describe(shape)}")
+            raise InputError(f"input {name!r}: shape must be {rank} non-negative integers, got {describe(shape)}")
         tensors[name] = (shape, _flatten(t.get("data"), shape, name))
     if set(tensors) != {"histories", "lengths"}:
-        raise BadRequest("v2 inference request: needs the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B]")
+        raise InputError("v2 inference request: needs the inputs 'histories' INT64 [B, T] and 'lengths' INT64 [B]")
     (hshape, hdata), (lshape, lengths) = tensors["histories"], tensors["lengths"]
     B, T = hshape
     if lshape[0] != B:
-        raise BadRequest(f"input 'lengths' has {lshape[0]} values for {B} histories")
+        raise InputError(f"input 'lengths' has {lshape[0]} values for {B} histories")
     if B > max_histories:
-        raise BadRequest(f"{B} histories in one request; at most {max_histories} allowed")
+        raise InputError(f"{B} histories in one request; at most {max_histories} allowed")
     histories = []
     for b, n in enumerate(lengths):
         if not 0 <= n <= T:
-            raise BadRequest(f"lengths[{b}] = {n}; must lie in 0..{T} (the histories tensor's second dimension)")
+            raise InputError(f"lengths[{b}] = {n}; must lie in 0..{T} (the histories tensor's second dimension)")
         histories.append(hdata[b * T:b * T + n])
     query = prepared(rec, histories, params.get("k", 10), params.get("beam"), params.get("unknown", "error"))
     query.id = rid
@@ -224,27 +222,27 @@ def requested_outputs(obj) -> tuple[list[tuple[str, bool]] | None, float | None]
         params = obj["parameters"] = dict(params)
         binary_all = params.pop("binary_data_output", False)
         if not isinstance(binary_all, bool):
-            raise BadRequest(f"parameter binary_data_output must be true or false, got {binary_all!r}")
+            raise InputError(f"parameter binary_data_output must be true or false, got {binary_all!r}")
         if "timeout" in params:
             us = params.pop("timeout")
             if not is_int64(us) or us <= 0:
-                raise BadRequest(f"parameter timeout must be a positive number of microseconds, got {us!r}")
+                raise InputError(f"parameter timeout must be a positive number of microseconds, got {us!r}")
             timeout_ms = us / 1e3
     outputs = obj.pop("outputs", None)
     if outputs is None:
         return ([(name, True) for name in V2_OUTPUT_NAMES] if binary_all else None), timeout_ms
     if not isinstance(outputs, list):
-        raise BadRequest(f"'outputs' must be a list of {{\"name\": ...}} objects, got {type(outputs).__name__}")
+        raise InputError(f"'outputs' must be a list of {{\"name\": ...}} objects, got {type(outputs).__name__}")
     wanted = []
     for out in outputs:
         out = check_fields(out, ("name", "parameters"), "v2 requested output")
         name = out.get("name")
         if name not in V2_OUTPUT_NAMES or name in dict(wanted):
-            raise BadRequest(f"requested output {name!r}: the outputs are {', '.join(V2_OUTPUT_NAMES)}, each at most once")
+            raise InputError(f"requested output {name!r}: the outputs are {', '.join(V2_OUTPUT_NAMES)}, each at most once")
         flags = check_fields(out.get("parameters") or {}, ("binary_data",), f"output {name!r} parameters")
         binary = flags.get("binary_data", binary_all)
         if not isinstance(binary, bool):
-            raise BadRequest(f"output {name!r}: binary_data must be true or false, got {binary!r}")
+            raise InputError(f"output {name!r}: binary_data must be true or false, got {binary!r}")
         wanted.append((name, binary))
     return wanted, timeout_ms
 
@@ -276,9 +274,9 @@ def timeout_header(value: str | None) -> float | None:
     try:
         ms = float(value)
     except ValueError:
-        raise BadRequest(f"x-nezha-timeout-ms must be a number of milliseconds, got {value!r}") from None
+        raise InputError(f"x-nezha-timeout-ms must be a number of milliseconds, got {value!r}") from None
     if not 0 < ms <= 600_000:
-        raise BadRequest(f"x-nezha-timeout-ms must lie in (0, 600000], got {value!r}")
+        raise InputError(f"x-nezha-timeout-ms must lie in (0, 600000], got {value!r}")
     return ms
 
 
@@ -288,6 +286,6 @@ def server_version() -> str:
 
 
 def allow(method: str, allowed: str) -> None:
-    """MethodNotAllowed (405) unless ``method`` is ``allowed``."""
+    """RequestRefused (405) unless ``method`` is ``allowed``."""
     if method != allowed:
-        raise MethodNotAllowed(f"method {method} not allowed here; use {allowed}")
+        raise RequestRefused(405, f"method {method} not allowed here; use {allowed}")

@@ -33,7 +33,7 @@ from .ray_proxy import BODY_TIMEOUT_ENV, CALLBACK, CALLBACK_ENV, MAX_BODY_ENV
 from .transfer import ArtifactRef, HostedFiles, describe, stage
 
 from nezha.runtime.artifact import Artifact
-from nezha.runtime.errors import NezhaError, OptionError
+from nezha.runtime.errors import InputError, NezhaError
 
 log = logging.getLogger("nezha.serve")
 
@@ -160,8 +160,8 @@ def build_app(args: dict):
     artifact as they start (no staging first), and a reload is a change of ``artifact`` in the config."""
     unknown = sorted(set(args) - set(BUILD_ARGS))
     if unknown or not Path(str(args.get("artifact", ""))).is_absolute():
-        raise OptionError(f"build_app args: {'unknown ' + ', '.join(unknown) if unknown else 'artifact must be an absolute path'}"
-                          f"; allowed: {', '.join(BUILD_ARGS)}")
+        raise InputError(f"build_app args: {'unknown ' + ', '.join(unknown) if unknown else 'artifact must be an absolute path'}"
+                         f"; allowed: {', '.join(BUILD_ARGS)}")
     options, load = _typed(ServeOptions, args.get("options", {})), _typed(LoadOptions, args.get("load", {}))
     head = next(n["NodeID"] for n in ray.nodes() if n["Alive"] and "node:__internal_head__" in n["Resources"])
     ref, _ = ray.get(_deployer(args.get("name", "nezha"), head).publish.remote(args["artifact"], args.get("name", "nezha"), None))
@@ -172,8 +172,8 @@ def build_app(args: dict):
 def _typed(cls, values: dict):
     unknown = sorted(set(values) - {f.name for f in fields(cls)})
     if unknown:
-        raise OptionError(f"build_app args: unknown {cls.__name__} field(s) {', '.join(unknown)}; "
-                          f"allowed: {', '.join(f.name for f in fields(cls))}")
+        raise InputError(f"build_app args: unknown {cls.__name__} field(s) {', '.join(unknown)}; "
+                         f"allowed: {', '.join(f.name for f in fields(cls))}")
     return cls(**values)
 
 

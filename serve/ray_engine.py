@@ -28,9 +28,10 @@ from ray import serve                                       # noqa: E402  (after
 from ray.exceptions import RayActorError                    # noqa: E402
 from starlette.requests import Request                      # noqa: E402
 
+from nezha.runtime.errors import InputError, RequestRefused, Unavailable
+
 from .app import read_body, to_response                     # noqa: E402
 from .batching import Item, check_room, decode_items        # noqa: E402
-from .errors import BadRequest, Conflict, Unavailable      # noqa: E402
 from .model import batch_limit, load_model                  # noqa: E402
 from .options import LoadOptions, ServeOptions              # noqa: E402
 from .service import Reply, Service                         # noqa: E402
@@ -87,7 +88,7 @@ class RayService(Service):
         """202 once the artifact verified on the deploying node and reached every node; 400 if it is bad,
         503 if a node could not get it, 409 while another reload is under way."""
         if artifact is not None and not Path(artifact).is_absolute():
-            raise BadRequest(f"reload under Ray Serve needs an absolute artifact path (it is read on the node "
+            raise InputError(f"reload under Ray Serve needs an absolute artifact path (it is read on the node "
                                f"that deployed the service), got {artifact!r}")
         try:
             deployer = ray.get_actor(self.deployer[0], namespace=self.deployer[1])
@@ -96,10 +97,10 @@ class RayService(Service):
             raise Unavailable("reload needs the application's Deployer, which is gone (did the node that "
                                 "deployed die?); deploy again") from None
         if outcome == "busy":
-            raise Conflict("a reload is already rolling out; retry once /v2/models/{name} names its version")
+            raise RequestRefused(409, "a reload is already rolling out; retry once /v2/models/{name} names its version")
         if outcome != "rolling":
             self.metrics.reloads.labels("refused").inc()
-            refused = BadRequest if outcome == "refused" else Unavailable
+            refused = InputError if outcome == "refused" else Unavailable
             raise refused(f"reload refused, still serving version {self.model.version}: {detail}")
         self.metrics.reloads.labels("rolling").inc()
         return Reply(202, {"reloading": True, "model": detail, "serving": self.model.info(),

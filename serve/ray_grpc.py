@@ -14,7 +14,8 @@ from __future__ import annotations
 import grpc
 
 from . import kserve
-from .grpc_server import CODES, InferenceServicer, refusal
+from .errors import refusal
+from .grpc_server import InferenceServicer
 
 SERVICER_FUNCTION = "nezha.serve.grpc_server.add_GRPCInferenceServiceServicer_to_server"
 
@@ -40,11 +41,11 @@ class GrpcMethods:
         try:
             return await getattr(InferenceServicer(self.service), name)(request, _Deadline())
         except Exception as e:
-            status, kind, message = refusal(e)
-            self.service.metrics.errors.labels(kind).inc()
-            grpc_context.set_code(CODES.get(status, grpc.StatusCode.INTERNAL))
-            grpc_context.set_details(message)
-            raise Refused(message) from None
+            told = refusal(e, f"Ray gRPC {name}")
+            self.service.metrics.errors.labels(told.kind).inc()
+            grpc_context.set_code(grpc.StatusCode[told.grpc_status])
+            grpc_context.set_details(str(told))
+            raise Refused(str(told)) from None
 
 
 def _rpc_method(name: str):

@@ -20,12 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from nezha.runtime.errors import GraphRunError, NezhaError
+from nezha.runtime.errors import DeadlineExceeded, NotFound, RequestRefused, Unavailable
 
 from . import admin
 from . import protocol as P
-from .errors import DeadlineExceeded, NotFound, RequestTimeout, ServeError, Unavailable
 from .batching import Batcher, Item, LoadedModel, Pending
+from .errors import refusal
 from .binary import EXTENSION, HEADER, binary_response, fill_binary_inputs, header_length, output_arrays
 from .metrics import Metrics
 from .model import batch_limit, decode_workers, load_model
@@ -209,21 +209,13 @@ class Service:
             try:
                 return await asyncio.wait_for(read_body(limit), self.options.body_timeout_s)
             except asyncio.TimeoutError:
-                raise RequestTimeout(f"the request body did not arrive within {self.options.body_timeout_s:g} s "
+                raise RequestRefused(408, f"the request body did not arrive within {self.options.body_timeout_s:g} s "
                                        f"(--body-timeout)") from None
         try:
             reply = await self._route(method, path, route, body_in_time, headers or {})
-        except ServeError as e:
-            reply = self._error(e.status, e.kind, str(e), e.headers)
-        except NezhaError as e:                                  # a library user error not caught in parsing
-            if isinstance(e, GraphRunError):                     # ... but a graph failing mid-run is the server's
-                log.error("internal error on %s %s: %s", method, route, e)
-                reply = self._error(500, "internal", "internal error; the server log has the details")
-            else:
-                reply = self._error(400, "bad_request", str(e))
-        except Exception:
-            log.exception("internal error on %s %s", method, route)
-            reply = self._error(500, "internal", "internal error; the server log has the details")
+        except Exception as e:
+            told = refusal(e, f"{method} {route}")
+            reply = self._error(told.http_status, told.kind, str(told), told.headers)
         if route in ("/v1/recommend", "/v2/models/{name}/infer"):
             self.metrics.latency.labels(route).observe(time.perf_counter() - t0)
         self.metrics.requests.labels(route, str(reply.status)).inc()

@@ -38,8 +38,7 @@ from ray.exceptions import RayError, RayTaskError
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from nezha.runtime.artifact import MANIFEST, Artifact
-from nezha.runtime.errors import NezhaError
-from nezha.runtime.manifest import ManifestError
+from nezha.runtime.errors import ArtifactError, NezhaError
 
 log = logging.getLogger("nezha.serve")
 
@@ -49,10 +48,6 @@ CHUNK_TIMEOUT_S = 120.0        # a chunk that does not come (the deploying node 
 KEEP = 3                       # artifacts a node's cache keeps (the newest used); older ones are removed
 HOSTED = 4                     # artifacts the deploying node serves at once (current, previous, reloads)
 CACHE_ENV, FETCH_ENV = "NEZHA_ARTIFACT_CACHE", "NEZHA_ARTIFACT_FETCH"
-
-
-class TransferError(NezhaError, RuntimeError):
-    """An artifact could not be brought to a node (unreachable source, sha256 mismatch, unwritable cache)."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +73,7 @@ def describe(path: str | Path, host: str, namespace: str, chunk: int = CHUNK_BYT
     artifact = Artifact.open(path, verify=False)
     manifest = (artifact.root / MANIFEST).read_bytes()
     if Artifact.open(path, verify=False).manifest != artifact.manifest:
-        raise ManifestError(f"{path}/{MANIFEST} changed while it was read; try again")
+        raise ArtifactError(f"{path}/{MANIFEST} changed while it was read; try again")
     sizes = {name: artifact.path(name).stat().st_size for name in artifact.manifest.files}
     return ArtifactRef(str(artifact.root), manifest, dict(artifact.manifest.files), sizes, host, namespace, chunk)
 
@@ -103,7 +98,7 @@ class HostedFiles:
         with self._lock:
             artifact = self._artifacts.get(key)
         if artifact is None or name not in artifact.manifest.files:
-            raise TransferError(f"{name}: not a file of an artifact this node serves (artifact {key[:12]})")
+            raise ArtifactError(f"{name}: not a file of an artifact this node serves (artifact {key[:12]})")
         with open(artifact.path(name), "rb") as f:
             f.seek(offset)
             return f.read(min(size, CHUNK_BYTES))
@@ -115,12 +110,12 @@ def cache_root() -> Path:
 
 def local_artifact(ref: ArtifactRef) -> tuple[Path, str, int]:
     """A verified folder holding ``ref`` on this node -> (folder, "in place" | "cached" | "fetched", bytes
-    copied). Raises TransferError (or ManifestError) if no such folder can be had."""
+    copied). Raises ArtifactError if no such folder can be had."""
     if os.environ.get(FETCH_ENV) != "always" and _same_manifest(Path(ref.path), ref.manifest):
         try:
             Artifact.open(ref.path, verify=True)
             return Path(ref.path), "in place", 0
-        except ManifestError as e:
+        except ArtifactError as e:
             log.warning("artifact at %s differs from the deployed one (%s); fetching it", ref.path, e)
     cache = cache_root()
     final = cache / ref.key
@@ -132,7 +127,7 @@ def local_artifact(ref: ArtifactRef) -> tuple[Path, str, int]:
                     Artifact.open(final, verify=True)
                     os.utime(final)                           # recently used: kept by _evict
                     return final, "cached", 0
-                except ManifestError as e:
+                except ArtifactError as e:
                     log.warning("cached artifact %s is corrupt (%s); fetching it again", final, e)
                     shutil.rmtree(final)
             for stale in cache.glob(f".{ref.key}.part-*"):    # left by a process killed mid-fetch
@@ -145,7 +140,7 @@ def local_artifact(ref: ArtifactRef) -> tuple[Path, str, int]:
                 shutil.rmtree(part, ignore_errors=True)
                 raise
     except OSError as e:
-        raise TransferError(f"artifact cache {cache} on this node: {e.strerror or e} ({CACHE_ENV} names it)") from None
+        raise ArtifactError(f"artifact cache {cache} on this node: {e.strerror or e} ({CACHE_ENV} names it)") from None
     log.info("fetched artifact %s (%d bytes) from %s into %s", ref.key[:12], copied, ref.path, final)
     _evict(cache, keep=KEEP)
     return final, "fetched", copied
@@ -153,7 +148,7 @@ def local_artifact(ref: ArtifactRef) -> tuple[Path, str, int]:
 
 def fetch(ref: ArtifactRef, dest: Path) -> int:
     """Copy every file of ``ref`` from the deploying node into the empty folder ``dest``, each checked
-    against its sha256 as it arrives -> bytes copied. TransferError names the first file that differs."""
+    against its sha256 as it arrives -> bytes copied. ArtifactError names the first file that differs."""
     host = ray.get_actor(ref.host, namespace=ref.namespace)
     copied = 0
     for name, digest in ref.files.items():
@@ -167,7 +162,7 @@ def fetch(ref: ArtifactRef, dest: Path) -> int:
                 try:
                     data = ray.get(inflight.popleft(), timeout=CHUNK_TIMEOUT_S)
                 except RayError as e:
-                    raise TransferError(f"{name}: fetching from the deploying node failed: {_cause(e)}") from None
+                    raise ArtifactError(f"{name}: fetching from the deploying node failed: {_cause(e)}") from None
                 nxt = next(offsets, None)
                 if nxt is not None:
                     inflight.append(host.read.remote(ref.key, name, nxt, ref.chunk))
@@ -175,7 +170,7 @@ def fetch(ref: ArtifactRef, dest: Path) -> int:
                 f.write(data)
                 copied += len(data)
         if h.hexdigest() != digest:
-            raise TransferError(f"{name}: sha256 mismatch after the transfer from {ref.path} (the file there "
+            raise ArtifactError(f"{name}: sha256 mismatch after the transfer from {ref.path} (the file there "
                                 f"changed, or the copy was corrupted); the node refuses the artifact")
     (dest / MANIFEST).write_bytes(ref.manifest)
     return copied
@@ -189,7 +184,7 @@ def _stage(ref: ArtifactRef) -> tuple[str, str, int]:
 
 def stage(ref: ArtifactRef, min_cpus: float) -> list[tuple[str, str, int]]:
     """Bring ``ref`` to every live node with at least ``min_cpus`` CPUs (those that can host a replica), in
-    parallel -> per node (node id, how, bytes copied). One TransferError lists every node that failed."""
+    parallel -> per node (node id, how, bytes copied). One ArtifactError lists every node that failed."""
     nodes = [n for n in ray.nodes() if n["Alive"] and n["Resources"].get("CPU", 0) >= min_cpus]
     tasks = [(n, _stage.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
               .remote(ref)) for n in nodes]
@@ -200,7 +195,7 @@ def stage(ref: ArtifactRef, min_cpus: float) -> list[tuple[str, str, int]]:
         except RayError as e:
             problems.append(f"node {node['NodeID'][:12]} ({node['NodeManagerAddress']}): {_cause(e)}")
     if problems:
-        raise TransferError(f"artifact {ref.path} did not reach every node: " + "; ".join(problems))
+        raise ArtifactError(f"artifact {ref.path} did not reach every node: " + "; ".join(problems))
     return done
 
 

@@ -1,4 +1,4 @@
-"""A hostile artifact folder gets one clear ManifestError naming the file and the problem, never a raw
+"""A hostile artifact folder gets one clear ArtifactError naming the file and the problem, never a raw
 KeyError or NumPy / ONNX Runtime exception, and nothing outside the folder is opened.
 
 Each case copies a real artifact, changes one thing (re-hashing what it changed, so that the check under
@@ -22,7 +22,8 @@ from nezha.export.build import build
 from nezha.model.checkpoint import save_checkpoint
 from nezha.runtime import Recommender
 from nezha.runtime.artifact import Artifact
-from nezha.runtime.manifest import ManifestError, Manifest
+from nezha.runtime.manifest import Manifest
+from nezha.runtime.errors import ArtifactError
 
 _OPENED: list[str] | None = None
 
@@ -94,9 +95,9 @@ MANIFEST_CASES = {
 def test_hostile_manifests_are_refused_with_the_key_path(artifact, tmp_path, case):
     edit, message = MANIFEST_CASES[case]
     bad = tampered(artifact, tmp_path, edit)
-    with pytest.raises(ManifestError, match=message):
+    with pytest.raises(ArtifactError, match=message):
         Recommender.load(bad)
-    with pytest.raises(ManifestError, match=message):           # verify=False skips hashing, not the contract
+    with pytest.raises(ArtifactError, match=message):           # verify=False skips hashing, not the contract
         Recommender.load(bad, verify=False)
 
 
@@ -107,7 +108,7 @@ def test_a_manifest_that_lies_about_its_graphs_is_refused_at_load(artifact, tmp_
         for g in raw["graphs"]["fp32"].values():
             for t in g["inputs"] + g["outputs"]:
                 t["shape"] = [64 if d == 32 else d for d in t["shape"]]
-    with pytest.raises(ManifestError, match="the graph's (inputs|outputs) .* differ from the manifest's"):
+    with pytest.raises(ArtifactError, match="the graph's (inputs|outputs) .* differ from the manifest's"):
         Recommender.load(rebind(tampered(artifact, tmp_path, edit)))
 
 
@@ -115,16 +116,16 @@ def test_json_that_is_not_strict_json_is_refused(artifact, tmp_path):
     bad = tampered(artifact, tmp_path)
     text = (bad / "manifest.json").read_text()
     (bad / "manifest.json").write_text(text.replace('"format":', '"version": 2, "format":', 1))
-    with pytest.raises(ManifestError, match="'version' appears twice"):
+    with pytest.raises(ArtifactError, match="'version' appears twice"):
         Artifact.open(bad)
     (bad / "manifest.json").write_text(text.replace('"max_batch": 4', '"max_batch": NaN'))
-    with pytest.raises(ManifestError, match="NaN is not valid JSON"):
+    with pytest.raises(ArtifactError, match="NaN is not valid JSON"):
         Artifact.open(bad)
     (bad / "manifest.json").write_text(text.replace('"max_batch": 4', '"max_batch": ' + "9" * 5000))
-    with pytest.raises(ManifestError, match="not valid JSON"):                 # past Python's digit limit
+    with pytest.raises(ArtifactError, match="not valid JSON"):                 # past Python's digit limit
         Artifact.open(bad)
     (bad / "manifest.json").write_text("[" * 100000 + "]" * 100000)
-    with pytest.raises(ManifestError, match="not valid JSON|expected an object"):
+    with pytest.raises(ArtifactError, match="not valid JSON|expected an object"):
         Artifact.open(bad)
 
 
@@ -142,18 +143,18 @@ def test_symlinks_out_of_the_folder_are_refused_before_anything_outside_is_opene
     for folder, message in ((bad, "tables/item_ids.npy: symbolic link"), (linked_dir, "symbolic link graphs")):
         _OPENED = []
         try:
-            with pytest.raises(ManifestError, match=message):
+            with pytest.raises(ArtifactError, match=message):
                 Recommender.load(folder)
             assert not [p for p in _OPENED if str(secret) in p], _OPENED
         finally:
             _OPENED = None
     unlisted = tampered(artifact, tmp_path / "d")                  # a link the manifest does not name (ONNX
     (unlisted / "graphs" / "fp32" / "weights.bin").symlink_to(secret / "item_ids.npy")   # external data could use it)
-    with pytest.raises(ManifestError, match="symbolic link graphs/fp32/weights.bin points outside"):
+    with pytest.raises(ArtifactError, match="symbolic link graphs/fp32/weights.bin points outside"):
         Recommender.load(unlisted)
     fifo = tampered(artifact, tmp_path / "e")
     os.mkfifo(fifo / "tables" / "extra")
-    with pytest.raises(ManifestError, match="tables/extra: not a regular file or folder"):
+    with pytest.raises(ArtifactError, match="tables/extra: not a regular file or folder"):
         Recommender.load(fifo)
     copy = (artifact / "tables" / "item_ids.npy").read_bytes()      # a link that stays inside is fine
     inside = tampered(artifact, tmp_path / "c", files={"tables/copy.npy": copy})
@@ -169,10 +170,10 @@ def test_manifest_json_is_read_as_a_bounded_regular_file(artifact, tmp_path, mon
     fifo = tampered(artifact, tmp_path / "a")
     (fifo / "manifest.json").unlink()
     os.mkfifo(fifo / "manifest.json")
-    with pytest.raises(ManifestError, match=r"^manifest.json \S+ is a FIFO, not a regular file$"):
+    with pytest.raises(ArtifactError, match=r"^manifest.json \S+ is a FIFO, not a regular file$"):
         Artifact.open(fifo, verify=False)
     monkeypatch.setattr(artifact_module, "MAX_MANIFEST_BYTES", 100)
-    with pytest.raises(ManifestError, match=r"^manifest.json \S+ is \d+ bytes; at most 100 are read$"):
+    with pytest.raises(ArtifactError, match=r"^manifest.json \S+ is \d+ bytes; at most 100 are read$"):
         Artifact.open(artifact, verify=False)
 
 
@@ -213,7 +214,7 @@ TABLE_CASES = {
 def test_tables_that_break_their_entry_or_invariants_are_refused(artifact, tmp_path, case):
     make, message = TABLE_CASES[case]
     bad = tampered(artifact, tmp_path, files=make(artifact))
-    with pytest.raises(ManifestError, match=message):
+    with pytest.raises(ArtifactError, match=message):
         Recommender.load(bad)
 
 
@@ -242,13 +243,13 @@ def test_a_graph_file_that_is_another_graph_is_refused_at_load(artifact, tmp_pat
     only these checks stand between it and a wrong answer."""
     rel = "graphs/fp32/head_1.onnx"
     bad = tampered(artifact, tmp_path, files={rel: _graph_bytes(artifact, rel, edit)})
-    with pytest.raises(ManifestError, match=message):
+    with pytest.raises(ArtifactError, match=message):
         Recommender.load(bad)
 
 
 def test_an_onnx_file_onnx_runtime_cannot_open_is_a_clear_error(artifact, tmp_path):
     bad = tampered(artifact, tmp_path, files={"graphs/fp32/head_1.onnx": b"\x08\x07garbage"})
-    with pytest.raises(ManifestError, match="head_1.onnx: ONNX Runtime cannot open this graph"):
+    with pytest.raises(ArtifactError, match="head_1.onnx: ONNX Runtime cannot open this graph"):
         Recommender.load(bad)
 
 
@@ -257,17 +258,17 @@ def test_files_the_manifest_does_not_list_are_refused(artifact, tmp_path):
     bad = tampered(artifact, tmp_path)
     (bad / "graphs" / "fp32" / "weights.bin").write_bytes(b"\0" * 64)
     for verify in (True, False):
-        with pytest.raises(ManifestError, match="graphs/fp32/weights.bin: a file the manifest does not list"):
+        with pytest.raises(ArtifactError, match="graphs/fp32/weights.bin: a file the manifest does not list"):
             Recommender.load(bad, verify=verify)
 
 
 def test_modified_or_missing_files_fail_verification_but_not_with_verify_off(artifact, tmp_path):
     bad = tampered(artifact, tmp_path, files={"validation.json": b"{}"}, rehash=False)
-    with pytest.raises(ManifestError, match="validation.json: sha256 mismatch"):
+    with pytest.raises(ArtifactError, match="validation.json: sha256 mismatch"):
         Recommender.load(bad)
     Recommender.load(bad, verify=False).close()                  # the trusted hot-reload opt-out
     (bad / "validation.json").unlink()
-    with pytest.raises(ManifestError, match="validation.json: missing"):
+    with pytest.raises(ArtifactError, match="validation.json: missing"):
         Recommender.load(bad)
 
 
@@ -287,7 +288,7 @@ def test_an_edited_layout_is_refused_at_load_not_answered(artifact, tmp_path, ed
     -1 loaded and answered other items. Now the load names the section, with hashing on or off."""
     bad = tampered(artifact, tmp_path, edit)
     for verify in (True, False):
-        with pytest.raises(ManifestError, match="manifest.json: layout: differs from what the build recorded in "
+        with pytest.raises(ArtifactError, match="manifest.json: layout: differs from what the build recorded in "
                                                 "contract.json .* rebuild the artifact"):
             Recommender.load(bad, verify=verify)
 
@@ -315,10 +316,10 @@ def _forged_layout(artifact, tmp_path, shift):
 
 def test_a_forged_layout_beyond_the_graphs_vocabulary_is_refused_at_load(artifact, tmp_path):
     """contract.json re-forged to match: the load runs the backbone once on the layout's highest tokens, so
-    the Gather beyond the embedding is one ManifestError here, not a raw ONNX Runtime error at the first request."""
+    the Gather beyond the embedding is one ArtifactError here, not a raw ONNX Runtime error at the first request."""
     bad = _forged_layout(artifact, tmp_path, +1)
     for verify in (True, False):
-        with pytest.raises(ManifestError, match=r"manifest.json's layout \(tokens up to \d+\) does not fit the backbone "
+        with pytest.raises(ArtifactError, match=r"manifest.json's layout \(tokens up to \d+\) does not fit the backbone "
                                                 r"graph: graph backbone failed in ONNX Runtime: .*Gather"):
             Recommender.load(bad, verify=verify)
     out = subprocess.run([sys.executable, "-m", "nezha.cli", "recommend", str(bad), "--history", "100"],

@@ -17,9 +17,10 @@ from safetensors.torch import load_file, save_file
 
 from conftest import tiny_catalog, tiny_model, write_index
 from nezha.export.build import main
-from nezha.model.checkpoint import CheckpointError, load_catalog, load_checkpoint, save_checkpoint
-from nezha.runtime.catalog import Catalog, CatalogError
-from nezha.runtime.data import DataError, read_interactions
+from nezha.model.checkpoint import load_catalog, load_checkpoint, save_checkpoint
+from nezha.runtime.catalog import Catalog
+from nezha.runtime.data import read_interactions
+from nezha.runtime.errors import ArtifactError, InputError
 
 CLI = ["--precision", "fp32", "--exporter", "torchscript", "--max-batch", "2", "--max-beam", "4"]
 TOKENS = '["<a_1>", "<b_1>", "<c_1>"]'
@@ -86,7 +87,7 @@ def _one_line(error) -> str:
 ])
 def test_config_fields_are_typed_bounded_and_checked_against_the_weights(checkpoint, changes, message):
     _edit_config(checkpoint, **changes)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ArtifactError) as e:
         load_checkpoint(checkpoint)
     assert re.search(message, _one_line(e)) and str(checkpoint) in str(e.value)
 
@@ -100,7 +101,7 @@ def test_a_layer_count_the_weights_refute_is_refused_before_any_model_is_built(c
         raise AssertionError("the config was turned into a model before its sizes were checked")
     monkeypatch.setattr(module, "_config_from_raw", built)
     _edit_config(checkpoint, num_hidden_layers=2 ** 31 - 1, layer_types=...)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ArtifactError) as e:
         load_checkpoint(checkpoint)
     assert "num_hidden_layers = 2147483647 but model.safetensors holds 2 layer(s) (model.layers.N.*)" in _one_line(e)
 
@@ -124,7 +125,7 @@ def test_the_json_reader_reports_every_refusal_in_one_line(checkpoint, tmp_path,
     path.write_bytes(text if isinstance(text, bytes) else text.encode())
     read = {"config": lambda: load_checkpoint(checkpoint), "index": lambda: Catalog.from_index_json(path),
             "interactions": lambda: read_interactions(path)}[reader]
-    with pytest.raises((CheckpointError, CatalogError, DataError)) as e:
+    with pytest.raises((ArtifactError, InputError)) as e:
         read()
     assert re.search(message, _one_line(e)) and str(path) in str(e.value)
 
@@ -143,7 +144,7 @@ def test_the_json_reader_reports_every_refusal_in_one_line(checkpoint, tmp_path,
 def test_item_index_keys_and_codes_are_ascii_digits_in_int64_and_unique(tmp_path, text, message):
     path = tmp_path / "x.index.json"
     path.write_text(text, encoding="utf-8")
-    with pytest.raises(CatalogError) as e:
+    with pytest.raises(ArtifactError) as e:
         Catalog.from_index_json(path)
     assert re.search(message, _one_line(e))
 
@@ -161,7 +162,7 @@ def test_a_folder_or_fifo_input_is_refused_without_being_opened(checkpoint, watc
     path.unlink()
     path.mkdir() if kind == "folder" else os.mkfifo(path)
     opened = watch_fifo(path) if kind == "FIFO" else lambda: 0
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ArtifactError) as e:
         load_catalog(None, checkpoint, load_checkpoint(checkpoint).layout)
     assert _one_line(e).endswith(f"{path} is a {kind}, not a regular file") and opened() == 0
 
@@ -206,7 +207,7 @@ def test_a_non_finite_weight_is_refused_by_name(checkpoint, key, value):
     weights = load_file(str(checkpoint / "model.safetensors"))
     weights[key][3, 0] = value
     save_file(weights, str(checkpoint / "model.safetensors"))
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ArtifactError) as e:
         load_checkpoint(checkpoint)
     assert f"weight {key!r} holds 1 non-finite value(s) (Inf or NaN)" in _one_line(e)
 
@@ -215,7 +216,7 @@ def test_a_weight_finite_in_f64_but_not_in_float32_is_refused_by_name(checkpoint
     weights = load_file(str(checkpoint / "model.safetensors"))
     weights["model.norm.weight"] = weights["model.norm.weight"].double() * 1e300
     save_file(weights, str(checkpoint / "model.safetensors"))
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ArtifactError) as e:
         load_checkpoint(checkpoint)
     assert "weight 'model.norm.weight' holds 32 non-finite value(s) (Inf or NaN) in float32" in _one_line(e)
 
@@ -224,7 +225,7 @@ def test_integer_weights_are_refused(checkpoint):
     weights = load_file(str(checkpoint / "model.safetensors"))
     weights["model.norm.weight"] = torch.ones(32, dtype=torch.int64)
     save_file(weights, str(checkpoint / "model.safetensors"))
-    with pytest.raises(CheckpointError, match="'model.norm.weight' is I64; weights are floating point"):
+    with pytest.raises(ArtifactError, match="'model.norm.weight' is I64; weights are floating point"):
         load_checkpoint(checkpoint)
 
 

@@ -20,12 +20,11 @@ import pytest
 
 from conftest import tiny_catalog, tiny_model, write_index
 from nezha.export.build import build, main
-from nezha.export.staging import (BuildError, _discard, artifact_problem, check_output, clean_stale, publish,
-                                  staging)
-from nezha.model.checkpoint import CheckpointError, save_checkpoint
+from nezha.export.staging import _discard, artifact_problem, check_output, clean_stale, publish, staging
+from nezha.model.checkpoint import save_checkpoint
 from nezha.runtime import Recommender
 from nezha.runtime.artifact import Artifact
-from nezha.runtime.catalog import CatalogError
+from nezha.runtime.errors import ArtifactError, InputError
 
 QUICK = dict(precision=("fp32",), exporter="torchscript", max_batch=2, max_beam=4, log=None)
 
@@ -46,7 +45,7 @@ def test_out_over_an_input_is_refused_and_the_input_kept(inputs, tmp_path, where
     ckpt, index = inputs
     out = {"checkpoint": ckpt, "inside checkpoint": ckpt / "art", "index": index, "parent of index": index.parent}[where]
     before = _snapshot(ckpt), index.read_bytes()
-    with pytest.raises(BuildError, match="overlaps the (checkpoint|item index)"):
+    with pytest.raises(InputError, match="overlaps the (checkpoint|item index)"):
         build(ckpt, index, out, force=True, **QUICK)
     assert (_snapshot(ckpt), index.read_bytes()) == before
 
@@ -56,7 +55,7 @@ def test_force_never_replaces_a_folder_that_is_not_an_artifact(inputs, tmp_path)
     mine = tmp_path / "my-files"
     mine.mkdir()
     (mine / "thesis.txt").write_text("years of work")
-    with pytest.raises(BuildError, match="not a nezha artifact .* refusing to replace it"):
+    with pytest.raises(InputError, match="not a nezha artifact .* refusing to replace it"):
         build(ckpt, index, mine, force=True, **QUICK)
     assert (mine / "thesis.txt").read_text() == "years of work"
 
@@ -64,11 +63,11 @@ def test_force_never_replaces_a_folder_that_is_not_an_artifact(inputs, tmp_path)
 def test_bad_paths_fail_before_the_export(inputs, tmp_path):
     ckpt, index = inputs
     lines = []
-    with pytest.raises(BuildError, match="cannot write the artifact beside /proc/x"):
+    with pytest.raises(InputError, match="cannot write the artifact beside /proc/x"):
         build(ckpt, index, "/proc/x/art", **{**QUICK, "log": lines.append})
-    with pytest.raises(BuildError, match="validation histories .* do not exist"):
+    with pytest.raises(InputError, match="validation histories .* do not exist"):
         build(ckpt, index, tmp_path / "art", histories=tmp_path / "nope.inter.json", **QUICK)
-    with pytest.raises(CatalogError, match="item index .* does not exist"):
+    with pytest.raises(ArtifactError, match="item index .* does not exist"):
         build(ckpt, tmp_path / "nope.index.json", tmp_path / "art", **QUICK)
     assert not any(line.startswith("[") for line in lines)           # no step started
     assert not (tmp_path / "art").exists()
@@ -137,21 +136,21 @@ def test_force_needs_a_real_artifact_and_out_is_no_link(inputs, tmp_path):
     webapp.mkdir()
     (webapp / "manifest.json").write_text('{"name": "my web app"}')       # a manifest, but not ours
     (webapp / "index.html").write_text("<html>")
-    with pytest.raises(BuildError, match="not a nezha artifact"):
+    with pytest.raises(InputError, match="not a nezha artifact"):
         build(ckpt, index, webapp, force=True, **QUICK)
     assert (webapp / "index.html").read_text() == "<html>"
     (tmp_path / "link").symlink_to(tmp_path / "missing")
-    with pytest.raises(BuildError, match="is a symbolic link"):
+    with pytest.raises(InputError, match="is a symbolic link"):
         build(ckpt, index, tmp_path / "link", force=True, **QUICK)
 
 
 def test_absurd_limits_and_opsets_fail_before_the_export(inputs, tmp_path):
     ckpt, index = inputs
     lines = []
-    with pytest.raises(BuildError, match="would need .* GiB at its largest shape"):
+    with pytest.raises(InputError, match="would need .* GiB at its largest shape"):
         build(ckpt, index, tmp_path / "art", **{**QUICK, "max_beam": 10 ** 11, "log": lambda *a, **k: lines.append(a[0])})
     assert [line for line in lines if line.startswith("[")] == ["[1/6] model_from_checkpoint ..."]
-    with pytest.raises(BuildError, match="opset must be an integer in 18.."):
+    with pytest.raises(InputError, match="opset must be an integer in 18.."):
         build(ckpt, index, tmp_path / "art", **{**QUICK, "opset": 1})
 
 
@@ -181,7 +180,7 @@ def test_a_folder_created_at_out_during_the_build_is_never_replaced(inputs, tmp_
         if str(a[0]).startswith("[1/"):
             out.mkdir()
             (out / "thesis.txt").write_text("work")
-    with pytest.raises(BuildError, match="appeared while this build ran" + (".*thesis.txt" if force else "")):
+    with pytest.raises(InputError, match="appeared while this build ran" + (".*thesis.txt" if force else "")):
         build(ckpt, index, out, **{**QUICK, "force": force, "log": log})
     assert (out / "thesis.txt").read_text() == "work" and [p.name for p in out.iterdir()] == ["thesis.txt"]
     assert _leftovers(tmp_path) == []
@@ -190,7 +189,7 @@ def test_a_folder_created_at_out_during_the_build_is_never_replaced(inputs, tmp_
 @pytest.mark.parametrize("force", [False, True])
 def test_an_artifact_that_appears_at_out_meanwhile_is_replaced_only_with_force(artifacts, tmp_path, force):
     out = tmp_path / "o"
-    with pytest.raises(BuildError, match="appeared while this build ran") if not force else nullcontext():
+    with pytest.raises(InputError, match="appeared while this build ran") if not force else nullcontext():
         with staging(out, force) as tmp:
             shutil.copytree(artifacts["new"], tmp, dirs_exist_ok=True)
             shutil.copytree(artifacts["old"], out)
@@ -199,7 +198,7 @@ def test_an_artifact_that_appears_at_out_meanwhile_is_replaced_only_with_force(a
 
 def test_files_added_to_the_old_artifact_during_a_forced_build_are_kept(artifacts, tmp_path):
     out = shutil.copytree(artifacts["old"], tmp_path / "o")
-    with pytest.raises(BuildError, match=r"files manifest.json does not list: notes.txt.*refusing to replace"):
+    with pytest.raises(InputError, match=r"files manifest.json does not list: notes.txt.*refusing to replace"):
         with staging(out, force=True) as tmp:
             shutil.copytree(artifacts["new"], tmp, dirs_exist_ok=True)
             (out / "notes.txt").write_text("mine")
@@ -251,7 +250,7 @@ def test_force_replaces_only_a_folder_its_manifest_fully_lists(artifacts, tmp_pa
         check_output(folder, True, {})
         return
     assert re.search(problem, artifact_problem(folder))
-    with pytest.raises(BuildError, match="is not a nezha artifact this build can replace"):
+    with pytest.raises(InputError, match="is not a nezha artifact this build can replace"):
         check_output(folder, True, {})
 
 
@@ -299,7 +298,7 @@ def test_a_kill_anywhere_on_the_rename_fallback_path_loses_no_artifact(inputs, a
     bad = shutil.copytree(ckpt, tmp_path / "bad-ckpt")
     (bad / "config.json").write_text('{"model_type": ["qwen3"]}')
     lines = []
-    with pytest.raises(CheckpointError, match="model_type"):
+    with pytest.raises(ArtifactError, match="model_type"):
         build(bad, index, out, **{**QUICK, "force": True, "log": lambda *a, **k: lines.append(str(a[0]))})
     if point == "second":                                                    # both complete ones are kept
         assert len(_leftovers(tmp_path)) == 2 and _max_batch(next(tmp_path.glob(".o.old-*/o"))) == 2
@@ -335,7 +334,7 @@ def test_publish_puts_the_new_artifact_in_place_only_over_what_it_may_replace(ar
     out.mkdir()
     (out / "b").write_text("someone else's")
     for force in (False, True):
-        with pytest.raises(BuildError, match="appeared while this build ran"):
+        with pytest.raises(InputError, match="appeared while this build ran"):
             publish(new, out, force=force, existed=False)
         assert (out / "b").read_text() == "someone else's"
     (out / "b").unlink()                                                     # an empty folder loses nothing
@@ -387,7 +386,7 @@ def test_a_folder_appearing_between_the_fallback_renames_is_kept_and_the_old_art
             out.mkdir()
             (out / "thesis.txt").write_text("work")
     monkeypatch.setattr(module.os, "rename", rename_then_appear)
-    with pytest.raises(BuildError) as e:
+    with pytest.raises(InputError) as e:
         publish(new, out, force=True, existed=True)
     monkeypatch.undo()
     (old,) = tmp_path.glob(".o.old-*/o")

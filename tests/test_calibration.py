@@ -1,6 +1,6 @@
 """INT8 calibration: the reader encodes exactly as the runtime, Q/DQ sit only on MatMul/Gemm inputs, the
 int8 graphs run in ONNX Runtime with fp32's I/O, the cache is reused only when it matches, bad
-calibration input fails with CalibrationError. Tiny graphs exported once per module."""
+calibration input fails with InputError. Tiny graphs exported once per module."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import onnxruntime as ort
 import pytest
 
 from conftest import BEAUTY_INDEX, tiny_catalog, tiny_histories, tiny_layout
-from nezha.calibration import (INT8_CPU_SETTINGS, MIN_SAMPLES, CalibrationError, CalibrationReader, FeedList,
-                               Int8ValidationError, calibrate_ranges, int8_cpu_from_onnx, int8_from_onnx,
-                               sample_histories, validate_int8, weight_matmuls)
+from nezha.calibration import (INT8_CPU_SETTINGS, MIN_SAMPLES, CalibrationReader, FeedList, calibrate_ranges,
+                               int8_cpu_from_onnx, int8_from_onnx, sample_histories, validate_int8, weight_matmuls)
 from nezha.runtime.catalog import Catalog
 from nezha.runtime.encoding import encode_histories
 from nezha.runtime.encoding import SidLayout
+from nezha.runtime.errors import InputError, StepError
 
 MAX_HISTORY = 10
 FLOAT_ONLY = {"SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization", "Softmax", "LogSoftmax",
@@ -106,21 +106,21 @@ def test_bad_calibration_input_fails_clearly(tmp_path):
     catalog, layout = tiny_catalog(), tiny_layout()
     empty = tmp_path / "empty.inter.json"
     empty.write_text("")
-    with pytest.raises(CalibrationError, match="not valid JSON"):
+    with pytest.raises(InputError, match="not valid JSON"):
         CalibrationReader.from_file(empty, catalog, layout, MAX_HISTORY, size=MIN_SAMPLES)
-    with pytest.raises(CalibrationError, match="non-empty"):
+    with pytest.raises(InputError, match="non-empty"):
         CalibrationReader.from_file(write_interactions(tmp_path / "o.json", {}), catalog, layout, MAX_HISTORY)
-    with pytest.raises(CalibrationError, match="does not exist"):
+    with pytest.raises(InputError, match="does not exist"):
         CalibrationReader.from_file(tmp_path / "missing.json", catalog, layout, MAX_HISTORY)
     unknown = write_interactions(tmp_path / "u.json", {f"u{u}": [5000 + u, 6000 + u, 7000, 8000] for u in range(40)})
-    with pytest.raises(CalibrationError, match="none of the 20 calibration histories has an item of the catalog"):
+    with pytest.raises(InputError, match="none of the 20 calibration histories has an item of the catalog"):
         CalibrationReader.from_file(unknown, catalog, layout, MAX_HISTORY, size=20, progress=False)
     few = write_interactions(tmp_path / "f.json", {f"u{u}": [100, 101, 102, 103] for u in range(5)})
-    with pytest.raises(CalibrationError, match="5 usable histories .* 16 requested"):
+    with pytest.raises(InputError, match="5 usable histories .* 16 requested"):
         CalibrationReader.from_file(few, catalog, layout, MAX_HISTORY, size=16)
-    with pytest.raises(CalibrationError, match="too small"):
+    with pytest.raises(InputError, match="too small"):
         CalibrationReader.from_file(few, catalog, layout, MAX_HISTORY, size=4)
-    with pytest.raises(CalibrationError, match="empty"):
+    with pytest.raises(InputError, match="empty"):
         FeedList([])
 
 
@@ -198,9 +198,9 @@ def test_int8_graphs_run_with_fp32_io_and_pass_validation(graphs, reader, int8, 
 
 
 def test_validate_int8_raises_one_typed_error_listing_outputs(graphs, int8, reader):
-    with pytest.raises(Int8ValidationError, match=r"hidden: mean cosine .* FAILED"):
+    with pytest.raises(StepError, match=r"hidden: mean cosine .* FAILED"):
         validate_int8(graphs["backbone"], int8[0]["backbone"], reader, min_mean_cosine=1.0, max_relative_error=0.0)
-    with pytest.raises(Int8ValidationError, match="inputs/outputs"):
+    with pytest.raises(StepError, match="inputs/outputs"):
         validate_int8(graphs["backbone"], graphs["head_0"], reader)
 
 
@@ -219,9 +219,9 @@ def test_other_methods_and_the_cache(graphs, reader, tmp_path, method):
                            log=None)
     assert validate_int8(graphs["backbone"], paths["backbone"], reader)["hidden"]["ok"]
     cache.write_text("{not json")
-    with pytest.raises(CalibrationError, match="delete it"):
+    with pytest.raises(InputError, match="delete it"):
         calibrate_ranges(graphs["backbone"], feeds, method, cache, progress=False)
-    with pytest.raises(CalibrationError, match="allowed: minmax, entropy, percentile"):
+    with pytest.raises(InputError, match="allowed: minmax, entropy, percentile"):
         int8_from_onnx(graphs, tmp_path / "bad", reader, method="kl", log=None)
 
 

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import tiny_artifact, tiny_catalog, tiny_histories, tiny_layout
-from nezha.runtime import Recommender, RequestError
-from nezha.runtime.encoding import EncodingError
-from nezha.runtime.errors import NezhaError, OptionError
+from nezha.runtime import Recommender
+from nezha.runtime.errors import InputError, NezhaError
 from test_cpp import cpp_build  # noqa: F401  (the fixture: builds runtime/cpp or skips with the reason)
 
 MAX_BATCH, MAX_BEAM = 4, 16
@@ -80,9 +79,9 @@ def test_a_backend_class_loads_its_own_backend_only(artifact, cpp_build):  # noq
     from nezha.runtime.recommender import GraphRecommender
     with Recommender.load(artifact, backend="cpp", threads=1) as r, CppRecommender.load(artifact, threads=1) as c:
         assert type(r) is type(c) is CppRecommender and r.backend == c.backend == "cpp"
-    with pytest.raises(OptionError, match="backend 'cpp' is not a GraphRecommender"):
+    with pytest.raises(InputError, match="backend 'cpp' is not a GraphRecommender"):
         GraphRecommender.load(artifact, backend="cpp")
-    with pytest.raises(OptionError, match="allowed: onnxruntime, tensorrt, cpp"):
+    with pytest.raises(InputError, match="allowed: onnxruntime, tensorrt, cpp"):
         Recommender.load(artifact, backend="torch")
 
 
@@ -122,36 +121,36 @@ def test_the_same_mistake_raises_the_same_error_on_both_backends(both, mistake):
         MISTAKES[mistake](py)
     with pytest.raises(NezhaError) as got:
         MISTAKES[mistake](cc)
-    assert type(want.value) in (RequestError, EncodingError)
+    assert type(want.value) in (InputError, InputError)
     assert (type(got.value), str(got.value)) == (type(want.value), str(want.value))
     assert len(str(got.value)) < 400                           # values clipped, never echoed whole
 
 
 def test_errors_the_cpp_runtime_reports_map_to_the_python_classes(both):
     """Below the contract's own checks: what the C ABI refuses comes back as its kind's Python class
-    (history -> EncodingError, request -> RequestError), with the Python backend's message where both say it."""
+    (history -> InputError, request -> InputError), with the Python backend's message where both say it."""
     py, cc = both
     items, offsets = np.array([ITEM, UNKNOWN, 101], np.int64), np.array([0, 1, 3], np.int64)
     for r in (py, cc):
-        with pytest.raises(EncodingError) as e:
+        with pytest.raises(InputError) as e:
             r._item_codes(items, offsets, skip=False)
         assert str(e.value) == f"history 1 has item ids not in the catalog: [{UNKNOWN}] (pass unknown='skip' to drop them)"
         assert [len(c) for c in r._item_codes(items, offsets, skip=True)] == [1, 1]
     codes = py.prepare([[ITEM], [ITEM]])
-    with pytest.raises(RequestError, match=r"k must be an integer in 1..beam \(4\), got 5 \(history 1\)"):
+    with pytest.raises(InputError, match=r"k must be an integer in 1..beam \(4\), got 5 \(history 1\)"):
         cc._decode_batch(codes, 4, [1, 5], None)                 # the C++ check, not the contract's
     bad = [codes[0].copy()]
     bad[0][0, 2] = py.codebook_sizes[2]
     for r in (py, cc):
-        with pytest.raises(EncodingError, match=f"history 0 item 0: code {py.codebook_sizes[2]} at level 2 is outside"):
+        with pytest.raises(InputError, match=f"history 0 item 0: code {py.codebook_sizes[2]} at level 2 is outside"):
             r.decode_codes(bad, 4)
 
 
 @pytest.mark.parametrize("options", [{"threads": 0}, {"precision": "fp64"}, {"dense_budget_bytes": -1}, {"device": "tpu"}])
 def test_load_options_are_refused_alike(artifact, cpp_build, options):  # noqa: F811
-    with pytest.raises(OptionError) as want:
+    with pytest.raises(InputError) as want:
         Recommender.load(artifact, **options)
-    with pytest.raises(OptionError) as got:
+    with pytest.raises(InputError) as got:
         Recommender.load(artifact, backend="cpp", **options)
     if "device" not in options:                                  # the C++ runtime names its one device
         assert str(got.value) == str(want.value)

@@ -210,8 +210,8 @@ def test_a_batch_gives_each_history_its_solo_answer_bit_for_bit(cpp_build, artif
 
 
 def test_corrupt_artifacts_are_refused_with_the_reason(cpp_build, artifact, tmp_path):
-    from nezha.runtime.backends.cpp import CppRuntimeError
-    with pytest.raises(CppRuntimeError, match="sid_keys.npy: sha256 mismatch"):
+    from nezha.runtime.errors import InputError
+    with pytest.raises(InputError, match="sid_keys.npy: sha256 mismatch"):
         cpp(corrupted(artifact, tmp_path, "tables/sid_keys.npy"))
     with pytest.raises(NezhaError, match="does not exist"):
         cpp(tmp_path / "missing")
@@ -228,11 +228,11 @@ def test_a_graph_file_that_is_another_graph_is_refused(cpp_build, artifact, tmp_
     """As in Python (tests/test_artifact.py): a head file swapped for another of one interface, or whose
     dynamic dims are not the manifest's, is refused at load although its sha256 is listed."""
     import onnx
-    from nezha.runtime.backends.cpp import CppRuntimeError
+    from nezha.runtime.errors import InputError
     rel = "graphs/fp32/head_1.onnx"
     proto = onnx.load(str(artifact / rel))
     edit(proto)
-    with pytest.raises(CppRuntimeError, match=message):
+    with pytest.raises(InputError, match=message):
         cpp(tampered(artifact, tmp_path, files={rel: proto.SerializeToString()}))
 
 
@@ -351,7 +351,8 @@ def test_all_beauty_users_get_the_python_items(cpp_build, demo_artifact, precisi
 def test_decode_codes_is_the_python_loop_bit_for_bit(cpp_build, artifact):
     """The step below items (the server's call): the same SID keys and scores as Recommender.decode_codes,
     batches split at max_batch included; codes outside a codebook refused with the same message."""
-    from nezha.runtime.encoding import EncodingError, history_codes
+    from nezha.runtime.encoding import history_codes
+    from nezha.runtime.errors import InputError
     histories = tiny_histories(tiny_catalog(), n=2 * MAX_BATCH + 2, seed=11)
     with cpp(artifact) as cc, Recommender.load(artifact) as py:
         codes = history_codes(histories, py.catalog)
@@ -364,9 +365,9 @@ def test_decode_codes_is_the_python_loop_bit_for_bit(cpp_build, artifact):
         bad[0][-1, 1] = py.layout.codes[1]
         message = f"history 0 item {len(bad[0]) - 1}: code {py.layout.codes[1]} at level 1 is outside 0..{py.layout.codes[1] - 1}"
         for r in (cc, py):                                           # the C ABI's kind: the Python class
-            with pytest.raises(EncodingError, match=message):
+            with pytest.raises(InputError, match=message):
                 r.decode_codes(bad, 4)
-            with pytest.raises(EncodingError, match="history 1 is empty"):
+            with pytest.raises(InputError, match="history 1 is empty"):
                 r.decode_codes([codes[0], codes[0][:0]], 4)
         for r in (cc, py):
             with pytest.raises(NezhaError, match=r"code history 0 must be an integer array \[items, "):
@@ -443,13 +444,13 @@ def test_the_binding_decodes_any_error_message(cpp_build, artifact, tmp_path):
     """C messages carry bytes from the artifact (a Latin-1 byte nlohmann quotes, a folder name that is not
     UTF-8): decoded with replacement, never a UnicodeDecodeError."""
     from manifest_corpus import make_case
-    from nezha.runtime.backends.cpp import CppRuntimeError
-    with pytest.raises(CppRuntimeError, match="ill-formed UTF-8") as e:
+    from nezha.runtime.errors import InputError
+    with pytest.raises(InputError, match="ill-formed UTF-8") as e:
         cpp(make_case(artifact, tmp_path / "latin1", "Latin-1 byte in a string"))
     assert "\ufffd" in str(e.value)
-    with pytest.raises(CppRuntimeError, match="is not valid JSON") as e:
+    with pytest.raises(InputError, match="is not valid JSON") as e:
         cpp(make_case(artifact, tmp_path / "utf16", "UTF-16"))
-    with pytest.raises(CppRuntimeError, match="does not exist") as e:
+    with pytest.raises(InputError, match="does not exist") as e:
         cpp(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))           # a str holding a surrogate escape
     assert "caf\ufffd" in str(e.value)
 

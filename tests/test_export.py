@@ -16,15 +16,15 @@ import torch
 
 from conftest import TINY_CODES, tiny_catalog, tiny_histories, tiny_model
 from nezha.export import graphs as graphs_module
-from nezha.export.build import BuildError, build, main
+from nezha.export.build import build, main
 from nezha.export.graphs import graph_specs, onnx_from_model, save_onnx, token_range
-from nezha.export.precision import PrecisionError
-from nezha.export.validate import TOLERANCES, ValidationError, ort_validation_steps, validate_artifact
-from nezha.model.checkpoint import CheckpointError, save_checkpoint
+from nezha.export.validate import TOLERANCES, ort_validation_steps, validate_artifact
+from nezha.model.checkpoint import save_checkpoint
 from nezha.runtime.artifact import Artifact
-from nezha.runtime.catalog import Catalog, CatalogError
+from nezha.runtime.catalog import Catalog
 from nezha.runtime.encoding import encode_histories
-from nezha.runtime.manifest import Limits, ManifestError
+from nezha.runtime.manifest import Limits
+from nezha.runtime.errors import ArtifactError, InputError, StepError
 
 LIMITS = Limits(max_history=6, max_batch=8, max_beam=16, hidden_size=32)
 PRECISIONS = ["fp32", "fp16"]
@@ -160,7 +160,7 @@ def test_manifest_contract_and_checksums(built):
     original = tampered.read_bytes()
     try:
         tampered.write_bytes(original + b"\0")
-        with pytest.raises(ManifestError, match="head_0.onnx: sha256 mismatch"):
+        with pytest.raises(ArtifactError, match="head_0.onnx: sha256 mismatch"):
             Artifact.open(root)
     finally:
         tampered.write_bytes(original)
@@ -216,7 +216,7 @@ def test_validation_lists_every_output_in_one_error(built):
     other = tiny_model("qwen2", seed=1)             # same shapes, other weights: everything must disagree
     graphs = {"fp32": {n: artifact.path(g.file) for n, g in artifact.manifest.graphs["fp32"].items()}}
     catalog = tiny_catalog()
-    with pytest.raises(ValidationError) as e:
+    with pytest.raises(StepError) as e:
         _validate(other, graphs, tiny_histories(catalog, 5))
     text = str(e.value)
     for key in ["backbone.hidden", "head_0.log_probs", "head_1.state", "head_2.log_probs", "top-10 items"]:
@@ -249,7 +249,7 @@ def checkpoint(tmp_path):
 
 
 def test_missing_checkpoint(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(ArtifactError, match="does not exist"):
         build(tmp_path / "nope", None, tmp_path / "art", log=None)
     assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
 
@@ -257,15 +257,15 @@ def test_missing_checkpoint(tmp_path):
 def test_wrong_index(tmp_path, checkpoint):
     index = tmp_path / "two_levels.index.json"
     index.write_text(json.dumps({"1": ["<a_1>", "<b_2>"], "2": ["<a_3>", "<b_4>"]}))
-    with pytest.raises(CatalogError, match="2-level SIDs, the model has 3 levels"):
+    with pytest.raises(ArtifactError, match="2-level SIDs, the model has 3 levels"):
         build(checkpoint, index, tmp_path / "art", log=None)
-    with pytest.raises(CatalogError, match="does not exist"):
+    with pytest.raises(ArtifactError, match="does not exist"):
         build(checkpoint, tmp_path / "missing.index.json", tmp_path / "art", log=None)
     assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
 
 
 def test_unsupported_precision(tmp_path, checkpoint, capsys):
-    with pytest.raises(PrecisionError, match="unsupported precision.*'bf16'.*allowed: fp32, fp16, int8"):
+    with pytest.raises(InputError, match="unsupported precision.*'bf16'.*allowed: fp32, fp16, int8"):
         build(checkpoint, None, tmp_path / "art", precision=("bf16",), log=None)
     with pytest.raises(SystemExit):
         main(["--checkpoint", str(checkpoint), "--out", str(tmp_path / "art"), "--precision", "bf16"])
@@ -274,15 +274,15 @@ def test_unsupported_precision(tmp_path, checkpoint, capsys):
 
 
 BAD_OPTIONS = [  # every check of BuildOptions (export/options.py), through build(): one error, nothing written
-    (dict(backend=("x",)), BuildError, r"unsupported backend\(s\) \['x'\]; allowed: onnxruntime, tensorrt"),
-    (dict(backend=()), BuildError, r"unsupported backend\(s\) \(none\); allowed"),
-    (dict(precision=()), PrecisionError, r"unsupported precision\(s\) \(none\); allowed"),
-    (dict(exporter="x"), BuildError, "exporter 'x'; allowed: dynamo, torchscript"),
-    (dict(max_batch=0), BuildError, "max_batch must be a positive integer, got 0"),
-    (dict(max_history=-1), BuildError, "max_history must be a positive integer, got -1"),
-    (dict(max_beam=2.0), BuildError, "max_beam must be a positive integer, got 2.0"),
-    (dict(validation_users=True), BuildError, "validation_users must be a positive integer, got True"),
-    (dict(opset="18"), BuildError, r"opset must be an integer in 18\.\.\d+ .*got '18'"),
+    (dict(backend=("x",)), InputError, r"unsupported backend\(s\) \['x'\]; allowed: onnxruntime, tensorrt"),
+    (dict(backend=()), InputError, r"unsupported backend\(s\) \(none\); allowed"),
+    (dict(precision=()), InputError, r"unsupported precision\(s\) \(none\); allowed"),
+    (dict(exporter="x"), InputError, "exporter 'x'; allowed: dynamo, torchscript"),
+    (dict(max_batch=0), InputError, "max_batch must be a positive integer, got 0"),
+    (dict(max_history=-1), InputError, "max_history must be a positive integer, got -1"),
+    (dict(max_beam=2.0), InputError, "max_beam must be a positive integer, got 2.0"),
+    (dict(validation_users=True), InputError, "validation_users must be a positive integer, got True"),
+    (dict(opset="18"), InputError, r"opset must be an integer in 18\.\.\d+ .*got '18'"),
     (dict(precision=("int8",), calibration_size=3), "calibration", "calibration size 3 is too small: need at least 16"),
     (dict(precision=("int8",), calibration_method="kl"), "calibration", "calibration method 'kl'; allowed: minmax"),
     (dict(precision=("int8",), calibration_exclude=-1), "calibration", "calibration exclude must be a non-negative"),
@@ -292,9 +292,8 @@ BAD_OPTIONS = [  # every check of BuildOptions (export/options.py), through buil
 @pytest.mark.parametrize("options,error,message", BAD_OPTIONS, ids=[next(iter(o)) + str(i) for i, (o, _, _) in
                                                                     enumerate(BAD_OPTIONS)])
 def test_each_bad_option_is_one_clear_error(tmp_path, options, error, message):
-    from nezha.calibration import CalibrationError
     (tmp_path / "ckpt").mkdir()                       # the values are checked before any input is read
-    with pytest.raises(CalibrationError if error == "calibration" else error, match=message):
+    with pytest.raises(InputError if error == "calibration" else error, match=message):
         build(tmp_path / "ckpt", None, tmp_path / "art", log=None, **options)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
 
@@ -312,12 +311,12 @@ def test_options_are_resolved_once_and_int8_settings_checked_only_for_int8(tmp_p
 def test_unwritable_output(tmp_path, checkpoint):
     blocker = tmp_path / "a_file"
     blocker.write_text("")
-    with pytest.raises(BuildError, match="cannot write the artifact beside"):
+    with pytest.raises(InputError, match="cannot write the artifact beside"):
         build(checkpoint, None, blocker / "art", log=None)
     if os.geteuid() != 0:                 # root ignores permission bits
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
-        with pytest.raises(BuildError, match="cannot write the artifact beside"):
+        with pytest.raises(InputError, match="cannot write the artifact beside"):
             build(checkpoint, None, locked / "art", log=None)
     assert _leftovers(tmp_path) == []
 
@@ -339,7 +338,7 @@ def test_existing_output_needs_force(tmp_path, checkpoint, capsys):
 def test_failed_validation_leaves_nothing(tmp_path, checkpoint, monkeypatch):
     from nezha.export import validate
     monkeypatch.setitem(validate.TOLERANCES, "fp32", validate.Tolerance(0.0, 1.0))
-    with pytest.raises(ValidationError, match="FAIL fp32 backbone.hidden"):
+    with pytest.raises(StepError, match="FAIL fp32 backbone.hidden"):
         build(checkpoint, None, tmp_path / "art", precision=("fp32",), exporter="torchscript", log=None)
     assert not (tmp_path / "art").exists() and _leftovers(tmp_path) == []
 
@@ -456,7 +455,7 @@ def test_int8_artifact_loads_in_the_runtime(int8_built, monkeypatch):
     def no_sessions(*a, **k):
         raise AssertionError("sessions opened for a cpu-only graph on cuda")
     monkeypatch.setattr(ort_backend, "open_sessions", no_sessions)
-    with pytest.raises(ManifestError, match="(?i)cpu-only"):
+    with pytest.raises(ArtifactError, match="(?i)cpu-only"):
         Recommender.load(out, precision="int8-cpu", device="cuda")
 
 
@@ -478,7 +477,6 @@ def test_rebuild_with_force_reuses_the_calibration_cache(int8_built, tmp_path):
 
 
 def test_bad_calibration_data_fails_the_build(tmp_path, checkpoint, capsys):
-    from nezha.calibration import CalibrationError
 
     out = tmp_path / "art"
     empty = tmp_path / "empty.inter.json"
@@ -493,7 +491,7 @@ def test_bad_calibration_data_fails_the_build(tmp_path, checkpoint, capsys):
              (tmp_path / "missing.inter.json", {}, "does not exist"),
              (few, {"calibration_method": "kl"}, "allowed: minmax, entropy, percentile")]
     for data, kw, message in cases:
-        with pytest.raises(CalibrationError, match=message):
+        with pytest.raises(InputError, match=message):
             _int8_build(checkpoint, out, data, **kw)
         assert not out.exists() and _leftovers(tmp_path) == []
     assert main(["--checkpoint", str(checkpoint), "--out", str(out), "--precision", "int8",
@@ -509,7 +507,6 @@ def test_bad_calibration_data_fails_the_build(tmp_path, checkpoint, capsys):
 def test_int8_thresholds_fail_the_build(tmp_path, checkpoint, monkeypatch):
     from functools import partial
 
-    from nezha.calibration import Int8ValidationError
     from nezha.export import validate
 
     data = _interactions(tmp_path / "calib.inter.json", _calibration_users())
@@ -517,12 +514,12 @@ def test_int8_thresholds_fail_the_build(tmp_path, checkpoint, monkeypatch):
     from nezha.export import steps as steps_module
     strict = partial(steps_module.validate_int8, min_mean_cosine=1.0, max_relative_error=0.0)
     monkeypatch.setattr(steps_module, "validate_int8", strict)
-    with pytest.raises(Int8ValidationError, match=r"(?s)int8: .*hidden: mean cosine .*FAILED.*int8-cpu: .*FAILED"):
+    with pytest.raises(StepError, match=r"(?s)int8: .*hidden: mean cosine .*FAILED.*int8-cpu: .*FAILED"):
         _int8_build(checkpoint, out, data, precision=("int8", "int8-cpu"))
     assert not out.exists() and _leftovers(tmp_path) == []
     monkeypatch.undo()
     monkeypatch.setitem(validate.TOLERANCES, "int8-cpu", validate.Tolerance(0.5, 1.01))
-    with pytest.raises(ValidationError, match=r"FAIL int8-cpu top-\d+ items: agreement .* \(at least 1.01\)"):
+    with pytest.raises(StepError, match=r"FAIL int8-cpu top-\d+ items: agreement .* \(at least 1.01\)"):
         _int8_build(checkpoint, out, data, precision=("int8-cpu",))
     assert not out.exists() and _leftovers(tmp_path) == []
 
@@ -546,7 +543,7 @@ def test_nan_outputs_never_pass_validation(built, monkeypatch):
         out = real_run(steps, name, feed)
         return [np.full_like(o, np.nan) for o in out] if name == "head_1" else out
     monkeypatch.setattr(validate, "run_graph", nan_head)
-    with pytest.raises(ValidationError) as e:
+    with pytest.raises(StepError) as e:
         _validate(model, graphs, tiny_histories(tiny_catalog(), 5))
     assert "FAIL fp32 head_1.log_probs: max |diff| inf" in str(e.value)
 
@@ -583,6 +580,6 @@ def test_built_engines_are_validated_against_torch(tmp_path, checkpoint, monkeyp
     assert report["tensorrt"]["ok"] and report["tensorrt"]["precisions"]["fp32"]["topk_agreement"] == 1.0
     assert set(Artifact.open(summary.out).manifest.engines["fp32"]) == {"backbone", "head_0", "head_1", "head_2"}
     shift["by"] = 1.0
-    with pytest.raises(ValidationError, match="TensorRT engines disagree"):
+    with pytest.raises(StepError, match="TensorRT engines disagree"):
         build(checkpoint, None, tmp_path / "art2", **kw)
     assert not (tmp_path / "art2").exists()

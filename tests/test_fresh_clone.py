@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 
 from conftest import BEAUTY_INDEX, BEAUTY_INTER
-from nezha.runtime.catalog import Catalog, CatalogError
-from nezha.runtime.data import DEFAULT_DATA, DataError, find_pair, read_interactions
+from nezha.runtime.catalog import Catalog
+from nezha.runtime.data import DEFAULT_DATA, find_pair, read_interactions
+from nezha.runtime.errors import ArtifactError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -81,15 +82,15 @@ def test_a_damaged_or_edited_data_file_is_refused(tmp_path):
     index = folder / "Beauty.index.json.gz"
     edited = gzip.decompress(index.read_bytes()).replace(b'"<a_183>"', b'"<a_184>"', 1)
     index.write_bytes(gzip.compress(edited))
-    with pytest.raises(CatalogError, match="sha256 of its content differs"):
+    with pytest.raises(ArtifactError, match="sha256 of its content differs"):
         Catalog.from_index_json(find_pair(folder)[0])
     inter = folder / "Beauty.inter.json.gz"
     inter.write_bytes(inter.read_bytes()[:1000])
-    with pytest.raises(DataError, match="not a readable gzip file"):
+    with pytest.raises(InputError, match="not a readable gzip file"):
         read_interactions(find_pair(folder)[1])
     inter.unlink()
     os.mkfifo(inter)                                   # never opened: reading a FIFO would wait forever
-    with pytest.raises(DataError, match="not a regular file"):
+    with pytest.raises(InputError, match="not a regular file"):
         read_interactions(inter)
 
 

@@ -15,6 +15,7 @@ import pytest
 
 from conftest import tiny_catalog, tiny_histories
 from nezha.bench import ab, instructions as ins
+from nezha.runtime.errors import StepError
 
 INJECT_TINY = "verify:x0.3"      # about +6% of the tiny artifact's own instructions per request (the whole verify step)
 WORKER_DIR = Path(ins.__file__).parent
@@ -78,7 +79,7 @@ def test_read_callgrind_sums_self_costs_by_library_and_skips_inclusive_call_cost
 
 def test_read_callgrind_rejects_a_truncated_dump(tmp_path):
     (tmp_path / "cg.out").write_text(CG.split("totals:")[0].replace("summary: 799\n", ""))
-    with pytest.raises(ins.InstructionsError, match="no totals line"):
+    with pytest.raises(StepError, match="no totals line"):
         ins.read_callgrind(tmp_path / "cg.out")
 
 
@@ -146,7 +147,7 @@ def test_gate_tolerances_come_from_the_baseline_unless_given():
 
 def test_gate_refuses_another_workload_and_notes_other_versions():
     base = baseline_of(fake_result())
-    with pytest.raises(ins.InstructionsError, match=r"another workload than the baseline \(requests 10 -> 20\)"):
+    with pytest.raises(StepError, match=r"another workload than the baseline \(requests 10 -> 20\)"):
         ins.compare(fake_result(n=20), base)
     now = fake_result()
     now["environment"]["numpy"] = "2.5.0"
@@ -173,19 +174,19 @@ def test_baseline_file_is_parsed_strictly(tmp_path):
     raw = json.loads(path.read_text())
     del raw["result"]["per_request"]["runtime_own"]
     path.write_text(json.dumps(raw))
-    with pytest.raises(ins.InstructionsError, match=r"result.per_request: missing key 'runtime_own'"):
+    with pytest.raises(StepError, match=r"result.per_request: missing key 'runtime_own'"):
         ins.load_baseline(path)
     path.write_text(json.dumps({"format": "nezha-bench-baseline", "ratios": {}}))
-    with pytest.raises(ins.InstructionsError, match="not an instruction-count baseline"):
+    with pytest.raises(StepError, match="not an instruction-count baseline"):
         ins.load_baseline(path)
-    with pytest.raises(ins.InstructionsError, match="does not exist"):
+    with pytest.raises(StepError, match="does not exist"):
         ins.load_baseline(tmp_path / "none.json")
 
 
 def test_a_baseline_is_never_saved_from_an_injected_run():
     r = fake_result()
     r["inject"] = "verify:x1"
-    with pytest.raises(ins.InstructionsError, match="test-only slowdown"):
+    with pytest.raises(StepError, match="test-only slowdown"):
         ins.baseline_from(r)
 
 
@@ -331,5 +332,5 @@ def test_against_head_builds_both_sides_and_reports_a_ratio_with_an_interval(mak
 def test_missing_valgrind_is_a_user_error_that_says_how_to_install(monkeypatch):
     from nezha.bench import callgrind
     monkeypatch.setattr(callgrind.shutil, "which", lambda name: None)
-    with pytest.raises(ins.InstructionsError, match="apt-get install -y valgrind"):
+    with pytest.raises(StepError, match="apt-get install -y valgrind"):
         callgrind.valgrind_version()

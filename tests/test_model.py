@@ -11,13 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from conftest import BEAUTY_INDEX, tiny_catalog, tiny_histories, tiny_layout, tiny_model
 from nezha.model.ar import ArDecoder
-from nezha.model.checkpoint import (CheckpointError, catalog_from_reference_sids, load_catalog, load_checkpoint,
-                                    save_checkpoint)
+from nezha.model.checkpoint import catalog_from_reference_sids, load_catalog, load_checkpoint, save_checkpoint
 from nezha.model.evaluate import ranking_metrics
 from nezha.model.reference import Reference
 from nezha.model.train import nezha_batch, windows
-from nezha.runtime.catalog import Catalog, CatalogError
+from nezha.runtime.catalog import Catalog
 from nezha.runtime.encoding import encode_histories
+from nezha.runtime.errors import ArtifactError
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -79,14 +79,14 @@ def test_malformed_checkpoint_names_file_key_and_expectation(make_checkpoint, ch
         (path / "config.json").write_text(json.dumps(cfg))
     else:
         _corrupt(path, **change)
-    with pytest.raises(CheckpointError) as e:
+    with pytest.raises(ArtifactError) as e:
         load_checkpoint(path)
     assert message in str(e.value)
     assert str(path) in str(e.value)
 
 
 def test_missing_checkpoint_folder(tmp_path):
-    with pytest.raises(CheckpointError, match="does not exist"):
+    with pytest.raises(ArtifactError, match="does not exist"):
         load_checkpoint(tmp_path / "nope")
 
 
@@ -114,7 +114,7 @@ def test_beauty_index_keeps_every_item_of_shared_sids():
 def test_malformed_index(tmp_path, text, message):
     p = tmp_path / "bad.index.json"
     p.write_text(text)
-    with pytest.raises(CatalogError, match=message):
+    with pytest.raises(ArtifactError, match=message):
         Catalog.from_index_json(p)
 
 

@@ -17,10 +17,8 @@ from conftest import corrupted, tiny_catalog, tiny_histories, tiny_model, write_
 from nezha.export.build import build
 from nezha.model.checkpoint import save_checkpoint
 from nezha.model.reference import Reference
-from nezha.runtime import Recommender, RequestError
-from nezha.runtime.backends.base import RunnerError
-from nezha.runtime.encoding import EncodingError
-from nezha.runtime.manifest import ManifestError
+from nezha.runtime import Recommender
+from nezha.runtime.errors import ArtifactError, InputError
 
 MAX_BATCH, MAX_BEAM = 4, 16
 
@@ -171,12 +169,12 @@ def test_code_level_variant_equals_item_level(artifact):
     with Recommender.load(artifact) as rec:
         codes = [[catalog.codes_of(np.array([i]))[0][0].tolist() for i in h] for h in histories]
         assert rec.recommend_codes(codes, k=5, beam=10) == rec.recommend(histories, k=5, beam=10)
-        with pytest.raises(EncodingError, match=r"history 0 item 0: code 99 at level 0 is outside 0\.\.7"):
+        with pytest.raises(InputError, match=r"history 0 item 0: code 99 at level 0 is outside 0\.\.7"):
             rec.recommend_codes([[[99, 0, 0]]], k=1, beam=2)
         for bad, message in (([[[1.7, 0, 0]]], "codes are integers"), ([[["1", 0, 0]]], "codes are integers"),
                              ([[[True, 0, 0]]], "codes are integers"), ([[[1, 0]]], "needs 3 codes"),
                              ([{(1, 0, 0)}], "got set")):
-            with pytest.raises(EncodingError if "integers" in message or "set" in message else RequestError,
+            with pytest.raises(InputError if "integers" in message or "set" in message else InputError,
                                match=message):
                 rec.recommend_codes(bad, k=1, beam=2)
 
@@ -189,33 +187,33 @@ def test_long_histories_keep_the_most_recent_items(artifact):
 
 
 @pytest.mark.parametrize("call, error, message", [
-    (dict(histories=[[100, 987654]]), EncodingError, "not in the catalog"),
-    (dict(histories=[[]]), EncodingError, "is empty"),
-    (dict(histories=[]), RequestError, "no histories"),
-    (dict(histories=[[100]], k=0), RequestError, "k must be an integer in 1..beam"),
-    (dict(histories=[[100]], k=6, beam=5), RequestError, "k must be an integer in 1..beam"),
-    (dict(histories=[[100]], k=1, beam=MAX_BEAM + 1), RequestError, f"1..{MAX_BEAM}"),
-    (dict(histories=[[100]], k=2.5, beam=5), RequestError, "k must be an integer"),
-    (dict(histories=[["a", "b"]]), EncodingError, "item ids are integers"),
-    (dict(histories=[[[100, 101], [102, 103]]]), EncodingError, "nested lists"),
-    (dict(histories=[[100, True]]), EncodingError, "True"),
-    (dict(histories=[{100, 101}]), EncodingError, "got set"),
-    (dict(histories=[{100: 1}]), EncodingError, "got dict"),
-    (dict(histories={(100,)}), EncodingError, "got set"),
-    (dict(histories=[b"\x64\x65"]), EncodingError, "got bytes"),
-    (dict(histories=[bytearray(b"d")]), EncodingError, "got bytearray"),
-    (dict(histories=[memoryview(b"d")]), EncodingError, "got memoryview"),
-    (dict(histories=[np.array([100, 101], dtype="timedelta64[s]")]), EncodingError, "timedelta64"),
-    (dict(histories=[np.array(100)]), EncodingError, "1-D array"),
-    (dict(histories=[np.array([100.0, 101.0])]), EncodingError, "float64"),
-    (dict(histories=[[2 ** 70]]), EncodingError, "fit int64"),
-    (dict(histories="100"), EncodingError, "got str"),
-    (dict(histories=[[100]], k=None), RequestError, "k must be an integer"),
-    (dict(histories=[[100]], k=True), RequestError, "k must be an integer"),
-    (dict(histories=[[100]], k=2, beam=True), RequestError, "beam must be an integer"),
-    (dict(histories=[[100]], k=2, beam=4.0), RequestError, "beam must be an integer"),
-    (dict(histories=[np.ma.array([100, 101], mask=[0, 1])]), EncodingError, "masked array"),
-    (dict(histories=[[100]], unknown=np.array(["skip"])), EncodingError, "unknown-item policy"),
+    (dict(histories=[[100, 987654]]), InputError, "not in the catalog"),
+    (dict(histories=[[]]), InputError, "is empty"),
+    (dict(histories=[]), InputError, "no histories"),
+    (dict(histories=[[100]], k=0), InputError, "k must be an integer in 1..beam"),
+    (dict(histories=[[100]], k=6, beam=5), InputError, "k must be an integer in 1..beam"),
+    (dict(histories=[[100]], k=1, beam=MAX_BEAM + 1), InputError, f"1..{MAX_BEAM}"),
+    (dict(histories=[[100]], k=2.5, beam=5), InputError, "k must be an integer"),
+    (dict(histories=[["a", "b"]]), InputError, "item ids are integers"),
+    (dict(histories=[[[100, 101], [102, 103]]]), InputError, "nested lists"),
+    (dict(histories=[[100, True]]), InputError, "True"),
+    (dict(histories=[{100, 101}]), InputError, "got set"),
+    (dict(histories=[{100: 1}]), InputError, "got dict"),
+    (dict(histories={(100,)}), InputError, "got set"),
+    (dict(histories=[b"\x64\x65"]), InputError, "got bytes"),
+    (dict(histories=[bytearray(b"d")]), InputError, "got bytearray"),
+    (dict(histories=[memoryview(b"d")]), InputError, "got memoryview"),
+    (dict(histories=[np.array([100, 101], dtype="timedelta64[s]")]), InputError, "timedelta64"),
+    (dict(histories=[np.array(100)]), InputError, "1-D array"),
+    (dict(histories=[np.array([100.0, 101.0])]), InputError, "float64"),
+    (dict(histories=[[2 ** 70]]), InputError, "fit int64"),
+    (dict(histories="100"), InputError, "got str"),
+    (dict(histories=[[100]], k=None), InputError, "k must be an integer"),
+    (dict(histories=[[100]], k=True), InputError, "k must be an integer"),
+    (dict(histories=[[100]], k=2, beam=True), InputError, "beam must be an integer"),
+    (dict(histories=[[100]], k=2, beam=4.0), InputError, "beam must be an integer"),
+    (dict(histories=[np.ma.array([100, 101], mask=[0, 1])]), InputError, "masked array"),
+    (dict(histories=[[100]], unknown=np.array(["skip"])), InputError, "unknown-item policy"),
 ])
 def test_bad_requests_get_clear_errors(artifact, call, error, message):
     with Recommender.load(artifact) as rec:
@@ -229,8 +227,7 @@ def test_bad_requests_get_clear_errors(artifact, call, error, message):
     (dict(dense_budget_bytes="x"), "dense_budget_bytes"), (dict(backend="tvm"), "backend 'tvm'; allowed"),
 ])
 def test_bad_load_options_get_clear_errors(artifact, options, message):
-    from nezha.runtime.errors import OptionError
-    with pytest.raises(OptionError, match=message):
+    with pytest.raises(InputError, match=message):
         Recommender.load(artifact, **options)
 
 
@@ -242,11 +239,11 @@ def test_unknown_items_can_be_skipped(artifact):
 def test_runner_checks_its_feed(artifact):
     with Recommender.load(artifact) as rec:
         runner = rec.steps.runners["head_1"]
-        with pytest.raises(RunnerError, match="dtype int32, expected int64"):
+        with pytest.raises(InputError, match="dtype int32, expected int64"):
             runner.run({"parent_state": np.zeros((1, 32), np.float32), "parent": np.zeros(2, np.int64),
                         "code": np.zeros(2, np.int32),
                         "hidden": np.zeros((2, 32), np.float32)})
-        with pytest.raises(RunnerError, match="outside the built range"):
+        with pytest.raises(InputError, match="outside the built range"):
             runner.run({"parent_state": np.zeros((1, 32), np.float32),
                         "parent": np.zeros(MAX_BATCH * MAX_BEAM + 1, np.int64),
                         "code": np.zeros(MAX_BATCH * MAX_BEAM + 1, np.int64),
@@ -255,19 +252,19 @@ def test_runner_checks_its_feed(artifact):
 
 def test_corrupt_or_mismatched_artifacts_are_refused(artifact, tmp_path):
     bad = corrupted(artifact, tmp_path, "tables/valid_prefixes_1.npy")
-    with pytest.raises(ManifestError, match="valid_prefixes_1.npy: sha256 mismatch"):
+    with pytest.raises(ArtifactError, match="valid_prefixes_1.npy: sha256 mismatch"):
         Recommender.load(bad)
     manifest = json.loads((artifact / "manifest.json").read_text())
     (bad / "manifest.json").write_text(json.dumps({**manifest, "version": 99}))
-    with pytest.raises(ManifestError, match="version: 99; this runtime reads version 4"):
+    with pytest.raises(ArtifactError, match="version: 99; this runtime reads version 4"):
         Recommender.load(bad)
-    with pytest.raises(ManifestError, match="not a nezha artifact"):
+    with pytest.raises(ArtifactError, match="not a nezha artifact"):
         Recommender.load(tmp_path)
-    with pytest.raises(ManifestError, match="not an artifact folder"):
+    with pytest.raises(ArtifactError, match="not an artifact folder"):
         Recommender.load(artifact / "manifest.json")
-    with pytest.raises(ManifestError, match="no 'int8' graphs"):
+    with pytest.raises(ArtifactError, match="no 'int8' graphs"):
         Recommender.load(artifact, precision="int8")
-    with pytest.raises(ManifestError, match="no TensorRT engines"):
+    with pytest.raises(ArtifactError, match="no TensorRT engines"):
         Recommender.load(artifact, backend="tensorrt") if _tensorrt_missing_reason() else pytest.skip("engines exist here")
 
 
@@ -316,7 +313,7 @@ def test_engines_for_another_gpu_or_tensorrt_are_refused(monkeypatch, versions, 
     from nezha.runtime.manifest import EngineEntry
     monkeypatch.setattr(trt_backend, "load_tensorrt", lambda: SimpleNamespace(__version__="10.13.0"))
     monkeypatch.setattr(trt_backend.C, "device", lambda device_id=0: trt_backend.C.Device("NVIDIA H100", "GPU-0", "9.0"))
-    with pytest.raises(trt_backend.EngineMismatchError, match=message):
+    with pytest.raises(ArtifactError, match=message):
         trt_backend.check_engine(EngineEntry("engines/fp32/backbone.plan", versions[1], versions[0], True, ()))
     trt_backend.check_engine(EngineEntry("engines/fp32/backbone.plan", "9.0", "10.13.0", True, ()))
 

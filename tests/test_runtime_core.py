@@ -12,15 +12,16 @@ from hypothesis import strategies as st
 
 from conftest import tiny_catalog, tiny_layout
 from nezha.runtime.decode import top_k_desc
-from nezha.runtime.encoding import EncodingError, encode_histories
-from nezha.runtime.encoding import LayoutError, SidLayout
+from nezha.runtime.encoding import encode_histories
+from nezha.runtime.encoding import SidLayout
 from nezha.runtime.decode import PrefixHashSet, Verifier
+from nezha.runtime.errors import InputError
 
 
 def test_layout_rejects_inconsistent_offsets_and_overlapping_placeholders():
-    with pytest.raises(LayoutError, match="contiguous"):
+    with pytest.raises(InputError, match="contiguous"):
         SidLayout((4, 4), (2, 5), 10)
-    with pytest.raises(LayoutError, match="overlaps"):
+    with pytest.raises(InputError, match="overlaps"):
         SidLayout((4, 4), (2, 6), 8)
 
 
@@ -54,7 +55,7 @@ def test_encoder_truncates_left_pads_and_appends_placeholders():
     ([[100]], {"unknown": "ignore"}, "allowed: error, skip"),
 ])
 def test_encoder_errors(histories, kwargs, message):
-    with pytest.raises(EncodingError, match=message):
+    with pytest.raises(InputError, match=message):
         encode_histories(histories, tiny_catalog(), tiny_layout(), 20, **kwargs)
 
 

@@ -671,14 +671,14 @@ def test_decode_processes_import_nothing_from_the_working_directory(artifacts, t
 
 
 def test_a_decode_process_that_cannot_load_refuses_the_load_with_its_error(artifacts, tmp_path):
-    from nezha.runtime.errors import NezhaError, OptionError
+    from nezha.runtime.errors import NezhaError, InputError
     from nezha.serve.model import load_model
     from nezha.serve.pool import DecodePool
 
     with pytest.raises(NezhaError, match="not an artifact folder"):             # the child's own error, pickled back
         DecodePool(tmp_path / "missing", {"threads": 1}, 1, "version")
     for bad in (-1, True, 2.0, 10_000):
-        with pytest.raises(OptionError, match="processes must be an integer in 0.."):
+        with pytest.raises(InputError, match="processes must be an integer in 0.."):
             load_model(artifacts[0], LoadOptions(processes=bad))
 
 

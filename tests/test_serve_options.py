@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("uvicorn")
 
-from nezha.runtime.errors import OptionError  # noqa: E402
+from nezha.runtime.errors import InputError  # noqa: E402
 from nezha.serve.options import (ConnectionLimits, LoadOptions, RunOptions, ServeOptions,  # noqa: E402
                                  check_engine)
 
@@ -76,7 +76,7 @@ BAD = [
 
 @pytest.mark.parametrize("cls,values,message", BAD, ids=[f"{c.__name__}-{next(iter(v))}" for c, v, _ in BAD])
 def test_each_bad_value_is_refused_where_the_options_are_made(cls, values, message):
-    with pytest.raises(OptionError, match=message):
+    with pytest.raises(InputError, match=message):
         cls(**values)
 
 
@@ -91,14 +91,14 @@ def test_good_values_pass_and_autoscaling_is_derived():
 def test_the_processes_rules_between_groups_are_one_function():
     check_engine("uvicorn", ServeOptions(workers=1), LoadOptions(processes=1))     # as many workers: allowed
     check_engine("ray", ServeOptions(workers=3), LoadOptions())
-    with pytest.raises(OptionError, match="scale with --replicas"):
+    with pytest.raises(InputError, match="scale with --replicas"):
         check_engine("ray", ServeOptions(), LoadOptions(processes=1))
-    with pytest.raises(OptionError, match="--workers 3 with --processes 1: .*give --processes alone"):
+    with pytest.raises(InputError, match="--workers 3 with --processes 1: .*give --processes alone"):
         check_engine("uvicorn", ServeOptions(workers=3), LoadOptions(processes=1))
 
 
 def test_ray_deploy_refuses_decode_processes_with_the_same_message():
     pytest.importorskip("ray")
     from nezha.serve.ray_deploy import deploy
-    with pytest.raises(OptionError, match="--processes is for the uvicorn engine"):
+    with pytest.raises(InputError, match="--processes is for the uvicorn engine"):
         deploy("/nowhere", ServeOptions(), LoadOptions(processes=1))

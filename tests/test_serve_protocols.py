@@ -281,7 +281,8 @@ def test_grpc_port_option_errors_are_one_line(tmp_path):
 
 
 def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
-    from nezha.serve.loadtest import LoadTestError, run_loadtest
+    from nezha.serve.loadtest import run_loadtest
+    from nezha.runtime.errors import InputError
     from test_serve import _tiny_data
 
     s = serve()
@@ -296,7 +297,7 @@ def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
             assert r["errors"] == 0 and r["requests"] > 0 and r["p50_ms"] <= r["p99_ms"]
     metrics = s.raw.get("/metrics").text
     assert 'route="grpc:ModelInfer",status="200"' in metrics and 'route="/v2/models/{name}/infer",status="200"' in metrics
-    with pytest.raises(LoadTestError, match="needs --grpc-port"):
+    with pytest.raises(InputError, match="needs --grpc-port"):
         run_loadtest([f"http://{s.url}"], protocol=["grpc"], data=data, out=None)
 
 

@@ -117,7 +117,8 @@ def test_replicas_spread_and_a_node_without_the_folder_fetches_it(cluster):
 
 
 def test_a_corrupted_transfer_is_refused_and_a_fetched_artifact_reused(cluster, tmp_path):
-    from nezha.serve.transfer import HostedFiles, TransferError, describe, stage
+    from nezha.serve.transfer import HostedFiles, describe, stage
+    from nezha.runtime.errors import ArtifactError
 
     # the deployed artifact with another manifest (so another cache key): nothing of it on any node yet
     source = tampered(cluster["artifact"], tmp_path, edit=lambda raw: raw["source"].update(checkpoint="elsewhere"))
@@ -128,7 +129,7 @@ def test_a_corrupted_transfer_is_refused_and_a_fetched_artifact_reused(cluster, 
     good = graph.read_bytes()
     corrupted(source, tmp_path, str(graph.relative_to(source)))                  # the bad copy's bytes ...
     shutil.copy(tmp_path / "bad" / graph.relative_to(source), graph)            # ... in the source, after describe
-    with pytest.raises(TransferError) as e:
+    with pytest.raises(ArtifactError) as e:
         stage(ref, min_cpus=1)
     assert str(e.value).count("sha256 mismatch after the transfer") == 2, e.value            # one error, every node
     assert f"node {cluster['near'][:12]}" in str(e.value) and f"node {cluster['far'][:12]}" in str(e.value)

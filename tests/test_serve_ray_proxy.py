@@ -148,10 +148,10 @@ def test_cluster_and_autoscaling_options(tmp_path, monkeypatch, capsys):
 
 def test_the_config_builder_checks_its_args():
     pytest.importorskip("ray")
-    from nezha.runtime.errors import OptionError
+    from nezha.runtime.errors import InputError
     from nezha.serve.ray_deploy import build_app
     for args, message in (({"artifact": "relative/art"}, "absolute path"), ({}, "absolute path"),
                           ({"artifact": "/a", "replica": 2}, "unknown replica"),
                           ({"artifact": "/a", "options": {"max_queues": 1}}, r"unknown ServeOptions field\(s\) max_queues")):
-        with pytest.raises(OptionError, match=message):
+        with pytest.raises(InputError, match=message):
             build_app(args)

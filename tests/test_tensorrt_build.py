@@ -15,17 +15,16 @@ import numpy as np
 import pytest
 
 from conftest import tiny_catalog, tiny_model
-from nezha.export.engines import (TensorRTUnavailable, gpu_for_engines, profile_shapes, set_timing_cache,
-                                  typical_dims)
+from nezha.export.engines import gpu_for_engines, profile_shapes, set_timing_cache, typical_dims
 from nezha.runtime.backends import cuda as C
 from nezha.runtime.backends import tensorrt as T
-from nezha.runtime.errors import BackendUnavailable
+from nezha.runtime.errors import ArtifactError, Unavailable
 from nezha.runtime.manifest import EngineEntry, GraphEntry, Limits
 
 try:
     gpu_for_engines()
     REASON = None
-except TensorRTUnavailable as e:
+except Unavailable as e:
     REASON = str(e)
 
 HEAD = GraphEntry.from_json({
@@ -94,7 +93,7 @@ def test_describe_engine_reads_every_io_tensor():
                              get_tensor_shape=lambda n: io[n][2], get_tensor_profile_shape=lambda n, p: [(1, 32), (20, 32), (128, 32)])
     assert T.describe_engine(engine, trt) == (1, [T.EngineTensor("hidden", "input", "float32", (-1, 32), ((1, 32), (20, 32), (128, 32))),
                                                   T.EngineTensor("log_probs", "output", "float32", (-1, 6))])
-    with pytest.raises(T.EngineMismatchError, match=r"engines/fp16/head_1.plan does not match the manifest: tensor 'parent_state'"):
+    with pytest.raises(ArtifactError, match=r"engines/fp16/head_1.plan does not match the manifest: tensor 'parent_state'"):
         T.check_engine_io(engine, trt, HEAD, ENTRY)
 
 
@@ -123,7 +122,7 @@ def test_compatibility_record_is_enforced(built, version, here, message):
 def test_check_engine_refuses_with_the_rebuild_hint(monkeypatch):
     monkeypatch.setattr(T, "load_tensorrt", lambda: SimpleNamespace(__version__="10.13.0"))
     monkeypatch.setattr(C, "device", lambda device_id=0: C.Device("NVIDIA L4", "GPU-9", "8.9"))
-    with pytest.raises(T.EngineMismatchError, match="built for compute capability 9.0, this GPU is 8.9: rebuild"):
+    with pytest.raises(ArtifactError, match="built for compute capability 9.0, this GPU is 8.9: rebuild"):
         T.check_engine(ENTRY)
 
 
@@ -162,7 +161,7 @@ def runner(context):
 def test_every_tensorrt_return_value_is_checked(fake_polygraphy, fail, output_shape, message):
     feed = {"parent_state": np.zeros((2, 32), np.float32), "parent": np.zeros(3, np.int64),
             "hidden": np.zeros((3, 32), np.float32)}
-    with pytest.raises((T.EngineMismatchError, RuntimeError), match=message):
+    with pytest.raises((ArtifactError, RuntimeError), match=message):
         runner(FakeContext(fail, output_shape)).run(feed)
     assert runner(FakeContext(None, (3, 6))).run(feed)["log_probs"].shape == (3, 6)
 
@@ -234,7 +233,7 @@ def test_the_fake_stack_is_complete(fake_gpu_stack):
     ("gpu", r"no CUDA GPU 0 here \(the CUDA runtime sees 0\)"),
 ])
 def test_each_missing_piece_is_one_message_everywhere(fake_gpu_stack, monkeypatch, take_away, message):
-    """The same BackendUnavailable at load (Engines), as TensorRTUnavailable at build (gpu_for_engines,
+    """The same Unavailable at load (Engines), as Unavailable at build (gpu_for_engines,
     which the engine step turns into 'engines skipped'), never an ImportError, OSError or traceback."""
     if take_away == "tensorrt":
         monkeypatch.setitem(sys.modules, "tensorrt", None)
@@ -249,9 +248,9 @@ def test_each_missing_piece_is_one_message_everywhere(fake_gpu_stack, monkeypatc
         sys.modules["polygraphy.cuda"].wrapper = lambda: (_ for _ in ()).throw(OSError("libcudart.so.12: bad ELF"))
     else:
         fake_gpu_stack.gpus = 0
-    with pytest.raises(BackendUnavailable, match=message):
+    with pytest.raises(Unavailable, match=message):
         T.Engines({}, {})
-    with pytest.raises(TensorRTUnavailable, match=message):
+    with pytest.raises(Unavailable, match=message):
         gpu_for_engines()
 
 

@@ -10,12 +10,8 @@ import re
 
 import numpy as np
 
-from ..errors import GraphRunError, NezhaError, OptionError
+from ..errors import GraphRunError, InputError
 from ..manifest import GraphEntry, Tensor
-
-
-class RunnerError(NezhaError, ValueError):
-    """A feed that does not match the graph (names, dtypes, ranks, dims outside the built ranges)."""
 
 
 _DEVICE = re.compile(r"(cpu|cuda)(?::([0-9]{1,3}))?")
@@ -25,7 +21,7 @@ def parse_device(device) -> tuple[str, int]:
     """'cpu', 'cuda' or 'cuda:N' -> (kind, index)."""
     m = _DEVICE.fullmatch(device) if isinstance(device, str) else None
     if not m or (m.group(1) == "cpu" and m.group(2)):
-        raise OptionError(f"device {device!r}; allowed: cpu, cuda, cuda:N")
+        raise InputError(f"device {device!r}; allowed: cpu, cuda, cuda:N")
     return m.group(1), int(m.group(2) or 0)
 
 
@@ -52,24 +48,24 @@ class GraphRunner:
         """Validate ``feed``; return the values of the named dynamic dims."""
         missing, extra = set(self.inputs) - set(feed), set(feed) - set(self.inputs)
         if missing or extra:
-            raise RunnerError(f"graph {self.name}: feed has {sorted(feed)}, expected inputs {sorted(self.inputs)}")
+            raise InputError(f"graph {self.name}: feed has {sorted(feed)}, expected inputs {sorted(self.inputs)}")
         dims: dict[str, int] = {}
         for name, spec in self.inputs.items():
             a = feed[name]
             if a.dtype != np.dtype(spec.dtype):
-                raise RunnerError(f"graph {self.name}: input {name} has dtype {a.dtype}, expected {spec.dtype}")
+                raise InputError(f"graph {self.name}: input {name} has dtype {a.dtype}, expected {spec.dtype}")
             if a.ndim != len(spec.shape):
-                raise RunnerError(f"graph {self.name}: input {name} has shape {a.shape}, expected {list(spec.shape)}")
+                raise InputError(f"graph {self.name}: input {name} has shape {a.shape}, expected {list(spec.shape)}")
             for size, d in zip(a.shape, spec.shape):
                 if isinstance(d, str):
                     if dims.setdefault(d, size) != size:
-                        raise RunnerError(f"graph {self.name}: dim {d} is {dims[d]} in one input, {size} in {name}")
+                        raise InputError(f"graph {self.name}: dim {d} is {dims[d]} in one input, {size} in {name}")
                     lo, hi = self.dynamic.get(d, (1, size))
                     if not lo <= size <= hi:
-                        raise RunnerError(f"graph {self.name}: input {name} dim {d} = {size} is outside the "
-                                          f"built range [{lo}, {hi}]")
+                        raise InputError(f"graph {self.name}: input {name} dim {d} = {size} is outside the "
+                                         f"built range [{lo}, {hi}]")
                 elif size != d:
-                    raise RunnerError(f"graph {self.name}: input {name} has shape {a.shape}, expected {list(spec.shape)}")
+                    raise InputError(f"graph {self.name}: input {name} has shape {a.shape}, expected {list(spec.shape)}")
         return dims
 
     def run(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

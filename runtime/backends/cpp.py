@@ -31,21 +31,12 @@ from typing import Sequence
 
 import numpy as np
 
-from nezha.runtime.contract import Recommender, RequestError
-from nezha.runtime.encoding import EncodingError, check_unknown, code_array, flat_histories
-from nezha.runtime.errors import GraphRunError, NezhaError, OptionError
+from nezha.runtime.contract import Recommender
+from nezha.runtime.encoding import check_unknown, code_array, flat_histories
+from nezha.runtime.errors import GraphRunError, InputError, Unavailable
 
 _LIBRARY_NAME = "libnezha_runtime.so"
 _DEFAULT_BUILD = Path(__file__).resolve().parents[1] / "cpp" / "build"
-
-
-class CppRuntimeError(NezhaError, ValueError):
-    """An artifact the C++ loader refuses; the message says why. (Request, history and option errors raise
-    the Python runtime's classes: RequestError, EncodingError, OptionError.)"""
-
-
-class CppUnavailable(NezhaError, RuntimeError):
-    """The C++ runtime's shared library is not built (or cannot be opened)."""
 
 
 def library_path() -> Path:
@@ -73,12 +64,12 @@ def _load_library():
         return _lib
     path = library_path()
     if not path.is_file():
-        raise CppUnavailable(f"the C++ runtime is not built: {path} is missing (runtime/cpp/setup_ort.sh, then "
-                             f"cmake -S runtime/cpp -B runtime/cpp/build && cmake --build runtime/cpp/build)")
+        raise Unavailable(f"the C++ runtime is not built: {path} is missing (runtime/cpp/setup_ort.sh, then "
+                          f"cmake -S runtime/cpp -B runtime/cpp/build && cmake --build runtime/cpp/build)")
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
-        raise CppUnavailable(f"cannot open the C++ runtime {path}: {e}") from None
+        raise Unavailable(f"cannot open the C++ runtime {path}: {e}") from None
     i64p = f32p = i32p = ctypes.c_void_p          # array addresses, passed as ints (ndarray.ctypes is slow)
     sig = {
         "nezha_last_error": (ctypes.c_char_p, []),
@@ -125,7 +116,7 @@ def _flat_codes(code_histories: Sequence, levels: int) -> tuple[np.ndarray, np.n
 
 # nezha_error_kind (nezha_c.h) -> the class the Python backend raises for the same mistake; an internal
 # error (out of memory, a bug) is no user error.
-_ERROR_CLASSES = {1: RequestError, 2: EncodingError, 3: OptionError, 4: CppRuntimeError, 5: GraphRunError, 6: RuntimeError}
+_ERROR_CLASSES = {1: InputError, 2: InputError, 3: InputError, 4: InputError, 5: GraphRunError, 6: RuntimeError}
 
 
 def _error(lib, kind: int | None = None) -> Exception:
@@ -137,15 +128,15 @@ def _error(lib, kind: int | None = None) -> Exception:
 
 def _folder_argument(artifact_dir) -> bytes:
     if not isinstance(artifact_dir, (str, os.PathLike)) or isinstance(artifact_dir, bytes):
-        raise OptionError(f"an artifact folder is a path (str or pathlib.Path), got {type(artifact_dir).__name__}")
+        raise InputError(f"an artifact folder is a path (str or pathlib.Path), got {type(artifact_dir).__name__}")
     if "\0" in str(artifact_dir):                    # a C string would end there: another folder
-        raise OptionError("an artifact folder path must not contain a NUL character")
+        raise InputError("an artifact folder path must not contain a NUL character")
     return os.fsencode(str(artifact_dir))
 
 
 def check_artifact(artifact_dir: str | Path, verify: bool = True) -> None:
     """The C++ loader's checks of an artifact without ONNX Runtime (manifest, folder, sha256, contract,
-    tables): what ``Artifact.open(artifact_dir, verify).tables()`` checks in Python. CppRuntimeError if refused."""
+    tables): what ``Artifact.open(artifact_dir, verify).tables()`` checks in Python. InputError if refused."""
     lib = _load_library()
     rc = lib.nezha_check_artifact(_folder_argument(artifact_dir), int(bool(verify)))
     if rc != 0:
@@ -174,7 +165,7 @@ class CppRecommender(Recommender):
     def _open(cls, artifact_dir, backend, device, precision, threads, verify, dense_budget_bytes) -> "CppRecommender":
         """CPU only; ONNX Runtime's library: $NEZHA_ONNXRUNTIME_LIBRARY, else the installed wheel's."""
         if device not in (None, "cpu"):
-            raise OptionError(f"device {device!r}; the C++ runtime runs on cpu only")
+            raise InputError(f"device {device!r}; the C++ runtime runs on cpu only")
         folder = _folder_argument(artifact_dir)
         lib = _load_library()
         ort = os.environ.get("NEZHA_ONNXRUNTIME_LIBRARY") or wheel_onnxruntime_library()

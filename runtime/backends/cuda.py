@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailable
+from ..errors import Unavailable
 
 INSTALL = "pip install 'nezha-deploy[tensorrt]' on a machine with an NVIDIA GPU and driver"
 # Where Polygraphy looks for libcudart.so* (polygraphy/cuda/cuda.py), in its order.
@@ -47,16 +47,16 @@ def cudart_candidates(search_path=None, env=None) -> list[Path]:
 def expose_cudart(env=None, search_path=None) -> Path:
     """Find libcudart and make sure Polygraphy will: a library found only in a pip wheel has its folder
     prepended to ``LD_LIBRARY_PATH`` of this process (Polygraphy reads it when it first loads CUDA).
-    Raises BackendUnavailable naming every folder searched when there is none."""
+    Raises Unavailable naming every folder searched when there is none."""
     env = os.environ if env is None else env
     found = cudart_candidates(search_path, env)
     if not found:
         system = ctypes.util.find_library("cudart")        # ldconfig's cache (e.g. /usr/lib/x86_64-linux-gnu)
         if system:
             return Path(system)
-        raise BackendUnavailable("the CUDA runtime library (libcudart.so) was not found in LD_LIBRARY_PATH, "
-                                 f"{', '.join(POLYGRAPHY_DIRS)}, pip's nvidia/*/lib or the loader cache: install "
-                                 f"the CUDA runtime (pip install nvidia-cuda-runtime-cu12) or {INSTALL}")
+        raise Unavailable("the CUDA runtime library (libcudart.so) was not found in LD_LIBRARY_PATH, "
+                          f"{', '.join(POLYGRAPHY_DIRS)}, pip's nvidia/*/lib or the loader cache: install "
+                          f"the CUDA runtime (pip install nvidia-cuda-runtime-cu12) or {INSTALL}")
     lib_dir = str(found[0].parent)
     polygraphy_sees = [d for d in env.get("LD_LIBRARY_PATH", "").split(os.pathsep) if d] + list(POLYGRAPHY_DIRS)
     if lib_dir not in polygraphy_sees:
@@ -66,22 +66,22 @@ def expose_cudart(env=None, search_path=None) -> Path:
 
 def cudart():
     """The CUDA runtime handle Polygraphy loaded (ctypes.CDLL), after ``expose_cudart``; a library that
-    will not load is BackendUnavailable, not a raw OSError."""
+    will not load is Unavailable, not a raw OSError."""
     expose_cudart()
     try:
         from polygraphy import cuda
         return cuda.wrapper().handle
     except ImportError as e:
-        raise BackendUnavailable(f"Polygraphy is not installed ({e}): {INSTALL}") from None
+        raise Unavailable(f"Polygraphy is not installed ({e}): {INSTALL}") from None
     except OSError as e:
-        raise BackendUnavailable(f"the CUDA runtime library could not be loaded ({e}): {INSTALL}") from None
+        raise Unavailable(f"the CUDA runtime library could not be loaded ({e}): {INSTALL}") from None
 
 
 def call(name: str, *args) -> None:
-    """Call CUDA runtime function ``name``; any status but cudaSuccess (0) is BackendUnavailable."""
+    """Call CUDA runtime function ``name``; any status but cudaSuccess (0) is Unavailable."""
     status = getattr(cudart(), name)(*args)
     if status != 0:
-        raise BackendUnavailable(f"CUDA runtime call {name} failed with error {status} (cudaError_t)")
+        raise Unavailable(f"CUDA runtime call {name} failed with error {status} (cudaError_t)")
 
 
 def device_count() -> int:
@@ -93,11 +93,11 @@ def device_count() -> int:
 
 
 def require_gpu(device_id: int = 0) -> None:
-    """BackendUnavailable unless CUDA GPU ``device_id`` exists here."""
+    """Unavailable unless CUDA GPU ``device_id`` exists here."""
     n = device_count()
     if device_id >= n:
-        raise BackendUnavailable(f"no CUDA GPU {device_id} here (the CUDA runtime sees {n}): TensorRT engines "
-                                 "are built and run on an NVIDIA GPU")
+        raise Unavailable(f"no CUDA GPU {device_id} here (the CUDA runtime sees {n}): TensorRT engines "
+                          "are built and run on an NVIDIA GPU")
 
 
 @dataclass(frozen=True)
@@ -122,7 +122,7 @@ def device(device_id: int = 0) -> Device:
     handle = cudart()
     get = getattr(handle, "cudaGetDeviceProperties_v2", None) or handle.cudaGetDeviceProperties   # CUDA 12+ / 11
     if get(props, device_id) != 0:
-        raise BackendUnavailable(f"cudaGetDeviceProperties failed for GPU {device_id}")
+        raise Unavailable(f"cudaGetDeviceProperties failed for GPU {device_id}")
     major, minor = ctypes.c_int(), ctypes.c_int()
     call("cudaDeviceGetAttribute", ctypes.byref(major), CC_MAJOR, device_id)
     call("cudaDeviceGetAttribute", ctypes.byref(minor), CC_MINOR, device_id)

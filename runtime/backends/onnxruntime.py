@@ -9,8 +9,8 @@ Runtime copies through its device arena (no new device buffers in the steady sta
 
 from __future__ import annotations
 
-from ..errors import BackendUnavailable
-from ..manifest import GraphEntry, ManifestError
+from ..errors import ArtifactError, Unavailable
+from ..manifest import GraphEntry
 from .base import GraphSteps, HostBuffers, OrtRunner, parse_device
 
 
@@ -18,7 +18,7 @@ def _ort():
     try:
         import onnxruntime
     except ImportError as e:  # the core dependency, but give the fix
-        raise BackendUnavailable("the onnxruntime backend needs onnxruntime: pip install onnxruntime "
+        raise Unavailable("the onnxruntime backend needs onnxruntime: pip install onnxruntime "
                           "(or onnxruntime-gpu for CUDA)") from e
     return onnxruntime
 
@@ -29,8 +29,8 @@ def providers_for(device: str) -> list:
     if kind == "cpu":
         return ["CPUExecutionProvider"]
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise BackendUnavailable(f"device {device!r} needs onnxruntime-gpu with the CUDA execution provider; this "
-                                 f"onnxruntime offers {ort.get_available_providers()}")
+        raise Unavailable(f"device {device!r} needs onnxruntime-gpu with the CUDA execution provider; this "
+                          f"onnxruntime offers {ort.get_available_providers()}")
     return [("CUDAExecutionProvider", {"device_id": device_id}), "CPUExecutionProvider"]
 
 
@@ -40,7 +40,7 @@ def session_options(threads: int | None = None):
     ort = _ort()
     so = ort.SessionOptions()
     # fatal only: a failed run is raised as one GraphRunError line (OrtRunner._execute), a failed load as
-    # ManifestError; ONNX Runtime's own log would print each again. (Not per-run RunOptions: passing them
+    # ArtifactError; ONNX Runtime's own log would print each again. (Not per-run RunOptions: passing them
     # through the binding costs a C++ exception per run, +43% of the runtime's own instructions.)
     so.log_severity_level = 4
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -55,19 +55,19 @@ def session_options(threads: int | None = None):
 
 def open_session(path, device: str = "cpu", threads: int | None = None):
     """One InferenceSession (thread-safe) with the project's options; a file ONNX Runtime cannot open
-    is a ManifestError naming it."""
+    is an ArtifactError naming it."""
     ort, providers = _ort(), providers_for(device)
     try:
         return ort.InferenceSession(str(path), session_options(threads), providers=providers)
     except Exception as e:      # onnxruntime's InvalidProtobuf, Fail, NoSuchFile ... derive from Exception only
         first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ManifestError(f"{path}: ONNX Runtime cannot open this graph: {first}") from None
+        raise ArtifactError(f"{path}: ONNX Runtime cannot open this graph: {first}") from None
 
 
 def open_sessions(paths: dict, device: str = "cpu", threads: int | None = None,
                   entries: dict[str, GraphEntry] | None = None) -> dict:
     """Graph name -> InferenceSession (shared by all runners); with ``entries``, each graph's inputs and
-    outputs must be the manifest's (names in order, dtypes, fixed dims), else ManifestError."""
+    outputs must be the manifest's (names in order, dtypes, fixed dims), else ArtifactError."""
     sessions = {name: open_session(p, device, threads) for name, p in paths.items()}
     for name, entry in (entries or {}).items():
         check_io(sessions[name], entry, paths[name], name)
@@ -88,11 +88,11 @@ def check_io(session, entry: GraphEntry, path, name: str) -> None:
         got = [(a.name, a.type, list(a.shape)) for a in have]
         expected = [(t.name, _ORT_TYPES[t.dtype], list(t.shape)) for t in want]
         if got != expected:
-            raise ManifestError(f"{path}: the graph's {what} {got} differ from the manifest's {expected} "
+            raise ArtifactError(f"{path}: the graph's {what} {got} differ from the manifest's {expected} "
                                 "(name, type, dims)")
     described = session.get_modelmeta().description
     if (name.startswith("head_") or described.startswith(GRAPH_DESCRIPTION)) and described != GRAPH_DESCRIPTION + name:
-        raise ManifestError(f"{path}: this graph says it is {described!r}, the manifest uses it as {name!r}")
+        raise ArtifactError(f"{path}: this graph says it is {described!r}, the manifest uses it as {name!r}")
 
 
 def ort_steps(entries: dict[str, GraphEntry], sessions: dict) -> GraphSteps:

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import BackendUnavailable, NezhaError
+from ..errors import ArtifactError, Unavailable
 from ..manifest import EngineEntry, GraphEntry
 from . import cuda as C
 from .base import GraphRunner, GraphSteps, buffer_key, prefix_view, shared_buffer_sizes
@@ -27,25 +27,21 @@ MIN_TENSORRT = (10, 8)
 HARDWARE_LEVELS = {"none": "NONE", "same_compute_capability": "SAME_COMPUTE_CAPABILITY", "ampere_plus": "AMPERE_PLUS"}
 
 
-class EngineMismatchError(NezhaError, RuntimeError):
-    """An engine that does not fit this machine (TensorRT version, GPU) or the manifest: rebuild it."""
-
-
 def version_tuple(version: str) -> tuple[int, ...]:
     return tuple(int(p) for p in version.split(".")[:2] if p.isdigit())
 
 
 def load_tensorrt():
     """Import tensorrt (>= 10.8) and Polygraphy and find the CUDA runtime -> the tensorrt module.
-    Each missing piece is one BackendUnavailable naming it (no GPU is needed to import; see require_gpu)."""
+    Each missing piece is one Unavailable naming it (no GPU is needed to import; see require_gpu)."""
     try:
         import tensorrt
     except ImportError as e:
-        raise BackendUnavailable(f"TensorRT is not installed ({e}): {C.INSTALL}") from None
+        raise Unavailable(f"TensorRT is not installed ({e}): {C.INSTALL}") from None
     if version_tuple(tensorrt.__version__) < MIN_TENSORRT:
-        raise BackendUnavailable(f"TensorRT {tensorrt.__version__} found; nezha-deploy needs "
-                                 f"{'.'.join(map(str, MIN_TENSORRT))}+ (strongly typed networks): {C.INSTALL}")
-    C.cudart()                          # Polygraphy importable and libcudart loadable, else BackendUnavailable
+        raise Unavailable(f"TensorRT {tensorrt.__version__} found; nezha-deploy needs "
+                          f"{'.'.join(map(str, MIN_TENSORRT))}+ (strongly typed networks): {C.INSTALL}")
+    C.cudart()                          # Polygraphy importable and libcudart loadable, else Unavailable
     return tensorrt
 
 
@@ -98,14 +94,14 @@ def compatibility_of(entry: EngineEntry) -> Compatibility:
 
 
 def check_engine(entry: EngineEntry, device_id: int = 0) -> None:
-    """Refuse an engine built with another TensorRT version or for another GPU (EngineMismatchError)."""
+    """Refuse an engine built with another TensorRT version or for another GPU (ArtifactError)."""
     trt = load_tensorrt()
     built, here = compatibility_of(entry), C.device(device_id)
     if not built.device.name:                   # an entry without the GPU's name (tests): compare the rest
         here = C.Device("", here.uuid, here.compute_capability)
     if problems := check_compatibility(built, trt.__version__, here):
-        raise EngineMismatchError(f"engine {entry.file}: " + "; ".join(problems) +
-                                  ": rebuild it with python export/build.py --backend tensorrt on this machine")
+        raise ArtifactError(f"engine {entry.file}: " + "; ".join(problems) +
+                            ": rebuild it with python export/build.py --backend tensorrt on this machine")
 
 
 # ---------------------------------------------------------------- what an engine holds vs the manifest
@@ -172,9 +168,9 @@ def engine_io_problems(profiles: int, tensors: list[EngineTensor], graph: GraphE
 
 
 def check_engine_io(engine, trt, graph: GraphEntry, entry: EngineEntry) -> None:
-    """EngineMismatchError listing every tensor of ``engine`` that differs from the manifest."""
+    """ArtifactError listing every tensor of ``engine`` that differs from the manifest."""
     if problems := engine_io_problems(*describe_engine(engine, trt), graph, entry):
-        raise EngineMismatchError(f"engine {entry.file} does not match the manifest: {'; '.join(problems)}: rebuild it")
+        raise ArtifactError(f"engine {entry.file} does not match the manifest: {'; '.join(problems)}: rebuild it")
 
 
 # ---------------------------------------------------------------- engines, buffers, runners
@@ -196,7 +192,7 @@ class Engines:
             check_engine(entry, device_id)
             engine = self.runtime.deserialize_cuda_engine(Path(paths[name]).read_bytes())
             if engine is None:
-                raise EngineMismatchError(f"TensorRT could not deserialize {entry.file} (see the log above)")
+                raise ArtifactError(f"TensorRT could not deserialize {entry.file} (see the log above)")
             self.engines[name] = engine
         if graphs is not None:
             self.check(graphs)
@@ -245,7 +241,7 @@ class TrtRunner(GraphRunner):
         super().__init__(name, entry)
         self.context = engine.create_execution_context()
         if self.context is None:
-            raise BackendUnavailable(f"TensorRT could not create an execution context for {name} (GPU memory?)")
+            raise Unavailable(f"TensorRT could not create an execution context for {name} (GPU memory?)")
         self.stream = cuda.Stream()
         self._device, self._host = {}, {}
         self._views: dict[str, np.ndarray] = {}
@@ -253,21 +249,21 @@ class TrtRunner(GraphRunner):
             self._device[t.name], self._host[t.name] = buffers.get(name, t)
             # addresses never change: the buffers hold the largest shape
             if not self.context.set_tensor_address(t.name, self._device[t.name].ptr):
-                raise EngineMismatchError(f"graph {name}: TensorRT refused the address of tensor {t.name!r}")
+                raise ArtifactError(f"graph {name}: TensorRT refused the address of tensor {t.name!r}")
 
     def _bind(self, dims):
         for name, t in self.inputs.items():
             shape = self.shape(t, dims)
             if not self.context.set_input_shape(name, shape):
-                raise EngineMismatchError(f"graph {self.name}: TensorRT refused shape {list(shape)} for input "
-                                          f"{name!r} (outside the engine's profile?)")
+                raise ArtifactError(f"graph {self.name}: TensorRT refused shape {list(shape)} for input "
+                                    f"{name!r} (outside the engine's profile?)")
             self._views[name] = prefix_view(self._host[name], shape)
         for name, t in self.outputs.items():
             shape = self.shape(t, dims)
             engine_shape = tuple(self.context.get_tensor_shape(name))
             if engine_shape != shape:                   # the buffers and copies assume the manifest's shape
-                raise EngineMismatchError(f"graph {self.name}: output {name!r} has shape {list(engine_shape)} "
-                                          f"for these inputs, the manifest says {list(shape)}")
+                raise ArtifactError(f"graph {self.name}: output {name!r} has shape {list(engine_shape)} "
+                                    f"for these inputs, the manifest says {list(shape)}")
             self._views[name] = prefix_view(self._host[name], shape)
 
     def _execute(self, feed):
