@@ -311,3 +311,25 @@ def test_protocol_cost_reads_the_server_cpu_per_protocol(serve, tmp_path):
     for a in acc.values():                                # the server runs in this process: its CPU is ours too
         assert a["requests"] > 0 and sum(a["cpu"].values()) > 0 and a["batch"][1] > 0
     assert [line.split("|")[1].strip() for line in report(acc, 2, 3).splitlines()[3:]] == ["json", "grpc"]
+
+
+def test_the_readme_client_snippet_gets_the_library_answers(serve, library):
+    """README's tritonclient snippet, run as written against this server (its item ids swapped for the tiny
+    catalog's, its ports for this server's): both clients print the library's items and scores."""
+    from pathlib import Path
+    import re
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    [snippet] = [b for b in re.findall(r"```python\n(.*?)```", readme, re.S) if "tritonclient" in b]
+    s = serve()
+    swaps = {"[[12, 55, 102], [7, 0, 0]]": "[[100, 105, 110], [107, 0, 0]]", "127.0.0.1:8000": s.url,
+             "127.0.0.1:8001": f"127.0.0.1:{s.grpc_port}", '"beam": 20': '"beam": 16'}
+    for old, new in swaps.items():
+        assert old in snippet, f"README's snippet no longer has {old}"
+        snippet = snippet.replace(old, new)
+    printed = []
+    exec(compile(snippet, "README.md", "exec"), {"print": lambda *a: printed.append(a)})
+    want = library.recommend([[100, 105, 110], [107]], k=10, beam=16)
+    assert len(printed) == 2
+    for items, scores in printed:
+        assert [list(zip(i.tolist(), s.tolist())) for i, s in zip(items, scores)] == want
