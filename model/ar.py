@@ -9,20 +9,18 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from nezha.runtime.catalog import Catalog
-from nezha.runtime.decode import Verifier, expand, select
-from nezha.runtime.encoding import encode_histories, items_from_sids
+from nezha.runtime.decode import expand, select
+from nezha.runtime.encoding import encode_histories
 from transformers import DynamicCache
 
 from .nezha import NezhaModel, positions_from_mask
+from .reference import SidDecoder
 
 
-class ArDecoder:
+class ArDecoder(SidDecoder):
     def __init__(self, model: NezhaModel, catalog: Catalog, max_history: int = 20, device: str = "cpu"):
-        catalog.check_layout(model.layout)
-        self.model, self.catalog, self.max_history = model, catalog, max_history
-        self.layout, self.device = model.layout, torch.device(device)
-        self.verifier = Verifier(self.layout, catalog.valid_prefixes(self.layout))
-        self.sid_table = catalog.sid_table(self.layout)
+        super().__init__(model, catalog, max_history)
+        self.device = torch.device(device)
 
     def _level_logp(self, hidden_last: torch.Tensor, level: int) -> np.ndarray:
         """[N, H] -> [N, codes_level] log-probs of the level's code tokens (softmax over the full vocabulary)."""
@@ -59,9 +57,3 @@ class ArDecoder:
                                    cache=cache, use_cache=True)
             hidden_last, next_pos = out.last_hidden_state[:, -1], next_pos + 1
         return keys.reshape(B, -1), scores
-
-    def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int = 20) -> list[list[tuple[int, float]]]:
-        if not 1 <= k <= beam:
-            raise ValueError(f"need 1 <= k <= beam, got k={k}, beam={beam}")
-        keys, scores = self.decode(histories, beam)
-        return items_from_sids(keys, scores, self.sid_table, k)

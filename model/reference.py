@@ -35,23 +35,16 @@ class TorchSteps:
         return None if state is None else state.float().cpu().numpy(), logp.cpu().numpy()
 
 
-class Reference:
-    """recommend() with the torch model: one backbone pass, beam search in the head, the verifier.
-    ``steps`` replaces the torch steps (e.g. an artifact's graphs) to decode the same way with them."""
+class SidDecoder:
+    """What both torch decoders (``Reference`` and the AR baseline) share: the catalog's verifier and SID
+    table, and ``recommend`` on top of their ``decode(histories, beam)``."""
 
-    def __init__(self, model: NezhaModel, catalog: Catalog, max_history: int = 20, device: str = "cpu",
-                 steps=None):
+    def __init__(self, model: NezhaModel, catalog: Catalog, max_history: int = 20):
         catalog.check_layout(model.layout)
         self.model, self.catalog, self.max_history = model, catalog, max_history
         self.layout = model.layout
-        self.steps = steps or TorchSteps(model, device)
         self.verifier = Verifier(self.layout, catalog.valid_prefixes(self.layout))
         self.sid_table = catalog.sid_table(self.layout)
-
-    def decode(self, histories: Sequence[Sequence[int]], beam: int, verify: bool = True, stages: dict | None = None):
-        """-> (sid_keys [B, K] uint64, scores [B, K] float32), best first (``stages``: seconds per stage)."""
-        feed = encode_histories(histories, self.catalog, self.layout, self.max_history)
-        return beam_search(self.steps, feed, self.layout, self.verifier if verify else None, beam, stages)
 
     def recommend(self, histories: Sequence[Sequence[int]], k: int = 10, beam: int = 20) -> list[list[tuple[int, float]]]:
         """Per history up to k (item id, summed log-prob) pairs, best first."""
@@ -59,3 +52,18 @@ class Reference:
             raise ValueError(f"need 1 <= k <= beam, got k={k}, beam={beam}")
         keys, scores = self.decode(histories, beam)
         return items_from_sids(keys, scores, self.sid_table, k)
+
+
+class Reference(SidDecoder):
+    """recommend() with the torch model: one backbone pass, beam search in the head, the verifier.
+    ``steps`` replaces the torch steps (e.g. an artifact's graphs) to decode the same way with them."""
+
+    def __init__(self, model: NezhaModel, catalog: Catalog, max_history: int = 20, device: str = "cpu",
+                 steps=None):
+        super().__init__(model, catalog, max_history)
+        self.steps = steps or TorchSteps(model, device)
+
+    def decode(self, histories: Sequence[Sequence[int]], beam: int, verify: bool = True, stages: dict | None = None):
+        """-> (sid_keys [B, K] uint64, scores [B, K] float32), best first (``stages``: seconds per stage)."""
+        feed = encode_histories(histories, self.catalog, self.layout, self.max_history)
+        return beam_search(self.steps, feed, self.layout, self.verifier if verify else None, beam, stages)

@@ -9,6 +9,7 @@ so that the same mistake raises the same class with the same message on every ba
 from __future__ import annotations
 
 import abc
+import contextlib
 from pathlib import Path
 from typing import Sequence
 
@@ -39,7 +40,7 @@ def _integral(value) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
-class Recommender(abc.ABC):
+class Recommender(contextlib.AbstractContextManager):
     """``Recommender.load(artifact_dir)`` then ``recommend(histories, k=10, beam=20)``.
 
     Attributes of every backend: ``backend``, ``precision``, ``root`` (the artifact folder), ``levels``,
@@ -102,10 +103,7 @@ class Recommender(abc.ABC):
     def close(self) -> None:
         """Free every buffer and session; do not call it while requests run."""
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def __exit__(self, *exc):               # __enter__ (returns self): AbstractContextManager's
         self.close()
 
     # --- the checks, written once -----------------------------------------------------------------------

@@ -35,7 +35,8 @@ def artifact(tmp_path_factory):
 class ModuleTrace:
     """sys.setprofile on this thread and on every thread started while installed; ``modules`` lists the
     nezha.* modules whose functions ran while ``recording`` (in first-entered order), and whether ONNX
-Runtime's own Python layer was entered (``InferenceSession.run_with_iobinding``)."""
+Runtime's own Python layer was entered (``InferenceSession.run_with_iobinding``). The batcher's worker may
+    still be returning from the warm-up request when recording starts, so the order is not asserted."""
 
     def __init__(self):
         self.recording = self.reached_onnxruntime = False
@@ -81,5 +82,5 @@ def test_a_request_crosses_at_most_nine_of_our_modules(artifact, path, body):
     assert reply.status_code == 200, reply.text
     modules = list(trace.modules)
     print(f"\n{path}: {len(modules)} modules: {' -> '.join(modules)}")
-    assert modules[0] == "nezha.serve.app" and trace.reached_onnxruntime                 # from HTTP down to ORT
+    assert "nezha.serve.app" in modules and trace.reached_onnxruntime                   # from HTTP down to ORT
     assert len(modules) <= MAX_MODULES, f"{len(modules)} modules per request, at most {MAX_MODULES}: {modules}"

@@ -6,6 +6,7 @@ device buffers, is in backends/tensorrt.py."""
 
 from __future__ import annotations
 
+import contextlib
 import re
 
 import numpy as np
@@ -25,7 +26,7 @@ def parse_device(device) -> tuple[str, int]:
     return m.group(1), int(m.group(2) or 0)
 
 
-class GraphRunner:
+class GraphRunner(contextlib.AbstractContextManager):
     """One graph of an artifact on one thread. Subclasses implement ``_bind`` and ``_execute``.
 
     ``run(feed)`` returns output arrays that are views into this thread's buffers (allocated once by
@@ -85,10 +86,7 @@ class GraphRunner:
     def close(self) -> None:
         pass
 
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
+    def __exit__(self, *exc):               # __enter__ (returns self): AbstractContextManager's
         self.close()
 
 
