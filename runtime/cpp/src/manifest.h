@@ -1,6 +1,6 @@
 // The strict reader of manifest.json (docs/artifact.md, format version 4): every key checked, every
 // unknown or missing key an error naming its path, typed values out. Paths are checked lexically here;
-// their containment after symbolic links and the sha256 of each file are checked by artifact_files.h.
+// their containment after symbolic links and the sha256 of each file are checked by files.h.
 #pragma once
 
 #include <nlohmann/json_fwd.hpp>
