@@ -4,7 +4,7 @@ where those are installed, on a random-weight backbone of Qwen3-0.6B's shape, an
 bench.md + bench.png to a folder, with the GPU's memory (NVML, else cudaMemGetInfo) before and after.
 ``preflight.json``/``preflight.md`` are written first (GPU, versions, which backends run and why not),
 so a run cut short by a time limit still says what it found. The steps are the benchmark's own: a random
-checkpoint (bench/random_checkpoint.py), an artifact built by nezha.export.build, ``run_bench``.
+checkpoint (model/random_checkpoint.py), an artifact built by nezha.export.build, ``run_bench``.
 
     python -m nezha.bench.gpu_check --out runs/gpu                  # on a CUDA machine (a few minutes)
     python -m nezha.bench.gpu_check --out runs/gpu --no-runtime     # torch contenders only (no export)
@@ -110,7 +110,7 @@ def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: 
     from nezha.calibration import MIN_SAMPLES
     from nezha.export.build import build
 
-    from .random_checkpoint import random_checkpoint
+    from nezha.model.random_checkpoint import random_checkpoint
     from .suite import run_bench, write_outputs
 
     def log(msg="", **print_kwargs):                # the build logs progress with end=""
