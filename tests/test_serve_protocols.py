@@ -302,7 +302,7 @@ def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
 
 
 def test_protocol_cost_reads_the_server_cpu_per_protocol(serve, tmp_path):
-    from nezha.serve.protocol_cost import measure, report
+    from nezha.bench.protocol_cost import measure, report
     from test_serve import _tiny_data
 
     s = serve()

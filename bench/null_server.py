@@ -1,8 +1,8 @@
-"""A server that does nothing but speak the protocols: ``python -m nezha.serve.null_server --port P --grpc-port G``.
+"""A server that does nothing but speak the protocols: ``python -m nezha.bench.null_server --port P --grpc-port G``.
 
 Built like ``nezha serve`` (Starlette on uvicorn, grpc.aio in the same event loop, each request handed to a
 worker thread and its answer back to the loop, as the batcher does) but with no model: every request gets
-a fixed answer. ``serve/protocol_cost.py`` against it measures what uvicorn and grpc.aio themselves cost
+a fixed answer. ``bench/protocol_cost.py`` against it measures what uvicorn and grpc.aio themselves cost
 per call, client and server (docs/protocols.md)."""
 
 from __future__ import annotations
