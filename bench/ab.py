@@ -24,8 +24,8 @@ from typing import Sequence
 import numpy as np
 from nezha.runtime.errors import InputError
 
-from .callgrind import WORKER, print_tail, worker_env
-from .report import write_result
+from .callgrind import print_tail, worker_command, worker_env
+from .report import document, table, write_result
 from .run import load_histories, requests_of
 from .stats import machine
 
@@ -53,11 +53,10 @@ def compare_sides(seconds: dict, confidence: float = 0.95) -> dict:
     floor): both sides' medians (ms), current / base with its interval, and the verdict. A contender's ratio
     is median(current_i / base_i): a request preempted on one side moves it by one rank, not by its size;
     the own time's is the ratio of the sides' median runtime - floor."""
-    cur = {c: np.asarray(v, dtype=np.float64) for c, v in seconds["current"].items()}
-    base = {c: np.asarray(v, dtype=np.float64) for c, v in seconds["base"].items()}
+    cur, base = ({c: np.asarray(v, dtype=np.float64) for c, v in seconds[side].items()} for side in ("current", "base"))
     cur["runtime_own"], base["runtime_own"] = cur["runtime"] - cur["floor"], base["runtime"] - base["floor"]
     out = {}
-    for c in (*CONTENDERS, "runtime_own"):
+    for c in NAMES:
         if c == "runtime_own":
             est, lo, hi = paired_bootstrap(lambda a, b, x, y: np.median(a - b) / np.median(x - y),
                                            [cur["runtime"], cur["floor"], base["runtime"], base["floor"]], confidence)
@@ -122,11 +121,10 @@ class Side:
 
     def __init__(self, name: str, artifact: Path, tmp: Path, requests_file: Path, beam: int, threads: int,
                  env: dict, module_under: Path):
-        spec = tmp / f"{name}.spec.json"
-        spec.write_text(json.dumps({"artifact": str(artifact), "requests": str(requests_file), "beam": beam,
-                                    "threads": threads, "warmup": 0}))
+        cmd = worker_command("serve", tmp / f"{name}.spec.json", artifact=str(artifact), requests=str(requests_file),
+                             beam=beam, threads=threads, warmup=0)
         self.name = name
-        self.proc = subprocess.Popen([sys.executable, str(WORKER), "serve", str(spec)], env=env, text=True,
+        self.proc = subprocess.Popen(cmd, env=env, text=True,
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         ready = self._read()
         self.module, self.inject = ready.get("runtime_module", ""), ready.get("inject")
@@ -142,18 +140,18 @@ class Side:
             raise InputError(f"the {self.name} worker stopped (its last lines above)")
         return json.loads(line)
 
-    def _send(self, msg: dict) -> None:
+    def _send(self, **msg) -> None:
         self.proc.stdin.write(json.dumps(msg) + "\n")
         self.proc.stdin.flush()
 
     def run(self, contender: str, request: int) -> float:
-        self._send({"contender": contender, "request": request})
+        self._send(contender=contender, request=request)
         return float(self._read()["seconds"])
 
     def close(self) -> None:
         if self.proc.poll() is None:
             try:
-                self._send({"stop": True})
+                self._send(stop=True)
                 self.proc.wait(timeout=30)
             except (BrokenPipeError, subprocess.TimeoutExpired):
                 self.proc.kill()
@@ -198,8 +196,7 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
         if artifact is None:
             artifact = build_artifact(ROOT, tmp / "current-artifact", build_args, worker_env(), say)
         if histories is None:
-            from nezha.runtime.data import DEFAULT_DATA
-            histories = load_histories(Path(data) if data is not None else DEFAULT_DATA, "test", history_limit)
+            histories = load_histories(data, history_limit)
         (tmp / "requests.json").write_text(json.dumps(requests_of(histories, batch_size, warmup + requests)))
         sides.append(Side("current", Path(artifact), tmp, tmp / "requests.json", beam, threads, worker_env(), ROOT))
         sides.append(Side("base", base_artifact, tmp, tmp / "requests.json", beam, threads, base_env, base_path))
@@ -220,14 +217,13 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
         if base_tree.exists():
             subprocess.run(["git", "worktree", "remove", "--force", str(base_tree)], cwd=ROOT, capture_output=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    result = {"format": "nezha-ab", "version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-              "machine": machine(), "base": {"rev": rev, "sha": sha},
-              "current": {"tree": str(ROOT), "head": _git("rev-parse", "HEAD"), "inject": inject,
-                          "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))},
-              "setup": {"requests": requests, "warmup": warmup, "beam": beam, "batch_size": batch_size,
-                        "threads": threads, "build_args": list(build_args), "confidence": confidence,
-                        "order": "per request and contender, both sides back to back; the first side alternates"},
-              "seconds": seconds, "wall_seconds": round(wall, 1), "comparison": compare_sides(seconds, confidence)}
+    result = document("nezha-ab", machine=machine(), base={"rev": rev, "sha": sha},
+                      current={"tree": str(ROOT), "head": _git("rev-parse", "HEAD"), "inject": inject,
+                               "dirty": bool(_git("status", "--porcelain", "--untracked-files=no"))},
+                      setup={"requests": requests, "warmup": warmup, "beam": beam, "batch_size": batch_size,
+                             "threads": threads, "build_args": list(build_args), "confidence": confidence,
+                             "order": "per request and contender, both sides back to back; the first side alternates"},
+                      seconds=seconds, wall_seconds=round(wall, 1), comparison=compare_sides(seconds, confidence))
     if out is not None:
         write_result(out, "ab", result, report(result))
     return result
@@ -241,12 +237,10 @@ def report(result: dict) -> str:
              (f"; **test-only slowdown injected: NEZHA_BENCH_INJECT={cur['inject']}**" if cur.get("inject") else ""),
              f"- machine: {m['cpu']}, {m['cpu_usable']} usable cores, load {m.get('load_average')}",
              f"- batch {s['batch_size']}, beam {s['beam']}, {s['requests']} timed requests after {s['warmup']} warm-up, "
-             f"ONNX Runtime {s['threads']} thread(s); {s['order']}", "",
-             f"| contender | base p50 | current p50 | current / base | {s['confidence']:.0%} CI | verdict |",
-             "|---|---:|---:|---:|---|---|"]
-    for key, r in result["comparison"].items():
-        lines.append(f"| {NAMES[key]} | {r['base_median_ms']:.3f} ms | {r['current_median_ms']:.3f} ms | "
-                     f"{r['ratio']:.3f} | [{r['low']:.3f}, {r['high']:.3f}] | {r['verdict']} |")
+             f"ONNX Runtime {s['threads']} thread(s); {s['order']}"]
+    lines += table(f"contender | base p50 | current p50 | current / base | {s['confidence']:.0%} CI | verdict", [
+        [NAMES[key], f"{r['base_median_ms']:.3f} ms", f"{r['current_median_ms']:.3f} ms", f"{r['ratio']:.3f}",
+         f"[{r['low']:.3f}, {r['high']:.3f}]", r["verdict"]] for key, r in result["comparison"].items()])
     lines += ["", "Ratios: median of per-request ratios (own: ratio of the sides' median runtime - floor); intervals: "
               "paired bootstrap over requests. A report, not a gate: the instruction count is the gate."]
     return "\n".join(lines) + "\n"

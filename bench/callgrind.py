@@ -22,6 +22,8 @@ from typing import Sequence
 from nezha.runtime.errors import StepError
 from nezha.runtime.machine import describe
 
+from .report import document
+
 FORMAT = "nezha-instructions"
 BASELINE_FORMAT = "nezha-instructions-baseline"
 VERSION = 1
@@ -58,6 +60,12 @@ def worker_env(inject: str | None = None) -> dict:
     if inject is not None:
         env["NEZHA_BENCH_INJECT"] = inject
     return env
+
+
+def worker_command(mode: str, spec_file: Path, **spec) -> list[str]:
+    """Write ``spec`` to ``spec_file``; the command that runs bench/worker.py ``mode`` (count, serve) on it."""
+    spec_file.write_text(json.dumps(spec))
+    return [sys.executable, str(WORKER), mode, str(spec_file)]
 
 
 def print_tail(output: str, lines: int = 12) -> None:
@@ -129,11 +137,9 @@ def run_worker(artifact: Path, requests_file: Path, workdir: Path, phases: list[
     """The worker process (under callgrind if ``valgrind``): {"facts", "seconds", "parts": {name: (total,
     {label: instructions})}}. Raises StepError with the worker's last output lines if it fails."""
     tag = "callgrind" if valgrind else "native"
-    spec = {"artifact": str(artifact), "requests": str(requests_file), "beam": beam, "threads": threads,
-            "warmup": warmup, "phases": phases, "out": str(workdir / f"{tag}.facts.json")}
-    spec_file = workdir / f"{tag}.spec.json"
-    spec_file.write_text(json.dumps(spec))
-    cmd = [sys.executable, str(WORKER), "count", str(spec_file)]
+    facts_file = workdir / f"{tag}.facts.json"
+    cmd = worker_command("count", workdir / f"{tag}.spec.json", artifact=str(artifact), requests=str(requests_file),
+                         beam=beam, threads=threads, warmup=warmup, phases=phases, out=str(facts_file))
     out_file = workdir / "callgrind.out"
     if valgrind:
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--collect-atstart=no", "--compress-strings=no",
@@ -147,7 +153,7 @@ def run_worker(artifact: Path, requests_file: Path, workdir: Path, phases: list[
     if proc.returncode != 0:
         print_tail(proc.stderr or proc.stdout)
         raise StepError(f"the worker failed (exit {proc.returncode}; its last lines above): {' '.join(cmd)}")
-    facts = json.loads(Path(spec["out"]).read_text())
+    facts = json.loads(facts_file.read_text())
     out = {"facts": facts, "seconds": round(seconds, 2), "parts": {}}
     if valgrind:
         if not facts.get("client_requests"):
@@ -247,11 +253,10 @@ def result_from(parts: dict, workload: dict, env: dict, machine: dict, inject: s
             groups[c][g] = groups[c].get(g, 0.0) + ir
     top = {c: dict(sorted(((k, round(v, 1)) for k, v in per_fn.items() if abs(v) >= 0.5),
                           key=lambda kv: -abs(kv[1]))[:TOP_FUNCTIONS]) for c, per_fn in functions.items()}
-    return {"format": FORMAT, "version": VERSION, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": machine, "environment": env, "workload": workload, "inject": inject,
-            "per_request": {k: round(v, 1) for k, v in per_request.items()},
-            "stages": None if stages is None else {k: round(v, 1) for k, v in stages.items()},
-            "groups": {c: {g: round(v, 1) for g, v in gs.items()} for c, gs in groups.items()},
-            "functions": top, "seconds": None if seconds is None else round(seconds, 1)}
+    return document(FORMAT, VERSION, machine=machine, environment=env, workload=workload, inject=inject,
+                    per_request={k: round(v, 1) for k, v in per_request.items()},
+                    stages=None if stages is None else {k: round(v, 1) for k, v in stages.items()},
+                    groups={c: {g: round(v, 1) for g, v in gs.items()} for c, gs in groups.items()},
+                    functions=top, seconds=None if seconds is None else round(seconds, 1))
 
 

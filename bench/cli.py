@@ -91,15 +91,11 @@ def run(args) -> int:
         return run_wall_clock(args)
     from .callgrind import DEFAULTS
 
-    def given(value, default):
-        return default if value is None else value
-
-    workload = {"requests": given(args.requests, DEFAULTS["requests"]),
-                "warmup": given(args.warmup, DEFAULTS["warmup"]),
-                "beam": _one(args.beams, "--beams", DEFAULTS["beam"]),
-                "batch_size": _one(args.batch_sizes, "--batch-sizes", DEFAULTS["batch_size"]),
-                "history_limit": given(args.history_limit, DEFAULTS["histories"]),
-                "threads": given(args.threads, DEFAULTS["threads"])}
+    workload = {k: DEFAULTS[d] if v is None else v for k, v, d in (
+        ("requests", args.requests, "requests"), ("warmup", args.warmup, "warmup"),
+        ("history_limit", args.history_limit, "histories"), ("threads", args.threads, "threads"))}
+    workload.update(beam=_one(args.beams, "--beams", DEFAULTS["beam"]),
+                    batch_size=_one(args.batch_sizes, "--batch-sizes", DEFAULTS["batch_size"]))
     say = lambda msg: print(msg, file=sys.stderr)                                       # noqa: E731
     out = args.out if args.out != Path("runs/bench") else Path("runs/instructions" if args.instructions else "runs/ab")
     if args.against:
@@ -117,8 +113,7 @@ def run(args) -> int:
                       own_tolerance=args.own_tolerance, end_to_end_tolerance=args.end_to_end_tolerance, out=out,
                       stages=args.stages, progress=say, **workload)
     print(report(result, load_baseline(args.baseline) if args.baseline else None))
-    saved = f"; baseline {args.save_baseline}" if args.save_baseline else ""
-    print(f"wrote {out}/instructions.json, instructions.md{saved}")
+    print(f"wrote {out}/instructions.json, instructions.md{_saved(args)}")
     gate = result.get("gate")
     if gate and not gate["passed"]:
         _regressed(gate["regressions"])
@@ -134,11 +129,14 @@ def run_wall_clock(args) -> int:
     kwargs.update({k: v for k, v in WALL_CLOCK_DEFAULTS.items() if kwargs[k] is None})
     result, regressions = run_bench(**kwargs, progress=True)
     print(markdown(result))
-    saved = f"; baseline {args.save_baseline}" if args.save_baseline else ""
-    print(f"wrote {args.out}/bench.json, bench.md, bench.png{saved}")
+    print(f"wrote {args.out}/bench.json, bench.md, bench.png{_saved(args)}")
     if regressions:
         _regressed([r.message() for r in regressions])
     return 0
+
+
+def _saved(args) -> str:
+    return f"; baseline {args.save_baseline}" if args.save_baseline else ""
 
 
 def _regressed(messages: list[str]) -> None:

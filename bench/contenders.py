@@ -83,10 +83,6 @@ def runtime_contenders(artifact: str | Path, backend: str, precision: str, devic
 
 # --- the torch side (a checkpoint) ------------------------------------------------------------------------
 
-def torch_engine(device: str) -> str:
-    return f"torch-fp32-{device}"
-
-
 def reference_contenders(model, catalog, device: str = "cpu", max_history: int = 20) -> list[Contender]:
     """The torch floor (backbone only) and the PyTorch reference NEZHA, both on ``model`` (a NezhaModel
     with a draft head), sharing the runtime's encoder and decode loop so that the stages line up."""
@@ -107,14 +103,12 @@ def reference_contenders(model, catalog, device: str = "cpu", max_history: int =
             ref.steps.backbone(feed)
         return stages
 
-    def reference(histories, beam):
-        # Reference.decode with the stage timer: the same encoder and loop, nothing else.
+    def reference(histories, beam):                 # Reference.decode with the stage timer
         stages: dict = {}
         beam_search(ref.steps, encode(histories, stages), ref.layout, ref.verifier, beam, stages=stages)
         return stages
 
-    engine = torch_engine(device)
-    return [Contender("floor", engine, floor), Contender("reference", engine, reference)]
+    return [Contender("floor", f"torch-fp32-{device}", floor), Contender("reference", f"torch-fp32-{device}", reference)]
 
 
 def ar_model_from(model, seed: int = 0):
@@ -143,7 +137,7 @@ def ar_contender(ar_model, catalog, device: str = "cpu", max_history: int = 20, 
         dec.decode(histories, beam)
         return {}
 
-    return Contender("ar", torch_engine(device), ar, note=note)
+    return Contender("ar", f"torch-fp32-{device}", ar, note=note)
 
 
 def hf_generate_contender(ar_model, catalog, device: str = "cpu", max_history: int = 20) -> Contender:
@@ -187,5 +181,5 @@ def hf_generate_contender(ar_model, catalog, device: str = "cpu", max_history: i
                         prefix_allowed_tokens_fn=prefix_allowed)
         return {}
 
-    return Contender("hf-generate", torch_engine(device), generate,
+    return Contender("hf-generate", f"torch-fp32-{device}", generate,
                      note="naive: transformers generate(num_beams, prefix_allowed_tokens_fn)")

@@ -1,10 +1,7 @@
-"""The regression gates' one baseline/compare implementation, and the wall-clock gate built on it.
-
-A gate (``Gate``) is a baseline file (a JSON document with a format name, written atomically, read
-strictly) and a judgement: each figure of the baseline against this run's, with a direction and a
-tolerance. Two gates use it: the wall-clock gate here compares the RATIOS of a run (NEZHA / floor,
-AR / NEZHA, ...), never absolute times, so that a baseline made on one machine holds on another; the
-instruction gate (bench/instructions.py) compares instructions per request."""
+"""The regression gates' one baseline/compare implementation (``Gate``: a baseline file written atomically,
+read strictly; each of its figures judged against this run's with a direction and a tolerance), and the
+wall-clock gate on it, which compares a run's RATIOS (NEZHA / floor, AR / NEZHA, ...), never absolute
+times, so that a baseline made on one machine holds on another (the instruction gate: instructions.py)."""
 
 from __future__ import annotations
 
@@ -78,7 +75,6 @@ class Gate:
     schema: dict = field(default_factory=dict)
 
     def save(self, doc: dict, path: str | Path) -> Path:
-        """Write ``doc`` to ``path`` atomically (a reader never sees half a baseline)."""
         return write_atomic(path, json.dumps(doc, indent=1) + "\n")
 
     def load(self, path: str | Path) -> dict:

@@ -1,19 +1,15 @@
-"""The GPU check: one prepared command that times the PyTorch reference NEZHA, the floor and the AR
-baseline on CUDA, plus the runtime through TensorRT (fp16 and int8 engines) and ONNX Runtime CUDA (fp32)
-where those are installed, on a random-weight backbone of Qwen3-0.6B's shape, and writes bench.json +
-bench.md + bench.png to a folder, with the GPU's memory (NVML, else cudaMemGetInfo) before and after.
-``preflight.json``/``preflight.md`` are written first (GPU, versions, which backends run and why not),
-so a run cut short by a time limit still says what it found. The steps are the benchmark's own: a random
-checkpoint (bench/random_checkpoint.py), an artifact built by nezha.export.build, ``run_bench``.
+"""The GPU check: one prepared command timing the PyTorch reference NEZHA, the floor and the AR baseline on
+CUDA, and the runtime through TensorRT (fp16, int8) and ONNX Runtime CUDA (fp32) where installed, on a
+random-weight backbone of Qwen3-0.6B's shape (hidden 1024, 28 layers, 16 heads, 8 kv heads, head_dim 128,
+intermediate 3072, 151,669 tokens before the SID tokens: the AR baseline's LM head spans them). Writes
+preflight.{json,md} first (GPU, versions, which backends run and why not: a run cut short still says what it
+found), then bench.{json,md,png} with the GPU's memory before and after. Weights are random: latency only.
+``--layout 3x512`` gives each Beauty item a random 3-level SID of 512 codes (the public training scripts').
 
     python -m nezha.bench.gpu_check --out runs/gpu                  # on a CUDA machine (a few minutes)
     python -m nezha.bench.gpu_check --out runs/gpu --no-runtime     # torch contenders only (no export)
     python -m nezha.bench.gpu_check --out /tmp/g --tiny             # CPU smoke test: tiny backbone, seconds
-
-Qwen3-0.6B's backbone: hidden 1024, 28 layers, 16 heads, 8 kv heads, head_dim 128, intermediate 3072,
-vocabulary 151,669 tokens before the SID tokens (the AR baseline's LM head spans it, as in TIGER-style
-serving). Weights are random: latency only. Histories: Beauty test users; with ``--layout 3x512`` each
-Beauty item gets a random 3-level SID of 512 codes (the public training scripts' shape)."""
+"""
 
 from __future__ import annotations
 
@@ -25,12 +21,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from .report import write_result
+
 QWEN3_0_6B = {"hidden_size": 1024, "num_layers": 28, "num_heads": 16, "num_kv_heads": 8, "head_dim": 128,
               "intermediate_size": 3072, "vocab": 151669}
 TINY = {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2, "head_dim": 16,
         "intermediate_size": 128, "vocab": 2}
-# The precisions each backend is timed at: TensorRT's fp16 and int8 engines (int8: Q/DQ on the fp16 graph),
-# ONNX Runtime CUDA's fp32 graphs.
 RUNTIME_PRECISIONS = {"onnxruntime": ("fp32",), "tensorrt": ("fp16", "int8")}
 
 
@@ -80,22 +76,17 @@ def gpu_memory(device: str) -> dict | None:
 
 def preflight(device: str, out: Path, log) -> dict:
     """What this machine offers, written to ``out``/preflight.{json,md} before any timing."""
-    import platform
-
     from .stats import machine
     backends, why_not = runtime_available(device)
-    found = {"device": device, "machine": machine(), "python": platform.python_version(),
-             "runtime_backends": backends, "not_available": why_not, "gpu_memory": gpu_memory(device)}
+    found = {"device": device, "machine": machine(), "runtime_backends": backends, "not_available": why_not, "gpu_memory": gpu_memory(device)}
     if device.startswith("cuda"):
         import torch
         found["gpu"] = torch.cuda.get_device_name(int(device.partition(":")[2] or 0))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "preflight.json").write_text(json.dumps(found, indent=1, default=str))
-    lines = [f"# gpu_check preflight ({device})", "", f"- GPU: {found.get('gpu', '-')}",
-             f"- runtime backends: {', '.join(backends) or 'none'}",
+    lines = [f"- GPU: {found.get('gpu', '-')}", f"- runtime backends: {', '.join(backends) or 'none'}",
              *[f"- {b} not available: {why}" for b, why in why_not.items()], f"- GPU memory: {found['gpu_memory']}"]
-    (out / "preflight.md").write_text("\n".join(lines) + "\n")
-    log(" | ".join(lines[2:]))
+    write_result(out, "preflight", json.loads(json.dumps(found, default=str)),
+                 "\n".join([f"# gpu_check preflight ({device})", "", *lines]) + "\n")
+    log(" | ".join(lines))
     return found
 
 
@@ -110,7 +101,7 @@ def gpu_check(out: Path, tiny: bool = False, device: str | None = None, layout: 
     from nezha.calibration import MIN_SAMPLES
     from nezha.export.build import build
 
-    from .random_checkpoint import random_checkpoint
+    from nezha.model.random_checkpoint import random_checkpoint
     from .suite import run_bench, write_outputs
 
     def log(msg="", **print_kwargs):                # the build logs progress with end=""

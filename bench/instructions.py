@@ -16,7 +16,7 @@ from .callgrind import (BASELINE_FORMAT, DEFAULTS, END_TO_END_TOLERANCE, GROUPS,
                         SAVE_COMMAND, TOP_FUNCTIONS, STAGES, VERSION, measure, phases_of, read_callgrind,
                         result_from)
 from .gate import Gate
-from .report import write_result
+from .report import table, write_result
 
 NUMBER = (int, float)
 INSTRUCTIONS = Gate(BASELINE_FORMAT, "an instruction-count baseline", f"record one: {SAVE_COMMAND}", StepError,
@@ -104,12 +104,6 @@ def _m(x: float | None, sign: str = "") -> str:
     return "-" if x is None else f"{x / 1e6:{sign}.4f}M"
 
 
-def _table(head: str, rows: list[list[str]]) -> list[str]:
-    """A Markdown table: a header line ("a | b | c"; columns after the first right-aligned) and its rows."""
-    cols = head.count("|") + 1
-    return ["", f"| {head} |", "|---|" + "---:|" * (cols - 1)] + ["| " + " | ".join(r) + " |" for r in rows]
-
-
 def _vs(now: float, base: float | None) -> list[str]:
     """[now, baseline, change] cells."""
     return [_m(now), _m(base), "-" if not base else f"{now / base - 1:+.2%}"]
@@ -130,7 +124,7 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
              "deterministic to the instruction; each phase counts only its requests"]
     if result.get("inject"):
         lines.append(f"- **test-only slowdown injected**: NEZHA_BENCH_INJECT={result['inject']}")
-    lines += _table("contender | instructions / request | baseline | change",
+    lines += table("contender | instructions / request | baseline | change",
                     [[name, *_vs(result["per_request"][key], base["per_request"][key] if base else None)]
                      for key, name in CONTENDERS.items()])
     gate = result.get("gate")
@@ -141,7 +135,7 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
         lines += [("- REGRESSED " if f["regressed"] else "- ok ") + f["message"] for f in gate["figures"]]
         lines += [f"- note: {n}" for n in gate["notes"]]
     lines += ["", "## What moved: instructions per request by library"]
-    lines += _table("contender | " + " | ".join(GROUPS), [
+    lines += table("contender | " + " | ".join(GROUPS), [
         [name] + [_m(result["groups"][key].get(g, 0.0)) + (f" ({_m(result['groups'][key].get(g, 0.0) - base['groups'][key].get(g, 0.0), '+')})" if base else "")
                   for g in GROUPS] for key, name in CONTENDERS.items()])
     lines += ["", "By the object callgrind names: onnxruntime (its kernels; the PyPI library is stripped, so they "
@@ -151,13 +145,13 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
     if result.get("stages"):
         was = (base or {}).get("stages") or {}
         lines += ["", "## What moved: the runtime's own instructions per request by stage"]
-        lines += _table("stage | now | baseline | change",
+        lines += table("stage | now | baseline | change",
                         [[STAGE_NAMES.get(st, st), *_vs(v, was.get(st))] for st, v in result["stages"].items()])
     for key, name in CONTENDERS.items():
         now = result["functions"][key]
         if not base:
             lines += ["", f"### {name}: top functions (instructions per request)"]
-            lines += _table("function | instructions / request", [[f"`{_short(k)}`", _m(now[k])] for k in list(now)[:top]])
+            lines += table("function | instructions / request", [[f"`{_short(k)}`", _m(now[k])] for k in list(now)[:top]])
             continue
         was = base["functions"][key]
         # a function kept on one side only may lie just below the other side's cut: not a move
@@ -166,7 +160,7 @@ def report(result: dict, baseline: dict | None = None, top: int = 8) -> str:
                  (k in now and abs(now[k]) > 2 * cut_was) or (k in was and abs(was[k]) > 2 * cut_now)]
         moved = sorted(known, key=lambda k: -abs(now.get(k, 0.0) - was.get(k, 0.0)))[:top]
         lines += ["", f"### {name}: functions that moved most (instructions per request)"]
-        lines += _table("function | now | baseline | change", [[f"`{_short(k)}`", _m(now.get(k)), _m(was.get(k)),
+        lines += table("function | now | baseline | change", [[f"`{_short(k)}`", _m(now.get(k)), _m(was.get(k)),
                                                                 _m(now.get(k, 0.0) - was.get(k, 0.0), "+")] for k in moved])
     return "\n".join(lines) + "\n"
 
@@ -195,8 +189,8 @@ def run_gate(artifact: str | Path, data: str | Path | None = None, histories=Non
         from nezha.runtime.data import DEFAULT_DATA
 
         from .run import load_histories
-        data = Path(data) if data is not None else DEFAULT_DATA
-        histories = load_histories(data, "test", history_limit)
+        data = Path(data or DEFAULT_DATA)
+        histories = load_histories(data, history_limit)
         description["histories"] = f"{data.name} leave-one-out test users (shuffled, seed 0, first {len(histories)})"
     result = measure(artifact, histories, requests, warmup, beam, batch_size, threads, inject, stages,
                      description=description, progress=progress)

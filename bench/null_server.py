@@ -1,4 +1,4 @@
-"""A server that does nothing but speak the protocols: ``python bench/null_server.py --port P --grpc-port G``.
+"""A server that does nothing but speak the protocols: ``python -m nezha.bench.null_server --port P --grpc-port G``.
 
 Built like ``nezha serve`` (Starlette on uvicorn, grpc.aio in the same event loop, each request handed to a
 worker thread and its answer back to the loop, as the batcher does) but with no model: every request gets

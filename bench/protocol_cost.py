@@ -1,4 +1,4 @@
-"""Where a request's server CPU goes, per protocol: ``python bench/protocol_cost.py URL --pid PID --grpc-port G``.
+"""Where a request's server CPU goes, per protocol: ``python -m nezha.bench.protocol_cost URL --pid PID --grpc-port G``.
 
 Against a running ``nezha serve`` (``--pid``: its process id), the protocols run in alternating short slices,
 as ``nezha loadtest`` runs them, and each slice's CPU time is read from /proc (Linux): the server's, split by

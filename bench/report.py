@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 STAGE_ORDER = ("encode", "backbone", "head", "verify", "select", "host")
@@ -32,6 +33,17 @@ def write_result(out: str | Path, stem: str, result: dict, text: str) -> list[Pa
     """``out``/STEM.json (every figure of ``result``) and ``out``/STEM.md (``text``, its summary)."""
     return [write_atomic(Path(out) / f"{stem}.json", json.dumps(result, indent=1)),
             write_atomic(Path(out) / f"{stem}.md", text)]
+
+
+def document(format: str, version: int = 1, **fields) -> dict:
+    """A result document: its format name and version, when it was made, then ``fields``."""
+    return {"format": format, "version": version, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **fields}
+
+
+def table(head: str, rows) -> list[str]:
+    """A Markdown table: a blank line, the header ("a | b | c"; columns after the first right-aligned), rows."""
+    return ["", f"| {head} |", "|---|" + "---:|" * head.count("|")] + ["| " + " | ".join(map(str, r)) + " |"
+                                                                       for r in rows]
 
 
 def _ms(seconds) -> str:
@@ -66,26 +78,20 @@ def markdown(result: dict) -> str:
         lines.append(f"- torch side: {s['torch_side']}")
     lines.append(f"- process peak RSS: {result['memory']['process_peak_rss_mb']} MiB")
     for c in result["configs"]:
-        lines += ["", f"## batch {c['batch_size']}, beam {c['beam']}", "",
-                  "| contender | p50 ms | p90 ms | p99 ms | histories/s | peak RSS MiB |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        for name, r in c["contenders"].items():
-            lat = r["latency"]
-            lines.append(f"| {name} | {_ms(lat['p50'])} | {_ms(lat['p90'])} | {_ms(lat['p99'])} | "
-                         f"{lat['throughput']:.1f} | {r['peak_rss_mb'] if r['peak_rss_mb'] is not None else '-'} |")
-        for name, why in c["skipped"].items():
-            lines.append(f"| {name} | skipped: {why} | | | | |")
+        lines += ["", f"## batch {c['batch_size']}, beam {c['beam']}"]
+        lines += table("contender | p50 ms | p90 ms | p99 ms | histories/s | peak RSS MiB", [
+            [name, *(_ms(r["latency"][p]) for p in ("p50", "p90", "p99")), f"{r['latency']['throughput']:.1f}",
+             "-" if r["peak_rss_mb"] is None else r["peak_rss_mb"]] for name, r in c["contenders"].items()
+        ] + [[name, f"skipped: {why}", "", "", "", ""] for name, why in c["skipped"].items()])
         if c["ratios"]:
-            lines += ["", "| ratio (median of per-request ratios) | value | p50 / p50 | better |", "|---|---:|---:|---|"]
-            for name, r in c["ratios"].items():
-                lines.append(f"| {name} | {r['value']:.2f} | {r['p50_over_p50']:.2f} | "
-                             f"{'higher' if r['higher_is_better'] else 'lower'} |")
+            lines += table("ratio (median of per-request ratios) | value | p50 / p50 | better", [
+                [name, f"{r['value']:.2f}", f"{r['p50_over_p50']:.2f}", "higher" if r["higher_is_better"] else "lower"]
+                for name, r in c["ratios"].items()])
         staged = {n: r["stages"] for n, r in c["contenders"].items() if len(r["stages"]) > 1}
         if staged:
             cols = stage_order({k: 0 for st in staged.values() for k in st})
-            lines += ["", "| stage, mean ms | " + " | ".join(cols) + " |", "|---|" + "---:|" * len(cols)]
-            for name, st in staged.items():
-                lines.append(f"| {name} | " + " | ".join(_ms(st.get(k)) for k in cols) + " |")
+            lines += table("stage, mean ms | " + " | ".join(cols),
+                           [[name, *(_ms(st.get(k)) for k in cols)] for name, st in staged.items()])
     if result.get("gate"):
         g = result["gate"]
         lines += ["", f"## gate against {g['baseline']} (tolerance {g['tolerance']:.0%})", ""]
@@ -137,20 +143,17 @@ def _latency_panel(ax1, configs: list, names: list, batch: int) -> None:
         ls, marker = KIND_STYLE.get(name.split("[", 1)[0], ("-", "o"))
         ax1.errorbar(beams, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p90)]], label=name,
                      color=PALETTE[names.index(name) % len(PALETTE)], linestyle=ls, marker=marker, capsize=3)
+    ax1.set(xscale="log", yscale="log", xlabel="beam width", title="latency vs beam",
+            ylabel=f"latency per request of {batch} (ms, p50; bar to p90)")
     ax1.set_xscale("log", base=2)
-    ax1.set_yscale("log")
     ax1.set_xticks([c["beam"] for c in configs], [str(c["beam"]) for c in configs])
-    ax1.set_xlabel("beam width")
-    ax1.set_ylabel(f"latency per request of {batch} (ms, p50; bar to p90)")
-    ax1.set_title("latency vs beam")
     ax1.grid(True, which="both", alpha=0.3)
     ax1.legend(fontsize=7, loc="upper left")
 
 
 def _stage_panel(ax2, last: dict, batch: int) -> None:
     """The stage breakdown (stacked mean ms) of every contender that times its stages, at one config."""
-    # Contenders without a stage timer (AR, generate) can be 100x slower: listed in text, not drawn, so
-    # that the NEZHA stages stay readable on a linear axis.
+    # without a stage timer (AR, generate: up to 100x slower) in text, so the NEZHA stages stay readable
     rows = [(n, r) for n, r in last["contenders"].items() if len(r["stages"]) > 1]
     others = [f"{n}: {r['latency']['mean'] * 1e3:.1f} ms" for n, r in last["contenders"].items() if len(r["stages"]) <= 1]
     seen = set()

@@ -17,18 +17,16 @@ from nezha.runtime.errors import InputError
 
 from . import stats
 from .contenders import Contender
-
-RESULT_FORMAT = "nezha-bench"
-RESULT_VERSION = 1
+from .report import document
 
 
-def load_histories(data: str | Path, part: str = "test", limit: int | None = None, seed: int = 0) -> list[list[int]]:
-    """Real request histories: the leave-one-out ``part`` histories of a LETTER dataset, shuffled with
-    ``seed`` (so that a request mixes users of all lengths), the first ``limit`` of them."""
-    from nezha.runtime.data import find_pair, leave_one_out, read_interactions
+def load_histories(data: str | Path | None = None, limit: int | None = None, seed: int = 0) -> list[list[int]]:
+    """Real request histories: the leave-one-out test histories of a LETTER dataset (default: Beauty),
+    shuffled with ``seed`` (so that a request mixes users of all lengths), the first ``limit`` of them."""
+    from nezha.runtime.data import DEFAULT_DATA, find_pair, leave_one_out, read_interactions
 
-    _, inter = find_pair(data)
-    hist = leave_one_out(read_interactions(inter), part).histories
+    _, inter = find_pair(DEFAULT_DATA if data is None else data)
+    hist = leave_one_out(read_interactions(inter), "test").histories
     order = np.random.default_rng(seed).permutation(len(hist))
     return [hist[i] for i in order[:limit]]
 
@@ -126,24 +124,22 @@ def benchmark(contenders: Sequence[Contender], histories: Sequence[Sequence[int]
     if len(set(names)) != len(names):
         raise InputError(f"contender names must be unique, got {names}")
     rss_start = stats.current_rss_bytes()
+
     def tick(b, k):
-        def say(i, n):
-            if sys.stderr.isatty() or i == n:
-                print(f"\r  batch {b} beam {k}: request {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
-        return say if progress else None
+        return lambda i, n: (sys.stderr.isatty() or i == n) and print(
+            f"\r  batch {b} beam {k}: request {i}/{n}", end="" if i < n else "\n", file=sys.stderr, flush=True)
 
     t0 = time.perf_counter()
-    configs = [measure(contenders, histories, b, k, requests, warmup, tick(b, k)) for b in batch_sizes for k in beams]
-    return {"format": RESULT_FORMAT, "version": RESULT_VERSION,
-            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": stats.machine(),
-            "setup": {**(description or {}), "batch_sizes": list(batch_sizes), "beams": list(beams),
-                      "requests": requests, "warmup": warmup, "histories": len(histories),
-                      "mean_history_items": float(np.mean([len(h) for h in histories])),
-                      "contenders": {c.name: c.note for c in contenders}},
-            "memory": {"rss_start_mb": None if rss_start is None else round(rss_start / 2**20, 1),
-                       "process_peak_rss_mb": round(stats.peak_rss_bytes() / 2**20, 1)},
-            "seconds": round(time.perf_counter() - t0, 2),
-            "configs": configs}
+    configs = [measure(contenders, histories, b, k, requests, warmup, tick(b, k) if progress else None)
+               for b in batch_sizes for k in beams]
+    return document("nezha-bench", machine=stats.machine(),
+                    setup={**(description or {}), "batch_sizes": list(batch_sizes), "beams": list(beams),
+                           "requests": requests, "warmup": warmup, "histories": len(histories),
+                           "mean_history_items": float(np.mean([len(h) for h in histories])),
+                           "contenders": {c.name: c.note for c in contenders}},
+                    memory={"rss_start_mb": None if rss_start is None else round(rss_start / 2**20, 1),
+                            "process_peak_rss_mb": round(stats.peak_rss_bytes() / 2**20, 1)},
+                    seconds=round(time.perf_counter() - t0, 2), configs=configs)
 
 
 def flat_ratios(result: dict) -> dict[str, dict]:

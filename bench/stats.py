@@ -27,13 +27,11 @@ def percentiles(seconds, qs=PERCENTILES) -> dict[str, float]:
 
 
 def summarize(seconds, batch_size: int) -> dict[str, float]:
-    """Per-request latencies [N] seconds of requests of ``batch_size`` histories -> p50/p90/p99, mean, std,
-    min (seconds), n, and throughput (histories per second = batch_size * N / total seconds)."""
+    """[N] seconds per request of ``batch_size`` histories -> percentiles, mean, std, min (s), n, and
+    throughput (histories per second)."""
     x = np.asarray(seconds, dtype=np.float64).reshape(-1)
-    out = percentiles(x)
-    out.update(mean=float(x.mean()), std=float(x.std()), min=float(x.min()), n=int(x.size),
-               throughput=float(batch_size * x.size / x.sum()) if x.sum() > 0 else float("inf"))
-    return out
+    return {**percentiles(x), "mean": float(x.mean()), "std": float(x.std()), "min": float(x.min()), "n": int(x.size),
+            "throughput": float(batch_size * x.size / x.sum()) if x.sum() > 0 else float("inf")}
 
 
 def paired_ratio(numerator, denominator) -> float:
@@ -50,10 +48,8 @@ def paired_ratio(numerator, denominator) -> float:
 
 @dataclass(frozen=True)
 class RatioSpec:
-    """One reported ratio ``numerator / denominator`` of two contenders' latencies.
-
-    ``higher_is_better``: False for overhead ratios (NEZHA / floor: 1.0 is the ideal), True for speed-ups
-    (AR / NEZHA: how many times faster NEZHA is)."""
+    """``numerator / denominator`` of two contenders' latencies; lower is better for overheads (NEZHA /
+    floor: 1.0 is the ideal), higher for speed-ups (AR / NEZHA)."""
 
     numerator: str
     denominator: str

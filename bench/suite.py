@@ -13,8 +13,6 @@ from .contenders import Contender, ar_contender, ar_model_from, hf_generate_cont
 from .contenders import runtime_contenders
 from .run import benchmark, load_histories
 
-QUICK = {"batch_sizes": (1,), "beams": (20,), "requests": 100, "warmup": 10, "histories": 500}
-
 
 def runtime_engines(manifest, backends: Sequence[str] | None, precisions: Sequence[str] | None) -> list[tuple[str, str]]:
     """(backend, precision) pairs to run: the artifact's precisions x the asked backends (default:
@@ -61,31 +59,31 @@ def build_contenders(artifact=None, checkpoint=None, ar_checkpoint=None, data=No
         if checkpoint is None and recorded and (Path(recorded) / "config.json").is_file():
             checkpoint = Path(recorded)
     desc["max_history"] = max_history = max_history or 20
-    if (reference or ar or hf_generate) and checkpoint is None:
+    if checkpoint is None:
         if artifact is None:
             raise InputError("nothing to benchmark: give an artifact and/or a checkpoint")
-        desc["torch_side"] = "skipped: no checkpoint (pass checkpoint=DIR for the reference and AR baseline)"
+        if reference or ar or hf_generate:
+            desc["torch_side"] = "skipped: no checkpoint (pass checkpoint=DIR for the reference and AR baseline)"
         return contenders, desc
-    if checkpoint is not None:
-        import torch
-        from nezha.model.checkpoint import load_catalog, load_checkpoint
+    import torch
+    from nezha.model.checkpoint import load_catalog, load_checkpoint
 
-        if threads is not None:
-            torch.set_num_threads(threads)
-        model = load_checkpoint(checkpoint)
-        desc["checkpoint"], desc["backbone"] = str(checkpoint), backbone_description(model)
-        catalog = catalog if catalog is not None else catalog_for(model.layout, data, checkpoint, load_catalog)
-        if reference:
-            contenders += reference_contenders(model, catalog, device, max_history)
-        if ar or hf_generate:
-            if ar_checkpoint is not None:
-                ar_model, desc["ar"] = load_checkpoint(ar_checkpoint), f"AR checkpoint {ar_checkpoint}"
-            else:
-                ar_model, desc["ar"] = ar_model_from(model), "same backbone weights, random LM head (latency only)"
-            if ar:
-                contenders.append(ar_contender(ar_model, catalog, device, max_history, desc["ar"]))
-            if hf_generate:
-                contenders.append(hf_generate_contender(ar_model, catalog, device, max_history))
+    if threads is not None:
+        torch.set_num_threads(threads)
+    model = load_checkpoint(checkpoint)
+    desc["checkpoint"], desc["backbone"] = str(checkpoint), backbone_description(model)
+    catalog = catalog if catalog is not None else catalog_for(model.layout, data, checkpoint, load_catalog)
+    if reference:
+        contenders += reference_contenders(model, catalog, device, max_history)
+    if ar or hf_generate:
+        if ar_checkpoint is not None:
+            ar_model, desc["ar"] = load_checkpoint(ar_checkpoint), f"AR checkpoint {ar_checkpoint}"
+        else:
+            ar_model, desc["ar"] = ar_model_from(model), "same backbone weights, random LM head (latency only)"
+        if ar:
+            contenders.append(ar_contender(ar_model, catalog, device, max_history, desc["ar"]))
+        if hf_generate:
+            contenders.append(hf_generate_contender(ar_model, catalog, device, max_history))
     return contenders, desc
 
 
@@ -115,29 +113,24 @@ def backbone_description(model) -> dict:
             "sid_codes": list(model.layout.codes)}
 
 
-def run_bench(artifact=None, checkpoint=None, ar_checkpoint=None, data=None, histories=None, backends=None,
-              precisions=None, device: str = "cpu", batch_sizes: Sequence[int] = (1,), beams: Sequence[int] = (20, 512),
-              requests: int = 30, warmup: int = 3, history_limit: int = 2000, reference: bool = True,
-              ar: bool = True, hf_generate: bool = False, quick: bool = False, out: str | Path | None = None,
-              baseline: str | Path | None = None, tolerance: float = 0.10, save_baseline: str | Path | None = None,
-              catalog=None, max_history: int | None = None, threads: int | None = None, title: str | None = None,
-              progress: bool = False, engines=None) -> tuple[dict, list[gate.Figure]]:
+def run_bench(artifact=None, *, data=None, histories=None, history_limit: int = 2000,
+              batch_sizes: Sequence[int] = (1,), beams: Sequence[int] = (20, 512), requests: int = 30,
+              warmup: int = 3, quick: bool = False, out: str | Path | None = None, baseline: str | Path | None = None,
+              tolerance: float = 0.10, save_baseline: str | Path | None = None, title: str | None = None,
+              progress: bool = False, **choose) -> tuple[dict, list[gate.Figure]]:
     """Run the benchmark; write ``out``/bench.json, bench.md, bench.png if ``out``; compare with ``baseline``.
 
-    Histories: ``histories`` if given, else the leave-one-out test histories of ``data`` (default Beauty).
-    ``quick`` overrides the grid with QUICK (one small configuration, for CI). Returns (result, the ratios
-    that regressed)."""
+    ``choose``: build_contenders' arguments. Histories: ``histories`` if given, else the leave-one-out test
+    histories of ``data`` (default Beauty). ``quick``: one small configuration (batch 1, beam 20, 100
+    requests after 10 on 500 histories), for CI. Returns (result, the ratios that regressed)."""
     if quick:
-        batch_sizes, beams = QUICK["batch_sizes"], QUICK["beams"]
-        requests, warmup, history_limit = QUICK["requests"], QUICK["warmup"], QUICK["histories"]
+        batch_sizes, beams, requests, warmup, history_limit = (1,), (20,), 100, 10, 500
     if data is None:
         from nezha.runtime.data import DEFAULT_DATA
         data = DEFAULT_DATA
-    contenders, desc = build_contenders(artifact, checkpoint, ar_checkpoint, data if histories is None else None,
-                                        backends, precisions, device, reference, ar, hf_generate, max_history,
-                                        catalog, threads, engines)
+    contenders, desc = build_contenders(artifact, data=data if histories is None else None, **choose)
     if histories is None:
-        histories = load_histories(data, "test", history_limit)
+        histories = load_histories(data, history_limit)
         desc["histories"] = f"{data} leave-one-out test users (shuffled, first {len(histories)})"
     try:
         result = benchmark(contenders, histories, batch_sizes, beams, requests, warmup, desc, progress)

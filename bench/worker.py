@@ -78,8 +78,7 @@ class Callgrind:
     def __init__(self):
         import ctypes
 
-        self._ctypes = ctypes
-        self.running = False
+        self._ctypes, self.running = ctypes, False
         if on_x86_64():
             self._call, self._page = machine_code(self.CODE, ctypes.c_uint64, ctypes.c_void_p)
             self._args = (ctypes.c_uint64 * 6)()
@@ -90,20 +89,17 @@ class Callgrind:
         return self._call(self._ctypes.addressof(self._args))
 
     def toggle(self) -> None:
-        """Switch event collection on if off, off if on (callgrind's CALLGRIND_TOGGLE_COLLECT)."""
-        if self.running:
-            self._request(self.TOGGLE_COLLECT)
+        """Collection on if off, off if on (CALLGRIND_TOGGLE_COLLECT)."""
+        self.running and self._request(self.TOGGLE_COLLECT)
 
     def start_instrumentation(self) -> None:
         """Begin instrumenting (with --instr-atstart=no, everything before runs at near-native speed)."""
-        if self.running:
-            self._request(self.START_INSTRUMENTATION)
+        self.running and self._request(self.START_INSTRUMENTATION)
 
     def dump(self, name: str) -> None:
         """Write the counts collected since the last dump as a part named ``name``, and zero them."""
-        if self.running:
-            label = self._ctypes.create_string_buffer(name.encode())
-            self._request(self.DUMP_STATS_AT, self._ctypes.addressof(label))
+        label = self._ctypes.create_string_buffer(name.encode())
+        self.running and self._request(self.DUMP_STATS_AT, self._ctypes.addressof(label))
 
 
 def cpu_identity() -> str | None:
@@ -164,41 +160,32 @@ class StageHook:
 
 
 def load(spec: dict):
-    """(Recommender, requests, the injected slowdown or None) from a spec; ONNX Runtime with
-    ``spec["threads"]`` intra-op threads."""
+    """(Recommender with ``spec["threads"]`` ONNX Runtime threads, requests, the injected slowdown or None)."""
     from nezha.runtime import Recommender
 
     with open(spec["requests"]) as f:
         requests = json.load(f)
-    inject = os.environ.get(INJECT_ENV) or None
-    return Recommender.load(spec["artifact"], threads=spec["threads"]), requests, inject
-
-
-def contender(rec, name: str, beam: int, hook: StageHook | None = None):
-    """The callable that runs one request (a list of histories) as contender ``name`` (the runtime with
-    ``hook`` as its stage hook, if given); returns a small integer digest of its output, so that runs can be
-    checked to have done the same work."""
-    if name == "floor":
-        def run(histories):
-            hidden = rec.backbone(rec.encode(histories))
-            return int(hidden.shape[0] * hidden.shape[1])
-    elif name == "runtime":
-        kw = {} if hook is None else {"stages": hook}                # no hook: any revision's runtime
-
-        def run(histories):
-            keys, _ = rec.decode(histories, beam, **kw)
-            return int(keys.sum() % 1000003)
-    else:
-        raise ValueError(f"contender {name!r}; allowed: floor, runtime")
-    return run
+    return Recommender.load(spec["artifact"], threads=spec["threads"]), requests, os.environ.get(INJECT_ENV) or None
 
 
 def contenders(rec, beam: int, inject: str | None, cg: Callgrind | None = None, collect: str | None = None) -> dict:
-    """{"floor", "runtime"} -> its callable; the runtime's with a stage hook only where one is needed."""
+    """{"floor", "runtime"} -> the callable that runs one request (a list of histories) and returns a small
+    integer digest of its output (runs can be checked to have done the same work). The runtime gets a stage
+    hook only where one is needed (no hook: any revision's runtime)."""
     if collect not in (None, "") + STAGES:
         raise ValueError(f"stage {collect!r}; allowed: {', '.join(STAGES)}")
     hook = StageHook(cg, collect, parse_inject(inject) if inject else None) if inject or collect else None
-    return {"floor": contender(rec, "floor", beam), "runtime": contender(rec, "runtime", beam, hook)}
+    kw = {} if hook is None else {"stages": hook}
+
+    def floor(histories):
+        hidden = rec.backbone(rec.encode(histories))
+        return int(hidden.shape[0] * hidden.shape[1])
+
+    def runtime(histories):
+        keys, _ = rec.decode(histories, beam, **kw)
+        return int(keys.sum() % 1000003)
+
+    return {"floor": floor, "runtime": runtime}
 
 
 def cpu_features() -> dict:
@@ -211,12 +198,10 @@ def cpu_features() -> dict:
 
 
 def count(spec: dict) -> dict:
-    """Under ``valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no``: load and warm every
-    contender up on the first ``warmup`` requests (uninstrumented: fast, and not counted), start the
-    instrumentation; then per phase (contender, n) collect only while the contender runs the next n
-    requests (the same requests for every contender) and dump a part named after the phase. A phase
-    "runtime:STAGE" runs the runtime but collects only inside STAGE's steps (through its stage hook). Natively the same runs
-    happen and nothing is dumped."""
+    """Under ``valgrind --tool=callgrind --instr-atstart=no --collect-atstart=no``: warm every contender up on
+    the first ``warmup`` requests (uninstrumented, not counted), start the instrumentation; then per phase
+    (contender, n) collect only while it runs the next n requests and dump a part named after the phase
+    ("runtime:STAGE": collect only inside STAGE's steps). Natively the same runs happen, nothing is dumped."""
     cg = Callgrind()
     rec, requests, inject = load(spec)
     beam, warmup = spec["beam"], spec["warmup"]

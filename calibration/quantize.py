@@ -218,7 +218,7 @@ def int8_from_onnx(fp32_graphs: dict[str, Path], out_dir: Path, feeds: Iterable[
     ``sensitivity_batches`` feeds, stay float (the table goes to ``log`` and ``report``).
     ``cache_path``: JSON of the backbone's tensor ranges, reused when graph, feeds and settings match.
     Heads (``head_*``) are copied unchanged (fp32): they are small, their log-probs are the ranking itself,
-    and quantizing them was measured not to pay (see bench/int8_report.py).
+    and quantizing them was measured not to pay (see calibration/int8_report.py).
     ``report`` (a dict, if given) receives what was done: method, cache hit, sensitivity rows, excluded nodes.
     """
     say = log or (lambda _m: None)

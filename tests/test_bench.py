@@ -209,7 +209,7 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path):
 
 
 def test_random_checkpoint_has_the_asked_shape_and_beauty_layout(tmp_path):
-    from nezha.bench.random_checkpoint import main
+    from nezha.model.random_checkpoint import main
     from nezha.model.checkpoint import load_checkpoint
 
     assert main(["--out", str(tmp_path / "ck"), "--hidden-size", "32", "--num-layers", "1", "--num-heads", "2",

@@ -83,7 +83,7 @@ def recipe(tmp_path_factory):
     """The README recipe through its two CLIs: random checkpoint, then export/build.py with its flags."""
     root = Path("cache/bench") if FULL else tmp_path_factory.mktemp("recipe")
     ckpt, out = root / ("qwen3-768x12" if FULL else "qwen3-small"), root / "artifact-recipe"
-    subprocess.run([sys.executable, "-m", "nezha.bench.random_checkpoint", "--out", str(ckpt), *SHAPE],
+    subprocess.run([sys.executable, "-m", "nezha.model.random_checkpoint", "--out", str(ckpt), *SHAPE],
                    check=True, capture_output=True)
     build = subprocess.run([sys.executable, "export/build.py", "--checkpoint", str(ckpt), "--index",
                             f"{ckpt}.index.json", "--out", str(out), *RECIPE, "--force"], capture_output=True, text=True)

@@ -2,7 +2,7 @@
 int8-cpu graphs decoded by the runtime's beam search over plain ONNX Runtime sessions, their top-10
 overlap with fp32, and the backbone latency of each on ONNX Runtime CPU (interleaved rounds).
 
-    python -m nezha.bench.int8_report --checkpoint checkpoints/demo/nezha \\
+    python -m nezha.calibration.int8_report --checkpoint checkpoints/demo/nezha \\
         --index data/beauty/Beauty.index.json.gz --work /tmp/int8-report
 """
 

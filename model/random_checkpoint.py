@@ -1,6 +1,6 @@
 """A random-weight NEZHA checkpoint of a chosen backbone shape, for latency runs (scores are meaningless).
 
-    python -m nezha.bench.random_checkpoint --out cache/bench/qwen3-768x12 --hidden-size 768 --num-layers 12 \\
+    python -m nezha.model.random_checkpoint --out cache/bench/qwen3-768x12 --hidden-size 768 --num-layers 12 \\
         --num-heads 12 --num-kv-heads 4 --intermediate-size 3072          # the ~100M-param probe shape
 
 The SID layout is Beauty's (4 x 256, code tokens after [pad, eos], as the demo trainer's) with
