@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 
@@ -72,12 +73,20 @@ def run(a) -> int:
 
 
 def guarded(command: str, run) -> int:
-    """Run a CLI command: a NezhaError becomes one line on stderr and its class's exit code."""
+    """Run a CLI command: a NezhaError becomes one line on stderr and its class's exit code; a file that
+    cannot be read or written (OSError) one line and exit 2; a reader that closed stdout (``| head``) ends
+    the command quietly."""
     try:
         return int(run() or 0)
     except NezhaError as e:
         print(f"nezha {command}: error: {e}", file=sys.stderr)
         return e.exit_code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())    # no second error at exit's flush
+        return 0
+    except OSError as e:
+        print(f"nezha {command}: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

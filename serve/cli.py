@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import socket
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -99,10 +100,10 @@ def run_serve(a) -> int:
         from .app import run as run_app
         from .model import load_model
         from .service import Service
+        for flag, port in (("--port", run.port), ("--grpc-port", run.grpc_port)):
+            if port is not None:
+                check_port(run.host, port, flag)           # taken: one line here, not a failed app startup
         model = load_model(a.artifact, load)            # before uvicorn starts: a bad artifact is one line, exit 2
-        if run.grpc_port is not None:
-            from .grpc_server import check_port
-            check_port(run.host, run.grpc_port)            # taken: one line here, not a failed app startup
         run_app(Service(a.artifact, options, load, model=model), host=run.host, port=run.port, limits=limits,
                 drain_timeout=run.drain_timeout, log_level=run.log_level, grpc_port=run.grpc_port)
     except (NezhaError, ImportError, OSError) as e:
@@ -122,3 +123,13 @@ def run_loadtest(a) -> int:
     print(markdown(result))
     print(f"wrote {a.out}/loadtest.json, loadtest.md, loadtest.png")
     return 0
+
+
+def check_port(host: str, port: int, flag: str) -> None:
+    """Raise OSError (one line for the CLI) when ``host:port`` cannot be bound, before the server starts."""
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise OSError(f"{flag} {port}: cannot listen on {host}: {e.strerror}") from None

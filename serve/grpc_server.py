@@ -22,6 +22,7 @@ from types import SimpleNamespace
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 
 from nezha.runtime.errors import InputError
 
@@ -127,6 +128,7 @@ def _metered(service, name: str, method):
     async def call(request, context):
         t0, status = time.perf_counter(), 200
         try:
+            unreadable(request)
             return await method(request, context)
         except asyncio.CancelledError:                     # the client went away or its deadline passed
             status = 499                                   # nginx's "client closed request", as a label only
@@ -143,10 +145,27 @@ def _metered(service, name: str, method):
     return call
 
 
+def _reader(message):
+    """``message.FromString`` that answers bytes which are no such message with an InputError (the RPC then
+    refuses it: INVALID_ARGUMENT), where grpcio would fail the call as UNKNOWN with a traceback in the log."""
+    def read(data: bytes):
+        try:
+            return message.FromString(data)
+        except DecodeError as e:
+            return InputError(f"the request is not a {message.DESCRIPTOR.full_name} message: {e}")
+    return read
+
+
+def unreadable(request) -> None:
+    """Raise the InputError that ``_reader`` put in place of a request it could not read."""
+    if isinstance(request, InputError):
+        raise request
+
+
 def add_GRPCInferenceServiceServicer_to_server(servicer, server) -> None:
     """Register ``servicer``'s methods (ServerLive ... ModelInfer) as ``inference.GRPCInferenceService``,
     as a generated ``*_pb2_grpc`` module would; Ray Serve's gRPC proxy takes this function's import path."""
-    handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=req.FromString,
+    handlers = {name: grpc.unary_unary_rpc_method_handler(getattr(servicer, name), request_deserializer=_reader(req),
                                                           response_serializer=resp.SerializeToString)
                 for name, (req, resp) in kserve.METHODS.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(kserve.SERVICE, handlers),))
@@ -168,15 +187,3 @@ async def start_grpc(service, host: str, port: int) -> grpc.aio.Server:
     await server.start()
     log.info("gRPC (KServe v2) on %s:%d", host, port)
     return server
-
-
-def check_port(host: str, port: int) -> None:
-    """Raise OSError (one line for the CLI) when ``host:port`` cannot be bound, before the server starts."""
-    import socket
-
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError as e:
-            raise OSError(f"--grpc-port {port}: cannot listen on {host}: {e.strerror}") from None

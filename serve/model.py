@@ -39,7 +39,11 @@ SHORT_DECODE_SECONDS = 0.002
 
 
 def batch_limit(model: LoadedModel, max_batch: int | None) -> int:
-    """Histories per batch: ``max_batch`` (--max-batch; None: the artifact's) capped at the artifact's."""
+    """Histories per batch: ``max_batch`` (--max-batch; None: the artifact's) capped at the artifact's, with a
+    warning when it caps (a reloaded artifact may have a smaller limit than the one the server started with)."""
+    if max_batch is not None and max_batch > model.rec.max_batch:
+        log.warning("--max-batch %d is more than the artifact's max_batch: batches of at most %d",
+                    max_batch, model.rec.max_batch)
     return model.rec.max_batch if max_batch is None else min(max_batch, model.rec.max_batch)
 
 

@@ -11,6 +11,7 @@ engine, Ray's scale, shutdown, logging)."""
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +35,9 @@ def within(low: float, high: float, open_low: bool = False):
 
 
 _port = rule(lambda v: type(v) is int and 1 <= v <= 65535, lambda v, f: f"{flag_of(f)} must lie in 1..65535, got {v}")
+_model_name = rule(lambda v: isinstance(v, str) and re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", v) is not None,
+                   lambda v, f: f"{flag_of(f)} must be 1 to 64 letters, digits, _ . or - (a URL path segment), "
+                                f"starting with a letter or digit, got {v!r}")
 CORES = os.cpu_count() or 1
 _processes = rule(lambda v: type(v) is int and 0 <= v <= CORES,
                   lambda v, f: f"{flag_of(f)} must be an integer in 0..{CORES} (0: decode in the server's process; at "
@@ -44,7 +48,8 @@ _processes = rule(lambda v: type(v) is int and 0 <= v <= CORES,
 class ServeOptions:
     """Batching, bounds and the admin API of a ``Service``."""
 
-    name: str = option("nezha", "model name in the /v2/models/{name} routes")
+    name: str = option("nezha", "model name in the /v2/models/{name} routes (letters, digits, _ . -; at most 64)",
+                       _model_name)
     workers: int | None = option(
         None, "decode threads (default: one per core if at least 75%% of a decode runs in the backend, outside "
         "Python's GIL, as measured at load; else one); with --engine ray: per replica", at_least(1), type=ascii_int)

@@ -15,7 +15,7 @@ import grpc
 
 from . import kserve
 from .errors import refusal
-from .grpc_server import InferenceServicer
+from .grpc_server import InferenceServicer, unreadable
 
 SERVICER_FUNCTION = "nezha.serve.grpc_server.add_GRPCInferenceServiceServicer_to_server"
 
@@ -39,6 +39,7 @@ class GrpcMethods:
 
     async def _rpc(self, name: str, request, grpc_context):
         try:
+            unreadable(request)
             return await getattr(InferenceServicer(self.service), name)(request, _Deadline())
         except Exception as e:
             told = refusal(e, f"Ray gRPC {name}")
