@@ -22,9 +22,9 @@ from nezha.runtime import Recommender
 from nezha.runtime.artifact import Artifact
 from nezha.runtime.manifest import Manifest
 from nezha.runtime.errors import ArtifactError
+from artifact_helpers import _forged_layout, _table, artifact  # noqa: F401
 
 _OPENED: list[str] | None = None
-from artifact_helpers import _forged_layout, _table, artifact  # noqa: F401
 
 
 def _audit(event, args):
