@@ -25,7 +25,7 @@ demo: $(DEMO)/manifest.json
 	$(BIN)/nezha recommend $(DEMO) --history 12,55,102 -k 10
 
 # The C++ runtime (runtime/cpp): ONNX Runtime's headers and the Debian -dev packages (setup_ort.sh, idempotent),
-# a release build and an AddressSanitizer + UndefinedBehaviorSanitizer build; tests/test_cpp.py runs both.
+# a release build and an AddressSanitizer + UndefinedBehaviorSanitizer build; tests/test_cpp_runtime.py runs both.
 cpp: $(STAMP)
 	runtime/cpp/setup_ort.sh
 	cmake -S runtime/cpp -B runtime/cpp/build -G Ninja -DCMAKE_BUILD_TYPE=Release >/dev/null
@@ -33,8 +33,8 @@ cpp: $(STAMP)
 	cmake -S runtime/cpp -B runtime/cpp/build-asan -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo -DNEZHA_SANITIZE=ON >/dev/null
 	cmake --build runtime/cpp/build-asan -j 2
 
-# In CI (CI set) a C++ build failure fails the run; elsewhere tests/test_cpp.py then skips with the reason.
+# In CI (CI set) a C++ build failure fails the run; elsewhere tests/test_cpp_*.py then skip with the reason.
 test: $(STAMP)
 	@if [ -n "$$CI" ]; then $(MAKE) --no-print-directory cpp; \
-	 else $(MAKE) --no-print-directory cpp || echo "make test: the C++ runtime was not built (above); tests/test_cpp.py skips"; fi
+	 else $(MAKE) --no-print-directory cpp || echo "make test: the C++ runtime was not built (above); tests/test_cpp_*.py skip"; fi
 	$(BIN)/python -m pytest -q -ra

@@ -125,3 +125,34 @@ def corrupted(artifact, tmp_path, rel):
         f.seek(-1, 2)
         f.write(b"\x7f")
     return bad
+
+
+# ---- built once per session, shared by several test files; read-only (a test that changes one copies it first) ----
+
+@pytest.fixture(scope="session")
+def built_once(tmp_path_factory):
+    """built_once(make) -> make(a fresh folder), run once per session for each function ``make``: the
+    artifacts that several test files of one topic read (their helper modules define ``make``)."""
+    cache = {}
+
+    def get(make):
+        if make not in cache:
+            cache[make] = make(tmp_path_factory.mktemp(make.__name__.strip("_")))
+        return cache[make]
+    return get
+
+
+@pytest.fixture(scope="session")
+def artifacts(tmp_path_factory):
+    """The served artifacts of the serve tests (serve_fixtures._build, seeds 0 and 1): (first, second)."""
+    from serve_fixtures import _build
+    root = tmp_path_factory.mktemp("serve")
+    return _build(root, 0), _build(root, 1)
+
+
+@pytest.fixture(scope="session")
+def library(artifacts):
+    """The library's own answers on ``artifacts[0]``, what every served answer is compared with."""
+    from nezha.runtime import Recommender
+    with Recommender.load(artifacts[0], threads=1) as rec:
+        yield rec

@@ -1,4 +1,4 @@
-"""The conformance corpus of artifacts that both readers run (tests/test_cpp.py): named small mutations of
+"""The conformance corpus of artifacts that both readers run (tests/test_cpp_artifacts.py): named small mutations of
 one tiny built artifact, each with the verdict both the Python loader (``Artifact.open(dir).tables()``) and
 the C++ loader (``nezha_check_artifact`` through ctypes) must give: "ok" or "refused" (one case: "refused if
 verified", a file changed after the build that only hashing finds).

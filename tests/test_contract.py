@@ -1,5 +1,5 @@
 """The Recommender contract (runtime/contract.py) on both backends built here: the Python graph backend
-(onnxruntime) and the C++ runtime (cpp, when tests/test_cpp.py can build it). recommend is
+(onnxruntime) and the C++ runtime (cpp, when tests/cpp_helpers.py can build it). recommend is
 decode_batch(prepare(...)); a batch of mixed lengths and ks gives each history its solo answer bit for bit;
 the same mistake raises the same class with the same message on both backends, also when the C++ runtime
 itself reports it (the C ABI's error kinds)."""
@@ -14,7 +14,7 @@ import pytest
 from conftest import tiny_artifact, tiny_catalog, tiny_histories, tiny_layout
 from nezha.runtime import Recommender
 from nezha.runtime.errors import InputError, NezhaError
-from test_cpp import cpp_build  # noqa: F401  (the fixture: builds runtime/cpp or skips with the reason)
+from cpp_helpers import cpp_build  # noqa: F401  (the fixture: builds runtime/cpp or skips with the reason)
 
 MAX_BATCH, MAX_BEAM = 4, 16
 BACKENDS = ("onnxruntime", "cpp")

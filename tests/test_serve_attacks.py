@@ -12,7 +12,7 @@ import threading
 import httpx
 import pytest
 
-from test_serve import ADMIN, ADMIN_TOKEN, _cli, _metric, _slow, artifacts, library, serve   # noqa: F401
+from serve_fixtures import ADMIN, ADMIN_TOKEN, _cli, _metric, _slow, serve   # noqa: F401
 from test_serve_hardening import _answer, _raw
 from nezha.runtime.errors import NezhaError, clipped
 from nezha.serve import protocol as P

@@ -17,7 +17,7 @@ httpx = pytest.importorskip("httpx")
 
 from conftest import tiny_catalog, tiny_histories                             # noqa: E402
 from nezha.serve import LoadOptions, ServeOptions, Service                    # noqa: E402
-from test_serve import Server, _build                                         # noqa: E402
+from serve_fixtures import Server, _build                                     # noqa: E402
 
 pytestmark = pytest.mark.ray
 OPTIONS = {"max_wait_ms": 20, "workers": 2}

@@ -18,7 +18,7 @@ import threading
 import httpx
 import pytest
 
-from test_serve import ADMIN, ADMIN_TOKEN, _cli, artifacts, serve, server_process, with_admin   # noqa: F401
+from serve_fixtures import ADMIN, ADMIN_TOKEN, _cli, serve, server_process, with_admin   # noqa: F401
 from nezha.serve import ServeOptions, Service
 from nezha.serve import protocol as P
 from nezha.serve.admin import token_digest

@@ -15,7 +15,7 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 
 from conftest import tiny_catalog, tiny_histories  # noqa: E402
 from nezha.serve import LoadOptions, ServeOptions  # noqa: E402
-from test_serve_protocols import _answers, _free_port, _status, _tensors, artifact, library  # noqa: E402,F401
+from protocol_clients import _answers, _free_port, _status, _tensors, artifact  # noqa: E402,F401
 
 @pytest.mark.ray
 def test_ray_serve_grpc_proxy_speaks_v2(artifact, library):

@@ -27,7 +27,7 @@ Tables load_tables(const std::string& root, const Manifest& manifest);
 
 // An artifact folder checked as far as it goes without ONNX Runtime: the strict manifest, the folder's
 // entries, every file (sha256 with `verify`), contract.json, the tables. What the Python runtime's
-// Artifact.open(dir, verify).tables() checks; tests/test_cpp.py runs both on one corpus.
+// Artifact.open(dir, verify).tables() checks; tests/test_cpp_artifacts.py runs both on one corpus.
 struct CheckedArtifact {
   std::string root;
   Manifest manifest;

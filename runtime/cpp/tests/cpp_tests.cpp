@@ -1,5 +1,5 @@
 // C++ tests of the runtime: nezha_cpp_tests ARTIFACT [TEST ...] (or ctest with NEZHA_TEST_ARTIFACT set)
-// ARTIFACT is a valid artifact (format version 4; tests/test_cpp.py builds a tiny one); each refusal test
+// ARTIFACT is a valid artifact (format version 4; tests/cpp_helpers.py builds a tiny one); each refusal test
 // copies it, breaks one thing and expects nezha::Error with a message naming the problem. Also: the
 // .npy reader, sha256, request policies, N threads == serial, and zero allocation in the steady state
 // (a malloc hook counting this thread's allocations outside ONNX Runtime's own calls).
@@ -721,7 +721,7 @@ int main(int argc, char** argv) {
   const char* from_env = std::getenv("NEZHA_TEST_ARTIFACT");
   if (argc < 2 && !from_env) {
     std::cout << "skipped: no artifact (usage: nezha_cpp_tests ARTIFACT [TEST ...], or set NEZHA_TEST_ARTIFACT; "
-                 "tests/test_cpp.py builds one)\n";
+                 "tests/cpp_helpers.py builds one)\n";
     return 77;                                         // ctest's SKIP_RETURN_CODE
   }
   g_artifact = fs::absolute(argc >= 2 ? argv[1] : from_env).string();

@@ -1,4 +1,4 @@
-/* NOT a stable API: the hooks of the tests and the benchmark (tests/test_cpp.py, tests/manifest_corpus.py,
+/* NOT a stable API: the hooks of the tests and the benchmark (tests/test_cpp_*.py, tests/manifest_corpus.py,
  * nezha bench --backends cpp), which may change or go in any release. An embedder needs only nezha_c.h.
  * Same conventions: 0 on success, -1 on error with nezha_last_error(). */
 #ifndef NEZHA_TESTING_H

@@ -1,6 +1,6 @@
-"""INT8 calibration: the reader encodes exactly as the runtime, Q/DQ sit only on MatMul/Gemm inputs, the
-int8 graphs run in ONNX Runtime with fp32's I/O, the cache is reused only when it matches, bad
-calibration input fails with InputError. Tiny graphs exported once per module."""
+"""INT8 calibration's graphs: Q/DQ sit only on MatMul/Gemm inputs, the int8 graphs run in ONNX Runtime with
+fp32's I/O, the cache is reused only when it matches, TensorRT's int8 graph is the same Q/DQ on the fp16
+graph, int8-cpu answers the same on the AVX2-only path. Tiny graphs exported once per module."""
 
 from __future__ import annotations
 
@@ -12,22 +12,15 @@ import onnx
 import onnxruntime as ort
 import pytest
 
-from conftest import BEAUTY_INDEX, tiny_catalog, tiny_histories, tiny_layout
-from nezha.calibration import (INT8_CPU_SETTINGS, MIN_SAMPLES, CalibrationReader, FeedList, calibrate_ranges,
-                               int8_cpu_from_onnx, int8_from_onnx, sample_histories, validate_int8, weight_matmuls)
-from nezha.runtime.catalog import Catalog
+from conftest import tiny_catalog, tiny_histories, tiny_layout
+from nezha.calibration import INT8_CPU_SETTINGS, CalibrationReader, FeedList, calibrate_ranges, int8_cpu_from_onnx, int8_from_onnx, validate_int8, weight_matmuls
 from nezha.runtime.encoding import encode_histories
-from nezha.runtime.encoding import SidLayout
 from nezha.runtime.errors import InputError, StepError
+from calibration_helpers import MAX_HISTORY, write_interactions
 
-MAX_HISTORY = 10
+
 FLOAT_ONLY = {"SimplifiedLayerNormalization", "LayerNormalization", "RMSNormalization", "Softmax", "LogSoftmax",
               "ReduceMean", "Pow", "Sqrt", "Reciprocal", "Add", "Tanh"}
-
-
-def write_interactions(path: Path, users: dict) -> Path:
-    path.write_text(json.dumps(users))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -52,76 +45,6 @@ def int8(graphs, reader, tmp_path_factory):
     paths = int8_from_onnx(graphs, tmp_path_factory.mktemp("int8"), reader, method="entropy", exclude_sensitive=2,
                            sensitivity_batches=1, progress=False, log=None, report=report)
     return paths, report
-
-
-# ---------------------------------------------------------------- the reader
-
-def test_reader_matches_the_runtime_encoder_byte_for_byte(tmp_path):
-    catalog, layout = tiny_catalog(), tiny_layout()
-    rng = np.random.default_rng(7)
-    users = {f"u{u}": rng.choice(catalog.item_ids, size=int(rng.integers(3, 25))).tolist() for u in range(60)}
-    users["u0"][1] = 99999                                # an unknown item: dropped, as the runtime's 'skip'
-    path = write_interactions(tmp_path / "x.inter.json", users)
-    reader = CalibrationReader.from_file(path, catalog, layout, MAX_HISTORY, size=40, seed=5, batch_size=16,
-                                         progress=False)
-    histories = sample_histories(path, size=40, seed=5)
-    assert reader.samples == 40 and len(reader) == 3
-    for b, feed in enumerate(reader):
-        expected = encode_histories(histories[16 * b:16 * (b + 1)], catalog, layout, MAX_HISTORY, unknown="skip")
-        assert sorted(feed) == ["attention_mask", "input_ids"]
-        for name in feed:
-            assert feed[name].dtype == expected[name].dtype == np.int64
-            assert feed[name].shape == expected[name].shape
-            assert feed[name].tobytes() == expected[name].tobytes()
-    # the ORT reader protocol walks the same feeds, and rewinds
-    first = [reader.get_next() for _ in range(4)]
-    assert first[3] is None and first[0] is reader.feeds()[0]
-    reader.rewind()
-    assert reader.get_next() is first[0]
-    # training split only: a history never reaches a user's last three items (train/valid/test targets)
-    train_histories = {tuple(items[:-3]) for items in users.values()}
-    assert all(tuple(h) in train_histories for h in histories)
-
-
-def test_reader_samples_are_seeded_and_sized(tmp_path):
-    catalog = tiny_catalog()
-    users = {f"u{u}": catalog.item_ids[u % 70: u % 70 + 6].tolist() for u in range(50)}
-    path = write_interactions(tmp_path / "x.inter.json", users)
-    assert sample_histories(path, 20, seed=1) == sample_histories(path, 20, seed=1)
-    assert sample_histories(path, 20, seed=1) != sample_histories(path, 20, seed=2)
-    assert len(sample_histories(path, 32, seed=1)) == 32
-
-
-def test_reader_on_beauty_matches_the_runtime_encoder():
-    catalog = Catalog.from_index_json(BEAUTY_INDEX)
-    layout = SidLayout((256,) * 4, tuple(2 + 256 * i for i in range(4)), 2 + 256 * 4)
-    reader = CalibrationReader.from_file(None, catalog, layout, 20, size=64, seed=0, batch_size=32, progress=False)
-    histories = sample_histories(None, size=64, seed=0)
-    for b, feed in enumerate(reader):
-        expected = encode_histories(histories[32 * b:32 * (b + 1)], catalog, layout, 20)
-        assert all(feed[n].tobytes() == expected[n].tobytes() for n in expected)
-
-
-def test_bad_calibration_input_fails_clearly(tmp_path):
-    catalog, layout = tiny_catalog(), tiny_layout()
-    empty = tmp_path / "empty.inter.json"
-    empty.write_text("")
-    with pytest.raises(InputError, match="not valid JSON"):
-        CalibrationReader.from_file(empty, catalog, layout, MAX_HISTORY, size=MIN_SAMPLES)
-    with pytest.raises(InputError, match="non-empty"):
-        CalibrationReader.from_file(write_interactions(tmp_path / "o.json", {}), catalog, layout, MAX_HISTORY)
-    with pytest.raises(InputError, match="does not exist"):
-        CalibrationReader.from_file(tmp_path / "missing.json", catalog, layout, MAX_HISTORY)
-    unknown = write_interactions(tmp_path / "u.json", {f"u{u}": [5000 + u, 6000 + u, 7000, 8000] for u in range(40)})
-    with pytest.raises(InputError, match="none of the 20 calibration histories has an item of the catalog"):
-        CalibrationReader.from_file(unknown, catalog, layout, MAX_HISTORY, size=20, progress=False)
-    few = write_interactions(tmp_path / "f.json", {f"u{u}": [100, 101, 102, 103] for u in range(5)})
-    with pytest.raises(InputError, match="5 usable histories .* 16 requested"):
-        CalibrationReader.from_file(few, catalog, layout, MAX_HISTORY, size=16)
-    with pytest.raises(InputError, match="too small"):
-        CalibrationReader.from_file(few, catalog, layout, MAX_HISTORY, size=4)
-    with pytest.raises(InputError, match="empty"):
-        FeedList([])
 
 
 # ---------------------------------------------------------------- the int8 graphs

@@ -1,12 +1,12 @@
 """A hostile artifact folder gets one clear ArtifactError naming the file and the problem, never a raw
-KeyError or NumPy / ONNX Runtime exception, and nothing outside the folder is opened.
+KeyError or NumPy / ONNX Runtime exception, and nothing outside the folder is opened: the manifest (key
+paths, strict JSON, a bounded regular file, its types, layouts and the recorded contract) and symlinks.
 
 Each case copies a real artifact, changes one thing (re-hashing what it changed, so that the check under
 test is the one that must catch it) and loads it."""
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import shutil
@@ -16,14 +16,13 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import tampered, tiny_catalog, tiny_model, write_index
+from conftest import tampered
 from manifest_edits import rebind, set_key as _set
-from nezha.export.build import build
-from nezha.model.checkpoint import save_checkpoint
 from nezha.runtime import Recommender
 from nezha.runtime.artifact import Artifact
 from nezha.runtime.manifest import Manifest
 from nezha.runtime.errors import ArtifactError
+from artifact_helpers import _forged_layout, _table, artifact  # noqa: F401
 
 _OPENED: list[str] | None = None
 
@@ -34,24 +33,6 @@ def _audit(event, args):
 
 
 sys.addaudithook(_audit)
-
-
-@pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    root = tmp_path_factory.mktemp("hostile")
-    ckpt = save_checkpoint(tiny_model(), root / "ckpt", tiny_catalog())
-    return build(ckpt, write_index(tiny_catalog(), root / "tiny.index.json"), root / "art", precision=("fp32",),
-                 max_batch=4, max_beam=16, log=None).out
-
-
-def _npy(array, fortran=False) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.asfortranarray(array) if fortran else array, allow_pickle=True)
-    return buf.getvalue()
-
-
-def _table(artifact, name):
-    return np.load(artifact / "tables" / f"{name}.npy")
 
 
 MANIFEST_CASES = {
@@ -177,101 +158,6 @@ def test_manifest_json_is_read_as_a_bounded_regular_file(artifact, tmp_path, mon
         Artifact.open(artifact, verify=False)
 
 
-def _rows(artifact, name, change):
-    a = _table(artifact, name).copy()
-    change(a)
-    return {f"tables/{name}.npy": _npy(a)}
-
-
-TABLE_CASES = {
-    "dtype": (lambda art: {"tables/item_ids.npy": _npy(_table(art, "item_ids").astype(np.int32))}, "holds <i4"),
-    "big-endian": (lambda art: {"tables/sid_keys.npy": _npy(_table(art, "sid_keys").astype(">u8"))}, "holds >u8"),
-    "fortran order": (lambda art: {"tables/item_codes.npy": _npy(_table(art, "item_codes"), fortran=True)}, "Fortran"),
-    "object array": (lambda art: {"tables/item_ids.npy": _npy(np.array([1, "a"], dtype=object))}, "holds \\|O"),
-    "truncated": (lambda art: {"tables/sid_items.npy": _npy(_table(art, "sid_items"))[:-8]}, "truncated or padded"),
-    "padded": (lambda art: {"tables/sid_items.npy": _npy(_table(art, "sid_items")) + b"\0" * 8}, "truncated or padded"),
-    "not npy": (lambda art: {"tables/sid_items.npy": b"hello"}, "table sid_items"),
-    "ids not ascending": (lambda art: _rows(art, "item_ids", lambda a: a.__setitem__(slice(0, 2), a[1::-1])),
-                          "item_ids are not strictly ascending"),
-    "code out of range": (lambda art: _rows(art, "item_codes", lambda a: a.__setitem__((0, 0), 99)),
-                          "item_codes hold a code outside"),
-    "offsets": (lambda art: _rows(art, "sid_offsets", lambda a: a.__setitem__(-1, a[-1] - 1)), "sid_offsets must rise"),
-    "keys not ascending": (lambda art: _rows(art, "valid_prefixes_1", lambda a: a.__setitem__(slice(0, 2), a[1::-1])),
-                           "valid_prefixes_1 are not the sorted keys"),
-    "prefix missing": (lambda art: _rows(art, "valid_prefixes_1", lambda a: a.__setitem__(-1, a[-1] + 1)),
-                       "valid_prefixes_1 are not the sorted keys"),
-    "unknown sid item": (lambda art: _rows(art, "sid_items", lambda a: a.__setitem__(0, 10 ** 9)),
-                         "not the item ids, each once"),
-    "duplicate sid item": (lambda art: _rows(art, "sid_items", lambda a: a.__setitem__(0, a[1])), "each once"),
-    "items of two SIDs swapped": (lambda art: _rows(art, "sid_items", lambda a: a.__setitem__([0, -1], a[[-1, 0]])),
-                                  "another SID than their row's key"),
-    "codes of an item changed": (lambda art: _rows(art, "item_codes", lambda a: a.__setitem__((5, 2), (a[5, 2] + 1) % 5)),
-                                 "another SID"),
-}
-
-
-@pytest.mark.parametrize("case", TABLE_CASES)
-def test_tables_that_break_their_entry_or_invariants_are_refused(artifact, tmp_path, case):
-    make, message = TABLE_CASES[case]
-    bad = tampered(artifact, tmp_path, files=make(artifact))
-    with pytest.raises(ArtifactError, match=message):
-        Recommender.load(bad)
-
-
-def _graph_bytes(artifact, rel, edit) -> bytes:
-    import onnx
-    proto = onnx.load(str(artifact / rel))
-    edit(proto)
-    return proto.SerializeToString()
-
-
-def _described_as_head_2(proto):
-    proto.doc_string = "nezha-deploy graph head_2"
-
-
-def _parents_dim_renamed(proto):
-    proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "beams"
-
-
-@pytest.mark.parametrize("edit, message", [
-    (_described_as_head_2, r"says it is 'nezha-deploy graph head_2', the manifest uses it as 'head_1'"),
-    (_parents_dim_renamed, r"the graph's inputs .*'beams', 32.* differ from the manifest's"),
-])
-def test_a_graph_file_that_is_another_graph_is_refused_at_load(artifact, tmp_path, edit, message):
-    """Two heads of one interface (a swapped file) or a graph whose dynamic dims are not the manifest's
-    (a head that would ignore `parent`): the loader reads what the graph says of itself. Rehashed, so
-    only these checks stand between it and a wrong answer."""
-    rel = "graphs/fp32/head_1.onnx"
-    bad = tampered(artifact, tmp_path, files={rel: _graph_bytes(artifact, rel, edit)})
-    with pytest.raises(ArtifactError, match=message):
-        Recommender.load(bad)
-
-
-def test_an_onnx_file_onnx_runtime_cannot_open_is_a_clear_error(artifact, tmp_path):
-    bad = tampered(artifact, tmp_path, files={"graphs/fp32/head_1.onnx": b"\x08\x07garbage"})
-    with pytest.raises(ArtifactError, match="head_1.onnx: ONNX Runtime cannot open this graph"):
-        Recommender.load(bad)
-
-
-def test_files_the_manifest_does_not_list_are_refused(artifact, tmp_path):
-    """ONNX Runtime would read a graph's external data from any file beside it: every file must be hashed."""
-    bad = tampered(artifact, tmp_path)
-    (bad / "graphs" / "fp32" / "weights.bin").write_bytes(b"\0" * 64)
-    for verify in (True, False):
-        with pytest.raises(ArtifactError, match="graphs/fp32/weights.bin: a file the manifest does not list"):
-            Recommender.load(bad, verify=verify)
-
-
-def test_modified_or_missing_files_fail_verification_but_not_with_verify_off(artifact, tmp_path):
-    bad = tampered(artifact, tmp_path, files={"validation.json": b"{}"}, rehash=False)
-    with pytest.raises(ArtifactError, match="validation.json: sha256 mismatch"):
-        Recommender.load(bad)
-    Recommender.load(bad, verify=False).close()                  # the trusted hot-reload opt-out
-    (bad / "validation.json").unlink()
-    with pytest.raises(ArtifactError, match="validation.json: missing"):
-        Recommender.load(bad)
-
-
 def test_the_manifest_round_trips_through_its_types(artifact):
     raw = json.loads((artifact / "manifest.json").read_text())
     assert Manifest.from_json(raw).to_json() == raw
@@ -304,16 +190,6 @@ def test_the_build_records_the_contract_of_what_it_wrote(artifact):
     assert sorted(recorded) == ["engines", "graphs", "layout", "limits", "precisions", "tables"]
 
 
-def _forged_layout(artifact, tmp_path, shift):
-    """A consistent forgery: layout offsets moved by ``shift``, contract.json recomputed and re-hashed."""
-    def move(raw):
-        raw["layout"].update(offsets=[o + shift for o in raw["layout"]["offsets"]],
-                             placeholder_start=raw["layout"]["placeholder_start"] + shift)
-    raw = json.loads((artifact / "manifest.json").read_text())
-    move(raw)
-    return tampered(artifact, tmp_path, move, files={"contract.json": json.dumps(Manifest.from_json(raw).contract()).encode()})
-
-
 def test_a_forged_layout_beyond_the_graphs_vocabulary_is_refused_at_load(artifact, tmp_path):
     """contract.json re-forged to match: the load runs the backbone once on the layout's highest tokens, so
     the Gather beyond the embedding is one ArtifactError here, not a raw ONNX Runtime error at the first request."""
@@ -326,13 +202,3 @@ def test_a_forged_layout_beyond_the_graphs_vocabulary_is_refused_at_load(artifac
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2 and len(out.stderr.splitlines()) == 1, out.stderr    # ONNX Runtime's own log silenced
     assert "does not fit the backbone graph" in out.stderr
-
-
-def test_a_graph_that_fails_while_running_is_one_nezha_error(artifact, tmp_path, monkeypatch):
-    """Past the load check, a backend's run failure is still one line (GraphRunError), never a RuntimeError."""
-    from nezha.runtime.errors import GraphRunError
-    from nezha.runtime.recommender import GraphRecommender
-    monkeypatch.setattr(GraphRecommender, "_check_layout_fits_backbone", lambda self: None)
-    with Recommender.load(_forged_layout(artifact, tmp_path, +1)) as rec:
-        with pytest.raises(GraphRunError, match=r"^graph backbone failed in ONNX Runtime: [^\n]*idx=\d+ must be within"):
-            rec.recommend([[100]], k=2)

@@ -1,0 +1,66 @@
+"""The tooling around the KServe v2 protocols: the compiled gRPC descriptor matches the proto, --grpc-port's
+errors are one line, the load generator and the protocol-cost bench measure JSON, binary and gRPC side by
+side. Every call is local and bounded by a timeout."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+tritonclient = pytest.importorskip("tritonclient")
+grpc = pytest.importorskip("grpc")
+
+from conftest import tiny_catalog, tiny_histories  # noqa: E402
+from protocol_clients import artifact, serve  # noqa: E402,F401
+
+
+def test_the_compiled_descriptor_matches_the_proto():
+    pytest.importorskip("grpc_tools")
+    from nezha.serve.kserve import DESCRIPTOR_TEXT
+    from nezha.serve.kserve.__main__ import compiled_text
+
+    assert compiled_text() == DESCRIPTOR_TEXT.read_text(), "run: python -m nezha.serve.kserve"
+
+
+def test_grpc_port_option_errors_are_one_line(tmp_path):
+    from serve_fixtures import _cli
+
+    for args, message in ((["--grpc-port", "0"], "--grpc-port must be a port in 1..65535"),
+                          (["--grpc-port", "8000"], "other than --port"),
+                          (["--grpc-port", "65536", "--engine", "ray"], "got 65536")):
+        r = _cli("serve", str(tmp_path / "missing"), *args)
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+
+
+def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
+    from nezha.serve.loadtest import run_loadtest
+    from nezha.runtime.errors import InputError
+    from serve_fixtures import _tiny_data
+
+    s = serve()
+    data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=40))
+    # one client and two: gRPC's clients send their next request from the last one's completion callback
+    result = run_loadtest([f"http://{s.url}"], concurrency=[1, 2], duration=0.6, warmup=0.1, k=5, beam=8, data=data,
+                          histories_per_request=3, protocol=["json", "binary", "grpc"], grpc_port=s.grpc_port,
+                          out=tmp_path / "lt")
+    for point in result["points"]:
+        assert list(point["servers"]) == ["json", "binary", "grpc"]
+        for r in point["servers"].values():
+            assert r["errors"] == 0 and r["requests"] > 0 and r["p50_ms"] <= r["p99_ms"]
+    metrics = s.raw.get("/metrics").text
+    assert 'route="grpc:ModelInfer",status="200"' in metrics and 'route="/v2/models/{name}/infer",status="200"' in metrics
+    with pytest.raises(InputError, match="needs --grpc-port"):
+        run_loadtest([f"http://{s.url}"], protocol=["grpc"], data=data, out=None)
+
+
+def test_protocol_cost_reads_the_server_cpu_per_protocol(serve, tmp_path):
+    from nezha.bench.protocol_cost import measure, report
+    from serve_fixtures import _tiny_data
+
+    s = serve()
+    data = _tiny_data(tmp_path / "data", tiny_histories(tiny_catalog(), n=40))
+    acc = measure(f"http://{s.url}", os.getpid(), s.grpc_port, ["json", "grpc"], 2, 3, 0.4, 1, data=data, k=5, beam=8)
+    for a in acc.values():                                # the server runs in this process: its CPU is ours too
+        assert a["requests"] > 0 and sum(a["cpu"].values()) > 0 and a["batch"][1] > 0
+    assert [line.split("|")[1].strip() for line in report(acc, 2, 3).splitlines()[3:]] == ["json", "grpc"]
