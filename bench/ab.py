@@ -158,17 +158,6 @@ class Side:
                 self.proc.wait()
 
 
-def legacy_data(folder: Path) -> None:
-    """Revisions before the project carried its demo data (data/beauty) read plain JSON from a workspace
-    folder beside the tree (``folder``): give a base tree of that age the carried data there, uncompressed."""
-    from nezha.runtime.data import DEFAULT_DATA, find_pair
-    from nezha.runtime.datafile import read_text
-
-    folder.mkdir(parents=True)
-    for path in find_pair(DEFAULT_DATA):
-        (folder / path.name.removesuffix(".gz")).write_text(read_text(path, "demo data", InputError))
-
-
 def run_against(rev: str, artifact: str | Path | None = None, data: str | Path | None = None, histories=None,
                 requests: int = 30, warmup: int = 3, beam: int = 20, batch_size: int = 1, threads: int = 1,
                 history_limit: int = 500, build_args: Sequence[str] = ("--precision", "fp32"),
@@ -186,9 +175,10 @@ def run_against(rev: str, artifact: str | Path | None = None, data: str | Path |
     tmp = Path(tempfile.mkdtemp(prefix="nezha-ab-"))
     base_tree, sides = tmp / "base", []
     try:
-        legacy_data(tmp / "shared" / "data" / "beauty")
         say(f"checking out {rev} ({sha[:12]}) into {base_tree}")
         _git("worktree", "add", "--detach", str(base_tree), sha)
+        if not (base_tree / "data" / "beauty").is_dir():
+            raise InputError(f"{rev} predates the bundled demo data (data/beauty): --against needs a later revision")
         base_path = package_folder(base_tree, tmp / "base-path")
         base_env = {k: v for k, v in worker_env().items() if k != "NEZHA_BENCH_INJECT"}   # the slowdown: current only
         base_env["PYTHONPATH"] = os.pathsep.join([str(base_path)] + [p for p in [os.environ.get("PYTHONPATH")] if p])

@@ -25,16 +25,12 @@ from nezha.runtime.machine import describe
 from .report import document
 
 FORMAT = "nezha-instructions"
-BASELINE_FORMAT = "nezha-instructions-baseline"
 VERSION = 1
 WORKER = Path(__file__).with_name("worker.py")
 # The workload of the gate (batch 1, beam 20, 30 requests per phase): about 1.6G instructions counted on
 # the demo artifact with the stages, about 4 minutes of one core under callgrind (1.5 without stages).
 DEFAULTS = {"requests": 30, "warmup": 3, "beam": 20, "batch_size": 1, "histories": 500, "threads": 1}
-OWN_TOLERANCE = 0.02          # of the runtime's own instructions per request (runtime - floor)
-END_TO_END_TOLERANCE = 0.01   # of the runtime's instructions per request (backbone included)
 TOP_FUNCTIONS = 150           # functions kept per contender in a result (by |instructions per request|)
-SAVE_COMMAND = "bench/record-instruction-baseline"
 # Thread counts of every library the runtime may load, the hash seed, and no .pyc writes (the native dry
 # run writes them once, so that no counted run depends on a cache being warm).
 WORKER_ENV = {"PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
@@ -246,17 +242,14 @@ def result_from(parts: dict, workload: dict, env: dict, machine: dict, inject: s
     if all(f"runtime:{st}" in parts for st in STAGES):
         stages = {st: parts[f"runtime:{st}"][0] / n for st in STAGES}
         stages["loop"] = per_request["runtime_own"] - sum(stages.values())
-    groups = {c: {g: 0.0 for g in GROUPS} for c in functions}
-    for c, per_fn in functions.items():
-        for label, ir in per_fn.items():
-            g = label.split(":", 1)[0]
-            groups[c][g] = groups[c].get(g, 0.0) + ir
+    groups = {c: {g: round(sum(v for k, v in per_fn.items() if k.split(":", 1)[0] == g), 1) for g in GROUPS}
+              for c, per_fn in functions.items()}              # function_label puts every label in a group
     top = {c: dict(sorted(((k, round(v, 1)) for k, v in per_fn.items() if abs(v) >= 0.5),
                           key=lambda kv: -abs(kv[1]))[:TOP_FUNCTIONS]) for c, per_fn in functions.items()}
     return document(FORMAT, VERSION, machine=machine, environment=env, workload=workload, inject=inject,
                     per_request={k: round(v, 1) for k, v in per_request.items()},
                     stages=None if stages is None else {k: round(v, 1) for k, v in stages.items()},
-                    groups={c: {g: round(v, 1) for g, v in gs.items()} for c, gs in groups.items()},
+                    groups=groups,
                     functions=top, seconds=None if seconds is None else round(seconds, 1))
 
 

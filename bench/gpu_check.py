@@ -36,10 +36,9 @@ def runtime_available(device: str) -> tuple[list[str], dict[str, str]]:
     found, why_not = [], {}
     try:
         import onnxruntime
-        if device == "cpu" or "CUDAExecutionProvider" in onnxruntime.get_available_providers():
-            found.append("onnxruntime")
-        else:
-            why_not["onnxruntime"] = "no CUDAExecutionProvider (pip install onnxruntime-gpu)"
+        if device != "cpu" and "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+            raise ImportError("no CUDAExecutionProvider (pip install onnxruntime-gpu)")
+        found.append("onnxruntime")
     except ImportError as e:
         why_not["onnxruntime"] = str(e)
     if device != "cpu":
@@ -65,13 +64,13 @@ def gpu_memory(device: str) -> dict | None:
         info = pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(index))
         return {"source": "nvml", "used_mb": round(info.used / 2**20, 1), "total_mb": round(info.total / 2**20, 1)}
     except Exception:            # no nvidia-ml-py, or NVML unusable in this container: ask the CUDA runtime
-        pass
-    try:
-        from nezha.runtime.backends.cuda import memory_info
-        m = memory_info(index)
-        return {"source": "cudaMemGetInfo", "used_mb": round(m["total_mb"] - m["free_mb"], 1), "total_mb": m["total_mb"]}
-    except Exception as e:       # the report says why rather than failing the whole check
-        return {"source": None, "error": f"{type(e).__name__}: {e}"}
+        try:
+            from nezha.runtime.backends.cuda import memory_info
+            m = memory_info(index)
+            return {"source": "cudaMemGetInfo", "used_mb": round(m["total_mb"] - m["free_mb"], 1),
+                    "total_mb": m["total_mb"]}
+        except Exception as e:   # the report says why rather than failing the whole check
+            return {"source": None, "error": f"{type(e).__name__}: {e}"}
 
 
 def preflight(device: str, out: Path, log) -> dict:
@@ -166,9 +165,8 @@ def main(argv=None) -> int:
                    "where installed (default: on; skipped with a note where neither is)")
     p.add_argument("--data", type=Path, help="LETTER dataset folder (default: Beauty)")
     p.add_argument("--work", type=Path, help="keep the checkpoint and artifact here (default: a temporary folder)")
-    result = gpu_check(**vars(p.parse_args(argv)))
     from .report import markdown
-    print(markdown(result))
+    print(markdown(gpu_check(**vars(p.parse_args(argv)))))
     return 0
 
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 from nezha.runtime.errors import StepError
 
-from .callgrind import (BASELINE_FORMAT, DEFAULTS, END_TO_END_TOLERANCE, GROUPS, OWN_TOLERANCE,  # noqa: F401
-                        SAVE_COMMAND, TOP_FUNCTIONS, STAGES, VERSION, measure, phases_of, read_callgrind,
-                        result_from)
+from .callgrind import DEFAULTS, GROUPS, TOP_FUNCTIONS, VERSION, measure
 from .gate import Gate
 from .report import table, write_result
 
+BASELINE_FORMAT, SAVE_COMMAND = "nezha-instructions-baseline", "bench/record-instruction-baseline"
+OWN_TOLERANCE = 0.02          # of the runtime's own instructions per request (runtime - floor)
+END_TO_END_TOLERANCE = 0.01   # of the runtime's instructions per request (backbone included)
 NUMBER = (int, float)
 INSTRUCTIONS = Gate(BASELINE_FORMAT, "an instruction-count baseline", f"record one: {SAVE_COMMAND}", StepError,
                     unit="instructions", version=VERSION,

@@ -113,12 +113,46 @@ def plot(result: dict, path: str | Path, dpi: int = 90) -> Path:
 
     batch = result["configs"][0]["batch_size"]
     configs = sorted((c for c in result["configs"] if c["batch_size"] == batch), key=lambda c: c["beam"])
-    names = []
-    for c in configs:
-        names += [n for n in c["contenders"] if n not in names]
+    names = list(dict.fromkeys(n for c in configs for n in c["contenders"]))
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.6), gridspec_kw={"width_ratios": [1, 1.25]})
-    _latency_panel(ax1, configs, names, batch)
-    _stage_panel(ax2, configs[-1], batch)
+    for i, name in enumerate(names):
+        pts = [(c["beam"], c["contenders"][name]["latency"]) for c in configs if name in c["contenders"]]
+        p50, p90 = ([lat[p] * 1e3 for _, lat in pts] for p in ("p50", "p90"))
+        ls, marker = KIND_STYLE.get(name.split("[", 1)[0], ("-", "o"))
+        ax1.errorbar([b for b, _ in pts], p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p90)]], label=name,
+                     color=PALETTE[i % len(PALETTE)], linestyle=ls, marker=marker, capsize=3)
+    ax1.set(yscale="log", xlabel="beam width", title="latency vs beam",
+            ylabel=f"latency per request of {batch} (ms, p50; bar to p90)")
+    ax1.set_xscale("log", base=2)
+    ax1.set_xticks([c["beam"] for c in configs], [str(c["beam"]) for c in configs])
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=7, loc="upper left")
+    # without a stage timer (AR, generate: up to 100x slower) in text, so the NEZHA stages stay readable
+    last = configs[-1]
+    rows = [(n, r) for n, r in last["contenders"].items() if len(r["stages"]) > 1]
+    others = [f"{n}: {r['latency']['mean'] * 1e3:.1f} ms" for n, r in last["contenders"].items() if len(r["stages"]) <= 1]
+    seen = set()
+    for i, (name, r) in enumerate(rows):
+        order = stage_order(r["stages"])
+        ms = [r["stages"][st] * 1e3 for st in order]
+        groups = [g if g in ("head", "verify") else st if st in STAGE_COLORS else "host"
+                  for st in order for g in [st.split("_")[0]]]
+        seen.update(groups)
+        ax2.barh(i, ms, left=[sum(ms[:j]) for j in range(len(ms))], color=[STAGE_COLORS[g] for g in groups],
+                 edgecolor="white", linewidth=0.5)
+        ax2.text(sum(ms), i, f" {sum(ms):.2f}", va="center", fontsize=7)
+    ax2.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=7)
+    ax2.invert_yaxis()
+    ax2.set(xlabel="mean ms per request", title=f"stages at batch {batch}, beam {last['beam']}")
+    ax2.title.set_fontsize(10)
+    order = [g for g in STAGE_ORDER if g in seen]
+    ax2.legend([plt.Rectangle((0, 0), 1, 1, color=STAGE_COLORS[g]) for g in order], order, fontsize=7, ncol=6,
+               loc="upper center", bbox_to_anchor=(0.5, -0.13), frameon=False)
+    ax2.grid(True, axis="x", alpha=0.3)
+    ax2.margins(x=0.12)
+    if others:
+        ax2.text(0.99, 0.99, "not drawn (no stage timer):\n" + "\n".join(others), transform=ax2.transAxes,
+                 ha="right", va="top", fontsize=7, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
     bb = result["setup"].get("backbone") or {}
     sub = (f"{bb.get('architecture', '')} {bb.get('hidden_size', '')}x{bb.get('layers', '')}, "
            f"{bb.get('backbone_params', 0) / 1e6:.1f}M params; " if bb else "")
@@ -127,56 +161,6 @@ def plot(result: dict, path: str | Path, dpi: int = 90) -> Path:
                  f"{result['machine']['cpu_usable']} cores" + (f", {threads} thread(s) per library" if threads else ""),
                  fontsize=10)
     fig.tight_layout()
-    path = Path(path)
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
-    return path
-
-
-def _latency_panel(ax1, configs: list, names: list, batch: int) -> None:
-    """p50 latency vs beam per contender, a bar up to p90; log-log."""
-    for name in names:
-        pts = [(c["beam"], c["contenders"][name]["latency"]) for c in configs if name in c["contenders"]]
-        beams = [b for b, _ in pts]
-        p50 = [lat["p50"] * 1e3 for _, lat in pts]
-        p90 = [lat["p90"] * 1e3 for _, lat in pts]
-        ls, marker = KIND_STYLE.get(name.split("[", 1)[0], ("-", "o"))
-        ax1.errorbar(beams, p50, yerr=[[0] * len(p50), [b - a for a, b in zip(p50, p90)]], label=name,
-                     color=PALETTE[names.index(name) % len(PALETTE)], linestyle=ls, marker=marker, capsize=3)
-    ax1.set(xscale="log", yscale="log", xlabel="beam width", title="latency vs beam",
-            ylabel=f"latency per request of {batch} (ms, p50; bar to p90)")
-    ax1.set_xscale("log", base=2)
-    ax1.set_xticks([c["beam"] for c in configs], [str(c["beam"]) for c in configs])
-    ax1.grid(True, which="both", alpha=0.3)
-    ax1.legend(fontsize=7, loc="upper left")
-
-
-def _stage_panel(ax2, last: dict, batch: int) -> None:
-    """The stage breakdown (stacked mean ms) of every contender that times its stages, at one config."""
-    # without a stage timer (AR, generate: up to 100x slower) in text, so the NEZHA stages stay readable
-    rows = [(n, r) for n, r in last["contenders"].items() if len(r["stages"]) > 1]
-    others = [f"{n}: {r['latency']['mean'] * 1e3:.1f} ms" for n, r in last["contenders"].items() if len(r["stages"]) <= 1]
-    seen = set()
-    for i, (name, r) in enumerate(rows):
-        left = 0.0
-        for st in stage_order(r["stages"]):
-            ms = r["stages"][st] * 1e3
-            group = _stage_group(st)
-            ax2.barh(i, ms, left=left, color=STAGE_COLORS[group], edgecolor="white", linewidth=0.5,
-                     label=group if group not in seen else None)
-            seen.add(group)
-            left += ms
-        ax2.text(left, i, f" {left:.2f}", va="center", fontsize=7)
-    ax2.set_yticks(range(len(rows)), [n for n, _ in rows], fontsize=7)
-    ax2.invert_yaxis()
-    ax2.set_xlabel("mean ms per request", labelpad=1)
-    ax2.set_title(f"stages at batch {batch}, beam {last['beam']}", fontsize=10)
-    handles = dict(zip(*ax2.get_legend_handles_labels()[::-1]))
-    order = [g for g in STAGE_ORDER if g in handles]
-    ax2.legend([handles[g] for g in order], order, fontsize=7, ncol=6, loc="upper center",
-               bbox_to_anchor=(0.5, -0.13), frameon=False)
-    ax2.grid(True, axis="x", alpha=0.3)
-    ax2.margins(x=0.12)
-    if others:
-        ax2.text(0.99, 0.99, "not drawn (no stage timer):\n" + "\n".join(others), transform=ax2.transAxes,
-                 ha="right", va="top", fontsize=7, bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "#cccccc"})
+    return Path(path)

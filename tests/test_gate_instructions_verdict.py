@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from nezha.bench import instructions as ins
+from nezha.bench import callgrind, instructions as ins
 from nezha.runtime.errors import StepError
 
 
@@ -61,7 +61,7 @@ totals: 799
 
 def test_read_callgrind_sums_self_costs_by_library_and_skips_inclusive_call_costs(tmp_path):
     (tmp_path / "callgrind.out.3").write_text(CG)
-    name, total, fns = ins.read_callgrind(tmp_path / "callgrind.out.3")
+    name, total, fns = callgrind.read_callgrind(tmp_path / "callgrind.out.3")
     assert (name, total) == ("runtime:verify", 799)
     assert fns == {"onnxruntime: (unnamed)": 700, "numpy: PyArray_Where": 50,
                    "python: _PyEval_EvalFrameDefault": 40, "system: malloc": 5, "numpy: dgemm_kernel": 4}
@@ -71,7 +71,7 @@ def test_read_callgrind_sums_self_costs_by_library_and_skips_inclusive_call_cost
 def test_read_callgrind_rejects_a_truncated_dump(tmp_path):
     (tmp_path / "cg.out").write_text(CG.split("totals:")[0].replace("summary: 799\n", ""))
     with pytest.raises(StepError, match="no totals line"):
-        ins.read_callgrind(tmp_path / "cg.out")
+        callgrind.read_callgrind(tmp_path / "cg.out")
 
 
 def fake_parts(floor=10.0, runtime=30.0, n=10, extra_fn=0.0, stages=(5.0, 2.0, 3.0)) -> dict:
@@ -80,7 +80,7 @@ def fake_parts(floor=10.0, runtime=30.0, n=10, extra_fn=0.0, stages=(5.0, 2.0, 3
              "runtime": (n * runtime, {"onnxruntime: (unnamed)": n * floor,
                                        "numpy: argpartition": n * (runtime - floor - extra_fn),
                                        "python: _PyEval_EvalFrameDefault": n * extra_fn})}
-    for st, v in zip(ins.STAGES, stages):
+    for st, v in zip(callgrind.STAGES, stages):
         parts[f"runtime:{st}"] = (n * v, {})
     return parts
 
@@ -90,7 +90,7 @@ def fake_result(n=10, **kw) -> dict:
                 "artifact_sha256": "def"}
     env = {"valgrind": "valgrind-3.19.0", "python": "3.11.7", "numpy": "2.4.6", "onnxruntime": "1.32.0"}
     machine = {"cpu": "AMD EPYC", "isa": ["avx2", "avx512f"], "cpu_features_valgrind": ["AVX2", "FMA3"]}
-    return ins.result_from(fake_parts(n=n, **kw), workload, env, machine)
+    return callgrind.result_from(fake_parts(n=n, **kw), workload, env, machine)
 
 
 def test_result_gives_per_request_counts_per_contender_and_stage():
@@ -186,4 +186,4 @@ def test_the_committed_baseline_parses_and_records_the_machine():
     m = base["result"]["machine"]
     assert m["cpu"] and m["isa"] and "AVX2" in m["cpu_features_valgrind"]
     assert not {"AVX512F", "AVX512_SKX"} & set(m["cpu_features_valgrind"])      # valgrind offers no AVX-512
-    assert base["result"]["workload"]["requests"] == ins.DEFAULTS["requests"]
+    assert base["result"]["workload"]["requests"] == callgrind.DEFAULTS["requests"]
