@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -87,6 +88,10 @@ def _one(values, name: str, default):
 def run(args) -> int:
     if args.instructions and args.against:
         raise InputError("--instructions and --against are two different runs: give one")
+    if args.out == Path("runs/bench") and (args.instructions or args.against):
+        args.out = Path("runs/instructions" if args.instructions else "runs/ab")
+    for folder in (args.out, args.save_baseline and args.save_baseline.parent):
+        _writable(folder)                                  # before the run, not after minutes of it
     if not (args.instructions or args.against):
         return run_wall_clock(args)
     from .callgrind import DEFAULTS
@@ -97,7 +102,7 @@ def run(args) -> int:
     workload.update(beam=_one(args.beams, "--beams", DEFAULTS["beam"]),
                     batch_size=_one(args.batch_sizes, "--batch-sizes", DEFAULTS["batch_size"]))
     say = lambda msg: print(msg, file=sys.stderr)                                       # noqa: E731
-    out = args.out if args.out != Path("runs/bench") else Path("runs/instructions" if args.instructions else "runs/ab")
+    out = args.out
     if args.against:
         from .ab import report, run_against
 
@@ -144,3 +149,15 @@ def _regressed(messages: list[str]) -> None:
     for msg in messages:
         print(f"REGRESSED {msg}", file=sys.stderr)
     raise RegressionError(f"{len(messages)} regression(s) past the tolerance against --baseline")
+
+
+def _writable(folder: Path | None) -> None:
+    """Make ``folder`` (the results' or the baseline's) or refuse it in one line, before anything runs."""
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise InputError(f"cannot write results to {folder}: {e.strerror}") from None
+    if not os.access(folder, os.W_OK):
+        raise InputError(f"cannot write results to {folder}: permission denied")

@@ -34,8 +34,7 @@ from typing import Callable
 from nezha.export import steps as S
 from nezha.export.options import BuildOptions, check
 from nezha.export.staging import staging
-from nezha.runtime.cli import Parser
-from nezha.runtime.errors import NezhaError
+from nezha.runtime.cli import Parser, guarded
 from nezha.runtime.options import add_arguments
 
 QUANTIZED = ("int8", "int8-cpu")
@@ -179,13 +178,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    try:
-        summary = build(**vars(args))
-    except NezhaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return e.exit_code
-    print(summary.table())
-    return 0
+    return guarded("build", lambda: print(build(**vars(args)).table()))      # an error: one line, its exit code
 
 
 if __name__ == "__main__":

@@ -54,10 +54,13 @@ def read_token(path: Path | None, environ=os.environ) -> str | None:
 def _token_file(path: Path) -> str:
     """The first line of a token file. stat() first, and only a regular file is opened: open() of a FIFO
     blocks until a writer comes (a server hung at startup)."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise ValueError(f"--admin-token-file {path} is not a regular file")
-    with open(path, "rb") as f:
-        line = f.readline(4096)
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise ValueError(f"--admin-token-file {path} is not a regular file")
+        with open(path, "rb") as f:
+            line = f.readline(4096)
+    except OSError as e:
+        raise OSError(f"--admin-token-file {path}: {e.strerror}") from None
     try:
         return line.decode("utf-8").strip()
     except UnicodeDecodeError:

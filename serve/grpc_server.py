@@ -152,7 +152,7 @@ def _reader(message):
         try:
             return message.FromString(data)
         except DecodeError as e:
-            return InputError(f"the request is not a {message.DESCRIPTOR.full_name} message: {e}")
+            return InputError(f"the request is not a valid {message.DESCRIPTOR.full_name} message: {e}")
     return read
 
 

@@ -1,7 +1,7 @@
 """Every input the build reads is read strictly before the export starts, and every bad one is one line:
 config.json's fields typed, bounded and checked against the weights, one JSON reader with Python's own
 limits caught, item index keys in ASCII digits, regular files only (a FIFO is never opened), finite
-weights. The CLI turns each into 'error: ...' and exit 2 (docs/build.md)."""
+weights. The CLI turns each into 'nezha build: error: ...' and exit 2 (docs/build.md)."""
 
 from __future__ import annotations
 
@@ -250,7 +250,7 @@ def test_the_cli_says_one_line_and_exits_2(good, checkpoint, watch_fifo, tmp_pat
         index.write_text('{"100": %s, "100": %s}' % (TOKENS, TOKENS))
     assert main(["--checkpoint", str(checkpoint), "--index", str(index), "--out", str(tmp_path / "art"), *CLI]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("nezha build: error: ") and err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "art").exists() and not list(tmp_path.glob(".art.*"))
     if case == "weights FIFO":
         assert opened() == 0

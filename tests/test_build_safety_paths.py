@@ -55,7 +55,7 @@ def test_cli_errors_are_one_line_and_exit_2(inputs, tmp_path, capsys):
     ckpt, index = inputs
     assert main(["--checkpoint", str(ckpt), "--index", str(index), "--out", str(ckpt), "--force"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("error: --out") and err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith("nezha build: error: --out") and err.count("\n") == 1 and "Traceback" not in err
 
 
 def test_artifact_is_readable_by_other_users(inputs, tmp_path):

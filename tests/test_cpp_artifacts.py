@@ -16,9 +16,12 @@ from cpp_helpers import artifact, cpp, cpp_build  # noqa: F401
 
 
 def test_corrupt_artifacts_are_refused_with_the_reason(cpp_build, artifact, tmp_path):
-    from nezha.runtime.errors import InputError
-    with pytest.raises(InputError, match="sid_keys.npy: sha256 mismatch"):
-        cpp(corrupted(artifact, tmp_path, "tables/sid_keys.npy"))
+    from nezha.runtime.errors import ArtifactError                  # the class Python's loader raises
+    bad = corrupted(artifact, tmp_path, "tables/sid_keys.npy")
+    with pytest.raises(ArtifactError, match="sid_keys.npy: sha256 mismatch"):
+        cpp(bad)
+    with pytest.raises(ArtifactError, match="sid_keys.npy"):
+        Recommender.load(bad)
     with pytest.raises(NezhaError, match="does not exist"):
         cpp(tmp_path / "missing")
     with pytest.raises(NezhaError, match="has no 'fp16' graphs"):
@@ -34,11 +37,11 @@ def test_a_graph_file_that_is_another_graph_is_refused(cpp_build, artifact, tmp_
     """As in Python (tests/test_artifact_files.py): a head file swapped for another of one interface, or whose
     dynamic dims are not the manifest's, is refused at load although its sha256 is listed."""
     import onnx
-    from nezha.runtime.errors import InputError
+    from nezha.runtime.errors import ArtifactError
     rel = "graphs/fp32/head_1.onnx"
     proto = onnx.load(str(artifact / rel))
     edit(proto)
-    with pytest.raises(InputError, match=message):
+    with pytest.raises(ArtifactError, match=message):
         cpp(tampered(artifact, tmp_path, files={rel: proto.SerializeToString()}))
 
 
@@ -93,12 +96,12 @@ def test_the_binding_decodes_any_error_message(cpp_build, artifact, tmp_path):
     """C messages carry bytes from the artifact (a Latin-1 byte nlohmann quotes, a folder name that is not
     UTF-8): decoded with replacement, never a UnicodeDecodeError."""
     from manifest_corpus import make_case
-    from nezha.runtime.errors import InputError
-    with pytest.raises(InputError, match="ill-formed UTF-8") as e:
+    from nezha.runtime.errors import ArtifactError
+    with pytest.raises(ArtifactError, match="ill-formed UTF-8") as e:
         cpp(make_case(artifact, tmp_path / "latin1", "Latin-1 byte in a string"))
     assert "\ufffd" in str(e.value)
-    with pytest.raises(InputError, match="is not valid JSON") as e:
+    with pytest.raises(ArtifactError, match="is not valid JSON") as e:
         cpp(make_case(artifact, tmp_path / "utf16", "UTF-16"))
-    with pytest.raises(InputError, match="does not exist") as e:
+    with pytest.raises(ArtifactError, match="does not exist") as e:
         cpp(os.fsdecode(bytes(tmp_path) + b"/caf\xe9"))           # a str holding a surrogate escape
     assert "caf\ufffd" in str(e.value)

@@ -29,7 +29,7 @@ def beauty_parity(artifact: Path, precision: str, users: int | None, batch: int 
     """Top-10 (beam 20) of the Python and C++ runtimes on Beauty test users: how many lists are identical
     (items and order) and the largest score difference."""
     from nezha.bench.run import load_histories
-    histories = load_histories(DATA, "test", users)
+    histories = load_histories(DATA, users)
     py = Recommender.load(artifact, precision=precision, threads=1)
     identical, worst, first_diff = 0, 0.0, None
     with cpp(artifact, precision) as cc:

@@ -73,7 +73,7 @@ def test_options_are_resolved_once_and_int8_settings_checked_only_for_int8(tmp_p
                            calibration_method="kl", calibration_size=0))
     assert (o.precision, o.backend, o.out) == (["fp32", "fp16"], ("onnxruntime",), Path("art").absolute())
     assert main(["--checkpoint", str(tmp_path / "ckpt"), "--out", str(tmp_path / "art"), "--max-batch", "0"]) == 2
-    assert capsys.readouterr().err == "error: max_batch must be a positive integer, got 0\n"
+    assert capsys.readouterr().err == "nezha build: error: max_batch must be a positive integer, got 0\n"
 
 
 def test_unwritable_output(tmp_path, checkpoint):

@@ -74,6 +74,12 @@ def test_grpc_size_fields_that_lie_and_a_large_message(serve):
     with pytest.raises(grpc.RpcError) as e:
         infer([np.zeros(600, np.int64).tobytes(), lengths])
     assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    garbage = grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}").unary_unary(   # bytes that are no protobuf message
+        "/inference.GRPCInferenceService/ModelInfer", request_serializer=None, response_deserializer=None)
+    with pytest.raises(grpc.RpcError) as e:
+        garbage(b"\xff\xff\xff\xff garbage", timeout=TIMEOUT)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid inference.ModelInferRequest message" in e.value.details()
 
 
 def test_grpc_overload_deadline_and_drain_have_their_status_codes(serve):

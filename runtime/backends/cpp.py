@@ -33,7 +33,7 @@ import numpy as np
 
 from nezha.runtime.contract import Recommender
 from nezha.runtime.encoding import check_unknown, code_array, flat_histories
-from nezha.runtime.errors import GraphRunError, InputError, Unavailable
+from nezha.runtime.errors import ArtifactError, GraphRunError, InputError, Unavailable
 
 _LIBRARY_NAME = "libnezha_runtime.so"
 _DEFAULT_BUILD = Path(__file__).resolve().parents[1] / "cpp" / "build"
@@ -116,7 +116,7 @@ def _flat_codes(code_histories: Sequence, levels: int) -> tuple[np.ndarray, np.n
 
 # nezha_error_kind (nezha_c.h) -> the class the Python backend raises for the same mistake; an internal
 # error (out of memory, a bug) is no user error.
-_ERROR_CLASSES = {1: InputError, 2: InputError, 3: InputError, 4: InputError, 5: GraphRunError, 6: RuntimeError}
+_ERROR_CLASSES = {1: InputError, 2: InputError, 3: InputError, 4: ArtifactError, 5: GraphRunError, 6: RuntimeError}
 
 
 def _error(lib, kind: int | None = None) -> Exception:
