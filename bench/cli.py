@@ -85,9 +85,26 @@ def _one(values, name: str, default):
     return values[0]
 
 
+WORKLOAD = {"batch_sizes": 1, "beams": 1, "requests": 1, "warmup": 0, "history_limit": 1}     # the least of each
+
+
+def _check_workload(args) -> None:
+    """Each workload option at least its least; --quick fixes the workload, so it takes none of them."""
+    for name, least in WORKLOAD.items():
+        value = getattr(args, name)
+        flag = "--" + name.replace("_", "-")
+        if value is not None and args.quick and not (args.instructions or args.against):
+            raise InputError(f"--quick runs one fixed small workload: drop {flag} or --quick")
+        if value is not None and min(value if isinstance(value, list) else [value]) < least:
+            raise InputError(f"{flag} must be at least {least}, got {value}")
+    if not 0 <= args.tolerance < 1:                        # nan fails too
+        raise InputError(f"--tolerance is a fraction in [0, 1), got {args.tolerance}")
+
+
 def run(args) -> int:
     if args.instructions and args.against:
         raise InputError("--instructions and --against are two different runs: give one")
+    _check_workload(args)
     if args.out == Path("runs/bench") and (args.instructions or args.against):
         args.out = Path("runs/instructions" if args.instructions else "runs/ab")
     for folder in (args.out, args.save_baseline and args.save_baseline.parent):

@@ -126,7 +126,8 @@ class Pending:
 @dataclass
 class Item:
     """One history to decode: its codes [n, L] int64, backbone tokens, beam, k, model, owner and index.
-    Each holds its model (``model.acquire()``) until ``decode_items`` or a queue drops it releases it."""
+    Each holds its model (``model.acquire()`` at admission) until ``release``: by ``decode_items``, a queue
+    that drops it, or an engine whose batching failed before the decode; only the first call releases."""
 
     codes: np.ndarray
     tokens: int
@@ -136,6 +137,16 @@ class Item:
     pending: Pending
     index: int
     arrived: float = field(default_factory=time.perf_counter)
+    held: bool = True
+
+    def release(self) -> None:
+        with _RELEASING:
+            held, self.held = self.held, False
+        if held:
+            self.model.release()
+
+
+_RELEASING = threading.Lock()      # an Item's hold is released once, from a decode thread or the event loop
 
 
 def check_room(waiting: int, n: int, max_queue: int) -> None:
@@ -198,7 +209,7 @@ def decode_items(items: list[Item], max_batch: int, metrics, idle: bool = False)
                 it.pending.set_result(it.index, result)
     finally:
         for it in items:
-            it.model.release()
+            it.release()
 
 
 class Batcher:
@@ -254,7 +265,7 @@ class Batcher:
                 if any(it.pending.finished for it in self._queue):     # failed or timed out: drop them
                     for it in self._queue:
                         if it.pending.finished:
-                            it.model.release()
+                            it.release()
                     self._queue = deque(it for it in self._queue if not it.pending.finished)
                 if not self._queue:
                     continue

@@ -64,6 +64,7 @@ class RayBatcher:
             for it, outcome in zip(items, outcomes):            # Ray's batching failed: the request fails (500)
                 if isinstance(outcome, BaseException):
                     it.pending.fail(outcome)
+                    it.release()                                # unless the decode did: the model may close
         finally:
             self.waiting -= len(items)
 

@@ -140,8 +140,8 @@ class Service:
         try:
             self.batcher.submit(items)
         except BaseException:
-            for _ in items:
-                model.release()
+            for it in items:
+                it.release()
             raise
         try:
             return await asyncio.wait_for(future, max(deadline - time.perf_counter(), 0.0))

@@ -70,3 +70,13 @@ def test_a_bench_that_could_not_write_its_results_is_refused_before_it_runs(arti
     r = _cli("bench", str(artifacts[0]), "--quick", flag, str(tmp_path / "file" / "x" / "y"))
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert f"cannot write results to {tmp_path / 'file' / 'x'}" in r.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--quick", "--beams", "99999"], "--quick runs one fixed small workload: drop --beams or --quick"),
+    (["--batch-sizes", "0"], "--batch-sizes must be at least 1, got [0]"),
+    (["--instructions", "--requests", "0"], "--requests must be at least 1, got 0"),
+    (["--tolerance", "nan"], "--tolerance is a fraction in [0, 1), got nan")])
+def test_bench_workload_options_are_checked_not_overridden(artifacts, tmp_path, args, message):
+    r = _cli("bench", str(artifacts[0]), *args, "--out", str(tmp_path / "out"))
+    assert r.returncode == 2 and r.stderr.strip() == f"nezha bench: error: {message}", r.stderr

@@ -112,3 +112,43 @@ def test_decode_threads_default_to_the_cores_a_decode_can_use():
     assert auto_workers(0.95, 0.0003, cores=8) == 7
     assert auto_workers(0.99, 0.05, cores=2) == 2            # long GIL-free decodes (104.6M): every core
     assert auto_workers(0.99, 0.05, cores=1) == auto_workers(0.95, 0.0003, cores=1) == 1
+
+
+def _held_model(holds: int):
+    """A LoadedModel with ``holds`` requests on it, retired (a reload happened): it closes at the last release."""
+    from pathlib import Path
+    from nezha.serve.batching import LoadedModel
+    model, closed = LoadedModel(rec=None, artifact=Path("."), version="v"), []
+    model._close = lambda: closed.append(True)
+    for _ in range(holds):
+        model.acquire()
+    model.retire()
+    return model, closed
+
+
+def test_a_ray_batch_that_failed_before_its_decode_releases_the_model_once():
+    import asyncio
+    import pytest
+    pytest.importorskip("ray")
+    from nezha.serve.batching import Pending
+    from nezha.serve.ray_engine import RayBatcher
+
+    model, closed = _held_model(3)
+    failures = []
+    pending = Pending(3, float("inf"), lambda results, error: failures.append(error))
+    items = [Item(np.zeros((1, 1)), 1, 4, 10, model, pending, i) for i in range(3)]
+
+    async def handler(item):
+        if item.index == 0:                     # this one decoded (and released) before the others failed
+            item.release()
+            return None
+        raise RuntimeError("Ray's batch failed")
+
+    async def run():
+        batcher = RayBatcher(handler, max_queue=8)
+        batcher.submit(items)
+        await asyncio.gather(*batcher._tasks)
+        return batcher
+    batcher = asyncio.run(run())
+    assert model._users == 0 and closed == [True] and batcher.waiting == 0      # each hold released once
+    assert [str(e) for e in failures] == ["Ray's batch failed"]
