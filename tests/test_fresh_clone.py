@@ -112,3 +112,10 @@ def test_nothing_refers_to_the_workspace_beside_the_clone():
     hits = [name for name in listed if (ROOT / name).is_file() and name != "tests/test_fresh_clone.py"
             and b"../shared" in (ROOT / name).read_bytes()]
     assert hits == []
+
+
+def test_no_tracked_file_is_a_symbolic_link():
+    """A link committed from one workspace (a worktree's link to the main checkout's downloads) points
+    nowhere, or at itself, in a clone: setup_ort.sh then fails on a fresh machine."""
+    staged = subprocess.run(["git", "ls-files", "-s"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert [line.split("\t")[1] for line in staged.splitlines() if line.startswith("120000 ")] == []
