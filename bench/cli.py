@@ -119,23 +119,22 @@ def run(args) -> int:
     workload.update(beam=_one(args.beams, "--beams", DEFAULTS["beam"]),
                     batch_size=_one(args.batch_sizes, "--batch-sizes", DEFAULTS["batch_size"]))
     say = lambda msg: print(msg, file=sys.stderr)                                       # noqa: E731
-    out = args.out
     if args.against:
         from .ab import report, run_against
 
-        print(report(run_against(args.against, artifact=args.artifact, data=args.data, out=out, progress=say,
+        print(report(run_against(args.against, artifact=args.artifact, data=args.data, out=args.out, progress=say,
                                  build_args=shlex.split(args.build_args), **workload)))
-        print(f"wrote {out}/ab.json, ab.md")
+        print(f"wrote {args.out}/ab.json, ab.md")
         return 0
     from .instructions import load_baseline, report, run_gate
 
     if args.artifact is None:
         raise InputError("--instructions needs an ARTIFACT folder")
     result = run_gate(args.artifact, data=args.data, baseline=args.baseline, save_baseline_to=args.save_baseline,
-                      own_tolerance=args.own_tolerance, end_to_end_tolerance=args.end_to_end_tolerance, out=out,
+                      own_tolerance=args.own_tolerance, end_to_end_tolerance=args.end_to_end_tolerance, out=args.out,
                       stages=args.stages, progress=say, **workload)
     print(report(result, load_baseline(args.baseline) if args.baseline else None))
-    print(f"wrote {out}/instructions.json, instructions.md{_saved(args)}")
+    print(f"wrote {args.out}/instructions.json, instructions.md{_saved(args)}")
     gate = result.get("gate")
     if gate and not gate["passed"]:
         _regressed(gate["regressions"])

@@ -9,8 +9,8 @@ overlap with fp32, and the backbone latency of each on ONNX Runtime CPU (interle
 from __future__ import annotations
 
 import argparse
-import sys
 import json
+import sys
 import time
 from pathlib import Path
 
