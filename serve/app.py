@@ -66,9 +66,10 @@ async def dispatch(service: Service, request: Request) -> Response:
 
 
 def create_app(service: Service, reload_on_sighup: bool = False, grpc_port: int | None = None,
-               grpc_host: str = "127.0.0.1", drain_timeout: float = 30.0) -> Starlette:
+               grpc_host: str = "127.0.0.1", drain_timeout: float = 30.0, grpc_transport: str = "auto") -> Starlette:
     """The ASGI app: every path goes to ``service.handle``; startup loads the model, shutdown drains.
-    With ``grpc_port`` the KServe v2 gRPC service (serve.grpc_server) runs alongside, in the same loop."""
+    With ``grpc_port`` the KServe v2 gRPC service (serve.grpc_server) runs alongside, in the same loop, over
+    ``grpc_transport`` (serve.grpc_server.start_grpc)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -76,7 +77,7 @@ def create_app(service: Service, reload_on_sighup: bool = False, grpc_port: int 
         grpc_server = None
         if grpc_port is not None:
             from .grpc_server import start_grpc
-            grpc_server = await start_grpc(service, grpc_host, grpc_port)
+            grpc_server = await start_grpc(service, grpc_host, grpc_port, grpc_transport)
         loop = asyncio.get_running_loop()
         if reload_on_sighup:
             loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(_sighup_reload(service)))
@@ -111,7 +112,7 @@ async def _sighup_reload(service: Service) -> None:
 
 def uvicorn_config(service: Service, host: str = "127.0.0.1", port: int = 8000, limits: ConnectionLimits | None = None,
                    drain_timeout: float = 30.0, log_level: str = "info", reload_on_sighup: bool = False,
-                   grpc_port: int | None = None):
+                   grpc_port: int | None = None, grpc_transport: str = "auto"):
     """uvicorn's Config for ``service``, its connections held to ``limits`` (serve.connections)."""
     import uvicorn
 
@@ -120,16 +121,17 @@ def uvicorn_config(service: Service, host: str = "127.0.0.1", port: int = 8000, 
     guard = Guard(limits, on_close=lambda reason: metrics.connections_closed.labels(reason).inc(),
                   on_count=metrics.connections.set)
     app = create_app(service, reload_on_sighup=reload_on_sighup, grpc_port=grpc_port, grpc_host=host,
-                     drain_timeout=drain_timeout)
+                     drain_timeout=drain_timeout, grpc_transport=grpc_transport)
     return uvicorn.Config(app, host=host, port=port,
                           log_level=log_level, timeout_graceful_shutdown=drain_timeout, access_log=False, lifespan="on",
                           http=guard.protocol(), timeout_keep_alive=limits.keep_alive_timeout_s)
 
 
 def run(service: Service, host: str = "127.0.0.1", port: int = 8000, limits: ConnectionLimits | None = None,
-        drain_timeout: float = 30.0, log_level: str = "info", grpc_port: int | None = None) -> None:
+        drain_timeout: float = 30.0, log_level: str = "info", grpc_port: int | None = None,
+        grpc_transport: str = "auto") -> None:
     """Serve until SIGINT/SIGTERM (then drain: in-flight requests finish, new ones get 503); SIGHUP reloads."""
     import uvicorn
 
     uvicorn.Server(uvicorn_config(service, host, port, limits, drain_timeout, log_level, reload_on_sighup=True,
-                                  grpc_port=grpc_port)).run()
+                                  grpc_port=grpc_port, grpc_transport=grpc_transport)).run()

@@ -100,12 +100,16 @@ def run_serve(a) -> int:
         from .app import run as run_app
         from .model import load_model
         from .service import Service
+        if run.grpc_transport == "native":
+            from .grpc_native import built
+            built()                                        # not built: one line here, not a failed startup
         for flag, port in (("--port", run.port), ("--grpc-port", run.grpc_port)):
             if port is not None:
                 check_port(run.host, port, flag)           # taken: one line here, not a failed app startup
         model = load_model(a.artifact, load)            # before uvicorn starts: a bad artifact is one line, exit 2
         run_app(Service(a.artifact, options, load, model=model), host=run.host, port=run.port, limits=limits,
-                drain_timeout=run.drain_timeout, log_level=run.log_level, grpc_port=run.grpc_port)
+                drain_timeout=run.drain_timeout, log_level=run.log_level, grpc_port=run.grpc_port,
+                grpc_transport=run.grpc_transport)
     except (NezhaError, ImportError, OSError) as e:
         return _fail("serve", e)
     return 0

@@ -171,19 +171,31 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(kserve.SERVICE, handlers),))
 
 
-async def start_grpc(service, host: str, port: int) -> grpc.aio.Server:
-    """Bind ``host:port`` and serve the v2 RPCs over ``service``; ``await server.stop(grace)`` drains."""
+TRANSPORTS = ("auto", "native", "grpcio")
+
+
+async def start_grpc(service, host: str, port: int, transport: str = "auto"):
+    """Bind ``host:port`` and serve the v2 RPCs over ``service``; ``await server.stop(grace)`` drains.
+    ``transport``: native (gRPC's C++ server, serve/grpc_native.py), grpcio (grpc.aio), or auto: native when
+    libnezha_grpc is built, else grpcio."""
+    from . import grpc_native
+
     limit = service.options.max_body_bytes
-    # bounded like HTTP: messages over --max-body-bytes refused, at most 4x --max-queue RPCs in flight
-    server = grpc.aio.server(maximum_concurrent_rpcs=4 * service.options.max_queue,
-                             options=[("grpc.max_receive_message_length", limit)])
-    servicer = InferenceServicer(service)
-    add_GRPCInferenceServiceServicer_to_server(
-        SimpleNamespace(**{name: _metered(service, name, getattr(servicer, name)) for name in kserve.METHODS}), server)
-    try:
-        server.add_insecure_port(f"{host}:{port}")
-    except RuntimeError as e:                              # grpc's "Failed to bind": the port is taken
-        raise OSError(f"gRPC cannot listen on {host}:{port}: {e}") from None
-    await server.start()
-    log.info("gRPC (KServe v2) on %s:%d", host, port)
+    max_calls = 4 * service.options.max_queue          # bounded like HTTP: at most 4x --max-queue RPCs in flight
+    metered = {name: _metered(service, name, getattr(InferenceServicer(service), name)) for name in kserve.METHODS}
+    native = transport == "native" or (transport == "auto" and grpc_native.library() is not None)
+    if native:
+        grpc_native.built()
+        server = grpc_native.start({f"/{kserve.SERVICE}/{name}": (method, _reader(kserve.METHODS[name][0]))
+                                    for name, method in metered.items()}, host, port, limit, max_calls)
+    else:
+        # messages over --max-body-bytes refused with RESOURCE_EXHAUSTED, as the native transport does
+        server = grpc.aio.server(maximum_concurrent_rpcs=max_calls, options=[("grpc.max_receive_message_length", limit)])
+        add_GRPCInferenceServiceServicer_to_server(SimpleNamespace(**metered), server)
+        try:
+            server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError as e:                          # grpc's "Failed to bind": the port is taken
+            raise OSError(f"gRPC cannot listen on {host}:{port}: {e}") from None
+        await server.start()
+    log.info("gRPC (KServe v2) on %s:%d (%s)", host, port, "gRPC C++, libnezha_grpc" if native else "grpc.aio")
     return server

@@ -79,17 +79,30 @@ def encode(protocol: str, histories: list[list[int]], k: int, beam: int, model: 
 GRPC_CHANNEL_OPTIONS = (("grpc.enable_retries", 0),)
 
 
+def grpc_client() -> str:
+    """Which gRPC client the load test runs: gRPC's C++ library (libnezha_grpc) when built, else grpcio's."""
+    from .grpc_native import library
+
+    return "gRPC C++ (libnezha_grpc)" if library() is not None else "grpcio"
+
+
 def grpc_closed_loop(host: str, port: int, bodies: list[tuple[bytes, bytes]], concurrency: int, duration: float,
-                     offset: int = 0, timeout: float = 60.0) -> dict:
+                     offset: int = 0, timeout: float = 60.0, native: bool | None = None) -> dict:
     """``concurrency`` gRPC clients for ``duration`` s, each sending pre-serialized ModelInferRequest bytes and
     the next when its answer is in (from the completion callback, on grpc's own thread; the answer is not
-    decoded, like the HTTP client's). Returns latencies (s) of OK answers, counts by status (OK as 200)."""
+    decoded, like the HTTP client's). Returns latencies (s) of OK answers, counts by status (OK as 200).
+    ``native`` (default: when built): gRPC's C++ client (serve.grpc_native.load), ~20 us of CPU per call
+    where grpcio's takes ~160 us (docs/protocols.md); else grpcio's, below."""
     import threading
     import time
 
     import grpc
 
-    from . import kserve
+    from . import grpc_native, kserve
+
+    if native or (native is None and grpc_native.library() is not None):
+        return grpc_native.load(host, port, f"/{kserve.SERVICE}/ModelInfer", [body for _, body in bodies], concurrency,
+                                duration, offset, timeout)
 
     channel = grpc.insecure_channel(f"{host}:{port}", options=GRPC_CHANNEL_OPTIONS)
     call = channel.unary_unary(f"/{kserve.SERVICE}/ModelInfer")

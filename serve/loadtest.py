@@ -21,7 +21,7 @@ import numpy as np
 
 from nezha.runtime.errors import InputError
 
-from .loadclients import address, check_grpc, check_protocols, encode, grpc_closed_loop
+from .loadclients import address, check_grpc, check_protocols, encode, grpc_client, grpc_closed_loop
 
 
 def request_bodies(data: Path | None, history_limit: int, k: int, beam: int, per_request: int,
@@ -204,7 +204,8 @@ def run_loadtest(urls: list[str], concurrency=(1, 4, 16, 64), duration: float = 
                                           "python": platform.python_version()},
               "setup": {"urls": {label: address(url, p, grpc_port) for label, url, p in targets}, "duration_s": duration,
                         "rounds": rounds, "k": k, "beam": beam, "histories_per_request": histories_per_request,
-                        "protocols": list(protocol), "bodies": len(bodies[protocol[0]])},
+                        "protocols": list(protocol), "bodies": len(bodies[protocol[0]]),
+                        **({"grpc_client": grpc_client()} if "grpc" in protocol else {})},
               "points": points, "ratios": ratios(points, [t[0] for t in targets]),
               "knee": {t[0]: knee(points, t[0]) for t in targets}}
     if out is not None:

@@ -123,6 +123,9 @@ class RunOptions:
     grpc_port: int | None = option(
         None, "also serve KServe v2 over gRPC (inference.GRPCInferenceService) on this port, same host",
         type=ascii_int)
+    grpc_transport: str = option(
+        "auto", "who speaks gRPC: native (gRPC's C++ library, libnezha_grpc: about a third of grpc.aio's CPU per "
+        "call), grpcio (grpc.aio), or auto: native when it is built (make cpp), else grpcio", choices=["auto", "native", "grpcio"])
     engine: str = option("uvicorn", choices=["uvicorn", "ray"])
     replicas: int | None = option(None, "Ray Serve replicas, a fixed count (--engine ray; default 1)", at_least(1),
                                   type=ascii_int)
@@ -147,6 +150,9 @@ class RunOptions:
         checked(self)
         if self.grpc_port is not None and (not 0 < self.grpc_port < 65536 or self.grpc_port == self.port):
             raise InputError(f"--grpc-port must be a port in 1..65535 other than --port, got {self.grpc_port}")
+        if self.grpc_transport != "auto" and (self.grpc_port is None or self.engine == "ray"):
+            raise InputError("--grpc-transport is for --grpc-port on the uvicorn engine (Ray Serve's own gRPC proxy "
+                             "speaks gRPC under --engine ray)")
         self.autoscaling()
 
     def autoscaling(self) -> dict | None:

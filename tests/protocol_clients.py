@@ -23,6 +23,16 @@ from nezha.serve.app import create_app  # noqa: E402
 TIMEOUT = 20.0
 
 
+def _native_built() -> bool:
+    from nezha.serve.grpc_native import library
+    return library() is not None
+
+
+_NATIVE = pytest.mark.skipif(not _native_built(), reason="libnezha_grpc is not built (make cpp with Debian's libgrpc++-dev)")
+TRANSPORTS = [pytest.param("native", marks=_NATIVE), "grpcio"]     # nezha serve --grpc-transport
+FRONTS = ["http", pytest.param("grpc-native", marks=_NATIVE), "grpc-grpcio"]   # a client's way in: HTTP, or gRPC over each
+
+
 @pytest.fixture(scope="session")
 def artifact(artifacts):
     """The served artifact: conftest's ``artifacts[0]``, the one its ``library`` fixture loads."""
@@ -38,11 +48,11 @@ def _free_port() -> int:
 class Server:
     """uvicorn with the gRPC service alongside, in a thread on free 127.0.0.1 ports; both Triton clients."""
 
-    def __init__(self, service: Service):
+    def __init__(self, service: Service, transport: str = "auto"):
         import uvicorn
 
         self.service, port, self.grpc_port = service, _free_port(), _free_port()
-        app = create_app(service, grpc_port=self.grpc_port, drain_timeout=5)
+        app = create_app(service, grpc_port=self.grpc_port, drain_timeout=5, grpc_transport=transport)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                                     lifespan="on", timeout_graceful_shutdown=5))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -69,8 +79,9 @@ class Server:
 def serve(artifact):
     servers = []
 
-    def start(**options) -> Server:
-        servers.append(Server(Service(artifact, ServeOptions(**{"workers": 2, **options}), LoadOptions(threads=1))))
+    def start(transport: str = "auto", **options) -> Server:
+        servers.append(Server(Service(artifact, ServeOptions(**{"workers": 2, **options}), LoadOptions(threads=1)),
+                              transport))
         return servers[-1]
     yield start
     for s in servers:

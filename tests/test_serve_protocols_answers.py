@@ -17,12 +17,13 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 import tritonclient.http as httpclient  # noqa: E402
 
 from conftest import tiny_catalog, tiny_histories  # noqa: E402
-from protocol_clients import TIMEOUT, _answers, _status, _tensors, artifact, serve  # noqa: E402,F401
+from protocol_clients import FRONTS, TIMEOUT, TRANSPORTS, _answers, _status, _tensors, artifact, serve  # noqa: E402,F401
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_triton_clients_get_the_library_answers_bit_for_bit(serve, library, protocol):
-    s = serve()
+@pytest.mark.parametrize("front", FRONTS)
+def test_triton_clients_get_the_library_answers_bit_for_bit(serve, library, front):
+    protocol, _, transport = front.partition("-")
+    s = serve(transport or "auto")
     client, module = (s.http, httpclient) if protocol == "http" else (s.grpc, grpcclient)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("nezha")
     meta = client.get_server_metadata()
@@ -45,8 +46,9 @@ def test_triton_clients_get_the_library_answers_bit_for_bit(serve, library, prot
     assert result.as_numpy("scores") is None and result.as_numpy("counts").tolist() == [10, 10]
 
 
-def test_64_concurrent_clients_of_each_protocol_get_their_solo_answers(serve, library):
-    s = serve(workers=2, max_wait_ms=5)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_64_concurrent_clients_of_each_protocol_get_their_solo_answers(serve, library, transport):
+    s = serve(transport, workers=2, max_wait_ms=5)
     rng = np.random.default_rng(5)
     ids = tiny_catalog().item_ids
     requests = [[rng.choice(ids, size=int(rng.integers(1, 12))).tolist() for _ in range(int(rng.integers(1, 4)))]
@@ -66,9 +68,10 @@ def test_64_concurrent_clients_of_each_protocol_get_their_solo_answers(serve, li
     assert 'nezha_requests_total{route="grpc:ModelInfer",status="200"} 128.0' in metrics
 
 
-@pytest.mark.parametrize("protocol", ["http", "grpc"])
-def test_bad_tensors_get_the_library_message(serve, protocol):
-    s = serve()
+@pytest.mark.parametrize("front", FRONTS)
+def test_bad_tensors_get_the_library_message(serve, front):
+    protocol, _, transport = front.partition("-")
+    s = serve(transport or "auto")
     client, module = (s.http, httpclient) if protocol == "http" else (s.grpc, grpcclient)
     bad = "400" if protocol == "http" else "StatusCode.INVALID_ARGUMENT"
     one = [[100, 101]]

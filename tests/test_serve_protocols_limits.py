@@ -19,7 +19,7 @@ from tritonclient.grpc import service_pb2 as triton_pb2, service_pb2_grpc as tri
 from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from serve_fixtures import _slow  # noqa: E402
-from protocol_clients import TIMEOUT, _status, _tensors, artifact, serve  # noqa: E402,F401
+from protocol_clients import TIMEOUT, TRANSPORTS, _status, _tensors, artifact, serve  # noqa: E402,F401
 
 
 def test_http_size_fields_that_lie_are_400_and_a_large_body_413(serve):
@@ -49,8 +49,9 @@ def test_http_size_fields_that_lie_are_400_and_a_large_body_413(serve):
     assert status == "413" and "at most 4096" in text
 
 
-def test_grpc_size_fields_that_lie_and_a_large_message(serve):
-    s = serve(max_body_bytes=4096)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_grpc_size_fields_that_lie_and_a_large_message(serve, transport):
+    s = serve(transport, max_body_bytes=4096)
     stub = triton_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(f"127.0.0.1:{s.grpc_port}"))
 
     def infer(raw, *, typed=False, **kw):
@@ -82,8 +83,9 @@ def test_grpc_size_fields_that_lie_and_a_large_message(serve):
     assert "not a valid inference.ModelInferRequest message" in e.value.details()
 
 
-def test_grpc_overload_deadline_and_drain_have_their_status_codes(serve):
-    s = serve(workers=1, max_queue=1, timeout_ms=300)
+@pytest.mark.parametrize("transport", TRANSPORTS)
+def test_grpc_overload_deadline_and_drain_have_their_status_codes(serve, transport):
+    s = serve(transport, workers=1, max_queue=1, timeout_ms=300)
     _slow(s.service, 0.5)
 
     def one(_):

@@ -39,10 +39,10 @@ _LIBRARY_NAME = "libnezha_runtime.so"
 _DEFAULT_BUILD = Path(__file__).resolve().parents[1] / "cpp" / "build"
 
 
-def library_path() -> Path:
-    """The libnezha_runtime.so to load: $NEZHA_CPP_LIBRARY, else runtime/cpp/build's."""
-    env = os.environ.get("NEZHA_CPP_LIBRARY")
-    return Path(env) if env else _DEFAULT_BUILD / _LIBRARY_NAME
+def library_path(name: str = _LIBRARY_NAME, variable: str = "NEZHA_CPP_LIBRARY") -> Path:
+    """The library ``name`` to load: $``variable``, else runtime/cpp/build's (libnezha_grpc.so: NEZHA_GRPC_LIBRARY)."""
+    env = os.environ.get(variable)
+    return Path(env) if env else _DEFAULT_BUILD / name
 
 
 def wheel_onnxruntime_library() -> str | None:

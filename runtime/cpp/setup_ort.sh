@@ -9,7 +9,7 @@
 # Output: runtime/cpp/third_party/onnxruntime/include/onnxruntime_cxx_api.h (and friends).
 # Users with their own ONNX Runtime SDK skip this and configure CMake with -DONNXRUNTIME_ROOT=DIR.
 # Also makes sure the build tools and the two Debian -dev packages the library uses are installed
-# (nlohmann-json3-dev, libssl-dev) when run as root; otherwise it only says what is missing.
+# (nlohmann-json3-dev, libssl-dev; libgrpc++-dev, optional) when run as root; otherwise it says what is missing.
 set -euo pipefail
 here="$(cd "$(dirname "$0")" && pwd)"
 dest="$here/third_party/onnxruntime"
@@ -55,6 +55,12 @@ command -v g++ >/dev/null || missing+=(g++)
 command -v ninja >/dev/null || missing+=(ninja-build)
 [ -f /usr/include/nlohmann/json.hpp ] || missing+=(nlohmann-json3-dev)
 [ -f /usr/include/openssl/evp.h ] || missing+=(libssl-dev)
+# optional: libnezha_grpc (the native gRPC transport and load client) is built only when gRPC is there
+if [ ! -f /usr/include/grpcpp/grpcpp.h ]; then
+    if [ "$(id -u)" = 0 ]; then missing+=(libgrpc++-dev pkg-config)
+    else echo "setup_ort: no libgrpc++-dev: libnezha_grpc is not built (nezha serve then speaks gRPC through grpcio)" >&2
+    fi
+fi
 if [ ${#missing[@]} -gt 0 ]; then
     if [ "$(id -u)" = 0 ]; then
         apt-get -qq update && apt-get install -y -qq "${missing[@]}"
