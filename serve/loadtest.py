@@ -249,7 +249,8 @@ def markdown(result: dict) -> str:
              f"- closed loop, {s['duration_s']:g} s per server and concurrency ({s['rounds']} alternating slice(s)), "
              f"k {s['k']}, beam {s['beam']}, {s['histories_per_request']} Beauty test history per request, "
              f"{result['machine']['cpu_count']} cores",
-             "- servers: " + ", ".join(f"{l} = {u}" for l, u in s["urls"].items()), "",
+             "- servers: " + ", ".join(f"{l} = {u}" for l, u in s["urls"].items())
+             + (f"; gRPC client: {s['grpc_client']}" if "grpc_client" in s else ""), "",
              "| concurrency | server | req/s | p50 ms | p90 ms | p99 ms | errors |", "|---:|---|---:|---:|---:|---:|---:|"]
     for p in result["points"]:
         for label in labels:

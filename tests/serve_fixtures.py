@@ -5,6 +5,7 @@ two served artifacts and the library over the first are conftest's ``artifacts``
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import subprocess
@@ -138,8 +139,9 @@ def _tiny_data(root, histories):
     return root
 
 
-def _cli(*args, timeout=60):
-    return subprocess.run([sys.executable, "-m", "nezha.cli", *args], capture_output=True, text=True, timeout=timeout)
+def _cli(*args, timeout=60, env=None):
+    return subprocess.run([sys.executable, "-m", "nezha.cli", *args], capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
 
 
 def server_process(artifact, *args, **popen) -> tuple[subprocess.Popen, str]:

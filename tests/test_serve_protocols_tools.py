@@ -23,14 +23,22 @@ def test_the_compiled_descriptor_matches_the_proto():
     assert compiled_text() == DESCRIPTOR_TEXT.read_text(), "run: python -m nezha.serve.kserve"
 
 
-def test_grpc_port_option_errors_are_one_line(tmp_path):
+def test_grpc_port_option_errors_are_one_line(tmp_path, artifact):
     from serve_fixtures import _cli
 
     for args, message in ((["--grpc-port", "0"], "--grpc-port must be a port in 1..65535"),
                           (["--grpc-port", "8000"], "other than --port"),
-                          (["--grpc-port", "65536", "--engine", "ray"], "got 65536")):
+                          (["--grpc-port", "65536", "--engine", "ray"], "got 65536"),
+                          (["--grpc-transport", "native"], "--grpc-transport is for --grpc-port on the uvicorn engine"),
+                          (["--grpc-port", "9001", "--grpc-transport", "grpcio", "--engine", "ray"], "Ray Serve's own gRPC"),
+                          (["--grpc-port", "9001", "--grpc-transport", "fast"], "invalid choice: 'fast'")):
         r = _cli("serve", str(tmp_path / "missing"), *args)
-        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
+    # asked for by name but not built: one line, exit 3 (Unavailable), before the model loads
+    r = _cli("serve", str(artifact), "--port", "18999", "--grpc-port", "18998", "--grpc-transport", "native",
+             env={"NEZHA_GRPC_LIBRARY": str(tmp_path / "libnezha_grpc.so")})
+    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert f"{tmp_path / 'libnezha_grpc.so'} is not built" in r.stderr and "libgrpc++-dev" in r.stderr
 
 
 def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
@@ -44,6 +52,8 @@ def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
     result = run_loadtest([f"http://{s.url}"], concurrency=[1, 2], duration=0.6, warmup=0.1, k=5, beam=8, data=data,
                           histories_per_request=3, protocol=["json", "binary", "grpc"], grpc_port=s.grpc_port,
                           out=tmp_path / "lt")
+    from nezha.serve.grpc_native import library
+    assert result["setup"]["grpc_client"] == ("gRPC C++ (libnezha_grpc)" if library() else "grpcio")
     for point in result["points"]:
         assert list(point["servers"]) == ["json", "binary", "grpc"]
         for r in point["servers"].values():
