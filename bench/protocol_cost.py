@@ -19,7 +19,7 @@ import urllib.request
 from collections import Counter
 from pathlib import Path
 
-GRPC_THREADS = ("event_engine", "grpc_global_tim")        # thread names gRPC's C core gives its threads
+GRPC_THREADS = ("event_engine", "grpc_global_tim", "nexting_thread", "default-executo", "nezha-grpc")  # gRPC, libnezha_grpc
 
 
 def thread_cpu(pid: int) -> Counter:

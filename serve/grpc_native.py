@@ -3,10 +3,11 @@
 
 Why: grpc.aio costs ~240 us of server CPU per call (its Cython layer in the event loop, and a hop through
 its poller thread for each of a call's events) against ~50 to 85 us for uvicorn, and grpcio's client ~160 us
-against ~20 us for the HTTP client (docs/protocols.md, "Measured"). Here gRPC's C++ server reads and
-writes the calls on its own threads and queues each call's method and bytes; the event loop takes them
-when the queue's descriptor is readable, a batch per wake-up, and runs the same servicer, metrics and
-errors as grpc.aio's (serve/grpc_server.py). The C++ side never calls into Python.
+against ~20 us for the HTTP client (docs/protocols.md, "Measured"). Here one C++ thread of libnezha_grpc
+polls gRPC's completion queue, reads each call and queues its method and bytes; the event loop takes them
+when the queue's descriptor (an eventfd) is readable, a batch per wake-up, and runs the same servicer,
+metrics and errors as grpc.aio's (serve/grpc_server.py); its answer goes back through one C call. The C++
+side never calls into Python.
 
 What differs from grpc.aio: a client that cancels a call does not cancel its decode (the answer is
 dropped; the client's deadline still bounds the wait, as --timeout-ms does)."""
