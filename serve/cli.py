@@ -100,9 +100,9 @@ def run_serve(a) -> int:
         from .app import run as run_app
         from .model import load_model
         from .service import Service
-        if run.grpc_transport == "native":
-            from .grpc_native import built
-            built()                                        # not built: one line here, not a failed startup
+        if run.grpc_port is not None and run.grpc_transport != "grpcio":
+            from .grpc_native import built, library       # missing or broken: one line here, not a failed startup
+            built() if run.grpc_transport == "native" else library()
         for flag, port in (("--port", run.port), ("--grpc-port", run.grpc_port)):
             if port is not None:
                 check_port(run.host, port, flag)           # taken: one line here, not a failed app startup

@@ -17,7 +17,10 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import logging
+import os
 import time
+
+from nezha.runtime.errors import Unavailable
 
 log = logging.getLogger("nezha.serve")
 
@@ -26,6 +29,8 @@ VARIABLE = "NEZHA_GRPC_LIBRARY"         # a libnezha_grpc.so built elsewhere
 _TAKE_AT_ONCE = 64                      # calls taken per wake-up before the loop runs other work
 _INTERNAL, _UNIMPLEMENTED = 13, 12
 
+_SIGNATURES = ("nezha_grpc_start", "nezha_grpc_fd", "nezha_grpc_next", "nezha_grpc_finish", "nezha_grpc_stop",
+               "nezha_grpc_free", "nezha_grpc_load")
 _lib = None
 
 
@@ -37,12 +42,20 @@ def library():
 
         path = library_path(LIBRARY, VARIABLE)
         if not path.is_file():
+            if os.environ.get(VARIABLE):
+                raise Unavailable(f"${VARIABLE} names {path}, which is not a file")
             return None
-        lib = ctypes.CDLL(str(path))
+        try:
+            lib = ctypes.CDLL(str(path))
+            for name in _SIGNATURES:
+                getattr(lib, name)
+        except (OSError, AttributeError) as e:
+            raise Unavailable(f"{path} is not a usable libnezha_grpc ({e}); rebuild it (make cpp) or unset "
+                              f"${VARIABLE}") from None
         c = ctypes
         u8p, out = c.c_char_p, c.POINTER
         sig = {
-            "nezha_grpc_start": (c.c_void_p, [c.c_char_p, c.c_int32, c.c_int32, c.c_char_p, c.c_size_t]),
+            "nezha_grpc_start": (c.c_void_p, [c.c_char_p, c.c_int32, c.c_int32, c.c_double, c.c_char_p, c.c_size_t]),
             "nezha_grpc_fd": (c.c_int, [c.c_void_p]),
             "nezha_grpc_next": (c.c_int, [c.c_void_p, out(c.c_uint64), out(c.c_void_p), out(c.c_size_t), out(c.c_void_p),
                                           out(c.c_size_t), out(c.c_double)]),
@@ -53,6 +66,7 @@ def library():
                                           c.c_size_t, c.c_double, c.c_void_p, c.c_size_t, out(c.c_size_t), c.c_void_p,
                                           out(c.c_double), c.c_char_p, c.c_size_t]),
         }
+        assert set(sig) == set(_SIGNATURES)
         for name, (restype, argtypes) in sig.items():
             fn = getattr(lib, name)
             fn.restype, fn.argtypes = restype, argtypes
@@ -65,7 +79,6 @@ def built():
     lib = library()
     if lib is None:
         from nezha.runtime.backends.cpp import library_path
-        from nezha.runtime.errors import Unavailable
 
         raise Unavailable(f"--grpc-transport native: {library_path(LIBRARY, VARIABLE)} is not built (make cpp, with "
                           f"Debian's libgrpc++-dev installed; or set ${VARIABLE})")
@@ -115,7 +128,7 @@ class NativeServer:
             name = ctypes.string_at(method.value, method_size.value).decode("utf-8", "replace")
             handler = self.handlers.get(name)
             if handler is None:
-                self._finish(call.value, _UNIMPLEMENTED, f"no method {name} here")
+                self._finish(call.value, _UNIMPLEMENTED, f"no method {name!r} here")
                 continue
             data = ctypes.string_at(request.value, request_size.value)
             task = self.loop.create_task(self._run(call.value, handler, data, left.value))
@@ -147,11 +160,14 @@ class NativeServer:
         self.lib.nezha_grpc_free(handle)
 
 
-def start(handlers: dict, host: str, port: int, max_message_bytes: int, max_calls: int) -> NativeServer:
-    """Listen on host:port (in the running loop); OSError when the port is taken."""
+def start(handlers: dict, host: str, port: int, max_message_bytes: int, max_calls: int,
+          read_timeout: float = 30.0) -> NativeServer:
+    """Listen on host:port (in the running loop); OSError when the port is taken. A call counts against
+    ``max_calls`` from its arrival; its request must arrive within ``read_timeout`` seconds."""
     lib = built()
     error = ctypes.create_string_buffer(512)
-    handle = lib.nezha_grpc_start(f"{host}:{port}".encode(), max_message_bytes, max_calls, error, len(error))
+    handle = lib.nezha_grpc_start(f"{host}:{port}".encode(), max_message_bytes, max_calls, read_timeout, error,
+                                  len(error))
     if not handle:
         raise OSError(f"gRPC cannot listen on {host}:{port}: {error.value.decode(errors='replace')}")
     return NativeServer(lib, handle, handlers)
@@ -161,7 +177,8 @@ def load(host: str, port: int, method: str, bodies: list[bytes], concurrency: in
          timeout: float = 60.0) -> dict:
     """libnezha_grpc's load client (nezha_grpc_load): ``concurrency`` closed-loop clients on one channel for
     ``duration`` s. Returns what serve.loadclients.grpc_closed_loop returns: latencies (s) of OK answers,
-    counts by status (OK as 200, else the code's name) and the run's seconds."""
+    counts by status (OK as 200, else the code's name) and the run's seconds. Past 2^20 OK answers the
+    latencies are a uniform sample of them (the count of OK answers is the status count)."""
     import grpc
 
     from .loadclients import GRPC_OK
@@ -170,7 +187,7 @@ def load(host: str, port: int, method: str, bodies: list[bytes], concurrency: in
     keep = [ctypes.create_string_buffer(b, len(b)) for b in bodies]
     pointers = (ctypes.c_void_p * len(keep))(*[ctypes.addressof(b) for b in keep])
     sizes = (ctypes.c_size_t * len(keep))(*[len(b) for b in bodies])
-    capacity = int(duration * 100_000) + 1024          # more answers per second than loopback gRPC gives
+    capacity = min(int(duration * 100_000) + 1024, 1 << 20)    # 8 MB at most; past it, a uniform sample
     latencies = (ctypes.c_double * capacity)()
     counts = (ctypes.c_int64 * 17)()
     n, seconds, error = ctypes.c_size_t(), ctypes.c_double(), ctypes.create_string_buffer(512)

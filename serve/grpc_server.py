@@ -187,7 +187,8 @@ async def start_grpc(service, host: str, port: int, transport: str = "auto"):
     if native:
         grpc_native.built()
         server = grpc_native.start({f"/{kserve.SERVICE}/{name}": (method, _reader(kserve.METHODS[name][0]))
-                                    for name, method in metered.items()}, host, port, limit, max_calls)
+                                    for name, method in metered.items()}, host, port, limit, max_calls,
+                                   read_timeout=service.options.body_timeout_s)
     else:
         # messages over --max-body-bytes refused with RESOURCE_EXHAUSTED, as the native transport does
         server = grpc.aio.server(maximum_concurrent_rpcs=max_calls, options=[("grpc.max_receive_message_length", limit)])

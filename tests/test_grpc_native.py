@@ -35,7 +35,7 @@ class Running:
     """A NativeServer in an event loop on its own thread: Echo answers its request reversed, Slow sleeps the
     seconds its request names, Refuse aborts with INVALID_ARGUMENT, Deadline answers what time is left."""
 
-    def __init__(self, max_calls: int = 64, port: int | None = None):
+    def __init__(self, max_calls: int = 64, port: int | None = None, read_timeout: float = 30.0):
         self.port, self.loop = port or _free_port(), asyncio.new_event_loop()
         self.finished = []                               # (method, what it answered)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
@@ -58,7 +58,7 @@ class Running:
         handlers = {f"/t.S/{f.__name__.capitalize()}": (f, bytes) for f in (echo, slow, refuse, deadline)}
 
         async def start():
-            return grpc_native.start(handlers, "127.0.0.1", self.port, 1 << 16, max_calls)
+            return grpc_native.start(handlers, "127.0.0.1", self.port, 1 << 16, max_calls, read_timeout)
         self.server = asyncio.run_coroutine_threadsafe(start(), self.loop).result(TIMEOUT)
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
 
@@ -97,7 +97,7 @@ def test_answers_status_codes_and_unknown_methods(running):
     big = bytes(range(256)) * 200                        # 51,200 bytes both ways, every byte value
     assert s.call("Echo", big) == big[::-1]
     assert _code(lambda: s.call("Refuse", b"shoe")) == (grpc.StatusCode.INVALID_ARGUMENT, "no such thing: shoe")
-    assert _code(lambda: s.call("Nothing", b"")) == (grpc.StatusCode.UNIMPLEMENTED, "no method /t.S/Nothing here")
+    assert _code(lambda: s.call("Nothing", b"")) == (grpc.StatusCode.UNIMPLEMENTED, "no method '/t.S/Nothing' here")
     assert _code(lambda: s.call("Echo", b"x" * (1 << 17)))[0] == grpc.StatusCode.RESOURCE_EXHAUSTED   # over 64 KiB
     with ThreadPoolExecutor(32) as pool:                 # concurrent calls each get their own answer
         assert list(pool.map(lambda i: s.call("Echo", b"%d" % i), range(500))) == [(b"%d" % i)[::-1] for i in range(500)]
@@ -122,6 +122,42 @@ def test_calls_over_the_limit_are_resource_exhausted(running):
         assert [f.result() for f in slow] == [b"slept 0.6"] * 2
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "more than 2 calls in flight" in details
     assert s.call("Echo", b"ok") == b"ko"                # the limit counts calls in flight, not calls made
+
+
+def _stalled(s: Running, release: threading.Event):
+    """A call opened on Echo whose request never comes until ``release`` (a client stream that waits)."""
+    def requests():
+        release.wait(TIMEOUT)
+        return
+        yield
+    return s.channel.stream_unary("/t.S/Echo").future(requests(), timeout=TIMEOUT)
+
+
+def test_calls_without_their_request_count_and_time_out(running):
+    s = running(max_calls=2, read_timeout=0.5)
+    release = threading.Event()
+    stalled = [_stalled(s, release) for _ in range(2)]
+    time.sleep(0.2)
+    code, details = _code(lambda: s.call("Echo", b"x"))       # the two stalled calls hold the two places
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and "more than 2 calls in flight" in details
+    for call in stalled:                                       # cancelled after the read timeout
+        assert call.exception(TIMEOUT).code() == grpc.StatusCode.CANCELLED
+    assert s.call("Echo", b"ok") == b"ko"                      # their places are free again
+    release.set()
+    code, details = _code(lambda: s.channel.stream_unary("/t.S/Echo")(iter(()), timeout=TIMEOUT))
+    assert (code, details) == (grpc.StatusCode.INVALID_ARGUMENT, "the call sent no request message")
+
+
+def test_stop_with_calls_still_waiting_for_their_request(running):
+    """Calls the stop cancels before their request came (and one arriving) end cleanly: no abort, no hang."""
+    s = running()
+    release = threading.Event()
+    stalled = [_stalled(s, release) for _ in range(20)]
+    time.sleep(0.3)
+    s.stop(0.2)
+    for call in stalled:
+        assert call.exception(TIMEOUT).code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
+    release.set()
 
 
 def test_a_taken_port_is_one_oserror(running):

@@ -5,6 +5,7 @@ side. Every call is local and bounded by a timeout."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 
@@ -34,11 +35,15 @@ def test_grpc_port_option_errors_are_one_line(tmp_path, artifact):
                           (["--grpc-port", "9001", "--grpc-transport", "fast"], "invalid choice: 'fast'")):
         r = _cli("serve", str(tmp_path / "missing"), *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
-    # asked for by name but not built: one line, exit 3 (Unavailable), before the model loads
-    r = _cli("serve", str(artifact), "--port", "18999", "--grpc-port", "18998", "--grpc-transport", "native",
-             env={"NEZHA_GRPC_LIBRARY": str(tmp_path / "libnezha_grpc.so")})
-    assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert f"{tmp_path / 'libnezha_grpc.so'} is not built" in r.stderr and "libgrpc++-dev" in r.stderr
+    # a libnezha_grpc missing or broken: one line, exit 3 (Unavailable), before the model loads
+    (tmp_path / "broken.so").write_text("not a library")
+    for transport, library, message in (("native", tmp_path / "missing.so", "names {}, which is not a file"),
+                                        ("auto", tmp_path / "broken.so", "{} is not a usable libnezha_grpc"),
+                                        ("native", Path("/etc/hostname"), "{} is not a usable libnezha_grpc")):
+        r = _cli("serve", str(artifact), "--port", "18999", "--grpc-port", "18998", "--grpc-transport", transport,
+                 env={"NEZHA_GRPC_LIBRARY": str(library)})
+        assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        assert message.format(library) in r.stderr, r.stderr
 
 
 def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
@@ -54,6 +59,8 @@ def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):
                           out=tmp_path / "lt")
     from nezha.serve.grpc_native import library
     assert result["setup"]["grpc_client"] == ("gRPC C++ (libnezha_grpc)" if library() else "grpcio")
+    threads = {Path(t, "comm").read_text().strip() for t in Path("/proc/self/task").iterdir()}
+    assert ("nezha-grpc" in threads) == (library() is not None)        # auto: the native transport when built
     for point in result["points"]:
         assert list(point["servers"]) == ["json", "binary", "grpc"]
         for r in point["servers"].values():

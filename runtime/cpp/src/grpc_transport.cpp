@@ -8,6 +8,7 @@
 
 #include <grpcpp/generic/async_generic_service.h>
 #include <grpcpp/generic/generic_stub.h>
+#include <grpcpp/alarm.h>
 #include <grpcpp/grpcpp.h>
 #include <pthread.h>
 #include <sys/eventfd.h>
@@ -21,6 +22,7 @@
 #include <functional>
 #include <memory>
 #include <mutex>
+#include <random>
 #include <string>
 #include <thread>
 #include <unordered_map>
@@ -54,7 +56,7 @@ class Call;
 }  // namespace
 
 struct nezha_grpc_server {
-  explicit nezha_grpc_server(int max_calls) : max_calls(max_calls) {}
+  nezha_grpc_server(int max_calls, double read_timeout) : max_calls(max_calls), read_timeout(read_timeout) {}
 
   void arrive(Call* call);
   Call* take(uint64_t id);                 // the call waiting for its answer, now no longer waiting
@@ -73,22 +75,38 @@ struct nezha_grpc_server {
   std::thread poller;                           // runs every event of queue_events
   int fd = -1;
   const size_t max_calls;
+  const double read_timeout;                    // seconds for a call's request to arrive
   std::mutex mutex;
   std::condition_variable idle;                 // notified when no call waits for an answer
+  std::condition_variable ended;                // notified when the last Call object is deleted
   std::unordered_map<uint64_t, Call*> waiting;  // every call given to or waiting for the embedder
   std::deque<uint64_t> queue;                   // the ids not yet taken by nezha_grpc_next
+  std::string handed, handed_method;            // the last call nezha_grpc_next gave out: its bytes
   uint64_t next_id = 1;
+  size_t live = 0;                              // Call objects, the one waiting for a call included
+  size_t in_flight = 0;                         // calls arrived and not yet ended: what max_calls bounds
   bool stopping = false;
 };
 
 namespace {
 
-// One call: wait for it, read its one request, hand it to the embedder, write what it answers, then delete
-// itself when gRPC reports the answer sent. Each step is one operation on the queue; the next waits for it.
+// One call: wait for it, read its one request (within read_timeout), hand it to the embedder, write what it
+// answers, then delete itself once gRPC has reported the answer sent and the read timer ended. Every event
+// of a call runs on the poller thread; only answer() is started from the embedder's thread.
 class Call final : public Event {
  public:
-  explicit Call(nezha_grpc_server* server) : server_(server), stream_(&context_) {
+  explicit Call(nezha_grpc_server* server) : server_(server), stream_(&context_), timer_(this) {
+    {
+      std::lock_guard<std::mutex> lock(server_->mutex);
+      ++server_->live;
+    }
     server_->service.RequestCall(&context_, &stream_, server_->queue_events.get(), server_->queue_events.get(), this);
+  }
+
+  ~Call() override {
+    std::lock_guard<std::mutex> lock(server_->mutex);
+    server_->in_flight -= counted_;
+    if (--server_->live == 0) server_->ended.notify_all();
   }
 
   void proceed(bool ok) override {
@@ -97,15 +115,39 @@ class Call final : public Event {
         if (!ok) return delete this;                 // the server is shutting down
         new Call(server_);                           // the next call's wait
         step_ = Step::kRead;
+        if (!admit()) {                              // over the limit: answered before its request is read
+          const std::string why = "more than " + std::to_string(server_->max_calls) + " calls in flight; retry later";
+          return answer(grpc::StatusCode::RESOURCE_EXHAUSTED, why.c_str(), nullptr, 0);
+        }
+        timing_ = true;
+        alarm_.Set(server_->queue_events.get(), std::chrono::system_clock::now() +
+                   std::chrono::duration_cast<std::chrono::system_clock::duration>(
+                       std::chrono::duration<double>(server_->read_timeout)), &timer_);
         return stream_.Read(&message_, this);
       case Step::kRead:
-        if (!ok) return answer(grpc::StatusCode::CANCELLED, "the call ended before its request arrived", nullptr, 0);
+        alarm_.Cancel();                             // its event still comes (ok false if it had not fired)
+        if (!ok) {
+          return answer(timed_out_ ? grpc::StatusCode::CANCELLED : grpc::StatusCode::INVALID_ARGUMENT,
+                        timed_out_ ? "the request did not arrive in time" : "the call sent no request message",
+                        nullptr, 0);
+        }
         request = flatten(message_);
         message_.Clear();
-        return server_->arrive(this);                // may answer (and so end) this call: nothing after it
+        return server_->arrive(this);                // may answer this call
       case Step::kAnswered:
-        return delete this;
+        finished_ = true;
+        if (!timing_) delete this;
+        return;
     }
+  }
+
+  void timer_ended(bool fired) {
+    timing_ = false;
+    if (fired && step_ == Step::kRead) {             // no request yet: cancel the call (its Read then fails)
+      timed_out_ = true;
+      context_.TryCancel();
+    }
+    if (finished_) delete this;
   }
 
   void answer(int code, const char* message, const uint8_t* data, size_t size) {
@@ -131,12 +173,30 @@ class Call final : public Event {
   std::string request;
 
  private:
+  struct Timer final : Event {
+    explicit Timer(Call* call) : call(call) {}
+    void proceed(bool ok) override { call->timer_ended(ok); }
+    Call* call;
+  };
+
+  bool admit() {
+    std::lock_guard<std::mutex> lock(server_->mutex);
+    if (server_->in_flight >= server_->max_calls) return false;
+    ++server_->in_flight;
+    counted_ = 1;
+    return true;
+  }
+
   enum class Step { kArrive, kRead, kAnswered };
   nezha_grpc_server* server_;
   grpc::GenericServerContext context_;
   grpc::GenericServerAsyncReaderWriter stream_;
   grpc::ByteBuffer message_, response_;
+  grpc::Alarm alarm_;
+  Timer timer_;
   Step step_ = Step::kArrive;
+  size_t counted_ = 0;                               // 1 while it counts in in_flight
+  bool timing_ = false, timed_out_ = false, finished_ = false;   // poller thread only
 };
 
 }  // namespace
@@ -146,11 +206,6 @@ void nezha_grpc_server::arrive(Call* call) {
   if (stopping) {
     lock.unlock();
     return call->answer(grpc::StatusCode::UNAVAILABLE, "the server is shutting down", nullptr, 0);
-  }
-  if (waiting.size() >= max_calls) {
-    lock.unlock();
-    const std::string why = "more than " + std::to_string(max_calls) + " calls in flight; retry later";
-    return call->answer(grpc::StatusCode::RESOURCE_EXHAUSTED, why.c_str(), nullptr, 0);
   }
   const uint64_t id = next_id++;
   waiting.emplace(id, call);
@@ -170,14 +225,14 @@ Call* nezha_grpc_server::take(uint64_t id) {
 
 extern "C" {
 
-nezha_grpc_server* nezha_grpc_start(const char* address, int32_t max_message_bytes, int32_t max_calls, char* error,
-                                    size_t error_size) {
-  if (address == nullptr || max_message_bytes <= 0 || max_calls <= 0) {
-    tell(error, error_size, "an address, a positive message size limit and a positive call limit are needed");
+nezha_grpc_server* nezha_grpc_start(const char* address, int32_t max_message_bytes, int32_t max_calls,
+                                    double read_timeout_seconds, char* error, size_t error_size) {
+  if (address == nullptr || max_message_bytes <= 0 || max_calls <= 0 || !(read_timeout_seconds > 0)) {
+    tell(error, error_size, "an address, a positive message size limit, call limit and read timeout are needed");
     return nullptr;
   }
   try {
-    auto server = std::make_unique<nezha_grpc_server>(max_calls);
+    auto server = std::make_unique<nezha_grpc_server>(max_calls, read_timeout_seconds);
     server->fd = ::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (server->fd < 0) {
       tell(error, error_size, "no eventfd for the call queue");
@@ -225,12 +280,14 @@ int nezha_grpc_next(nezha_grpc_server* server, uint64_t* id, const char** method
     server->queue.pop_front();
     auto found = server->waiting.find(next);
     if (found == server->waiting.end()) continue;   // answered meanwhile (nezha_grpc_stop)
-    const Call* call = found->second;
+    Call* call = found->second;
+    server->handed = std::move(call->request);    // ours, not the call's: nezha_grpc_stop may end the call
+    server->handed_method = call->method();
     *id = next;
-    *method = call->method().data();
-    *method_size = call->method().size();
-    *request = reinterpret_cast<const uint8_t*>(call->request.data());
-    *request_size = call->request.size();
+    *method = server->handed_method.data();
+    *method_size = server->handed_method.size();
+    *request = reinterpret_cast<const uint8_t*>(server->handed.data());
+    *request_size = server->handed.size();
     *seconds_left = call->seconds_left();
     return 1;
   }
@@ -258,9 +315,14 @@ void nezha_grpc_stop(nezha_grpc_server* server, double grace_seconds) {
     server->queue.clear();
   }
   for (Call* call : late) call->answer(grpc::StatusCode::UNAVAILABLE, "the server stopped before answering", nullptr, 0);
-  server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));
-  server->queue_events->Shutdown();                            // after the server's, as gRPC requires
-  server->poller.join();                                       // it ran every call's last event
+  server->server->Shutdown(std::chrono::system_clock::now() + std::chrono::seconds(1));   // cancels the rest
+  {
+    // every call object ends on the poller thread (its last events need the queue open), then the queue
+    std::unique_lock<std::mutex> lock(server->mutex);
+    server->ended.wait(lock, [server] { return server->live == 0; });
+  }
+  server->queue_events->Shutdown();
+  server->poller.join();
 }
 
 void nezha_grpc_free(nezha_grpc_server* server) {
@@ -292,16 +354,21 @@ int nezha_grpc_load(const char* address, const char* method, const uint8_t* cons
     }
     // every event of the run on this thread: an answer in, the client's next call out
     grpc::CompletionQueue events;
+    struct Resume final : Event {                    // a paused client's alarm: its next call
+      void proceed(bool) override { fire(); }
+      std::function<void()> fire;
+    };
     struct Client final : Event {
       void proceed(bool) override { done(this); }
       std::function<void(Client*)> done;
+      grpc::Alarm pause;
+      Resume resume;
       std::unique_ptr<grpc::ClientContext> context;
       std::unique_ptr<grpc::GenericClientAsyncResponseReader> call;
       grpc::ByteBuffer response;
       grpc::Status status;
       Clock::time_point sent;
       size_t next = 0;
-      std::vector<double> latencies;
       int64_t counts[kCodes] = {};
     };
     std::vector<Client> clients(concurrency);
@@ -311,6 +378,17 @@ int nezha_grpc_load(const char* address, const char* method, const uint8_t* cons
         std::chrono::duration<double>(timeout_seconds));
     const std::string name(method);
     int running = concurrency;
+    size_t ok_count = 0;
+    std::mt19937_64 random(12345);
+    auto keep = [&](double latency) {                 // all of them, or a uniform sample (reservoir)
+      if (ok_count < latencies_capacity) {
+        latencies[ok_count] = latency;
+      } else {
+        const size_t slot = std::uniform_int_distribution<size_t>(0, ok_count)(random);
+        if (slot < latencies_capacity) latencies[slot] = latency;
+      }
+      ++ok_count;
+    };
     auto send = [&](Client* client) {
       client->context = std::make_unique<grpc::ClientContext>();
       client->context->set_deadline(std::chrono::system_clock::now() + timeout);
@@ -319,6 +397,10 @@ int nezha_grpc_load(const char* address, const char* method, const uint8_t* cons
       client->call->StartCall();
       client->call->Finish(&client->response, &client->status, client);
     };
+    auto next_or_end = [&](Client* client) {
+      if (Clock::now() < stop) return send(client);
+      if (--running == 0) events.Shutdown();
+    };
     for (int c = 0; c < concurrency; ++c) {
       Client& client = clients[c];
       client.next = offset + static_cast<size_t>(c) * 7919;
@@ -326,26 +408,24 @@ int nezha_grpc_load(const char* address, const char* method, const uint8_t* cons
         const auto now = Clock::now();
         const int code = done->status.error_code();
         done->counts[code < kCodes ? code : grpc::StatusCode::UNKNOWN]++;
-        if (done->status.ok()) done->latencies.push_back(std::chrono::duration<double>(now - done->sent).count());
-        if (now < stop) return send(done);
-        if (--running == 0) events.Shutdown();
+        if (done->status.ok()) keep(std::chrono::duration<double>(now - done->sent).count());
+        if (code == grpc::StatusCode::UNAVAILABLE && now < stop) {   // the server is gone or draining: pause
+          return done->pause.Set(&events, std::chrono::system_clock::now() + std::chrono::milliseconds(10), &done->resume);
+        }
+        next_or_end(done);
       };
+      client.resume.fire = [&, paused = &client] { next_or_end(paused); };
       send(&client);
     }
     void* tag;
     bool ok;
     while (events.Next(&tag, &ok)) static_cast<Event*>(tag)->proceed(ok);
     *seconds = std::chrono::duration<double>(Clock::now() - start).count();
-    size_t n = 0;
     for (int code = 0; code < kCodes; ++code) status_counts[code] = 0;
     for (const Client& client : clients) {
-      for (double latency : client.latencies) {
-        if (n < latencies_capacity) latencies[n] = latency;
-        ++n;
-      }
       for (int code = 0; code < kCodes; ++code) status_counts[code] += client.counts[code];
     }
-    *latencies_count = n;
+    *latencies_count = ok_count;
     return 0;
   } catch (const std::exception& e) {
     tell(error, error_size, e.what());

@@ -21,17 +21,19 @@ typedef struct nezha_grpc_server nezha_grpc_server;
 
 /* Listen on `address` ("127.0.0.1:8001") for every method of every service. Messages over
  * max_message_bytes are refused by gRPC (RESOURCE_EXHAUSTED); a call that arrives while max_calls calls
- * are in flight is answered RESOURCE_EXHAUSTED at once. NULL on failure (the port is taken, the address is
- * malformed), the reason in error[error_size]. */
+ * are in flight (counted from their arrival, before their request is read) is answered RESOURCE_EXHAUSTED
+ * at once; a call whose request has not arrived read_timeout_seconds after the call did is cancelled, and
+ * one that ends without a request message is answered INVALID_ARGUMENT. NULL on failure (the port is
+ * taken, the address is malformed), the reason in error[error_size]. */
 nezha_grpc_server* nezha_grpc_start(const char* address, int32_t max_message_bytes, int32_t max_calls,
-                                    char* error, size_t error_size);
+                                    double read_timeout_seconds, char* error, size_t error_size);
 
 /* The descriptor that is readable while calls wait for nezha_grpc_next. */
 int nezha_grpc_fd(nezha_grpc_server* server);
 
-/* Take the next waiting call: 1 and its id, method ("/package.Service/Method"), request bytes (valid until
- * the call is finished) and the seconds left before the client's deadline (-1: none); 0 when none waits
- * (the descriptor is then no longer readable until one arrives). */
+/* Take the next waiting call: 1 and its id, method ("/package.Service/Method"), request bytes (both
+ * valid until the next nezha_grpc_next call) and the seconds left before the client's deadline (-1: none);
+ * 0 when none waits (the descriptor is then no longer readable until one arrives). One thread calls it. */
 int nezha_grpc_next(nezha_grpc_server* server, uint64_t* id, const char** method, size_t* method_size,
                     const uint8_t** request, size_t* request_size, double* seconds_left);
 
@@ -49,10 +51,11 @@ void nezha_grpc_free(nezha_grpc_server* server);
 
 /* The load client: `concurrency` clients on one channel to `address` call `method` for duration_seconds,
  * each sending bodies[(offset + i * 7919 + j) % count] as its j-th request (distinct slices of the
- * bodies per client) and its next one when the answer is in; a call's deadline is timeout_seconds.
- * Writes the latency in seconds of every OK answer (up to latencies_capacity; *latencies_count: how many
- * were OK in all), the number of calls that ended with each status code (status_counts[17], by code) and
- * the seconds the run took. 0 on success; 1 when the channel could not be made (error says why). */
+ * bodies per client) and its next one when the answer is in (10 ms later after an UNAVAILABLE, so that a
+ * server that went away is not hammered); a call's deadline is timeout_seconds. Writes the latency in
+ * seconds of OK answers (*latencies_count: how many were OK in all; when more than latencies_capacity, a
+ * uniform sample of them), the number of calls that ended with each status code (status_counts[17], by
+ * code) and the seconds the run took. 0 on success; 1 when the channel could not be made (error says why). */
 int nezha_grpc_load(const char* address, const char* method, const uint8_t* const* bodies, const size_t* sizes,
                     size_t count, int concurrency, double duration_seconds, size_t offset, double timeout_seconds,
                     double* latencies, size_t latencies_capacity, size_t* latencies_count, int64_t* status_counts,
