@@ -29,8 +29,6 @@ VARIABLE = "NEZHA_GRPC_LIBRARY"         # a libnezha_grpc.so built elsewhere
 _TAKE_AT_ONCE = 64                      # calls taken per wake-up before the loop runs other work
 _INTERNAL, _UNIMPLEMENTED = 13, 12
 
-_SIGNATURES = ("nezha_grpc_start", "nezha_grpc_fd", "nezha_grpc_next", "nezha_grpc_finish", "nezha_grpc_stop",
-               "nezha_grpc_free", "nezha_grpc_load")
 _lib = None
 
 
@@ -38,23 +36,16 @@ def library():
     """libnezha_grpc (ctypes), or None when it is not built (grpcio then serves and loads)."""
     global _lib
     if _lib is None:
-        from nezha.runtime.backends.cpp import library_path
+        from nezha.runtime.backends.cpp import bind, library_path
 
         path = library_path(LIBRARY, VARIABLE)
         if not path.is_file():
             if os.environ.get(VARIABLE):
                 raise Unavailable(f"${VARIABLE} names {path}, which is not a file")
             return None
-        try:
-            lib = ctypes.CDLL(str(path))
-            for name in _SIGNATURES:
-                getattr(lib, name)
-        except (OSError, AttributeError) as e:
-            raise Unavailable(f"{path} is not a usable libnezha_grpc ({e}); rebuild it (make cpp) or unset "
-                              f"${VARIABLE}") from None
         c = ctypes
         u8p, out = c.c_char_p, c.POINTER
-        sig = {
+        signatures = {
             "nezha_grpc_start": (c.c_void_p, [c.c_char_p, c.c_int32, c.c_int32, c.c_double, c.c_char_p, c.c_size_t]),
             "nezha_grpc_fd": (c.c_int, [c.c_void_p]),
             "nezha_grpc_next": (c.c_int, [c.c_void_p, out(c.c_uint64), out(c.c_void_p), out(c.c_size_t), out(c.c_void_p),
@@ -66,11 +57,11 @@ def library():
                                           c.c_size_t, c.c_double, c.c_void_p, c.c_size_t, out(c.c_size_t), c.c_void_p,
                                           out(c.c_double), c.c_char_p, c.c_size_t]),
         }
-        assert set(sig) == set(_SIGNATURES)
-        for name, (restype, argtypes) in sig.items():
-            fn = getattr(lib, name)
-            fn.restype, fn.argtypes = restype, argtypes
-        _lib = lib
+        try:
+            _lib = bind(ctypes.CDLL(str(path)), signatures)
+        except (OSError, AttributeError) as e:
+            raise Unavailable(f"{path} is not a usable libnezha_grpc ({e}); rebuild it (make cpp) or unset "
+                              f"${VARIABLE}") from None
     return _lib
 
 

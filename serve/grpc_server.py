@@ -10,8 +10,10 @@ codes: INVALID_ARGUMENT (the library's message), NOT_FOUND, RESOURCE_EXHAUSTED (
 client's gRPC deadline, whichever is first), UNAVAILABLE (starting, draining). There are no control calls
 over gRPC: reloads are POST /admin/reload over HTTP (the repository RPCs answer UNIMPLEMENTED).
 
-grpc.aio runs in the same event loop as uvicorn (started and stopped by the app's lifespan), so a
-request's future, deadline and metrics live where the HTTP ones do."""
+The servicer runs in the same event loop as uvicorn (started and stopped by the app's lifespan), so a
+request's future, deadline and metrics live where the HTTP ones do, over one of two transports
+(``start_grpc``): gRPC's C++ library (serve/grpc_native.py, libnezha_grpc) when it is built, else
+grpc.aio."""
 
 from __future__ import annotations
 

@@ -3,7 +3,6 @@ fixture) on ``artifacts[0]`` (conftest), Triton's tensors in and the library's a
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 
@@ -19,6 +18,7 @@ from tritonclient.utils import InferenceServerException  # noqa: E402
 
 from nezha.serve import LoadOptions, ServeOptions, Service  # noqa: E402
 from nezha.serve.app import create_app  # noqa: E402
+from serve_fixtures import free_port  # noqa: E402
 
 TIMEOUT = 20.0
 
@@ -39,19 +39,13 @@ def artifact(artifacts):
     return artifacts[0]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class Server:
     """uvicorn with the gRPC service alongside, in a thread on free 127.0.0.1 ports; both Triton clients."""
 
     def __init__(self, service: Service, transport: str = "auto"):
         import uvicorn
 
-        self.service, port, self.grpc_port = service, _free_port(), _free_port()
+        self.service, port, self.grpc_port = service, free_port(), free_port()
         app = create_app(service, grpc_port=self.grpc_port, drain_timeout=5, grpc_transport=transport)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
                                                     lifespan="on", timeout_graceful_shutdown=5))

@@ -139,6 +139,12 @@ def _tiny_data(root, histories):
     return root
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _cli(*args, timeout=60, env=None):
     return subprocess.run([sys.executable, "-m", "nezha.cli", *args], capture_output=True, text=True, timeout=timeout,
                           env=None if env is None else {**os.environ, **env})

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -19,16 +18,11 @@ import pytest
 
 grpc = pytest.importorskip("grpc")
 from nezha.serve import grpc_native  # noqa: E402
+from serve_fixtures import free_port  # noqa: E402
 
 pytestmark = pytest.mark.skipif(grpc_native.library() is None,
                                 reason="libnezha_grpc is not built (make cpp with Debian's libgrpc++-dev)")
 TIMEOUT = 10.0
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Running:
@@ -36,7 +30,7 @@ class Running:
     seconds its request names, Refuse aborts with INVALID_ARGUMENT, Deadline answers what time is left."""
 
     def __init__(self, max_calls: int = 64, port: int | None = None, read_timeout: float = 30.0):
-        self.port, self.loop = port or _free_port(), asyncio.new_event_loop()
+        self.port, self.loop = port or free_port(), asyncio.new_event_loop()
         self.finished = []                               # (method, what it answered)
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()

@@ -96,10 +96,15 @@ def _load_library():
         "nezha_rebinds": (ctypes.c_int64, [ctypes.c_void_p]),
         "nezha_check_artifact": (ctypes.c_int, [ctypes.c_char_p, ctypes.c_int]),
     }
-    for name, (restype, argtypes) in sig.items():
+    _lib = bind(lib, sig)
+    return _lib
+
+
+def bind(lib, signatures: dict):
+    """Give ``lib``'s functions their ctypes types ({name: (restype, argtypes)}); AttributeError for one it lacks."""
+    for name, (restype, argtypes) in signatures.items():
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = restype, argtypes
-    _lib = lib
     return lib
 
 
