@@ -15,7 +15,8 @@ import tritonclient.grpc as grpcclient  # noqa: E402
 
 from conftest import tiny_catalog, tiny_histories  # noqa: E402
 from nezha.serve import LoadOptions, ServeOptions  # noqa: E402
-from protocol_clients import _answers, _free_port, _status, _tensors, artifact  # noqa: E402,F401
+from protocol_clients import _answers, _status, _tensors, artifact  # noqa: E402,F401
+from serve_fixtures import free_port  # noqa: E402
 
 @pytest.mark.ray
 def test_ray_serve_grpc_proxy_speaks_v2(artifact, library):
@@ -25,10 +26,10 @@ def test_ray_serve_grpc_proxy_speaks_v2(artifact, library):
 
     from nezha.serve.ray_deploy import deploy, grpc_options, shutdown
 
-    port = _free_port()
+    port = free_port()
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": _free_port()}, **grpc_options(port))
+        serve.start(http_options={"host": "127.0.0.1", "port": free_port()}, **grpc_options(port))
         deploy(artifact, ServeOptions(workers=1), LoadOptions(threads=1), replicas=1)
         client = grpcclient.InferenceServerClient(f"127.0.0.1:{port}")
         assert client.is_server_ready() and client.is_model_ready("nezha")
