@@ -36,12 +36,12 @@ def library():
     """libnezha_grpc (ctypes), or None when it is not built (grpcio then serves and loads)."""
     global _lib
     if _lib is None:
-        from nezha.runtime.backends.cpp import bind, library_path
+        from nezha.runtime.backends.cpp import bind, library_path, open_library
 
         path = library_path(LIBRARY, VARIABLE)
         if not path.is_file():
             if os.environ.get(VARIABLE):
-                raise Unavailable(f"${VARIABLE} names {path}, which is not a file")
+                raise Unavailable(f"${VARIABLE} names {str(path)!r}, which is not a file")
             return None
         c = ctypes
         u8p, out = c.c_char_p, c.POINTER
@@ -58,9 +58,9 @@ def library():
                                           out(c.c_double), c.c_char_p, c.c_size_t]),
         }
         try:
-            _lib = bind(ctypes.CDLL(str(path)), signatures)
+            _lib = bind(open_library(path), signatures)
         except (OSError, AttributeError) as e:
-            raise Unavailable(f"{path} is not a usable libnezha_grpc ({e}); rebuild it (make cpp) or unset "
+            raise Unavailable(f"{str(path)!r} is not a usable libnezha_grpc ({e}); rebuild it (make cpp) or unset "
                               f"${VARIABLE}") from None
     return _lib
 

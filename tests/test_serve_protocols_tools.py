@@ -36,14 +36,22 @@ def test_grpc_port_option_errors_are_one_line(tmp_path, artifact):
         r = _cli("serve", str(tmp_path / "missing"), *args)
         assert r.returncode == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) <= 2, r.stderr
     # a libnezha_grpc missing or broken: one line, exit 3 (Unavailable), before the model loads
+    from nezha.runtime.backends.cpp import library_path
     (tmp_path / "broken.so").write_text("not a library")
-    for transport, library, message in (("native", tmp_path / "missing.so", "names {}, which is not a file"),
-                                        ("auto", tmp_path / "broken.so", "{} is not a usable libnezha_grpc"),
-                                        ("native", Path("/etc/hostname"), "{} is not a usable libnezha_grpc")):
+    cases = [("native", tmp_path / "missing.so", "names {!r}, which is not a file"),
+             ("auto", tmp_path / "broken.so", "{!r} is not a usable libnezha_grpc (not a 64-bit")]
+    if library_path().is_file():                     # another library: the C++ runtime's
+        cases.append(("native", library_path(), "{!r} is not a usable libnezha_grpc (" + str(library_path()) +
+                      ": undefined symbol: nezha_grpc_start)"))
+    built = library_path("libnezha_grpc.so", "NEZHA_GRPC_LIBRARY")
+    if built.is_file():                              # half-copied: the loader would die of SIGBUS
+        (tmp_path / "half.so").write_bytes(built.read_bytes()[:100_000])
+        cases.append(("auto", tmp_path / "half.so", "{!r} is not a usable libnezha_grpc (truncated"))
+    for transport, library, message in cases:
         r = _cli("serve", str(artifact), "--port", "18999", "--grpc-port", "18998", "--grpc-transport", transport,
                  env={"NEZHA_GRPC_LIBRARY": str(library)})
         assert r.returncode == 3 and len(r.stderr.strip().splitlines()) == 1, r.stderr
-        assert message.format(library) in r.stderr, r.stderr
+        assert message.format(str(library)) in r.stderr, r.stderr
 
 
 def test_loadtest_measures_the_protocols_side_by_side(serve, tmp_path):

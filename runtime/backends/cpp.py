@@ -23,6 +23,7 @@ import ctypes
 import glob
 import importlib.util
 import os
+import struct
 import weakref
 from contextlib import contextmanager
 from itertools import accumulate
@@ -67,7 +68,7 @@ def _load_library():
         raise Unavailable(f"the C++ runtime is not built: {path} is missing (runtime/cpp/setup_ort.sh, then "
                           f"cmake -S runtime/cpp -B runtime/cpp/build && cmake --build runtime/cpp/build)")
     try:
-        lib = ctypes.CDLL(str(path))
+        lib = open_library(path)
     except OSError as e:
         raise Unavailable(f"cannot open the C++ runtime {path}: {e}") from None
     i64p = f32p = i32p = ctypes.c_void_p          # array addresses, passed as ints (ndarray.ctypes is slow)
@@ -98,6 +99,28 @@ def _load_library():
     }
     _lib = bind(lib, sig)
     return _lib
+
+
+def open_library(path: Path):
+    """``ctypes.CDLL(path)`` for a whole 64-bit ELF shared object; OSError otherwise. The loader maps a
+    truncated library (a half-copied build) and the process dies of SIGBUS when it reads past the end:
+    the headers' tables and loaded segments must lie within the file."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(64)
+        if len(head) < 64 or head[:4] != b"\x7fELF" or head[4:6] != b"\x02\x01":
+            raise OSError("not a 64-bit little-endian ELF file")
+        phoff, shoff = struct.unpack_from("<QQ", head, 0x20)
+        phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", head, 0x36)
+        f.seek(phoff)
+        table = f.read(phentsize * phnum)
+    if shoff + shentsize * shnum > size or len(table) < phentsize * phnum or phentsize < 56:
+        raise OSError(f"truncated: its headers run past its {size} bytes")
+    for i in range(phnum):
+        kind, _, offset, _, _, filesz = struct.unpack_from("<IIQQQQ", table, i * phentsize)
+        if kind == 1 and offset + filesz > size:                       # PT_LOAD
+            raise OSError(f"truncated: a segment runs past its {size} bytes")
+    return ctypes.CDLL(str(path))
 
 
 def bind(lib, signatures: dict):

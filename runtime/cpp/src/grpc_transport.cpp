@@ -91,11 +91,12 @@ struct nezha_grpc_server {
 namespace {
 
 // One call: wait for it, read its one request (within read_timeout), hand it to the embedder, write what it
-// answers, then delete itself once gRPC has reported the answer sent and the read timer ended. Every event
-// of a call runs on the poller thread; only answer() is started from the embedder's thread.
+// answers, then delete itself once gRPC has reported the answer sent and no read or timer event is still to
+// come (each has its own tag). Every event runs on the poller thread; answer() may also run on the
+// embedder's thread, once, after the read ended.
 class Call final : public Event {
  public:
-  explicit Call(nezha_grpc_server* server) : server_(server), stream_(&context_), timer_(this) {
+  explicit Call(nezha_grpc_server* server) : server_(server), stream_(&context_), timer_(this), reader_(this) {
     {
       std::lock_guard<std::mutex> lock(server_->mutex);
       ++server_->live;
@@ -119,35 +120,37 @@ class Call final : public Event {
           const std::string why = "more than " + std::to_string(server_->max_calls) + " calls in flight; retry later";
           return answer(grpc::StatusCode::RESOURCE_EXHAUSTED, why.c_str(), nullptr, 0);
         }
-        timing_ = true;
+        timing_ = reading_ = true;
         alarm_.Set(server_->queue_events.get(), std::chrono::system_clock::now() +
                    std::chrono::duration_cast<std::chrono::system_clock::duration>(
                        std::chrono::duration<double>(server_->read_timeout)), &timer_);
-        return stream_.Read(&message_, this);
-      case Step::kRead:
-        alarm_.Cancel();                             // its event still comes (ok false if it had not fired)
-        if (!ok) {
-          return answer(timed_out_ ? grpc::StatusCode::CANCELLED : grpc::StatusCode::INVALID_ARGUMENT,
-                        timed_out_ ? "the request did not arrive in time" : "the call sent no request message",
-                        nullptr, 0);
-        }
-        request = flatten(message_);
-        message_.Clear();
-        return server_->arrive(this);                // may answer this call
-      case Step::kAnswered:
+        return stream_.Read(&message_, &reader_);
+      case Step::kRead:                              // not an event of this tag: reads and the timer have their own
+      case Step::kAnswered:                          // the answer is sent (or the call is gone)
         finished_ = true;
-        if (!timing_) delete this;
-        return;
+        return end_if_done();
     }
+  }
+
+  void read_ended(bool ok) {
+    reading_ = false;
+    if (timing_) alarm_.Cancel();                    // its event still comes (ok false if it had not fired)
+    if (timed_out_) return end_if_done();            // the timer answered first
+    if (!ok) return answer(grpc::StatusCode::INVALID_ARGUMENT, "the call sent no request message", nullptr, 0);
+    request = flatten(message_);
+    message_.Clear();
+    server_->arrive(this);                           // may answer this call
   }
 
   void timer_ended(bool fired) {
     timing_ = false;
-    if (fired && step_ == Step::kRead) {             // no request yet: cancel the call (its Read then fails)
+    if (fired && reading_) {                         // no request yet: answered now (the pending read then fails)
       timed_out_ = true;
-      context_.TryCancel();
+      char why[96];
+      std::snprintf(why, sizeof why, "the request message did not arrive within %g s", server_->read_timeout);
+      return answer(grpc::StatusCode::DEADLINE_EXCEEDED, why, nullptr, 0);
     }
-    if (finished_) delete this;
+    end_if_done();
   }
 
   void answer(int code, const char* message, const uint8_t* data, size_t size) {
@@ -178,6 +181,15 @@ class Call final : public Event {
     void proceed(bool ok) override { call->timer_ended(ok); }
     Call* call;
   };
+  struct Reader final : Event {
+    explicit Reader(Call* call) : call(call) {}
+    void proceed(bool ok) override { call->read_ended(ok); }
+    Call* call;
+  };
+
+  void end_if_done() {                               // the answer sent, no read or timer event to come
+    if (finished_ && !reading_ && !timing_) delete this;
+  }
 
   bool admit() {
     std::lock_guard<std::mutex> lock(server_->mutex);
@@ -194,9 +206,10 @@ class Call final : public Event {
   grpc::ByteBuffer message_, response_;
   grpc::Alarm alarm_;
   Timer timer_;
+  Reader reader_;
   Step step_ = Step::kArrive;
   size_t counted_ = 0;                               // 1 while it counts in in_flight
-  bool timing_ = false, timed_out_ = false, finished_ = false;   // poller thread only
+  bool timing_ = false, reading_ = false, timed_out_ = false, finished_ = false;   // poller thread only
 };
 
 }  // namespace

@@ -22,8 +22,8 @@ typedef struct nezha_grpc_server nezha_grpc_server;
 /* Listen on `address` ("127.0.0.1:8001") for every method of every service. Messages over
  * max_message_bytes are refused by gRPC (RESOURCE_EXHAUSTED); a call that arrives while max_calls calls
  * are in flight (counted from their arrival, before their request is read) is answered RESOURCE_EXHAUSTED
- * at once; a call whose request has not arrived read_timeout_seconds after the call did is cancelled, and
- * one that ends without a request message is answered INVALID_ARGUMENT. NULL on failure (the port is
+ * at once; a call whose request has not arrived read_timeout_seconds after the call did is answered
+ * DEADLINE_EXCEEDED, and one that ends without a request message INVALID_ARGUMENT. NULL on failure (the port is
  * taken, the address is malformed), the reason in error[error_size]. */
 nezha_grpc_server* nezha_grpc_start(const char* address, int32_t max_message_bytes, int32_t max_calls,
                                     double read_timeout_seconds, char* error, size_t error_size);
