@@ -96,7 +96,7 @@ namespace {
 // embedder's thread, once, after the read ended.
 class Call final : public Event {
  public:
-  explicit Call(nezha_grpc_server* server) : server_(server), stream_(&context_), timer_(this), reader_(this) {
+  explicit Call(nezha_grpc_server* server) : server_(server), stream_(&context_) {
     {
       std::lock_guard<std::mutex> lock(server_->mutex);
       ++server_->live;
@@ -176,15 +176,11 @@ class Call final : public Event {
   std::string request;
 
  private:
-  struct Timer final : Event {
-    explicit Timer(Call* call) : call(call) {}
-    void proceed(bool ok) override { call->timer_ended(ok); }
+  struct Hook final : Event {                        // a tag of its own for one kind of this call's events
+    Hook(Call* call, void (Call::*ended)(bool)) : call(call), ended(ended) {}
+    void proceed(bool ok) override { (call->*ended)(ok); }
     Call* call;
-  };
-  struct Reader final : Event {
-    explicit Reader(Call* call) : call(call) {}
-    void proceed(bool ok) override { call->read_ended(ok); }
-    Call* call;
+    void (Call::*ended)(bool);
   };
 
   void end_if_done() {                               // the answer sent, no read or timer event to come
@@ -205,8 +201,8 @@ class Call final : public Event {
   grpc::GenericServerAsyncReaderWriter stream_;
   grpc::ByteBuffer message_, response_;
   grpc::Alarm alarm_;
-  Timer timer_;
-  Reader reader_;
+  Hook timer_{this, &Call::timer_ended};
+  Hook reader_{this, &Call::read_ended};
   Step step_ = Step::kArrive;
   size_t counted_ = 0;                               // 1 while it counts in in_flight
   bool timing_ = false, reading_ = false, timed_out_ = false, finished_ = false;   // poller thread only
