@@ -173,9 +173,6 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server) -> None:
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(kserve.SERVICE, handlers),))
 
 
-TRANSPORTS = ("auto", "native", "grpcio")
-
-
 async def start_grpc(service, host: str, port: int, transport: str = "auto"):
     """Bind ``host:port`` and serve the v2 RPCs over ``service``; ``await server.stop(grace)`` drains.
     ``transport``: native (gRPC's C++ server, serve/grpc_native.py), grpcio (grpc.aio), or auto: native when
@@ -187,7 +184,6 @@ async def start_grpc(service, host: str, port: int, transport: str = "auto"):
     metered = {name: _metered(service, name, getattr(InferenceServicer(service), name)) for name in kserve.METHODS}
     native = transport == "native" or (transport == "auto" and grpc_native.library() is not None)
     if native:
-        grpc_native.built()
         server = grpc_native.start({f"/{kserve.SERVICE}/{name}": (method, _reader(kserve.METHODS[name][0]))
                                     for name, method in metered.items()}, host, port, limit, max_calls,
                                    read_timeout=service.options.body_timeout_s)

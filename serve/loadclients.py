@@ -91,8 +91,8 @@ def grpc_closed_loop(host: str, port: int, bodies: list[tuple[bytes, bytes]], co
     """``concurrency`` gRPC clients for ``duration`` s, each sending pre-serialized ModelInferRequest bytes and
     the next when its answer is in (from the completion callback, on grpc's own thread; the answer is not
     decoded, like the HTTP client's). Returns latencies (s) of OK answers, counts by status (OK as 200).
-    ``native`` (default: when built): gRPC's C++ client (serve.grpc_native.load), ~20 us of CPU per call
-    where grpcio's takes ~160 us (docs/protocols.md); else grpcio's, below."""
+    ``native`` (default: when built): gRPC's C++ client (serve.grpc_native.load), ~50 us of CPU per call
+    at one client where grpcio's takes ~160 us (docs/protocols.md); else grpcio's, below."""
     import threading
     import time
 
